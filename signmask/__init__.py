@@ -1,0 +1,31 @@
+"""signmask: signed-mask lottery tickets on top of ``torch.nn.utils.prune``.
+
+Prune any model (a timm model included), extract its signed mask as a :class:`Ticket`, save it
+as ``.safetensors`` and transfer it to a new random initialization::
+
+    import signmask
+    signmask.prune(model, 0.8)                 # global magnitude, in place
+    ticket = signmask.extract(model)           # sign(theta * M) per pruned tensor
+    signmask.save(ticket, "ticket.safetensors")
+    signmask.transfer("ticket.safetensors", new_model)
+
+``import signmask`` imports neither timm nor torchvision and does not touch CUDA.
+"""
+
+from ._io import load, save
+from ._prune import load_state_dict, prune, remove
+from ._ticket import Ticket, extract
+from ._transfer import transfer
+from ._version import __version__
+
+__all__ = [
+    "Ticket",
+    "__version__",
+    "extract",
+    "load",
+    "load_state_dict",
+    "prune",
+    "remove",
+    "save",
+    "transfer",
+]

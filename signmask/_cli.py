@@ -1,0 +1,58 @@
+"""``python -m signmask inspect TICKET``: print a ticket's metadata and per-layer table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from . import _io
+
+
+def _table(ticket) -> list[str]:
+    rows = [("tensor", "shape", "kept", "sparsity", "% negative")]
+    for name, m in list(ticket.masks.items()) + [(k + " (dense sign)", v) for k, v in ticket.signs.items()]:
+        kept = int(m.count_nonzero())
+        neg = int((m < 0).sum())
+        rows.append((
+            name,
+            "x".join(map(str, m.shape)) or "scalar",
+            f"{kept}/{m.numel()}",
+            f"{1 - kept / max(m.numel(), 1):.4f}",
+            f"{100 * neg / kept:.1f}" if kept else "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]
+
+
+def inspect(path: str) -> str:
+    """The text ``python -m signmask inspect`` prints for the ticket at ``path``."""
+    ticket = _io.load(path)
+    lines = [f"ticket: {path}"]
+    for key, value in sorted(ticket.metadata.items()):
+        if key == "versions":
+            value = ", ".join(f"{k} {v}" for k, v in json.loads(value).items())
+        lines.append(f"  {key}: {value}")
+    lines.append(
+        f"  sparsity: {ticket.sparsity:.4f} ({ticket.kept} of {ticket.numel} weights kept, "
+        f"{len(ticket.masks)} masked tensors)"
+    )
+    lines.append("")
+    lines.extend(_table(ticket))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m signmask", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_inspect = sub.add_parser("inspect", help="print a ticket's metadata and per-layer table")
+    p_inspect.add_argument("ticket", help="path of a .safetensors ticket")
+    args = parser.parse_args(argv)
+    try:
+        print(inspect(args.ticket))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

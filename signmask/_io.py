@@ -1,0 +1,166 @@
+"""Ticket files: ``.safetensors`` with 2-bit codes per weight and a JSON manifest.
+
+Each tensor is stored as uint8 bytes holding four 2-bit codes (0 pruned, 1 = +1, 2 = -1). The
+string metadata holds the ticket's own metadata plus reserved keys: ``format``,
+``format_version``, ``sparsity`` and ``manifest`` (per tensor: role, shape, kept and negative
+counts, sha256 of the bytes), which ``load`` checks so that truncated or edited files fail loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import _bits
+from ._ticket import Ticket
+
+FORMAT = "signmask.ticket"
+FORMAT_VERSION = "1"
+
+
+def _entry(role: str, signed: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    packed = _bits.pack(_bits.signed_to_codes(signed), 2)
+    info = {
+        "role": role,
+        "shape": list(signed.shape),
+        "kept": int(signed.count_nonzero()),
+        "negative": int((signed < 0).sum()),
+        "sha256": hashlib.sha256(packed.numpy().tobytes()).hexdigest(),
+    }
+    return packed, info
+
+
+def save(ticket: Ticket, path: str | os.PathLike) -> Path:
+    """Write ``ticket`` to ``path`` as ``.safetensors``, atomically (temp file + rename).
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``ticket`` is not a :class:`Ticket`.
+
+    Example:
+        >>> import os, tempfile, torch, signmask
+        >>> t = signmask.Ticket({"fc.weight": torch.tensor([[1, 0, -1, 1]])})
+        >>> p = signmask.save(t, os.path.join(tempfile.mkdtemp(), "t.safetensors"))
+        >>> signmask.load(p) == t
+        True
+    """
+    from safetensors.torch import save as st_save
+
+    if not isinstance(ticket, Ticket):
+        raise TypeError(f"save() takes a signmask.Ticket, got {type(ticket).__name__}")
+    path = Path(path)
+    tensors, manifest = {}, {}
+    for role, group in (("mask", ticket.masks), ("sign", ticket.signs)):
+        for name, signed in group.items():
+            tensors[name], manifest[name] = _entry(role, signed)
+    meta = dict(ticket.metadata)
+    meta.update(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        sparsity=repr(ticket.sparsity),
+        manifest=json.dumps(manifest, sort_keys=True),
+    )
+    data = st_save(tensors, metadata=meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and raw tensors of a safetensors file, with errors that name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ticket file {str(path)!r} does not exist")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ValueError(f"{path}: not a safetensors file ({len(data)} bytes, truncated or empty)")
+    n = int.from_bytes(data[:8], "little")
+    try:
+        if n > len(data) - 8:
+            raise ValueError(f"header of {n} bytes but only {len(data) - 8} follow")
+        header = json.loads(data[8 : 8 + n])
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupted?): {e}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta or {}), tensors
+
+
+def _decode(path: Path, name: str, raw: torch.Tensor, info: dict) -> torch.Tensor:
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"{path}: manifest entry of {name!r} has a bad shape {shape!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = (numel + 3) // 4
+    if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() != expected:
+        raise ValueError(
+            f"{path}: tensor {name!r} should be {expected} uint8 bytes for shape {shape}, "
+            f"found {raw.dtype} of shape {tuple(raw.shape)}"
+        )
+    if hashlib.sha256(raw.numpy().tobytes()).hexdigest() != info.get("sha256"):
+        raise ValueError(f"{path}: tensor {name!r} does not match its checksum (corrupted file)")
+    codes = _bits.unpack(raw, expected * 4, 2)
+    if (codes[:numel] == 3).any():
+        raise ValueError(f"{path}: tensor {name!r} holds values outside {{-1, 0, +1}}")
+    if codes[numel:].any():
+        raise ValueError(f"{path}: tensor {name!r} has non-zero padding bits (corrupted file)")
+    signed = _bits.codes_to_signed(codes[:numel]).view(shape)
+    if int(signed.count_nonzero()) != info.get("kept") or int((signed < 0).sum()) != info.get("negative"):
+        raise ValueError(f"{path}: tensor {name!r} does not match its kept/negative counts")
+    return signed
+
+
+def load(path: str | os.PathLike) -> Ticket:
+    """Read a ticket written by :func:`save`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a safetensors file, truncated or corrupted, not a signmask ticket, an
+            unsupported format version, missing or extra tensors, or values outside {-1, 0, +1};
+            the message names the file and the tensor.
+    """
+    path = Path(path)
+    meta, raw = read_raw(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a signmask ticket (metadata 'format' is {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: ticket format version {meta.get('format_version')!r} is not supported "
+            f"(this signmask reads version {FORMAT_VERSION})"
+        )
+    try:
+        manifest = json.loads(meta["manifest"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: ticket manifest is missing or unreadable: {e}") from None
+    missing, extra = sorted(set(manifest) - set(raw)), sorted(set(raw) - set(manifest))
+    if missing or extra:
+        raise ValueError(f"{path}: tensors missing from the file: {missing}; unexpected: {extra}")
+    groups: dict[str, dict[str, torch.Tensor]] = {"mask": {}, "sign": {}}
+    for name, info in manifest.items():
+        role = info.get("role") if isinstance(info, dict) else None
+        if role not in groups:
+            raise ValueError(f"{path}: manifest entry of {name!r} has unknown role {role!r}")
+        groups[role][name] = _decode(path, name, raw[name], info)
+    user_meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "sparsity", "manifest")}
+    return Ticket(groups["mask"], groups["sign"], user_meta)

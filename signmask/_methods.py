@@ -1,0 +1,150 @@
+"""Pruning methods: ``torch.nn.utils.prune.BasePruningMethod`` subclasses and their registry.
+
+Each method works with stock prune (``L1Magnitude.apply(module, "weight", amount=0.2)``) and with
+:func:`signmask.prune`, which also runs the ranking methods globally over many tensors at once.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Sequence
+
+import torch
+from torch.nn.utils import prune as _prune
+
+from ._select import smallest_k
+
+METHODS: dict[str, type["RankedPruning"]] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Register a ranking pruning method under ``name`` for ``signmask.prune(method=name)``."""
+
+    def deco(cls: type) -> type:
+        cls.NAME = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type["RankedPruning"]:
+    """Look up a registered method; unknown names raise ``ValueError`` listing the valid ones."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown pruning method {name!r}; valid methods: {sorted(METHODS)}"
+        ) from None
+
+
+def check_amount(amount: float) -> float:
+    """Validate a pruning fraction: a real number in [0, 1]."""
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+        raise TypeError(f"amount must be a float in [0, 1], got {type(amount).__name__} {amount!r}")
+    if not 0.0 <= float(amount) <= 1.0:
+        raise ValueError(f"amount must be in [0, 1], got {amount!r}")
+    return float(amount)
+
+
+def count_to_prune(amount: float, alive: int) -> int:
+    """How many of ``alive`` weights a fraction ``amount`` prunes: Python's ``round`` (half to
+    even), the rule ``torch.nn.utils.prune`` uses, so ``alive - round(amount * alive)`` remain."""
+    return round(amount * alive)
+
+
+class RankedPruning(_prune.BasePruningMethod):
+    """Prune the fraction ``amount`` of still-alive entries with the smallest scores.
+
+    Subclasses define :meth:`scores`. Ties are broken by position (lower flat index first), so
+    the result is deterministic.
+    """
+
+    PRUNING_TYPE = "unstructured"
+    NAME = "ranked"
+
+    def __init__(self, amount: float) -> None:
+        self.amount = check_amount(amount)
+
+    def scores(self, t: torch.Tensor, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return self.compute_masks([t], [default_mask])[0]
+
+    def compute_masks(
+        self,
+        tensors: Sequence[torch.Tensor],
+        default_masks: Sequence[torch.Tensor],
+        names: Sequence[str] | None = None,
+        index_offset: int = 0,
+    ) -> list[torch.Tensor]:
+        """Masks for several tensors ranked jointly (global pruning); dtypes follow the defaults.
+
+        ``index_offset`` numbers the tensors for :meth:`scores` (layer-wise calls differ by it).
+        """
+        alive = [m == 1 for m in default_masks]
+        k = count_to_prune(self.amount, sum(int(a.sum().item()) for a in alive))
+        drop = smallest_k(lambda i: self.scores(tensors[i], index_offset + i), alive, k, names)
+        return [m.masked_fill(d, 0) for m, d in zip(default_masks, drop)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(amount={self.amount})"
+
+
+@register_method("magnitude")
+class L1Magnitude(RankedPruning):
+    """Magnitude (L1) unstructured pruning: the smallest ``|w|`` go first."""
+
+    def scores(self, t: torch.Tensor, index: int) -> torch.Tensor:
+        return t.detach().abs()
+
+
+@register_method("random")
+class RandomPruning(RankedPruning):
+    """Random unstructured pruning (a baseline); ``seed`` makes it reproducible.
+
+    Without a seed, one is drawn from torch's global generator, so ``torch.manual_seed`` fixes it.
+    """
+
+    def __init__(self, amount: float, seed: int | None = None) -> None:
+        super().__init__(amount)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.seed = int(seed)
+
+    def scores(self, t: torch.Tensor, index: int) -> torch.Tensor:
+        gen = torch.Generator(device=t.device).manual_seed(self.seed + 7919 * index)
+        return torch.rand(t.shape, generator=gen, device=t.device)
+
+    def __repr__(self) -> str:
+        return f"RandomPruning(amount={self.amount}, seed={self.seed})"
+
+
+class FromSignedMask(_prune.BasePruningMethod):
+    """Keep exactly the entries where a signed mask in {-1, 0, +1} is non-zero (a stored ticket)."""
+
+    PRUNING_TYPE = "unstructured"
+    NAME = "ticket"
+
+    def __init__(self, signed_mask: torch.Tensor | None) -> None:
+        self.signed_mask = signed_mask
+        self.shape = None if signed_mask is None else tuple(signed_mask.shape)
+
+    def spent(self) -> "FromSignedMask":
+        """A history record of this method that holds no per-weight tensor."""
+        record = FromSignedMask(None)
+        record.shape = self.shape
+        return record
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        if self.signed_mask.shape != default_mask.shape:
+            raise ValueError(
+                f"signed mask has shape {tuple(self.signed_mask.shape)}, "
+                f"tensor has {tuple(default_mask.shape)}"
+            )
+        keep = self.signed_mask.to(default_mask.device) != 0
+        return default_mask.masked_fill(~keep, 0)
+
+    def __repr__(self) -> str:
+        return f"FromSignedMask(shape={self.shape})"

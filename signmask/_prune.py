@@ -1,0 +1,211 @@
+"""``prune``, ``remove`` and ``load_state_dict``: the model-level pruning front."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as _prune
+
+from . import _methods, _reparam, _targets
+
+_SCOPES = ("global", "layer")
+_SIGN_MODES = ("free", "locked")
+
+
+def _check_choice(value, valid: tuple[str, ...], what: str) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {list(valid)}")
+    return value
+
+
+def check_prunable(key: str, module: nn.Module, name: str, *, signs: str | None) -> None:
+    """Refuse a tensor whose current pruning state conflicts with the request."""
+    _, hook = _reparam.find_hook(module, name)
+    if hook is None:
+        return
+    if not isinstance(hook, _reparam.SignMaskHook):
+        mask = module._buffers[name + "_mask"]
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"{key}: its existing prune mask is not binary; cannot add to it")
+    if signs == "free" and _reparam.is_sign_locked(module, name):
+        raise ValueError(
+            f"{key} is sign-locked; pruning it again with signs='free' conflicts "
+            "(pass signs=None to keep the lock, or signmask.remove() first)"
+        )
+
+
+def check_untied(targets: Mapping[str, tuple[nn.Module, str]]) -> None:
+    seen: dict[int, str] = {}
+    for key, (module, name) in targets.items():
+        pid = id(_reparam.original(module, name))
+        if pid in seen:
+            raise ValueError(
+                f"{seen[pid]} and {key} share one Parameter (tied weights); prune only one of "
+                "them (use exclude=)"
+            )
+        seen[pid] = key
+
+
+def prune(
+    model: nn.Module,
+    amount: float,
+    *,
+    method: str = "magnitude",
+    scope: str = "global",
+    signs: str | None = None,
+    classifier: bool = True,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    filter_fn: _targets.FilterFn | None = None,
+    seed: int | None = None,
+) -> nn.Module:
+    """Prune the fraction ``amount`` of the still-unpruned conv/linear weights, in place.
+
+    Repeated calls prune a fraction of the REMAINING weights, like stacked ``torch.nn.utils.prune``
+    calls. Exactly ``round(amount * alive)`` weights are pruned (Python's ``round``, half to even,
+    as in ``torch.nn.utils.prune``); ties are broken by position, so the result is deterministic.
+
+    Args:
+        model: any ``nn.Module`` (a timm model, a compiled or DDP-wrapped one).
+        amount: fraction in [0, 1] of the remaining weights to prune.
+        method: a registered ranking method: ``"magnitude"`` (L1) or ``"random"``.
+        scope: ``"global"`` ranks all selected tensors together; ``"layer"`` each on its own.
+        signs: ``"locked"`` freezes the current sign of every kept weight
+            (``w = s * |w_orig| * mask``); ``"free"`` refuses sign-locked tensors; ``None``
+            keeps each tensor's mode (new tensors are free).
+        classifier: also prune the classifier head (open_lth does in ResNets; AWS does not).
+        include: globs of module names to consider (default: all conv/linear).
+        exclude: globs of module names to skip.
+        filter_fn: ``filter_fn(module, name) -> bool``; False skips the module.
+        seed: seed of ``method="random"``.
+
+    Returns:
+        ``model``, pruned in prune's layout (``weight_orig``, bool ``weight_mask``).
+
+    Raises:
+        ValueError: ``amount`` outside [0, 1], unknown method/scope/signs, nothing to prune,
+            tied weights, or a conflicting earlier pruning. The model is then left untouched.
+
+    Example:
+        >>> import torch, signmask
+        >>> net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 2))
+        >>> net = signmask.prune(net, 0.5)
+        >>> int(net[0].weight_mask.sum() + net[1].weight_mask.sum())
+        60
+    """
+    amount = _methods.check_amount(amount)
+    method_cls = _methods.get_method(method)
+    _check_choice(scope, _SCOPES, "scope")
+    if signs is not None:
+        _check_choice(signs, _SIGN_MODES, "signs")
+    ranker = method_cls(amount) if seed is None else method_cls(amount, seed=seed)
+    targets = _targets.select(
+        model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn
+    )
+    check_untied(targets)
+    for key, (module, name) in targets.items():
+        check_prunable(key, module, name, signs=signs)
+    names = list(targets)
+    weights = [_reparam.original(m, n) for m, n in targets.values()]
+    masks = []
+    for (m, n), w in zip(targets.values(), weights):
+        current = _reparam.current_mask(m, n)
+        masks.append(torch.ones_like(w, dtype=torch.bool) if current is None else current)
+    if scope == "global":
+        new_masks = ranker.compute_masks(weights, masks, names)
+    else:
+        new_masks = [
+            ranker.compute_masks([w], [m], [k], index_offset=i)[0]
+            for i, (w, m, k) in enumerate(zip(weights, masks, names))
+        ]
+    with torch.no_grad():
+        for (module, name), keep in zip(targets.values(), new_masks):
+            negative = None
+            if signs == "locked" and not _reparam.is_sign_locked(module, name):
+                negative = torch.signbit(getattr(module, name))
+            _reparam.install(module, name, keep, ranker, negative=negative)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Make all pruning of ``model`` permanent, like ``prune.remove`` on every pruned tensor.
+
+    Each ``weight`` becomes a plain Parameter (the same object as ``weight_orig``) holding the
+    effective values: zeros where pruned, locked signs applied.
+
+    Raises:
+        ValueError: nothing in ``model`` is pruned.
+
+    Example:
+        >>> import torch, signmask
+        >>> net = signmask.prune(torch.nn.Linear(4, 4), 0.25)
+        >>> net = signmask.remove(net)
+        >>> int((net.weight == 0).sum()), hasattr(net, "weight_mask")
+        (4, False)
+    """
+    found = _targets.pruned(model)
+    if not found:
+        raise ValueError(f"nothing in {type(model).__name__} is pruned; nothing to remove")
+    for module, name in found.values():
+        _prune.remove(module, name)
+    return model
+
+
+def load_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> nn.Module:
+    """Load a pruned model's ``state_dict`` into a freshly created model of the same architecture.
+
+    Plain ``model.load_state_dict`` fails on the ``*_orig`` / ``*_mask`` keys of an unpruned
+    model; this installs the masks (and sign locks) first, then loads every value.
+
+    Raises:
+        ValueError: a masked tensor names no module of ``model`` or has another shape; the model
+            is left untouched. Errors of ``model.load_state_dict`` are re-raised after undoing the
+            installed masks.
+
+    Example:
+        >>> import torch, signmask
+        >>> sd = signmask.prune(torch.nn.Linear(4, 4), 0.5).state_dict()
+        >>> fresh = signmask.load_state_dict(torch.nn.Linear(4, 4), sd)
+        >>> bool(torch.equal(fresh.weight_mask, sd["weight_mask"]))
+        True
+    """
+    modules = {_targets.canonical(fqn): m for fqn, m in model.named_modules()}
+    plan = []
+    for key, mask in state_dict.items():
+        if not key.endswith("_mask") or key[: -len("_mask")] + "_orig" not in state_dict:
+            continue
+        owner, _, tensor = _targets.canonical(key[: -len("_mask")]).rpartition(".")
+        module = modules.get(owner)
+        if module is None or not _targets.has_tensor(module, tensor):
+            raise ValueError(f"state_dict masks {key!r}, but the model has no tensor {owner}.{tensor}")
+        shape = _reparam.original(module, tensor).shape
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(
+                f"state_dict {key!r} has shape {tuple(mask.shape)}; the model's "
+                f"{owner}.{tensor} has {tuple(shape)}"
+            )
+        locked = key[: -len("_mask")] + "_sign" in state_dict
+        plan.append((module, tensor, mask, locked))
+    installed = []
+    with torch.no_grad():
+        for module, tensor, mask, locked in plan:
+            if _reparam.find_hook(module, tensor)[1] is None:
+                keep = mask.to(_reparam.original(module, tensor).device) != 0
+                negative = torch.zeros_like(keep) if locked else None
+                _reparam.install(module, tensor, keep, _methods.FromSignedMask(keep), negative=negative)
+                installed.append((module, tensor))
+    try:
+        model.load_state_dict(state_dict, strict=strict)
+    except Exception:
+        for module, tensor in installed:
+            _reparam.uninstall(module, tensor)
+        raise
+    with torch.no_grad():
+        for module, tensor, _, _ in plan:
+            _, hook = _reparam.find_hook(module, tensor)
+            setattr(module, tensor, hook.apply_mask(module))
+    return model

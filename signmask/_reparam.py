@@ -1,0 +1,173 @@
+"""The masked (and optionally sign-locked) reparametrization of one tensor, in prune's layout.
+
+A pruned tensor ``weight`` of a module becomes, exactly as with ``torch.nn.utils.prune``:
+
+- ``weight_orig``: the original Parameter (the same object, so optimizers keep working);
+- ``weight_mask``: a bool buffer, True = kept (binary in prune's sense, 1 byte per weight);
+- ``weight_sign``: only in sign-locked mode, a uint8 buffer with 1 bit per weight (1 = negative);
+- a forward pre-hook, :class:`SignMaskHook`, that sets ``module.weight`` before every forward to
+  ``weight_orig * weight_mask`` or, sign-locked, ``sign * |weight_orig| * weight_mask``.
+
+The hook is a ``PruningContainer``, so stock ``prune.l1_unstructured`` stacked on top is added to
+it (keeping sign locks), and ``prune.remove`` / ``prune.is_pruned`` work unchanged. A forward
+post-hook, :class:`DetachWeight`, replaces ``module.weight`` by a detached alias after the
+forward, so ``copy.deepcopy`` and pickling work after training steps (pytorch#37322).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as _prune
+
+from . import _bits
+
+
+def masked_weight(
+    orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The effective weight: ``orig * mask``, or ``s * |orig| * mask`` with packed signs ``sign``."""
+    if sign is None:
+        return orig * mask
+    negative = _bits.unpack_signs(sign, orig.shape)
+    magnitude = orig.abs()
+    return torch.where(negative, -magnitude, magnitude) * mask
+
+
+class SignMaskHook(_prune.PruningContainer):
+    """Forward pre-hook computing a masked, optionally sign-locked, tensor (see module docs)."""
+
+    def __init__(self, name: str, *methods: _prune.BasePruningMethod) -> None:
+        self._tensor_name = name
+        self._pruning_methods = ()
+        for method in methods:
+            method._tensor_name = name
+            self.add_pruning_method(method)
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        # Stock stacking (prune.l1_unstructured on top) lands here; prune's combiner casts the
+        # mask to the weight's dtype, which would cost 4 bytes per weight again.
+        return super().compute_mask(t, default_mask) == 1
+
+    def apply_mask(self, module: nn.Module) -> torch.Tensor:
+        name = self._tensor_name
+        sign = module._buffers.get(name + "_sign")
+        return masked_weight(getattr(module, name + "_orig"), getattr(module, name + "_mask"), sign)
+
+    def remove(self, module: nn.Module) -> None:
+        """Make the pruning permanent: ``weight`` becomes a plain Parameter holding the effective
+        values (the same Parameter object as ``weight_orig``); buffers and hooks are dropped."""
+        with torch.no_grad():
+            super().remove(module)
+        module._buffers.pop(self._tensor_name + "_sign", None)
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, DetachWeight) and hook.name == self._tensor_name:
+                del module._forward_hooks[key]
+
+    def __repr__(self) -> str:
+        methods = ", ".join(repr(m) for m in self._pruning_methods)
+        return f"SignMaskHook({self._tensor_name!r}, [{methods}])"
+
+
+class DetachWeight:
+    """Forward post-hook: keep ``module.<name>`` as a detached alias between forwards.
+
+    After a grad-enabled forward the effective weight is a non-leaf tensor, which
+    ``copy.deepcopy`` refuses. Autograd keeps its own reference, so detaching the attribute
+    changes nothing for backward. Read ``<name>_orig`` to differentiate through the weight.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs, output) -> None:
+        weight = module.__dict__.get(self.name)
+        if weight is not None and weight.requires_grad:
+            module.__dict__[self.name] = weight.detach()
+
+    def __repr__(self) -> str:
+        return f"DetachWeight({self.name!r})"
+
+
+def find_hook(module: nn.Module, name: str) -> tuple[int | None, _prune.BasePruningMethod | None]:
+    """The pruning pre-hook (ours or stock) acting on ``module.<name>``, with its key."""
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, _prune.BasePruningMethod) and hook._tensor_name == name:
+            return key, hook
+    return None, None
+
+
+def is_sign_locked(module: nn.Module, name: str) -> bool:
+    return name + "_sign" in module._buffers
+
+
+def current_mask(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The bool keep-mask of ``module.<name>``, or None when it is not pruned."""
+    mask = module._buffers.get(name + "_mask")
+    return None if mask is None else mask == 1
+
+
+def original(module: nn.Module, name: str) -> nn.Parameter:
+    """The trainable Parameter behind ``module.<name>``, pruned or not."""
+    params = module._parameters
+    return params[name + "_orig"] if name + "_orig" in params else params[name]
+
+
+def install(
+    module: nn.Module,
+    name: str,
+    keep: torch.Tensor,
+    method: _prune.BasePruningMethod,
+    *,
+    negative: torch.Tensor | None = None,
+) -> None:
+    """Set the keep-mask of ``module.<name>`` to ``keep`` (bool), reparametrizing it if needed.
+
+    ``negative`` (bool, same shape) sign-locks the tensor: True entries are forced negative.
+    Callers validate everything first; this function does not fail halfway on valid input.
+    """
+    # History records must not pin per-weight tensors (deepcopy/pickle would copy them).
+    method = method.spent() if hasattr(method, "spent") else method
+    key, hook = find_hook(module, name)
+    if hook is None:
+        param = module._parameters.pop(name)
+        module.register_parameter(name + "_orig", param)
+        module.register_buffer(name + "_mask", keep.clone())
+        hook = SignMaskHook(name, method)
+        module.register_forward_pre_hook(hook)
+        module.register_forward_hook(DetachWeight(name))
+    elif isinstance(hook, SignMaskHook):
+        module._buffers[name + "_mask"].copy_(keep)
+        method._tensor_name = name
+        hook.add_pruning_method(method)
+    else:
+        # A stock prune hook: adopt its history and convert its float mask to bool.
+        del module._forward_pre_hooks[key]
+        methods = list(hook) if isinstance(hook, _prune.PruningContainer) else [hook]
+        module._buffers[name + "_mask"] = keep.clone()
+        new_hook = SignMaskHook(name, *methods, method)
+        module.register_forward_pre_hook(new_hook)
+        module.register_forward_hook(DetachWeight(name))
+        hook = new_hook
+    if negative is not None:
+        module._buffers[name + "_sign"] = _bits.pack_signs(negative)
+    with torch.no_grad():
+        setattr(module, name, hook.apply_mask(module))
+
+
+def uninstall(module: nn.Module, name: str) -> None:
+    """Undo :func:`install` on an untouched tensor: restore the Parameter, drop buffers and hooks.
+
+    Unlike ``remove`` this does not write the mask into the weights (used to roll back).
+    """
+    key, hook = find_hook(module, name)
+    if key is not None:
+        del module._forward_pre_hooks[key]
+    for k, h in list(module._forward_hooks.items()):
+        if isinstance(h, DetachWeight) and h.name == name:
+            del module._forward_hooks[k]
+    module.__dict__.pop(name, None)
+    for suffix in ("_mask", "_sign"):
+        module._buffers.pop(name + suffix, None)
+    param = module._parameters.pop(name + "_orig")
+    module.register_parameter(name, param)

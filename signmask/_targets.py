@@ -1,0 +1,168 @@
+"""Which tensors of a model are pruned, and the canonical names tickets use for them."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Iterable, Sequence
+
+from torch import nn
+
+from . import _reparam
+
+# Wrappers whose prefixes are not part of a tensor's identity: DataParallel/DDP and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def canonical(name: str) -> str:
+    """Strip leading wrapper prefixes (``module.``, ``_orig_mod.``) from a qualified name."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DataParallel/DDP and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def has_tensor(module: nn.Module, name: str) -> bool:
+    params = module._parameters
+    return params.get(name) is not None or params.get(name + "_orig") is not None
+
+
+def tensor_index(model: nn.Module, tensor: str = "weight") -> dict[str, tuple[nn.Module, str]]:
+    """Canonical ``"<module fqn>.<tensor>"`` -> (module, tensor) for every module owning it."""
+    index = {}
+    for fqn, module in model.named_modules():
+        if has_tensor(module, tensor):
+            key = canonical(f"{fqn}.{tensor}" if fqn else tensor)
+            index.setdefault(key, (module, tensor))
+    return index
+
+
+def classifier_modules(model: nn.Module) -> set[int]:
+    """ids of the conv/linear modules forming the classifier head.
+
+    Uses timm's ``get_classifier()`` (one module or a tuple, as in distilled DeiT), then
+    ``pretrained_cfg["classifier"]``, then the last ``nn.Linear`` of the model.
+    """
+    heads: list[nn.Module] = []
+    root = unwrap(model)
+    getter = getattr(root, "get_classifier", None)
+    if callable(getter):
+        found = getter()
+        heads = list(found) if isinstance(found, (tuple, list)) else [found]
+    if not heads:
+        names = (getattr(root, "pretrained_cfg", None) or {}).get("classifier")
+        for n in [names] if isinstance(names, str) else list(names or ()):
+            try:
+                heads.append(root.get_submodule(n))
+            except AttributeError:
+                pass
+    if not heads:
+        linears = [m for m in root.modules() if isinstance(m, nn.Linear)]
+        heads = linears[-1:]
+    ids = set()
+    for head in heads:
+        if isinstance(head, nn.Module):
+            ids.update(id(m) for m in head.modules() if isinstance(m, PRUNABLE_TYPES))
+    return ids
+
+
+def _matches(fqn: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+
+
+def _as_patterns(arg: str | Iterable[str] | None, what: str) -> list[str] | None:
+    if arg is None:
+        return None
+    patterns = [arg] if isinstance(arg, str) else list(arg)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{what} must be a glob string or a list of them, got {arg!r}")
+    return patterns
+
+
+def select(
+    model: nn.Module,
+    *,
+    classifier: bool = True,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> dict[str, tuple[nn.Module, str]]:
+    """The ``.weight`` tensors to prune: every conv and linear layer, filtered.
+
+    Globs match the canonical module name (``"layer1.0.conv1"``, ``"blocks.*.attn.qkv"``).
+    Biases, norm parameters, embeddings and other raw Parameters are never selected.
+
+    Raises:
+        ValueError: an ``include``/``exclude`` pattern matches no conv/linear module, or nothing
+            is left to prune.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    heads = set() if classifier else classifier_modules(model)
+    candidates = {
+        key: (module, tensor)
+        for key, (module, tensor) in tensor_index(model).items()
+        if isinstance(module, PRUNABLE_TYPES)
+    }
+    for patterns, what in ((inc, "include"), (exc, "exclude")):
+        for p in patterns or ():
+            if not any(fnmatch.fnmatchcase(k[: -len(".weight")], p) for k in candidates):
+                raise ValueError(
+                    f"{what} pattern {p!r} matches no conv/linear module; module names look like "
+                    f"{sorted(candidates)[:3]} (without the trailing '.weight')"
+                )
+    chosen = {}
+    for key, (module, tensor) in candidates.items():
+        fqn = key[: -len(".weight")]
+        if id(module) in heads:
+            continue
+        if inc is not None and not _matches(fqn, inc):
+            continue
+        if exc is not None and _matches(fqn, exc):
+            continue
+        if filter_fn is not None and not filter_fn(module, fqn):
+            continue
+        chosen[key] = (module, tensor)
+    if not chosen:
+        raise ValueError(
+            f"nothing to prune in {type(model).__name__}: no conv/linear weight is left after "
+            f"classifier={classifier}, include={inc}, exclude={exc}, filter_fn={filter_fn}"
+        )
+    return chosen
+
+
+def pruned(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Canonical name -> (module, tensor) for every tensor carrying a pruning hook."""
+    out = {}
+    for fqn, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            name = getattr(hook, "_tensor_name", None)
+            if name is not None and _reparam.find_hook(module, name)[1] is hook:
+                out.setdefault(canonical(f"{fqn}.{name}" if fqn else name), (module, name))
+    return out

@@ -1,0 +1,195 @@
+"""Tickets: signed masks in {-1, 0, +1}, extracted from a pruned model, saved as .safetensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import _reparam, _targets
+from ._version import __version__
+
+RESERVED_KEYS = ("format", "format_version", "sparsity", "manifest")
+
+
+def _check_signed(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} {name!r} must be a tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what} {name!r} must be an integer tensor in {{-1, 0, +1}}, got {t.dtype}")
+    bad = (t != 0) & (t != 1) & (t != -1)
+    if bad.any():
+        found = sorted({int(v) for v in t[bad].unique()[:5].tolist()})
+        raise ValueError(f"{what} {name!r} holds values outside {{-1, 0, +1}}: found {found}")
+    return t.detach().to("cpu", torch.int8).contiguous()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Ticket:
+    """A lottery ticket: per pruned tensor, a signed mask in {-1, 0, +1} (0 = pruned).
+
+    Args:
+        masks: canonical tensor name (``"layer1.0.conv1.weight"``) -> signed mask.
+        signs: name -> dense signs to transfer without a mask (biases, an unpruned classifier).
+        metadata: free-form strings (method, architecture, versions...).
+
+    Raises:
+        TypeError / ValueError: a tensor is not integer or holds values outside {-1, 0, +1}, a
+            name appears in both dicts, or metadata is not ``str -> str`` or uses a reserved key.
+
+    Example:
+        >>> import torch
+        >>> t = Ticket({"fc.weight": torch.tensor([[1, 0], [-1, 0]])})
+        >>> t.sparsity, t.kept
+        (0.5, 2)
+    """
+
+    masks: Mapping[str, torch.Tensor]
+    signs: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        masks = {str(k): _check_signed(k, v, "mask") for k, v in dict(self.masks).items()}
+        signs = {str(k): _check_signed(k, v, "sign tensor") for k, v in dict(self.signs).items()}
+        both = sorted(set(masks) & set(signs))
+        if both:
+            raise ValueError(f"tensors {both} appear both as masks and as dense signs")
+        if not masks:
+            raise ValueError("a ticket needs at least one masked tensor")
+        meta = dict(self.metadata)
+        for k, v in meta.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"ticket metadata must map str to str, got {k!r}: {v!r}")
+        reserved = sorted(set(meta) & set(RESERVED_KEYS))
+        if reserved:
+            raise ValueError(f"metadata keys {reserved} are reserved for the file format")
+        object.__setattr__(self, "masks", masks)
+        object.__setattr__(self, "signs", signs)
+        object.__setattr__(self, "metadata", meta)
+
+    @property
+    def numel(self) -> int:
+        """Number of weights under a mask."""
+        return sum(m.numel() for m in self.masks.values())
+
+    @property
+    def kept(self) -> int:
+        """Number of kept (non-zero) weights."""
+        return sum(int(m.count_nonzero()) for m in self.masks.values())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of masked weights that are pruned."""
+        return 1.0 - self.kept / self.numel
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Per-tensor fraction of pruned weights."""
+        return {k: 1.0 - int(m.count_nonzero()) / m.numel() for k, m in self.masks.items()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ticket):
+            return NotImplemented
+        return (
+            self.metadata == other.metadata
+            and _same(self.masks, other.masks)
+            and _same(self.signs, other.signs)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Ticket({len(self.masks)} masked tensors, {self.numel} weights, "
+            f"sparsity={self.sparsity:.4f}, {len(self.signs)} dense sign tensors)"
+        )
+
+
+def _same(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def architecture(model: nn.Module) -> str:
+    """timm's ``pretrained_cfg["architecture"]`` where present, else the model's class name."""
+    root = _targets.unwrap(model)
+    cfg = getattr(root, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(root).__name__)
+
+
+def library_versions() -> str:
+    """JSON of the versions of the libraries a ticket was made with (timm only if imported)."""
+    versions = {"signmask": __version__, "torch": torch.__version__}
+    for lib in ("timm", "safetensors"):
+        mod = sys.modules.get(lib)
+        if mod is not None:
+            versions[lib] = str(getattr(mod, "__version__", "unknown"))
+    return json.dumps(versions, sort_keys=True)
+
+
+def _kept_signs(module: nn.Module, name: str) -> torch.Tensor:
+    """Signed mask of one pruned tensor: the sign bit of the effective weight where kept.
+
+    Using the sign bit (not ``torch.sign``) keeps a kept weight that is exactly +-0.0 in the
+    mask, so the ticket's sparsity always equals the model's.
+    """
+    with torch.no_grad():
+        hook = _reparam.find_hook(module, name)[1]
+        weight = hook.apply_mask(module)
+        keep = _reparam.current_mask(module, name)
+        signed = torch.where(torch.signbit(weight), -1, 1).to(torch.int8)
+        return (signed * keep).to("cpu")
+
+
+def extract(
+    model: nn.Module,
+    *,
+    biases: bool = False,
+    dense: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Ticket:
+    """The signed masks of a pruned model: ``sign(theta * M)`` per pruned tensor.
+
+    Args:
+        model: a model pruned by signmask or by ``torch.nn.utils.prune``.
+        biases: also record the signs of the biases of pruned layers (dense).
+        dense: also record the signs of conv/linear weights that are not pruned (the classifier
+            when it was kept dense), as the AWS reference code transfers them.
+        metadata: extra strings stored in the ticket (method, rounds...).
+
+    Raises:
+        ValueError: nothing in ``model`` is pruned.
+
+    Example:
+        >>> import torch, signmask
+        >>> net = signmask.prune(torch.nn.Linear(8, 8), 0.75)
+        >>> signmask.extract(net).sparsity
+        0.75
+    """
+    found = _targets.pruned(model)
+    if not found:
+        raise ValueError(f"nothing in {type(model).__name__} is pruned; prune it before extract()")
+    masks = {key: _kept_signs(m, n) for key, (m, n) in found.items()}
+    signs = {}
+    for key, (module, name) in found.items() if biases else ():
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            signs[key[: -len(name)] + "bias"] = torch.sign(bias.detach()).to("cpu", torch.int8)
+    if dense:
+        for key, (module, name) in _targets.tensor_index(model).items():
+            if key not in masks and isinstance(module, _targets.PRUNABLE_TYPES):
+                signs[key] = torch.sign(getattr(module, name).detach()).to("cpu", torch.int8)
+    methods = []
+    for module, name in found.values():
+        for method in _reparam.find_hook(module, name)[1] or ():
+            label = getattr(method, "NAME", type(method).__name__)
+            if label not in methods:
+                methods.append(label)
+    meta = {
+        "method": "+".join(methods),
+        "architecture": architecture(model),
+        "model_class": type(_targets.unwrap(model)).__qualname__,
+        "versions": library_versions(),
+    }
+    meta.update(metadata or {})
+    return Ticket(masks, signs, meta)

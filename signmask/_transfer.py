@@ -1,0 +1,116 @@
+"""``transfer``: put a ticket's signed mask onto a new random initialization."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from . import _io, _methods, _prune, _reparam, _targets
+from ._ticket import Ticket, architecture
+
+_MODES = ("init", "locked")
+
+
+def _resolve(ticket: Ticket | str | os.PathLike) -> Ticket:
+    if isinstance(ticket, Ticket):
+        return ticket
+    if isinstance(ticket, (str, os.PathLike)):
+        return _io.load(ticket)
+    raise TypeError(f"transfer() takes a Ticket or a path, got {type(ticket).__name__}")
+
+
+def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Tensor]]) -> list:
+    """Match every ticket tensor to a model tensor; raise before anything is changed."""
+    index = {}
+    for suffix in ("weight", "bias"):
+        index.update(_targets.tensor_index(model, suffix))
+    unknown = sorted(k for group in names.values() for k in group if k not in index)
+    if unknown:
+        raise ValueError(
+            f"ticket tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all) "
+            f"are not in {architecture(model)}; its tensors look like {sorted(index)[:3]}"
+        )
+    plan = []
+    for role, group in names.items():
+        for key, signed in group.items():
+            module, name = index[key]
+            target = _reparam.original(module, name)
+            if tuple(target.shape) != tuple(signed.shape):
+                raise ValueError(
+                    f"ticket tensor {key!r} has shape {tuple(signed.shape)}, the model's has "
+                    f"{tuple(target.shape)}"
+                )
+            if role == "mask":
+                if _reparam.find_hook(module, name)[1] is not None:
+                    raise ValueError(
+                        f"{key} is already pruned; transfer() needs an unpruned model "
+                        "(a fresh init) so the ticket's mask is not mixed with another"
+                    )
+                if name != "weight" or not isinstance(module, _targets.PRUNABLE_TYPES):
+                    raise ValueError(f"ticket masks {key!r}, which is not a conv/linear weight")
+            plan.append((role, key, module, name, target, signed))
+    return plan
+
+
+def transfer(
+    ticket: Ticket | str | os.PathLike,
+    model: nn.Module,
+    *,
+    signs: str = "init",
+    biases: bool = True,
+    dense: bool = True,
+    check_architecture: bool = True,
+) -> nn.Module:
+    """Apply a ticket to a new random init of the same architecture, in place.
+
+    Kept weights become ``|theta_new| * s``, pruned weights 0, and the binary mask is installed
+    as with :func:`signmask.prune`. Norm layers keep their fresh init.
+
+    Args:
+        ticket: a :class:`Ticket` or the path of a saved one.
+        model: an unpruned model (ticket names are matched ignoring ``module.``/``_orig_mod.``).
+        signs: ``"init"`` writes the signs once (training may flip them, as in AWS);
+            ``"locked"`` also keeps them through training (``w = s * |w_orig| * mask``).
+        biases: apply the ticket's dense bias signs, if it has any.
+        dense: apply the ticket's dense weight signs (an unpruned classifier), if any.
+        check_architecture: refuse a ticket whose recorded architecture differs from the model's.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: unknown ``signs``, another architecture, ticket tensors missing from the model,
+            a shape mismatch, or an already-pruned tensor. Nothing is changed then.
+
+    Example:
+        >>> import torch, signmask
+        >>> torch.manual_seed(0) and None
+        >>> ticket = signmask.extract(signmask.prune(torch.nn.Linear(6, 6), 0.5))
+        >>> new = signmask.transfer(ticket, torch.nn.Linear(6, 6))
+        >>> signmask.extract(new) == ticket
+        True
+    """
+    _prune._check_choice(signs, _MODES, "signs")
+    ticket = _resolve(ticket)
+    want, have = ticket.metadata.get("architecture"), architecture(model)
+    if check_architecture and want is not None and want != have:
+        raise ValueError(
+            f"ticket was made for architecture {want!r}, the model is {have!r} "
+            "(pass check_architecture=False to skip this check)"
+        )
+    groups = {"mask": ticket.masks, "sign": {
+        k: v for k, v in ticket.signs.items()
+        if (biases and k.endswith(".bias")) or (dense and not k.endswith(".bias"))
+    }}
+    plan = _plan(ticket, model, groups)
+    with torch.no_grad():
+        for role, key, module, name, target, signed in plan:
+            s = signed.to(device=target.device, dtype=target.dtype)
+            target.copy_(target.abs() * s)
+            if role == "mask":
+                keep = signed.to(target.device) != 0
+                negative = (signed < 0).to(target.device) if signs == "locked" else None
+                _reparam.install(module, name, keep, _methods.FromSignedMask(signed), negative=negative)
+    return model
