@@ -153,6 +153,23 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], *, strict: bool) -> None:
+    """Raise before copying anything: ``nn.Module.load_state_dict`` copies the matching keys
+    before it reports missing, unexpected or mis-shaped ones."""
+    problems = []
+    if strict:
+        missing, unexpected = sorted(own.keys() - given.keys()), sorted(given.keys() - own.keys())
+        if missing:
+            problems.append(f"missing keys {missing[:5]}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected[:5]}")
+    for key in own.keys() & given.keys():
+        if tuple(own[key].shape) != tuple(given[key].shape):
+            problems.append(f"{key}: shape {tuple(given[key].shape)} in the state_dict, {tuple(own[key].shape)} in the model")
+    if problems:
+        raise RuntimeError("cannot load the state_dict: " + "; ".join(problems))
+
+
 def load_state_dict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
 ) -> nn.Module:
@@ -162,9 +179,9 @@ def load_state_dict(
     model; this installs the masks (and sign locks) first, then loads every value.
 
     Raises:
-        ValueError: a masked tensor names no module of ``model`` or has another shape; the model
-            is left untouched. Errors of ``model.load_state_dict`` are re-raised after undoing the
-            installed masks.
+        ValueError: a masked tensor names no module of ``model`` or has another shape.
+        RuntimeError: missing or unexpected keys (with ``strict``) or other mismatched shapes.
+        The model is left untouched in every case.
 
     Example:
         >>> import torch, signmask
@@ -199,6 +216,7 @@ def load_state_dict(
                 _reparam.install(module, tensor, keep, _methods.FromSignedMask(keep), negative=negative)
                 installed.append((module, tensor))
     try:
+        _check_keys(model.state_dict(), state_dict, strict=strict)
         model.load_state_dict(state_dict, strict=strict)
     except Exception:
         for module, tensor in installed:

@@ -56,12 +56,19 @@ class SignMaskHook(_prune.PruningContainer):
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent: ``weight`` becomes a plain Parameter holding the effective
-        values (the same Parameter object as ``weight_orig``); buffers and hooks are dropped."""
+        values (the same Parameter object as ``weight_orig``, at its old position); buffers and
+        hooks are dropped."""
+        name = self._tensor_name
         with torch.no_grad():
-            super().remove(module)
-        module._buffers.pop(self._tensor_name + "_sign", None)
+            weight = self.apply_mask(module)
+        module.__dict__.pop(name, None)
+        param = module._parameters[name + "_orig"]
+        param.data = weight.data
+        rename(module._parameters, name + "_orig", name)
+        for suffix in ("_mask", "_sign"):
+            module._buffers.pop(name + suffix, None)
         for key, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, DetachWeight) and hook.name == self._tensor_name:
+            if isinstance(hook, DetachWeight) and hook.name == name:
                 del module._forward_hooks[key]
 
     def __repr__(self) -> str:
@@ -87,6 +94,14 @@ class DetachWeight:
 
     def __repr__(self) -> str:
         return f"DetachWeight({self.name!r})"
+
+
+def rename(params: dict, old: str, new: str) -> None:
+    """Rename a key of a module's ``_parameters`` in place, keeping its position (so the order of
+    ``parameters()`` and ``state_dict()`` does not change)."""
+    items = list(params.items())
+    params.clear()
+    params.update((new if k == old else k, v) for k, v in items)
 
 
 def find_hook(module: nn.Module, name: str) -> tuple[int | None, _prune.BasePruningMethod | None]:
@@ -130,8 +145,7 @@ def install(
     method = method.spent() if hasattr(method, "spent") else method
     key, hook = find_hook(module, name)
     if hook is None:
-        param = module._parameters.pop(name)
-        module.register_parameter(name + "_orig", param)
+        rename(module._parameters, name, name + "_orig")
         module.register_buffer(name + "_mask", keep.clone())
         hook = SignMaskHook(name, method)
         module.register_forward_pre_hook(hook)
@@ -169,5 +183,4 @@ def uninstall(module: nn.Module, name: str) -> None:
     module.__dict__.pop(name, None)
     for suffix in ("_mask", "_sign"):
         module._buffers.pop(name + suffix, None)
-    param = module._parameters.pop(name + "_orig")
-    module.register_parameter(name, param)
+    rename(module._parameters, name + "_orig", name)

@@ -1,0 +1,48 @@
+"""Small seeded models and helpers shared by the tests."""
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A small conv net with BatchNorm, a bias-free conv and a classifier (``fc``)."""
+
+    def __init__(self, width: int = 6, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def tiny(seed: int = 0, **kwargs) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(**kwargs)
+
+
+def snapshot(model: nn.Module):
+    """Everything a failed call must leave untouched: tensors, parameter objects, hooks."""
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [(n, id(p)) for n, p in model.named_parameters()],
+        [(n, list(m._forward_pre_hooks.values()), list(m._forward_hooks.values())) for n, m in model.named_modules()],
+    )
+
+
+def assert_same(before, after):
+    sd0, params0, hooks0 = before
+    sd1, params1, hooks1 = after
+    assert sd0.keys() == sd1.keys()
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert params0 == params1
+    assert hooks0 == hooks1
+
+
+def kept(model: nn.Module) -> int:
+    return sum(int(b.sum()) for n, b in model.named_buffers() if n.endswith("weight_mask"))

@@ -1,0 +1,189 @@
+"""Ticket files: bit-exact round trips, size, metadata, and every kind of bad file."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import save_file
+
+import signmask
+from signmask import _io
+from _util import tiny
+
+
+@st.composite
+def tickets(draw):
+    n = draw(st.integers(1, 3))
+    masks = {}
+    for i in range(n):
+        shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=4)))
+        numel = int(torch.tensor(shape).prod())
+        vals = draw(st.lists(st.sampled_from([-1, 0, 1]), min_size=numel, max_size=numel))
+        masks[f"layer{i}.weight"] = torch.tensor(vals, dtype=torch.int8).view(shape)
+    signs = {}
+    if draw(st.booleans()):
+        signs["layer0.bias"] = torch.tensor(draw(st.lists(st.sampled_from([-1, 0, 1]), min_size=3, max_size=3)), dtype=torch.int8)
+    meta = draw(st.dictionaries(st.text("abcxyz_", min_size=1, max_size=6), st.text(max_size=10), max_size=3))
+    return signmask.Ticket(masks, signs, meta)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ticket=tickets())
+def test_save_load_round_trip_is_bit_exact(tmp_path_factory, ticket):
+    path = tmp_path_factory.mktemp("t") / "ticket.safetensors"
+    signmask.save(ticket, path)
+    loaded = signmask.load(path)
+    assert loaded == ticket
+    for group, other in ((ticket.masks, loaded.masks), (ticket.signs, loaded.signs)):
+        for k in group:
+            assert other[k].dtype == torch.int8 and torch.equal(other[k], group[k])
+    assert loaded.metadata == ticket.metadata
+
+
+def test_file_stores_at_most_two_bits_per_weight(tmp_path):
+    masks = {"a.weight": torch.randint(-1, 2, (256, 1024), dtype=torch.int8)}
+    path = signmask.save(signmask.Ticket(masks), tmp_path / "big.safetensors")
+    _, raw = _io.read_raw(path)
+    assert raw["a.weight"].numel() * 8 == 2 * 256 * 1024
+    header = path.stat().st_size - raw["a.weight"].numel()
+    assert header < 2048  # metadata only; the payload is exactly 2 bits per weight
+
+
+def test_metadata_of_an_extracted_ticket(tmp_path):
+    model = signmask.prune(tiny(), 0.5)
+    ticket = signmask.extract(model, metadata={"rounds": "3"})
+    path = signmask.save(ticket, tmp_path / "t.safetensors")
+    meta, _ = _io.read_raw(path)
+    assert meta["format"] == "signmask.ticket" and meta["format_version"] == "1"
+    assert meta["method"] == "magnitude" and meta["architecture"] == "TinyNet" and meta["rounds"] == "3"
+    assert float(meta["sparsity"]) == ticket.sparsity
+    versions = json.loads(meta["versions"])
+    assert versions["torch"] == torch.__version__ and versions["signmask"] == signmask.__version__
+    manifest = json.loads(meta["manifest"])
+    assert manifest["conv2.weight"]["shape"] == [6, 6, 3, 3]
+    assert manifest["conv2.weight"]["kept"] == int(model.conv2.weight_mask.sum())
+
+
+def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "t.safetensors"
+    old = signmask.Ticket({"a.weight": torch.tensor([1, 0, -1])})
+    signmask.save(old, path)
+    before = path.read_bytes()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        signmask.save(signmask.Ticket({"a.weight": torch.tensor([0, 0, 1])}), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]  # no temp file left
+
+
+def test_save_refuses_non_tickets(tmp_path):
+    with pytest.raises(TypeError, match="save\\(\\) takes a signmask.Ticket, got dict"):
+        signmask.save({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    ticket = signmask.Ticket({"a.weight": torch.tensor([[1, 0, -1, 1, 0]]), "b.weight": torch.tensor([-1, 1])})
+    return signmask.save(ticket, tmp_path / "t.safetensors")
+
+
+def _rewrite(path: Path, tensors=None, meta_update=None, drop=()):
+    meta, raw = _io.read_raw(path)
+    meta.update(meta_update or {})
+    raw.update(tensors or {})
+    for k in drop:
+        raw.pop(k)
+    save_file(raw, str(path), metadata=meta)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        signmask.load(tmp_path / "nope.safetensors")
+
+
+def test_not_a_safetensors_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_text("hello, this is text and not a ticket at all")
+    with pytest.raises(ValueError, match="x.safetensors: not a valid safetensors file"):
+        signmask.load(path)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 20, -1])
+def test_truncated_file(saved, keep):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: keep if keep >= 0 else len(data) + keep])
+    with pytest.raises(ValueError, match="t.safetensors: not a (valid )?safetensors file"):
+        signmask.load(saved)
+
+
+def test_flipped_payload_byte_is_detected(saved):
+    data = bytearray(saved.read_bytes())
+    data[-1] ^= 0b01
+    saved.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        signmask.load(saved)
+
+
+def test_safetensors_that_is_not_a_ticket(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(ValueError, match="w.safetensors: not a signmask ticket"):
+        signmask.load(path)
+
+
+def test_unsupported_version(saved):
+    _rewrite(saved, meta_update={"format_version": "99"})
+    with pytest.raises(ValueError, match="format version '99' is not supported"):
+        signmask.load(saved)
+
+
+def test_missing_and_extra_tensors(saved):
+    _rewrite(saved, drop=["b.weight"])
+    with pytest.raises(ValueError, match=r"missing from the file: \['b.weight'\]"):
+        signmask.load(saved)
+    _rewrite(saved, tensors={"b.weight": torch.tensor([0b1001], dtype=torch.uint8), "c.weight": torch.zeros(1, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match=r"unexpected: \['c.weight'\]"):
+        signmask.load(saved)
+
+
+def test_values_outside_signed_range_in_file(saved):
+    meta, raw = _io.read_raw(saved)
+    bad = raw["b.weight"].clone()
+    bad[0] |= 0b11  # code 3
+    manifest = json.loads(meta["manifest"])
+    import hashlib
+
+    manifest["b.weight"]["sha256"] = hashlib.sha256(bad.numpy().tobytes()).hexdigest()
+    _rewrite(saved, tensors={"b.weight": bad}, meta_update={"manifest": json.dumps(manifest)})
+    with pytest.raises(ValueError, match=r"tensor 'b.weight' holds values outside \{-1, 0, \+1\}"):
+        signmask.load(saved)
+
+
+def test_wrong_byte_count_for_shape(saved):
+    _rewrite(saved, tensors={"a.weight": torch.zeros(5, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match=r"'a.weight' should be 2 uint8 bytes for shape \[1, 5\]"):
+        signmask.load(saved)
+
+
+@pytest.mark.parametrize(
+    "masks, signs, meta, message",
+    [
+        ({"a": torch.tensor([2, 0])}, {}, {}, r"mask 'a' holds values outside \{-1, 0, \+1\}: found \[2\]"),
+        ({"a": torch.tensor([0.5])}, {}, {}, "must be an integer tensor"),
+        ({"a": torch.tensor([1])}, {"a": torch.tensor([1])}, {}, "both as masks and as dense signs"),
+        ({}, {}, {}, "at least one masked tensor"),
+        ({"a": torch.tensor([1])}, {}, {"format": "x"}, "reserved"),
+        ({"a": torch.tensor([1])}, {}, {"n": 3}, "must map str to str"),
+    ],
+)
+def test_ticket_validates_on_construction(masks, signs, meta, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        signmask.Ticket(masks, signs, meta)

@@ -1,0 +1,213 @@
+"""signmask.prune / remove / load_state_dict: exact counts, selection options, errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+from torch.nn.utils import prune as tprune
+
+import signmask
+from _util import assert_same, kept, snapshot, tiny
+
+
+def _numel(model, names=("conv1", "conv2", "fc")):
+    return sum(getattr(model, n).weight.numel() for n in names)
+
+
+@settings(max_examples=40, deadline=None)
+@given(amounts=st.lists(st.floats(0, 1), min_size=1, max_size=4), scope=st.sampled_from(["global", "layer"]))
+def test_each_round_prunes_round_amount_of_remaining(amounts, scope):
+    model = tiny()
+    alive = {n: getattr(model, n).weight.numel() for n in ("conv1", "conv2", "fc")}
+    for amount in amounts:
+        signmask.prune(model, amount, scope=scope)
+        if scope == "global":
+            total = sum(alive.values())
+            assert kept(model) == total - round(amount * total)
+            alive = {n: int(getattr(model, n).weight_mask.sum()) for n in alive}
+        else:
+            for n, a in alive.items():
+                assert int(getattr(model, n).weight_mask.sum()) == a - round(amount * a)
+                alive[n] = a - round(amount * a)
+
+
+def test_rounding_is_half_to_even_like_torch_prune():
+    # 10 weights * 0.25 = 2.5 -> round() gives 2 (half to even), as torch.nn.utils.prune does.
+    model = nn.Linear(5, 2, bias=False)
+    oracle = nn.Linear(5, 2, bias=False)
+    signmask.prune(model, 0.25)
+    tprune.l1_unstructured(oracle, "weight", 0.25)
+    assert int(model.weight_mask.sum()) == 8 == int(oracle.weight_mask.sum())
+
+
+def test_global_pruning_removes_the_smallest_magnitudes_across_layers():
+    model = tiny()
+    weights = torch.cat([getattr(model, n).weight.detach().abs().flatten() for n in ("conv1", "conv2", "fc")])
+    signmask.prune(model, 0.6)
+    k = round(0.6 * weights.numel())
+    threshold = weights.sort().values[k - 1]
+    for n in ("conv1", "conv2", "fc"):
+        m = getattr(model, n)
+        assert torch.equal(m.weight_mask, m.weight_orig.detach().abs() > threshold)
+
+
+def test_ties_are_broken_by_position():
+    model = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+    signmask.prune(model, 0.5)
+    assert model.weight_mask.flatten().tolist() == [False] * 4 + [True] * 4
+
+
+def test_random_pruning_is_seeded_exact_and_differs_between_layers():
+    a, b, c = tiny(), tiny(), tiny()
+    for m in (a, b):
+        signmask.prune(m, 0.5, method="random", scope="layer", seed=3)
+    signmask.prune(c, 0.5, method="random", scope="layer", seed=4)
+    assert torch.equal(a.conv2.weight_mask, b.conv2.weight_mask)
+    assert not torch.equal(a.conv2.weight_mask, c.conv2.weight_mask)
+    n = a.conv2.weight.numel()
+    assert int(a.conv2.weight_mask.sum()) == n - round(0.5 * n)
+    # Same-shaped layers must not share one random stream.
+    twins = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    signmask.prune(twins, 0.5, method="random", scope="layer", seed=0)
+    assert not torch.equal(twins[0].weight_mask, twins[1].weight_mask)
+
+
+def test_random_global_keeps_magnitudes_out_of_it():
+    model = tiny()
+    signmask.prune(model, 0.5, method="random", seed=0)
+    pruned_mags = torch.cat([m.weight_orig.detach().abs()[~m.weight_mask] for m in (model.conv1, model.conv2, model.fc)])
+    kept_mags = torch.cat([m.weight_orig.detach().abs()[m.weight_mask] for m in (model.conv1, model.conv2, model.fc)])
+    assert pruned_mags.max() > kept_mags.min()  # not a magnitude threshold
+    assert kept(model) == _numel(model) - round(0.5 * _numel(model))
+
+
+def test_classifier_include_exclude_and_filter():
+    assert not hasattr(signmask.prune(tiny(), 0.5, classifier=False).fc, "weight_mask")
+    m = signmask.prune(tiny(), 0.5, include="conv*")
+    assert hasattr(m.conv1, "weight_mask") and hasattr(m.conv2, "weight_mask") and not hasattr(m.fc, "weight_mask")
+    m = signmask.prune(tiny(), 0.5, exclude=["conv1"])
+    assert not hasattr(m.conv1, "weight_mask") and hasattr(m.conv2, "weight_mask")
+    m = signmask.prune(tiny(), 0.5, filter_fn=lambda mod, name: isinstance(mod, nn.Linear))
+    assert {n for n, _ in m.named_buffers() if n.endswith("_mask")} == {"fc.weight_mask"}
+
+
+def test_never_prunes_biases_or_norms():
+    m = signmask.prune(tiny(), 0.9)
+    masked = {n for n, _ in m.named_buffers() if n.endswith("_mask")}
+    assert masked == {"conv1.weight_mask", "conv2.weight_mask", "fc.weight_mask"}
+
+
+def test_compiled_and_wrapped_models_use_canonical_names():
+    model = tiny()
+    wrapped = nn.DataParallel(model)
+    signmask.prune(wrapped, 0.5, include="conv1")
+    assert list(signmask.extract(wrapped).masks) == ["conv1.weight"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(amount=1.5), "amount must be in [0, 1], got 1.5"),
+        (dict(amount=-0.1), "amount must be in [0, 1]"),
+        (dict(amount="0.5"), "amount must be a float"),
+        (dict(amount=0.5, method="lamp"), "valid methods: ['magnitude', 'random']"),
+        (dict(amount=0.5, scope="block"), "valid: ['global', 'layer']"),
+        (dict(amount=0.5, signs="init"), "valid: ['free', 'locked']"),
+        (dict(amount=0.5, include="layer9.*"), "include pattern 'layer9.*' matches no conv/linear"),
+        (dict(amount=0.5, exclude="*", classifier=True), "nothing to prune in TinyNet"),
+        (dict(amount=0.5, seed=1), "seed"),
+    ],
+)
+def test_bad_input_errors_and_leaves_model_untouched(kwargs, message):
+    model = tiny()
+    signmask.prune(model, 0.2, include="conv2")
+    before = snapshot(model)
+    with pytest.raises((ValueError, TypeError)) as err:
+        signmask.prune(model, **kwargs)
+    assert message in str(err.value)
+    assert_same(before, snapshot(model))
+
+
+def test_model_without_conv_or_linear_has_nothing_to_prune():
+    with pytest.raises(ValueError, match="nothing to prune in Sequential"):
+        signmask.prune(nn.Sequential(nn.BatchNorm1d(3), nn.ReLU()), 0.5)
+
+
+def test_tied_weights_are_refused():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(a, b)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="share one Parameter"):
+        signmask.prune(model, 0.5)
+    assert_same(before, snapshot(model))
+
+
+def test_conflicting_sign_mode_is_refused():
+    model = signmask.prune(tiny(), 0.3, signs="locked")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="conv1.weight is sign-locked"):
+        signmask.prune(model, 0.3, signs="free")
+    assert_same(before, snapshot(model))
+    signmask.prune(model, 0.3)  # None keeps the lock
+    assert "weight_sign" in model.conv1._buffers
+
+
+def test_non_binary_stock_mask_is_refused():
+    model = tiny()
+    tprune.custom_from_mask(model.conv1, "weight", torch.full_like(model.conv1.weight, 0.5))
+    with pytest.raises(ValueError, match="conv1.weight: its existing prune mask is not binary"):
+        signmask.prune(model, 0.3)
+
+
+def test_stock_pruned_tensor_is_adopted_and_pruned_further():
+    model, oracle = tiny(), tiny()
+    tprune.l1_unstructured(model.fc, "weight", 0.4)
+    tprune.l1_unstructured(oracle.fc, "weight", 0.4)
+    signmask.prune(model, 0.5, scope="layer", include="fc")
+    tprune.l1_unstructured(oracle.fc, "weight", 0.5)
+    assert model.fc.weight_mask.dtype == torch.bool
+    assert torch.equal(model.fc.weight_mask, oracle.fc.weight_mask.bool())
+    assert len(model.fc._forward_pre_hooks) == 1
+
+
+def test_remove_makes_pruning_permanent_and_needs_pruning():
+    model = tiny()
+    with pytest.raises(ValueError, match="nothing in TinyNet is pruned"):
+        signmask.remove(model)
+    signmask.prune(model, 0.5, signs="locked")
+    param = model.conv2.weight_orig
+    x = torch.randn(2, 3, 5, 5)
+    model.eval()
+    y = model(x)
+    signmask.remove(model)
+    assert model.conv2.weight is param and not tprune.is_pruned(model)
+    assert not any(n.endswith(("_mask", "_sign")) for n, _ in model.named_buffers())
+    assert torch.equal(model(x), y)
+
+
+def test_load_state_dict_restores_masks_and_signs_into_fresh_model():
+    model = signmask.prune(tiny(0), 0.6, signs="locked")
+    fresh = signmask.load_state_dict(tiny(1), model.state_dict())
+    for name in ("conv1", "conv2", "fc"):
+        a, b = getattr(model, name), getattr(fresh, name)
+        assert torch.equal(a.weight_mask, b.weight_mask) and torch.equal(a.weight_sign, b.weight_sign)
+        assert torch.equal(a.weight, b.weight)
+
+
+def test_load_state_dict_errors_leave_model_untouched():
+    sd = signmask.prune(tiny(0), 0.6).state_dict()
+    target = tiny(1, width=4)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"'conv1.weight_mask' has shape \(6, 3, 3, 3\)"):
+        signmask.load_state_dict(target, sd)
+    assert_same(before, snapshot(target))
+    bad = dict(sd)
+    bad["extra.weight"] = torch.zeros(1)
+    target = tiny(1)
+    before = snapshot(target)
+    with pytest.raises(RuntimeError, match="extra.weight"):
+        signmask.load_state_dict(target, bad)
+    assert_same(before, snapshot(target))

@@ -1,0 +1,73 @@
+"""Exact k-smallest selection against a sorting oracle."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from signmask._select import smallest_k
+
+
+def _oracle(scores, alive, k):
+    """Stable sort of (score, tensor index, flat index) over alive entries: the first k."""
+    entries = []
+    for i, (s, a) in enumerate(zip(scores, alive)):
+        flat_s, flat_a = s.reshape(-1).tolist(), a.reshape(-1).tolist()
+        entries += [(v, i, j) for j, (v, on) in enumerate(zip(flat_s, flat_a)) if on]
+    chosen = sorted(entries)[:k]
+    out = [torch.zeros(s.numel(), dtype=torch.bool) for s in scores]
+    for _, i, j in chosen:
+        out[i][j] = True
+    return [o.view_as(s) for o, s in zip(out, scores)]
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 4))
+    scores, alive = [], []
+    for _ in range(n):
+        numel = draw(st.integers(1, 40))
+        # Few distinct values force many ties; floats cover the bit-pattern ordering.
+        vals = draw(st.lists(st.sampled_from([0.0, 1e-30, 0.5, 1.0, 1.5, 3.0e5, 7.25]) | st.floats(0, 1e6), min_size=numel, max_size=numel))
+        scores.append(torch.tensor(vals, dtype=torch.float32))
+        alive.append(torch.tensor(draw(st.lists(st.booleans(), min_size=numel, max_size=numel))))
+    total = int(sum(a.sum() for a in alive))
+    return scores, alive, draw(st.integers(0, total))
+
+
+@settings(max_examples=200, deadline=None)
+@given(problems())
+def test_selects_exactly_k_like_a_stable_sort(problem):
+    scores, alive, k = problem
+    got = smallest_k(lambda i: scores[i], alive, k)
+    assert sum(int(g.sum()) for g in got) == k
+    for g, a in zip(got, alive):
+        assert not (g & ~a).any()
+    for g, want in zip(got, _oracle(scores, alive, k)):
+        assert torch.equal(g, want)
+
+
+def test_negative_zero_ties_with_zero():
+    scores = [torch.tensor([-0.0, 0.0, 1.0]).abs()]
+    got = smallest_k(lambda i: scores[i], [torch.ones(3, dtype=torch.bool)], 1)
+    assert got[0].tolist() == [True, False, False]
+
+
+def test_rejects_nan_scores_naming_the_tensor():
+    scores = [torch.tensor([1.0, float("nan")])]
+    try:
+        smallest_k(lambda i: scores[i], [torch.ones(2, dtype=torch.bool)], 1, names=["fc.weight"])
+    except ValueError as e:
+        assert "fc.weight" in str(e)
+    else:
+        raise AssertionError("NaN scores were accepted")
+
+
+def test_rejects_k_out_of_range():
+    scores = [torch.ones(3)]
+    for k in (-1, 3):
+        alive = [torch.tensor([True, True, False])]
+        try:
+            smallest_k(lambda i: scores[i], alive, k)
+        except ValueError as e:
+            assert "2 alive" in str(e)
+        else:
+            raise AssertionError(f"k={k} accepted")

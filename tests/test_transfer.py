@@ -1,0 +1,124 @@
+"""transfer(): the signed mask onto a new random init, exactly; bad tickets change nothing."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import signmask
+from _util import assert_same, snapshot, tiny
+
+NAMES = ("conv1", "conv2", "fc")
+
+
+@settings(max_examples=30, deadline=None)
+@given(amount=st.floats(0, 1), seed=st.integers(0, 2**16), locked=st.booleans())
+def test_kept_weights_become_abs_new_init_times_sign(amount, seed, locked):
+    source = signmask.prune(tiny(seed), amount)
+    ticket = signmask.extract(source)
+    fresh = tiny(seed + 1)
+    init = {n: getattr(fresh, n).weight.detach().clone() for n in NAMES}
+    norms = {k: v.clone() for k, v in fresh.state_dict().items() if k.startswith("bn")}
+    signmask.transfer(ticket, fresh, signs="locked" if locked else "init")
+    for n in NAMES:
+        s = ticket.masks[f"{n}.weight"].float()
+        module = getattr(fresh, n)
+        assert torch.equal(module.weight, init[n].abs() * s)
+        assert torch.equal(module.weight_mask, s != 0)
+        assert ("weight_sign" in module._buffers) == locked
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in norms.items())
+    assert signmask.extract(fresh).masks.keys() == ticket.masks.keys()
+    assert all(torch.equal(signmask.extract(fresh).masks[k], ticket.masks[k]) for k in ticket.masks)
+
+
+def test_transfer_from_path_and_compiled_or_ddp_names(tmp_path):
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.7))
+    path = signmask.save(ticket, tmp_path / "t.safetensors")
+    target = nn.DataParallel(tiny(1))  # names start with "module."
+    signmask.transfer(path, target)
+    assert torch.equal(signmask.extract(target).masks["conv2.weight"], ticket.masks["conv2.weight"])
+
+
+def test_biases_and_dense_classifier_signs():
+    source = signmask.prune(tiny(0), 0.5, classifier=False)
+    ticket = signmask.extract(source, biases=True, dense=True)
+    assert set(ticket.signs) == {"conv2.bias", "fc.weight"}  # conv1 has no bias; fc is dense
+    fresh = tiny(1)
+    b0, fc0 = fresh.conv2.bias.detach().clone(), fresh.fc.weight.detach().clone()
+    signmask.transfer(ticket, fresh)
+    assert torch.equal(fresh.conv2.bias, b0.abs() * ticket.signs["conv2.bias"])
+    assert torch.equal(fresh.fc.weight, fc0.abs() * ticket.signs["fc.weight"])
+    assert not hasattr(fresh.fc, "weight_mask")
+    skipped = tiny(1)
+    signmask.transfer(ticket, skipped, biases=False, dense=False)
+    assert torch.equal(skipped.conv2.bias, b0) and torch.equal(skipped.fc.weight, fc0)
+
+
+def _train(model, steps=20):
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        model(x)
+
+
+def test_locked_transfer_keeps_signs_through_training():
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
+    flips = {}
+    for mode in ("init", "locked"):
+        model = signmask.transfer(ticket, tiny(1), signs=mode)
+        _train(model)
+        flips[mode] = 0
+        for n in NAMES:
+            w, s = getattr(model, n).weight, ticket.masks[f"{n}.weight"]
+            assert torch.isfinite(w).all()
+            kept = s != 0
+            assert torch.equal(w[~kept], torch.zeros_like(w[~kept]))
+            flips[mode] += int((torch.signbit(w[kept]) != (s[kept] < 0)).sum())
+    assert flips["init"] > 0  # training does flip free signs at this learning rate
+    assert flips["locked"] == 0
+
+
+class Other(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, message",
+    [
+        (lambda: Other(), {}, "ticket was made for architecture 'TinyNet', the model is 'Other'"),
+        (lambda: Other(), dict(check_architecture=False), "are not in Other"),
+        (lambda: tiny(1, width=4), {}, r"'conv1.weight' has shape \(6, 3, 3, 3\), the model's has \(4, 3, 3, 3\)"),
+        (lambda: signmask.prune(tiny(1), 0.1, include="fc"), {}, "fc.weight is already pruned"),
+        (lambda: tiny(1), dict(signs="free"), r"valid: \['init', 'locked'\]"),
+    ],
+)
+def test_bad_transfers_leave_the_model_untouched(make, kwargs, message):
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
+    model = make()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        signmask.transfer(ticket, model, **kwargs)
+    assert_same(before, snapshot(model))
+
+
+def test_extra_ticket_tensor_is_refused_before_any_change():
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
+    masks = dict(ticket.masks)
+    masks["head.weight"] = torch.ones(2, 2, dtype=torch.int8)
+    model = tiny(1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"ticket tensors \['head.weight'\]"):
+        signmask.transfer(signmask.Ticket(masks, metadata=ticket.metadata), model)
+    assert_same(before, snapshot(model))
+
+
+def test_bad_ticket_argument_type():
+    with pytest.raises(TypeError, match="takes a Ticket or a path, got int"):
+        signmask.transfer(3, tiny())
