@@ -51,8 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_inspect.add_argument("ticket", help="path of a .safetensors ticket")
     args = parser.parse_args(argv)
     try:
-        print(inspect(args.ticket))
+        text = inspect(args.ticket)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:
+        print(text)
+    except BrokenPipeError:  # `... | head` closed the pipe; not an error
+        sys.stdout = None
     return 0

@@ -35,6 +35,12 @@ def _entry(role: str, signed: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return packed, info
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     """Write ``ticket`` to ``path`` as ``.safetensors``, atomically (temp file + rename).
 
@@ -71,6 +77,8 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the ticket the permissions a plain open() would.
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -83,6 +83,15 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]  # no temp file left
 
 
+def test_saved_file_gets_umask_permissions_not_mkstemps(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = signmask.save(signmask.Ticket({"a.weight": torch.tensor([1])}), tmp_path / "p.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_save_refuses_non_tickets(tmp_path):
     with pytest.raises(TypeError, match="save\\(\\) takes a signmask.Ticket, got dict"):
         signmask.save({"a": torch.zeros(1)}, tmp_path / "x.safetensors")

@@ -1,0 +1,357 @@
+"""Triton kernels for the masked (and sign-locked) reparametrization, with their autograd.
+
+- :func:`masked_weight`: the effective weight ``orig * mask`` (or ``s * |orig| * mask``) in one
+  pass over ``weight_orig``, the bool mask and the packed sign bits, written directly in the
+  dtype the consumer needs (bf16 under autocast, replacing autocast's own cast). Its backward
+  masks (and sign-corrects) the incoming gradient in one pass. Used by the prune-style hooks.
+
+The fused Linear (mask applied inside the matmul's tile loads) lives in ``_triton_linear``.
+
+Any shape and strides (channels_last conv weights included), fp32, bf16 (and fp16/fp64).
+This module imports triton at import time; ``signmask`` imports it only when a Triton backend
+is used. With ``TRITON_INTERPRET=1`` set before this import, kernels run on CPU tensors
+(slowly; for tests). Under ``torch.compile`` :func:`masked_weight` goes through the custom op
+``signmask::masked_weight`` (registered autograd), so it adds no graph break.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+_MAX_RANK = 5
+_I32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _unravel(q, d1, d2, d3, d4):
+    i4 = q % d4
+    q = q // d4
+    i3 = q % d3
+    q = q // d3
+    i2 = q % d2
+    q = q // d2
+    return q // d1, q % d1, i2, i3, i4
+
+
+@triton.jit
+def _dot5(i0, i1, i2, i3, i4, s0, s1, s2, s3, s4):
+    return i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * s4
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    # The interpreter's fp32 -> bf16 cast truncates; round to nearest even by hand there.
+    if MANUAL_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _is_negative(S, li, inb):
+    byte = tl.load(S + (li >> 3), mask=inb, other=0).to(tl.int32)
+    return ((byte >> (li & 7).to(tl.int32)) & 1) != 0
+
+
+@triton.jit
+def _masked_weight_fwd(
+    O, MK, S, Y, n, d1, d2, d3, d4,
+    o0, o1, o2, o3, o4, m0, m1, m2, m3, m4, y0, y1, y2, y3, y4, s0, s1, s2, s3, s4,
+    MODE: tl.constexpr, HAS_SIGN: tl.constexpr, I64: tl.constexpr,
+    CDT: tl.constexpr, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)
+    q = pid * BLOCK + tl.arange(0, BLOCK)
+    inb = q < n
+    # MODE 0: all tensors contiguous; 1: same dense layout (walk memory order, only the sign
+    # index needs the logical position); 2: arbitrary strides.
+    if MODE == 0:
+        li = q
+        o_off = q
+        m_off = q
+        y_off = q
+    else:
+        i0, i1, i2, i3, i4 = _unravel(q, d1, d2, d3, d4)
+        li = _dot5(i0, i1, i2, i3, i4, s0, s1, s2, s3, s4)
+        if MODE == 1:
+            o_off = q
+            m_off = q
+            y_off = q
+        else:
+            o_off = _dot5(i0, i1, i2, i3, i4, o0, o1, o2, o3, o4)
+            m_off = _dot5(i0, i1, i2, i3, i4, m0, m1, m2, m3, m4)
+            y_off = _dot5(i0, i1, i2, i3, i4, y0, y1, y2, y3, y4)
+    w = tl.load(O + o_off, mask=inb, other=0).to(CDT)
+    keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
+    if HAS_SIGN:
+        mag = tl.abs(w)
+        w = tl.where(_is_negative(S, li, inb), -mag, mag)
+    # A product, not a select, so NaN * 0 and -0.0 come out as in ``orig * mask``.
+    y = _to(w * keep, Y.dtype.element_ty, MANUAL_BF16)
+    tl.store(Y + y_off, y, mask=inb)
+
+
+@triton.jit
+def _masked_weight_bwd(
+    G, O, MK, S, Y, n, d1, d2, d3, d4,
+    g0, g1, g2, g3, g4, o0, o1, o2, o3, o4, m0, m1, m2, m3, m4, y0, y1, y2, y3, y4,
+    s0, s1, s2, s3, s4,
+    MODE: tl.constexpr, HAS_SIGN: tl.constexpr, I64: tl.constexpr,
+    CDT: tl.constexpr, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)
+    q = pid * BLOCK + tl.arange(0, BLOCK)
+    inb = q < n
+    if MODE == 0:
+        li = q
+        g_off = q
+        o_off = q
+        m_off = q
+        y_off = q
+    else:
+        i0, i1, i2, i3, i4 = _unravel(q, d1, d2, d3, d4)
+        li = _dot5(i0, i1, i2, i3, i4, s0, s1, s2, s3, s4)
+        if MODE == 1:
+            g_off = q
+            o_off = q
+            m_off = q
+            y_off = q
+        else:
+            g_off = _dot5(i0, i1, i2, i3, i4, g0, g1, g2, g3, g4)
+            o_off = _dot5(i0, i1, i2, i3, i4, o0, o1, o2, o3, o4)
+            m_off = _dot5(i0, i1, i2, i3, i4, m0, m1, m2, m3, m4)
+            y_off = _dot5(i0, i1, i2, i3, i4, y0, y1, y2, y3, y4)
+    g = tl.load(G + g_off, mask=inb, other=0).to(CDT)
+    keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
+    g = g * keep
+    if HAS_SIGN:
+        # d(s * |o|)/do = s * sgn(o), in the order autograd applies it to ``where(...) * mask``.
+        o = tl.load(O + o_off, mask=inb, other=0).to(CDT)
+        g = tl.where(_is_negative(S, li, inb), -g, g)
+        sgn = (o > 0).to(CDT) - (o < 0).to(CDT)
+        g = g * tl.where(o == o, sgn, o)
+    tl.store(Y + y_off, _to(g, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
+
+
+INTERPRETED = type(_masked_weight_fwd).__name__ == "InterpretedFunction"
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+
+def check_device(t: torch.Tensor, what: str) -> None:
+    """Refuse tensors the kernels cannot reach: CPU tensors need ``TRITON_INTERPRET=1``."""
+    if not t.is_cuda and not (INTERPRETED and t.device.type == "cpu"):
+        raise RuntimeError(
+            f"the Triton backend needs CUDA tensors; {what} is on {t.device} "
+            "(use backend='auto' or 'torch', or set TRITON_INTERPRET=1 before importing triton "
+            "to run the kernels on CPU for testing)"
+        )
+
+
+def _compute_dtype(dtype: torch.dtype):
+    # 16-bit math is done in fp32: exact here (products with 0/1 and +-1), and the interpreter
+    # cannot do bf16 arithmetic at all.
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dense_order(t: torch.Tensor) -> list[int] | None:
+    """Dims from outermost to innermost in memory if ``t`` is dense and non-overlapping."""
+    order = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.shape[d]), reverse=True)
+    expected = 1
+    for d in reversed(order):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    return order
+
+
+def _pad(values: list[int], fill: int) -> list[int]:
+    return [fill] * (_MAX_RANK - len(values)) + list(values)
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return strides[::-1]
+
+
+def _plan(shape: torch.Size, tensors: list[torch.Tensor]) -> tuple[int, list[int], list[list[int]]]:
+    """How a kernel walks ``tensors`` (all of ``shape``): mode, sizes, strides (sign's last)."""
+    logical = _contiguous_strides(shape)
+    unused = [_pad([0] * len(shape), 0)]
+    if all(t.is_contiguous() for t in tensors):
+        return 0, _pad(list(shape), 1), unused * (len(tensors) + 1)
+    order = _dense_order(tensors[0])
+    if order is not None and all(t.stride() == tensors[0].stride() for t in tensors):
+        sizes = [shape[d] for d in order]
+        return 1, _pad(sizes, 1), unused * len(tensors) + [_pad([logical[d] for d in order], 0)]
+    strides = [_pad(list(t.stride()), 0) for t in tensors]
+    return 2, _pad(list(shape), 1), strides + [_pad(logical, 0)]
+
+
+def _prepare(orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None) -> tuple:
+    if orig.dtype not in _TL_DTYPES:
+        raise TypeError(f"orig must be a float tensor (fp32, bf16, fp16, fp64), got {orig.dtype}")
+    if mask.dtype != torch.bool or mask.shape != orig.shape:
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(orig.shape)}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    if sign is not None:
+        need = (orig.numel() + 7) // 8
+        if sign.dtype != torch.uint8 or sign.numel() != need:
+            raise ValueError(
+                f"sign must hold {need} uint8 bytes (1 bit per weight), got {sign.dtype} "
+                f"with {sign.numel()} elements"
+            )
+        sign = sign.reshape(-1).contiguous()
+    check_device(orig, "orig")
+    return mask.view(torch.uint8), sign
+
+
+def _launch(kernel, tensors: list[torch.Tensor], sign, out: torch.Tensor, cdt) -> torch.Tensor:
+    """Run an elementwise kernel over ``tensors`` (then ``sign``) writing ``out``."""
+    n = out.numel()
+    if n == 0:
+        return out
+    if out.dim() > _MAX_RANK:  # rare: walk flat contiguous copies (out is contiguous here)
+        tensors = [t.contiguous().view(-1) for t in tensors]
+        out_flat = out.view(-1)
+    else:
+        out_flat = out
+    mode, sizes, strides = _plan(out_flat.shape, tensors + [out_flat])
+    span = max(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) for t in tensors)
+    kernel[(triton.cdiv(n, _BLOCK),)](
+        *tensors, sign if sign is not None else tensors[-1], out_flat, n,
+        *sizes[1:], *[v for st in strides for v in st],
+        MODE=mode, HAS_SIGN=sign is not None, I64=max(n, span) > _I32_MAX - _BLOCK,
+        CDT=cdt, MANUAL_BF16=INTERPRETED and out.dtype == torch.bfloat16, BLOCK=_BLOCK,
+    )
+    return out
+
+
+def _empty_like(orig: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    fmt = torch.contiguous_format if orig.dim() > _MAX_RANK else torch.preserve_format
+    return torch.empty_like(orig, dtype=dtype, memory_format=fmt)
+
+
+def masked_weight_forward(
+    orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The effective weight in ``out_dtype`` (no autograd); strides follow ``orig``."""
+    mask_u8, sign = _prepare(orig, mask, sign)
+    out = _empty_like(orig, out_dtype)
+    return _launch(_masked_weight_fwd, [orig, mask_u8], sign, out, _compute_dtype(orig.dtype))
+
+
+def masked_weight_backward(
+    grad: torch.Tensor, orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None
+) -> torch.Tensor:
+    """Gradient w.r.t. ``orig`` of :func:`masked_weight_forward`, in ``orig``'s dtype."""
+    mask_u8, sign = _prepare(orig, mask, sign)
+    out = _empty_like(orig, orig.dtype)
+    cdt = _compute_dtype(orig.dtype)
+    return _launch(_masked_weight_bwd, [grad, orig, mask_u8], sign, out, cdt)
+
+
+class MaskedWeight(torch.autograd.Function):
+    """Autograd of :func:`masked_weight_forward`: one kernel forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, orig, mask, sign, out_dtype):
+        # orig is saved only when signs are locked (its sign enters the gradient); free masks
+        # keep just the metadata, so in-place edits of orig before backward stay legal.
+        ctx.save_for_backward(mask, sign, orig if sign is not None else None)
+        ctx.orig_layout = (orig.shape, orig.stride(), orig.dtype) if sign is None else None
+        return masked_weight_forward(orig, mask, sign, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, sign, orig = ctx.saved_tensors
+        if orig is None:
+            shape, stride, dtype = ctx.orig_layout
+            orig = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
+        return masked_weight_backward(grad, orig, mask, sign), None, None, None
+
+
+@torch.library.custom_op("signmask::masked_weight", mutates_args=())
+def _masked_weight_op(
+    orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    return masked_weight_forward(orig, mask, sign, out_dtype)
+
+
+@torch.library.custom_op("signmask::masked_weight_grad", mutates_args=())
+def _masked_weight_grad_op(
+    grad: torch.Tensor, orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None
+) -> torch.Tensor:
+    return masked_weight_backward(grad, orig, mask, sign)
+
+
+@_masked_weight_op.register_fake
+def _(orig, mask, sign, out_dtype):
+    return _empty_like(orig, out_dtype)
+
+
+@_masked_weight_grad_op.register_fake
+def _(grad, orig, mask, sign):
+    return _empty_like(orig, orig.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    orig, mask, sign, _ = inputs
+    ctx.save_for_backward(orig, mask, sign)
+
+
+def _op_backward(ctx, grad):
+    orig, mask, sign = ctx.saved_tensors
+    return _masked_weight_grad_op(grad, orig, mask, sign), None, None, None
+
+
+_masked_weight_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def masked_weight(
+    orig: torch.Tensor,
+    mask: torch.Tensor,
+    sign: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Differentiable effective weight computed by one Triton kernel.
+
+    Args:
+        orig: the trainable tensor (``weight_orig``), any strides.
+        mask: bool keep-mask of the same shape.
+        sign: packed sign bits (``weight_sign``, 1 = negative) or None.
+        out_dtype: dtype of the result (default ``orig.dtype``); pass the autocast dtype to
+            fold autocast's cast of the weight into this pass.
+
+    Returns:
+        ``orig * mask`` or ``where(neg, -|orig|, |orig|) * mask``, bitwise equal to the torch
+        path (followed by a cast to ``out_dtype``), with the strides of ``orig``.
+
+    Raises:
+        RuntimeError: the tensors are on CPU and the kernels are not interpreted.
+        ValueError / TypeError: mask or sign do not fit ``orig``.
+    """
+    out_dtype = orig.dtype if out_dtype is None else out_dtype
+    if torch.compiler.is_compiling():
+        return _masked_weight_op(orig, mask, sign, out_dtype)
+    return MaskedWeight.apply(orig, mask, sign, out_dtype)
+
