@@ -124,7 +124,8 @@ def prune(
         for (module, name), keep in zip(targets.values(), new_masks):
             negative = None
             if signs == "locked" and not _reparam.is_sign_locked(module, name):
-                negative = torch.signbit(getattr(module, name))
+                # From the live Parameter: module.<name> is only refreshed by a forward.
+                negative = torch.signbit(_reparam.original(module, name))
             _reparam.install(module, name, keep, ranker, negative=negative)
     return model
 

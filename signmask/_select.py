@@ -16,16 +16,13 @@ import torch
 
 _BINS = 1 << 16
 _LOW = _BINS - 1
+_NONFINITE = 0x7F80  # high 16 bits of +inf; NaN sorts above it
+_DEAD = _BINS  # extra bin for entries that are already pruned
 
 
-def _bits(score: torch.Tensor, name: str) -> torch.Tensor:
-    score = score.detach().float()
-    if not torch.isfinite(score).all():
-        raise ValueError(f"scores of tensor {name!r} contain NaN or inf; cannot rank them")
-    if (score < 0).any():
-        raise ValueError(f"scores of tensor {name!r} must be non-negative")
-    # abs() turns -0.0 into +0.0, so equal scores have equal bit patterns.
-    return score.abs().view(torch.int32)
+def _bits(score: torch.Tensor) -> torch.Tensor:
+    # Clearing the sign bit ranks by |score| and makes -0.0 equal to +0.0.
+    return score.detach().float().view(torch.int32) & 0x7FFFFFFF
 
 
 def _kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -45,8 +42,8 @@ def smallest_k(
     """Select exactly ``k`` alive entries with the smallest scores across several tensors.
 
     Args:
-        scores: ``scores(i)`` returns the non-negative scores of tensor ``i``; it is called up to
-            three times per tensor and must return the same values each time.
+        scores: ``scores(i)`` returns the scores of tensor ``i``, ranked by absolute value; it is
+            called up to three times per tensor and must return the same values each time.
         alive: bool tensors; only True entries are candidates.
         k: how many entries to select, ``0 <= k <= total alive``.
         names: tensor names for error messages.
@@ -63,22 +60,24 @@ def smallest_k(
     if k == total:
         return [a.clone().bool() for a in alive]
     device = alive[0].device
-    hist = torch.zeros(_BINS, dtype=torch.int64, device=device)
+    hist = torch.zeros(_BINS + 1, dtype=torch.int64, device=device)
     for i, a in enumerate(alive):
-        hi = torch.where(a, _bits(scores(i), names[i]) >> 16, _LOW)
-        hist += torch.bincount(hi.reshape(-1).to(device), minlength=_BINS)
-    # Dead entries were counted in the top bin, which finite scores never reach.
+        hi = torch.where(a, _bits(scores(i)) >> 16, _DEAD)
+        counts = torch.bincount(hi.reshape(-1).to(device), minlength=_BINS + 1)
+        if counts[_NONFINITE:_DEAD].any():
+            raise ValueError(f"scores of tensor {names[i]!r} contain NaN or inf; cannot rank them")
+        hist += counts
     b1, k1 = _kth_bin(hist, k)
     hist.zero_()
     for i, a in enumerate(alive):
-        bits = _bits(scores(i), names[i])
+        bits = _bits(scores(i))
         in_bin = a & ((bits >> 16) == b1)
-        hist += torch.bincount((bits[in_bin] & _LOW).to(device), minlength=_BINS)
+        hist += torch.bincount((bits[in_bin] & _LOW).to(device), minlength=_BINS + 1)
     b2, ties_left = _kth_bin(hist, k1)
     threshold = (b1 << 16) | b2
     selected = []
     for i, a in enumerate(alive):
-        bits = _bits(scores(i), names[i])
+        bits = _bits(scores(i))
         chosen = a & (bits < threshold)
         if ties_left:
             tie = a & (bits == threshold)

@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Sequence
 
 from torch import nn
 
-from . import _reparam
+from torch.nn.utils import prune as _prune
 
 # Wrappers whose prefixes are not part of a tensor's identity: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -162,7 +162,7 @@ def pruned(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     out = {}
     for fqn, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
-            name = getattr(hook, "_tensor_name", None)
-            if name is not None and _reparam.find_hook(module, name)[1] is hook:
+            if isinstance(hook, _prune.BasePruningMethod):
+                name = hook._tensor_name
                 out.setdefault(canonical(f"{fqn}.{name}" if fqn else name), (module, name))
     return out

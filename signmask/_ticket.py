@@ -171,10 +171,11 @@ def extract(
         raise ValueError(f"nothing in {type(model).__name__} is pruned; prune it before extract()")
     masks = {key: _kept_signs(m, n) for key, (m, n) in found.items()}
     signs = {}
-    for key, (module, name) in found.items() if biases else ():
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            signs[key[: -len(name)] + "bias"] = torch.sign(bias.detach()).to("cpu", torch.int8)
+    if biases:
+        for key, (module, name) in found.items():
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                signs[key[: -len(name)] + "bias"] = torch.sign(bias.detach()).to("cpu", torch.int8)
     if dense:
         for key, (module, name) in _targets.tensor_index(model).items():
             if key not in masks and isinstance(module, _targets.PRUNABLE_TYPES):

@@ -211,3 +211,13 @@ def test_load_state_dict_errors_leave_model_untouched():
     with pytest.raises(RuntimeError, match="extra.weight"):
         signmask.load_state_dict(target, bad)
     assert_same(before, snapshot(target))
+
+
+def test_locking_reads_the_live_weights_not_the_last_forward():
+    model = signmask.prune(tiny(), 0.3)
+    with torch.no_grad():
+        model.conv2.weight_orig.neg_()  # no forward since: module.weight is stale
+    signmask.prune(model, 0.0, signs="locked", include="conv2")
+    model(torch.randn(1, 3, 4, 4))
+    kept = model.conv2.weight_mask
+    assert torch.equal(torch.signbit(model.conv2.weight)[kept], torch.signbit(model.conv2.weight_orig)[kept])
