@@ -122,3 +122,22 @@ def test_extra_ticket_tensor_is_refused_before_any_change():
 def test_bad_ticket_argument_type():
     with pytest.raises(TypeError, match="takes a Ticket or a path, got int"):
         signmask.transfer(3, tiny())
+
+
+@pytest.mark.parametrize("signs", ["init", "locked"])
+def test_all_positive_ticket_equals_stock_prune_exactly(signs):
+    from torch.nn.utils import prune as tprune
+
+    source = signmask.prune(tiny(0), 0.6)
+    positive = {k: v.abs() for k, v in signmask.extract(source).masks.items()}
+    ticket = signmask.Ticket(positive, metadata={"architecture": "TinyNet"})
+    ours, oracle = tiny(1), tiny(1)
+    signmask.transfer(ticket, ours, signs=signs)
+    for n in NAMES:
+        module = getattr(oracle, n)
+        with torch.no_grad():
+            module.weight.abs_()
+        tprune.custom_from_mask(module, "weight", positive[f"{n}.weight"] != 0)
+        assert torch.equal(getattr(ours, n).weight_mask, module.weight_mask.bool())
+    x = torch.randn(3, 3, 6, 6)
+    assert torch.equal(ours(x), oracle(x))
