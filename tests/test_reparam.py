@@ -1,0 +1,544 @@
+"""The pruned model keeps working: deepcopy, pickle, state_dict, dtypes, torch.compile, sign
+locks, stacking with stock ``torch.nn.utils.prune``, equality with stock prune, memory.
+
+Oracles are stock ``torch.nn.utils.prune`` and tensors computed here by hand (numpy's
+``unpackbits`` for sign bits), never signmask itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import signmask
+from signmask import _reparam
+
+LAYERS = (nn.Conv2d, nn.Linear)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Run this module's tensor work on one thread.
+
+    The checks do not depend on it (every comparison runs both sides under the same setting),
+    but with 2 cores shared with other processes, 2 OpenMP threads spin-waiting at barriers made
+    this module 10x slower; one thread is as fast on these small models and does not degrade.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_net(seed: int = 0, c1: int = 4, c2: int = 6, k: int = 3, out: int = 5) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, c1, k, padding=1),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, k, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * 4, out),
+    )
+
+
+def layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, LAYERS)]
+
+
+def inputs(seed: int = 1, n: int = 4) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(n, 3, 8, 8)
+
+
+def eval_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def train_steps(model: nn.Module, steps: int, lr: float, seed: int = 2) -> None:
+    """Plain SGD on an MSE loss; big ``lr`` makes weights cross zero."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, 8, 8, generator=gen)
+    for _ in range(steps):
+        y = torch.randn(8, layers(model)[-1].out_features, generator=gen)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def unpack_sign_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Independent decoder of the documented layout: 1 bit per weight, LSB first, 1 = negative."""
+    n = math.prod(shape)
+    bits = np.unpackbits(packed.numpy(), bitorder="little")[:n]
+    return torch.from_numpy(bits.astype(bool)).view(tuple(shape))
+
+
+def effective(module: nn.Module) -> torch.Tensor:
+    """The weight a pruned module must use, computed here from its raw state."""
+    w = module.weight_orig.detach() * module.weight_mask
+    if "weight_sign" in module._buffers:
+        neg = unpack_sign_bits(module.weight_sign, module.weight_orig.shape)
+        w = torch.where(neg, -w.abs(), w.abs())
+    return w
+
+
+def dense_copy(model: nn.Module, seed: int = 99) -> nn.Module:
+    """An unpruned model whose conv/linear weights are the pruned model's effective weights."""
+    oracle = small_net(seed, *arch(model))
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("_mask", "_sign")):
+            continue
+        if k.endswith("weight_orig"):
+            module = model.get_submodule(k[: -len(".weight_orig")])
+            state[k[: -len("_orig")]] = effective(module)
+        else:
+            state[k] = v
+    oracle.load_state_dict(state)
+    return oracle
+
+
+def arch(model: nn.Sequential) -> tuple[int, int, int, int]:
+    return model[0].out_channels, model[3].out_channels, model[0].kernel_size[0], model[7].out_features
+
+
+def has_signmask_hooks(module: nn.Module) -> bool:
+    pre = any(isinstance(h, torch_prune.BasePruningMethod) for h in module._forward_pre_hooks.values())
+    post = any(isinstance(h, _reparam.DetachWeight) for h in module._forward_hooks.values())
+    return pre or post
+
+
+# ----------------------------------------------------------------------------------------------
+# deepcopy and pickle after training (pytorch#37322)
+
+
+def test_stock_prune_cannot_deepcopy_after_backward():
+    model = small_net()
+    for m in layers(model):
+        torch_prune.l1_unstructured(m, "weight", 0.5)
+    model.train()
+    model(inputs()).sum().backward()
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle_after_backward(signs, clone):
+    stock = small_net()
+    for m in layers(stock):
+        torch_prune.l1_unstructured(m, "weight", 0.5)
+    model = small_net()
+    signmask.prune(model, 0.5, scope="layer", signs=signs)
+    x = inputs()
+    stock.train(), model.train()
+    stock(x).sum().backward()
+    model(x).sum().backward()
+    # Same gradients as stock prune: detaching the weight attribute does not cut autograd.
+    for a, b in zip(layers(stock), layers(model)):
+        assert torch.equal(a.weight_mask.bool(), b.weight_mask)
+        assert torch.equal(a.weight_orig.grad, b.weight_orig.grad)
+    train_steps(model, 2, lr=0.5)  # grad-enabled forward + backward + step, then copy
+
+    twin = copy.deepcopy(model) if clone == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert torch.equal(eval_out(twin, x), eval_out(model, x))
+    for a, b in zip(layers(model), layers(twin)):
+        assert b.weight_orig is not a.weight_orig
+        assert b.weight_mask.data_ptr() != a.weight_mask.data_ptr()
+        assert torch.equal(a.weight_mask, b.weight_mask) and b.weight_mask.dtype == torch.bool
+        assert torch.equal(a.weight_orig, b.weight_orig)
+        assert (signs == "locked") == ("weight_sign" in b._buffers)
+        if signs == "locked":
+            assert torch.equal(a.weight_sign, b.weight_sign)
+        assert torch_prune.is_pruned(b)
+    # The copy is independent and its hooks act on the copy: train and prune it further.
+    reference = eval_out(model, x)
+    train_steps(twin, 1, lr=0.5)
+    signmask.prune(twin, 0.5)
+    assert torch.equal(eval_out(model, x), reference)
+    assert not torch.equal(eval_out(twin, x), reference)
+    assert torch.equal(eval_out(twin, x), eval_out(dense_copy(twin), x))
+    # And the copy can be copied again after its own training.
+    assert torch.equal(eval_out(copy.deepcopy(twin), x), eval_out(twin, x))
+
+
+# ----------------------------------------------------------------------------------------------
+# state_dict round trip
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_state_dict_round_trip_into_fresh_model(signs):
+    model = small_net(0)
+    signmask.prune(model, 0.4, signs=signs)
+    train_steps(model, 3, lr=2.0)
+    signmask.prune(model, 0.3)  # a second round on the trained weights
+    if signs == "locked":
+        # The saved sign bits matter: some kept weights now disagree with weight_orig's sign.
+        disagree = sum(
+            int(((unpack_sign_bits(m.weight_sign, m.weight_orig.shape) != torch.signbit(m.weight_orig))
+                 & m.weight_mask).sum())
+            for m in layers(model)
+        )
+        assert disagree > 0
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+
+    plain = small_net(5)
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*weight.*Unexpected key.*weight_orig"):
+        plain.load_state_dict(state)
+
+    fresh = signmask.load_state_dict(small_net(5), state)
+    x = inputs()
+    assert torch.equal(eval_out(fresh, x), eval_out(model, x))
+    assert torch.equal(eval_out(fresh, x), eval_out(dense_copy(model), x))
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    for a, b in zip(layers(model), layers(fresh)):
+        assert b.weight_mask.dtype == torch.bool
+        assert torch.equal(a.weight_mask, b.weight_mask)
+        assert torch.equal(a.weight_orig, b.weight_orig)
+        assert ("weight_sign" in b._buffers) == (signs == "locked")
+        if signs == "locked":
+            assert torch.equal(a.weight_sign, b.weight_sign)
+    # Both keep training identically: the masks and locks are live in the loaded model.
+    train_steps(model, 2, lr=2.0, seed=7)
+    train_steps(fresh, 2, lr=2.0, seed=7)
+    assert torch.equal(eval_out(fresh, x), eval_out(model, x))
+    for a, b in zip(layers(model), layers(fresh)):
+        assert torch.equal(a.weight_orig, b.weight_orig)
+
+
+# ----------------------------------------------------------------------------------------------
+# dtype conversion
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_to_low_precision_keeps_bool_masks(dtype, signs):
+    model = small_net(0)
+    signmask.prune(model, 0.6, signs=signs)
+    train_steps(model, 2, lr=2.0)  # weight_orig signs drift from the locked ones
+    oracle = dense_copy(model).to(dtype)
+    model.to(dtype)
+    for m in layers(model):
+        assert m.weight_orig.dtype == dtype
+        assert m.weight_mask.dtype == torch.bool and m.weight_mask.element_size() == 1
+        if signs == "locked":
+            assert m.weight_sign.dtype == torch.uint8
+    x = inputs().to(dtype)
+    y = eval_out(model, x)
+    assert y.dtype == dtype
+    assert torch.equal(y, eval_out(oracle, x))
+    for m, o in zip(layers(model), layers(oracle)):
+        assert torch.equal(m.weight, o.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_torch_compile_fullgraph_follows_mask_changes():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    torch.manual_seed(0)
+    for m in layers(model):
+        nn.init.normal_(m.weight)
+    signmask.prune(model, 0.5)
+    model.eval()
+    x = inputs()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0
+    assert explained.graph_count == 1
+
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        eager = model(x)
+        assert torch.allclose(compiled(x), eager, rtol=1e-5, atol=1e-6)
+        # In-place mask change: another prune round.
+        signmask.prune(model, 0.5)
+        eager2 = model(x)
+        assert not torch.allclose(eager2, eager, rtol=1e-3, atol=1e-3)
+        assert torch.allclose(compiled(x), eager2, rtol=1e-5, atol=1e-6)
+        # Sign locking adds a buffer; the compiled model uses the locked weights too.
+        signmask.prune(model, 0.0, signs="locked")
+        with torch.no_grad():
+            for m in layers(model):
+                m.weight_orig.neg_()  # flip every stored sign: locked weights must not move
+        assert torch.allclose(compiled(x), eager2, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(model(x), eager2, rtol=1e-5, atol=1e-6)
+
+    # Training through the compiled graph: same gradients as eager, and deepcopy still works.
+    model.train()
+    compiled(x).square().sum().backward()
+    compiled_grads = [m.weight_orig.grad.clone() for m in layers(model)]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for m, g in zip(layers(model), compiled_grads):
+        assert torch.allclose(g, m.weight_orig.grad, rtol=1e-4, atol=1e-6)
+        assert not g[~m.weight_mask].any()  # pruned weights get no gradient
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# sign locks
+
+
+def test_locked_signs_survive_sgd_that_flips_free_signs():
+    free, locked = small_net(0), small_net(0)
+    signmask.prune(free, 0.5)
+    signmask.prune(locked, 0.5, signs="locked")
+    start = {id(m): torch.signbit(m.weight_orig.detach()).clone() for m in layers(locked)}
+    for a, b in zip(layers(free), layers(locked)):
+        assert torch.equal(a.weight_mask, b.weight_mask)
+        assert torch.equal(
+            unpack_sign_bits(b.weight_sign, b.weight_orig.shape), start[id(b)]
+        )
+    train_steps(free, 5, lr=2.0)
+    train_steps(locked, 5, lr=2.0)
+    locked.eval()
+    locked(inputs())  # refresh module.weight
+    flipped_free = flipped_orig = kept_total = 0
+    for a, b in zip(layers(free), layers(locked)):
+        keep = b.weight_mask
+        kept_total += int(keep.sum())
+        flipped_free += int((torch.signbit(a.weight_orig.detach()) != start[id(b)])[keep].sum())
+        flipped_orig += int((torch.signbit(b.weight_orig.detach()) != start[id(b)])[keep].sum())
+        # Every kept weight of the locked model still has its sign at locking; pruned stay 0.
+        assert torch.equal(torch.signbit(b.weight)[keep], start[id(b)][keep])
+        assert not b.weight[~keep].any()
+        assert torch.equal(b.weight, effective(b))
+    assert flipped_free > 0.05 * kept_total  # the lr does flip signs of a free model...
+    assert flipped_orig > 0  # ...and of the locked model's raw parameters, but not its weights
+    # The ticket of the locked model still carries the signs it was locked with.
+    ticket = signmask.extract(locked)
+    for name, m in zip(["0.weight", "3.weight", "7.weight"], layers(locked)):
+        expected = torch.where(start[id(m)], -1, 1) * m.weight_mask
+        assert torch.equal(ticket.masks[name], expected.to(torch.int8))
+
+
+def test_locking_after_training_freezes_the_current_signs():
+    """Locking must read the trained weights, not the alias left by the last forward."""
+    model = small_net(0)
+    signmask.prune(model, 0.5)
+    train_steps(model, 1, lr=5.0)  # the step happens after the forward that set module.weight
+    x = inputs()
+    before = {id(m): effective(m) for m in layers(model)}
+    signmask.prune(model, 0.0, signs="locked")
+    for m in layers(model):
+        assert torch.equal(effective(m), before[id(m)])
+    expected = eval_out(dense_copy(model), x)
+    assert torch.equal(eval_out(model, x), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# stacking stock prune
+
+
+@pytest.mark.parametrize("mode", ["free", "locked_positive"])
+def test_stock_prune_stacks_on_signmask(mode):
+    stock, model = small_net(0), small_net(0)
+    if mode == "locked_positive":  # all signs +1: a lock that changes nothing
+        with torch.no_grad():
+            for a, b in zip(layers(stock), layers(model)):
+                a.weight.abs_(), b.weight.abs_()
+    for m in layers(stock):
+        torch_prune.l1_unstructured(m, "weight", 0.5)
+    signmask.prune(model, 0.5, scope="layer", signs="locked" if mode != "free" else None)
+    if mode == "locked_positive":
+        assert all(not m.weight_sign.any() for m in layers(model))  # every locked sign is +1
+    for a, b in zip(layers(stock), layers(model)):
+        torch_prune.l1_unstructured(a, "weight", 0.3)
+        torch_prune.l1_unstructured(b, "weight", 0.3)
+        assert b.weight_mask.dtype == torch.bool
+        assert torch.equal(a.weight_mask.bool(), b.weight_mask)
+        assert torch.equal(a.weight_mask, b.weight_mask.float())
+        n = b.weight_mask.numel()
+        assert int(b.weight_mask.sum()) == (n - round(0.5 * n)) - round(0.3 * (n - round(0.5 * n)))
+        assert torch_prune.is_pruned(b)
+        assert ("weight_sign" in b._buffers) == (mode != "free")
+    x = inputs()
+    assert torch.equal(eval_out(model, x), eval_out(stock, x))
+    if mode == "free":  # the stacked hooks keep working after training
+        train_steps(stock, 2, lr=0.5)
+        train_steps(model, 2, lr=0.5)
+        assert torch.equal(eval_out(model, x), eval_out(stock, x))
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_stock_remove_after_stacking(signs):
+    model = small_net(0)
+    signmask.prune(model, 0.5, signs=signs)
+    train_steps(model, 2, lr=2.0)
+    x = inputs()
+    for m in layers(model):
+        torch_prune.l1_unstructured(m, "weight", 0.3)
+    expected_out = eval_out(model, x)
+    for m in layers(model):
+        orig = m.weight_orig
+        expected = effective(m)
+        returned = torch_prune.remove(m, "weight")
+        assert returned is m
+        assert type(m.weight) is nn.Parameter and m.weight is orig
+        assert m._parameters["weight"] is orig
+        assert torch.equal(m.weight.detach(), expected)
+        assert set(m._buffers) == set()
+        assert "weight_orig" not in m._parameters
+        assert not has_signmask_hooks(m)
+        assert not torch_prune.is_pruned(m)
+    assert not torch_prune.is_pruned(model)
+    assert torch.equal(eval_out(model, x), expected_out)
+    # Plain, ordinary module now: deepcopy and load_state_dict of a fresh net just work.
+    fresh = small_net(3)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(eval_out(fresh, x), expected_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# equality with stock prune
+
+
+def distinct_weights(model: nn.Module, seed: int) -> None:
+    """Give all conv/linear weights distinct magnitudes (ties would let topk choose freely)."""
+    gen = torch.Generator().manual_seed(seed)
+    ws = [m.weight for m in layers(model)]
+    total = sum(w.numel() for w in ws)
+    mags = (torch.randperm(total, generator=gen).float() + 1) / total
+    signs = torch.where(torch.rand(total, generator=gen) < 0.5, -1.0, 1.0)
+    values = mags * signs
+    with torch.no_grad():
+        i = 0
+        for w in ws:
+            w.copy_(values[i : i + w.numel()].view_as(w))
+            i += w.numel()
+
+
+def assert_same_pruning(stock: nn.Module, model: nn.Module, x: torch.Tensor) -> None:
+    for a, b in zip(layers(stock), layers(model)):
+        assert b.weight_mask.dtype == torch.bool
+        assert torch.equal(a.weight_mask, b.weight_mask.to(a.weight_mask.dtype))
+    assert torch.equal(eval_out(model, x), eval_out(stock, x))
+
+
+amounts = st.floats(0.0, 1.0, allow_nan=False)
+shapes = st.tuples(
+    st.integers(1, 6), st.integers(1, 6), st.sampled_from([1, 2, 3]), st.integers(1, 5)
+)
+
+
+@settings(deadline=None, max_examples=30)
+@given(shape=shapes, a1=amounts, a2=amounts, seed=st.integers(0, 2**16), natural=st.booleans())
+def test_layerwise_magnitude_equals_l1_unstructured(shape, a1, a2, seed, natural):
+    stock, model = small_net(seed, *shape), small_net(seed, *shape)
+    if not natural:
+        distinct_weights(stock, seed), distinct_weights(model, seed)
+    else:  # default init; the check is valid only without ties among magnitudes
+        mags = torch.cat([m.weight.detach().abs().flatten() for m in layers(stock)])
+        if mags.unique().numel() != mags.numel():
+            distinct_weights(stock, seed), distinct_weights(model, seed)
+    x = inputs(seed)
+    for a in (a1, a2):
+        for m in layers(stock):
+            torch_prune.l1_unstructured(m, "weight", a)
+        signmask.prune(model, a, scope="layer")
+        assert_same_pruning(stock, model, x)
+
+
+@settings(deadline=None, max_examples=30)
+@given(shape=shapes, a1=amounts, a2=amounts, seed=st.integers(0, 2**16))
+def test_global_magnitude_equals_global_unstructured(shape, a1, a2, seed):
+    stock, model = small_net(seed, *shape), small_net(seed, *shape)
+    distinct_weights(stock, seed), distinct_weights(model, seed)
+    x = inputs(seed)
+    n = sum(m.weight.numel() for m in layers(model))
+    remaining = n
+    for a in (a1, a2):
+        torch_prune.global_unstructured(
+            [(m, "weight") for m in layers(stock)], torch_prune.L1Unstructured, amount=a
+        )
+        signmask.prune(model, a)
+        assert_same_pruning(stock, model, x)
+        remaining -= round(a * remaining)
+        assert sum(int(m.weight_mask.sum()) for m in layers(model)) == remaining
+
+
+def test_oracle_equality_on_default_init_two_rounds():
+    """The plain case without hypothesis: seeded default init, 0.6 then 0.25, both scopes."""
+    x = inputs()
+    for scope in ("layer", "global"):
+        stock, model = small_net(0, 8, 16, 3, 10), small_net(0, 8, 16, 3, 10)
+        mags = torch.cat([m.weight.detach().abs().flatten() for m in layers(stock)])
+        assert mags.unique().numel() == mags.numel()  # no ties: stock's topk is unambiguous
+        for a in (0.6, 0.25):
+            if scope == "layer":
+                for m in layers(stock):
+                    torch_prune.l1_unstructured(m, "weight", a)
+            else:
+                torch_prune.global_unstructured(
+                    [(m, "weight") for m in layers(stock)], torch_prune.L1Unstructured, amount=a
+                )
+            signmask.prune(model, a, scope=scope)
+            assert_same_pruning(stock, model, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    shape=st.tuples(st.integers(1, 13), st.integers(1, 13)),
+    amount=st.floats(0.0, 1.0, allow_nan=False),
+    seed=st.integers(0, 1000),
+)
+def test_mask_memory_is_one_byte_and_signs_one_bit(shape, amount, seed):
+    torch.manual_seed(seed)
+    free, locked = nn.Linear(*shape), nn.Linear(*shape)
+    locked.load_state_dict(free.state_dict())
+    stock = nn.Linear(*shape)
+    stock.load_state_dict(free.state_dict())
+    torch_prune.l1_unstructured(stock, "weight", amount)
+    signmask.prune(free, amount)
+    signmask.prune(locked, amount, signs="locked")
+    n = free.weight_orig.numel()
+
+    def buffer_bytes(m: nn.Module) -> int:
+        return sum(b.numel() * b.element_size() for b in m.buffers())
+
+    assert stock.weight_mask.element_size() == 4  # what stock prune costs, for comparison
+    assert buffer_bytes(stock) == 4 * n
+    assert free.weight_mask.dtype == torch.bool
+    assert buffer_bytes(free) == n
+    assert buffer_bytes(locked) == n + math.ceil(n / 8)
+    assert locked.weight_sign.dtype == torch.uint8
+    assert locked.weight_sign.numel() == math.ceil(n / 8)
+    # Padding bits are zero and the bits are the weights' sign bits.
+    assert torch.equal(
+        unpack_sign_bits(locked.weight_sign, locked.weight_orig.shape),
+        torch.signbit(locked.weight_orig.detach()),
+    )
+    bits = np.unpackbits(locked.weight_sign.numpy(), bitorder="little")
+    assert not bits[n:].any()
+    assert torch.equal(free.weight_mask, locked.weight_mask)
+    assert int(free.weight_mask.sum()) == n - round(amount * n)
+    magnitudes = free.weight_orig.detach().abs()
+    if magnitudes.unique().numel() == n:  # without ties stock's choice is unambiguous
+        assert torch.equal(free.weight_mask, stock.weight_mask.bool())
