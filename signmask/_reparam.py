@@ -49,10 +49,18 @@ class SignMaskHook(_prune.PruningContainer):
         # mask to the weight's dtype, which would cost 4 bytes per weight again.
         return super().compute_mask(t, default_mask) == 1
 
+    # Key of the signmask._backends backend computing this tensor; set_backend() changes it.
+    backend = "torch"
+
     def apply_mask(self, module: nn.Module) -> torch.Tensor:
         name = self._tensor_name
         sign = module._buffers.get(name + "_sign")
-        return masked_weight(getattr(module, name + "_orig"), getattr(module, name + "_mask"), sign)
+        orig, mask = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+        if self.backend == "torch":
+            return masked_weight(orig, mask, sign)
+        from ._backends import get_backend
+
+        return get_backend(self.backend).weight(self, module, orig, mask, sign)
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent: ``weight`` becomes a plain Parameter holding the effective

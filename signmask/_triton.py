@@ -138,7 +138,7 @@ def _masked_weight_bwd(
         o = tl.load(O + o_off, mask=inb, other=0).to(CDT)
         g = tl.where(_is_negative(S, li, inb), -g, g)
         sgn = (o > 0).to(CDT) - (o < 0).to(CDT)
-        g = g * tl.where(o == o, sgn, o)
+        g = g * sgn
     tl.store(Y + y_off, _to(g, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
 
 
