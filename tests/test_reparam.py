@@ -26,20 +26,6 @@ from signmask import _reparam
 LAYERS = (nn.Conv2d, nn.Linear)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's tensor work on one thread.
-
-    The checks do not depend on it (every comparison runs both sides under the same setting),
-    but with 2 cores shared with other processes, 2 OpenMP threads spin-waiting at barriers made
-    this module 10x slower; one thread is as fast on these small models and does not degrade.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_net(seed: int = 0, c1: int = 4, c2: int = 6, k: int = 3, out: int = 5) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(

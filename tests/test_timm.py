@@ -126,20 +126,6 @@ IDS = [f.name for f in FAMILIES]
 NUM_CLASSES = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's tensor work on one thread.
-
-    The checks do not depend on it (every comparison runs both sides under the same setting),
-    but with 2 cores shared with other processes, 2 OpenMP threads spin-waiting at barriers made
-    this module 10x slower; one thread is as fast on these small models and does not degrade.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def create(family: Family, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model(

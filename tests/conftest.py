@@ -1,0 +1,18 @@
+"""Suite-wide settings. The tests' own helpers live in ``_util.py``."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Run tensor work on one thread.
+
+    No check depends on it (every comparison runs both sides under the same setting). On the
+    2-core CI machine, 2 OpenMP threads spin-waiting at barriers made the suite many times slower
+    whenever anything else ran, and one thread is as fast on these tiny models.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
