@@ -8,10 +8,12 @@ as ``.safetensors`` and transfer it to a new random initialization::
     ticket = signmask.extract(model)           # sign(theta * M) per pruned tensor
     signmask.save(ticket, "ticket.safetensors")
     signmask.transfer("ticket.safetensors", new_model)
+    signmask.set_backend(model, "auto")        # fused Triton path on CUDA, torch on CPU
 
 ``import signmask`` imports neither timm nor torchvision and does not touch CUDA.
 """
 
+from ._backends import set_backend
 from ._io import load, save
 from ._prune import load_state_dict, prune, remove
 from ._ticket import Ticket, extract
@@ -27,5 +29,6 @@ __all__ = [
     "prune",
     "remove",
     "save",
+    "set_backend",
     "transfer",
 ]

@@ -16,6 +16,8 @@ forward, so ``copy.deepcopy`` and pickling work after training steps (pytorch#37
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
@@ -27,11 +29,26 @@ def masked_weight(
     orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The effective weight: ``orig * mask``, or ``s * |orig| * mask`` with packed signs ``sign``."""
+    # A bool mask is multiplied as its int8 view: the same 0/1 factors (so the same values and
+    # gradients), but torch's CPU kernels promote bool about 2x slower.
+    keep = mask.view(torch.int8) if mask.dtype == torch.bool else mask
     if sign is None:
-        return orig * mask
-    negative = _bits.unpack_signs(sign, orig.shape)
-    magnitude = orig.abs()
-    return torch.where(negative, -magnitude, magnitude) * mask
+        return orig * keep
+    # Sign bits unpacked through a 256-entry table whose int64 entries hold a byte's 8 bits as 8
+    # bytes (little-endian): 3x faster than shifts on CPU.
+    if sys.byteorder == "little":
+        dev = sign.device
+        table = (torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1
+        table = table.to(torch.int8).view(torch.int64).view(-1)
+        bits = torch.take(table, sign.reshape(-1).long()).view(torch.int8)[: orig.numel()]
+    else:
+        bits = _bits.unpack(sign, orig.numel(), 1).view(torch.int8)
+    # One int8 factor s * mask in {-1, 0, +1}: |o| * -1 is exactly -|o|, so the values are those
+    # of where(neg, -|o|, |o|) * mask (pruned zeros may differ in sign), for one float multiply.
+    factor = 1 - 2 * bits.view(orig.shape)
+    if keep.dtype == torch.int8:
+        return orig.abs() * (factor * keep)
+    return orig.abs() * factor * keep
 
 
 class SignMaskHook(_prune.PruningContainer):

@@ -59,43 +59,80 @@ def _is_negative(S, li, inb):
 
 
 @triton.jit
-def _masked_weight_fwd(
-    O, MK, S, Y, n, d1, d2, d3, d4,
-    o0, o1, o2, o3, o4, m0, m1, m2, m3, m4, y0, y1, y2, y3, y4, s0, s1, s2, s3, s4,
-    MODE: tl.constexpr, HAS_SIGN: tl.constexpr, I64: tl.constexpr,
-    CDT: tl.constexpr, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)
-    q = pid * BLOCK + tl.arange(0, BLOCK)
-    inb = q < n
-    # MODE 0: all tensors contiguous; 1: same dense layout (walk memory order, only the sign
-    # index needs the logical position); 2: arbitrary strides.
-    if MODE == 0:
-        li = q
-        o_off = q
-        m_off = q
-        y_off = q
-    else:
-        i0, i1, i2, i3, i4 = _unravel(q, d1, d2, d3, d4)
-        li = _dot5(i0, i1, i2, i3, i4, s0, s1, s2, s3, s4)
-        if MODE == 1:
-            o_off = q
-            m_off = q
-            y_off = q
-        else:
-            o_off = _dot5(i0, i1, i2, i3, i4, o0, o1, o2, o3, o4)
-            m_off = _dot5(i0, i1, i2, i3, i4, m0, m1, m2, m3, m4)
-            y_off = _dot5(i0, i1, i2, i3, i4, y0, y1, y2, y3, y4)
+def _fwd_body(O, MK, S, Y, o_off, m_off, y_off, li, inb,
+              HAS_SIGN: tl.constexpr, CDT: tl.constexpr, MANUAL_BF16: tl.constexpr):
     w = tl.load(O + o_off, mask=inb, other=0).to(CDT)
     keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
     if HAS_SIGN:
         mag = tl.abs(w)
         w = tl.where(_is_negative(S, li, inb), -mag, mag)
     # A product, not a select, so NaN * 0 and -0.0 come out as in ``orig * mask``.
-    y = _to(w * keep, Y.dtype.element_ty, MANUAL_BF16)
-    tl.store(Y + y_off, y, mask=inb)
+    tl.store(Y + y_off, _to(w * keep, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
+
+
+@triton.jit
+def _bwd_body(G, O, MK, S, Y, g_off, o_off, m_off, y_off, li, inb,
+              HAS_SIGN: tl.constexpr, CDT: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    g = tl.load(G + g_off, mask=inb, other=0).to(CDT)
+    keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
+    g = g * keep
+    if HAS_SIGN:
+        # d(s * |o|)/do = s * sgn(o), applied in the order autograd applies it.
+        o = tl.load(O + o_off, mask=inb, other=0).to(CDT)
+        g = tl.where(_is_negative(S, li, inb), -g, g)
+        g = g * ((o > 0).to(CDT) - (o < 0).to(CDT))
+    tl.store(Y + y_off, _to(g, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
+
+
+@triton.jit
+def _flat_range(n, I64: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)
+    q = pid * BLOCK + tl.arange(0, BLOCK)
+    return q, q < n
+
+
+@triton.jit
+def _masked_weight_fwd_flat(
+    O, MK, S, Y, n, HAS_SIGN: tl.constexpr, I64: tl.constexpr, CDT: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """All tensors walked in the same memory order, the sign index equal to it (few args: the
+    launch overhead matters when a small model is launch-bound)."""
+    q, inb = _flat_range(n, I64, BLOCK)
+    _fwd_body(O, MK, S, Y, q, q, q, q, inb, HAS_SIGN, CDT, MANUAL_BF16)
+
+
+@triton.jit
+def _masked_weight_bwd_flat(
+    G, O, MK, S, Y, n, HAS_SIGN: tl.constexpr, I64: tl.constexpr, CDT: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    q, inb = _flat_range(n, I64, BLOCK)
+    _bwd_body(G, O, MK, S, Y, q, q, q, q, q, inb, HAS_SIGN, CDT, MANUAL_BF16)
+
+
+@triton.jit
+def _masked_weight_fwd(
+    O, MK, S, Y, n, d1, d2, d3, d4,
+    o0, o1, o2, o3, o4, m0, m1, m2, m3, m4, y0, y1, y2, y3, y4, s0, s1, s2, s3, s4,
+    SAME: tl.constexpr, HAS_SIGN: tl.constexpr, I64: tl.constexpr,
+    CDT: tl.constexpr, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Any strides: the multi-index of each element is recovered from its position ``q``.
+    ``SAME``: all tensors share one dense layout walked in memory order, so only the sign
+    index (the logical row-major position) needs the multi-index."""
+    q, inb = _flat_range(n, I64, BLOCK)
+    i0, i1, i2, i3, i4 = _unravel(q, d1, d2, d3, d4)
+    li = _dot5(i0, i1, i2, i3, i4, s0, s1, s2, s3, s4)
+    if SAME:
+        _fwd_body(O, MK, S, Y, q, q, q, li, inb, HAS_SIGN, CDT, MANUAL_BF16)
+    else:
+        o_off = _dot5(i0, i1, i2, i3, i4, o0, o1, o2, o3, o4)
+        m_off = _dot5(i0, i1, i2, i3, i4, m0, m1, m2, m3, m4)
+        y_off = _dot5(i0, i1, i2, i3, i4, y0, y1, y2, y3, y4)
+        _fwd_body(O, MK, S, Y, o_off, m_off, y_off, li, inb, HAS_SIGN, CDT, MANUAL_BF16)
 
 
 @triton.jit
@@ -103,43 +140,20 @@ def _masked_weight_bwd(
     G, O, MK, S, Y, n, d1, d2, d3, d4,
     g0, g1, g2, g3, g4, o0, o1, o2, o3, o4, m0, m1, m2, m3, m4, y0, y1, y2, y3, y4,
     s0, s1, s2, s3, s4,
-    MODE: tl.constexpr, HAS_SIGN: tl.constexpr, I64: tl.constexpr,
+    SAME: tl.constexpr, HAS_SIGN: tl.constexpr, I64: tl.constexpr,
     CDT: tl.constexpr, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if I64:
-        pid = pid.to(tl.int64)
-    q = pid * BLOCK + tl.arange(0, BLOCK)
-    inb = q < n
-    if MODE == 0:
-        li = q
-        g_off = q
-        o_off = q
-        m_off = q
-        y_off = q
+    q, inb = _flat_range(n, I64, BLOCK)
+    i0, i1, i2, i3, i4 = _unravel(q, d1, d2, d3, d4)
+    li = _dot5(i0, i1, i2, i3, i4, s0, s1, s2, s3, s4)
+    if SAME:
+        _bwd_body(G, O, MK, S, Y, q, q, q, q, li, inb, HAS_SIGN, CDT, MANUAL_BF16)
     else:
-        i0, i1, i2, i3, i4 = _unravel(q, d1, d2, d3, d4)
-        li = _dot5(i0, i1, i2, i3, i4, s0, s1, s2, s3, s4)
-        if MODE == 1:
-            g_off = q
-            o_off = q
-            m_off = q
-            y_off = q
-        else:
-            g_off = _dot5(i0, i1, i2, i3, i4, g0, g1, g2, g3, g4)
-            o_off = _dot5(i0, i1, i2, i3, i4, o0, o1, o2, o3, o4)
-            m_off = _dot5(i0, i1, i2, i3, i4, m0, m1, m2, m3, m4)
-            y_off = _dot5(i0, i1, i2, i3, i4, y0, y1, y2, y3, y4)
-    g = tl.load(G + g_off, mask=inb, other=0).to(CDT)
-    keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
-    g = g * keep
-    if HAS_SIGN:
-        # d(s * |o|)/do = s * sgn(o), in the order autograd applies it to ``where(...) * mask``.
-        o = tl.load(O + o_off, mask=inb, other=0).to(CDT)
-        g = tl.where(_is_negative(S, li, inb), -g, g)
-        sgn = (o > 0).to(CDT) - (o < 0).to(CDT)
-        g = g * sgn
-    tl.store(Y + y_off, _to(g, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
+        g_off = _dot5(i0, i1, i2, i3, i4, g0, g1, g2, g3, g4)
+        o_off = _dot5(i0, i1, i2, i3, i4, o0, o1, o2, o3, o4)
+        m_off = _dot5(i0, i1, i2, i3, i4, m0, m1, m2, m3, m4)
+        y_off = _dot5(i0, i1, i2, i3, i4, y0, y1, y2, y3, y4)
+        _bwd_body(G, O, MK, S, Y, g_off, o_off, m_off, y_off, li, inb, HAS_SIGN, CDT, MANUAL_BF16)
 
 
 INTERPRETED = type(_masked_weight_fwd).__name__ == "InterpretedFunction"
@@ -193,10 +207,10 @@ def _contiguous_strides(shape) -> list[int]:
 
 def _plan(shape: torch.Size, tensors: list[torch.Tensor]) -> tuple[int, list[int], list[list[int]]]:
     """How a kernel walks ``tensors`` (all of ``shape``): mode, sizes, strides (sign's last)."""
+    if all(t.is_contiguous() for t in tensors):
+        return 0, [], []  # the flat kernel needs no sizes or strides
     logical = _contiguous_strides(shape)
     unused = [_pad([0] * len(shape), 0)]
-    if all(t.is_contiguous() for t in tensors):
-        return 0, _pad(list(shape), 1), unused * (len(tensors) + 1)
     order = _dense_order(tensors[0])
     if order is not None and all(t.stride() == tensors[0].stride() for t in tensors):
         sizes = [shape[d] for d in order]
@@ -225,24 +239,33 @@ def _prepare(orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None) 
     return mask.view(torch.uint8), sign
 
 
-def _launch(kernel, tensors: list[torch.Tensor], sign, out: torch.Tensor, cdt) -> torch.Tensor:
-    """Run an elementwise kernel over ``tensors`` (then ``sign``) writing ``out``."""
+def _span(t: torch.Tensor) -> int:
+    """Largest element offset of ``t`` (decides 32- or 64-bit index arithmetic)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def _launch(kernels, tensors: list[torch.Tensor], sign, out: torch.Tensor, cdt) -> torch.Tensor:
+    """Run an elementwise kernel (flat or strided) over ``tensors``, then ``sign``, into ``out``."""
     n = out.numel()
     if n == 0:
         return out
+    flat_kernel, strided_kernel = kernels
     if out.dim() > _MAX_RANK:  # rare: walk flat contiguous copies (out is contiguous here)
         tensors = [t.contiguous().view(-1) for t in tensors]
         out_flat = out.view(-1)
     else:
         out_flat = out
     mode, sizes, strides = _plan(out_flat.shape, tensors + [out_flat])
-    span = max(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) for t in tensors)
-    kernel[(triton.cdiv(n, _BLOCK),)](
-        *tensors, sign if sign is not None else tensors[-1], out_flat, n,
-        *sizes[1:], *[v for st in strides for v in st],
-        MODE=mode, HAS_SIGN=sign is not None, I64=max(n, span) > _I32_MAX - _BLOCK,
-        CDT=cdt, MANUAL_BF16=INTERPRETED and out.dtype == torch.bfloat16, BLOCK=_BLOCK,
-    )
+    span = n if mode == 0 else max(_span(t) for t in tensors)
+    meta = dict(HAS_SIGN=sign is not None, I64=max(n, span) > _I32_MAX - _BLOCK, CDT=cdt,
+                MANUAL_BF16=INTERPRETED and out.dtype == torch.bfloat16, BLOCK=_BLOCK)
+    grid = ((n + _BLOCK - 1) // _BLOCK,)  # not triton.cdiv: a host call costs ~7 us
+    sign_arg = sign if sign is not None else tensors[-1]
+    if mode == 0 or (mode == 1 and sign is None):
+        flat_kernel[grid](*tensors, sign_arg, out_flat, n, **meta)
+    else:
+        strided_kernel[grid](*tensors, sign_arg, out_flat, n, *sizes[1:],
+                             *[v for st in strides for v in st], SAME=mode == 1, **meta)
     return out
 
 
@@ -257,17 +280,27 @@ def masked_weight_forward(
     """The effective weight in ``out_dtype`` (no autograd); strides follow ``orig``."""
     mask_u8, sign = _prepare(orig, mask, sign)
     out = _empty_like(orig, out_dtype)
-    return _launch(_masked_weight_fwd, [orig, mask_u8], sign, out, _compute_dtype(orig.dtype))
+    kernels = (_masked_weight_fwd_flat, _masked_weight_fwd)
+    return _launch(kernels, [orig, mask_u8], sign, out, _compute_dtype(orig.dtype))
 
 
 def masked_weight_backward(
-    grad: torch.Tensor, orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None
+    grad: torch.Tensor,
+    orig: torch.Tensor,
+    mask: torch.Tensor,
+    sign: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. ``orig`` of :func:`masked_weight_forward`, in ``orig``'s dtype."""
+    """Gradient w.r.t. ``orig`` of :func:`masked_weight_forward`, in ``orig``'s dtype.
+
+    Without ``sign`` the values of ``orig`` are not read: ``orig`` may be ``out`` itself (the
+    buffer to write, laid out like ``orig``).
+    """
     mask_u8, sign = _prepare(orig, mask, sign)
-    out = _empty_like(orig, orig.dtype)
+    out = _empty_like(orig, orig.dtype) if out is None else out
     cdt = _compute_dtype(orig.dtype)
-    return _launch(_masked_weight_bwd, [grad, orig, mask_u8], sign, out, cdt)
+    kernels = (_masked_weight_bwd_flat, _masked_weight_bwd)
+    return _launch(kernels, [grad, orig, mask_u8], sign, out, cdt)
 
 
 class MaskedWeight(torch.autograd.Function):
@@ -278,16 +311,17 @@ class MaskedWeight(torch.autograd.Function):
         # orig is saved only when signs are locked (its sign enters the gradient); free masks
         # keep just the metadata, so in-place edits of orig before backward stay legal.
         ctx.save_for_backward(mask, sign, orig if sign is not None else None)
-        ctx.orig_layout = (orig.shape, orig.stride(), orig.dtype) if sign is None else None
-        return masked_weight_forward(orig, mask, sign, out_dtype)
+        out = masked_weight_forward(orig, mask, sign, out_dtype)
+        ctx.layout = (out.shape, out.stride(), orig.dtype)  # the gradient's layout
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         mask, sign, orig = ctx.saved_tensors
-        if orig is None:
-            shape, stride, dtype = ctx.orig_layout
-            orig = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
-        return masked_weight_backward(grad, orig, mask, sign), None, None, None
+        shape, stride, dtype = ctx.layout
+        out = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
+        orig = out if orig is None else orig
+        return masked_weight_backward(grad, orig, mask, sign, out), None, None, None
 
 
 @torch.library.custom_op("signmask::masked_weight", mutates_args=())

@@ -1,7 +1,14 @@
 """Suite-wide settings. The tests' own helpers live in ``_util.py``."""
 
+import os
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run through the interpreter. Triton reads this when a kernel
+# is decorated, so it must be set before any test module imports signmask._triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,0 +1,197 @@
+"""Shared helpers of the benchmark scripts: environment record, timers, memory probes, output.
+
+Memory on CPU is read from the kernel: ``/proc/self/status`` VmHWM (peak resident set) after
+resetting it by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0). Each measured method
+runs in its own process with ``MALLOC_MMAP_THRESHOLD_`` fixed, so large tensors get fresh pages
+from mmap and give them back when freed: the peak then counts what the method itself allocated.
+On CUDA, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+# Fixed mmap threshold (128 KiB): glibc otherwise raises it after frees and reuses heap pages.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+
+def import_timm():
+    from signmask._compat import import_timm as _import_timm
+
+    return _import_timm()
+
+
+def environment(device: str) -> dict:
+    """Versions, hardware and the exact command, for the results file."""
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)] + sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--", "signmask", "benchmarks")),
+    }
+    for name in ("triton", "timm", "numpy"):
+        try:
+            info[name] = __import__(name).__version__ if name != "timm" else import_timm().__version__
+        except Exception as e:  # noqa: BLE001 - record why, never fail the benchmark
+            info[name] = f"unavailable ({type(e).__name__})"
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """Wall time of one region: CUDA events on GPU, ``perf_counter`` on CPU (both synced)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __enter__(self) -> "Timer":
+        sync(self.device)
+        if self.device == "cuda":
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            self.end.record()
+            self.end.synchronize()
+            self.ms = self.start.elapsed_time(self.end)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+def summary(samples_ms: list[float]) -> dict:
+    qs = statistics.quantiles(samples_ms, n=10, method="inclusive") if len(samples_ms) >= 2 else [samples_ms[0]] * 9
+    return {
+        "median_ms": statistics.median(samples_ms),
+        "p10_ms": qs[0],
+        "p90_ms": qs[-1],
+        "n": len(samples_ms),
+    }
+
+
+# ------------------------------------------------------------------ CPU memory (Linux /proc)
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak extra memory of a region: bytes above the level at entry (CPU RSS or CUDA alloc)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __enter__(self) -> "PeakMemory":
+        sync(self.device)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            if not reset_peak_rss():
+                raise RuntimeError("cannot reset peak RSS (/proc/self/clear_refs)")
+            self.base = rss_bytes()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sync(self.device)
+        if self.device == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+            self.retained = torch.cuda.memory_allocated() - self.base
+        else:
+            self.peak = rss_bytes("VmHWM") - self.base
+            self.retained = rss_bytes() - self.base
+
+
+def run_child(args: list[str], timeout: float = 900) -> dict:
+    """Run ``python <args>`` in a fresh process (memory isolation); parse its last JSON line."""
+    env = dict(os.environ, **CHILD_ENV)
+    out = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"child {args} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_results(stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+    json_path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path
+
+
+def env_markdown(env: dict) -> str:
+    keys = ("date_utc", "gpu", "cuda", "cpu", "cpu_count", "torch_threads", "python", "torch",
+            "triton", "timm", "git_commit", "loadavg_at_start")
+    rows = [f"- {k}: `{env[k]}`" for k in keys if k in env]
+    return "\n".join(rows + [f"- command: `{env['command']}`"]) + "\n"
+
+
+def mib(n: float) -> float:
+    return round(n / 2**20, 1)

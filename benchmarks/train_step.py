@@ -1,0 +1,304 @@
+"""Training-step time and peak memory: dense vs ``torch.nn.utils.prune`` vs signmask backends.
+
+One step = ``zero_grad`` + forward + loss + backward + ``optimizer.step()``, at 90% global
+magnitude sparsity over every conv/linear weight (classifier included, the same selection for
+stock prune and signmask). All variants of a model are built from the same initialization and
+timed in ONE process, interleaved round by round (the order rotates each round), so drift hits
+them alike; medians after warm-up rounds are reported as ratios to dense.
+
+Peak memory per variant: ``resident`` (unique tensors held between steps: parameters, buffers,
+masks, the effective weights the hooks leave on the modules, gradients, optimizer state) plus
+``step_extra`` (peak bytes above the level at the start of one step: activations and
+temporaries). On CUDA from ``torch.cuda.max_memory_allocated``; on CPU each variant runs in its
+own process and ``step_extra`` is the rise of the peak RSS (see ``_common``).
+
+Usage::
+
+    python benchmarks/train_step.py --preset gpu       # H100/H200: bf16 autocast, full sizes
+    python benchmarks/train_step.py --preset cpu       # this machine: small sizes, fp32
+    python benchmarks/train_step.py --preset dry       # CPU, tiny models, Triton interpreted:
+                                                       # exercises every GPU-preset code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+if "--preset" in sys.argv and sys.argv[sys.argv.index("--preset") + 1] == "dry":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import prune as torch_prune
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import signmask  # noqa: E402
+from signmask import _backends, _targets  # noqa: E402
+
+AMOUNT = 0.9
+
+
+@dataclasses.dataclass
+class Spec:
+    """One benchmarked model: how to build it, its batch and its optimizer."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    batch: int
+    input_shape: tuple[int, ...]
+    optimizer: str = "adamw"
+    channels_last: bool = False
+    classes: int = 1000
+
+
+def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
+    return lambda: _common.import_timm().create_model(name, pretrained=False, **kwargs)
+
+
+def _mlp(width: int, depth: int, classes: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.GELU()]
+        return nn.Sequential(*layers, nn.Linear(width, classes))
+
+    return build
+
+
+PRESETS: dict[str, list[Spec]] = {
+    "gpu": [
+        Spec("resnet50", _timm("resnet50"), 128, (3, 224, 224), "sgd", channels_last=True),
+        Spec("vit_base_patch16_224", _timm("vit_base_patch16_224"), 64, (3, 224, 224)),
+        Spec("convnext_tiny", _timm("convnext_tiny"), 128, (3, 224, 224), channels_last=True),
+        Spec("vit_base_patch16_224@b8", _timm("vit_base_patch16_224"), 8, (3, 224, 224)),
+        Spec("mlp4096x4@b8", _mlp(4096, 4, 1000), 8, (4096,)),
+    ],
+    "cpu": [
+        Spec("resnet50@64px", _timm("resnet50"), 8, (3, 64, 64), "sgd"),
+        Spec("vit_base_patch16@64px", _timm("vit_base_patch16_224", img_size=64), 4, (3, 64, 64)),
+        Spec("convnext_tiny@64px", _timm("convnext_tiny"), 8, (3, 64, 64)),
+        Spec("mlp2048x3@b8", _mlp(2048, 3, 1000), 8, (2048,)),
+    ],
+    "dry": [  # tiny stand-ins of the same families: the interpreter is ~1e5x slower than a GPU
+        Spec("resnet50-tiny", _timm("resnet50", channels=(4, 8, 16, 32), stem_width=8,
+                                    num_classes=10), 2, (3, 32, 32), "sgd", True, 10),
+        Spec("vit-tiny", _timm("vit_base_patch16_224", img_size=32, embed_dim=32, depth=2,
+                               num_heads=2, num_classes=10), 2, (3, 32, 32), classes=10),
+        Spec("convnext-tiny", _timm("convnext_tiny", dims=(8, 16, 32, 64), depths=(1, 1, 1, 1),
+                                    num_classes=10), 2, (3, 32, 32), channels_last=True,
+             classes=10),
+        Spec("mlp", _mlp(64, 2, 10), 4, (64,), classes=10),
+    ],
+}
+
+VARIANTS: dict[str, dict] = {
+    "dense": {},
+    "prune": {"stock": True},
+    "torch": {"backend": "torch"},
+    "torch-locked": {"backend": "torch", "signs": "locked"},
+    "triton": {"backend": "triton"},
+    "triton-locked": {"backend": "triton", "signs": "locked"},
+    "projection": {"backend": "projection"},
+    "projection-locked": {"backend": "projection", "signs": "locked"},
+}
+
+
+def make_optimizer(kind: str, params) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-5)
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+
+
+def build(spec: Spec, variant: str, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model of ``spec`` (seed 0) pruned as ``variant`` wants, with its optimizer."""
+    torch.manual_seed(0)
+    model = spec.build().to(device)
+    cfg = VARIANTS[variant]
+    if cfg.get("stock"):
+        targets = _targets.select(model)
+        torch_prune.global_unstructured(
+            list(targets.values()), pruning_method=torch_prune.L1Unstructured, amount=AMOUNT
+        )
+    elif "backend" in cfg:
+        signmask.prune(model, AMOUNT, signs=cfg.get("signs"))
+    # After pruning: stock global_unstructured cannot flatten channels_last weights (view(-1)).
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(spec.optimizer, model.parameters())
+    if "backend" in cfg:
+        _backends.set_backend(model, cfg["backend"], optimizer=optimizer)
+    return model, optimizer
+
+
+def batches(spec: Spec, device: str, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):  # random data, never zeros (zeros can run faster than real data)
+        x = torch.randn(spec.batch, *spec.input_shape, generator=gen).to(device)
+        if spec.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append((x, torch.randint(0, spec.classes, (spec.batch,), generator=gen).to(device)))
+    return out
+
+
+def train_step(model, optimizer, x, y, amp_dtype) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the unique storages a variant holds between steps."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    for module in model.modules():  # effective weights the hooks leave as plain attributes
+        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+def variants_for(device: str, wanted: list[str] | None) -> list[str]:
+    names = [v for v in VARIANTS if device == "cuda" or not v.startswith("triton")]
+    if os.environ.get("TRITON_INTERPRET") == "1":  # dry run: the Triton path through the interpreter
+        names = list(VARIANTS)
+    return [v for v in names if wanted is None or v in wanted]
+
+
+def time_model(spec: Spec, variants: list[str], device: str, args) -> dict:
+    """Interleaved timing of all variants of ``spec`` in this process."""
+    built = {v: build(spec, v, device) for v in variants}
+    data = batches(spec, device)
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    first_loss = {}
+    for r in range(args.warmup + args.steps):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for v in order:
+            model, opt = built[v]
+            x, y = data[r % len(data)]
+            with _common.Timer(device) as t:
+                loss = train_step(model, opt, x, y, args.amp_dtype)
+            if r == 0:
+                first_loss[v] = float(loss)
+            if r >= args.warmup:
+                samples[v].append(t.ms)
+    out = {v: {**_common.summary(samples[v]), "first_loss": first_loss[v]} for v in variants}
+    if device == "cuda" or args.preset == "dry":  # in-process, as on the GPU
+        for v in variants:
+            out[v].update(measure_memory(*built[v], data[0], device, args.amp_dtype))
+    return out
+
+
+def measure_memory(model, opt, batch, device, amp_dtype) -> dict:
+    train_step(model, opt, *batch, amp_dtype)  # state and grads exist
+    with _common.PeakMemory(device) as mem:
+        train_step(model, opt, *batch, amp_dtype)
+    resident = resident_bytes(model, opt)
+    return {"resident_mib": _common.mib(resident), "step_extra_mib": _common.mib(mem.peak),
+            "peak_mib": _common.mib(resident + mem.peak)}
+
+
+def child(model_name: str, variant: str, preset: str, amp: bool, optimizer: str) -> dict:
+    """Memory of one variant in a fresh process (CPU): see ``_common``."""
+    spec = next(s for s in PRESETS[preset] if s.name == model_name)
+    if optimizer != "spec":
+        spec = dataclasses.replace(spec, optimizer=optimizer)
+    model, opt = build(spec, variant, "cpu")
+    data = batches(spec, "cpu", 1)
+    return measure_memory(model, opt, data[0], "cpu", torch.bfloat16 if amp else None)
+
+
+def markdown(results: dict, env: dict, args) -> str:
+    lines = [
+        f"# Training step at {AMOUNT:.0%} sparsity ({args.preset} preset)\n",
+        "Median step time (ms) and ratio to dense; peak memory = resident + step extra (MiB).\n",
+        _common.env_markdown(env),
+    ]
+    for model, res in results["models"].items():
+        spec = res["spec"]
+        lines.append(f"\n## {model} (batch {spec['batch']}, input {spec['input_shape']}, "
+                     f"{spec['optimizer']}, {spec['weights']:,} prunable weights)\n")
+        lines.append("| variant | median ms | p10-p90 ms | x dense | peak MiB | resident MiB | step extra MiB |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for v, r in res["variants"].items():
+            lines.append(
+                f"| {v} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | "
+                f"{r['ratio_to_dense']:.3f} | {r.get('peak_mib', '-')} | {r.get('resident_mib', '-')} | "
+                f"{r.get('step_extra_mib', '-')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--models", nargs="*", help="subset of the preset's model names")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 30 GPU, 20 CPU)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--optimizer", choices=("spec", "sgd", "adamw"), default="spec",
+                        help="override every model's optimizer (default: each model's own)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory processes")
+    parser.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = "cuda" if args.preset == "gpu" else "cpu"
+    amp = args.preset in ("gpu", "dry")  # dry run follows the GPU recipe: bf16 autocast
+    if args.child:
+        print(__import__("json").dumps(child(*args.child, args.preset, amp, args.optimizer)))
+        return
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--preset gpu needs CUDA")
+    args.amp_dtype = torch.bfloat16 if amp else None
+    args.steps = args.steps or {"gpu": 30, "cpu": 20, "dry": 2}[args.preset]
+    args.warmup = args.warmup if args.warmup is not None else {"gpu": 5, "cpu": 2, "dry": 1}[args.preset]
+    env = _common.environment(device)
+    specs = [s for s in PRESETS[args.preset] if not args.models or s.name in args.models]
+    if args.optimizer != "spec":
+        specs = [dataclasses.replace(s, optimizer=args.optimizer) for s in specs]
+    variants = variants_for(device, args.variants)
+    results = {"environment": env, "amount": AMOUNT, "preset": args.preset,
+               "autocast": str(args.amp_dtype), "steps": args.steps, "warmup": args.warmup,
+               "auto_backend_resolves_to": "triton" if device == "cuda" else "torch", "models": {}}
+    for spec in specs:
+        print(f"[{spec.name}] timing {variants}", flush=True)
+        res = time_model(spec, variants, device, args)
+        if args.preset == "cpu" and not args.no_memory:
+            for v in variants:
+                cmd = [os.path.abspath(__file__), "--preset", args.preset, "--optimizer",
+                       args.optimizer, "--child", spec.name, v]
+                res[v].update(_common.run_child(cmd))
+        dense = res["dense"]["median_ms"] if "dense" in res else float("nan")
+        for v in res:
+            res[v]["ratio_to_dense"] = res[v]["median_ms"] / dense
+            print(f"  {v:18s} {res[v]['median_ms']:9.2f} ms  x{res[v]['ratio_to_dense']:.3f}", flush=True)
+        weights = sum(m.weight.numel() for m in build(spec, "dense", "cpu")[0].modules()
+                      if isinstance(m, _targets.PRUNABLE_TYPES))
+        results["models"][spec.name] = {
+            "spec": {"batch": spec.batch, "input_shape": list(spec.input_shape),
+                     "optimizer": spec.optimizer, "channels_last": spec.channels_last,
+                     "weights": weights},
+            "variants": res,
+        }
+    env["loadavg_at_end"] = list(os.getloadavg())
+    stem = args.out or f"train_step_{args.preset}"
+    paths = _common.write_results(stem, results, markdown(results, env, args))
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Backends computing the effective weight of pruned tensors, and :func:`set_backend`.
+
+A backend decides how ``module.weight`` is produced from ``weight_orig``, ``weight_mask`` and
+``weight_sign``; the layout and the numbers never change (beyond floating-point rounding):
+
+- ``"torch"`` (default): the hook computes ``orig * mask`` with torch ops (compiles cleanly).
+- ``"triton"``: one fused Triton kernel forward and one backward (CUDA). Under autocast it writes
+  the weight directly in the autocast dtype, replacing autocast's own cast of the weight.
+- ``"projection"``: no per-forward work; the masks are applied in place to the weights, the
+  gradients and the optimizer state instead (see ``_projection``). Needs ``optimizer=``.
+- ``"auto"``: per call, ``"triton"`` for CUDA tensors in eager mode when triton is installed,
+  else ``"torch"`` (on CPU, and under ``torch.compile``, where inductor fuses the torch ops).
+
+The choice is stored per tensor on its :class:`~signmask._reparam.SignMaskHook` (``backend``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from . import _reparam, _targets
+
+BACKENDS: dict[str, "Backend"] = {}
+
+# Forwards that hand the weight straight to F.linear / F.conv* / F.conv_transpose*, which
+# autocast runs in lower precision. Subclasses with their own forward (weight standardization,
+# "same" padding...) may use the weight otherwise, so they keep orig's dtype.
+AUTOCAST_LOWERED = frozenset(cls.forward for cls in _targets.PRUNABLE_TYPES)
+
+Targets = Mapping[str, "tuple[nn.Module, str]"]
+
+
+def register_backend(name: str) -> Callable[[type], type]:
+    """Register a :class:`Backend` subclass under ``name`` (``set_backend(model, name)``)."""
+
+    def deco(cls: type) -> type:
+        cls.name = name
+        BACKENDS[name] = cls()
+        return cls
+
+    return deco
+
+
+def get_backend(name: str) -> "Backend":
+    """The registered backend ``name``; unknown names raise ``ValueError`` listing valid keys.
+
+    Example:
+        >>> get_backend("torch").name
+        'torch'
+    """
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown backend {name!r}; valid backends: {sorted(BACKENDS)}") from None
+
+
+class Backend:
+    """How a :class:`~signmask._reparam.SignMaskHook` computes its tensor (a strategy)."""
+
+    name = ""
+
+    def check(self, targets: Targets, optimizer: torch.optim.Optimizer | None) -> None:
+        """Raise before anything changes if this backend cannot serve ``targets``."""
+
+    def attach(self, targets: Targets, optimizer: torch.optim.Optimizer | None) -> None:
+        """Prepare ``targets`` (already checked); called before the hooks switch to it."""
+
+    def weight(self, hook, module: nn.Module, orig, mask, sign) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register_backend("torch")
+class TorchBackend(Backend):
+    """Plain torch ops, the reference path: ``orig * mask`` (or ``s * |orig| * mask``)."""
+
+    def weight(self, hook, module, orig, mask, sign):
+        return _reparam.masked_weight(orig, mask, sign)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """Whether ``import triton`` can work (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def consumer_dtype(module: nn.Module, orig: torch.Tensor) -> torch.dtype:
+    """The dtype the module's op will cast the weight to: autocast's, else ``orig``'s.
+
+    Mirrors autocast's eligibility rule (floating tensors other than fp64) for the stock conv
+    and linear forwards autocast runs in lower precision. Only while grad mode is on (training):
+    ``prune.remove`` and ``install`` call the hook under ``no_grad`` and must get ``orig``'s
+    dtype back even inside an autocast region.
+    """
+    device = orig.device.type
+    if (
+        torch.is_grad_enabled()
+        and type(module).forward in AUTOCAST_LOWERED
+        and orig.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and torch.is_autocast_enabled(device)
+    ):
+        return torch.get_autocast_dtype(device)
+    return orig.dtype
+
+
+@register_backend("triton")
+class TritonBackend(Backend):
+    """One Triton kernel per forward and per backward (``signmask._triton``)."""
+
+    def check(self, targets, optimizer):
+        if not triton_installed():
+            raise ImportError("backend='triton' needs triton: pip install 'signmask[triton]'")
+        from . import _triton
+
+        for key, (module, name) in targets.items():
+            _triton.check_device(_reparam.original(module, name), key)
+
+    def weight(self, hook, module, orig, mask, sign):
+        from . import _triton
+
+        if not orig.is_cuda and not _triton.INTERPRETED:
+            # Moved to CPU after set_backend (e.g. to save): the torch path gives equal numbers.
+            return _reparam.masked_weight(orig, mask, sign)
+        return _triton.masked_weight(orig, mask, sign, consumer_dtype(module, orig))
+
+
+@register_backend("auto")
+class AutoBackend(Backend):
+    """``"triton"`` for CUDA tensors in eager mode when triton is installed, else ``"torch"``."""
+
+    def weight(self, hook, module, orig, mask, sign):
+        return get_backend(self.resolve(orig)).weight(hook, module, orig, mask, sign)
+
+    @staticmethod
+    def resolve(orig: torch.Tensor) -> str:
+        """The concrete backend ``"auto"`` uses for ``orig`` right now."""
+        if orig.is_cuda and triton_installed() and not torch.compiler.is_compiling():
+            return "triton"
+        return "torch"
+
+
+def _signmask_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    targets = _targets.pruned(model)
+    if not targets:
+        raise ValueError(f"nothing in {type(model).__name__} is pruned; no backend to set")
+    for key, (module, name) in targets.items():
+        if not isinstance(_reparam.find_hook(module, name)[1], _reparam.SignMaskHook):
+            raise ValueError(
+                f"{key} is pruned by a stock torch.nn.utils.prune hook; adopt it first with "
+                f"signmask.prune(model, 0.0, include={key.rpartition('.')[0]!r})"
+            )
+    return targets
+
+
+def set_backend(
+    model: nn.Module, backend: str, *, optimizer: torch.optim.Optimizer | None = None
+) -> nn.Module:
+    """Choose how every pruned tensor of ``model`` computes its effective weight, in place.
+
+    Args:
+        model: a model pruned by :func:`signmask.prune` (or loaded by ``load_state_dict``).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"projection"`` (see module docs).
+        optimizer: the optimizer training ``model``; required by ``"projection"``, which hooks
+            its ``step``. Other backends remove projection hooks from it when given.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: unknown backend, nothing pruned, a stock prune hook, ``"projection"``
+            without an optimizer or with one it cannot serve exactly.
+        ImportError: ``"triton"`` without triton installed.
+        RuntimeError: ``"triton"`` with CPU tensors (unless ``TRITON_INTERPRET=1``).
+
+    Example:
+        >>> import torch, signmask
+        >>> net = signmask.prune(torch.nn.Linear(4, 4), 0.5)
+        >>> net = set_backend(net, "auto")
+        >>> net(torch.ones(1, 4)).shape
+        torch.Size([1, 4])
+    """
+    impl = get_backend(backend)
+    targets = _signmask_targets(model)
+    impl.check(targets, optimizer)
+    if backend != "projection" and optimizer is not None:
+        from . import _projection
+
+        _projection.unhook_optimizer(optimizer, targets)
+    impl.attach(targets, optimizer)
+    with torch.no_grad():
+        for module, name in targets.values():
+            hook = _reparam.find_hook(module, name)[1]
+            hook.backend = backend
+            setattr(module, name, hook.apply_mask(module))
+    return model
+
+
+def backends_of(model: nn.Module) -> dict[str, str]:
+    """Canonical tensor name -> backend key for every pruned tensor of ``model``.
+
+    Example:
+        >>> import torch, signmask
+        >>> backends_of(signmask.prune(torch.nn.Linear(4, 4), 0.5))
+        {'weight': 'torch'}
+    """
+    out = {}
+    for key, (module, name) in _targets.pruned(model).items():
+        hook = _reparam.find_hook(module, name)[1]
+        out[key] = getattr(hook, "backend", "torch")
+    return out
+
+
+from . import _projection  # noqa: E402,F401  (registers "projection")

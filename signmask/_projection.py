@@ -1,0 +1,215 @@
+"""The ``"projection"`` backend: masks applied in place instead of a reparametrization.
+
+``weight_orig`` itself is kept masked (and sign-locked), so the forward uses it as is: the hook
+only aliases ``module.weight`` to it, no kernel runs. The invariant is kept by:
+
+1. at :func:`signmask.set_backend`: ``weight_orig`` and every per-weight optimizer state tensor
+   are masked (sign-locked tensors are reflected onto their locked signs, see below);
+2. every backward: ``weight_orig.grad`` is masked in place as soon as it is accumulated (a
+   post-accumulate-grad hook), so gradient clipping sees the reparametrization's gradients;
+3. after every ``optimizer.step()``: sign-locked weights are reflected again; for optimizers not
+   known to be zero-preserving, weights and state are masked again.
+
+**When it is exact.** For elementwise optimizers and a fixed mask it gives the same effective
+weights as the reparametrization, bitwise: alive entries see the same values and gradients, and
+pruned entries stay exactly 0 because torch's elementwise optimizers (SGD, Adam, AdamW, NAdam,
+RAdam, Adamax, Adagrad, Adadelta, RMSprop, Rprop) leave an entry at 0 when its weight, gradient
+and state are 0. Sign-locked tensors: ``w = s * |o|`` trains like ``o`` up to a reflection; when
+a weight crosses zero it is mirrored back and its first-moment state (``momentum_buffer``,
+``exp_avg``, ``grad_avg``, ``prev``) is negated, which keeps the trajectories equal (the second
+moments are even in the gradient). Refused: ``LBFGS``, ``SparseAdam``, ``Adafactor`` (factored
+second moments) and ``Muon`` (orthogonalized updates), whose updates mix entries. Other optimizer
+classes (subclasses included) get a warning and the full re-projection after each step;
+layer-wise-norm optimizers such as LAMB or LARS are then not exact.
+
+Unlike the reparametrization, the values of pruned entries of ``weight_orig`` are lost (zeroed).
+A mask changed later (``signmask.prune`` again) or weights edited in place are re-projected on
+the next eager forward, detected through the tensors' version counters (``torch.compile``d
+forwards skip that check).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+
+from . import _bits, _reparam
+from ._backends import Backend, Targets, register_backend
+
+# Optimizer class -> state keys that are odd in the gradient (negated under a reflection).
+ZERO_PRESERVING: dict[str, tuple[str, ...]] = {
+    "SGD": ("momentum_buffer",),
+    "Adam": ("exp_avg",),
+    "AdamW": ("exp_avg",),
+    "NAdam": ("exp_avg",),
+    "RAdam": ("exp_avg",),
+    "Adamax": ("exp_avg",),
+    "Adagrad": (),
+    "Adadelta": (),
+    "RMSprop": ("momentum_buffer", "grad_avg"),
+    "Rprop": ("prev",),
+}
+REFUSED: dict[str, str] = {
+    "LBFGS": "its line search and curvature pairs mix all entries",
+    "SparseAdam": "it needs sparse gradients",
+    "Adafactor": "its factored second moments mix the entries of a row and a column",
+    "Muon": "its orthogonalized updates mix all entries of a matrix",
+}
+
+
+def _known(optimizer: torch.optim.Optimizer) -> bool:
+    cls = type(optimizer)
+    return cls.__module__.startswith("torch.optim") and cls.__name__ in ZERO_PRESERVING
+
+
+def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor | None:
+    """Mask ``w`` in place (locked: reflect onto the signs); the int8 factor used, or None.
+
+    Locked: the factor is ``f * mask`` with ``f`` = -1 where ``w``'s sign bit disagrees with the
+    lock, else +1; ``w * f`` has the same values as ``where(neg, -|w|, |w|)`` (a product with -1
+    flips the sign bit like negation), at the cost of byte-wide passes and one float multiply.
+    The same factor reflects (and masks) the state that is odd in the gradient.
+    """
+    keep = mask.view(torch.uint8)  # same 0/1 factors as the bool mask; CPU promotes bool slowly
+    if sign is None:
+        w.mul_(keep)
+        return None
+    negative = _negative_bits(sign, w.shape)
+    factor = (1 - 2 * (torch.signbit(w).view(torch.int8) ^ negative)) * keep.view(torch.int8)
+    w.mul_(factor)
+    return factor
+
+
+def _negative_bits(sign: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Unpacked sign bits as int8 0/1 of ``shape``: the table lookup of ``masked_weight``."""
+    numel = math.prod(shape)
+    if sys.byteorder != "little":
+        return _bits.unpack(sign, numel, 1).view(shape).view(torch.int8)
+    dev = sign.device
+    table = (torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1
+    table = table.to(torch.int8).view(torch.int64).view(-1)
+    bits = torch.take(table, sign.reshape(-1).long()).view(torch.int8)
+    return bits[:numel].view(shape)
+
+
+def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...]) -> None:
+    keep = mask.view(torch.uint8)
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+            continue  # step counters and factored statistics
+        value.mul_(factor if factor is not None and key in odd else keep)
+
+
+def _stamp(orig, mask, sign) -> tuple[int, int, int]:
+    return (orig._version, mask._version, -1 if sign is None else sign._version)
+
+
+def _tensors(module, name):
+    buffers = module._buffers
+    return module._parameters[name + "_orig"], buffers[name + "_mask"], buffers.get(name + "_sign")
+
+
+def project(module, name, optimizer=None, *, state: bool = True) -> None:
+    """Project ``module.<name>_orig`` (and its optimizer state) onto its mask and signs."""
+    hook = _reparam.find_hook(module, name)[1]
+    orig, mask, sign = _tensors(module, name)
+    with torch.no_grad():
+        factor = _project_weight(orig, mask, sign)
+        if optimizer is not None and (state or factor is not None):
+            odd = ZERO_PRESERVING.get(type(optimizer).__name__, ())
+            _project_state(optimizer.state.get(orig, {}), orig, mask, factor, odd)
+    hook._projected = _stamp(orig, mask, sign)
+
+
+class MaskGrad:
+    """Post-accumulate-grad hook: mask ``weight_orig.grad`` in place (before any clipping)."""
+
+    def __init__(self, module, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, param: torch.Tensor) -> None:
+        hook = _reparam.find_hook(self.module, self.name)[1]
+        if getattr(hook, "backend", None) == "projection" and param.grad is not None:
+            param.grad.mul_(self.module._buffers[self.name + "_mask"].view(torch.uint8))
+
+
+class ProjectStep:
+    """Optimizer step post-hook re-establishing the projection of the tensors it serves."""
+
+    def __init__(self, targets: Targets, full: bool) -> None:
+        self.targets = list(targets.values())
+        self.full = full
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        for module, name in self.targets:
+            hook = _reparam.find_hook(module, name)[1]
+            if getattr(hook, "backend", None) != "projection":
+                continue
+            if self.full or _reparam.is_sign_locked(module, name):
+                project(module, name, optimizer, state=self.full)
+            else:  # zero-preserving update: still projected, nothing to do
+                orig, mask, sign = _tensors(module, name)
+                hook._projected = _stamp(orig, mask, sign)
+
+
+def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None:
+    """Remove :class:`ProjectStep` hooks of ``optimizer`` serving any of ``targets``."""
+    ids = {id(m) for m, _ in targets.values()}
+    hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
+    for key, fn in list(hooks.items()):
+        if isinstance(fn, ProjectStep) and any(id(m) in ids for m, _ in fn.targets):
+            del hooks[key]
+
+
+def _hook_grads(targets: Targets) -> None:
+    for module, name in targets.values():
+        orig = module._parameters[name + "_orig"]
+        existing = getattr(orig, "_post_accumulate_grad_hooks", None) or {}
+        if not any(isinstance(fn, MaskGrad) for fn in existing.values()):
+            orig.register_post_accumulate_grad_hook(MaskGrad(module, name))
+
+
+@register_backend("projection")
+class ProjectionBackend(Backend):
+    """Masks applied in place after each step; the forward reuses ``weight_orig`` as is."""
+
+    def check(self, targets, optimizer):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                "backend='projection' needs optimizer=, the torch.optim.Optimizer training the "
+                f"model, got {type(optimizer).__name__}"
+            )
+        why = REFUSED.get(type(optimizer).__name__)
+        if why is not None:
+            raise ValueError(
+                f"backend='projection' is not exact with {type(optimizer).__name__}: {why}; "
+                "use backend='auto', 'torch' or 'triton'"
+            )
+        if not _known(optimizer):
+            warnings.warn(
+                f"backend='projection' with {type(optimizer).__name__}: signmask knows it exact "
+                f"only for elementwise optimizers ({', '.join(ZERO_PRESERVING)}); weights and "
+                "state are re-masked after every step, but layer-wise-norm updates (LAMB, LARS) "
+                "or state odd in the gradient under sign locks will differ",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def attach(self, targets, optimizer):
+        unhook_optimizer(optimizer, targets)
+        for module, name in targets.values():
+            project(module, name, optimizer)
+        _hook_grads(targets)
+        optimizer.register_step_post_hook(ProjectStep(targets, full=not _known(optimizer)))
+
+    def weight(self, hook, module, orig, mask, sign):
+        # Version counters cannot be traced; compiled forwards trust the step hook (and
+        # install(), which runs eagerly) to have projected.
+        compiling = torch.compiler.is_compiling()
+        if not compiling and getattr(hook, "_projected", None) != _stamp(orig, mask, sign):
+            project(module, hook._tensor_name)
+        # A view, not the Parameter itself: setattr of a Parameter would register ``weight``.
+        return orig.view_as(orig)

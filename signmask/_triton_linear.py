@@ -1,0 +1,250 @@
+"""A fused masked Linear in Triton: the mask and locked signs are applied in the matmul's tiles.
+
+``masked_linear(x, orig, mask, sign, bias)`` computes ``F.linear(x, masked_weight(orig, mask,
+sign), bias)`` without ever writing the effective weight:
+
+- forward and grad-input: each weight tile is loaded from ``weight_orig`` with its mask bytes
+  (and sign bits), combined in registers and fed to ``tl.dot``;
+- grad-weight: ``grad_out.T @ x`` with the mask (and ``s * sgn(orig)``) applied in the epilogue,
+  so the gradient of ``weight_orig`` is written once, already masked.
+
+Under autocast the matmuls run in the autocast dtype (inputs cast like ``F.linear``'s), with fp32
+accumulation; fp32 products follow ``torch.get_float32_matmul_precision`` (``"highest"`` =
+IEEE fp32, otherwise tf32). Kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _triton
+from ._triton import _is_negative, _to
+
+_INTERP_CONFIG = [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP": 4})]
+_GPU_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP": 8}, num_stages=s, num_warps=w)
+    for bm, bn, bk, s, w in (
+        (128, 128, 64, 3, 8),
+        (128, 256, 64, 3, 8),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 64, 128, 4, 4),
+        (16, 128, 128, 4, 4),
+    )
+]
+
+
+def _configs():
+    return _INTERP_CONFIG if _triton.INTERPRETED else _GPU_CONFIGS
+
+
+@triton.jit
+def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    # Grouped ordering: neighbouring programs share A rows, for L2 reuse. (No tl.cdiv, tl.zeros:
+    # library @jit functions break the interpreter when triton was imported before
+    # TRITON_INTERPRET was set.)
+    pid = tl.program_id(0)
+    grid_m = (M + BM - 1) // BM
+    grid_n = (N + BN - 1) // BN
+    group = pid // (GROUP * grid_n)
+    first_m = group * GROUP
+    size_m = tl.minimum(grid_m - first_m, GROUP)
+    pid_m = first_m + (pid % (GROUP * grid_n)) % size_m
+    pid_n = (pid % (GROUP * grid_n)) // size_m
+    return pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_SIGN"])
+@triton.jit
+def _masked_mm(
+    A, W, MK, S, BIAS, C, M, N, K,
+    sa_m, sa_k, sw_k, sw_n, sm_k, sm_n, ss_k, ss_n, sc_m, sc_n,
+    HAS_SIGN: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+):
+    """C[M, N] = A[M, K] @ Weff(k, n), Weff read from W / mask MK / sign bits S by strides."""
+    rm, rn = _tile_ids(M, N, BM, BN, GROUP)
+    rm64 = rm.to(tl.int64)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a_ok = (rm[:, None] < M) & (rk[None, :] < K)
+        a = tl.load(A + rm64[:, None] * sa_m + rk[None, :] * sa_k, mask=a_ok, other=0)
+        w_ok = (rk[:, None] < K) & (rn[None, :] < N)
+        w = tl.load(W + rk[:, None] * sw_k + rn[None, :] * sw_n, mask=w_ok, other=0)
+        w = w.to(tl.float32)
+        keep = tl.load(MK + rk[:, None] * sm_k + rn[None, :] * sm_n, mask=w_ok, other=0)
+        if HAS_SIGN:
+            mag = tl.abs(w)
+            w = tl.where(_is_negative(S, rk[:, None] * ss_k + rn[None, :] * ss_n, w_ok), -mag, mag)
+        w = _to(w * keep.to(tl.float32), A.dtype.element_ty, MANUAL_BF16)
+        if UPCAST:  # the interpreter multiplies bf16 bit patterns as integers
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
+    c_ok = (rm[:, None] < M) & (rn[None, :] < N)
+    out = _to(acc, C.dtype.element_ty, MANUAL_BF16)
+    tl.store(C + rm64[:, None] * sc_m + rn[None, :] * sc_n, out, mask=c_ok)
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_SIGN"])
+@triton.jit
+def _masked_grad_mm(
+    A, B, O, MK, S, C, M, N, K,
+    sa_m, sa_k, sb_k, sb_n, so_m, so_n, sm_m, sm_n, ss_m, ss_n, sc_m, sc_n,
+    HAS_SIGN: tl.constexpr, UPCAST: tl.constexpr, MANUAL_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+):
+    """C[M, N] = (A[M, K] @ B[K, N]) * mask (* s * sgn(O)): the gradient of ``weight_orig``."""
+    rm, rn = _tile_ids(M, N, BM, BN, GROUP)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        rk = (k0 + tl.arange(0, BK)).to(tl.int64)
+        a = tl.load(A + rm[:, None] * sa_m + rk[None, :] * sa_k,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
+        b = tl.load(B + rk[:, None] * sb_k + rn[None, :] * sb_n,
+                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
+    keep = tl.load(MK + rm[:, None] * sm_m + rn[None, :] * sm_n, mask=ok, other=0)
+    g = acc * keep.to(tl.float32)
+    if HAS_SIGN:
+        o = tl.load(O + rm[:, None] * so_m + rn[None, :] * so_n, mask=ok, other=0).to(tl.float32)
+        g = tl.where(_is_negative(S, rm[:, None] * ss_m + rn[None, :] * ss_n, ok), -g, g)
+        sgn = (o > 0).to(tl.float32) - (o < 0).to(tl.float32)
+        g = g * sgn
+    tl.store(C + rm[:, None] * sc_m + rn[None, :] * sc_n, _to(g, C.dtype.element_ty, MANUAL_BF16),
+             mask=ok)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # Only fp32 operands have a choice (IEEE or tf32); 16-bit operands always use the MMA units.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _grid(M: int, N: int):
+    return lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return _triton.INTERPRETED and dtype != torch.float32
+
+
+def _mm(a, orig, mask_u8, sign, bias, *, transposed: bool) -> torch.Tensor:
+    """``a @ Weff.T`` (forward, ``transposed``) or ``a @ Weff`` (grad-input)."""
+    n_out, k_in = orig.shape
+    M = a.shape[0]
+    # Weff(k, n) of the GEMM: weight[n, k] in the forward, weight[k, n] for grad-input.
+    if transposed:
+        K, N, wk, wn, mk, mn, sk, sn = k_in, n_out, 1, 0, 1, 0, 1, k_in
+    else:
+        K, N, wk, wn, mk, mn, sk, sn = n_out, k_in, 0, 1, 0, 1, k_in, 1
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    _masked_mm[_grid(M, N)](
+        a, orig, mask_u8, sign if sign is not None else mask_u8, bias if bias is not None else a,
+        c, M, N, K, a.stride(0), a.stride(1), orig.stride(wk), orig.stride(wn),
+        mask_u8.stride(mk), mask_u8.stride(mn), sk, sn, c.stride(0), c.stride(1),
+        HAS_SIGN=sign is not None, HAS_BIAS=bias is not None, UPCAST=_upcast(a.dtype),
+        MANUAL_BF16=_triton.INTERPRETED and a.dtype == torch.bfloat16,
+        PRECISION=_precision(a.dtype),
+    )
+    return c
+
+
+def _grad_weight(gy, x, orig, mask_u8, sign) -> torch.Tensor:
+    n_out, k_in = orig.shape
+    c = torch.empty_like(orig)
+    _masked_grad_mm[_grid(n_out, k_in)](
+        gy.t(), x, orig, mask_u8, sign if sign is not None else mask_u8, c,
+        n_out, k_in, gy.shape[0], gy.stride(1), gy.stride(0), x.stride(0), x.stride(1),
+        orig.stride(0), orig.stride(1), mask_u8.stride(0), mask_u8.stride(1), k_in, 1,
+        c.stride(0), c.stride(1),
+        HAS_SIGN=sign is not None, UPCAST=_upcast(gy.dtype),
+        MANUAL_BF16=_triton.INTERPRETED and c.dtype == torch.bfloat16,
+        PRECISION=_precision(gy.dtype),
+    )
+    return c
+
+
+class MaskedLinear(torch.autograd.Function):
+    """Autograd of the fused masked linear; inputs already in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x, orig, mask, sign, bias):
+        mask_u8 = mask.view(torch.uint8)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _mm(x2, orig, mask_u8, sign, bias, transposed=True)
+        ctx.save_for_backward(x2, orig, mask_u8, sign)
+        ctx.x_shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
+        return y.view(*x.shape[:-1], orig.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, orig, mask_u8, sign = ctx.saved_tensors
+        gy = grad.reshape(-1, orig.shape[0])
+        if gy.dtype != x2.dtype:
+            gy = gy.to(x2.dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm(gy, orig, mask_u8, sign, None, transposed=False).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            gw = _grad_weight(gy, x2, orig, mask_u8, sign)
+        if ctx.needs_input_grad[4]:
+            gb = gy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return gx, gw, None, None, gb
+
+
+def masked_linear(
+    x: torch.Tensor,
+    orig: torch.Tensor,
+    mask: torch.Tensor,
+    sign: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, masked_weight(orig, mask, sign), bias)`` with the mask fused into the matmul.
+
+    Args:
+        x: input ``[..., in_features]``, any strides.
+        orig: ``weight_orig`` ``[out_features, in_features]``.
+        mask: bool keep-mask of ``orig``'s shape.
+        sign: packed sign bits (1 = negative) or None.
+        bias: ``[out_features]`` or None.
+
+    Returns:
+        ``[..., out_features]`` in the autocast dtype when autocast is on, else ``x.dtype``.
+
+    Raises:
+        ValueError: shapes or dtypes do not fit.
+        RuntimeError: CPU tensors while the kernels are not interpreted.
+    """
+    if orig.dim() != 2 or x.shape[-1] != orig.shape[1]:
+        raise ValueError(
+            f"masked_linear expects orig [out, in] with in = x.shape[-1]; got orig "
+            f"{tuple(orig.shape)} and x {tuple(x.shape)}"
+        )
+    _triton._prepare(orig, mask, sign)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"masked_linear computes in fp32, bf16 or fp16; x is {x.dtype}")
+    if torch.compiler.is_compiling():
+        from torch.nn import functional as F
+
+        return F.linear(x, _triton.masked_weight(orig, mask, sign, x.dtype), bias)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x = x.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return MaskedLinear.apply(x, orig, mask, sign, bias)

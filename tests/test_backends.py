@@ -1,0 +1,286 @@
+"""Backend registry, ``set_backend`` and the projection backend, against the torch path.
+
+Oracle: the default ``"torch"`` reparametrization. The projection backend must give bitwise the
+same effective weights during training (free and sign-locked masks, elementwise optimizers,
+gradient clipping), ``"auto"`` on CPU must be the torch path.
+"""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import signmask
+from signmask import _backends, _projection, _reparam
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
+    )
+
+
+def _pruned(signs: str | None = None, seed: int = 0) -> nn.Module:
+    return signmask.prune(_net(seed), 0.7, signs=signs)
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    """The effective weights the next forward will use (via the hooks' current backend)."""
+    out = []
+    for module, name in signmask._targets.pruned(model).values():
+        hook = _reparam.find_hook(module, name)[1]
+        with torch.no_grad():
+            out.append(hook.apply_mask(module).clone())
+    return out
+
+
+def _grads(model):
+    return [_reparam.original(m, n).grad for m, n in signmask._targets.pruned(model).values()]
+
+
+def _batches(n: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(4, 3, 6, 6, generator=gen), torch.randint(0, 10, (4,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def _train(model, optimizer, batches, clip=None):
+    history = []
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        history.append([g.clone() for g in _grads(model)])
+        optimizer.step()
+    return history
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "sgd-plain": lambda p: torch.optim.SGD(p, lr=0.3),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=1e-3),
+    "adamw-amsgrad": lambda p: torch.optim.AdamW(p, lr=0.05, amsgrad=True),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=0.05),
+    "radam": lambda p: torch.optim.RAdam(p, lr=0.05),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=0.05),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=1e-3),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, centered=True),
+    "rprop": lambda p: torch.optim.Rprop(p, lr=0.05),
+}
+
+
+# ------------------------------------------------------------------ registry and set_backend
+
+
+def test_registry_lists_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*'auto'.*'projection'.*'torch'"):
+        _backends.get_backend("cuda")
+    with pytest.raises(ValueError, match="valid backends"):
+        _backends.set_backend(_pruned(), "fast")
+    assert {"auto", "torch", "triton", "projection"} <= set(_backends.BACKENDS)
+
+
+def test_default_backend_is_torch_and_reported():
+    model = _pruned()
+    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert _reparam.SignMaskHook.backend == "torch"
+    _backends.set_backend(model, "auto")
+    assert set(_backends.backends_of(model).values()) == {"auto"}
+
+
+def test_set_backend_refuses_bad_input():
+    with pytest.raises(ValueError, match="nothing in Sequential is pruned"):
+        _backends.set_backend(_net(), "torch")
+    stock = _net()
+    torch.nn.utils.prune.l1_unstructured(stock[0], "weight", 0.5)
+    with pytest.raises(ValueError, match=r"stock torch.nn.utils.prune hook.*signmask.prune"):
+        _backends.set_backend(stock, "torch")
+    with pytest.raises(ValueError, match="needs optimizer="):
+        _backends.set_backend(_pruned(), "projection")
+    model = _pruned()
+    with pytest.raises(ValueError, match="not exact with LBFGS"):
+        _backends.set_backend(model, "projection", optimizer=torch.optim.LBFGS(model.parameters()))
+    # Nothing changed on refusal.
+    assert set(_backends.backends_of(model).values()) == {"torch"}
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_auto_on_cpu_is_the_torch_path(signs):
+    ref, model = _pruned(signs), _pruned(signs)
+    _backends.set_backend(model, "auto")
+    assert _backends.AutoBackend.resolve(torch.zeros(1)) == "torch"
+    (x, y), = _batches(1)
+    for m in (ref, model):
+        nn.functional.cross_entropy(m(x), y).backward()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(ref), _weights(model)))
+    assert all(torch.equal(a, b) for a, b in zip(_grads(ref), _grads(model)))
+
+
+def test_torch_and_auto_backends_compile_fullgraph():
+    model = _pruned("locked")
+    (x, _), = _batches(1)
+    expected = model(x)
+    for backend in ("torch", "auto"):
+        _backends.set_backend(model, backend)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.allclose(compiled(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_projection_compiles_fullgraph():
+    model = _pruned("locked")
+    _backends.set_backend(model, "projection", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    (x, _), = _batches(1)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ projection backend
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_projection_trains_like_the_reparametrization(opt, signs):
+    ref, proj = _pruned(signs), _pruned(signs)
+    ref_opt, proj_opt = OPTIMIZERS[opt](ref.parameters()), OPTIMIZERS[opt](proj.parameters())
+    batches = _batches(6)
+    # A few steps under the torch path first: projection must also take over live state.
+    _train(ref, ref_opt, batches[:2], clip=1.0)
+    _train(proj, proj_opt, batches[:2], clip=1.0)
+    _backends.set_backend(proj, "projection", optimizer=proj_opt)
+    ref_g = _train(ref, ref_opt, batches[2:], clip=1.0)
+    proj_g = _train(proj, proj_opt, batches[2:], clip=1.0)
+    for a, b in zip(_weights(ref), _weights(proj)):
+        assert torch.equal(a, b)
+    for step_a, step_b in zip(ref_g, proj_g):  # clipping saw the same (masked) gradients
+        for a, b in zip(step_a, step_b):
+            assert torch.equal(a.abs(), b.abs())
+
+
+def test_projection_locked_reflects_zero_crossings():
+    # Large steps make many locked weights cross zero; the trajectories must still agree.
+    ref, proj = _pruned("locked"), _pruned("locked")
+    make = lambda p: torch.optim.SGD(p, lr=5.0, momentum=0.9)  # noqa: E731
+    ref_opt, proj_opt = make(ref.parameters()), make(proj.parameters())
+    _backends.set_backend(proj, "projection", optimizer=proj_opt)
+    before = [_reparam.original(m, n).detach().clone() for m, n in signmask._targets.pruned(ref).values()]
+    batches = _batches(4)
+    _train(ref, ref_opt, batches)
+    _train(proj, proj_opt, batches)
+    after = [_reparam.original(m, n) for m, n in signmask._targets.pruned(ref).values()]
+    crossed = sum(int((torch.signbit(a) != torch.signbit(b)).sum()) for a, b in zip(before, after))
+    assert crossed > 0
+    for a, b in zip(_weights(ref), _weights(proj)):
+        assert torch.equal(a, b)
+
+
+def test_projection_forward_aliases_weight_orig():
+    model = _pruned("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    (x, y), = _batches(1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    for module, name in signmask._targets.pruned(model).values():
+        orig, mask = _reparam.original(module, name), getattr(module, name + "_mask")
+        assert getattr(module, name).data_ptr() == orig.data_ptr()
+        assert not orig[~mask].any() and not orig.grad[~mask].any()
+        assert name not in module._parameters  # the layout is unchanged
+    assert set(model.state_dict()) == set(_pruned("locked").state_dict())
+
+
+def test_projection_follows_new_masks_and_edits():
+    model = _pruned()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    signmask.prune(model, 0.5)  # mask shrinks: weight_orig re-projected on install
+    for module, name in signmask._targets.pruned(model).values():
+        assert not _reparam.original(module, name)[~getattr(module, name + "_mask")].any()
+    with torch.no_grad():
+        model[0].weight_orig.fill_(1.0)  # an in-place edit is caught by the version counter
+    (x, _), = _batches(1)
+    model(x)
+    assert torch.equal(model[0].weight_orig, model[0].weight_mask.float())
+
+
+def test_projection_model_pickles_and_switches_back():
+    model = _pruned("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    _backends.set_backend(model, "projection", optimizer=opt)  # idempotent: one step hook
+    hooks = [h for h in opt._optimizer_step_post_hooks.values() if isinstance(h, _projection.ProjectStep)]
+    assert len(hooks) == 1
+    _train(model, opt, _batches(2))
+    twin = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(twin)))
+    _backends.set_backend(model, "torch", optimizer=opt)
+    assert not any(isinstance(h, _projection.ProjectStep) for h in opt._optimizer_step_post_hooks.values())
+    expected = _weights(model)
+    _train(model, opt, _batches(1))  # stale grad hooks are no-ops under "torch"
+    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert all(w.shape == e.shape for w, e in zip(_weights(model), expected))
+
+
+def test_projection_warns_for_unknown_optimizers_and_stays_exact():
+    class MySGD(torch.optim.SGD):
+        pass
+
+    ref, proj = _pruned(), _pruned()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    proj_opt = MySGD(proj.parameters(), lr=0.2, momentum=0.9)
+    with pytest.warns(UserWarning, match="MySGD"):
+        _backends.set_backend(proj, "projection", optimizer=proj_opt)
+    batches = _batches(3)
+    _train(ref, ref_opt, batches)
+    _train(proj, proj_opt, batches)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(ref), _weights(proj)))
+    for module, name in signmask._targets.pruned(proj).values():  # state re-masked each step
+        buf = proj_opt.state[_reparam.original(module, name)]["momentum_buffer"]
+        assert not buf[~getattr(module, name + "_mask")].any()
+
+
+def test_known_optimizers_raise_no_warning():
+    model = _pruned()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _backends.set_backend(model, "projection", optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def test_backends_module_imports_no_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, signmask, signmask._backends, signmask._projection\n"
+        "print(sorted(m for m in ('triton', 'timm', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_autocast_folding_only_for_stock_forwards():
+    class Standardized(nn.Conv2d):  # uses its weight before the conv: must keep fp32
+        def forward(self, x):
+            w = (self.weight - self.weight.mean()) / (self.weight.std() + 1e-5)
+            return nn.functional.conv2d(x, w)
+
+    orig = torch.zeros(2, 2, 1, 1, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _backends.consumer_dtype(nn.Conv2d(2, 2, 1), orig) == torch.bfloat16
+        assert _backends.consumer_dtype(Standardized(2, 2, 1), orig) == torch.float32
+        with torch.no_grad():  # remove() / install() call the hook under no_grad
+            assert _backends.consumer_dtype(nn.Conv2d(2, 2, 1), orig) == torch.float32
+    assert _backends.consumer_dtype(nn.Conv2d(2, 2, 1), orig) == torch.float32

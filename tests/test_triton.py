@@ -1,0 +1,234 @@
+"""The Triton kernels against the torch path (bitwise) and a float64 oracle (fused linear).
+
+Without CUDA the kernels run through Triton's interpreter: ``TRITON_INTERPRET=1`` must be set
+before ``signmask._triton`` is imported (triton reads it when a kernel is decorated); conftest.py
+sets it before any test module loads. Sizes stay small: the interpreter runs numpy per program.
+triton and numpy are part of the ``test`` extra, so these tests never skip.
+"""
+
+import pytest
+import torch
+
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch import nn  # noqa: E402
+
+import signmask  # noqa: E402
+from signmask import _backends, _bits, _reparam, _triton, _triton_linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not _triton.INTERPRETED:
+    raise RuntimeError("signmask._triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and values; NaN where the other has NaN; zeros of either sign equal."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed" and t.dim() >= 2:
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "strided":  # not dense: every other column of a wider tensor
+        wide = torch.cat([t, t], dim=-1)
+        return wide[..., ::2].copy_(t)
+    return t
+
+
+def _case(shape, dtype, layout, locked, mask_layout, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    orig = _layout(torch.randn(shape, generator=gen).to(dtype), layout).to(DEVICE)
+    keep = torch.rand(shape, generator=gen) < 0.6
+    mask = (_layout(keep, layout) if mask_layout else keep).to(DEVICE)
+    sign = _bits.pack_signs(torch.rand(shape, generator=gen) < 0.5).to(DEVICE) if locked else None
+    return orig, mask, sign
+
+
+def _check_against_torch(orig, mask, sign, out_dtype):
+    """Forward and backward of the kernel equal the torch path (then cast), bitwise."""
+    ref_o = orig.detach().clone().requires_grad_()
+    ref = _reparam.masked_weight(ref_o, mask, sign).to(out_dtype)
+    got_o = orig.detach().clone().requires_grad_()
+    got = _triton.masked_weight(got_o, mask, sign, out_dtype)
+    assert _bits_equal(got, ref)
+    assert got.stride() == orig.stride() or _triton._dense_order(orig) is None
+    grad = torch.randn(ref.shape, dtype=torch.float32).to(out_dtype).to(orig.device)
+    ref.backward(grad)
+    got.backward(grad)
+    assert _bits_equal(got_o.grad, ref_o.grad)
+
+
+SHAPES = [(7,), (5, 3), (4, 3, 3, 3), (3, 2, 2, 1, 5), (2, 1, 3, 1, 2, 3), (1030,)]
+
+
+@pytest.mark.parametrize("locked", [False, True])
+@pytest.mark.parametrize("dtype,out_dtype", [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float64, torch.float64),
+])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_masked_weight_matches_torch_path(shape, dtype, out_dtype, locked):
+    _check_against_torch(*_case(shape, dtype, "contiguous", locked, False), out_dtype)
+
+
+@pytest.mark.parametrize("locked", [False, True])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "strided"])
+@pytest.mark.parametrize("mask_layout", [False, True])
+def test_masked_weight_any_strides(layout, mask_layout, locked):
+    for shape in [(6, 4, 3, 2), (5, 7)]:
+        args = _case(shape, torch.float32, layout, locked, mask_layout)
+        _check_against_torch(*args, torch.float32)
+        _check_against_torch(*args, torch.bfloat16)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    locked=st.booleans(),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_masked_weight_random_shapes(shape, locked, bf16, seed):
+    args = _case(tuple(shape), torch.float32, "transposed", locked, seed % 2 == 0, seed)
+    _check_against_torch(*args, torch.bfloat16 if bf16 else torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_masked_weight_special_values():
+    orig = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf"), -2.5, 3.0, -1e-40])
+    mask = torch.tensor([False, True, False, False, True, True, False, True])
+    for negative in (None, torch.tensor([True, False, True, False, False, True, True, False])):
+        sign = None if negative is None else _bits.pack_signs(negative).to(DEVICE)
+        _check_against_torch(orig.to(DEVICE), mask.to(DEVICE), sign, torch.float32)
+
+
+def test_masked_weight_refuses_bad_input():
+    orig, mask = torch.randn(4, 4, device=DEVICE), torch.ones(4, 4, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(4, 4\)"):
+        _triton.masked_weight(orig, mask.float())
+    with pytest.raises(ValueError, match="sign must hold 2 uint8 bytes"):
+        _triton.masked_weight(orig, mask, torch.zeros(3, dtype=torch.uint8, device=DEVICE))
+    with pytest.raises(TypeError, match="orig must be a float tensor"):
+        _triton.masked_weight(orig.long(), mask)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors; orig is on meta"):
+        _triton.masked_weight(orig.to("meta"), mask.to("meta"))
+
+
+def test_masked_weight_compiles_through_the_custom_op():
+    orig, mask, sign = _case((6, 5), torch.float32, "contiguous", True, False)
+
+    def f(o):
+        return (_triton.masked_weight(o, mask, sign, torch.float32) * 2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    a, b = orig.clone().requires_grad_(), orig.clone().requires_grad_()
+    f(a).backward()
+    compiled(b).backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+# ------------------------------------------------------------------ fused masked linear
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
+
+
+def _linear_grads(fn, x, orig, bias, grad, autocast):
+    x, orig = x.clone().requires_grad_(), orig.clone().requires_grad_()
+    bias = None if bias is None else bias.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        y = fn(x, orig, bias)
+    y.backward(grad.to(y.dtype))
+    return [y, x.grad, orig.grad] + ([] if bias is None else [bias.grad])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("locked,bias,shape", [
+    (False, True, (5, 7, 3)),
+    (True, False, (17, 20, 9)),
+    (True, True, (33, 12, 35)),
+])
+def test_masked_linear_matches_float64_oracle(shape, locked, bias, bf16):
+    m, k, n = shape
+    orig, mask, sign = _case((n, k), torch.float32, "contiguous", locked, False, seed=m)
+    x = torch.randn(k, 2, m, device=DEVICE).permute(2, 1, 0)  # [m, 2, k], not contiguous
+    b = torch.randn(n, device=DEVICE) if bias else None
+    grad = torch.randn(m, 2, n, device=DEVICE)
+
+    def torch_path(x, o, b):
+        return F.linear(x, _reparam.masked_weight(o, mask, sign), b)
+
+    def fused(x, o, b):
+        return _triton_linear.masked_linear(x, o, mask, sign, b)
+
+    oracle = _linear_grads(
+        torch_path, x.double(), orig.double(), None if b is None else b.double(), grad.double(), False
+    )
+    ref = _linear_grads(torch_path, x, orig, b, grad, bf16)
+    got = _linear_grads(fused, x, orig, b, grad, bf16)
+    for g, r, o in zip(got, ref, oracle):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        # As close to float64 as the torch path is (bf16: ~3e-3; fp32 under 1e-6).
+        assert _rel(g, o) <= 2 * _rel(r, o) + (1e-6 if not bf16 else 1e-3)
+    masked = ~mask
+    assert not got[2][masked].any()  # the weight gradient is masked in the epilogue
+
+
+def test_masked_linear_refuses_bad_shapes():
+    orig, mask = torch.randn(3, 4, device=DEVICE), torch.ones(3, 4, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match=r"orig \(3, 4\) and x \(2, 5\)"):
+        _triton_linear.masked_linear(torch.randn(2, 5, device=DEVICE), orig, mask)
+
+
+# ------------------------------------------------------------------ the hooks on the Triton backend
+
+
+def _model(signs):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 6)
+    ).to(DEVICE)
+    return signmask.prune(net, 0.6, signs=signs)
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_triton_backend_trains_like_torch_backend(signs, autocast):
+    ref, model = (_model(signs).to(memory_format=torch.channels_last) for _ in range(2))
+    _backends.set_backend(model, "triton")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = torch.randn(2, 3, 5, 5, generator=gen).to(DEVICE)
+        outs = []
+        for net, opt in zip((ref, model), opts):
+            opt.zero_grad()
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                out = net(x)
+                if autocast and net is model:  # weight written in bf16: autocast's cast folded in
+                    assert net[0].weight.dtype == torch.bfloat16
+            out.float().square().mean().backward()
+            outs.append(out)
+            opt.step()
+        # Same effective weights in the same dtype reach the same ops: bitwise equal.
+        assert torch.equal(outs[0], outs[1])
+        for a, b in zip(ref.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_triton_backend_remove_keeps_dtype_under_autocast():
+    model = _model("locked")
+    _backends.set_backend(model, "triton")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        signmask.remove(model)
+    assert model[0].weight.dtype == torch.float32
