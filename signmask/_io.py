@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import _bits
-from ._ticket import Ticket
+from ._ticket import RESERVED_KEYS, Ticket
 
 FORMAT = "signmask.ticket"
 FORMAT_VERSION = "1"
@@ -170,5 +170,5 @@ def load(path: str | os.PathLike) -> Ticket:
         if role not in groups:
             raise ValueError(f"{path}: manifest entry of {name!r} has unknown role {role!r}")
         groups[role][name] = _decode(path, name, raw[name], info)
-    user_meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "sparsity", "manifest")}
+    user_meta = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
     return Ticket(groups["mask"], groups["sign"], user_meta)

@@ -30,8 +30,6 @@ forwards skip that check).
 
 from __future__ import annotations
 
-import math
-import sys
 import warnings
 
 import torch
@@ -77,22 +75,10 @@ def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor |
     if sign is None:
         w.mul_(keep)
         return None
-    negative = _negative_bits(sign, w.shape)
+    negative = _bits.sign_bits(sign, w.shape)
     factor = (1 - 2 * (torch.signbit(w).view(torch.int8) ^ negative)) * keep.view(torch.int8)
     w.mul_(factor)
     return factor
-
-
-def _negative_bits(sign: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Unpacked sign bits as int8 0/1 of ``shape``: the table lookup of ``masked_weight``."""
-    numel = math.prod(shape)
-    if sys.byteorder != "little":
-        return _bits.unpack(sign, numel, 1).view(shape).view(torch.int8)
-    dev = sign.device
-    table = (torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1
-    table = table.to(torch.int8).view(torch.int64).view(-1)
-    bits = torch.take(table, sign.reshape(-1).long()).view(torch.int8)
-    return bits[:numel].view(shape)
 
 
 def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Mapping
 
 import torch
@@ -85,8 +86,8 @@ def prune(
         ``model``, pruned in prune's layout (``weight_orig``, bool ``weight_mask``).
 
     Raises:
-        ValueError: ``amount`` outside [0, 1], unknown method/scope/signs, nothing to prune,
-            tied weights, or a conflicting earlier pruning. The model is then left untouched.
+        ValueError: ``amount`` outside [0, 1], unknown method/scope/signs, ``seed`` for a
+            method without one, nothing to prune, tied weights, or a conflicting earlier pruning. The model is then left untouched.
 
     Example:
         >>> import torch, signmask
@@ -100,6 +101,8 @@ def prune(
     _check_choice(scope, _SCOPES, "scope")
     if signs is not None:
         _check_choice(signs, _SIGN_MODES, "signs")
+    if seed is not None and "seed" not in inspect.signature(method_cls).parameters:
+        raise ValueError(f"seed= applies to method='random' only; method={method!r} is deterministic")
     ranker = method_cls(amount) if seed is None else method_cls(amount, seed=seed)
     targets = _targets.select(
         model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn

@@ -16,7 +16,6 @@ forward, so ``copy.deepcopy`` and pickling work after training steps (pytorch#37
 
 from __future__ import annotations
 
-import sys
 
 import torch
 from torch import nn
@@ -34,18 +33,10 @@ def masked_weight(
     keep = mask.view(torch.int8) if mask.dtype == torch.bool else mask
     if sign is None:
         return orig * keep
-    # Sign bits unpacked through a 256-entry table whose int64 entries hold a byte's 8 bits as 8
-    # bytes (little-endian): 3x faster than shifts on CPU.
-    if sys.byteorder == "little":
-        dev = sign.device
-        table = (torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1
-        table = table.to(torch.int8).view(torch.int64).view(-1)
-        bits = torch.take(table, sign.reshape(-1).long()).view(torch.int8)[: orig.numel()]
-    else:
-        bits = _bits.unpack(sign, orig.numel(), 1).view(torch.int8)
+    bits = _bits.sign_bits(sign, orig.shape)
     # One int8 factor s * mask in {-1, 0, +1}: |o| * -1 is exactly -|o|, so the values are those
     # of where(neg, -|o|, |o|) * mask (pruned zeros may differ in sign), for one float multiply.
-    factor = 1 - 2 * bits.view(orig.shape)
+    factor = 1 - 2 * bits
     if keep.dtype == torch.int8:
         return orig.abs() * (factor * keep)
     return orig.abs() * factor * keep

@@ -1,0 +1,41 @@
+"""Bit packing: round trips and the sign-bit table against a plain per-element loop."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from signmask import _bits
+
+
+def _loop_pack(codes, width):
+    """The documented layout, element by element: code i at bit (i % per_byte) * width of byte i // per_byte."""
+    per_byte = 8 // width
+    out = [0] * ((len(codes) + per_byte - 1) // per_byte)
+    for i, c in enumerate(codes):
+        out[i // per_byte] |= c << ((i % per_byte) * width)
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(width=st.sampled_from([1, 2]), data=st.data())
+def test_pack_matches_the_documented_layout_and_round_trips(width, data):
+    codes = data.draw(st.lists(st.integers(0, (1 << width) - 1), min_size=1, max_size=70))
+    packed = _bits.pack(torch.tensor(codes), width)
+    assert packed.dtype == torch.uint8 and packed.tolist() == _loop_pack(codes, width)
+    assert _bits.unpack(packed, len(codes), width).tolist() == codes
+
+
+@settings(max_examples=100, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), data=st.data())
+def test_sign_bits_equal_the_packed_negatives(shape, data):
+    numel = int(torch.tensor(shape).prod())
+    negative = torch.tensor(data.draw(st.lists(st.booleans(), min_size=numel, max_size=numel))).view(shape)
+    bits = _bits.sign_bits(_bits.pack_signs(negative), torch.Size(shape))
+    assert bits.dtype == torch.int8 and bits.shape == negative.shape
+    assert torch.equal(bits, negative.to(torch.int8))
+
+
+def test_signed_codes_round_trip():
+    signed = torch.tensor([-1, 0, 1, 1, -1], dtype=torch.int8)
+    codes = _bits.signed_to_codes(signed)
+    assert codes.tolist() == [_bits.CODE_NEG, _bits.CODE_PRUNED, _bits.CODE_POS, _bits.CODE_POS, _bits.CODE_NEG]
+    assert torch.equal(_bits.codes_to_signed(codes), signed)
