@@ -10,19 +10,29 @@ as ``.safetensors`` and transfer it to a new random initialization::
     signmask.transfer("ticket.safetensors", new_model)
     signmask.set_backend(model, "auto")        # fused Triton path on CUDA, torch on CPU
 
+or let :func:`apply` run IMP, LRR, AWS or OMP around an existing training loop::
+
+    search = signmask.apply(model, "aws", 0.8, optimizer=opt, scheduler=sched)
+    for round in search:                       # round 0 dense, then prune + restart each round
+        train(model, opt, sched)               # the user's own loop, unchanged
+    search.save("ticket.safetensors")          # sign(theta_T * M_T), with the search's metadata
+
 ``import signmask`` imports neither timm nor torchvision and does not touch CUDA.
 """
 
 from ._backends import set_backend
 from ._io import load, save
 from ._prune import load_state_dict, prune, remove
+from ._search import Search, apply
 from ._ticket import Ticket, extract
 from ._transfer import transfer
 from ._version import __version__
 
 __all__ = [
+    "Search",
     "Ticket",
     "__version__",
+    "apply",
     "extract",
     "load",
     "load_state_dict",

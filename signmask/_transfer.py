@@ -10,7 +10,7 @@ from torch import nn
 from . import _io, _methods, _prune, _reparam, _targets
 from ._ticket import Ticket, architecture
 
-_MODES = ("init", "locked")
+_MODES = ("init", "locked", "keep")
 
 
 def _resolve(ticket: Ticket | str | os.PathLike) -> Ticket:
@@ -72,7 +72,9 @@ def transfer(
         ticket: a :class:`Ticket` or the path of a saved one.
         model: an unpruned model (ticket names are matched ignoring ``module.``/``_orig_mod.``).
         signs: ``"init"`` writes the signs once (training may flip them, as in AWS);
-            ``"locked"`` also keeps them through training (``w = s * |w_orig| * mask``).
+            ``"locked"`` also keeps them through training (``w = s * |w_orig| * mask``);
+            ``"keep"`` installs only the binary mask and keeps the new init's own values and
+            signs (the "random reinit" baseline of the sanity checks).
         biases: apply the ticket's dense bias signs, if it has any.
         dense: apply the ticket's dense weight signs (an unpruned classifier), if any.
         check_architecture: refuse a ticket whose recorded architecture differs from the model's.
@@ -107,8 +109,8 @@ def transfer(
     plan = _plan(ticket, model, groups)
     with torch.no_grad():
         for role, key, module, name, target, signed in plan:
-            s = signed.to(device=target.device, dtype=target.dtype)
-            target.copy_(target.abs() * s)
+            if signs != "keep":
+                target.copy_(target.abs() * signed.to(device=target.device, dtype=target.dtype))
             if role == "mask":
                 keep = signed.to(target.device) != 0
                 negative = (signed < 0).to(target.device) if signs == "locked" else None

@@ -1,0 +1,88 @@
+"""When a lottery search prunes and where it rewinds: density schedules and rewind points."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+
+_REWIND = re.compile(r"^(?:(\d+)ep)?(?:(\d+)it)?$")
+
+
+def check_fraction(value: float, what: str) -> float:
+    """Validate a fraction strictly between 0 and 1 (a sparsity, a pruning rate)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a float in (0, 1), got {type(value).__name__} {value!r}")
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{what} must be in (0, 1), got {value!r}")
+    return float(value)
+
+
+def parse_rewind(spec: str | int | None, steps_per_epoch: int | None) -> int | None:
+    """The optimizer step a rewind point names: ``"init"`` is 0, ``"500it"`` 500, ``"2ep"`` two
+    epochs, ``"1ep50it"`` one epoch and 50 steps; an int is a step. ``None`` means no rewind.
+
+    Raises:
+        ValueError: an unreadable spec, or ``"ep"`` without ``steps_per_epoch``.
+
+    Example:
+        >>> parse_rewind("1ep50it", steps_per_epoch=100)
+        150
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+        if spec < 0:
+            raise ValueError(f"rewind must be a step >= 0, got {spec}")
+        return int(spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"rewind must be a str or an int step, got {type(spec).__name__} {spec!r}")
+    if spec == "init":
+        return 0
+    match = _REWIND.match(spec)
+    if not spec or match is None:
+        raise ValueError(
+            f"cannot read rewind point {spec!r}; expected 'init', '<N>it', '<N>ep' or '<N>ep<M>it' "
+            "(e.g. '500it', '2ep', '1ep50it') or an int step"
+        )
+    epochs, iters = (int(g) if g else 0 for g in match.groups())
+    if match.group(1):
+        if steps_per_epoch is None:
+            raise ValueError(f"rewind={spec!r} counts epochs; pass steps_per_epoch= (e.g. len(loader))")
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, numbers.Integral) or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+    return epochs * (steps_per_epoch or 0) + iters
+
+
+def prune_count(sparsity: float, rate: float | None, rounds: int | None) -> int:
+    """How many pruning steps reach ``sparsity`` when each prunes ``rate`` of the remaining weights
+    (the last one prunes less, to land on the target exactly), or ``rounds`` if given.
+
+    Example:
+        >>> prune_count(0.8, 0.2, None)   # 0.8 ** 7 = 0.21 > 0.2, so 8 steps
+        8
+    """
+    if rounds is not None:
+        if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
+            raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+        return int(rounds)
+    # The tolerance keeps an exact power (0.36 = 0.6 ** 2) from asking for one more step.
+    return max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-rate) - 1e-9))
+
+
+def kept_schedule(total: int, sparsity: float, rate: float | None, rounds: int) -> list[int]:
+    """Weights kept after each pruning step: ``round(total * (1 - rate) ** i)``, the last exactly
+    ``round(total * (1 - sparsity))``. With ``rate=None`` the steps share the pruning evenly.
+
+    Example:
+        >>> kept_schedule(1000, 0.5, 0.2, 4)
+        [800, 640, 512, 500]
+    """
+    if rate is None:
+        rate = 1.0 - (1.0 - sparsity) ** (1.0 / rounds)
+    kept = [round(total * (1.0 - rate) ** i) for i in range(1, rounds)]
+    final = round(total * (1.0 - sparsity))
+    kept = [max(k, final) for k in kept] + [final]
+    if final < 1:
+        raise ValueError(f"sparsity={sparsity} keeps no weight of {total}")
+    return kept

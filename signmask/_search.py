@@ -1,0 +1,424 @@
+"""``signmask.apply``: IMP, LRR, AWS and OMP around the user's own training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import _interpolate, _io, _prune, _recipes, _reparam, _schedule, _snapshot, _targets
+from ._ticket import Ticket, extract
+
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Everything that defines a search; a resumed search must match it field by field."""
+
+    method: str
+    sparsity: float
+    rate: float | None
+    prune_steps: int
+    rewind: str | int | None
+    rewind_step: int | None
+    classifier: bool
+    seed: int
+
+    def check_same(self, other: dict) -> None:
+        for field, mine in dataclasses.asdict(self).items():
+            if other.get(field) != mine:
+                raise ValueError(
+                    f"cannot resume: the saved search has {field}={other.get(field)!r}, "
+                    f"this one {field}={mine!r}"
+                )
+
+
+def _rank0() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _broadcast_masks(targets: dict[str, tuple[nn.Module, str]]) -> None:
+    """Make every rank hold rank 0's masks (ranks computing different masks is a known DDP bug)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for module, name in targets.values():
+        mask = module._buffers[name + "_mask"]
+        as_bytes = mask.to(torch.uint8)
+        dist.broadcast(as_bytes, src=0)
+        mask.copy_(as_bytes.bool())
+
+
+class Search:
+    """A lottery search driving the user's training loop; made by :func:`signmask.apply`.
+
+    Iterate it: each iteration is one training round, run by the user's own code. When the body
+    of a round ends the search prunes, rewinds the weights (IMP, OMP) and restarts the optimizer
+    and LR schedule. Round 0 trains the dense network; the last round trains at the target
+    sparsity, after which :attr:`ticket` holds the signed mask ``sign(theta_T * M_T)``.
+
+    The explicit steps :meth:`start_round` / :meth:`finish_round` do the same for loops that cannot
+    be wrapped in a ``for``. :meth:`state_dict` / :meth:`load_state_dict` make it resumable.
+    """
+
+    def __init__(self, model, optimizer, scheduler, config, *, targets, kept, selection, progress, steps_per_round):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config, self.kept_schedule = config, kept
+        recipe = _recipes.get_recipe(config.method)
+        self._targets, self._selection = targets, selection
+        self.progress, self.steps_per_round = progress, steps_per_round
+        self.round, self.step, self.round_start_step = 0, 0, 0
+        self.in_round, self.done = False, False
+        self.history: list[dict[str, Any]] = []
+        self._ticket: Ticket | None = None
+        self._bar = None
+        self._rewind_weights = _snapshot.take_weights(model) if config.rewind_step == 0 else None
+        self._restart = _snapshot.take_schedule(optimizer, scheduler)
+        self._restart_pending = config.rewind_step not in (None, 0)
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._alpha = None
+        if recipe.interpolate_norms:
+            device = next(iter(targets.values()))[0].weight_orig.device
+            self._alpha = torch.zeros((), device=device)
+            _interpolate.attach(model, self._alpha)
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+
+    # ----------------------------------------------------------------------------- rounds
+    def __len__(self) -> int:
+        """Number of training rounds: the dense one plus one per pruning step."""
+        return self.config.prune_steps + 1
+
+    def __iter__(self) -> Iterator[int]:
+        while not self.done:
+            if not self.in_round:
+                self.start_round()
+            yield self.round
+            self.finish_round()
+
+    @property
+    def sparsity(self) -> float:
+        """Current fraction of pruned weights among the searched tensors."""
+        total = sum(m._buffers[n + "_mask"].numel() for m, n in self._targets.values())
+        return 1.0 - self._kept() / total
+
+    @property
+    def round_step(self) -> int:
+        """Optimizer steps taken in the current round (where a resumed loop picks up)."""
+        return self.step - self.round_start_step
+
+    def start_round(self) -> int:
+        """Begin the next training round; returns its index.
+
+        Raises:
+            RuntimeError: a round is already running, or the search is done.
+        """
+        self._check_open("start_round")
+        if self.in_round:
+            raise RuntimeError(f"round {self.round} is already running; call finish_round() first")
+        self.in_round, self.round_start_step = True, self.step
+        self.history.append({"round": self.round, "sparsity": self.sparsity})
+        self._draw_alpha()
+        self._open_bar()
+        return self.round
+
+    def report(self, **metrics: float) -> None:
+        """Record the user's metrics (``accuracy=0.93``) for the current round's log line."""
+        if not self.history:
+            raise RuntimeError("report() needs a started round")
+        self.history[-1].update({k: float(v) for k, v in metrics.items()})
+
+    def finish_round(self) -> None:
+        """End the current round: prune, rewind and restart, or after the last round, make the ticket.
+
+        Raises:
+            RuntimeError: no round is running.
+            ValueError: the rewind point lies beyond the training done in round 0 (nothing changes;
+                train on and call again).
+        """
+        self._check_open("finish_round")
+        if not self.in_round:
+            raise RuntimeError(f"round {self.round} has not started; call start_round() first")
+        if self.config.rewind_step and self._rewind_weights is None:
+            raise ValueError(
+                f"rewind point {self.config.rewind!r} is step {self.config.rewind_step}, but round 0 "
+                f"trained only {self.step} optimizer steps; train longer or rewind earlier"
+            )
+        self._capture_schedule()
+        self.history[-1]["steps"] = self.round_step
+        self._close_bar()
+        if self.round == self.config.prune_steps:
+            self._finish_search()
+            return
+        self._prune_to(self.kept_schedule[self.round])
+        if self._rewind_weights is not None:
+            _snapshot.put_weights(self.model, self._rewind_weights)
+        _snapshot.put_schedule(self.optimizer, self.scheduler, self._restart)
+        self.round, self.in_round = self.round + 1, False
+
+    @property
+    def ticket(self) -> Ticket:
+        """The signed mask found by the search, with method, rounds, rate and rewind in its metadata."""
+        if self._ticket is None:
+            raise RuntimeError(
+                f"the search is in round {self.round} of {len(self)}; the ticket exists after the last round"
+            )
+        return self._ticket
+
+    def save(self, path: str | os.PathLike) -> os.PathLike:
+        """Save :attr:`ticket` atomically as ``.safetensors`` (see :func:`signmask.save`)."""
+        return _io.save(self.ticket, path)
+
+    # ------------------------------------------------------------------------ internals
+    def _check_open(self, what: str) -> None:
+        if self.done:
+            raise RuntimeError(f"{what}(): the search is done; its ticket is in .ticket")
+
+    def _kept(self) -> int:
+        return sum(int(m._buffers[n + "_mask"].sum()) for m, n in self._targets.values())
+
+    def _prune_to(self, kept: int) -> None:
+        alive = self._kept()
+        amount = (alive - kept) / alive
+        _prune.prune(self.model, amount, classifier=self.config.classifier, **self._selection)
+        _broadcast_masks(self._targets)
+
+    def _finish_search(self) -> None:
+        c = self.config
+        meta = {
+            "method": c.method,
+            "rounds": str(c.prune_steps),
+            "rate": "" if c.rate is None else repr(c.rate),
+            "rewind": "" if c.rewind is None else str(c.rewind),
+            "target_sparsity": repr(c.sparsity),
+            "seed": str(c.seed),
+        }
+        self._ticket = extract(self.model, biases=True, dense=True, metadata=meta)
+        self.close()
+        self.in_round, self.done = False, True
+
+    def close(self) -> None:
+        """Remove the search's hooks (optimizer hooks, norm interpolation); the masks stay."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self._alpha is not None and _interpolate.interpolated(self.model):
+            _interpolate.detach(self.model)
+        self._close_bar()
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if not self.in_round:
+            state = "done" if self.done else f"between rounds (round {self.round} not started)"
+            raise RuntimeError(f"optimizer.step() called while the search is {state}; train inside its rounds")
+        self._capture_schedule()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        if self.step == self.config.rewind_step and self._rewind_weights is None:
+            self._rewind_weights = _snapshot.take_weights(self.model)
+        self._draw_alpha()
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _capture_schedule(self) -> None:
+        # The schedule a rewind to step k restarts from is the one the user's loop set after
+        # step k (a per-epoch scheduler steps after the epoch's last optimizer step).
+        if self._restart_pending and self._rewind_weights is not None:
+            self._restart = _snapshot.take_schedule(self.optimizer, self.scheduler)
+            self._restart_pending = False
+
+    def _draw_alpha(self) -> None:
+        if self._alpha is not None:
+            self._alpha.copy_(torch.rand((), generator=self._generator))
+
+    def _open_bar(self) -> None:
+        if not (self.progress and _rank0()):
+            return
+        from tqdm.auto import tqdm
+
+        desc = f"{self.config.method} round {self.round}/{self.config.prune_steps} ({self.sparsity:.1%} sparse)"
+        self._bar = tqdm(total=self.steps_per_round, initial=self.round_step, desc=desc, unit="step", leave=False)
+
+    def _close_bar(self) -> None:
+        if self._bar is None:
+            return
+        from tqdm.auto import tqdm
+
+        self._bar.close()
+        self._bar = None
+        tqdm.write(_log_line(self.config.method, self.history[-1]))
+
+    # --------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: round, step counters, rewind snapshot, restart point,
+        masks, the interpolation RNG and the current ``a``, the history (and the ticket when done).
+
+        Save it beside the model's, optimizer's and scheduler's own state_dicts.
+        """
+        return {
+            "version": STATE_VERSION,
+            "config": dataclasses.asdict(self.config),
+            "round": self.round,
+            "in_round": self.in_round,
+            "done": self.done,
+            "step": self.step,
+            "round_start_step": self.round_start_step,
+            "masks": {k: m._buffers[n + "_mask"].detach().cpu().clone() for k, (m, n) in self._targets.items()},
+            "rewind_weights": self._rewind_weights,
+            "restart": self._restart,
+            "restart_pending": self._restart_pending,
+            "generator": self._generator.get_state(),
+            "alpha": None if self._alpha is None else float(self._alpha),
+            "history": [dict(h) for h in self.history],
+            "ticket": None if self._ticket is None else dataclasses.asdict(self._ticket),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. Call it right after :func:`signmask.apply` on the fresh
+        model and optimizer, then load the model's, optimizer's and scheduler's own state_dicts.
+
+        Raises:
+            ValueError: another version, another search configuration, or a model whose masked
+                tensors differ (names or shapes). Nothing is changed then.
+        """
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a signmask search state (version {STATE_VERSION} expected, found {found!r})")
+        self._check_open("load_state_dict")
+        self.config.check_same(state["config"])
+        mine = {k: tuple(m._buffers[n + "_mask"].shape) for k, (m, n) in self._targets.items()}
+        theirs = {k: tuple(v.shape) for k, v in state["masks"].items()}
+        if mine != theirs:
+            diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
+            raise ValueError(f"cannot resume: the saved search masked other tensors than this model has: {diff}")
+        if state["rewind_weights"] is not None:
+            _snapshot.check_same_keys(_snapshot.weight_keys(self.model), state["rewind_weights"], "the saved rewind snapshot")
+        with torch.no_grad():
+            for k, (m, n) in self._targets.items():
+                m._buffers[n + "_mask"].copy_(state["masks"][k])
+        for key in ("round", "in_round", "step", "round_start_step"):
+            setattr(self, key, state[key])
+        self._rewind_weights, self._restart = state["rewind_weights"], state["restart"]
+        self._restart_pending = state["restart_pending"]
+        self._generator.set_state(state["generator"])
+        if self._alpha is not None:
+            self._alpha.fill_(state["alpha"])
+        self.history = [dict(h) for h in state["history"]]
+        if state["done"]:
+            self._ticket = Ticket(**state["ticket"])
+            self.close()
+            self.in_round, self.done = False, True
+        elif self.in_round:
+            self._open_bar()
+
+
+def _log_line(method: str, record: dict[str, Any]) -> str:
+    extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("round", "sparsity", "steps"))
+    return f"{method} round {record['round']}: sparsity {record['sparsity']:.2%}, {record.get('steps', 0)} steps {extras}".rstrip()
+
+
+def apply(
+    model: nn.Module,
+    method: str = "aws",
+    sparsity: float = 0.8,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+    rate: float | None = None,
+    rounds: int | None = None,
+    rewind: str | int | None = "default",
+    steps_per_epoch: int | None = None,
+    classifier: bool | None = None,
+    include=None,
+    exclude=None,
+    filter_fn=None,
+    seed: int = 0,
+    progress: bool = True,
+    steps_per_round: int | None = None,
+) -> Search:
+    """Turn the user's training loop into a lottery search (IMP, LRR, AWS or OMP).
+
+    Installs an all-ones mask on every selected conv/linear weight (so the model's layout stays
+    fixed for optimizers, EMA copies, DDP and ``torch.compile``), and for AWS the normalization
+    interpolation, then returns a :class:`Search` to iterate: one iteration per training round.
+
+    Args:
+        model: the network at its initialization (a timm model, DDP- or compile-wrapped).
+        method: ``"imp"``, ``"lrr"``, ``"aws"`` or ``"omp"``.
+        sparsity: target fraction of pruned weights, in (0, 1), reached exactly after the last pruning.
+        optimizer: the user's optimizer; its steps are counted, its state reset each round.
+        scheduler: the user's LR scheduler (torch or timm), restarted each round.
+        rate: fraction of the remaining weights pruned per round (default 0.2; OMP: one step).
+        rounds: number of pruning steps instead of ``rate`` (the rate then follows).
+        rewind: IMP/OMP rewind point: ``"init"`` (default), ``"500it"``, ``"2ep"``, ``"1ep50it"``
+            or a step. LRR and AWS do not rewind weights.
+        steps_per_epoch: optimizer steps per epoch, needed for ``"ep"`` rewind points.
+        classifier: prune the classifier head (default: IMP/OMP yes, LRR/AWS no).
+        include, exclude, filter_fn: which conv/linear modules to prune, as in :func:`signmask.prune`.
+        seed: seed of AWS's interpolation coefficients (identical on every DDP rank).
+        progress: a tqdm bar per round and a log line per round, on rank 0 only.
+        steps_per_round: total of the progress bar (optional).
+
+    Returns:
+        A :class:`Search`.
+
+    Raises:
+        ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds; a rewind
+            point for LRR/AWS or an unreadable one; nothing to prune. The model is left untouched.
+
+    Example:
+        >>> import torch, signmask
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> search = signmask.apply(net, "imp", 0.5, optimizer=opt, rate=0.3, progress=False)
+        >>> for r in search:
+        ...     for _ in range(3):
+        ...         opt.zero_grad(); net(torch.randn(5, 4)).sum().backward(); opt.step()
+        >>> len(search), search.ticket.sparsity
+        (3, 0.5)
+    """
+    recipe = _recipes.get_recipe(method)
+    sparsity = _schedule.check_fraction(sparsity, "sparsity")
+    if rate is not None and rounds is not None:
+        raise ValueError(f"pass rate= or rounds=, not both (got rate={rate!r}, rounds={rounds!r})")
+    if recipe.one_shot:
+        if rate is not None or rounds not in (None, 1):
+            raise ValueError(f"method='{method}' prunes once; rate=/rounds= do not apply")
+        rounds = 1
+    elif rate is None and rounds is None:
+        rate = 0.2
+    if rate is not None:
+        rate = _schedule.check_fraction(rate, "rate")
+    steps = _schedule.prune_count(sparsity, rate, rounds)
+    if rewind == "default":
+        rewind = recipe.rewind
+    elif rewind is not None and recipe.rewind is None:
+        raise ValueError(f"method='{method}' does not rewind weights; rewind={rewind!r} applies to imp/omp")
+    rewind_step = _schedule.parse_rewind(rewind, steps_per_epoch)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    classifier = recipe.classifier if classifier is None else bool(classifier)
+    selection = {"include": include, "exclude": exclude, "filter_fn": filter_fn}
+    targets = _targets.select(model, classifier=classifier, **selection)
+    already = sorted(k for k, (m, n) in targets.items() if _reparam.find_hook(m, n)[1] is not None)
+    if already:
+        raise ValueError(f"{already[:3]} are already pruned; apply() starts from an unpruned model")
+    if recipe.interpolate_norms and _interpolate.interpolated(model):
+        raise ValueError("the model's norm layers are already interpolated (another search is attached)")
+    total = sum(_reparam.original(m, n).numel() for m, n in targets.values())
+    kept = _schedule.kept_schedule(total, sparsity, rate, steps)
+    config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
+    _prune.prune(model, 0.0, classifier=classifier, **selection)
+    return Search(
+        model, optimizer, scheduler, config, targets=targets, kept=kept, selection=selection,
+        progress=progress, steps_per_round=steps_per_round,
+    )

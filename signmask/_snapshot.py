@@ -1,0 +1,67 @@
+"""Snapshots a lottery search rewinds to: model weights, optimizer hyperparameters, LR schedule."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _targets
+
+# Reparametrization buffers are not weights: masks move on, norm inits and signs never change.
+_NOT_WEIGHTS = ("_mask", "_sign", "_init")
+
+
+def weight_keys(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical state_dict key -> live tensor for every parameter and persistent buffer that
+    training changes (masks, sign locks and norm-init buffers left out)."""
+    out = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if not key.endswith(_NOT_WEIGHTS):
+            out[_targets.canonical(key)] = tensor
+    return out
+
+
+def take_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's weights and running statistics."""
+    with torch.no_grad():
+        return {k: t.detach().clone() for k, t in weight_keys(model).items()}
+
+
+def put_weights(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Copy ``snapshot`` into the model in place (Parameter objects stay; optimizers keep them)."""
+    live = weight_keys(model)
+    check_same_keys(live, snapshot, "the rewind snapshot")
+    with torch.no_grad():
+        for k, t in live.items():
+            t.copy_(snapshot[k])
+
+
+def check_same_keys(live: dict[str, torch.Tensor], snapshot: dict[str, torch.Tensor], what: str) -> None:
+    missing, extra = sorted(live.keys() - snapshot.keys()), sorted(snapshot.keys() - live.keys())
+    if missing or extra:
+        raise ValueError(f"{what} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, t in live.items():
+        if tuple(t.shape) != tuple(snapshot[k].shape):
+            raise ValueError(
+                f"{what} does not match the model: {k} has shape {tuple(snapshot[k].shape)} there, "
+                f"{tuple(t.shape)} in the model"
+            )
+
+
+def take_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> dict:
+    """The optimizer's hyperparameters (learning rates...) without its state, and the scheduler's
+    state: what restarting the optimizer and the LR schedule returns to."""
+    groups = copy.deepcopy(optimizer.state_dict()["param_groups"])
+    sched = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
+    return {"param_groups": groups, "scheduler": sched}
+
+
+def put_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None, snapshot: dict) -> None:
+    """Restart: clear the optimizer's state (momentum, Adam moments) and restore hyperparameters
+    and the LR schedule from ``snapshot``."""
+    optimizer.load_state_dict({"state": {}, "param_groups": copy.deepcopy(snapshot["param_groups"])})
+    if scheduler is not None and snapshot["scheduler"] is not None:
+        scheduler.load_state_dict(copy.deepcopy(snapshot["scheduler"]))

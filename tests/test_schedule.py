@@ -1,0 +1,82 @@
+"""Density schedules and rewind points: counts against direct arithmetic, errors for bad input."""
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from signmask import _schedule
+
+
+@given(
+    total=st.integers(1000, 10**7),
+    sparsity=st.floats(0.01, 0.99),
+    rate=st.floats(0.05, 0.95),
+)
+def test_kept_schedule_lands_on_target(total, sparsity, rate):
+    steps = _schedule.prune_count(sparsity, rate, None)
+    kept = _schedule.kept_schedule(total, sparsity, rate, steps)
+    assert len(kept) == steps
+    assert kept[-1] == round(total * (1 - sparsity))
+    assert all(a >= b for a, b in zip([total] + kept, kept))
+    # Every step but the last prunes the rate of the initial count compounded, no further.
+    for i, k in enumerate(kept[:-1], start=1):
+        assert k == max(round(total * (1 - rate) ** i), kept[-1])
+    # One step fewer would not reach the target.
+    assert steps == 1 or (1 - rate) ** (steps - 1) > 1 - sparsity - 1e-9
+
+
+def test_prune_count_examples():
+    assert _schedule.prune_count(0.8, 0.2, None) == 8  # 0.8**7 = 0.2097
+    assert _schedule.prune_count(0.36, 0.2, None) == 2  # exactly 0.8**2 = 0.64 density
+    assert _schedule.prune_count(0.965, 0.2, None) == 16
+    assert _schedule.prune_count(0.9, None, 3) == 3
+
+
+def test_even_steps_when_only_rounds_given():
+    kept = _schedule.kept_schedule(10_000, 0.875, None, 3)
+    assert kept == [5000, 2500, 1250]
+
+
+@pytest.mark.parametrize(
+    "spec, spe, step",
+    [("init", None, 0), ("500it", None, 500), ("2ep", 30, 60), ("1ep50it", 100, 150), (7, None, 7), (None, None, None)],
+)
+def test_parse_rewind(spec, spe, step):
+    assert _schedule.parse_rewind(spec, spe) == step
+
+
+@pytest.mark.parametrize(
+    "spec, spe, error, text",
+    [
+        ("2ep", None, ValueError, "pass steps_per_epoch="),
+        ("ep", 10, ValueError, "cannot read rewind point 'ep'"),
+        ("500", None, ValueError, "cannot read rewind point '500'"),
+        ("it50ep", 10, ValueError, "cannot read rewind point"),
+        ("", None, ValueError, "cannot read rewind point ''"),
+        (-1, None, ValueError, "rewind must be a step >= 0, got -1"),
+        (1.5, None, TypeError, "rewind must be a str or an int step, got float 1.5"),
+        ("1ep", 0, ValueError, "steps_per_epoch must be a positive int, got 0"),
+    ],
+)
+def test_parse_rewind_errors(spec, spe, error, text):
+    with pytest.raises(error, match=text.replace("(", r"\(").replace(")", r"\)")):
+        _schedule.parse_rewind(spec, spe)
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, math.nan])
+def test_fraction_bounds(value):
+    with pytest.raises(ValueError, match=r"sparsity must be in \(0, 1\)"):
+        _schedule.check_fraction(value, "sparsity")
+
+
+def test_fraction_type():
+    with pytest.raises(TypeError, match="rate must be a float in"):
+        _schedule.check_fraction("0.2", "rate")
+
+
+@pytest.mark.parametrize("rounds", [0, -2, 1.5, True])
+def test_rounds_must_be_positive_int(rounds):
+    with pytest.raises(ValueError, match="rounds must be a positive int"):
+        _schedule.prune_count(0.5, None, rounds)

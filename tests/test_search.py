@@ -1,0 +1,317 @@
+"""``signmask.apply``: IMP, LRR, AWS and OMP around a plain training loop.
+
+Oracles: masks recomputed here in float64 from the weights the round ended with, weight copies
+taken by the test's own optimizer hook, torch's own optimizer and scheduler state, and an
+uninterrupted run for every resume.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import signmask
+from signmask import _interpolate
+
+from _util import assert_same, snapshot, tiny
+
+STEPS = 4
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 5, (4,), generator=g)
+
+
+def train(model, opt, search, sched=None, steps=STEPS):
+    """The user's loop for one round; resumable from ``search.round_step``."""
+    for _ in range(search.round_step, steps):
+        x, y = batch(search.step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def setup(method="imp", sparsity=0.6, seed=0, **kw):
+    model = tiny(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    kw.setdefault("progress", False)
+    search = signmask.apply(model, method, sparsity, optimizer=opt, scheduler=sched, **kw)
+    return model, opt, sched, search
+
+
+def masks(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")}
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("_mask", "_init"))}
+
+
+def expected_masks(model, old, kept):
+    """Global magnitude selection recomputed in float64 over the surviving weights."""
+    sd = model.state_dict()
+    scores = {k: sd[k[: -len("_mask")] + "_orig"].double().abs() for k in old}
+    alive = torch.cat([scores[k][old[k]] for k in old])
+    threshold = alive.sort(descending=True).values[kept - 1]
+    return {k: old[k] & (scores[k] >= threshold) for k in old}
+
+
+@pytest.mark.parametrize("method", ["imp", "lrr", "aws", "omp"])
+def test_each_round_prunes_the_smallest_survivors(method):
+    model, opt, sched, search = setup(method, classifier=True)
+    total = sum(m.numel() for m in masks(model).values())
+    assert all(m.all() for m in masks(model).values())  # all-ones masks from the start
+    kept = []
+    for r in range(len(search)):
+        assert search.start_round() == r
+        train(model, opt, search, sched)
+        if r < len(search) - 1:
+            want = expected_masks(model, masks(model), search.kept_schedule[r])
+        search.finish_round()
+        if r < len(search) - 1:
+            got = masks(model)
+            assert got.keys() == want.keys()
+            assert all(torch.equal(got[k], want[k]) for k in want), f"round {r}"
+            kept.append(sum(int(m.sum()) for m in got.values()))
+    assert kept == search.kept_schedule
+    assert kept[-1] == round(total * 0.4)
+    assert search.ticket.kept == kept[-1]
+    assert [h["sparsity"] for h in search.history] == [0.0] + [1 - k / total for k in kept]
+    assert len(search) == 1 + (1 if method == "omp" else 5)  # 0.8 ** 4 = 0.41 > 0.4
+
+
+def test_break_leaves_the_round_open():
+    model, opt, sched, search = setup("lrr")
+    for r in search:
+        train(model, opt, search, sched)
+        break
+    assert search.in_round and search.round == 0 and not search.done
+    for r in search:  # iterating again picks up the open round
+        assert r == 0
+        break
+
+
+def test_imp_rewinds_to_init_and_restarts_optimizer_and_schedule():
+    model, opt, sched, search = setup("imp")
+    init = weights(model)
+    lr0 = opt.param_groups[0]["lr"]
+    for r in search:
+        assert opt.state_dict()["state"] == {}
+        assert sched.last_epoch == 0 and opt.param_groups[0]["lr"] == lr0
+        now = weights(model)
+        assert all(torch.equal(now[k], init[k]) for k in init), f"round {r} did not start from init"
+        train(model, opt, search, sched)
+        assert opt.state_dict()["state"] != {} and sched.last_epoch == STEPS
+
+
+@pytest.mark.parametrize("rewind, spe, at", [("3it", None, 3), ("1ep", 2, 2), ("1ep1it", 2, 3)])
+def test_imp_rewinds_to_step_k(rewind, spe, at):
+    model, opt, sched, search = setup("imp", rewind=rewind, steps_per_epoch=spe)
+    seen = {}
+
+    def record(optimizer, args, kwargs):
+        if search.step == at:  # the search's own post-hook ran first
+            seen["weights"] = weights(model)
+
+    handle = opt.register_step_post_hook(record)
+    lrs = []
+    for r in search:
+        if r > 0:
+            now = weights(model)
+            assert all(torch.equal(now[k], seen["weights"][k]) for k in now)
+            lrs.append(opt.param_groups[0]["lr"])
+            assert sched.last_epoch == at and opt.state_dict()["state"] == {}
+        train(model, opt, search, sched, steps=STEPS if r == 0 else STEPS - at)
+    handle.remove()
+    # StepLR(2, 0.5) stepped after every optimizer step: the lr the loop had after step k.
+    assert lrs == [0.05 * 0.5 ** (at // 2)] * (len(search) - 1)
+
+
+def test_lrr_keeps_weights_and_resets_momentum():
+    model, opt, sched, search = setup("lrr")
+    for r in search:
+        if r > 0:
+            now = weights(model)
+            assert all(torch.equal(now[k], before[k]) for k in before)
+            assert opt.state_dict()["state"] == {} and sched.last_epoch == 0
+        train(model, opt, search, sched)
+        before = weights(model)
+
+
+def test_rewind_later_than_training_is_refused_without_loss():
+    model, opt, sched, search = setup("imp", rewind="10it")
+    search.start_round()
+    train(model, opt, search, sched)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="rewind point '10it' is step 10, but round 0 trained only 4"):
+        search.finish_round()
+    assert_same(before, snapshot(model))
+    assert search.in_round and search.round == 0
+    train(model, opt, search, sched, steps=10)
+    search.finish_round()
+    assert search.round == 1
+
+
+def test_rounds_out_of_order():
+    model, opt, sched, search = setup("lrr", sparsity=0.36)
+    with pytest.raises(RuntimeError, match="round 0 has not started; call start_round"):
+        search.finish_round()
+    x, y = batch(0)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"optimizer.step\(\) called while the search is between rounds"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="the ticket exists after the last round"):
+        search.ticket
+    search.start_round()
+    with pytest.raises(RuntimeError, match="round 0 is already running"):
+        search.start_round()
+    for _ in search:
+        train(model, opt, search, sched)
+    for call in (search.start_round, search.finish_round):
+        with pytest.raises(RuntimeError, match="the search is done"):
+            call()
+    # The search's hooks came off with it: the optimizer trains on as plain torch.
+    before = model.fc.bias.detach().clone()
+    opt.step()
+    assert not torch.equal(model.fc.bias, before)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, text",
+    [
+        ({"method": "sgd"}, ValueError, "unknown search method 'sgd'; valid methods: ['aws', 'imp', 'lrr', 'omp']"),
+        ({"sparsity": 0.0}, ValueError, "sparsity must be in (0, 1), got 0.0"),
+        ({"sparsity": 1.0}, ValueError, "sparsity must be in (0, 1), got 1.0"),
+        ({"rate": 1.0}, ValueError, "rate must be in (0, 1), got 1.0"),
+        ({"rate": 0.1, "rounds": 3}, ValueError, "pass rate= or rounds=, not both"),
+        ({"method": "lrr", "rewind": "init"}, ValueError, "method='lrr' does not rewind weights"),
+        ({"rewind": "2ep"}, ValueError, "counts epochs; pass steps_per_epoch="),
+        ({"rewind": "soon"}, ValueError, "cannot read rewind point 'soon'"),
+        ({"method": "omp", "rate": 0.2}, ValueError, "method='omp' prunes once"),
+        ({"include": "nothing*"}, ValueError, "include pattern 'nothing*' matches no conv/linear module"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
+    ],
+)
+def test_bad_input_leaves_model_untouched(kwargs, error, text):
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    kwargs = {"method": "imp", "sparsity": 0.5, **kwargs}
+    with pytest.raises(error) as info:
+        signmask.apply(model, optimizer=opt, progress=False, **kwargs)
+    assert text in str(info.value)
+    assert_same(before, snapshot(model))
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_apply_refuses_pruned_model():
+    model = signmask.prune(tiny(), 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already pruned; apply"):
+        signmask.apply(model, "imp", optimizer=opt)
+    assert_same(before, snapshot(model))
+
+
+def test_ticket_is_signed_mask_with_metadata(tmp_path):
+    model, opt, sched, search = setup("imp", rate=0.5, rewind="2it")
+    for _ in search:
+        train(model, opt, search, sched)
+    ticket = search.ticket
+    sd = model.state_dict()
+    for key, signed in ticket.masks.items():
+        w, m = sd[key + "_orig"], sd[key + "_mask"]
+        assert torch.equal(signed, (torch.sign(w) * m).to(torch.int8))
+    assert {k: ticket.metadata[k] for k in ("method", "rounds", "rate", "rewind", "target_sparsity")} == {
+        "method": "imp", "rounds": "2", "rate": "0.5", "rewind": "2it", "target_sparsity": "0.6",
+    }
+    path = search.save(tmp_path / "t.safetensors")
+    assert signmask.load(path) == ticket
+
+
+def test_aws_interpolates_norms_during_search_only():
+    model, opt, sched, search = setup("aws", sparsity=0.36)
+    init_gamma = model.bn1.weight_init.clone()
+    used = []
+    for r in search:
+        for _ in range(3):
+            x, y = batch(search.step)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            a = search._alpha.clone()
+            used.append(float(a))
+            assert torch.equal(model.bn1.weight, torch.lerp(model.bn1.weight_orig.detach(), init_gamma, a))
+            opt.step()
+        model.eval()
+        model(x)
+        assert torch.equal(model.bn1.weight, model.bn1.weight_orig)
+        model.train()
+    # One draw at each round's start and one after every step; the last step's draw goes unused.
+    g = torch.Generator().manual_seed(0)
+    draws = [float(torch.rand((), generator=g)) for _ in range(3 * 4)]
+    assert used == [draws[r * 4 + i] for r in range(3) for i in range(3)]
+    assert not _interpolate.interpolated(model)
+    assert "bn1.weight" in model.state_dict() and "bn1.weight_init" not in model.state_dict()
+
+
+def run_to_end(method, checkpoint_at=None, **kw):
+    """Train a full search; with ``checkpoint_at``, resume from a state saved at that step in a
+    fresh model, optimizer, scheduler and search (as a new process would)."""
+    model, opt, sched, search = setup(method, **kw)
+    saved = None
+    for _ in search:
+        for _ in range(search.round_step, STEPS):
+            if search.step == checkpoint_at and saved is None:
+                buf = io.BytesIO()
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "search": search.state_dict()}, buf)
+                saved = buf.getvalue()
+            train(model, opt, search, sched, steps=search.round_step + 1)
+    if saved is None:
+        return search.ticket, search.history, None
+    ck = torch.load(io.BytesIO(saved), weights_only=False)
+    model, opt, sched, search = setup(method, seed=99, **kw)  # another init: all must come from ck
+    search.load_state_dict(ck["search"])
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    for _ in search:
+        train(model, opt, search, sched)
+    return search.ticket, search.history, ck
+
+
+@settings(max_examples=8, deadline=None)
+@given(method=st.sampled_from(["imp", "aws"]), at=st.integers(0, 5 * STEPS - 1))
+def test_resume_from_any_step_is_bit_identical(method, at):
+    kw = {"rewind": "2it"} if method == "imp" else {}
+    ticket, history, _ = run_to_end(method, **kw)
+    resumed, resumed_history, ck = run_to_end(method, checkpoint_at=at, **kw)
+    assert ck is not None
+    assert resumed == ticket
+    assert resumed_history == history
+
+
+def test_resume_refuses_another_model_or_config():
+    _, _, _, search = setup("aws")
+    state = search.state_dict()
+    model = tiny(width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = signmask.apply(model, "aws", 0.6, optimizer=opt, progress=False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="masked other tensors than this model has"):
+        other.load_state_dict(state)
+    assert_same(before, snapshot(model))
+    _, _, _, other = setup("aws", sparsity=0.7)
+    with pytest.raises(ValueError, match="saved search has sparsity=0.6, this one sparsity=0.7"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="not a signmask search state"):
+        other.load_state_dict({"round": 3})
