@@ -1,0 +1,51 @@
+"""One rank of the DDP test, launched by torchrun: an AWS search on a DDP-wrapped model.
+
+Each rank trains on its own data. With ``--perturb`` every rank but 0 nudges its weights before
+each pruning, so only signmask's broadcast can keep the masks equal. Writes ``DIR/rank<N>.pt``.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import signmask  # noqa: E402
+from _util import tiny  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dir")
+    parser.add_argument("--perturb", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(tiny(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    search = signmask.apply(model, "aws", 0.6, optimizer=opt, rate=0.3, seed=11, progress=rank == 0)
+    alphas, masks = [], []
+    for _ in search:
+        # Before any forward: DDP's buffer broadcast at the next forward would hide a divergence.
+        masks.append({k: v.clone() for k, v in model.module.state_dict().items() if k.endswith("_mask")})
+        for _ in range(3):
+            g = torch.Generator().manual_seed(100 * rank + search.step)
+            x, y = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 5, (4,), generator=g)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            alphas.append(float(search._alpha))
+            opt.step()
+        if args.perturb and rank > 0:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * p.abs().mean())
+    torch.save({"alphas": alphas, "masks": masks, "ticket": search.ticket.masks}, os.path.join(args.dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
