@@ -414,6 +414,11 @@ def apply(
         raise ValueError(f"{already[:3]} are already pruned; apply() starts from an unpruned model")
     if recipe.interpolate_norms and _interpolate.interpolated(model):
         raise ValueError("the model's norm layers are already interpolated (another search is attached)")
+    if recipe.interpolate_norms and not any(_interpolate.is_norm(m) for m in model.modules()):
+        raise ValueError(
+            f"method='aws' interpolates normalization layers, and {type(model).__name__} has none "
+            "with affine parameters; without them AWS is LRR: use method='lrr'"
+        )
     total = sum(_reparam.original(m, n).numel() for m, n in targets.values())
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
     config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)

@@ -213,6 +213,15 @@ def test_bad_input_leaves_model_untouched(kwargs, error, text):
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
+def test_aws_needs_norm_layers():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="Sequential has none with affine parameters; .* use method='lrr'"):
+        signmask.apply(model, "aws", optimizer=opt)
+    assert_same(before, snapshot(model))
+
+
 def test_apply_refuses_pruned_model():
     model = signmask.prune(tiny(), 0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -315,3 +324,53 @@ def test_resume_refuses_another_model_or_config():
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="not a signmask search state"):
         other.load_state_dict({"round": 3})
+
+
+def test_timm_optimizer_scheduler_and_ema():
+    from signmask._compat import import_timm
+
+    timm = import_timm()
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=5)
+    opt = create_optimizer_v2(model, "sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sched, epochs = create_scheduler_v2(opt, "cosine", num_epochs=3, warmup_epochs=1, warmup_lr=0.01)
+    search = signmask.apply(model, "aws", 0.5, optimizer=opt, scheduler=sched, progress=False)
+    ema = ModelEmaV3(model, decay=0.9)  # a deepcopy of the masked, interpolated model
+    start = (opt.param_groups[0]["lr"], sched.state_dict())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4)
+    for r in search:
+        assert opt.param_groups[0]["lr"] == start[0] and sched.state_dict() == start[1]
+        for epoch in range(epochs):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            ema.update(model, step=search.step)
+            sched.step(epoch + 1)
+        assert opt.param_groups[0]["lr"] != start[0]
+    assert search.ticket.sparsity == pytest.approx(0.5, abs=1e-6)
+    # EMA holds the masks as buffers (copied from the model) and averages the weights behind them.
+    ema_masks = {k: v for k, v in ema.module.state_dict().items() if k.endswith("_mask")}
+    assert ema_masks.keys() == masks(model).keys()
+    assert all(torch.equal(ema_masks[k], v) for k, v in masks(model).items())
+
+
+@pytest.mark.parametrize("method", ["imp", "aws"])
+def test_compiled_model_follows_masks_and_alpha(method):
+    model, opt, sched, search = setup(method, sparsity=0.36)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    eager = []
+    for r in search:
+        x, y = batch(search.step)
+        opt.zero_grad()
+        out = compiled(x)
+        with torch.no_grad():
+            eager.append(torch.allclose(out, model(x), atol=1e-6))  # same masks, same a
+        torch.nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+    assert eager == [True] * len(search)
+    assert search.ticket.kept == round(search.ticket.numel * 0.64)
