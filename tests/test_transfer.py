@@ -31,6 +31,22 @@ def test_kept_weights_become_abs_new_init_times_sign(amount, seed, locked):
     assert all(torch.equal(signmask.extract(fresh).masks[k], ticket.masks[k]) for k in ticket.masks)
 
 
+@settings(max_examples=20, deadline=None)
+@given(amount=st.floats(0.05, 0.95), seed=st.integers(0, 2**16))
+def test_keep_installs_only_the_binary_mask(amount, seed):
+    ticket = signmask.extract(signmask.prune(tiny(seed), amount), biases=True, dense=True)
+    fresh = tiny(seed + 1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    signmask.transfer(ticket, fresh, signs="keep")
+    sd = fresh.state_dict()
+    for n in NAMES:
+        key = f"{n}.weight"
+        assert torch.equal(sd[key + "_orig"], before[key])  # the new init's own values and signs
+        assert torch.equal(sd[key + "_mask"], ticket.masks[key] != 0)
+        assert torch.equal(getattr(fresh, n).weight, before[key] * (ticket.masks[key] != 0))
+    assert all(torch.equal(sd[k], v) for k, v in before.items() if k in sd)  # biases untouched too
+
+
 def test_transfer_from_path_and_compiled_or_ddp_names(tmp_path):
     ticket = signmask.extract(signmask.prune(tiny(0), 0.7))
     path = signmask.save(ticket, tmp_path / "t.safetensors")
@@ -96,7 +112,7 @@ class Other(nn.Module):
         (lambda: Other(), dict(check_architecture=False), "are not in Other"),
         (lambda: tiny(1, width=4), {}, r"'conv1.weight' has shape \(6, 3, 3, 3\), the model's has \(4, 3, 3, 3\)"),
         (lambda: signmask.prune(tiny(1), 0.1, include="fc"), {}, "fc.weight is already pruned"),
-        (lambda: tiny(1), dict(signs="free"), r"valid: \['init', 'locked'\]"),
+        (lambda: tiny(1), dict(signs="free"), r"valid: \['init', 'locked', 'keep'\]"),
     ],
 )
 def test_bad_transfers_leave_the_model_untouched(make, kwargs, message):
