@@ -83,7 +83,7 @@ class Search:
         self._generator = torch.Generator().manual_seed(config.seed)
         self._alpha = None
         if recipe.interpolate_norms:
-            device = next(iter(targets.values()))[0].weight_orig.device
+            device = _reparam.original(*next(iter(targets.values()))).device
             self._alpha = torch.zeros((), device=device)
             _interpolate.attach(model, self._alpha)
         self._hooks = [
@@ -180,6 +180,8 @@ class Search:
     def _check_open(self, what: str) -> None:
         if self.done:
             raise RuntimeError(f"{what}(): the search is done; its ticket is in .ticket")
+        if not self._hooks:
+            raise RuntimeError(f"{what}(): the search was closed")
 
     def _kept(self) -> int:
         return sum(int(m._buffers[n + "_mask"].sum()) for m, n in self._targets.values())
@@ -205,7 +207,8 @@ class Search:
         self.in_round, self.done = False, True
 
     def close(self) -> None:
-        """Remove the search's hooks (optimizer hooks, norm interpolation); the masks stay."""
+        """Remove the search's hooks (optimizer hooks, norm interpolation) and end it; the masks
+        stay. The search calls this itself after its last round; call it to abandon a search."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

@@ -374,3 +374,15 @@ def test_compiled_model_follows_masks_and_alpha(method):
         opt.step()
     assert eager == [True] * len(search)
     assert search.ticket.kept == round(search.ticket.numel * 0.64)
+
+
+def test_close_abandons_the_search():
+    model, opt, sched, search = setup("aws")
+    search.start_round()
+    train(model, opt, search, sched)
+    search.close()
+    assert not _interpolate.interpolated(model) and "bn1.weight" in dict(model.named_parameters())
+    assert all(m.all() for m in masks(model).values())  # masks stay installed
+    train(model, opt, search, sched, steps=search.round_step + 1)  # the optimizer is plain again
+    with pytest.raises(RuntimeError, match=r"start_round\(\): the search was closed"):
+        search.start_round()
