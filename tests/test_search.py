@@ -386,3 +386,26 @@ def test_close_abandons_the_search():
     train(model, opt, search, sched, steps=search.round_step + 1)  # the optimizer is plain again
     with pytest.raises(RuntimeError, match=r"start_round\(\): the search was closed"):
         search.start_round()
+
+
+def test_progress_log_line_per_round_on_rank0_only(capsys, monkeypatch):
+    model, opt, sched, search = setup("lrr", sparsity=0.36, progress=True, steps_per_round=STEPS)
+    for r in search:
+        train(model, opt, search, sched)
+        search.report(acc=0.25 * (r + 1))
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("lrr round")]
+    total = sum(m.numel() for m in masks(model).values())
+    sparsities = [0.0] + [1 - k / total for k in search.kept_schedule]
+    assert lines == [
+        f"lrr round {r}: sparsity {s:.2%}, 4 steps acc={0.25 * (r + 1):.4g}" for r, s in enumerate(sparsities)
+    ]
+    assert lines[0] == "lrr round 0: sparsity 0.00%, 4 steps acc=0.25"
+    assert [h["acc"] for h in search.history] == [0.25, 0.5, 0.75]
+    # Another rank prints nothing.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    model, opt, sched, search = setup("lrr", sparsity=0.36, progress=True)
+    for r in search:
+        train(model, opt, search, sched)
+    captured = capsys.readouterr()
+    assert "round" not in captured.out + captured.err
