@@ -404,6 +404,7 @@ def test_progress_log_line_per_round_on_rank0_only(capsys, monkeypatch):
     # Another rank prints nothing.
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: None)
     model, opt, sched, search = setup("lrr", sparsity=0.36, progress=True)
     for r in search:
         train(model, opt, search, sched)
