@@ -110,6 +110,13 @@ class Search:
         return 1.0 - self._kept() / total
 
     @property
+    def start_step(self) -> int:
+        """The training step the current round starts from in the user's counting: the rewind
+        step in IMP/OMP rounds after the first, else 0 (``start_step // steps_per_epoch`` is the
+        epoch a loop restarts at; timm schedulers take it as their epoch)."""
+        return (self.config.rewind_step or 0) if self.round > 0 else 0
+
+    @property
     def round_step(self) -> int:
         """Optimizer steps taken in the current round (where a resumed loop picks up)."""
         return self.step - self.round_start_step
@@ -206,14 +213,20 @@ class Search:
         self.close()
         self.in_round, self.done = False, True
 
-    def close(self) -> None:
+    def close(self, *copies: nn.Module) -> None:
         """Remove the search's hooks (optimizer hooks, norm interpolation) and end it; the masks
-        stay. The search calls this itself after its last round; call it to abandon a search."""
+        stay. The search calls this itself after its last round; call it to abandon a search.
+
+        Args:
+            copies: copies of the model made after :func:`apply` (``ModelEmaV3(model).module``):
+                their norm interpolation comes off too. Callable again after the search ended.
+        """
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        if self._alpha is not None and _interpolate.interpolated(self.model):
-            _interpolate.detach(self.model)
+        for model in (self.model, *copies):
+            if _interpolate.interpolated(model):
+                _interpolate.detach(model)
         self._close_bar()
 
     def _before_step(self, optimizer, args, kwargs) -> None:

@@ -124,6 +124,7 @@ def test_imp_rewinds_to_step_k(rewind, spe, at):
     handle = opt.register_step_post_hook(record)
     lrs = []
     for r in search:
+        assert search.start_step == (at if r > 0 else 0)
         if r > 0:
             now = weights(model)
             assert all(torch.equal(now[k], seen["weights"][k]) for k in now)
@@ -357,6 +358,12 @@ def test_timm_optimizer_scheduler_and_ema():
     ema_masks = {k: v for k, v in ema.module.state_dict().items() if k.endswith("_mask")}
     assert ema_masks.keys() == masks(model).keys()
     assert all(torch.equal(ema_masks[k], v) for k, v in masks(model).items())
+    # The EMA copy carries the norm interpolation until the search's close() is given it.
+    assert _interpolate.interpolated(ema.module) and not _interpolate.interpolated(model)
+    search.close(ema.module)
+    assert not _interpolate.interpolated(ema.module)
+    assert list(ema.module.state_dict()) == list(model.state_dict())
+    ema.update(model, step=search.step)
 
 
 @pytest.mark.parametrize("method", ["imp", "aws"])

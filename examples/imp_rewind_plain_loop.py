@@ -1,0 +1,162 @@
+"""IMP with rewinding, added to a plain PyTorch training loop in five lines.
+
+The training code below is ordinary PyTorch: a small BatchNorm CNN, SGD with momentum and weight
+decay, a cosine LR schedule stepped once per epoch. The five lines marked ``# signmask`` turn it
+into iterative magnitude pruning with rewinding (Frankle et al.; open_lth's recipe):
+
+- round 0 trains the dense network;
+- after each round, 20% of the remaining conv/linear weights are pruned (global magnitude, the
+  classifier included), the weights are rewound to their values after epoch 1 (``rewind="1ep"``),
+  and the optimizer (momentum) and the LR schedule are restarted from that same point;
+- the last round trains at the target sparsity (reached exactly), and its signed mask
+  ``sign(theta_T * M_T)`` is saved as ``ticket.safetensors``.
+
+The epoch loop starts at the LR schedule's epoch (``range(sched.last_epoch, epochs)``), as a
+resumable loop does: after a rewind to epoch 1 it trains the remaining epochs, like open_lth.
+
+Data: CIFAR-10 from an ``.npz`` holding ``x_train``, ``y_train``, ``x_test``, ``y_test`` (uint8
+HWC images), a subset averaged down to 16x16 to be quick on a CPU; ``--data synthetic`` (the
+default when no such file is found, and with ``--quick``) is a seeded 10-class image task made
+on the spot, so nothing is downloaded.
+
+Run (from the repository root):
+    python examples/imp_rewind_plain_loop.py --quick          # seconds, synthetic data
+    python examples/imp_rewind_plain_loop.py                  # a few minutes on a CPU
+    python examples/imp_rewind_plain_loop.py --data cifar10.npz --out runs/imp
+Outputs in ``--out``: ``ticket.safetensors`` (inspect it with ``python -m signmask inspect``)
+and ``results.json`` (per round: sparsity, optimizer steps, test accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import signmask
+
+# The repository's shared data folder, if this checkout has one beside it.
+DEFAULT_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10.npz"
+
+
+def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable 10-class task: smooth class patterns, randomly scaled, shifted and noised."""
+    patterns = F.interpolate(torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234)), size=16,
+                             mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = patterns[y] * (0.5 + torch.rand(n, 1, 1, 1, generator=g))
+    shifts = torch.randint(-3, 4, (n, 2), generator=g).tolist()
+    x = torch.stack([torch.roll(img, s, dims=(1, 2)) for img, s in zip(x, shifts)])
+    return x + torch.randn(x.shape, generator=g), y
+
+
+def load_data(path: str, n_train: int, n_test: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
+    """``n_train``/``n_test`` images of CIFAR-10 (16x16, normalized) or of the synthetic task."""
+    if path == "synthetic":
+        return TensorDataset(*synthetic(n_train, seed)), TensorDataset(*synthetic(n_test, seed + 1))
+    arrays = np.load(path)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        index = torch.randperm(len(labels), generator=g)[:n].numpy()
+        x = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float() / 255.0
+        x = F.avg_pool2d(x, 2)
+        mean, std = x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True)
+        out.append(TensorDataset((x - mean) / std, torch.from_numpy(labels[index]).long()))
+    return out[0], out[1]
+
+
+def make_model(width: int) -> nn.Module:
+    """A small BatchNorm CNN for 16x16 RGB images and 10 classes."""
+    def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(3, width, 1), *block(width, 2 * width, 2), *block(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10),
+    )
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer) -> float:
+    model.train()
+    total = 0.0
+    for x, y in loader:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(y)
+    return total / len(loader.dataset)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader) -> float:
+    model.eval()
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+    return correct / len(loader.dataset)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", default=bool(os.environ.get("SIGNMASK_EXAMPLES_QUICK")),
+                   help="a seconds-long run on synthetic data (also: env SIGNMASK_EXAMPLES_QUICK=1)")
+    p.add_argument("--data", default=None, help="CIFAR-10 .npz or 'synthetic' (default: CIFAR-10 if found)")
+    p.add_argument("--out", default="out/imp_rewind", help="output folder")
+    p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned weights")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per round")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    defaults = dict(epochs=2, width=8, batch_size=32, n_train=512, n_test=256) if args.quick else \
+        dict(epochs=5, width=32, batch_size=128, n_train=5000, n_test=2000)
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.data is None:
+        args.data = str(DEFAULT_CIFAR) if DEFAULT_CIFAR.exists() and not args.quick else "synthetic"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    train_set, test_set = load_data(args.data, args.n_train, args.n_test, args.seed)
+    loader = DataLoader(train_set, args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
+    test_loader = DataLoader(test_set, 512)
+    print(f"data: {args.data} ({len(train_set)} train / {len(test_set)} test images)")
+
+    model = make_model(args.width)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    search = signmask.apply(model, "imp", args.sparsity, optimizer=opt, scheduler=sched,  # signmask
+                            rewind="1ep", steps_per_epoch=len(loader))
+    for _ in search:  # signmask
+        for epoch in range(sched.last_epoch, args.epochs):  # starts where the LR schedule stands
+            loss = train_epoch(model, loader, opt)
+            sched.step()
+        acc = evaluate(model, test_loader)
+        print(f"epoch {epoch}: train loss {loss:.3f}, test accuracy {acc:.2%}")
+        search.report(acc=acc)  # signmask
+    search.save(out / "ticket.safetensors")  # signmask
+
+    results = {"args": vars(args), "rounds": search.history}  # signmask
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"saved {out / 'ticket.safetensors'} and {out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
