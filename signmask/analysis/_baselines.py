@@ -1,0 +1,278 @@
+"""Sanity-check baselines for lottery tickets (Ma et al. 2021) and the prize verdict.
+
+- :func:`random_reinit`: the ticket's binary mask on a new init (the init's own values);
+- :func:`random_prune`: random masks with exactly the ticket's per-layer kept counts;
+- :func:`equal_width`: the width of a dense network with as many parameters as the ticket;
+- :func:`verdict`: "jackpot", "secondary prize" or "no prize" from the three accuracies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .. import _methods, _reparam
+from .. import _transfer as _transfer_mod
+from .._ticket import Ticket, architecture
+from ._common import check_int, check_model, check_real
+
+# Accuracy comparisons treat differences within this of the boundary as on it (float noise).
+TOLERANCE = 1e-9
+PRIZES = ("jackpot", "secondary prize", "no prize")
+
+
+def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,
+                  check_architecture: bool = True) -> nn.Module:
+    """Install the ticket's binary mask on ``model``, keeping ``model``'s own init values and signs.
+
+    The "random reinit" baseline: ``signmask.transfer(ticket, model, signs="keep")``.
+
+    Args:
+        ticket: a :class:`~signmask.Ticket` or the path of a saved one.
+        model: an unpruned model of the ticket's architecture (a fresh init).
+        check_architecture: refuse a ticket recorded for another architecture.
+
+    Returns:
+        ``model``, pruned in place.
+
+    Raises:
+        ValueError: as :func:`signmask.transfer`; ``model`` is then untouched.
+
+    Example:
+        >>> import signmask
+        >>> ticket = signmask.extract(signmask.prune(torch.nn.Linear(4, 4), 0.5))
+        >>> new = random_reinit(ticket, torch.nn.Linear(4, 4))
+        >>> int(new.weight_mask.sum())
+        8
+    """
+    return _transfer_mod.transfer(ticket, model, signs="keep",
+                                  check_architecture=check_architecture)
+
+
+def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: int,
+                 check_architecture: bool = True) -> nn.Module:
+    """Prune ``model`` at random, keeping exactly as many weights per tensor as ``ticket``.
+
+    The "random pruning" baseline (same per-layer density, random positions). Tensor ``i`` in the
+    ticket's order is ranked by :class:`signmask._methods.RandomPruning` scores seeded with
+    ``seed + 7919 * i`` (drawn on the weight's device), and its ``kept`` highest-scored entries
+    are kept; the mask is installed as by :func:`signmask.prune` (``extract`` reports method
+    ``"random"``). ``model``'s values are not changed; the ticket's signs are not used.
+
+    Args:
+        ticket: a :class:`~signmask.Ticket` or the path of a saved one.
+        model: an unpruned model of the ticket's architecture.
+        seed: an int >= 0; different seeds give different positions.
+        check_architecture: refuse a ticket recorded for another architecture.
+
+    Returns:
+        ``model``, pruned in place.
+
+    Raises:
+        TypeError: ``seed`` is not an int.
+        ValueError: another architecture, missing or mis-shaped tensors, an already-pruned
+            tensor; ``model`` is then untouched.
+
+    Example:
+        >>> import signmask
+        >>> ticket = signmask.extract(signmask.prune(torch.nn.Linear(10, 10), 0.9))
+        >>> int(random_prune(ticket, torch.nn.Linear(10, 10), seed=0).weight_mask.sum())
+        10
+    """
+    check_model(model, "model")
+    seed = check_int(seed, "seed", minimum=0)
+    ticket = _transfer_mod._resolve(ticket)
+    want, have = ticket.metadata.get("architecture"), architecture(model)
+    if check_architecture and want is not None and want != have:
+        raise ValueError(
+            f"ticket was made for architecture {want!r}, the model is {have!r} "
+            "(pass check_architecture=False to skip this check)"
+        )
+    plan = _transfer_mod._plan(ticket, model, {"mask": ticket.masks})
+    masks = []
+    for index, (_, key, module, name, target, signed) in enumerate(plan):
+        numel, kept = signed.numel(), int(signed.count_nonzero())
+        ranker = _methods.RandomPruning((numel - kept) / numel, seed=seed)
+        full = torch.ones_like(target, dtype=torch.bool)
+        keep = ranker.compute_masks([target], [full], [key], index_offset=index)[0]
+        if int(keep.sum()) != kept:  # cannot happen: round((n - k) / n * n) == n - k
+            raise RuntimeError(f"{key}: random mask keeps {int(keep.sum())}, ticket keeps {kept}")
+        masks.append((module, name, keep, ranker))
+    with torch.no_grad():
+        for module, name, keep, ranker in masks:
+            _reparam.install(module, name, keep, ranker)
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    """Count the parameters of ``model`` that are not pruned.
+
+    A pruned tensor (``<name>_orig`` with a ``<name>_mask`` buffer) counts its kept entries;
+    every other Parameter (biases, norms, an unpruned classifier) counts in full. Shared
+    Parameters count once.
+
+    Args:
+        model: any model, pruned or dense.
+
+    Returns:
+        The number of parameters the pruned network really has.
+
+    Example:
+        >>> import signmask
+        >>> count_params(signmask.prune(torch.nn.Linear(10, 10), 0.5))  # 50 weights + 10 biases
+        60
+    """
+    check_model(model, "model")
+    seen, total = set(), 0
+    for module in model.modules():
+        for pname, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            mask = None
+            if pname.endswith("_orig"):
+                mask = _reparam.current_mask(module, pname[: -len("_orig")])
+            total += p.numel() if mask is None else int(mask.sum())
+    return total
+
+
+def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
+                widths: Iterable[int], *, device: str | torch.device = "meta") -> int:
+    """Find the width whose dense model has the parameter count closest to ``target_params``.
+
+    Builds ``make_model(w)`` for each width (one at a time, under ``torch.device(device)``: on
+    ``"meta"`` nothing is allocated or initialized) and counts it with :func:`count_params`.
+    Of equally close widths the first in ``widths`` wins. Use ``count_params(ticket_model)`` as
+    the target for the "small dense network of equal parameter count" baseline.
+
+    Args:
+        make_model: ``make_model(width) -> nn.Module``.
+        target_params: the parameter count to match, >= 1.
+        widths: candidate widths (ints), at least one.
+        device: where the candidates are built (``"cpu"`` for factories that fail on meta).
+
+    Returns:
+        The chosen width.
+
+    Raises:
+        TypeError: ``make_model`` is not callable, returns no ``nn.Module``, or a width is not an int.
+        ValueError: ``target_params < 1`` or no widths.
+
+    Example:
+        >>> equal_width(lambda w: torch.nn.Linear(10, w), 45, range(1, 10))  # 11 params per unit
+        4
+    """
+    if not callable(make_model):
+        raise TypeError(f"make_model must be callable, got {type(make_model).__name__}")
+    target_params = check_int(target_params, "target_params", minimum=1)
+    candidates = [check_int(w, "widths entry", minimum=1) for w in widths]
+    if not candidates:
+        raise ValueError("widths must hold at least one width")
+    best, best_gap = None, None
+    for width in candidates:
+        with torch.device(device):
+            model = make_model(width)
+        check_model(model, f"make_model({width})")
+        gap = abs(count_params(model) - target_params)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = width, gap
+        del model
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Ma et al. 2021's prize for a ticket, with the two conditions behind it.
+
+    - ``matches_dense``: ``ticket_acc >= dense_acc`` (the ticket reaches the well-trained dense
+      network's accuracy at the same learning rate);
+    - ``beats_reinit``: ``ticket_acc - reinit_acc > margin`` (strictly; 0.5% by default).
+
+    ``prize`` is ``"jackpot"`` when both hold, ``"secondary prize"`` when only ``matches_dense``
+    holds, ``"no prize"`` otherwise. Differences within ``TOLERANCE`` (1e-9) of a boundary count
+    as on it, so ``0.905`` vs ``0.9`` with margin ``0.005`` does not beat the reinit.
+
+    Args:
+        ticket_acc, dense_acc, reinit_acc: accuracies in [0, 1].
+        margin: required lead over random reinit, in [0, 1).
+
+    Raises:
+        TypeError / ValueError: a value is not a real number in range.
+
+    Example:
+        >>> Verdict(0.93, 0.92, 0.90).prize
+        'jackpot'
+    """
+
+    ticket_acc: float
+    dense_acc: float
+    reinit_acc: float
+    margin: float = 0.005
+
+    def __post_init__(self) -> None:
+        for field in ("ticket_acc", "dense_acc", "reinit_acc"):
+            object.__setattr__(self, field, check_real(getattr(self, field), field, low=0.0, high=1.0))
+        margin = check_real(self.margin, "margin", low=0.0, high=1.0)
+        if margin == 1.0:
+            raise ValueError("margin must be < 1")
+        object.__setattr__(self, "margin", margin)
+
+    @property
+    def matches_dense(self) -> bool:
+        """The ticket's accuracy is at least the dense network's."""
+        return self.ticket_acc >= self.dense_acc - TOLERANCE
+
+    @property
+    def beats_reinit(self) -> bool:
+        """The ticket beats random reinit by more than ``margin``."""
+        return self.ticket_acc - self.reinit_acc > self.margin + TOLERANCE
+
+    @property
+    def prize(self) -> str:
+        """``"jackpot"``, ``"secondary prize"`` or ``"no prize"``."""
+        if not self.matches_dense:
+            return "no prize"
+        return "jackpot" if self.beats_reinit else "secondary prize"
+
+    @property
+    def reasons(self) -> tuple[str, str]:
+        """One sentence per condition, saying whether it holds and by how much."""
+        lead = self.ticket_acc - self.reinit_acc
+        return (
+            f"ticket {self.ticket_acc:.4f} {'>=' if self.matches_dense else '<'} dense "
+            f"{self.dense_acc:.4f}",
+            f"lead over random reinit {lead:+.4f} {'>' if self.beats_reinit else '<='} margin "
+            f"{self.margin:.4f}",
+        )
+
+    def __str__(self) -> str:
+        return f"{self.prize} ({'; '.join(self.reasons)})"
+
+
+def verdict(ticket_acc: float, dense_acc: float, reinit_acc: float, *,
+            margin: float = 0.005) -> Verdict:
+    """Judge a ticket: ``"jackpot"``, ``"secondary prize"`` or ``"no prize"`` (see :class:`Verdict`).
+
+    Args:
+        ticket_acc: test accuracy of the trained ticket, in [0, 1].
+        dense_acc: of the well-trained dense network at the same learning rate.
+        reinit_acc: of the ticket's mask on a random reinit (:func:`random_reinit`), trained.
+        margin: required lead over the reinit (default 0.5%).
+
+    Returns:
+        A :class:`Verdict`; ``.prize`` holds the string.
+
+    Raises:
+        TypeError / ValueError: an accuracy outside [0, 1], or ``margin`` outside [0, 1).
+
+    Example:
+        >>> verdict(0.92, 0.92, 0.918).prize
+        'secondary prize'
+        >>> verdict(0.91, 0.92, 0.80).prize
+        'no prize'
+    """
+    return Verdict(ticket_acc, dense_acc, reinit_acc, margin)

@@ -1,0 +1,148 @@
+"""Validation and tensor lookup shared by the analysis modules."""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .. import _reparam, _targets
+
+
+def check_model(model: Any, arg: str) -> nn.Module:
+    """Return ``model`` if it is an ``nn.Module``; raise ``TypeError`` naming ``arg`` otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def check_int(value: Any, arg: str, *, minimum: int) -> int:
+    """Return ``value`` if it is an int >= ``minimum`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{arg} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(value: Any, arg: str, *, low: float = -math.inf, high: float = math.inf,
+               low_open: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite real in ``[low, high]`` (``(low, high]``
+    with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{arg} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    if not math.isfinite(value) or below or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{arg} must be a finite number in {bracket}{low}, {high}], got {value!r}")
+    return value
+
+
+def weights(
+    model: nn.Module, names: Iterable[str] | None = None, *, arg: str = "model"
+) -> dict[str, tuple[nn.Module, str]]:
+    """Canonical name -> (module, "weight") for every conv/linear weight of ``model``.
+
+    ``names`` (canonical tensor names such as ``"layer1.0.conv1.weight"``) restricts and orders
+    the result; an unknown name raises ``ValueError`` listing some valid ones.
+    """
+    found = {
+        key: pair
+        for key, pair in _targets.tensor_index(model, "weight").items()
+        if isinstance(pair[0], _targets.PRUNABLE_TYPES)
+    }
+    if not found:
+        raise ValueError(f"{arg} ({type(model).__name__}) has no conv/linear weight")
+    if names is None:
+        return found
+    chosen = [names] if isinstance(names, str) else list(names)
+    if not chosen:
+        raise ValueError("names must name at least one tensor")
+    unknown = [n for n in chosen if n not in found]
+    if unknown:
+        raise ValueError(
+            f"names {unknown[:5]} are not conv/linear weights of {arg}; valid names look like "
+            f"{sorted(found)[:3]}"
+        )
+    return {n: found[n] for n in chosen}
+
+
+def effective(module: nn.Module, name: str) -> torch.Tensor:
+    """The weight the forward uses (masked and sign-locked for a pruned tensor), detached."""
+    _, hook = _reparam.find_hook(module, name)
+    with torch.no_grad():
+        value = getattr(module, name) if hook is None else hook.apply_mask(module)
+    return value.detach()
+
+
+def keep_mask(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The bool keep-mask of a pruned tensor, None for a dense one."""
+    return _reparam.current_mask(module, name)
+
+
+def refresh(module: nn.Module, name: str) -> None:
+    """Recompute ``module.<name>`` of a pruned tensor after its ``_orig`` was written to."""
+    _, hook = _reparam.find_hook(module, name)
+    if hook is not None:
+        with torch.no_grad():
+            setattr(module, name, hook.apply_mask(module))
+
+
+def same_names(a: Mapping[str, Any], b: Mapping[str, Any], what_a: str, what_b: str) -> None:
+    """Raise ``ValueError`` when two name -> tensor maps do not have the same keys."""
+    only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+    if only_a or only_b:
+        raise ValueError(
+            f"{what_a} and {what_b} differ: only in {what_a}: {only_a[:5]}, only in {what_b}: "
+            f"{only_b[:5]}"
+        )
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for ``torch.nn.utils.prune`` models.
+
+    Stock prune hooks leave ``module.<name> = orig * mask`` as a non-leaf tensor, which deepcopy
+    refuses (pytorch#37322); those attributes are detached for the copy and put back after.
+    """
+    swapped = []
+    for module, name in _targets.pruned(model).values():
+        value = module.__dict__.get(name)
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            swapped.append((module, name, value))
+            module.__dict__[name] = value.detach()
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for module, name, value in swapped:
+            module.__dict__[name] = value
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for an empty model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def split_batch(batch: Any, *, need_target: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(inputs, targets)`` of a loader's batch: a tensor, or a tuple/list ``(inputs, targets, ...)``."""
+    if isinstance(batch, torch.Tensor):
+        if need_target:
+            raise TypeError("the loader must yield (inputs, targets) pairs, got a single tensor")
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        if len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+            return batch[0], batch[1]
+        if not need_target:
+            return batch[0], None
+    raise TypeError(
+        "the loader must yield a tensor or (inputs, targets, ...) tuples of tensors, got "
+        f"{type(batch).__name__}"
+    )

@@ -1,0 +1,225 @@
+"""Linear mode connectivity: error barriers and instability to SGD noise (Frankle et al. 2020).
+
+The error of ``(1 - a) * W1 + a * W2`` along an even grid of ``a`` in [0, 1]; the barrier is
+the highest error on the path minus the mean of the two endpoints' errors. BatchNorm running
+statistics are re-estimated at every point before it is evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, Iterable
+
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import check_int, check_model, clone
+from ._evaluation import LossFn, bn_modules, evaluate, reestimate_bn
+from ._interpolation import plan_blend, write_blend
+
+STABLE_BARRIER = 0.02  # Frankle et al. 2020: stable to SGD noise when the error barrier is < 2%
+
+
+def _as_floats(values: Iterable[Any], what: str) -> tuple[float, ...]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{what} must be real numbers, got {type(v).__name__} {v!r}")
+        out.append(float(v))
+    if any(math.isnan(v) for v in out):
+        raise ValueError(f"{what} contain NaN: {tuple(out)}")
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Barrier:
+    """Loss and error along a linear path between two networks.
+
+    ``barrier = max(errors) - (errors[0] + errors[-1]) / 2`` (Frankle et al. 2020), likewise
+    ``loss_barrier`` with the losses; both are >= 0 since the maximum includes the endpoints.
+
+    Args:
+        alphas: the interpolation coefficients, strictly increasing from 0.0 to 1.0.
+        losses: mean loss at each alpha (no NaN).
+        errors: error rate in [0, 1] at each alpha.
+
+    Raises:
+        ValueError: fewer than 2 points, lengths differ, bad grid, NaN, errors outside [0, 1].
+
+    Example:
+        >>> b = Barrier((0.0, 0.5, 1.0), (0.3, 0.9, 0.5), (0.1, 0.25, 0.2))
+        >>> round(b.barrier, 4), round(b.loss_barrier, 4), b.stable
+        (0.1, 0.5, False)
+    """
+
+    alphas: tuple[float, ...]
+    losses: tuple[float, ...]
+    errors: tuple[float, ...]
+    barrier: float = dataclasses.field(init=False)
+    loss_barrier: float = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        alphas = _as_floats(self.alphas, "alphas")
+        losses = _as_floats(self.losses, "losses")
+        errors = _as_floats(self.errors, "errors")
+        if len(alphas) < 2 or not len(alphas) == len(losses) == len(errors):
+            raise ValueError(
+                "alphas, losses and errors need the same length >= 2, got "
+                f"{len(alphas)}, {len(losses)}, {len(errors)}"
+            )
+        if alphas[0] != 0.0 or alphas[-1] != 1.0 or any(x >= y for x, y in zip(alphas, alphas[1:])):
+            raise ValueError(f"alphas must increase strictly from 0.0 to 1.0, got {alphas}")
+        if any(not 0.0 <= e <= 1.0 for e in errors):
+            raise ValueError(f"errors must be fractions in [0, 1], got {errors}")
+        object.__setattr__(self, "alphas", alphas)
+        object.__setattr__(self, "losses", losses)
+        object.__setattr__(self, "errors", errors)
+        object.__setattr__(self, "barrier", max(errors) - (errors[0] + errors[-1]) / 2)
+        object.__setattr__(self, "loss_barrier", max(losses) - (losses[0] + losses[-1]) / 2)
+
+    @property
+    def stable(self) -> bool:
+        """True when ``barrier < 0.02`` (stable to SGD noise, Frankle et al. 2020)."""
+        return self.barrier < STABLE_BARRIER
+
+
+def _check_loader_needed(model: nn.Module, train_loader: Any) -> bool:
+    has_bn = bool(bn_modules(model))
+    if has_bn and train_loader is None:
+        raise ValueError(
+            f"{type(model).__name__} has BatchNorm running statistics, which must be re-estimated "
+            "at every interpolation point: pass train_loader="
+        )
+    return has_bn
+
+
+def barrier(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    eval_loader: Iterable,
+    *,
+    train_loader: Iterable | None = None,
+    points: int = 11,
+    loss_fn: LossFn = F.cross_entropy,
+    bn_batches: int | None = None,
+    eval_batches: int | None = None,
+) -> Barrier:
+    """Evaluate the linear path from ``model_a`` to ``model_b`` and measure its error barrier.
+
+    At each ``alpha = i / (points - 1)`` the network :func:`interpolate` builds is, when it has
+    BatchNorm-like layers, re-estimated with :func:`reestimate_bn` over ``train_loader``, then
+    evaluated with :func:`evaluate` over ``eval_loader``. The endpoints are treated like every
+    other point (copies of the two models, re-estimated too), so ``errors[0]`` is the error of
+    ``model_a`` with re-estimated statistics, not with its own. One copy of ``model_a`` is made
+    and rewritten at each point; the two models are never modified.
+
+    Args:
+        model_a: the network at ``alpha = 0``.
+        model_b: the network at ``alpha = 1`` (same architecture, mask and sign locks).
+        eval_loader: ``(inputs, targets)`` batches to evaluate on (the test set).
+        train_loader: batches to re-estimate BatchNorm statistics on (training data); required
+            when the model has BatchNorm-like layers, unused otherwise.
+        points: number of alphas on the even grid, >= 2 (Frankle uses 30, AWS 11).
+        loss_fn: batch-mean loss (default cross-entropy).
+        bn_batches: re-estimate on the first ``bn_batches`` batches only.
+        eval_batches: evaluate on the first ``eval_batches`` batches only.
+
+    Returns:
+        A :class:`Barrier`.
+
+    Raises:
+        TypeError / ValueError: as :func:`interpolate` (different masks...), ``points < 2``, or
+            BatchNorm layers without ``train_loader``; checked before any evaluation.
+
+    Example:
+        >>> import torch
+        >>> torch.manual_seed(0) and None
+        >>> net, data = torch.nn.Linear(4, 3), [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> barrier(net, net, data, points=3).barrier
+        0.0
+    """
+    check_model(model_a, "model_a")
+    check_model(model_b, "model_b")
+    points = check_int(points, "points", minimum=2)
+    plan = plan_blend(model_a, model_b)
+    has_bn = _check_loader_needed(model_a, train_loader)
+    alphas = [i / (points - 1) for i in range(points)]
+    work = clone(model_a)
+    losses, errors = [], []
+    for alpha in alphas:
+        write_blend(work, model_a, model_b, alpha, plan)
+        if has_bn:
+            reestimate_bn(work, train_loader, batches=bn_batches)
+        loss, error = evaluate(work, eval_loader, loss_fn=loss_fn, batches=eval_batches)
+        losses.append(loss)
+        errors.append(error)
+    return Barrier(tuple(alphas), tuple(losses), tuple(errors))
+
+
+def instability(
+    model: nn.Module,
+    train: Callable[[nn.Module, int], nn.Module | None],
+    eval_loader: Iterable,
+    *,
+    seeds: tuple[int, int] = (0, 1),
+    train_loader: Iterable | None = None,
+    points: int = 11,
+    loss_fn: LossFn = F.cross_entropy,
+    bn_batches: int | None = None,
+    eval_batches: int | None = None,
+) -> Barrier:
+    """Measure instability to SGD noise: train two copies with different seeds, then :func:`barrier`.
+
+    ``model`` is the shared starting state (at init, or rewound to step k). Two deep copies are
+    trained by ``train(copy, seed)``, once with each seed; ``train`` trains the copy it gets (in
+    place, or returns the trained model) and uses ``seed`` for the data order / augmentation
+    noise. It builds its own optimizer; to continue from a saved optimizer state, load it there
+    (``opt.load_state_dict(state)``: the copy's parameters come in the same order). ``model`` is
+    not modified. Stable when ``.stable`` (barrier < 2%).
+
+    Args:
+        model: the starting network (pruned or dense).
+        train: ``train(model, seed) -> nn.Module | None``.
+        eval_loader, train_loader, points, loss_fn, bn_batches, eval_batches: as :func:`barrier`.
+        seeds: the two different integer seeds.
+
+    Returns:
+        The :class:`Barrier` between the two trained copies.
+
+    Raises:
+        TypeError / ValueError: bad ``train`` or ``seeds``, or a model with BatchNorm and no
+            ``train_loader`` (checked before training), or as :func:`barrier`.
+
+    Example:
+        >>> import torch
+        >>> def train(net, seed):  # a stand-in for a real training loop
+        ...     torch.manual_seed(seed)
+        ...     with torch.no_grad():
+        ...         net.weight.add_(0.01 * torch.randn_like(net.weight))
+        >>> torch.manual_seed(0) and None
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+        >>> instability(torch.nn.Linear(4, 3), train, data, points=3).alphas
+        (0.0, 0.5, 1.0)
+    """
+    check_model(model, "model")
+    if not callable(train):
+        raise TypeError(f"train must be callable as train(model, seed), got {type(train).__name__}")
+    seeds = tuple(seeds)
+    if len(seeds) != 2:
+        raise ValueError(f"seeds must be two integers, got {seeds!r}")
+    seeds = tuple(check_int(s, "seeds entry", minimum=-(2**63)) for s in seeds)
+    if seeds[0] == seeds[1]:
+        raise ValueError(f"seeds must differ, got {seeds!r}")
+    check_int(points, "points", minimum=2)
+    _check_loader_needed(model, train_loader)
+    trained = []
+    for seed in seeds:
+        net = clone(model)
+        out = train(net, seed)
+        if out is not None and not isinstance(out, nn.Module):
+            raise TypeError(f"train must return None or an nn.Module, got {type(out).__name__}")
+        trained.append(net if out is None else out)
+    return barrier(trained[0], trained[1], eval_loader, train_loader=train_loader, points=points,
+                   loss_fn=loss_fn, bn_batches=bn_batches, eval_batches=eval_batches)

@@ -1,0 +1,171 @@
+"""Evaluation helpers: BatchNorm statistics re-estimation, loss and error over a loader."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import check_int, check_model, device_of, split_batch
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def bn_modules(model: nn.Module) -> list[nn.Module]:
+    """List the modules whose running statistics :func:`reestimate_bn` re-estimates.
+
+    Those owning tensor ``running_mean`` and ``running_var`` buffers, a ``momentum`` and
+    ``reset_running_stats()``: torch BatchNorm, SyncBatchNorm, InstanceNorm with
+    ``track_running_stats``, timm's ``BatchNormAct2d``... (not ``FrozenBatchNorm2d``).
+
+    Example:
+        >>> len(bn_modules(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))))
+        1
+    """
+    return [
+        m for m in model.modules()
+        if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+        and isinstance(getattr(m, "running_var", None), torch.Tensor)
+        and callable(getattr(m, "reset_running_stats", None))
+        and hasattr(m, "momentum")
+    ]
+
+
+def _limit(loader: Iterable, batches: int | None) -> Iterable:
+    return loader if batches is None else itertools.islice(loader, batches)
+
+
+def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = None) -> nn.Module:
+    """Re-estimate the running statistics of every BatchNorm-like layer, in place.
+
+    Each layer found by :func:`bn_modules` is reset and given ``momentum=None`` (torch's
+    cumulative average: with batches of equal size, the mean of the per-batch means and unbiased
+    variances), then the whole model runs one no-grad pass over ``loader`` in train mode (dropout
+    active, as in training), and the momenta and every module's train/eval flag are restored.
+    A model without such layers is returned at once, without reading ``loader``.
+
+    Args:
+        model: any model.
+        loader: iterable of input tensors or ``(inputs, ...)`` tuples (a ``DataLoader``); inputs
+            are moved to the model's device.
+        batches: use only the first ``batches`` batches (default: all).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: bad ``model``, ``batches`` or batch type.
+        ValueError: ``batches < 1`` or the loader yields no batch. On any error (the forward's
+            too) the running statistics, momenta and modes are restored.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
+        >>> _ = reestimate_bn(net, [torch.tensor([[0.0, 1.0], [2.0, 3.0]])])
+        >>> net[0].running_mean.tolist(), net.training
+        ([1.0, 2.0], True)
+    """
+    check_model(model, "model")
+    if batches is not None:
+        batches = check_int(batches, "batches", minimum=1)
+    layers = bn_modules(model)
+    if not layers:
+        return model
+    saved = [(m, m.momentum, {k: b.clone() for k, b in m._buffers.items() if b is not None})
+             for m in layers]
+    modes = [(m, m.training) for m in model.modules()]
+    device = device_of(model)
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        seen = 0
+        with torch.no_grad():
+            for batch in _limit(loader, batches):
+                inputs, _ = split_batch(batch, need_target=False)
+                model(inputs.to(device))
+                seen += 1
+        if seen == 0:
+            raise ValueError("loader yielded no batch; cannot re-estimate BatchNorm statistics")
+    except BaseException:
+        with torch.no_grad():
+            for m, _, buffers in saved:
+                for k, b in buffers.items():
+                    m._buffers[k].copy_(b)
+        raise
+    finally:
+        for m, momentum, _ in saved:
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    return model
+
+
+# ------------------------------------------------------------------------------ evaluate
+class Evaluation(NamedTuple):
+    """Mean loss and error rate (fraction misclassified, in [0, 1]) over a loader."""
+
+    loss: float
+    error: float
+
+
+def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_entropy,
+             batches: int | None = None) -> Evaluation:
+    """Compute the mean loss and the top-1 error of ``model`` over ``loader``.
+
+    Runs in eval mode without gradients and restores every module's train/eval flag. The loss
+    is ``loss_fn(logits, targets)`` (a batch mean) weighted by batch size.
+
+    Args:
+        model: a classifier returning logits of shape ``(N, C, ...)``.
+        loader: iterable of ``(inputs, targets, ...)`` with class-index targets of shape ``(N, ...)``.
+        loss_fn: batch-mean loss (default ``torch.nn.functional.cross_entropy``).
+        batches: use only the first ``batches`` batches (default: all).
+
+    Returns:
+        ``Evaluation(loss, error)``.
+
+    Raises:
+        TypeError: bad arguments or batches.
+        ValueError: ``batches < 1``, an empty loader, or logits and targets of mismatched shapes.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.copy_(torch.eye(2)); _ = net.bias.zero_()
+        >>> evaluate(net, [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))]).error
+        0.5
+    """
+    check_model(model, "model")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if batches is not None:
+        batches = check_int(batches, "batches", minimum=1)
+    modes = [(m, m.training) for m in model.modules()]
+    device = device_of(model)
+    total_loss, wrong, count = 0.0, 0, 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in _limit(loader, batches):
+                inputs, targets = split_batch(batch, need_target=True)
+                logits = model(inputs.to(device))
+                targets = targets.to(logits.device)
+                if logits.dim() != targets.dim() + 1 or logits.shape[0] != targets.shape[0] \
+                        or logits.shape[2:] != targets.shape[1:]:
+                    raise ValueError(
+                        f"logits of shape {tuple(logits.shape)} do not match class-index targets "
+                        f"of shape {tuple(targets.shape)} (expected logits (N, C, ...))"
+                    )
+                total_loss += float(loss_fn(logits, targets)) * targets.numel()
+                wrong += int((logits.argmax(dim=1) != targets).sum())
+                count += targets.numel()
+    finally:
+        for m, training in modes:
+            m.training = training
+    if count == 0:
+        raise ValueError("loader yielded no batch; nothing to evaluate")
+    return Evaluation(total_loss / count, wrong / count)

@@ -1,0 +1,140 @@
+"""Points on the straight line between two networks of the same architecture and mask."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from .. import _bits, _targets
+from ._common import check_model, check_real, clone, refresh
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical name -> live tensor for every parameter and buffer (non-persistent included)."""
+    out = {}
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        out.setdefault(_targets.canonical(name), t)
+    return out
+
+
+def _differences(key: str, a: torch.Tensor, b: torch.Tensor, pruned: dict) -> int:
+    """How many entries of a mask, or kept entries of a packed sign lock, differ."""
+    b = b.to(a.device)
+    if not key.endswith("_sign"):
+        return int((a != b).sum())
+    module, name = pruned[key[: -len("_sign")]]
+    shape = module._parameters[name + "_orig"].shape
+    keep = module._buffers[name + "_mask"] == 1
+    bits_a, bits_b = _bits.sign_bits(a, shape), _bits.sign_bits(b, shape)
+    return int(((bits_a != bits_b) & keep).sum())
+
+
+def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
+    """Name -> how to blend it (``"blend"``, ``"keep"``, ``"magnitude"``); raise on mismatch.
+
+    Masks and the kept entries' sign locks (``"keep"``) must be equal in both models; integer
+    buffers (``num_batches_tracked``) are kept from ``model_a``.
+    """
+    ta, tb = _tensors(model_a), _tensors(model_b)
+    only_a, only_b = [k for k in ta if k not in tb], [k for k in tb if k not in ta]
+    if only_a or only_b:
+        raise ValueError(
+            "model_a and model_b have different tensors (same architecture and pruning layout "
+            f"needed): only in model_a: {only_a[:5]}, only in model_b: {only_b[:5]}"
+        )
+    pruned_a, pruned_b = _targets.pruned(model_a), _targets.pruned(model_b)
+    if pruned_a.keys() != pruned_b.keys():
+        diff = sorted(pruned_a.keys() ^ pruned_b.keys())
+        raise ValueError(f"model_a and model_b prune different tensors: first difference {diff[0]!r}")
+    structural = {f"{k}{s}" for k in pruned_a for s in ("_mask", "_sign")}
+    locked = {f"{k}_orig" for k, (m, n) in pruned_a.items() if n + "_sign" in m._buffers}
+    plan = {}
+    for key, a in ta.items():
+        b = tb[key]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(
+                f"tensor {key!r} differs: model_a has {tuple(a.shape)} {a.dtype}, model_b has "
+                f"{tuple(b.shape)} {b.dtype}"
+            )
+        if key in structural:
+            n = _differences(key, a, b, pruned_a)
+            if n:
+                raise ValueError(
+                    f"{key!r} differs between model_a and model_b ({n} entries); "
+                    "interpolation needs both networks under the same mask and sign locks"
+                )
+            plan[key] = "keep"
+        elif key in locked:
+            plan[key] = "magnitude"
+        else:
+            plan[key] = "blend" if a.is_floating_point() else "keep"
+    return plan
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 - alpha) * a + alpha * b`` computed in float64, rounded once to ``a``'s dtype."""
+    a64, b64 = a.detach().double(), b.detach().to(a.device).double()
+    return ((1.0 - alpha) * a64 + alpha * b64).to(a.dtype)
+
+
+def write_blend(target: nn.Module, model_a: nn.Module, model_b: nn.Module, alpha: float,
+                plan: dict[str, str]) -> None:
+    """Write the blend at ``alpha`` into ``target`` (a copy of ``model_a``), as ``plan`` says."""
+    ta, tb, tt = _tensors(model_a), _tensors(model_b), _tensors(target)
+    owners = {}
+    for key, (module, name) in _targets.pruned(target).items():
+        owners[f"{key}_orig"] = (module, name)
+    with torch.no_grad():
+        for key, how in plan.items():
+            if how == "keep":
+                tt[key].copy_(ta[key])
+            elif how == "blend":
+                tt[key].copy_(_blend(ta[key], tb[key], alpha))
+            else:  # sign-locked: locked sign times the blended magnitudes
+                module, name = owners[key]
+                bits = _bits.sign_bits(module._buffers[name + "_sign"], tt[key].shape)
+                magnitude = _blend(ta[key].abs(), tb[key].abs(), alpha)
+                tt[key].copy_(torch.where(bits.bool(), -magnitude, magnitude))
+        for module, name in owners.values():
+            refresh(module, name)
+
+
+def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
+    """Build the network ``(1 - alpha) * model_a + alpha * model_b`` as a new model.
+
+    The result is a ``copy.deepcopy`` of ``model_a`` in which every floating-point parameter and
+    buffer (running statistics included) is ``(1 - alpha) * a + alpha * b``, computed in float64
+    and rounded once, so ``alpha=0`` and ``alpha=1`` give ``model_a`` and ``model_b`` exactly.
+    Masks, and the signs locked on kept entries, must be equal in both models and are copied;
+    integer buffers (``num_batches_tracked``) are ``model_a``'s. A sign-locked tensor gets the
+    locked signs times the blended magnitudes, so its effective weight is the blend of the
+    effective weights.
+
+    Args:
+        model_a: the network at ``alpha = 0``.
+        model_b: the network at ``alpha = 1``, same architecture and pruning layout.
+        alpha: the interpolation coefficient, in [0, 1].
+
+    Returns:
+        A new model; ``model_a`` and ``model_b`` are not modified.
+
+    Raises:
+        TypeError: a model is not an ``nn.Module`` or ``alpha`` is not a real number.
+        ValueError: ``alpha`` outside [0, 1]; the models' tensors differ in names, shapes or
+            dtypes, or a mask or sign lock differs (the first differing tensor is named).
+
+    Example:
+        >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        >>> mid = interpolate(a, b, 0.5)
+        >>> bool(torch.allclose(mid.weight, (a.weight + b.weight) / 2))
+        True
+    """
+    check_model(model_a, "model_a")
+    check_model(model_b, "model_b")
+    alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
+    plan = plan_blend(model_a, model_b)
+    out = clone(model_a)
+    write_blend(out, model_a, model_b, alpha, plan)
+    return out

@@ -1,0 +1,273 @@
+"""Perturbations at the rewind point (Frankle et al. 2020, the early phase of training).
+
+:func:`perturb` rewrites the conv/linear weights of a model that holds the weights of rewind
+step k, in place, by one registered kind:
+
+- ``"rewind"``: signs and magnitudes from k (no change; the control);
+- ``"init"``: signs and magnitudes from init (rewinding to step 0);
+- ``"init_signs"``: signs from init, magnitudes from k;
+- ``"init_magnitudes"``: magnitudes from init, signs from k;
+- ``"permute_layer"``: the weights shuffled within each tensor;
+- ``"permute_filter"``: shuffled within each output channel (dim 0; dim 1 of ConvTranspose);
+- ``"shuffle_same_sign"``: positive weights shuffled among positive positions, negative among
+  negative ones (zeros stay);
+- ``"noise"``: plus Gaussian noise of std ``sigma_n * sigma``, ``sigma`` the (unbiased) std of
+  the tensor's init values.
+
+In a pruned model only kept weights take part (permutations move kept values among kept
+positions) and pruned entries of ``<name>_orig`` are left as they were, so the pruned weights
+stay 0 and the mask is unchanged. Add kinds with :func:`register_perturbation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .. import _reparam
+from ._common import check_int, check_model, check_real, refresh, weights
+
+
+@dataclasses.dataclass(frozen=True)
+class PerturbationInput:
+    """What a perturbation receives for one tensor.
+
+    Args:
+        name: canonical tensor name.
+        weight: the tensor's current values (the rewind point; a copy, free to modify).
+        keep: bool, True where the weight is kept (all True for a dense tensor).
+        init: its init values (same shape and device) or None when the kind needs none.
+        generator: a CPU ``torch.Generator`` seeded for this tensor, None for deterministic kinds.
+        sigma_n: the ``noise`` scale, if given.
+        filter_dim: the output-channel axis (1 for ConvTranspose, else 0).
+    """
+
+    name: str
+    weight: torch.Tensor
+    keep: torch.Tensor
+    init: torch.Tensor | None
+    generator: torch.Generator | None
+    sigma_n: float | None
+    filter_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Perturbation:
+    """A registered kind: ``fn(layer) -> new values`` (only kept entries are used)."""
+
+    name: str
+    fn: Callable[[PerturbationInput], torch.Tensor]
+    needs_init: bool
+    random: bool
+    needs_sigma: bool
+
+
+PERTURBATIONS: dict[str, Perturbation] = {}
+
+
+def register_perturbation(name: str, *, needs_init: bool = False, random: bool = False,
+                          needs_sigma: bool = False) -> Callable[[Callable], Callable]:
+    """Register ``fn(layer: PerturbationInput) -> Tensor`` as the perturbation kind ``name``.
+
+    Args:
+        name: the kind's key for :func:`perturb`.
+        needs_init: :func:`perturb` then requires ``init=``.
+        random: :func:`perturb` then requires ``seed=`` and passes a seeded generator.
+        needs_sigma: :func:`perturb` then requires ``sigma_n=``.
+
+    Example:
+        >>> @register_perturbation("zero_kept")
+        ... def _zero(layer):
+        ...     return torch.zeros_like(layer.weight)
+        >>> "zero_kept" in PERTURBATIONS
+        True
+        >>> del PERTURBATIONS["zero_kept"]
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+
+    def deco(fn: Callable[[PerturbationInput], torch.Tensor]) -> Callable:
+        PERTURBATIONS[name] = Perturbation(name, fn, bool(needs_init), bool(random), bool(needs_sigma))
+        return fn
+
+    return deco
+
+
+def get_perturbation(kind: str) -> Perturbation:
+    """Look up a kind; an unknown one raises ``ValueError`` listing the valid kinds."""
+    try:
+        return PERTURBATIONS[kind]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown perturbation kind {kind!r}; valid kinds: {sorted(PERTURBATIONS)}"
+        ) from None
+
+
+def _permute_rows(values: torch.Tensor, keep: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shuffle the kept entries of each row of a 2-D tensor among the row's kept positions."""
+    keys = torch.rand(values.shape, generator=gen, dtype=torch.float64).to(values.device)
+    keys = torch.where(keep, keys, 2.0)  # kept entries first, in random order
+    source = torch.argsort(keys, dim=1, stable=True)
+    target = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept positions in order
+    return values.clone().scatter_(1, target, torch.gather(values, 1, source))
+
+
+@register_perturbation("rewind")
+def _rewind(layer: PerturbationInput) -> torch.Tensor:
+    return layer.weight
+
+
+@register_perturbation("init", needs_init=True)
+def _init(layer: PerturbationInput) -> torch.Tensor:
+    return layer.init
+
+
+@register_perturbation("init_signs", needs_init=True)
+def _init_signs(layer: PerturbationInput) -> torch.Tensor:
+    return torch.copysign(layer.weight.abs(), layer.init)
+
+
+@register_perturbation("init_magnitudes", needs_init=True)
+def _init_magnitudes(layer: PerturbationInput) -> torch.Tensor:
+    return torch.copysign(layer.init.abs(), layer.weight)
+
+
+@register_perturbation("permute_layer", random=True)
+def _permute_layer(layer: PerturbationInput) -> torch.Tensor:
+    flat = _permute_rows(layer.weight.reshape(1, -1), layer.keep.reshape(1, -1), layer.generator)
+    return flat.view(layer.weight.shape)
+
+
+@register_perturbation("permute_filter", random=True)
+def _permute_filter(layer: PerturbationInput) -> torch.Tensor:
+    d = layer.filter_dim
+    moved = layer.weight.movedim(d, 0)
+    rows = _permute_rows(moved.reshape(moved.shape[0], -1),
+                         layer.keep.movedim(d, 0).reshape(moved.shape[0], -1), layer.generator)
+    return rows.view(moved.shape).movedim(0, d)
+
+
+@register_perturbation("shuffle_same_sign", random=True)
+def _shuffle_same_sign(layer: PerturbationInput) -> torch.Tensor:
+    out = layer.weight.reshape(1, -1)
+    keep = layer.keep.reshape(1, -1)
+    for side in (out > 0, out < 0):
+        out = _permute_rows(out, keep & side, layer.generator)
+    return out.view(layer.weight.shape)
+
+
+@register_perturbation("noise", needs_init=True, random=True, needs_sigma=True)
+def _noise(layer: PerturbationInput) -> torch.Tensor:
+    sigma = float(layer.init.double().std()) if layer.init.numel() > 1 else 0.0
+    draw = torch.randn(layer.weight.shape, generator=layer.generator, dtype=torch.float64)
+    return layer.weight + (layer.sigma_n * sigma * draw).to(layer.weight.device, layer.weight.dtype)
+
+
+def _init_values(init: nn.Module | Mapping[str, torch.Tensor] | None, kind: str,
+                 keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    if init is None:
+        raise ValueError(f"kind={kind!r} needs init= (the weights at step 0)")
+    if isinstance(init, nn.Module):
+        found = weights(init, list(keys), arg="init")
+        return {k: _reparam.original(m, n).detach() for k, (m, n) in found.items()}
+    if isinstance(init, Mapping):
+        missing = [k for k in keys if k not in init]
+        if missing:
+            raise ValueError(f"init has no tensor {missing[:5]}; it needs the canonical weight names")
+        return {k: init[k] for k in keys}
+    raise TypeError(f"init must be an nn.Module or a name -> tensor mapping, got {type(init).__name__}")
+
+
+def _check_init(key: str, ref: object, param: torch.Tensor) -> torch.Tensor:
+    if not isinstance(ref, torch.Tensor) or tuple(ref.shape) != tuple(param.shape):
+        found = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
+        raise ValueError(f"init {key!r} is {found}, the model's tensor has shape {tuple(param.shape)}")
+    return ref.detach().to(param.device, param.dtype)
+
+
+def _inputs(spec: Perturbation, targets: Mapping[str, tuple[nn.Module, str]],
+            inits: Mapping[str, torch.Tensor] | None, seed: int | None,
+            sigma_n: float | None) -> list[PerturbationInput]:
+    """One validated :class:`PerturbationInput` per tensor; raise before anything is changed."""
+    out = []
+    for index, (key, (module, name)) in enumerate(targets.items()):
+        if _reparam.is_sign_locked(module, name):
+            raise ValueError(f"{key} is sign-locked; perturb() needs tensors with free signs")
+        param = _reparam.original(module, name)
+        ref = None if inits is None else _check_init(key, inits[key], param)
+        keep = _reparam.current_mask(module, name)
+        keep = torch.ones_like(param, dtype=torch.bool) if keep is None else keep
+        gen = torch.Generator().manual_seed(seed + 7919 * index) if spec.random else None
+        filter_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+        out.append(PerturbationInput(key, param.detach().clone(), keep, ref, gen, sigma_n, filter_dim))
+    return out
+
+
+def perturb(
+    model: nn.Module,
+    kind: str,
+    *,
+    init: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    seed: int | None = None,
+    sigma_n: float | None = None,
+    names: Iterable[str] | None = None,
+) -> nn.Module:
+    """Perturb the conv/linear weights of ``model`` (at the rewind point), in place.
+
+    See the module docs for the kinds. Arguments a kind does not use are ignored, so one call
+    fits a loop over all kinds. Tensor ``i`` (in model order) draws from a CPU generator seeded
+    with ``seed + 7919 * i``, so a seed gives the same result on every device.
+
+    Args:
+        model: the model holding the rewind-point weights (pruned or dense, not sign-locked).
+        kind: a key of ``PERTURBATIONS``.
+        init: the init weights (a model, whose ``_orig`` values are read, or canonical name ->
+            tensor); needed by ``init*`` kinds and ``noise``.
+        seed: int >= 0; needed by random kinds.
+        sigma_n: noise std in units of each tensor's init std (``noise`` only), >= 0.
+        names: canonical tensor names to perturb (default: all conv/linear weights).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError / ValueError: unknown kind (valid ones listed), a missing required argument,
+            mismatched init shapes, or a sign-locked tensor. ``model`` is then untouched.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 2)
+        >>> before = sorted(net.weight.flatten().tolist())
+        >>> _ = perturb(net, "permute_layer", seed=0)
+        >>> sorted(net.weight.flatten().tolist()) == before
+        True
+    """
+    check_model(model, "model")
+    spec = get_perturbation(kind)
+    targets = weights(model, names)
+    if spec.random:
+        if seed is None:
+            raise ValueError(f"kind={kind!r} is random: pass seed=")
+        seed = check_int(seed, "seed", minimum=0)
+    if spec.needs_sigma:
+        if sigma_n is None:
+            raise ValueError(f"kind={kind!r} needs sigma_n= (the noise std in units of the init std)")
+        sigma_n = check_real(sigma_n, "sigma_n", low=0.0)
+    inits = _init_values(init, kind, targets) if spec.needs_init else None
+    layers = _inputs(spec, targets, inits, seed, sigma_n)
+    new = [spec.fn(layer) for layer in layers]  # everything computed before anything is written
+    for layer, values in zip(layers, new):
+        if not isinstance(values, torch.Tensor) or values.shape != layer.weight.shape:
+            raise ValueError(
+                f"perturbation {kind!r} returned {type(values).__name__} "
+                f"{tuple(getattr(values, 'shape', ()))} for {layer.name}, "
+                f"expected {tuple(layer.weight.shape)}"
+            )
+    with torch.no_grad():
+        for (module, name), layer, values in zip(targets.values(), layers, new):
+            param = _reparam.original(module, name)
+            param.copy_(torch.where(layer.keep, values.to(param.device, param.dtype), layer.weight))
+            refresh(module, name)
+    return model

@@ -1,0 +1,195 @@
+"""Figures of the analyses, written atomically (matplotlib, imported only when plotting).
+
+Every function validates its input first, draws on a standalone ``matplotlib.figure.Figure``
+with the Agg canvas (pyplot and the global backend are left alone), renders to memory and writes
+the file through a temp file in the same folder and ``os.replace``: a reader never sees a
+partial file and a failed call leaves no file behind. The format follows the suffix of ``path``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import numbers
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ._connectivity import Barrier
+from ._telemetry import Telemetry
+
+_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def _check_path(path: str | os.PathLike) -> tuple[Path, str]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    fmt = path.suffix[1:].lower()
+    if fmt not in _FORMATS:
+        raise ValueError(f"path must end in one of {['.' + f for f in _FORMATS]}, got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(path.parent)!r} of path does not exist")
+    return path, fmt
+
+
+def _check_mapping(value: Any, arg: str) -> None:
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{arg} must be a non-empty mapping of label -> data, got {value!r}")
+    for label in value:
+        if not isinstance(label, str):
+            raise TypeError(f"{arg} labels must be str, got {type(label).__name__} {label!r}")
+
+
+def _figure(ncols: int):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
+    fig = Figure(figsize=(5 * ncols, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _write(fig, path: Path, fmt: str) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=100)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give what a plain open() would
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike) -> Path:
+    """Plot test error and loss along each interpolation path, one line per label.
+
+    Args:
+        barriers: label -> :class:`Barrier` (from :func:`barrier` or :func:`instability`).
+        path: the file to write (``.png``, ``.pdf``, ``.svg``, ``.jpg``); its folder must exist.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        TypeError / ValueError: an empty mapping, a non-str label, a value that is no
+            ``Barrier``, or a bad path. ImportError: matplotlib is not installed.
+
+    Example:
+        >>> import tempfile, os
+        >>> b = Barrier((0.0, 0.5, 1.0), (0.2, 0.6, 0.2), (0.1, 0.3, 0.1))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     plot_interpolation({"IMP": b}, os.path.join(d, "lmc.png")).name
+        'lmc.png'
+    """
+    _check_mapping(barriers, "barriers")
+    for label, b in barriers.items():
+        if not isinstance(b, Barrier):
+            raise TypeError(f"barriers[{label!r}] must be a Barrier, got {type(b).__name__}")
+    path, fmt = _check_path(path)
+    fig, (ax_err, ax_loss) = _figure(2)
+    for label, b in barriers.items():
+        ax_err.plot(b.alphas, [100 * e for e in b.errors], "o-",
+                    label=f"{label} (barrier {100 * b.barrier:.2f}%)")
+        ax_loss.plot(b.alphas, b.losses, "o-", label=f"{label} (barrier {b.loss_barrier:.3f})")
+    ax_err.set(xlabel="interpolation alpha", ylabel="error (%)", title="error along the path")
+    ax_loss.set(xlabel="interpolation alpha", ylabel="loss", title="loss along the path")
+    ax_err.legend()
+    ax_loss.legend()
+    return _write(fig, path, fmt)
+
+
+def _check_curve(label: str, points: Any) -> list[tuple[float, float]]:
+    if isinstance(points, (str, bytes)) or not isinstance(points, Sequence) or not points:
+        raise ValueError(f"curves[{label!r}] must be a non-empty sequence of (sparsity, accuracy)")
+    out = []
+    for point in points:
+        if not isinstance(point, Sequence) or len(point) != 2 or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+            for v in point
+        ):
+            raise ValueError(f"curves[{label!r}] holds {point!r}; expected (sparsity, accuracy) in [0, 1]")
+        out.append((float(point[0]), float(point[1])))
+    return sorted(out)
+
+
+def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
+                           path: str | os.PathLike) -> Path:
+    """Plot accuracy against sparsity, one line per label (points sorted by sparsity).
+
+    Args:
+        curves: label -> ``[(sparsity, accuracy), ...]``, both fractions in [0, 1].
+        path: the file to write; its folder must exist.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        TypeError / ValueError: an empty mapping or curve, a non-str label, a value outside
+            [0, 1], or a bad path. ImportError: matplotlib is not installed.
+
+    Example:
+        >>> import tempfile, os
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     plot_sparsity_accuracy({"IMP": [(0.0, 0.9), (0.8, 0.88)]}, os.path.join(d, "s.png")).name
+        's.png'
+    """
+    _check_mapping(curves, "curves")
+    checked = {label: _check_curve(label, points) for label, points in curves.items()}
+    path, fmt = _check_path(path)
+    fig, (ax,) = _figure(1)
+    for label, points in checked.items():
+        ax.plot([100 * s for s, _ in points], [100 * a for _, a in points], "o-", label=label)
+    ax.set(xlabel="sparsity (%)", ylabel="accuracy (%)", title="accuracy vs sparsity")
+    ax.legend()
+    return _write(fig, path, fmt)
+
+
+def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str | None = None) -> Path:
+    """Plot a :class:`Telemetry`'s sign changes, distances and cosine similarities over steps.
+
+    Distances and similarities to the final weights appear once :meth:`Telemetry.finish` ran.
+
+    Args:
+        telemetry: a recorder with at least one record.
+        path: the file to write; its folder must exist.
+        layer: one tracked tensor's name (default: all tracked tensors together).
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        TypeError / ValueError: not a ``Telemetry``, no records, an unknown layer, or a bad
+            path. ImportError: matplotlib is not installed.
+    """
+    if not isinstance(telemetry, Telemetry):
+        raise TypeError(f"telemetry must be a Telemetry, got {type(telemetry).__name__}")
+    if not telemetry.records:
+        raise ValueError("telemetry has no records; call record(step) during training first")
+    series = {"sign_changed": telemetry.series("sign_changed", layer),
+              "dist_init": telemetry.series("dist_init", layer),
+              "cos_init": telemetry.series("cos_init", layer)}
+    if telemetry.records[0].total.dist_final is not None:
+        series["dist_final"] = telemetry.series("dist_final", layer)
+        series["cos_final"] = telemetry.series("cos_final", layer)
+    path, fmt = _check_path(path)
+    steps = telemetry.steps
+    fig, (ax_sign, ax_dist, ax_cos) = _figure(3)
+    ax_sign.plot(steps, [100 * v for v in series["sign_changed"]], "o-")
+    ax_sign.set(xlabel="step", ylabel="weights with changed sign (%)", title="sign changes since init")
+    for ax, metric, what in ((ax_dist, "dist", "L2 distance"), (ax_cos, "cos", "cosine similarity")):
+        for ref in ("init", "final"):
+            if f"{metric}_{ref}" in series:
+                ax.plot(steps, series[f"{metric}_{ref}"], "o-", label=f"to {ref}")
+        ax.set(xlabel="step", ylabel=what, title=what + (f" ({layer})" if layer else ""))
+        ax.legend()
+    return _write(fig, path, fmt)

@@ -1,0 +1,252 @@
+"""Early-phase telemetry: how far weights move from their init (Frankle et al. 2020).
+
+:class:`Telemetry` records, per conv/linear weight and over all of them, the fraction of
+weights whose sign changed since init, the L2 distance and the cosine similarity to init, and
+(after :meth:`Telemetry.finish`) the distance and cosine similarity to the final weights.
+
+Weights are compared as the forward uses them (masked, sign-locked) and only where the mask
+keeps them, so pruned zeros neither count as sign changes nor move the distances; a dense
+tensor counts every entry. A sign "changes" when ``torch.sign`` differs (a weight that became
+exactly 0 has changed). Sums run in float64 on CPU.
+
+Memory: the init snapshot holds one CPU copy of the tracked weights; every record adds another
+copy (and a 1-byte-per-weight mask for pruned tensors) unless ``keep_snapshots=False`` (then
+:meth:`Telemetry.finish` is unavailable). Use ``every=k`` to keep one record per k steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ._common import check_int, check_model, effective, keep_mask, weights
+
+METRICS = ("sign_changed", "dist_init", "cos_init", "dist_final", "cos_final")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Movement of one tensor (or of all tracked tensors) at one step.
+
+    Args:
+        sign_changed: fraction in [0, 1] of counted weights whose sign differs from init.
+        dist_init: L2 distance to init, >= 0.
+        cos_init: cosine similarity to init, in [-1, 1] (NaN when a side is all zero).
+        dist_final, cos_final: the same to the final weights, None until ``finish()``.
+
+    Example:
+        >>> Stats(0.0, 0.0, 1.0)
+        Stats(sign_changed=0.0, dist_init=0.0, cos_init=1.0, dist_final=None, cos_final=None)
+    """
+
+    sign_changed: float
+    dist_init: float
+    cos_init: float
+    dist_final: float | None = None
+    cos_final: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.sign_changed <= 1.0 or math.isnan(self.sign_changed)):
+            raise ValueError(f"sign_changed must be in [0, 1], got {self.sign_changed}")
+        for name in ("dist_init", "dist_final"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name in ("cos_init", "cos_final"):
+            value = getattr(self, name)
+            if value is not None and not (-1.0 <= value <= 1.0 or math.isnan(value)):
+                raise ValueError(f"{name} must be in [-1, 1] or NaN, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """The :class:`Stats` of every tracked tensor (``layers``) and of all together (``total``)."""
+
+    step: int
+    layers: Mapping[str, Stats]
+    total: Stats
+
+
+class _Sums:
+    """Float64 sums over the counted entries of two tensors ``x`` (now) and ``y`` (reference)."""
+
+    def __init__(self) -> None:
+        self.count = self.changed = 0
+        self.d2 = self.xy = self.xx = self.yy = 0.0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None) -> "_Sums":
+        if keep is not None:
+            x, y = x[keep], y[keep]
+        x64, y64 = x.reshape(-1).double(), y.reshape(-1).double()
+        self.count += x64.numel()
+        self.changed += int((torch.sign(x64) != torch.sign(y64)).sum())
+        diff = x64 - y64
+        self.d2 += float(diff @ diff)
+        self.xy += float(x64 @ y64)
+        self.xx += float(x64 @ x64)
+        self.yy += float(y64 @ y64)
+        return self
+
+    def distance(self) -> float:
+        return math.sqrt(self.d2)
+
+    def cosine(self) -> float:
+        denom = math.sqrt(self.xx * self.yy)  # sqrt(v * v) == v exactly: cosine(w, w) == 1.0
+        return math.nan if denom == 0.0 else max(-1.0, min(1.0, self.xy / denom))
+
+    def fraction(self) -> float:
+        return self.changed / self.count if self.count else math.nan
+
+
+class Telemetry:
+    """Record how the conv/linear weights of ``model`` move away from their init.
+
+    Creating it snapshots the weights as the init; call :meth:`record` during training and
+    :meth:`finish` at the end (see the module docs for what is compared and the memory cost).
+
+    Args:
+        model: the model being trained (read at every :meth:`record`).
+        every: record only steps that are multiples of ``every``.
+        names: canonical tensor names to track (default: every conv/linear weight).
+        keep_snapshots: keep a CPU copy of the weights of every record, for :meth:`finish`.
+
+    Raises:
+        TypeError / ValueError: bad ``model``, ``every < 1``, or unknown ``names``.
+
+    Example:
+        >>> net = torch.nn.Linear(4, 4)
+        >>> rec = Telemetry(net)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.neg_()
+        >>> rec.record(1)
+        True
+        >>> rec.records[-1].total.sign_changed, rec.records[-1].total.cos_init
+        (1.0, -1.0)
+    """
+
+    def __init__(self, model: nn.Module, *, every: int = 1, names: Iterable[str] | None = None,
+                 keep_snapshots: bool = True) -> None:
+        self.model = check_model(model, "model")
+        self.every = check_int(every, "every", minimum=1)
+        self.keep_snapshots = bool(keep_snapshots)
+        self._targets = weights(model, names)
+        self._init = {k: w for k, (w, _) in self._read(model, self._targets).items()}
+        self._snapshots: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []
+        self._records: list[Record] = []
+
+    @staticmethod
+    def _read(model: nn.Module, targets: Mapping[str, tuple[nn.Module, str]]
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        out = {}
+        for key, (module, name) in targets.items():
+            mask = keep_mask(module, name)
+            out[key] = (effective(module, name).to("cpu", copy=True),
+                        None if mask is None else mask.to("cpu", copy=True))
+        return out
+
+    @property
+    def records(self) -> tuple[Record, ...]:
+        """The records so far, in step order."""
+        return tuple(self._records)
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """The recorded steps."""
+        return tuple(r.step for r in self._records)
+
+    def record(self, step: int) -> bool:
+        """Record the weights' movement at ``step`` if it is a multiple of ``every``.
+
+        Args:
+            step: the training step, an int >= 0, larger than every step recorded before.
+
+        Returns:
+            True when a record was added.
+
+        Raises:
+            TypeError / ValueError: ``step`` is not an int, negative, or not increasing.
+        """
+        step = check_int(step, "step", minimum=0)
+        if self._records and step <= self._records[-1].step:
+            raise ValueError(f"step must increase: got {step} after {self._records[-1].step}")
+        if step % self.every:
+            return False
+        now = self._read(self.model, self._targets)
+        layers, total = {}, _Sums()
+        for key, (w, keep) in now.items():
+            sums = _Sums().add(w, self._init[key], keep)
+            total.add(w, self._init[key], keep)
+            layers[key] = Stats(sums.fraction(), sums.distance(), sums.cosine())
+        overall = Stats(total.fraction(), total.distance(), total.cosine())
+        self._records.append(Record(step, layers, overall))
+        if self.keep_snapshots:
+            self._snapshots.append(now)
+        return True
+
+    def finish(self, final: nn.Module | None = None) -> tuple[Record, ...]:
+        """Add the distance and cosine similarity to the final weights to every record.
+
+        Entries count where both the record's and the final mask keep them.
+
+        Args:
+            final: the trained model (default: the tracked model as it is now).
+
+        Returns:
+            The updated records.
+
+        Raises:
+            ValueError: ``keep_snapshots=False``, or ``final``'s tensors differ from the tracked ones.
+        """
+        if not self.keep_snapshots:
+            raise ValueError(
+                "finish() needs the records' weights: create Telemetry with keep_snapshots=True"
+            )
+        final = self.model if final is None else check_model(final, "final")
+        targets = weights(final, list(self._targets), arg="final")
+        last = self._read(final, targets)
+        for key, (w, _) in last.items():
+            if w.shape != self._init[key].shape:
+                raise ValueError(f"{key!r} has shape {tuple(w.shape)} in final, "
+                                 f"{tuple(self._init[key].shape)} when tracked")
+        updated = []
+        for rec, snap in zip(self._records, self._snapshots):
+            layers, total = {}, _Sums()
+            for key, (w, keep) in snap.items():
+                fw, fkeep = last[key]
+                both = keep if fkeep is None else (fkeep if keep is None else keep & fkeep)
+                sums = _Sums().add(w, fw, both)
+                total.add(w, fw, both)
+                layers[key] = dataclasses.replace(rec.layers[key], dist_final=sums.distance(),
+                                                  cos_final=sums.cosine())
+            updated.append(Record(rec.step, layers, dataclasses.replace(
+                rec.total, dist_final=total.distance(), cos_final=total.cosine())))
+        self._records = updated
+        return self.records
+
+    def series(self, metric: str, layer: str | None = None) -> list[float]:
+        """Return one metric over the recorded steps, for one tensor or (``layer=None``) all.
+
+        Args:
+            metric: one of ``"sign_changed"``, ``"dist_init"``, ``"cos_init"``, ``"dist_final"``,
+                ``"cos_final"``.
+            layer: a tracked tensor's canonical name, or None for all tracked tensors together.
+
+        Returns:
+            One value per record, in step order.
+
+        Raises:
+            ValueError: unknown ``metric`` or ``layer``, or a final metric before :meth:`finish`.
+        """
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; valid: {list(METRICS)}")
+        if layer is not None and layer not in self._targets:
+            raise ValueError(f"unknown layer {layer!r}; tracked: {list(self._targets)[:5]}")
+        values = [getattr(r.total if layer is None else r.layers[layer], metric) for r in self._records]
+        if any(v is None for v in values):
+            raise ValueError(f"{metric} is known only after finish()")
+        return values
+

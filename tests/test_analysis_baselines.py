@@ -1,0 +1,148 @@
+"""signmask.analysis: random_reinit, random_prune, count_params, equal_width, verdict."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import signmask
+from signmask import analysis
+
+from _util import TinyNet, assert_same, snapshot, tiny
+
+
+def per_layer(ticket_or_model):
+    if isinstance(ticket_or_model, signmask.Ticket):
+        return {k: int(m.count_nonzero()) for k, m in ticket_or_model.masks.items()}
+    return per_layer(signmask.extract(ticket_or_model))
+
+
+def masks(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")}
+
+
+@settings(max_examples=25, deadline=None)
+@given(amount=st.floats(0.0, 1.0), scope=st.sampled_from(["global", "layer"]), seed=st.integers(0, 2**31))
+def test_random_prune_keeps_exactly_the_tickets_per_layer_counts(amount, scope, seed):
+    ticket = signmask.extract(signmask.prune(tiny(0), amount, scope=scope))
+    fresh = tiny(1)
+    values = {k: v.clone() for k, v in fresh.state_dict().items()}
+    model = analysis.random_prune(ticket, fresh, seed=seed)
+    assert per_layer(model) == per_layer(ticket)
+    after = {k.removesuffix("_orig"): v for k, v in model.state_dict().items() if not k.endswith("_mask")}
+    assert after.keys() == values.keys()  # the model's own values, only masks added
+    assert all(torch.equal(after[k], v) for k, v in values.items())
+    assert signmask.extract(model).metadata["method"] == "random"
+    again = analysis.random_prune(ticket, tiny(1), seed=seed)
+    assert all(torch.equal(a, b) for a, b in zip(masks(model).values(), masks(again).values()))
+
+
+def test_random_prune_positions_depend_on_the_seed():
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5, scope="layer"))
+    a = analysis.random_prune(ticket, tiny(1), seed=0)
+    b = analysis.random_prune(ticket, tiny(1), seed=1)
+    assert not torch.equal(a.conv2.weight_mask, b.conv2.weight_mask)
+    assert per_layer(a) == per_layer(b) == per_layer(ticket)
+    # not the ticket's positions either
+    assert not torch.equal(a.conv2.weight_mask, ticket.masks["conv2.weight"] != 0)
+
+
+def test_random_prune_validates_and_leaves_the_model_alone():
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
+    pruned = signmask.prune(tiny(1), 0.3)
+    before = snapshot(pruned)
+    with pytest.raises(ValueError, match="already pruned"):
+        analysis.random_prune(ticket, pruned, seed=0)
+    assert_same(before, snapshot(pruned))
+    other = tiny(1, width=8)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="shape"):
+        analysis.random_prune(ticket, other, seed=0)
+    assert_same(before, snapshot(other))
+    with pytest.raises(ValueError, match="architecture"):
+        analysis.random_prune(ticket, nn.Sequential(nn.Linear(2, 2)), seed=0)
+    with pytest.raises(TypeError, match="seed"):
+        analysis.random_prune(ticket, tiny(1), seed=1.5)
+    with pytest.raises(TypeError):
+        analysis.random_prune(ticket, tiny(1))  # seed is required
+
+
+def test_random_reinit_keeps_the_new_inits_values_under_the_tickets_mask():
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.6))
+    fresh = tiny(1)
+    values = {k: v.clone() for k, v in fresh.state_dict().items()}
+    model = analysis.random_reinit(ticket, fresh)
+    for name in ("conv1", "conv2", "fc"):
+        module = getattr(model, name)
+        assert torch.equal(module.weight_orig, values[f"{name}.weight"])
+        assert torch.equal(module.weight_mask, ticket.masks[f"{name}.weight"] != 0)
+        assert torch.equal(module.weight, values[f"{name}.weight"] * module.weight_mask)
+
+
+def test_count_params_counts_kept_weights_and_dense_parameters():
+    model = signmask.prune(tiny(0), 0.5)
+    kept = sum(int(m.count_nonzero()) for m in signmask.extract(model).masks.values())
+    dense = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("_orig"))
+    assert analysis.count_params(model) == kept + dense
+    assert analysis.count_params(tiny(0)) == sum(p.numel() for p in tiny(0).parameters())
+    shared = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    shared[1].weight = shared[0].weight
+    assert analysis.count_params(shared) == 9 + 3 + 3
+
+
+def test_equal_width_finds_the_closest_dense_width():
+    target = analysis.count_params(signmask.prune(tiny(0, width=12), 0.7))
+    widths = range(1, 13)
+    counts = {w: sum(p.numel() for p in TinyNet(width=w).parameters()) for w in widths}
+    best = min(widths, key=lambda w: abs(counts[w] - target))
+    assert analysis.equal_width(lambda w: TinyNet(width=w), target, widths) == best
+    assert analysis.equal_width(lambda w: TinyNet(width=w), target, widths, device="cpu") == best
+    # ties go to the first width given: 35 is as close to 3 * 10 as to 4 * 10 parameters
+    assert analysis.equal_width(lambda w: nn.Linear(10, w, bias=False), 35, [4, 3]) == 4
+    assert analysis.equal_width(lambda w: nn.Linear(10, w, bias=False), 35, [3, 4]) == 3
+    assert analysis.equal_width(lambda w: nn.Linear(10, w), 44, [3, 5, 4]) == 4
+
+
+def test_equal_width_validates():
+    with pytest.raises(ValueError, match="at least one"):
+        analysis.equal_width(lambda w: nn.Linear(2, w), 10, [])
+    with pytest.raises(ValueError, match="target_params"):
+        analysis.equal_width(lambda w: nn.Linear(2, w), 0, [1])
+    with pytest.raises(TypeError, match="make_model"):
+        analysis.equal_width(None, 10, [1])
+    with pytest.raises(TypeError, match=r"make_model\(2\)"):
+        analysis.equal_width(lambda w: "model", 10, [2])
+    with pytest.raises(TypeError, match="widths entry"):
+        analysis.equal_width(lambda w: nn.Linear(2, w), 10, [1.5])
+
+
+@pytest.mark.parametrize("ticket, dense, reinit, prize", [
+    (0.93, 0.92, 0.90, "jackpot"),
+    (0.92, 0.92, 0.9149, "jackpot"),            # equal to dense counts as matching it
+    (0.905, 0.90, 0.90, "secondary prize"),     # a lead of exactly the margin is not enough
+    (0.9051, 0.90, 0.90, "jackpot"),
+    (0.92, 0.92, 0.95, "secondary prize"),      # the reinit is better still
+    (0.9199, 0.92, 0.50, "no prize"),           # below dense: no prize, whatever the reinit
+    (0.0, 0.0, 0.0, "secondary prize"),
+    (1.0, 1.0, 0.0, "jackpot"),
+])
+def test_verdict_boundaries(ticket, dense, reinit, prize):
+    v = analysis.verdict(ticket, dense, reinit)
+    assert v.prize == prize
+    assert v.matches_dense == (prize != "no prize")
+    assert str(v).startswith(prize) and len(v.reasons) == 2
+
+
+def test_verdict_margin_and_validation():
+    assert analysis.verdict(0.92, 0.91, 0.90, margin=0.02).prize == "secondary prize"
+    assert analysis.verdict(0.92, 0.91, 0.90, margin=0.0).prize == "jackpot"
+    assert analysis.verdict(0.90, 0.90, 0.90, margin=0.0).prize == "secondary prize"
+    for bad in (-0.1, 1.2, float("nan")):
+        with pytest.raises(ValueError, match="ticket_acc"):
+            analysis.verdict(bad, 0.9, 0.9)
+    with pytest.raises(TypeError, match="dense_acc"):
+        analysis.verdict(0.9, True, 0.9)
+    with pytest.raises(ValueError, match="margin"):
+        analysis.verdict(0.9, 0.9, 0.9, margin=1.0)
+    with pytest.raises(ValueError, match="reinit_acc"):
+        analysis.Verdict(0.9, 0.9, 2.0)

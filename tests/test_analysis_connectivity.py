@@ -1,0 +1,358 @@
+"""signmask.analysis: interpolate, reestimate_bn, evaluate, barrier, instability."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import signmask
+from signmask import analysis
+from signmask._compat import import_timm
+
+from _util import assert_same, snapshot, tiny
+
+timm = import_timm()
+
+
+def images(seed, batches=3, n=8, size=4, classes=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))
+            for _ in range(batches)]
+
+
+def pruned_pair(signs="keep"):
+    """Two TinyNets under one mask (a: pruned and perturbed, b: another init with its mask)."""
+    a = signmask.prune(tiny(0), 0.5, signs="locked" if signs == "locked" else None)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.1)
+        a.bn1.running_mean.add_(0.3)
+    b = signmask.transfer(signmask.extract(a), tiny(1), signs=signs)
+    b.bn1.running_var.mul_(2.0)
+    return a, b
+
+
+def effective(module):
+    """The weight the next forward computes (module.weight is only refreshed by a forward)."""
+    with torch.no_grad():
+        return signmask._reparam.find_hook(module, "weight")[1].apply_mask(module)
+
+
+# --------------------------------------------------------------------------- interpolate
+@pytest.mark.parametrize("pruned", [False, True])
+def test_interpolate_endpoints_are_exact(pruned):
+    a, b = pruned_pair() if pruned else (tiny(0), tiny(1))
+    b.bn2.num_batches_tracked.fill_(7)
+    before_a, before_b = snapshot(a), snapshot(b)
+    at0, at1 = analysis.interpolate(a, b, 0), analysis.interpolate(a, b, 1.0)
+    sd_a, sd_b, sd0, sd1 = a.state_dict(), b.state_dict(), at0.state_dict(), at1.state_dict()
+    assert sd0.keys() == sd_a.keys() == sd1.keys()
+    assert all(torch.equal(sd0[k], sd_a[k]) for k in sd_a)
+    for k in sd_b:  # integer buffers (num_batches_tracked) are model_a's
+        assert torch.equal(sd1[k], sd_b[k] if sd_b[k].is_floating_point() or k.endswith("_mask") else sd_a[k])
+    if pruned:  # the effective weight is refreshed, not stale from model_a
+        assert torch.equal(at1.conv1.weight, b.conv1.weight_orig * b.conv1.weight_mask)
+    assert_same(before_a, snapshot(a))
+    assert_same(before_b, snapshot(b))
+
+
+def test_interpolate_midpoint_is_the_float64_average_rounded():
+    a, b = pruned_pair()
+    mid = analysis.interpolate(a, b, 0.5)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    for key, value in mid.state_dict().items():
+        if value.is_floating_point():
+            expected = ((sd_a[key].double() + sd_b[key].double()) / 2).to(value.dtype)
+            assert torch.equal(value, expected), key
+        else:
+            assert torch.equal(value, sd_a[key]), key
+
+
+def test_interpolate_sign_locked_blends_the_effective_weights():
+    a, b = pruned_pair(signs="locked")
+    assert signmask._reparam.is_sign_locked(a.conv1, "weight")
+    mid = analysis.interpolate(a, b, 0.3)
+    for name in ("conv1", "conv2", "fc"):
+        wa, wb = effective(getattr(a, name)), effective(getattr(b, name))
+        expected = (0.7 * wa.double() + 0.3 * wb.double()).float()
+        assert torch.equal(getattr(mid, name).weight, expected)
+        assert torch.equal(getattr(mid, name).weight_sign, getattr(a, name).weight_sign)
+
+
+def test_interpolate_refuses_different_masks_and_leaves_models_alone():
+    a = signmask.prune(tiny(0), 0.5)
+    b = signmask.prune(tiny(1), 0.5)
+    before_a, before_b = snapshot(a), snapshot(b)
+    with pytest.raises(ValueError, match=r"'conv1\.weight_mask' differs"):
+        analysis.interpolate(a, b, 0.5)
+    assert_same(before_a, snapshot(a))
+    assert_same(before_b, snapshot(b))
+
+
+def test_interpolate_refuses_other_layouts_and_bad_alpha():
+    a = tiny(0)
+    with pytest.raises(ValueError, match="prune different tensors|different tensors"):
+        analysis.interpolate(a, signmask.prune(tiny(1), 0.5), 0.5)
+    with pytest.raises(ValueError, match=r"conv1\.weight.*\(8, 3, 3, 3\)"):
+        analysis.interpolate(a, tiny(1, width=8), 0.5)
+    with pytest.raises(TypeError, match="alpha"):
+        analysis.interpolate(a, tiny(1), "0.5")
+    for bad in (math.nan, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"alpha must be a finite number in \[0.0, 1.0\]"):
+            analysis.interpolate(a, tiny(1), bad)
+    with pytest.raises(TypeError, match="model_b"):
+        analysis.interpolate(a, {}, 0.5)
+
+
+def test_models_pruned_by_stock_prune_work_after_a_backward():
+    a, b = tiny(0), tiny(1)
+    mask = torch.rand(6, 3, 3, 3, generator=torch.Generator().manual_seed(0)) > 0.5
+    for m in (a, b):
+        torch.nn.utils.prune.custom_from_mask(m.conv1, "weight", mask)
+    a(torch.randn(2, 3, 4, 4)).sum().backward()  # a.conv1.weight is a non-leaf: deepcopy refuses it
+    before = snapshot(a)
+    mid = analysis.interpolate(a, b, 1.0)
+    assert torch.equal(mid.conv1.weight, b.conv1.weight_orig * b.conv1.weight_mask)
+    assert analysis.barrier(a, a, images(1), train_loader=images(2), points=2).barrier == 0.0
+    assert_same(before, snapshot(a))
+    assert a.conv1.weight.grad_fn is not None  # the attribute is put back
+
+
+# --------------------------------------------------------------------------- reestimate_bn
+def manual_bn_stats(model, loader):
+    """Per-batch channel mean and unbiased variance of every BatchNorm input, averaged (float64)."""
+    work = copy.deepcopy(model).train()  # train mode: batch statistics, so the running ones do not matter
+    inputs = {name: [] for name, m in work.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs[name].append(args[0].double()))
+             for name, m in work.named_modules() if name in inputs]
+    with torch.no_grad():
+        for x, _ in loader:
+            work(x)
+    for h in hooks:
+        h.remove()
+    return {
+        name: (torch.stack([x.mean(dim=(0, 2, 3)) for x in xs]).mean(0),
+               torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in xs]).mean(0))
+        for name, xs in inputs.items()
+    }
+
+
+def test_reestimate_bn_equals_the_average_of_batch_statistics_and_restores_state():
+    model, loader = tiny(0), images(0)
+    model.bn2.momentum = 0.3
+    model.train()
+    model.bn2.eval()  # mixed modes come back as they were
+    expected = manual_bn_stats(model, loader)
+    assert analysis.reestimate_bn(model, loader) is model
+    for name, (mean, var) in expected.items():
+        bn = getattr(model, name)
+        torch.testing.assert_close(bn.running_mean.double(), mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(bn.running_var.double(), var, atol=1e-6, rtol=1e-5)
+        assert int(bn.num_batches_tracked) == len(loader)
+    assert (model.bn1.momentum, model.bn2.momentum) == (0.1, 0.3)
+    assert model.training and model.bn1.training and not model.bn2.training
+
+
+def test_reestimate_bn_batches_limits_the_pass():
+    model, loader = tiny(0), images(0)
+    analysis.reestimate_bn(model, loader, batches=2)
+    expected = manual_bn_stats(tiny(0), loader[:2])
+    torch.testing.assert_close(model.bn1.running_mean.double(), expected["bn1"][0], atol=1e-6, rtol=1e-5)
+    assert int(model.bn1.num_batches_tracked) == 2
+
+
+def test_reestimate_bn_timm_batchnormact():
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=5).eval()
+    bn = model.bn1
+    assert type(bn).__name__ == "BatchNormAct2d"
+    seen = []
+    hook = bn.register_forward_pre_hook(lambda m, args: seen.append(args[0].double()))
+    loader = images(1, batches=2, n=4, size=32)
+    analysis.reestimate_bn(model, loader)
+    hook.remove()
+    torch.testing.assert_close(bn.running_mean.double(), torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var.double(), torch.stack([x.var(dim=(0, 2, 3)) for x in seen]).mean(0),
+                               atol=1e-6, rtol=1e-5)
+    assert not model.training and bn.momentum == 0.1
+
+
+class Exploding:
+    """A loader whose second batch is not a tensor."""
+
+    def __iter__(self):
+        yield torch.randn(4, 3, 4, 4)
+        yield "not a batch"
+
+
+def test_reestimate_bn_failure_restores_everything():
+    model = tiny(0)
+    model.eval()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="loader must yield"):
+        analysis.reestimate_bn(model, Exploding())
+    assert_same(before, snapshot(model))
+    assert not model.training and model.bn1.momentum == 0.1
+    with pytest.raises(ValueError, match="no batch"):
+        analysis.reestimate_bn(model, [])
+    assert_same(before, snapshot(model))
+    with pytest.raises(ValueError, match="batches"):
+        analysis.reestimate_bn(model, images(0), batches=0)
+
+
+def test_reestimate_bn_without_batchnorm_is_a_noop():
+    class Untouchable:
+        def __iter__(self):
+            raise AssertionError("the loader must not be read")
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    before = snapshot(net)
+    assert analysis.reestimate_bn(net, Untouchable()) is net
+    assert_same(before, snapshot(net))
+
+
+# ------------------------------------------------------------------------------- evaluate
+def test_evaluate_weights_batches_by_size_and_restores_mode():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    loader = [(x[:7], y[:7]), (x[7:], y[7:])]
+    loss, error = analysis.evaluate(net, loader)
+    with torch.no_grad():
+        logits = net(x)
+    assert loss == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-6)
+    assert error == int((logits.argmax(1) != y).sum()) / 10
+    assert net.training
+    with pytest.raises(ValueError, match="do not match"):
+        analysis.evaluate(net, [(x, y[:5])])
+    with pytest.raises(TypeError, match="pairs"):
+        analysis.evaluate(net, [x])
+    with pytest.raises(ValueError, match="no batch"):
+        analysis.evaluate(net, [])
+
+
+# -------------------------------------------------------------------------------- barrier
+def test_barrier_of_a_network_with_itself_is_exactly_zero():
+    model = tiny(0)
+    b = analysis.barrier(model, model, images(1), train_loader=images(2), points=4)
+    assert b.barrier == 0.0 and b.loss_barrier == 0.0 and b.stable
+    assert len(set(b.errors)) == 1 and len(set(b.losses)) == 1
+    assert b.alphas == (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def test_barrier_endpoints_are_evaluated_after_reestimation():
+    a, b = pruned_pair()
+    before_a, before_b = snapshot(a), snapshot(b)
+    test, train = images(1), images(2)
+    result = analysis.barrier(a, b, test, train_loader=train, points=3)
+    for model, i in ((a, 0), (b, -1)):
+        ref = analysis.reestimate_bn(copy.deepcopy(model), train)
+        loss, error = analysis.evaluate(ref, test)
+        assert (result.losses[i], result.errors[i]) == (loss, error)
+    assert_same(before_a, snapshot(a))
+    assert_same(before_b, snapshot(b))
+
+
+def test_barrier_of_a_hand_built_symmetric_pair():
+    # logits = W2 (w1 x): a = (1, [1, -1]) and b = (-1, [-1, 1]) compute the same function; halfway
+    # the weights are 0, all logits tie, argmax says class 0 and the class-1 half is wrong.
+    def net(w1, w2):
+        m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 2, bias=False))
+        with torch.no_grad():
+            m[0].weight.fill_(w1)
+            m[1].weight.copy_(torch.tensor([[w2], [-w2]]))
+        return m
+
+    data = [(torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]), torch.tensor([0, 1, 0, 1]))]
+    result = analysis.barrier(net(1.0, 1.0), net(-1.0, -1.0), data, points=5)
+    assert result.errors == (0.0, 0.0, 0.5, 0.0, 0.0)
+    assert result.barrier == 0.5 and not result.stable
+    assert result.loss_barrier == pytest.approx(math.log(2) - math.log1p(math.exp(-2)), rel=1e-6)
+
+
+def test_barrier_validates_before_evaluating():
+    a, b = signmask.prune(tiny(0), 0.5), signmask.prune(tiny(1), 0.5)
+    with pytest.raises(ValueError, match="weight_mask"):
+        analysis.barrier(a, b, images(1), train_loader=images(2))
+    with pytest.raises(ValueError, match="BatchNorm.*train_loader"):
+        analysis.barrier(tiny(0), tiny(1), images(1))
+    with pytest.raises(ValueError, match="points"):
+        analysis.barrier(tiny(0), tiny(1), images(1), train_loader=images(2), points=1)
+    with pytest.raises(TypeError, match="points"):
+        analysis.barrier(tiny(0), tiny(1), images(1), train_loader=images(2), points=2.0)
+
+
+def test_barrier_dataclass_validates():
+    with pytest.raises(ValueError, match="0.0 to 1.0"):
+        analysis.Barrier((0.0, 0.5), (1.0, 1.0), (0.1, 0.1))
+    with pytest.raises(ValueError, match="same length"):
+        analysis.Barrier((0.0, 1.0), (1.0,), (0.1, 0.1))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        analysis.Barrier((0.0, 1.0), (1.0, 1.0), (0.1, 1.5))
+    with pytest.raises(ValueError, match="NaN"):
+        analysis.Barrier((0.0, 1.0), (math.nan, 1.0), (0.1, 0.1))
+    edge = analysis.Barrier((0.0, 0.5, 1.0), (0.0, 0.0, 0.0), (0.0, 0.02, 0.0))
+    assert edge.barrier == 0.02 and not edge.stable  # stable means strictly below 2%
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_barrier_on_timm_models(name):
+    kwargs = {"img_size": 32} if "vit" in name else {}
+    a = signmask.prune(timm.create_model(name, pretrained=False, num_classes=5, **kwargs), 0.5)
+    b = signmask.transfer(signmask.extract(a), timm.create_model(name, pretrained=False, num_classes=5, **kwargs),
+                          signs="init")
+    data = images(3, batches=1, n=4, size=32)
+    has_bn = bool(analysis._evaluation.bn_modules(a))
+    assert has_bn == (name == "test_resnet")
+    result = analysis.barrier(a, b, data, train_loader=data if has_bn else None, points=2)
+    same = analysis.barrier(a, a, data, train_loader=data if has_bn else None, points=2)
+    assert len(result.errors) == 2 and same.barrier == 0.0
+
+
+# ---------------------------------------------------------------------------- instability
+def sgd_train(steps=3):
+    def train(model, seed):
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(steps):
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        calls.append(seed)
+
+    calls = []
+    return train, calls
+
+
+def test_instability_trains_two_copies_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    before = snapshot(model)
+    train, calls = sgd_train()
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    result = analysis.instability(model, train, data, seeds=(3, 4), points=3)
+    assert calls == [3, 4] and result.alphas == (0.0, 0.5, 1.0)
+    assert_same(before, snapshot(model))
+
+    def same_every_time(net, seed):  # ignores the seed: both copies end identical
+        with torch.no_grad():
+            net[0].weight.mul_(0.5)
+
+    assert analysis.instability(model, same_every_time, data, points=3).barrier == 0.0
+
+
+def test_instability_validates_before_training():
+    train, calls = sgd_train()
+    with pytest.raises(ValueError, match="train_loader"):
+        analysis.instability(tiny(0), train, images(1))
+    with pytest.raises(ValueError, match="differ"):
+        analysis.instability(nn.Linear(4, 3), train, [], seeds=(1, 1))
+    with pytest.raises(TypeError, match="callable"):
+        analysis.instability(nn.Linear(4, 3), None, [])
+    assert calls == []
+    with pytest.raises(TypeError, match="return None or an nn.Module"):
+        analysis.instability(nn.Linear(4, 3), lambda m, s: 1.0, [])

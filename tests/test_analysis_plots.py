@@ -1,0 +1,103 @@
+"""signmask.analysis plots: PNG files written atomically; matplotlib imported only to plot."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from signmask import analysis
+
+from _util import tiny
+
+pytest.importorskip("matplotlib")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+BARRIER = analysis.Barrier((0.0, 0.5, 1.0), (0.2, 0.9, 0.3), (0.05, 0.4, 0.1))
+
+
+def telemetry(finish=True):
+    model = tiny(0)
+    rec = analysis.Telemetry(model)
+    for step in range(3):
+        with torch.no_grad():
+            model.fc.weight.add_(0.1)
+        rec.record(step)
+    if finish:
+        rec.finish()
+    return rec
+
+
+def calls():
+    return [
+        lambda path: analysis.plot_interpolation({"IMP": BARRIER, "AWS": BARRIER}, path),
+        lambda path: analysis.plot_sparsity_accuracy({"IMP": [(0.8, 0.9), (0.0, 0.92)], "random": [(0.5, 0.7)]}, path),
+        lambda path: analysis.plot_telemetry(telemetry(), path),
+        lambda path: analysis.plot_telemetry(telemetry(finish=False), path, layer="fc.weight"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_plots_write_png_atomically(tmp_path, index):
+    path = tmp_path / "figure.png"
+    path.write_bytes(b"old")  # replaced, not appended to
+    out = calls()[index](str(path))
+    assert out == path
+    assert path.read_bytes().startswith(PNG)
+    assert os.listdir(tmp_path) == ["figure.png"]  # no temp file left
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        analysis.plot_interpolation({"IMP": BARRIER}, tmp_path / "lmc.png")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_inputs_raise(tmp_path):
+    png = tmp_path / "x.png"
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        analysis.plot_interpolation({}, png)
+    with pytest.raises(TypeError, match=r"barriers\['a'\] must be a Barrier"):
+        analysis.plot_interpolation({"a": (0.0, 1.0)}, png)
+    with pytest.raises(TypeError, match="labels must be str"):
+        analysis.plot_interpolation({1: BARRIER}, png)
+    with pytest.raises(ValueError, match=r"\(sparsity, accuracy\) in \[0, 1\]"):
+        analysis.plot_sparsity_accuracy({"a": [(0.5, 90.0)]}, png)
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        analysis.plot_sparsity_accuracy({"a": []}, png)
+    with pytest.raises(ValueError, match="telemetry has no records"):
+        analysis.plot_telemetry(analysis.Telemetry(tiny(0)), png)
+    with pytest.raises(TypeError, match="Telemetry"):
+        analysis.plot_telemetry(BARRIER, png)
+    with pytest.raises(ValueError, match="unknown layer"):
+        analysis.plot_telemetry(telemetry(), png, layer="nope")
+    with pytest.raises(ValueError, match="must end in one of"):
+        analysis.plot_interpolation({"a": BARRIER}, tmp_path / "x.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        analysis.plot_interpolation({"a": BARRIER}, tmp_path / "missing" / "x.png")
+    with pytest.raises(TypeError, match="path"):
+        analysis.plot_interpolation({"a": BARRIER}, 3)
+    assert os.listdir(tmp_path) == []
+
+
+def test_importing_the_toolkit_loads_neither_matplotlib_nor_timm():
+    code = (
+        "import sys, signmask\n"
+        "a = sorted(m for m in ('matplotlib', 'timm') if m in sys.modules)\n"
+        "import signmask.analysis\n"
+        "b = sorted(m for m in ('matplotlib', 'timm') if m in sys.modules)\n"
+        "print(a, b, 'analysis' in dir(signmask))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] [] True"
+
+
+def test_the_public_front_is_explicit():
+    assert all(hasattr(analysis, name) for name in analysis.__all__)
+    public = {n for n in dir(analysis) if not n.startswith("_")}
+    assert public <= set(analysis.__all__)

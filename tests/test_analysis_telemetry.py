@@ -1,0 +1,260 @@
+"""signmask.analysis: Telemetry and perturb (Frankle et al. 2020, the early phase)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import signmask
+from signmask import analysis
+from signmask._compat import import_timm
+
+from _util import assert_same, snapshot, tiny
+
+timm = import_timm()
+KEYS = ("conv1.weight", "conv2.weight", "fc.weight")
+
+
+# ------------------------------------------------------------------------------- Telemetry
+def test_step_zero_is_exactly_unmoved():
+    model = tiny(0)
+    rec = analysis.Telemetry(model)
+    assert rec.record(0)
+    first = rec.records[0]
+    for stats in [first.total, *first.layers.values()]:
+        assert (stats.sign_changed, stats.dist_init, stats.cos_init) == (0.0, 0.0, 1.0)
+    assert list(first.layers) == list(KEYS)
+
+
+def test_flipping_k_signs_by_hand_gives_k_over_n():
+    model = tiny(0)
+    rec = analysis.Telemetry(model)
+    flips = {"conv1": 7, "conv2": 0, "fc": 30}
+    with torch.no_grad():
+        for name, k in flips.items():
+            getattr(model, name).weight.view(-1)[:k].neg_()
+    rec.record(5)
+    last = rec.records[-1]
+    sizes = {"conv1": 162, "conv2": 324, "fc": 30}
+    for name, k in flips.items():
+        assert last.layers[f"{name}.weight"].sign_changed == k / sizes[name]
+    assert last.total.sign_changed == 37 / 516
+    w0 = tiny(0).conv1.weight.detach().double().view(-1)[:7]
+    assert last.layers["conv1.weight"].dist_init == pytest.approx(float(2 * w0.norm()), rel=1e-12)
+    assert last.layers["fc.weight"].cos_init == -1.0
+
+
+def test_pruned_models_count_kept_weights_only():
+    model = signmask.prune(tiny(0), 0.5, scope="layer")
+    rec = analysis.Telemetry(model)
+    kept = model.conv2.weight_mask.view(-1).nonzero().view(-1)
+    pruned = (~model.conv2.weight_mask).view(-1).nonzero().view(-1)
+    with torch.no_grad():
+        model.conv2.weight_orig.view(-1)[kept[:5]] *= -1
+        model.conv2.weight_orig.view(-1)[pruned] *= -3  # invisible: pruned
+    rec.record(1)
+    assert rec.records[0].layers["conv2.weight"].sign_changed == 5 / len(kept)
+    assert rec.records[0].layers["conv1.weight"].sign_changed == 0.0
+
+
+def test_every_k_steps_and_increasing_steps():
+    rec = analysis.Telemetry(tiny(0), every=2)
+    assert [rec.record(s) for s in range(5)] == [True, False, True, False, True]
+    assert rec.steps == (0, 2, 4)
+    with pytest.raises(ValueError, match="increase"):
+        rec.record(4)
+    with pytest.raises(ValueError, match="step"):
+        rec.record(-1)
+    with pytest.raises(ValueError, match="every"):
+        analysis.Telemetry(tiny(0), every=0)
+
+
+def test_finish_compares_every_record_with_the_final_weights():
+    model = tiny(0)
+    rec = analysis.Telemetry(model)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        rec.record(step)
+    with pytest.raises(ValueError, match="finish"):
+        rec.series("dist_final")
+    records = rec.finish()
+    assert records[-1].total.dist_final == 0.0 and records[-1].total.cos_final == 1.0
+    assert rec.series("dist_final") == [r.total.dist_final for r in records]
+    assert rec.series("dist_init", "fc.weight") == [r.layers["fc.weight"].dist_init for r in records]
+    # comparing with a copy holding the step-0 weights: distances are symmetric
+    first = analysis.Telemetry(tiny(0))
+    first.record(0)
+    final = first.finish(model)[0]
+    assert final.total.dist_final == pytest.approx(records[-1].total.dist_init, rel=1e-12)
+    with pytest.raises(ValueError, match="metric"):
+        rec.series("loss")
+    with pytest.raises(ValueError, match="layer"):
+        rec.series("dist_init", "bn1.weight")
+    lean = analysis.Telemetry(model, keep_snapshots=False)
+    lean.record(0)
+    with pytest.raises(ValueError, match="keep_snapshots"):
+        lean.finish()
+
+
+def test_telemetry_on_a_timm_model_with_layernorm():
+    model = timm.create_model("test_convnext", pretrained=False, num_classes=5)
+    rec = analysis.Telemetry(model)
+    rec.record(0)
+    assert rec.records[0].total.cos_init == 1.0 and len(rec.records[0].layers) > 5
+
+
+# --------------------------------------------------------------------------------- perturb
+def rewind_point(pruned=True):
+    """(model at step k, its init): tiny(0) is the init; the model moved from it."""
+    init = tiny(0)
+    model = tiny(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    if pruned:
+        signmask.prune(model, 0.5, scope="layer")
+    return model, init
+
+
+def raw(model, key):
+    module = model.get_submodule(key.rsplit(".", 1)[0])
+    return signmask._reparam.original(module, "weight").detach().clone()
+
+
+def kept_of(model, key):
+    module = model.get_submodule(key.rsplit(".", 1)[0])
+    mask = signmask._reparam.current_mask(module, "weight")
+    return torch.ones_like(raw(model, key), dtype=torch.bool) if mask is None else mask.clone()
+
+
+@pytest.mark.parametrize("kind", ["permute_layer", "permute_filter", "shuffle_same_sign"])
+def test_permutations_keep_the_multiset_of_kept_values_and_the_mask(kind):
+    model, _ = rewind_point()
+    before = {k: (raw(model, k), kept_of(model, k)) for k in KEYS}
+    analysis.perturb(model, kind, seed=3)
+    moved = False
+    for key, (w0, keep) in before.items():
+        w1 = raw(model, key)
+        assert torch.equal(kept_of(model, key), keep)
+        assert torch.equal(w1[~keep], w0[~keep])  # pruned entries untouched
+        rows = (lambda t: t.reshape(t.shape[0], -1)) if kind == "permute_filter" else (lambda t: t.reshape(1, -1))
+        for r0, r1, k in zip(rows(w0), rows(w1), rows(keep)):
+            assert torch.equal(r0[k].sort().values, r1[k].sort().values)
+        if kind == "shuffle_same_sign":
+            assert torch.equal(torch.sign(w1), torch.sign(w0))
+        moved |= not torch.equal(w1, w0)
+        module = model.get_submodule(key.rsplit(".", 1)[0])
+        assert torch.equal(module.weight, w1 * keep)  # refreshed, pruned weights 0
+    assert moved
+
+
+def test_permute_filter_uses_dim_1_of_conv_transpose():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(3, 4, 3))
+    w0 = net[0].weight.detach().clone()
+    analysis.perturb(net, "permute_filter", seed=0)
+    w1 = net[0].weight.detach()
+    for c in range(4):
+        assert torch.equal(w0[:, c].flatten().sort().values, w1[:, c].flatten().sort().values)
+    assert not torch.equal(w0, w1)
+
+
+def test_signs_and_magnitudes_from_init_or_rewind():
+    for kind in ("init_signs", "init_magnitudes", "init", "rewind"):
+        model, init = rewind_point()
+        before = {k: raw(model, k) for k in KEYS}
+        analysis.perturb(model, kind, init=init)
+        for key in KEYS:
+            w0, w1, wi, keep = before[key], raw(model, key), raw(init, key), kept_of(model, key)
+            assert torch.equal(w1[~keep], w0[~keep])
+            w0, w1, wi = w0[keep], w1[keep], wi[keep]
+            sign_from, magnitude_from = {"init_signs": (wi, w0), "init_magnitudes": (w0, wi),
+                                         "init": (wi, wi), "rewind": (w0, w0)}[kind]
+            assert torch.equal(torch.signbit(w1), torch.signbit(sign_from))
+            assert torch.equal(w1.abs(), magnitude_from.abs())
+
+
+def test_init_as_a_mapping_and_pruned_init():
+    model, init = rewind_point()
+    mapping = {k: raw(init, k) for k in KEYS}
+    a = analysis.perturb(model, "init_signs", init=mapping)
+    b = analysis.perturb(rewind_point()[0], "init_signs", init=signmask.prune(tiny(0), 0.9))
+    assert all(torch.equal(raw(a, k), raw(b, k)) for k in KEYS)
+
+
+def test_noise_is_reproducible_and_scaled_by_the_init_std():
+    torch.manual_seed(0)
+    init = nn.Linear(100, 100)
+    start = nn.Linear(100, 100)
+    runs = []
+    for seed in (0, 0, 1):
+        model = nn.Linear(100, 100)
+        model.load_state_dict(start.state_dict())
+        analysis.perturb(model, "noise", init=init, seed=seed, sigma_n=2.0)
+        runs.append(model.weight.detach() - start.weight.detach())
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    scale = 2.0 * float(init.weight.detach().double().std())
+    assert float(runs[0].double().std()) / scale == pytest.approx(1.0, abs=0.05)
+    assert abs(float(runs[0].double().mean())) < 4 * scale / 100
+    model = nn.Linear(100, 100)
+    model.load_state_dict(start.state_dict())
+    analysis.perturb(model, "noise", init=init, seed=0, sigma_n=0.0)
+    assert torch.equal(model.weight, start.weight)
+
+
+def test_noise_leaves_pruned_weights_at_zero():
+    model, init = rewind_point()
+    keep = kept_of(model, "conv2.weight")
+    pruned_before = raw(model, "conv2.weight")[~keep]
+    analysis.perturb(model, "noise", init=init, seed=0, sigma_n=1.0)
+    assert torch.equal(raw(model, "conv2.weight")[~keep], pruned_before)
+    assert (model.conv2.weight[~keep] == 0).all()
+
+
+def test_perturb_validates_and_leaves_the_model_alone():
+    model, init = rewind_point()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"valid kinds: \['init', 'init_magnitudes'"):
+        analysis.perturb(model, "flip")
+    with pytest.raises(ValueError, match="seed="):
+        analysis.perturb(model, "permute_layer")
+    with pytest.raises(ValueError, match="init="):
+        analysis.perturb(model, "init_signs")
+    with pytest.raises(ValueError, match="sigma_n"):
+        analysis.perturb(model, "noise", init=init, seed=0)
+    with pytest.raises(ValueError, match="sigma_n"):
+        analysis.perturb(model, "noise", init=init, seed=0, sigma_n=-1.0)
+    with pytest.raises(ValueError, match=r"init has no tensor \['conv1\.weight'"):
+        analysis.perturb(model, "init", init={})
+    with pytest.raises(ValueError, match=r"init 'conv1\.weight' is \(2,\)"):
+        analysis.perturb(model, "init", init={k: torch.zeros(2) for k in KEYS})
+    with pytest.raises(ValueError, match="not conv/linear weights"):
+        analysis.perturb(model, "init", init=init, names=["bn1.weight"])
+    assert_same(before, snapshot(model))
+    # arguments a kind does not use are ignored: one call pattern fits a loop over all kinds
+    analysis.perturb(model, "init_signs", init=init, seed=None, sigma_n=-5.0)
+    analysis.perturb(model, "permute_layer", init="unused", seed=0, sigma_n=-5.0)
+    locked = signmask.prune(tiny(0), 0.5, signs="locked")
+    with pytest.raises(ValueError, match="sign-locked"):
+        analysis.perturb(locked, "permute_layer", seed=0)
+
+
+def test_names_restrict_and_custom_kinds_register():
+    model, _ = rewind_point(pruned=False)
+    before = {k: raw(model, k) for k in KEYS}
+
+    @analysis.register_perturbation("negate_test")
+    def negate(layer):
+        return -layer.weight
+
+    try:
+        analysis.perturb(model, "negate_test", names=["fc.weight"])
+    finally:
+        del analysis.PERTURBATIONS["negate_test"]
+    assert torch.equal(raw(model, "fc.weight"), -before["fc.weight"])
+    assert torch.equal(raw(model, "conv1.weight"), before["conv1.weight"])
+    with torch.no_grad():
+        assert math.isfinite(float(model(torch.randn(2, 3, 4, 4)).sum()))
