@@ -73,11 +73,17 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
         sparsity=repr(ticket.sparsity),
         manifest=json.dumps(manifest, sort_keys=True),
     )
-    data = st_save(tensors, metadata=meta)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, st_save(tensors, metadata=meta))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync and ``os.replace``:
+    readers see the old file or the new one, never a partial one."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp creates 0600; give the ticket the permissions a plain open() would.
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -12,10 +12,10 @@ import io
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .._io import write_atomic
 from ._connectivity import Barrier
 from ._telemetry import Telemetry
 
@@ -56,18 +56,7 @@ def _figure(ncols: int):
 def _write(fig, path: Path, fmt: str) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=100)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give what a plain open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, buf.getvalue())
 
 
 def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike) -> Path:

@@ -1,0 +1,87 @@
+"""python -m signmask demo: the real-data AWS demo, run in its --quick form.
+
+Needs the ``demo`` packages (mlxtend, matplotlib, timm), which the ``test`` extra installs: a
+missing one fails these tests rather than skipping them.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import signmask
+from signmask import _cli, _demo
+
+SPARSITY = 0.8
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert _cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--sparsity", str(SPARSITY)]) == 0
+    return out
+
+
+def test_quick_demo_writes_consistent_results(demo_out):
+    results = json.loads((demo_out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    assert list(rows) == ["dense", "aws_solution", "aws_sign", "lrr_sign", "binary_mask"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
+    assert results["settings"]["seed"] == 3 and results["settings"]["sparsity"] == SPARSITY
+    aws, lrr = signmask.load(demo_out / "aws.safetensors"), signmask.load(demo_out / "lrr.safetensors")
+    for ticket in (aws, lrr):
+        assert ticket.kept == round(ticket.numel * (1 - SPARSITY))  # the target, exactly
+    assert rows["dense"]["sparsity"] == 0.0
+    for name in ("aws_solution", "aws_sign", "binary_mask"):
+        assert rows[name]["sparsity"] == aws.sparsity
+    assert rows["lrr_sign"]["sparsity"] == lrr.sparsity
+    assert aws.metadata["method"] == "aws" and lrr.metadata["method"] == "lrr"
+    assert aws.masks.keys() == lrr.masks.keys() and not aws == lrr
+
+
+def test_quick_demo_search_histories_and_barriers(demo_out):
+    results = json.loads((demo_out / "results.json").read_text())
+    for method in ("aws", "lrr"):
+        history = results["searches"][method]
+        assert [h["round"] for h in history] == list(range(len(history))) and len(history) >= 2
+        assert history[0]["sparsity"] == 0.0 and all(0.0 <= h["acc"] <= 1.0 for h in history)
+        curve = results["barrier"][method]
+        assert len(curve["alpha"]) == len(curve["error"]) == results["settings"]["points"]
+        assert curve["alpha"][0] == 0.0 and curve["alpha"][-1] == 1.0
+        assert curve["barrier"] == pytest.approx(max(curve["error"]) - (curve["error"][0] + curve["error"][-1]) / 2)
+
+
+def test_quick_demo_writes_png_and_markdown(demo_out):
+    assert (demo_out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (demo_out / "results.md").read_text()
+    assert "| AWS signed mask on new init B |" in md and "80.00%" in md
+    assert not list(demo_out.glob(".*.tmp"))  # no temp file left behind
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sparsity", "1.5"], "must be in (0, 1)"),
+    (["--sparsity", "lots"], "expected a number"),
+    (["--epochs", "0"], "must be >= 1"),
+    (["--data", "cifar"], "invalid choice"),
+])
+def test_bad_demo_arguments_exit_2_with_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["demo", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_demo_packages_exit_1_with_install_hint(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(_demo, "missing_packages", lambda data: ["mlxtend"])
+    assert _cli.main(["demo", "--quick", "--out", str(tmp_path / "o")]) == 1
+    assert "pip install 'signmask[demo]'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cli_and_demo_modules_import_no_heavy_package():
+    code = (
+        "import sys, signmask, signmask._cli, signmask._demo\n"
+        "print(sorted(m for m in ('timm', 'torchvision', 'mlxtend', 'matplotlib', 'sklearn') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
