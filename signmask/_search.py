@@ -439,7 +439,12 @@ def apply(
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
     config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
     _prune.prune(model, 0.0, classifier=classifier, **selection)
-    return Search(
-        model, optimizer, scheduler, config, targets=targets, kept=kept, selection=selection,
-        progress=progress, steps_per_round=steps_per_round,
-    )
+    try:
+        return Search(
+            model, optimizer, scheduler, config, targets=targets, kept=kept, selection=selection,
+            progress=progress, steps_per_round=steps_per_round,
+        )
+    except BaseException:
+        for module, name in targets.values():  # e.g. a norm layer attach() refuses
+            _reparam.uninstall(module, name)
+        raise

@@ -223,6 +223,20 @@ def test_aws_needs_norm_layers():
     assert_same(before, snapshot(model))
 
 
+def test_failure_after_masks_rolls_back(monkeypatch):
+    def refuse(model, alpha):
+        raise ValueError("norm layer refused")
+
+    monkeypatch.setattr(_interpolate, "attach", refuse)
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="norm layer refused"):
+        signmask.apply(model, "aws", optimizer=opt)
+    assert_same(before, snapshot(model))
+    assert not opt._optimizer_step_pre_hooks
+
+
 def test_apply_refuses_pruned_model():
     model = signmask.prune(tiny(), 0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
