@@ -11,8 +11,6 @@ from signmask import analysis
 
 from _util import tiny
 
-pytest.importorskip("matplotlib")
-
 PNG = b"\x89PNG\r\n\x1a\n"
 BARRIER = analysis.Barrier((0.0, 0.5, 1.0), (0.2, 0.9, 0.3), (0.05, 0.4, 0.1))
 
