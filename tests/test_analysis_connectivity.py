@@ -356,3 +356,33 @@ def test_instability_validates_before_training():
     assert calls == []
     with pytest.raises(TypeError, match="return None or an nn.Module"):
         analysis.instability(nn.Linear(4, 3), lambda m, s: 1.0, [])
+
+
+def test_reestimate_bn_uses_trained_norms_under_aws_interpolation():
+    from signmask import _interpolate
+
+    torch.manual_seed(0)
+    plain = tiny(3)
+    with torch.no_grad():
+        for m in (plain.bn1, plain.bn2):
+            m.weight.uniform_(0.5, 2.0)
+            m.bias.uniform_(-1.0, 1.0)
+    hooked = copy.deepcopy(plain)
+    alpha = torch.tensor(0.7)
+    with torch.no_grad():  # init values unlike the trained ones, so a != 0 would show
+        _interpolate.attach(hooked, alpha)
+        for m in (hooked.bn1, hooked.bn2):
+            m.weight_init.fill_(3.0)
+            m.bias_init.fill_(2.0)
+    loader = [torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    analysis.reestimate_bn(plain, loader)
+    analysis.reestimate_bn(hooked, loader)
+    for name in ("bn1", "bn2"):
+        a, b = getattr(plain, name), getattr(hooked, name)
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    assert float(alpha) == pytest.approx(0.7)  # the caller's coefficient is untouched
+    hooked.train()
+    x = loader[0]
+    expect = torch.lerp(hooked.bn1.weight_orig.detach(), hooked.bn1.weight_init, torch.tensor(0.7))
+    hooked(x)
+    assert torch.equal(hooked.bn1.weight, expect)  # and the hooks use it again afterwards

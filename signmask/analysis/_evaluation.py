@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._interpolate import NormInterpolation
 from ._common import check_int, check_model, device_of, split_batch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,6 +39,16 @@ def _limit(loader: Iterable, batches: int | None) -> Iterable:
     return loader if batches is None else itertools.islice(loader, batches)
 
 
+def _interpolation_hooks(model: nn.Module) -> dict:
+    """AWS's norm-interpolation hooks in ``model`` -> the coefficient tensor each holds."""
+    return {
+        hook: hook.alpha
+        for m in model.modules()
+        for hook in m._forward_pre_hooks.values()
+        if isinstance(hook, NormInterpolation)
+    }
+
+
 def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = None) -> nn.Module:
     """Re-estimate the running statistics of every BatchNorm-like layer, in place.
 
@@ -45,7 +56,9 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     cumulative average: with batches of equal size, the mean of the per-batch means and unbiased
     variances), then the whole model runs one no-grad pass over ``loader`` in train mode (dropout
     active, as in training), and the momenta and every module's train/eval flag are restored.
-    A model without such layers is returned at once, without reading ``loader``.
+    A model without such layers is returned at once, without reading ``loader``. Norm layers under
+    AWS's interpolation use their trained parameters (``a = 0``) during the pass, so the
+    statistics are those of the network as evaluated.
 
     Args:
         model: any model.
@@ -77,7 +90,10 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
              for m in layers]
     modes = [(m, m.training) for m in model.modules()]
     device = device_of(model)
+    mixed = _interpolation_hooks(model)
     try:
+        for hook in mixed:
+            hook.alpha = torch.zeros_like(hook.alpha)  # the hook's own: the caller's a stays
         for m in layers:
             m.reset_running_stats()
             m.momentum = None
@@ -97,6 +113,8 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
                     m._buffers[k].copy_(b)
         raise
     finally:
+        for hook, alpha in mixed.items():
+            hook.alpha = alpha
         for m, momentum, _ in saved:
             m.momentum = momentum
         for m, training in modes:
