@@ -41,46 +41,14 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import signmask
-
-# The repository's shared data folder, if this checkout has one beside it.
-DEFAULT_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10.npz"
-
-
-def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A learnable 10-class task: smooth class patterns, randomly scaled, shifted and noised."""
-    patterns = F.interpolate(torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234)), size=16,
-                             mode="bilinear", align_corners=False)
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = patterns[y] * (0.5 + torch.rand(n, 1, 1, 1, generator=g))
-    shifts = torch.randint(-3, 4, (n, 2), generator=g).tolist()
-    x = torch.stack([torch.roll(img, s, dims=(1, 2)) for img, s in zip(x, shifts)])
-    return x + torch.randn(x.shape, generator=g), y
-
-
-def load_data(path: str, n_train: int, n_test: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
-    """``n_train``/``n_test`` images of CIFAR-10 (16x16, normalized) or of the synthetic task."""
-    if path == "synthetic":
-        return TensorDataset(*synthetic(n_train, seed)), TensorDataset(*synthetic(n_test, seed + 1))
-    arrays = np.load(path)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        index = torch.randperm(len(labels), generator=g)[:n].numpy()
-        x = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float() / 255.0
-        x = F.avg_pool2d(x, 2)
-        mean, std = x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True)
-        out.append(TensorDataset((x - mean) / std, torch.from_numpy(labels[index]).long()))
-    return out[0], out[1]
-
+from signmask import analysis
+from _data import DEFAULT_CIFAR, evaluate, load_data  # the examples' data, beside them
 
 def make_model(width: int, seed: int) -> nn.Module:
     """A small BatchNorm CNN for 16x16 RGB images and 10 classes, initialized from ``seed``."""
@@ -104,30 +72,6 @@ def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer
         opt.step()
         total += loss.item() * len(y)
     return total / len(loader.dataset)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
-    return correct / len(loader.dataset)
-
-
-@torch.no_grad()
-def recalibrated(model: nn.Module, loader: DataLoader) -> nn.Module:
-    """A copy of ``model`` with its BatchNorm running statistics re-estimated on ``loader``.
-
-    AWS trains the norm layers' affine parameters interpolated with their init, so the running
-    statistics it collects belong to interpolated networks, not to the trained one (a = 0).
-    """
-    model = copy.deepcopy(model).train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the pass
-    for x, _ in loader:
-        model(x)
-    return model
 
 
 def retrain(model: nn.Module, loader: DataLoader, test_loader: DataLoader, epochs: int, lr: float) -> float:
@@ -196,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         {"model": "dense (search round 0)", "sparsity": rounds[0]["sparsity"], "acc": rounds[0]["acc"]},
         {"model": "AWS solution (trained theta_T)", "sparsity": rounds[-1]["sparsity"], "acc": rounds[-1]["acc"]},
         {"model": "AWS solution, BatchNorm stats re-estimated", "sparsity": rounds[-1]["sparsity"],
-         "acc": evaluate(recalibrated(model, train_loader()), test_loader)},
+         "acc": evaluate(analysis.reestimate_bn(copy.deepcopy(model), train_loader()), test_loader)},
     ]
     for signs, label in (("init", "new init + signed mask"), ("keep", "new init + binary mask only")):
         fresh = make_model(args.width, args.seed + 1)

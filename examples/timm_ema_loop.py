@@ -33,46 +33,14 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import signmask
+from _data import DEFAULT_CIFAR, evaluate, load_data  # the examples' data, beside them
 from signmask._compat import import_timm
-
-# The repository's shared data folder, if this checkout has one beside it.
-DEFAULT_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10.npz"
-
-
-def synthetic(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """A learnable 10-class task: smooth class patterns, randomly scaled, shifted and noised."""
-    patterns = F.interpolate(torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234)), size=size,
-                             mode="bilinear", align_corners=False)
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = patterns[y] * (0.5 + torch.rand(n, 1, 1, 1, generator=g))
-    shifts = torch.randint(-size // 5, size // 5 + 1, (n, 2), generator=g).tolist()
-    x = torch.stack([torch.roll(img, s, dims=(1, 2)) for img, s in zip(x, shifts)])
-    return x + torch.randn(x.shape, generator=g), y
-
-
-def load_data(path: str, n_train: int, n_test: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
-    """``n_train``/``n_test`` 32x32 images of CIFAR-10 (normalized) or of the synthetic task."""
-    if path == "synthetic":
-        return TensorDataset(*synthetic(n_train, seed)), TensorDataset(*synthetic(n_test, seed + 1))
-    arrays = np.load(path)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        index = torch.randperm(len(labels), generator=g)[:n].numpy()
-        x = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float() / 255.0
-        mean, std = x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True)
-        out.append(TensorDataset((x - mean) / std, torch.from_numpy(labels[index]).long()))
-    return out[0], out[1]
-
 
 def train_one_epoch(model: nn.Module, ema, loader: DataLoader, opt: torch.optim.Optimizer,
                     step: int) -> tuple[float, int]:
@@ -88,13 +56,6 @@ def train_one_epoch(model: nn.Module, ema, loader: DataLoader, opt: torch.optim.
         ema.update(model, step=step)
         total += loss.item() * len(y)
     return total / len(loader.dataset), step
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
-    return correct / len(loader.dataset)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -131,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    train_set, test_set = load_data(args.data, args.n_train, args.n_test, args.seed)
+    train_set, test_set = load_data(args.data, args.n_train, args.n_test, args.seed, size=32)
     loader = DataLoader(train_set, args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
     test_loader = DataLoader(test_set, 512)
     print(f"data: {args.data} ({len(train_set)} train / {len(test_set)} test images)")

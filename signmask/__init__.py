@@ -23,7 +23,8 @@ or let :func:`apply` run IMP, LRR, AWS or OMP around an existing training loop::
 from ._backends import set_backend
 from ._io import load, save
 from ._prune import load_state_dict, prune, remove
-from ._search import Search, apply
+from ._apply import apply
+from ._search import Search
 from ._ticket import Ticket, extract
 from ._transfer import transfer
 from ._version import __version__

@@ -1,15 +1,16 @@
-"""``signmask.apply``: IMP, LRR, AWS and OMP around the user's own training loop."""
+"""``Search``: a lottery search (IMP, LRR, AWS, OMP) driving the user's own training loop."""
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from . import _interpolate, _io, _prune, _recipes, _reparam, _schedule, _snapshot, _targets
+from . import _interpolate, _io, _prune, _recipes, _reparam, _snapshot
 from ._ticket import Ticket, extract
 
 STATE_VERSION = 1
@@ -140,6 +141,9 @@ class Search:
         """Record the user's metrics (``accuracy=0.93``) for the current round's log line."""
         if not self.history:
             raise RuntimeError("report() needs a started round")
+        for k, v in metrics.items():
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"report(): metric {k!r} must be a number, got {type(v).__name__} {v!r}")
         self.history[-1].update({k: float(v) for k, v in metrics.items()})
 
     def finish_round(self) -> None:
@@ -221,6 +225,9 @@ class Search:
             copies: copies of the model made after :func:`apply` (``ModelEmaV3(model).module``):
                 their norm interpolation comes off too. Callable again after the search ended.
         """
+        for copy in copies:
+            if not isinstance(copy, nn.Module):
+                raise TypeError(f"close() takes copies of the model (nn.Module), got {type(copy).__name__}")
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -338,113 +345,3 @@ class Search:
 def _log_line(method: str, record: dict[str, Any]) -> str:
     extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("round", "sparsity", "steps"))
     return f"{method} round {record['round']}: sparsity {record['sparsity']:.2%}, {record.get('steps', 0)} steps {extras}".rstrip()
-
-
-def apply(
-    model: nn.Module,
-    method: str = "aws",
-    sparsity: float = 0.8,
-    *,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any | None = None,
-    rate: float | None = None,
-    rounds: int | None = None,
-    rewind: str | int | None = "default",
-    steps_per_epoch: int | None = None,
-    classifier: bool | None = None,
-    include=None,
-    exclude=None,
-    filter_fn=None,
-    seed: int = 0,
-    progress: bool = True,
-    steps_per_round: int | None = None,
-) -> Search:
-    """Turn the user's training loop into a lottery search (IMP, LRR, AWS or OMP).
-
-    Installs an all-ones mask on every selected conv/linear weight (so the model's layout stays
-    fixed for optimizers, EMA copies, DDP and ``torch.compile``), and for AWS the normalization
-    interpolation, then returns a :class:`Search` to iterate: one iteration per training round.
-
-    Args:
-        model: the network at its initialization (a timm model, DDP- or compile-wrapped).
-        method: ``"imp"``, ``"lrr"``, ``"aws"`` or ``"omp"``.
-        sparsity: target fraction of pruned weights, in (0, 1), reached exactly after the last pruning.
-        optimizer: the user's optimizer; its steps are counted, its state reset each round.
-        scheduler: the user's LR scheduler (torch or timm), restarted each round.
-        rate: fraction of the remaining weights pruned per round (default 0.2; OMP: one step).
-        rounds: number of pruning steps instead of ``rate`` (the rate then follows).
-        rewind: IMP/OMP rewind point: ``"init"`` (default), ``"500it"``, ``"2ep"``, ``"1ep50it"``
-            or a step. LRR and AWS do not rewind weights.
-        steps_per_epoch: optimizer steps per epoch, needed for ``"ep"`` rewind points.
-        classifier: prune the classifier head (default: IMP/OMP yes, LRR/AWS no).
-        include, exclude, filter_fn: which conv/linear modules to prune, as in :func:`signmask.prune`.
-        seed: seed of AWS's interpolation coefficients (identical on every DDP rank).
-        progress: a tqdm bar per round and a log line per round, on rank 0 only.
-        steps_per_round: total of the progress bar (optional).
-
-    Returns:
-        A :class:`Search`.
-
-    Raises:
-        ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds; a rewind
-            point for LRR/AWS or an unreadable one; nothing to prune. The model is left untouched.
-
-    Example:
-        >>> import torch, signmask
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        >>> search = signmask.apply(net, "imp", 0.5, optimizer=opt, rate=0.3, progress=False)
-        >>> for r in search:
-        ...     for _ in range(3):
-        ...         opt.zero_grad(); net(torch.randn(5, 4)).sum().backward(); opt.step()
-        >>> len(search), search.ticket.sparsity
-        (3, 0.5)
-    """
-    recipe = _recipes.get_recipe(method)
-    sparsity = _schedule.check_fraction(sparsity, "sparsity")
-    if rate is not None and rounds is not None:
-        raise ValueError(f"pass rate= or rounds=, not both (got rate={rate!r}, rounds={rounds!r})")
-    if recipe.one_shot:
-        if rate is not None or rounds not in (None, 1):
-            raise ValueError(f"method='{method}' prunes once; rate=/rounds= do not apply")
-        rounds = 1
-    elif rate is None and rounds is None:
-        rate = 0.2
-    if rate is not None:
-        rate = _schedule.check_fraction(rate, "rate")
-    steps = _schedule.prune_count(sparsity, rate, rounds)
-    if rewind == "default":
-        rewind = recipe.rewind
-    elif rewind is not None and recipe.rewind is None:
-        raise ValueError(f"method='{method}' does not rewind weights; rewind={rewind!r} applies to imp/omp")
-    rewind_step = _schedule.parse_rewind(rewind, steps_per_epoch)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    classifier = recipe.classifier if classifier is None else bool(classifier)
-    selection = {"include": include, "exclude": exclude, "filter_fn": filter_fn}
-    targets = _targets.select(model, classifier=classifier, **selection)
-    already = sorted(k for k, (m, n) in targets.items() if _reparam.find_hook(m, n)[1] is not None)
-    if already:
-        raise ValueError(f"{already[:3]} are already pruned; apply() starts from an unpruned model")
-    if recipe.interpolate_norms and _interpolate.interpolated(model):
-        raise ValueError("the model's norm layers are already interpolated (another search is attached)")
-    if recipe.interpolate_norms and not any(_interpolate.is_norm(m) for m in model.modules()):
-        raise ValueError(
-            f"method='aws' interpolates normalization layers, and {type(model).__name__} has none "
-            "with affine parameters; without them AWS is LRR: use method='lrr'"
-        )
-    total = sum(_reparam.original(m, n).numel() for m, n in targets.values())
-    kept = _schedule.kept_schedule(total, sparsity, rate, steps)
-    config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
-    _prune.prune(model, 0.0, classifier=classifier, **selection)
-    try:
-        return Search(
-            model, optimizer, scheduler, config, targets=targets, kept=kept, selection=selection,
-            progress=progress, steps_per_round=steps_per_round,
-        )
-    except BaseException:
-        for module, name in targets.values():  # e.g. a norm layer attach() refuses
-            _reparam.uninstall(module, name)
-        raise

@@ -3,15 +3,18 @@
 import subprocess
 import sys
 
+import pytest
+
 import signmask
 
 
-def test_import_touches_neither_timm_torchvision_nor_cuda():
+@pytest.mark.parametrize("module", ["signmask", "signmask.analysis"])
+def test_import_touches_neither_timm_torchvision_nor_cuda(module):
     code = (
         "import sys, torch\n"
         "calls = []\n"
         "torch.cuda._lazy_init = lambda *a, **k: calls.append('lazy_init')\n"
-        "import signmask\n"
+        f"import {module}\n"
         "print(sorted(m for m in ('timm', 'torchvision', 'triton', 'matplotlib') if m in sys.modules), calls)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

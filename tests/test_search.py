@@ -200,6 +200,8 @@ def test_rounds_out_of_order():
         ({"method": "omp", "rate": 0.2}, ValueError, "method='omp' prunes once"),
         ({"include": "nothing*"}, ValueError, "include pattern 'nothing*' matches no conv/linear module"),
         ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
+        ({"scheduler": object()}, TypeError, "scheduler must have state_dict()/load_state_dict()"),
+        ({"steps_per_round": 0}, ValueError, "steps_per_round must be a positive int or None, got 0"),
     ],
 )
 def test_bad_input_leaves_model_untouched(kwargs, error, text):
@@ -431,3 +433,14 @@ def test_progress_log_line_per_round_on_rank0_only(capsys, monkeypatch):
         train(model, opt, search, sched)
     captured = capsys.readouterr()
     assert "round" not in captured.out + captured.err
+
+
+def test_report_and_close_refuse_bad_arguments():
+    model, opt, sched, search = setup("lrr")
+    search.start_round()
+    with pytest.raises(TypeError, match="report\\(\\): metric 'acc' must be a number, got str 'high'"):
+        search.report(acc="high")
+    assert "acc" not in search.history[-1]
+    with pytest.raises(TypeError, match="close\\(\\) takes copies of the model \\(nn.Module\\), got dict"):
+        search.close({})
+    assert search.in_round and opt._optimizer_step_post_hooks  # nothing came off

@@ -80,11 +80,6 @@ def effective(module: nn.Module, name: str) -> torch.Tensor:
     return value.detach()
 
 
-def keep_mask(module: nn.Module, name: str) -> torch.Tensor | None:
-    """The bool keep-mask of a pruned tensor, None for a dense one."""
-    return _reparam.current_mask(module, name)
-
-
 def refresh(module: nn.Module, name: str) -> None:
     """Recompute ``module.<name>`` of a pruned tensor after its ``_orig`` was written to."""
     _, hook = _reparam.find_hook(module, name)

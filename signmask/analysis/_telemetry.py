@@ -23,7 +23,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ._common import check_int, check_model, effective, keep_mask, weights
+from .. import _reparam
+from ._common import check_int, check_model, effective, weights
 
 METRICS = ("sign_changed", "dist_init", "cos_init", "dist_final", "cos_final")
 
@@ -143,7 +144,7 @@ class Telemetry:
               ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         out = {}
         for key, (module, name) in targets.items():
-            mask = keep_mask(module, name)
+            mask = _reparam.current_mask(module, name)
             out[key] = (effective(module, name).to("cpu", copy=True),
                         None if mask is None else mask.to("cpu", copy=True))
         return out
