@@ -56,6 +56,7 @@ class Spec:
     optimizer: str = "adamw"
     channels_last: bool = False
     classes: int = 1000
+    fused: bool = False  # the optimizer's fused implementation (torch >= 2.4 on CPU and CUDA)
 
 
 def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
@@ -110,10 +111,11 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def make_optimizer(kind: str, params) -> torch.optim.Optimizer:
+def make_optimizer(kind: str, params, fused: bool = False) -> torch.optim.Optimizer:
+    extra = {"fused": True} if fused else {}
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-5)
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-5, **extra)
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **extra)
 
 
 def build(spec: Spec, variant: str, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -131,7 +133,7 @@ def build(spec: Spec, variant: str, device: str) -> tuple[nn.Module, torch.optim
     # After pruning: stock global_unstructured cannot flatten channels_last weights (view(-1)).
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(spec.optimizer, model.parameters())
+    optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.fused)
     if "backend" in cfg:
         _backends.set_backend(model, cfg["backend"], optimizer=optimizer)
     return model, optimizer
@@ -212,9 +214,10 @@ def measure_memory(model, opt, batch, device, amp_dtype) -> dict:
             "peak_mib": _common.mib(resident + mem.peak)}
 
 
-def child(model_name: str, variant: str, preset: str, amp: bool, optimizer: str) -> dict:
+def child(model_name: str, variant: str, preset: str, amp: bool, optimizer: str, fused: bool) -> dict:
     """Memory of one variant in a fresh process (CPU): see ``_common``."""
     spec = next(s for s in PRESETS[preset] if s.name == model_name)
+    spec = dataclasses.replace(spec, fused=fused)
     if optimizer != "spec":
         spec = dataclasses.replace(spec, optimizer=optimizer)
     model, opt = build(spec, variant, "cpu")
@@ -230,8 +233,9 @@ def markdown(results: dict, env: dict, args) -> str:
     ]
     for model, res in results["models"].items():
         spec = res["spec"]
+        fused = ", fused" if spec.get("fused") else ""
         lines.append(f"\n## {model} (batch {spec['batch']}, input {spec['input_shape']}, "
-                     f"{spec['optimizer']}, {spec['weights']:,} prunable weights)\n")
+                     f"{spec['optimizer']}{fused}, {spec['weights']:,} prunable weights)\n")
         lines.append("| variant | median ms | p10-p90 ms | x dense | peak MiB | resident MiB | step extra MiB |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
         for v, r in res["variants"].items():
@@ -252,6 +256,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--optimizer", choices=("spec", "sgd", "adamw"), default="spec",
                         help="override every model's optimizer (default: each model's own)")
+    parser.add_argument("--fused", action="store_true",
+                        help="every optimizer in its fused implementation (fused=True)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory processes")
     parser.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
@@ -259,7 +265,7 @@ def main() -> None:
     device = "cuda" if args.preset == "gpu" else "cpu"
     amp = args.preset in ("gpu", "dry")  # dry run follows the GPU recipe: bf16 autocast
     if args.child:
-        print(__import__("json").dumps(child(*args.child, args.preset, amp, args.optimizer)))
+        print(__import__("json").dumps(child(*args.child, args.preset, amp, args.optimizer, args.fused)))
         return
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--preset gpu needs CUDA")
@@ -270,6 +276,7 @@ def main() -> None:
     specs = [s for s in PRESETS[args.preset] if not args.models or s.name in args.models]
     if args.optimizer != "spec":
         specs = [dataclasses.replace(s, optimizer=args.optimizer) for s in specs]
+    specs = [dataclasses.replace(s, fused=args.fused) for s in specs]
     variants = variants_for(device, args.variants)
     results = {"environment": env, "amount": AMOUNT, "preset": args.preset,
                "autocast": str(args.amp_dtype), "steps": args.steps, "warmup": args.warmup,
@@ -280,7 +287,7 @@ def main() -> None:
         if args.preset == "cpu" and not args.no_memory:
             for v in variants:
                 cmd = [os.path.abspath(__file__), "--preset", args.preset, "--optimizer",
-                       args.optimizer, "--child", spec.name, v]
+                       args.optimizer, "--child", spec.name, v] + ["--fused"] * args.fused
                 res[v].update(_common.run_child(cmd))
         dense = res["dense"]["median_ms"] if "dense" in res else float("nan")
         for v in res:
@@ -290,7 +297,8 @@ def main() -> None:
                       if isinstance(m, _targets.PRUNABLE_TYPES))
         results["models"][spec.name] = {
             "spec": {"batch": spec.batch, "input_shape": list(spec.input_shape),
-                     "optimizer": spec.optimizer, "channels_last": spec.channels_last,
+                     "optimizer": spec.optimizer, "fused": spec.fused,
+                     "channels_last": spec.channels_last,
                      "weights": weights},
             "variants": res,
         }

@@ -1,9 +1,13 @@
-"""Ticket files: ``.safetensors`` with 2-bit codes per weight and a JSON manifest.
+"""Ticket files: ``.safetensors`` with 1.6 bits per weight and a JSON manifest.
 
-Each tensor is stored as uint8 bytes holding four 2-bit codes (0 pruned, 1 = +1, 2 = -1). The
-string metadata holds the ticket's own metadata plus reserved keys: ``format``,
+Each tensor is stored as uint8 bytes holding five ternary codes (0 pruned, 1 = +1, 2 = -1; see
+:func:`signmask._bits.pack_ternary`), so a whole file, header included, stays under 2 bits per
+weight. The string metadata holds the ticket's own metadata plus reserved keys: ``format``,
 ``format_version``, ``sparsity`` and ``manifest`` (per tensor: role, shape, kept and negative
 counts, sha256 of the bytes), which ``load`` checks so that truncated or edited files fail loudly.
+
+``save`` writes format version 2; ``load`` also reads version 1, which held four 2-bit codes per
+byte (same manifest).
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from . import _bits
 from ._ticket import RESERVED_KEYS, Ticket
 
 FORMAT = "signmask.ticket"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+
+# Version -> (codes per byte, unpacker(bytes, number of codes)) of the versions load() reads.
+_CODECS = {
+    "1": (4, lambda raw, n: _bits.unpack(raw, n, 2)),
+    "2": (_bits.TERNARY_PER_BYTE, _bits.unpack_ternary),
+}
 
 
 def _entry(role: str, signed: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    packed = _bits.pack(_bits.signed_to_codes(signed), 2)
+    packed = _bits.pack_ternary(_bits.signed_to_codes(signed))
     info = {
         "role": role,
         "shape": list(signed.shape),
@@ -119,14 +129,15 @@ def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.T
     return dict(meta or {}), tensors
 
 
-def _decode(path: Path, name: str, raw: torch.Tensor, info: dict) -> torch.Tensor:
+def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) -> torch.Tensor:
     shape = info.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ValueError(f"{path}: manifest entry of {name!r} has a bad shape {shape!r}")
     numel = 1
     for d in shape:
         numel *= d
-    expected = (numel + 3) // 4
+    per_byte, unpack = _CODECS[version]
+    expected = -(-numel // per_byte)
     if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() != expected:
         raise ValueError(
             f"{path}: tensor {name!r} should be {expected} uint8 bytes for shape {shape}, "
@@ -134,11 +145,11 @@ def _decode(path: Path, name: str, raw: torch.Tensor, info: dict) -> torch.Tenso
         )
     if hashlib.sha256(raw.numpy().tobytes()).hexdigest() != info.get("sha256"):
         raise ValueError(f"{path}: tensor {name!r} does not match its checksum (corrupted file)")
-    codes = _bits.unpack(raw, expected * 4, 2)
-    if (codes[:numel] == 3).any():
-        raise ValueError(f"{path}: tensor {name!r} holds values outside {{-1, 0, +1}}")
+    codes = unpack(raw, expected * per_byte)
+    if (codes[:numel] == _bits.CODE_INVALID).any():
+        raise ValueError(f"{path}: tensor {name!r} holds values outside {{-1, 0, +1}} (corrupted file)")
     if codes[numel:].any():
-        raise ValueError(f"{path}: tensor {name!r} has non-zero padding bits (corrupted file)")
+        raise ValueError(f"{path}: tensor {name!r} has non-zero padding (corrupted file)")
     signed = _bits.codes_to_signed(codes[:numel]).view(shape)
     if int(signed.count_nonzero()) != info.get("kept") or int((signed < 0).sum()) != info.get("negative"):
         raise ValueError(f"{path}: tensor {name!r} does not match its kept/negative counts")
@@ -146,7 +157,7 @@ def _decode(path: Path, name: str, raw: torch.Tensor, info: dict) -> torch.Tenso
 
 
 def load(path: str | os.PathLike) -> Ticket:
-    """Read a ticket written by :func:`save`.
+    """Read a ticket written by :func:`save` (format version 2) or by an older signmask (version 1).
 
     Raises:
         FileNotFoundError: no such file.
@@ -158,10 +169,11 @@ def load(path: str | os.PathLike) -> Ticket:
     meta, raw = read_raw(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a signmask ticket (metadata 'format' is {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if version not in _CODECS:
         raise ValueError(
-            f"{path}: ticket format version {meta.get('format_version')!r} is not supported "
-            f"(this signmask reads version {FORMAT_VERSION})"
+            f"{path}: ticket format version {version!r} is not supported "
+            f"(this signmask reads versions {', '.join(_CODECS)})"
         )
     try:
         manifest = json.loads(meta["manifest"])
@@ -175,6 +187,6 @@ def load(path: str | os.PathLike) -> Ticket:
         role = info.get("role") if isinstance(info, dict) else None
         if role not in groups:
             raise ValueError(f"{path}: manifest entry of {name!r} has unknown role {role!r}")
-        groups[role][name] = _decode(path, name, raw[name], info)
+        groups[role][name] = _decode(path, name, raw[name], info, version)
     user_meta = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
     return Ticket(groups["mask"], groups["sign"], user_meta)

@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-from . import _bits, _reparam
+from . import _bits, _maskmul, _reparam
 from ._backends import Backend, Targets, register_backend
 
 # Optimizer class -> state keys that are odd in the gradient (negated under a reflection).
@@ -71,22 +71,20 @@ def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor |
     flips the sign bit like negation), at the cost of byte-wide passes and one float multiply.
     The same factor reflects (and masks) the state that is odd in the gradient.
     """
-    keep = mask.view(torch.uint8)  # same 0/1 factors as the bool mask; CPU promotes bool slowly
     if sign is None:
-        w.mul_(keep)
+        _maskmul.mul_(w, mask)
         return None
     negative = _bits.sign_bits(sign, w.shape)
-    factor = (1 - 2 * (torch.signbit(w).view(torch.int8) ^ negative)) * keep.view(torch.int8)
-    w.mul_(factor)
+    factor = (1 - 2 * (torch.signbit(w).view(torch.int8) ^ negative)) * mask.view(torch.int8)
+    _maskmul.mul_(w, factor)
     return factor
 
 
 def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...]) -> None:
-    keep = mask.view(torch.uint8)
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or value.shape != param.shape:
             continue  # step counters and factored statistics
-        value.mul_(factor if factor is not None and key in odd else keep)
+        _maskmul.mul_(value, factor if factor is not None and key in odd else mask)
 
 
 def _stamp(orig, mask, sign) -> tuple[int, int, int]:
@@ -119,7 +117,7 @@ class MaskGrad:
     def __call__(self, param: torch.Tensor) -> None:
         hook = _reparam.find_hook(self.module, self.name)[1]
         if getattr(hook, "backend", None) == "projection" and param.grad is not None:
-            param.grad.mul_(self.module._buffers[self.name + "_mask"].view(torch.uint8))
+            _maskmul.mul_(param.grad, self.module._buffers[self.name + "_mask"])
 
 
 class ProjectStep:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _bits
+from . import _bits, _maskmul
 
 
 def masked_weight(
@@ -32,13 +32,13 @@ def masked_weight(
     # gradients), but torch's CPU kernels promote bool about 2x slower.
     keep = mask.view(torch.int8) if mask.dtype == torch.bool else mask
     if sign is None:
-        return orig * keep
+        return _maskmul.multiply(orig, keep)
     bits = _bits.sign_bits(sign, orig.shape)
     # One int8 factor s * mask in {-1, 0, +1}: |o| * -1 is exactly -|o|, so the values are those
     # of where(neg, -|o|, |o|) * mask (pruned zeros may differ in sign), for one float multiply.
     factor = 1 - 2 * bits
     if keep.dtype == torch.int8:
-        return orig.abs() * (factor * keep)
+        return _maskmul.multiply(orig.abs(), factor * keep)
     return orig.abs() * factor * keep
 
 

@@ -71,6 +71,8 @@ OPTIMIZERS = {
     "sgd-plain": lambda p: torch.optim.SGD(p, lr=0.3),
     "adam": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=1e-3),
     "adamw-amsgrad": lambda p: torch.optim.AdamW(p, lr=0.05, amsgrad=True),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.05, fused=True),
+    "sgd-fused": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, weight_decay=1e-2, fused=True),
     "nadam": lambda p: torch.optim.NAdam(p, lr=0.05),
     "radam": lambda p: torch.optim.RAdam(p, lr=0.05),
     "adamax": lambda p: torch.optim.Adamax(p, lr=0.05),

@@ -1,4 +1,4 @@
-"""Bit packing: round trips and the sign-bit table against a plain per-element loop."""
+"""Bit packing: round trips, ternary bytes and the sign-bit table against plain per-element loops."""
 
 import torch
 from hypothesis import given, settings, strategies as st
@@ -22,6 +22,35 @@ def test_pack_matches_the_documented_layout_and_round_trips(width, data):
     packed = _bits.pack(torch.tensor(codes), width)
     assert packed.dtype == torch.uint8 and packed.tolist() == _loop_pack(codes, width)
     assert _bits.unpack(packed, len(codes), width).tolist() == codes
+
+
+def _loop_pack_ternary(codes):
+    """The documented layout, element by element: code i adds c * 3**(i % 5) to byte i // 5."""
+    out = [0] * ((len(codes) + 4) // 5)
+    for i, c in enumerate(codes):
+        out[i // 5] += c * 3 ** (i % 5)
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(codes=st.lists(st.integers(0, 2), min_size=1, max_size=70))
+def test_pack_ternary_matches_the_documented_layout_and_round_trips(codes):
+    packed = _bits.pack_ternary(torch.tensor(codes))
+    assert packed.dtype == torch.uint8 and packed.tolist() == _loop_pack_ternary(codes)
+    assert _bits.unpack_ternary(packed, len(codes)).tolist() == codes
+
+
+def test_every_valid_ternary_byte_round_trips():
+    valid = torch.arange(243, dtype=torch.uint8)
+    codes = _bits.unpack_ternary(valid, 5 * 243)
+    assert int(codes.max()) <= 2
+    assert torch.equal(_bits.pack_ternary(codes), valid)
+
+
+def test_every_ternary_byte_above_242_unpacks_as_invalid_codes():
+    invalid = torch.arange(243, 256, dtype=torch.uint8)
+    codes = _bits.unpack_ternary(invalid, 5 * 13)
+    assert (codes == _bits.CODE_INVALID).all()
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,6 +1,8 @@
-"""Ticket files: bit-exact round trips, size, metadata, and every kind of bad file."""
+"""Ticket files: bit-exact round trips (format versions 1 and 2), size, metadata, and every kind of bad file."""
 
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
 import signmask
-from signmask import _io
+from signmask import _bits, _io
 from _util import tiny
 
 
@@ -43,13 +45,42 @@ def test_save_load_round_trip_is_bit_exact(tmp_path_factory, ticket):
     assert loaded.metadata == ticket.metadata
 
 
+def _save_v1(ticket: signmask.Ticket, path: Path) -> Path:
+    """Write ``ticket`` as signmask wrote format version 1: four 2-bit codes per byte."""
+    tensors, manifest = {}, {}
+    for role, group in (("mask", ticket.masks), ("sign", ticket.signs)):
+        for name, signed in group.items():
+            tensors[name] = _bits.pack(_bits.signed_to_codes(signed), 2)
+            manifest[name] = {
+                "role": role,
+                "shape": list(signed.shape),
+                "kept": int(signed.count_nonzero()),
+                "negative": int((signed < 0).sum()),
+                "sha256": hashlib.sha256(tensors[name].numpy().tobytes()).hexdigest(),
+            }
+    meta = dict(ticket.metadata, format="signmask.ticket", format_version="1", sparsity=repr(ticket.sparsity))
+    save_file(tensors, str(path), metadata=dict(meta, manifest=json.dumps(manifest, sort_keys=True)))
+    return path
+
+
+@settings(max_examples=30, deadline=None)
+@given(ticket=tickets())
+def test_version_1_file_loads_bit_exactly(tmp_path_factory, ticket):
+    path = _save_v1(ticket, tmp_path_factory.mktemp("t") / "v1.safetensors")
+    loaded = signmask.load(path)
+    assert loaded == ticket and loaded.metadata == ticket.metadata
+    assert all(m.dtype == torch.int8 for m in list(loaded.masks.values()) + list(loaded.signs.values()))
+
+
 def test_file_stores_at_most_two_bits_per_weight(tmp_path):
+    numel = 256 * 1024
     masks = {"a.weight": torch.randint(-1, 2, (256, 1024), dtype=torch.int8)}
     path = signmask.save(signmask.Ticket(masks), tmp_path / "big.safetensors")
     _, raw = _io.read_raw(path)
-    assert raw["a.weight"].numel() * 8 == 2 * 256 * 1024
-    header = path.stat().st_size - raw["a.weight"].numel()
-    assert header < 2048  # metadata only; the payload is exactly 2 bits per weight
+    assert raw["a.weight"].numel() == math.ceil(numel / 5)  # five ternary codes per byte
+    size = path.stat().st_size
+    assert size - raw["a.weight"].numel() < 2048  # header: metadata only
+    assert 8 * size <= 2 * numel  # the whole file, header included
 
 
 def test_metadata_of_an_extracted_ticket(tmp_path):
@@ -57,7 +88,7 @@ def test_metadata_of_an_extracted_ticket(tmp_path):
     ticket = signmask.extract(model, metadata={"rounds": "3"})
     path = signmask.save(ticket, tmp_path / "t.safetensors")
     meta, _ = _io.read_raw(path)
-    assert meta["format"] == "signmask.ticket" and meta["format_version"] == "1"
+    assert meta["format"] == "signmask.ticket" and meta["format_version"] == "2"
     assert meta["method"] == "magnitude" and meta["architecture"] == "TinyNet" and meta["rounds"] == "3"
     assert float(meta["sparsity"]) == ticket.sparsity
     versions = json.loads(meta["versions"])
@@ -98,10 +129,20 @@ def test_save_refuses_non_tickets(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def _small_ticket() -> signmask.Ticket:
+    return signmask.Ticket({"a.weight": torch.tensor([[1, 0, -1, 1, 0]]), "b.weight": torch.tensor([-1, 1])})
+
+
 @pytest.fixture
 def saved(tmp_path):
-    ticket = signmask.Ticket({"a.weight": torch.tensor([[1, 0, -1, 1, 0]]), "b.weight": torch.tensor([-1, 1])})
-    return signmask.save(ticket, tmp_path / "t.safetensors")
+    return signmask.save(_small_ticket(), tmp_path / "t.safetensors")
+
+
+@pytest.fixture(params=["1", "2"])
+def saved_any(request, tmp_path):
+    """The small ticket written in each format version that load() reads."""
+    path = tmp_path / "t.safetensors"
+    return _save_v1(_small_ticket(), path) if request.param == "1" else signmask.save(_small_ticket(), path)
 
 
 def _rewrite(path: Path, tensors=None, meta_update=None, drop=()):
@@ -111,6 +152,14 @@ def _rewrite(path: Path, tensors=None, meta_update=None, drop=()):
     for k in drop:
         raw.pop(k)
     save_file(raw, str(path), metadata=meta)
+
+
+def _replace_bytes(path: Path, name: str, data: torch.Tensor):
+    """Put ``data`` in place of tensor ``name`` with a matching sha256, so the checksum passes."""
+    meta, _ = _io.read_raw(path)
+    manifest = json.loads(meta["manifest"])
+    manifest[name]["sha256"] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    _rewrite(path, tensors={name: data}, meta_update={"manifest": json.dumps(manifest)})
 
 
 def test_missing_file(tmp_path):
@@ -150,7 +199,7 @@ def test_safetensors_that_is_not_a_ticket(tmp_path):
 
 def test_unsupported_version(saved):
     _rewrite(saved, meta_update={"format_version": "99"})
-    with pytest.raises(ValueError, match="format version '99' is not supported"):
+    with pytest.raises(ValueError, match=r"format version '99' is not supported \(this signmask reads versions 1, 2\)"):
         signmask.load(saved)
 
 
@@ -163,23 +212,36 @@ def test_missing_and_extra_tensors(saved):
         signmask.load(saved)
 
 
-def test_values_outside_signed_range_in_file(saved):
-    meta, raw = _io.read_raw(saved)
-    bad = raw["b.weight"].clone()
-    bad[0] |= 0b11  # code 3
-    manifest = json.loads(meta["manifest"])
-    import hashlib
-
-    manifest["b.weight"]["sha256"] = hashlib.sha256(bad.numpy().tobytes()).hexdigest()
-    _rewrite(saved, tensors={"b.weight": bad}, meta_update={"manifest": json.dumps(manifest)})
-    with pytest.raises(ValueError, match=r"tensor 'b.weight' holds values outside \{-1, 0, \+1\}"):
+@pytest.mark.parametrize("name", ["a.weight", "b.weight"])  # b.weight's byte also holds padding
+@pytest.mark.parametrize("byte", [243, 250, 255])
+def test_version_2_byte_outside_the_ternary_range(saved, name, byte):
+    _replace_bytes(saved, name, torch.tensor([byte], dtype=torch.uint8))
+    with pytest.raises(ValueError, match=rf"t.safetensors: tensor '{name}' holds values outside \{{-1, 0, \+1\}}"):
         signmask.load(saved)
 
 
-def test_wrong_byte_count_for_shape(saved):
-    _rewrite(saved, tensors={"a.weight": torch.zeros(5, dtype=torch.uint8)})
-    with pytest.raises(ValueError, match=r"'a.weight' should be 2 uint8 bytes for shape \[1, 5\]"):
-        signmask.load(saved)
+def test_version_1_code_3_is_refused(tmp_path):
+    path = _save_v1(_small_ticket(), tmp_path / "t.safetensors")
+    _, raw = _io.read_raw(path)
+    _replace_bytes(path, "b.weight", raw["b.weight"] | 0b11)  # code 3 in the first slot
+    with pytest.raises(ValueError, match=r"t.safetensors: tensor 'b.weight' holds values outside \{-1, 0, \+1\}"):
+        signmask.load(path)
+
+
+def test_non_zero_padding_is_refused(saved_any):
+    # b.weight has 2 codes: the slot after them is padding in both versions (bits 4-5 / weight 9).
+    meta, raw = _io.read_raw(saved_any)
+    _replace_bytes(saved_any, "b.weight", raw["b.weight"] + (1 << 4 if meta["format_version"] == "1" else 9))
+    with pytest.raises(ValueError, match="tensor 'b.weight' has non-zero padding"):
+        signmask.load(saved_any)
+
+
+def test_wrong_byte_count_for_shape(saved_any):
+    version = _io.read_raw(saved_any)[0]["format_version"]
+    expected = {"1": 2, "2": 1}[version]  # ceil(5 / 4), ceil(5 / 5)
+    _rewrite(saved_any, tensors={"a.weight": torch.zeros(5, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match=rf"'a.weight' should be {expected} uint8 bytes for shape \[1, 5\]"):
+        signmask.load(saved_any)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,118 @@
+"""Multiplying float tensors by small integer factors (masks, signs), fast on CPU.
+
+A bool mask or an int8 factor in {-1, 0, +1} holds 1 byte per weight. torch multiplies a float
+tensor by it through type promotion, which on CPU first converts the whole factor to a float
+temporary: a full-size allocation (fresh pages for large weights) plus a slow conversion loop,
+2-4x the time of the multiply itself. Here large CPU tensors are converted one chunk at a time
+into a small reused float buffer that stays in cache. The products are the same numbers
+(multiplying by the float of an exact small integer), so every path is bitwise equal to
+``t * factor``.
+
+Elsewhere (CUDA, where the conversion happens inside the kernel, small tensors, ``torch.compile``,
+which fuses it, or layouts without a flat view) the plain torch op runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# 256K elements: a 1 MiB fp32 buffer plus its slices of the operands fit in L2.
+CHUNK = 1 << 18
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor | None:
+    """A stride-1 view of every element of ``t`` in memory order, or None (overlaps, gaps)."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
+    try:
+        flat = t.permute(order).view(-1)
+    except RuntimeError:
+        return None
+    # Dense only: then empty_like(t) has t's strides, so flat views of t and out line up.
+    return flat if flat.stride(0) == 1 else None
+
+
+def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
+    """Flat views of ``t`` and ``factor`` when the chunked CPU path applies, else None."""
+    if (
+        t.device.type != "cpu"
+        or factor.device.type != "cpu"
+        or t.numel() <= CHUNK
+        or not t.is_floating_point()
+        or t.shape != factor.shape
+        or t.stride() != factor.stride()
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    flat_t, flat_f = _flat(t), _flat(factor)
+    if flat_t is None or flat_f is None:
+        return None
+    return flat_t, flat_f
+
+
+def _run(out_flat, t_flat, f_flat) -> None:
+    buf = torch.empty(CHUNK, dtype=t_flat.dtype)
+    for start in range(0, t_flat.numel(), CHUNK):
+        stop = min(start + CHUNK, t_flat.numel())
+        f32 = buf[: stop - start]
+        f32.copy_(f_flat[start:stop])
+        torch.mul(t_flat[start:stop], f32, out=out_flat[start:stop])
+
+
+def _as_int(factor: torch.Tensor) -> torch.Tensor:
+    # A bool tensor is multiplied as its uint8 view: the same 0/1 factors, a faster conversion.
+    return factor.view(torch.uint8) if factor.dtype == torch.bool else factor
+
+
+def mul_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Multiply ``t`` in place by ``factor`` (bool, or small integers, the same shape); ``t``.
+
+    Example:
+        >>> w = torch.tensor([1.5, -2.0, 3.0])
+        >>> mul_(w, torch.tensor([True, False, True]))
+        tensor([1.5000, -0.0000, 3.0000])
+    """
+    factor = _as_int(factor)
+    views = _chunked(t, factor)
+    if views is None:
+        return t.mul_(factor)
+    _run(views[0], *views)
+    return t
+
+
+def mul(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``t * factor`` as a new tensor of ``t``'s dtype and layout (see :func:`mul_`)."""
+    factor = _as_int(factor)
+    views = _chunked(t, factor)
+    if views is None:
+        return t * factor
+    out = torch.empty_like(t)  # same strides as t, so its flat view lines up with t's
+    _run(_flat(out), *views)
+    return out
+
+
+class MulFactor(torch.autograd.Function):
+    """``t * factor`` differentiable in ``t``: the backward is ``grad * factor`` (chunked too)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(factor)
+        return mul(t, factor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (factor,) = ctx.saved_tensors
+        return mul(grad, factor), None
+
+
+def multiply(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``t * factor`` with autograd, taking the chunked path where it applies.
+
+    Example:
+        >>> o = torch.ones(2, requires_grad=True)
+        >>> multiply(o, torch.tensor([1, 0], dtype=torch.int8)).sum().backward()
+        >>> o.grad
+        tensor([1., 0.])
+    """
+    if _chunked(t, _as_int(factor)) is None:
+        return t * _as_int(factor)
+    return MulFactor.apply(t, factor)

@@ -1,0 +1,111 @@
+"""Chunked CPU multiplies by masks and int8 factors: bitwise equal to the plain torch op."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import signmask
+from signmask import _maskmul
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    # Chunks of 7 elements: every test tensor spans several chunks and a ragged last one.
+    monkeypatch.setattr(_maskmul, "CHUNK", 7)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # torch.equal treats -0.0 == 0.0; the paths must agree on signed zeros too.
+    return a.dtype == b.dtype and torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+
+
+def _case(data, dtype):
+    shape = tuple(data.draw(st.lists(st.integers(1, 6), min_size=1, max_size=4)))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    t = torch.randn(shape, generator=gen).to(dtype)
+    kind = data.draw(st.sampled_from(["bool", "uint8", "int8"]))
+    if kind == "int8":
+        factor = torch.randint(-1, 2, shape, generator=gen, dtype=torch.int8)
+    else:
+        factor = torch.rand(shape, generator=gen) < 0.5
+        factor = factor if kind == "bool" else factor.to(torch.uint8)
+    if len(shape) == 4 and data.draw(st.booleans()):
+        t = t.contiguous(memory_format=torch.channels_last)
+        factor = factor.contiguous(memory_format=torch.channels_last)
+    return t, factor
+
+
+def _plain(factor):
+    return factor.to(torch.uint8) if factor.dtype == torch.bool else factor
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_mul_and_mul_inplace_equal_the_plain_product_bitwise(data, dtype):
+    t, factor = _case(data, dtype)
+    expected = t * _plain(factor)
+    got = _maskmul.mul(t, factor)
+    assert got.stride() == expected.stride() or t.dim() < 2
+    assert _bits_equal(got, expected)
+    inplace = t.clone(memory_format=torch.preserve_format)
+    assert _maskmul.mul_(inplace, factor) is inplace
+    assert _bits_equal(inplace, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_multiply_gradient_equals_autograd_of_the_plain_product(data):
+    t, factor = _case(data, torch.float32)
+    a = t.detach().clone().requires_grad_()
+    b = t.detach().clone().requires_grad_()
+    upstream = torch.randn(t.shape).contiguous(memory_format=torch.preserve_format)
+    (_maskmul.multiply(a, factor) * upstream).sum().backward()
+    (b * _plain(factor) * upstream).sum().backward()
+    assert _bits_equal(a.grad, b.grad)
+
+
+def test_the_chunked_path_runs_and_plain_ops_serve_the_rest():
+    big = torch.randn(5, 6)
+    mask = torch.rand(5, 6) < 0.5
+    assert _maskmul._chunked(big, mask.view(torch.uint8)) is not None
+    assert _maskmul._chunked(big[:, ::2], mask[:, ::2].view(torch.uint8)) is None  # no flat view
+    assert _maskmul._chunked(big.t(), mask.view(torch.uint8)) is None  # strides differ
+    assert _maskmul._chunked(torch.randn(3), torch.ones(3, dtype=torch.uint8)) is None  # small
+    strided = big[:, ::2]
+    assert torch.equal(_maskmul.mul(strided, mask[:, ::2]), strided * mask[:, ::2].to(torch.uint8))
+
+
+def test_multiply_takes_the_custom_function_only_when_chunking():
+    x = torch.randn(4, 4, requires_grad=True)
+    mask = torch.rand(4, 4) < 0.5
+    assert type(_maskmul.multiply(x, mask).grad_fn).__name__ == "MulFactorBackward"
+    assert type(_maskmul.multiply(x[:1, :1], mask[:1, :1]).grad_fn).__name__ == "MulBackward0"
+
+
+def _train(backend: str, signs, chunk: int, monkeypatch) -> list[torch.Tensor]:
+    """Four SGD steps of a small pruned net; the effective weights after each."""
+    monkeypatch.setattr(_maskmul, "CHUNK", chunk)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+    signmask.prune(net, 0.6, signs=signs)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-2)
+    signmask.set_backend(net, backend, optimizer=opt)
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(4):
+        x, y = torch.randn(4, 3, 6, 6, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            out += [net[0](x).detach(), net[2].weight_orig.detach().clone()]
+    return out
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+@pytest.mark.parametrize("backend", ["torch", "projection"])
+def test_backends_train_bitwise_alike_with_and_without_chunks(backend, signs, monkeypatch):
+    plain = _train(backend, signs, 1 << 30, monkeypatch)
+    chunked = _train(backend, signs, 7, monkeypatch)
+    for a, b in zip(plain, chunked):
+        assert _bits_equal(a, b)
