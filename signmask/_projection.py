@@ -7,8 +7,9 @@ only aliases ``module.weight`` to it, no kernel runs. The invariant is kept by:
    are masked (sign-locked tensors are reflected onto their locked signs, see below);
 2. every backward: ``weight_orig.grad`` is masked in place as soon as it is accumulated (a
    post-accumulate-grad hook), so gradient clipping sees the reparametrization's gradients;
-3. after every ``optimizer.step()``: sign-locked weights are reflected again; for optimizers not
-   known to be zero-preserving, weights and state are masked again.
+3. after every ``optimizer.step()``: sign-locked weights that crossed zero are reflected back (on
+   CPU only those, at their indices: :func:`reflect`); for optimizers not known to be
+   zero-preserving, weights and state are masked again.
 
 **When it is exact.** For elementwise optimizers and a fixed mask it gives the same effective
 weights as the reparametrization, bitwise: alive entries see the same values and gradients, and
