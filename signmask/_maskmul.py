@@ -8,8 +8,9 @@ into a small reused float buffer that stays in cache. The products are the same 
 (multiplying by the float of an exact small integer), so every path is bitwise equal to
 ``t * factor``.
 
-Elsewhere (CUDA, where the conversion happens inside the kernel, small tensors, ``torch.compile``,
-which fuses it, or layouts without a flat view) the plain torch op runs.
+Elsewhere the plain torch op runs: CUDA (the conversion happens inside the kernel), small
+tensors, ``torch.compile`` (which fuses it), functorch transforms (``vmap``, ``torch.func.grad``),
+products autograd must record (``create_graph=True``), and layouts without a flat view.
 """
 
 from __future__ import annotations
@@ -41,12 +42,19 @@ def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
         or t.shape != factor.shape
         or t.stride() != factor.stride()
         or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()  # vmap, grad, jacrev: plain ops batch
     ):
         return None
     flat_t, flat_f = _flat(t), _flat(factor)
     if flat_t is None or flat_f is None:
         return None
     return flat_t, flat_f
+
+
+def _recorded(t: torch.Tensor) -> bool:
+    # out= kernels cannot be recorded by autograd: a product that must be differentiable (a
+    # gradient under create_graph=True, say) takes the plain op.
+    return t.requires_grad and torch.is_grad_enabled()
 
 
 def _run(out_flat, t_flat, f_flat) -> None:
@@ -72,7 +80,7 @@ def mul_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         tensor([1.5000, -0.0000, 3.0000])
     """
     factor = _as_int(factor)
-    views = _chunked(t, factor)
+    views = None if _recorded(t) else _chunked(t, factor)
     if views is None:
         return t.mul_(factor)
     _run(views[0], *views)
@@ -82,7 +90,7 @@ def mul_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def mul(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``t * factor`` as a new tensor of ``t``'s dtype and layout (see :func:`mul_`)."""
     factor = _as_int(factor)
-    views = _chunked(t, factor)
+    views = None if _recorded(t) else _chunked(t, factor)
     if views is None:
         return t * factor
     out = torch.empty_like(t)  # same strides as t, so its flat view lines up with t's
@@ -96,12 +104,18 @@ class MulFactor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(factor)
+        ctx.save_for_forward(factor)
         return mul(t, factor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (factor,) = ctx.saved_tensors
-        return mul(grad, factor), None
+        return mul(grad, factor), None  # differentiable itself under create_graph=True
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _factor_tangent) -> torch.Tensor:
+        (factor,) = ctx.saved_tensors
+        return tangent * _as_int(factor)
 
 
 def multiply(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

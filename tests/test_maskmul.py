@@ -109,3 +109,43 @@ def test_backends_train_bitwise_alike_with_and_without_chunks(backend, signs, mo
     chunked = _train(backend, signs, 7, monkeypatch)
     for a, b in zip(plain, chunked):
         assert _bits_equal(a, b)
+
+
+def test_double_backward_through_the_chunked_path_equals_the_plain_one():
+    # Gradient penalties differentiate the backward itself (create_graph=True).
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 4), torch.rand(4, 4) < 0.5
+    grads = []
+    for fn in (_maskmul.multiply, lambda t, m: t * m.to(torch.uint8)):
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((fn(leaf, mask) ** 3).sum(), leaf, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), leaf)
+        grads.append((g.detach(), gg))
+    assert all(_bits_equal(a, b) for a, b in zip(*grads))
+
+
+def test_functorch_transforms_and_forward_ad_see_the_plain_product():
+    import torch.autograd.forward_ad as fwad
+
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 4), torch.rand(4, 4) < 0.5
+    expected = 2 * x * mask.to(torch.uint8)
+    assert _bits_equal(torch.func.grad(lambda t: (_maskmul.multiply(t, mask) ** 2).sum())(x), expected)
+    batch = torch.randn(3, 4, 4)
+    assert _bits_equal(torch.func.vmap(lambda t: _maskmul.multiply(t, mask))(batch), batch * mask.to(torch.uint8))
+    tangent = torch.randn(4, 4)
+    with fwad.dual_level():
+        out = _maskmul.multiply(fwad.make_dual(x, tangent), mask)
+        assert _bits_equal(fwad.unpack_dual(out).tangent, tangent * mask.to(torch.uint8))
+
+
+def test_projection_masks_a_gradient_built_with_create_graph(monkeypatch):
+    monkeypatch.setattr(_maskmul, "CHUNK", 7)
+    torch.manual_seed(0)
+    net = signmask.prune(torch.nn.Linear(6, 6), 0.5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    signmask.set_backend(net, "projection", optimizer=opt)
+    net(torch.randn(3, 6)).pow(2).sum().backward(create_graph=True)
+    grad = net.weight_orig.grad
+    assert grad.requires_grad and grad[net.weight_mask].any()
+    assert not grad[~net.weight_mask].any()  # masked, and still part of the graph
