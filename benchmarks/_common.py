@@ -179,10 +179,14 @@ def run_child(args: list[str], timeout: float = 900) -> dict:
 
 
 def write_results(stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``results/<stem>.json`` and ``.md``, each atomically (an interrupted run leaves the
+    previous file whole)."""
+    from signmask._io import write_atomic
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
-    json_path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    md_path.write_text(markdown)
+    write_atomic(json_path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+    write_atomic(md_path, markdown.encode())
     return json_path, md_path
 
 

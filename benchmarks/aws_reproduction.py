@@ -57,7 +57,6 @@ import _common  # noqa: E402
 
 import signmask  # noqa: E402
 from signmask import analysis  # noqa: E402
-from signmask._io import write_atomic  # noqa: E402
 
 DEFAULT_CIFAR = _common.ROOT.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
 CIFAR_MEAN = (125.307, 122.950, 113.865)  # published per-channel train statistics (0..255)
@@ -317,11 +316,12 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
         "reinit_aws_mask": lambda m: analysis.random_reinit(tickets["aws"], m),
         "random_prune": lambda m: analysis.random_prune(tickets["aws"], m, seed=seed),
     }
-    transferred, transfer_acc, inits = {}, {}, {}
+    transferred, transfer_acc = {}, {}
     t0 = time.perf_counter()
     for name, make in variants.items():
         net = make(make_model(preset, in_chans, new_init_seed, device))
-        inits[name] = copy.deepcopy(net)
+        if name == "aws_signs":  # its init, before training, for the instability run below
+            aws_signs_init = copy.deepcopy(net)
         transferred[name] = retrain(net, retrain_seed)
         transfer_acc[name] = accuracy(net, test_loader)
         print(f"  seed {seed} new init + {name}: acc {transfer_acc[name]:.4f} [{time.perf_counter() - t_seed:.0f} s]",
@@ -353,7 +353,7 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
             return net
         return retrain(net, data_seed)
 
-    inst = analysis.instability(inits["aws_signs"], train_copy, test_loader, seeds=(retrain_seed, retrain_seed + 1),
+    inst = analysis.instability(aws_signs_init, train_copy, test_loader, seeds=(retrain_seed, retrain_seed + 1),
                                 **kw)
     barriers["instability_aws_signs"] = barrier_record(inst)
     print(f"  seed {seed} instability aws_signs: {inst.barrier:.4f}", flush=True)
@@ -439,11 +439,7 @@ def markdown(payload: dict) -> str:
 
 
 def write_outputs(stem: str, payload: dict) -> list[Path]:
-    _common.RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = _common.RESULTS / f"{stem}.json", _common.RESULTS / f"{stem}.md"
-    write_atomic(json_path, (json.dumps(payload, indent=2) + "\n").encode())
-    write_atomic(md_path, markdown(payload).encode())
-    paths = [json_path, md_path]
+    paths = list(_common.write_results(stem, payload, markdown(payload)))
     seeds = [payload["per_seed"][k] for k in sorted(payload["per_seed"], key=int)]
     try:
         first = seeds[0]
@@ -503,6 +499,15 @@ NOTES = [
 ]
 
 
+def _resume_key(key: str, value):
+    """``value`` of payload ``key`` as ``--resume`` compares it: as stored (JSON turns tuples into
+    lists), and the data file by name, not folder, so the same file in another checkout matches."""
+    value = json.loads(json.dumps(value))
+    if key == "data" and isinstance(value, dict) and isinstance(value.get("data"), str):
+        value["data"] = os.path.basename(value["data"])
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -542,8 +547,10 @@ def main() -> None:
     json_path = _common.RESULTS / f"{stem}.json"
     if args.resume and json_path.exists():
         old = json.loads(json_path.read_text())
-        if old.get("config") != cfg:
-            raise SystemExit(f"--resume: {json_path} was made with another config")
+        for key, now in (("config", cfg), ("data", info), ("device", device)):
+            if _resume_key(key, old.get(key)) != _resume_key(key, now):
+                raise SystemExit(f"--resume: {json_path} was made with another {key}: stored "
+                                 f"{old.get(key)!r}, this run {now!r} (use another --out, or drop --resume)")
         payload["per_seed"] = old["per_seed"]
         payload["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
         payload["earlier_environments"] = old.get("earlier_environments", []) + [old["environment"]]

@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import torch
 from torch.nn.utils import prune as torch_prune
@@ -93,11 +92,9 @@ def child(method: str, model_name: str, device: str, repeats: int) -> dict:
     for _ in range(repeats):
         del model
         model = build(model_name, device)
-        _common.sync(device)
-        t0 = time.perf_counter()
-        prune_once(model, method)
-        _common.sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        with _common.Timer(device) as t:
+            prune_once(model, method)
+        times.append(t.ms)
     result.update(_common.summary(times))
     return result
 

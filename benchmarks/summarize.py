@@ -14,6 +14,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
+from signmask._io import write_atomic  # noqa: E402
+
 GOAL_STEP = {"cuda": 1.02, "cpu": 1.05}
 
 
@@ -87,9 +89,9 @@ def main() -> None:
             lines += prune_lines(res)
     res = _load("kernels_cuda")
     lines.append("### Kernels (GPU): see kernels_cuda.md\n" if res else "### Kernels (GPU): not measured yet\n")
-    out = _common.RESULTS / "SUMMARY.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(out.read_text())
+    text = "\n".join(lines) + "\n"
+    write_atomic(_common.RESULTS / "SUMMARY.md", text.encode())
+    print(text)
 
 
 if __name__ == "__main__":

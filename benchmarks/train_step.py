@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Callable
@@ -174,6 +175,14 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return sum(seen.values())
 
 
+def prunable_weights(spec: Spec) -> int:
+    """Weights the pruned variants prune (``_targets.select``, as ``signmask.prune`` and the stock
+    variant use), counted on a model built on the meta device (no storage, nothing to initialize)."""
+    with torch.device("meta"):
+        model = spec.build()
+    return sum(getattr(module, name).numel() for module, name in _targets.select(model).values())
+
+
 def variants_for(device: str, wanted: list[str] | None) -> list[str]:
     names = [v for v in VARIANTS if device == "cuda" or not v.startswith("triton")]
     if os.environ.get("TRITON_INTERPRET") == "1":  # dry run: the Triton path through the interpreter
@@ -265,7 +274,7 @@ def main() -> None:
     device = "cuda" if args.preset == "gpu" else "cpu"
     amp = args.preset in ("gpu", "dry")  # dry run follows the GPU recipe: bf16 autocast
     if args.child:
-        print(__import__("json").dumps(child(*args.child, args.preset, amp, args.optimizer, args.fused)))
+        print(json.dumps(child(*args.child, args.preset, amp, args.optimizer, args.fused)))
         return
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--preset gpu needs CUDA")
@@ -293,8 +302,7 @@ def main() -> None:
         for v in res:
             res[v]["ratio_to_dense"] = res[v]["median_ms"] / dense
             print(f"  {v:18s} {res[v]['median_ms']:9.2f} ms  x{res[v]['ratio_to_dense']:.3f}", flush=True)
-        weights = sum(m.weight.numel() for m in build(spec, "dense", "cpu")[0].modules()
-                      if isinstance(m, _targets.PRUNABLE_TYPES))
+        weights = prunable_weights(spec)
         results["models"][spec.name] = {
             "spec": {"batch": spec.batch, "input_shape": list(spec.input_shape),
                      "optimizer": spec.optimizer, "fused": spec.fused,

@@ -1,4 +1,4 @@
-"""Data and evaluation shared by the examples (not part of what they show).
+"""Data, accuracy and results output shared by the examples (not part of what they show).
 
 CIFAR-10 from an ``.npz`` holding ``x_train``, ``y_train``, ``x_test``, ``y_test`` (uint8 HWC
 images), or ``"synthetic"``: a seeded, learnable 10-class image task made on the spot, so nothing
@@ -7,6 +7,8 @@ is downloaded.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from signmask import analysis
+from signmask._io import write_atomic
 
 # The repository's shared data folder, if this checkout has one beside it.
 DEFAULT_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10.npz"
@@ -49,9 +54,12 @@ def load_data(path: str, n_train: int, n_test: int, seed: int, size: int = 16) -
     return out[0], out[1]
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader) -> float:
-    """Test accuracy in eval mode."""
-    model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
-    return correct / len(loader.dataset)
+def accuracy(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 test accuracy (``signmask.analysis.evaluate``: eval mode, no gradients, each module's
+    train/eval flag restored afterwards)."""
+    return 1.0 - analysis.evaluate(model, loader).error
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON, atomically: an interrupted run leaves the old file whole."""
+    return write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from torch.utils.data import DataLoader
 
 import signmask
 from signmask import analysis
-from _data import DEFAULT_CIFAR, evaluate, load_data  # the examples' data, beside them
+from _data import DEFAULT_CIFAR, accuracy, load_data, write_json  # the examples' data, beside them
 
 def make_model(width: int, seed: int) -> nn.Module:
     """A small BatchNorm CNN for 16x16 RGB images and 10 classes, initialized from ``seed``."""
@@ -81,7 +80,7 @@ def retrain(model: nn.Module, loader: DataLoader, test_loader: DataLoader, epoch
     for _ in range(epochs):
         train_epoch(model, loader, opt)
         sched.step()
-    return evaluate(model, test_loader)
+    return accuracy(model, test_loader)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in search:  # signmask
         for _epoch in range(args.epochs):
             loss = train_epoch(model, loader, opt)
-        acc = evaluate(model, test_loader)
+        acc = accuracy(model, test_loader)
         print(f"train loss {loss:.3f}, test accuracy {acc:.2%}")
         search.report(acc=acc)  # signmask
     search.save(out / "ticket.safetensors")  # signmask
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         {"model": "dense (search round 0)", "sparsity": rounds[0]["sparsity"], "acc": rounds[0]["acc"]},
         {"model": "AWS solution (trained theta_T)", "sparsity": rounds[-1]["sparsity"], "acc": rounds[-1]["acc"]},
         {"model": "AWS solution, BatchNorm stats re-estimated", "sparsity": rounds[-1]["sparsity"],
-         "acc": evaluate(analysis.reestimate_bn(copy.deepcopy(model), train_loader()), test_loader)},
+         "acc": accuracy(analysis.reestimate_bn(copy.deepcopy(model), train_loader()), test_loader)},
     ]
     for signs, label in (("init", "new init + signed mask"), ("keep", "new init + binary mask only")):
         fresh = make_model(args.width, args.seed + 1)
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in table:
         print(f"{row['model']:<44} {row['sparsity']:>8.1%} {row['acc']:>8.2%}")
     results = {"args": vars(args), "rounds": rounds, "table": table}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     print(f"saved {out / 'ticket.safetensors'}, the retrained models and {out / 'results.json'}")
     return results
 

@@ -30,7 +30,6 @@ and ``results.json`` (per round: sparsity, optimizer steps, test accuracy).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import signmask
-from _data import DEFAULT_CIFAR, evaluate, load_data  # the examples' data, beside them
+from _data import DEFAULT_CIFAR, accuracy, load_data, write_json  # the examples' data, beside them
 
 def make_model(width: int) -> nn.Module:
     """A small BatchNorm CNN for 16x16 RGB images and 10 classes."""
@@ -107,13 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
         for epoch in range(sched.last_epoch, args.epochs):  # starts where the LR schedule stands
             loss = train_epoch(model, loader, opt)
             sched.step()
-        acc = evaluate(model, test_loader)
+        acc = accuracy(model, test_loader)
         print(f"epoch {epoch}: train loss {loss:.3f}, test accuracy {acc:.2%}")
         search.report(acc=acc)  # signmask
     search.save(out / "ticket.safetensors")  # signmask
 
     results = {"args": vars(args), "rounds": search.history}  # signmask
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     print(f"saved {out / 'ticket.safetensors'} and {out / 'results.json'}")
     return results
 

@@ -14,8 +14,9 @@ first), so the model's parameters and buffers keep one layout for the whole sear
 which pairs the model's and its own state_dict entries in order, stays aligned (an EMA made before
 apply() fails at its first update). It copies the masks (bool buffers) at each update, so it
 always averages the currently pruned network. With AWS, the search removes the norm interpolation
-from the model when it ends, but the EMA copy keeps its own (``bn.weight_orig``/``bn.weight_init``):
-evaluate it, do not ``ema.update`` it after the search (the layouts differ then).
+from the model when it ends, but the EMA copy keeps its own (``bn.weight_orig``/``bn.weight_init``)
+until ``search.close(ema.module)`` removes it too: then the EMA evaluates the plain trained norms
+and its state_dict has the model's layout again.
 
 Run (from the repository root):
     python examples/timm_ema_loop.py --quick              # seconds, synthetic data
@@ -29,7 +30,6 @@ accuracy of the model and of its EMA). ``--data`` takes a CIFAR-10 ``.npz`` with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import signmask
-from _data import DEFAULT_CIFAR, evaluate, load_data  # the examples' data, beside them
+from _data import DEFAULT_CIFAR, accuracy, load_data, write_json  # the examples' data, beside them
 from signmask._compat import import_timm
 
 def train_one_epoch(model: nn.Module, ema, loader: DataLoader, opt: torch.optim.Optimizer,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         for epoch in range(num_epochs):
             loss, step = train_one_epoch(model, ema, loader, opt, step)
             sched.step(epoch + 1)
-        acc, ema_acc = evaluate(model, test_loader), evaluate(ema.module, test_loader)
+        acc, ema_acc = accuracy(model, test_loader), accuracy(ema.module, test_loader)
         print(f"train loss {loss:.3f}, test accuracy {acc:.2%}, EMA test accuracy {ema_acc:.2%}")
         search.report(acc=acc, ema_acc=ema_acc)  # signmask
     search.save(out / "ticket.safetensors")  # signmask
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = search.history
 
     results = {"args": {**vars(args), "channels": list(args.channels)}, "rounds": rounds}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     print(f"saved {out / 'ticket.safetensors'} and {out / 'results.json'}")
     return results
 

@@ -32,9 +32,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor | None:
     return flat if flat.stride(0) == 1 else None
 
 
-def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
-    """Flat views of ``t`` and ``factor`` when the chunked CPU path applies, else None."""
-    if (
+def _eligible(t: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether the chunked CPU path may apply (cheap checks only; layouts come later)."""
+    return not (
         t.device.type != "cpu"
         or factor.device.type != "cpu"
         or t.numel() <= CHUNK
@@ -43,7 +43,12 @@ def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
         or t.stride() != factor.stride()
         or torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()  # vmap, grad, jacrev: plain ops batch
-    ):
+    )
+
+
+def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
+    """Flat views of ``t`` and ``factor`` when the chunked CPU path applies, else None."""
+    if not _eligible(t, factor):
         return None
     flat_t, flat_f = _flat(t), _flat(factor)
     if flat_t is None or flat_f is None:
@@ -79,22 +84,25 @@ def mul_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> mul_(w, torch.tensor([True, False, True]))
         tensor([1.5000, -0.0000, 3.0000])
     """
-    factor = _as_int(factor)
-    views = None if _recorded(t) else _chunked(t, factor)
-    if views is None:
-        return t.mul_(factor)
-    _run(views[0], *views)
-    return t
+    return _product(t, factor, inplace=True)
 
 
 def mul(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``t * factor`` as a new tensor of ``t``'s dtype and layout (see :func:`mul_`)."""
+    return _product(t, factor, inplace=False)
+
+
+def _product(t: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.Tensor:
     factor = _as_int(factor)
     views = None if _recorded(t) else _chunked(t, factor)
     if views is None:
-        return t * factor
+        return t.mul_(factor) if inplace else t * factor
+    t_flat, f_flat = views
+    if inplace:
+        _run(t_flat, t_flat, f_flat)
+        return t
     out = torch.empty_like(t)  # same strides as t, so its flat view lines up with t's
-    _run(_flat(out), *views)
+    _run(_flat(out), t_flat, f_flat)
     return out
 
 
@@ -127,6 +135,7 @@ def multiply(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> o.grad
         tensor([1., 0.])
     """
-    if _chunked(t, _as_int(factor)) is None:
-        return t * _as_int(factor)
+    factor = _as_int(factor)
+    if not _eligible(t, factor):  # no autograd.Function overhead where plain ops run anyway
+        return t * factor
     return MulFactor.apply(t, factor)

@@ -81,15 +81,22 @@ def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor |
     return factor
 
 
-def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...]) -> None:
+def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...], odd_only: bool) -> None:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or value.shape != param.shape:
             continue  # step counters and factored statistics
-        _maskmul.mul_(value, factor if factor is not None and key in odd else mask)
+        if key in odd and factor is not None:
+            _maskmul.mul_(value, factor)
+        elif not odd_only:
+            _maskmul.mul_(value, mask)
 
 
 def _stamp(orig, mask, sign) -> tuple[int, int, int]:
-    return (orig._version, mask._version, -1 if sign is None else sign._version)
+    return (orig._version, *_mask_stamp(mask, sign))
+
+
+def _mask_stamp(mask, sign) -> tuple[int, int]:
+    return (mask._version, -1 if sign is None else sign._version)
 
 
 def _tensors(module, name):
@@ -97,15 +104,21 @@ def _tensors(module, name):
     return module._parameters[name + "_orig"], buffers[name + "_mask"], buffers.get(name + "_sign")
 
 
-def project(module, name, optimizer=None, *, state: bool = True) -> None:
-    """Project ``module.<name>_orig`` (and its optimizer state) onto its mask and signs."""
+def project(module, name, optimizer=None, *, odd_only: bool = False) -> None:
+    """Project ``module.<name>_orig`` (and its optimizer state) onto its mask and signs.
+
+    ``odd_only``: after a zero-preserving step only sign reflections can be due, so only the
+    state odd in the gradient is touched (the rest is still 0 at pruned entries).
+    """
     hook = _reparam.find_hook(module, name)[1]
     orig, mask, sign = _tensors(module, name)
     with torch.no_grad():
         factor = _project_weight(orig, mask, sign)
-        if optimizer is not None and (state or factor is not None):
+        if optimizer is not None:
             odd = ZERO_PRESERVING.get(type(optimizer).__name__, ())
-            _project_state(optimizer.state.get(orig, {}), orig, mask, factor, odd)
+            _project_state(optimizer.state.get(orig, {}), orig, mask, factor, odd, odd_only)
+            if not odd_only:  # the state now follows these masks
+                hook._state_masks = _mask_stamp(mask, sign)
     hook._projected = _stamp(orig, mask, sign)
 
 
@@ -155,15 +168,17 @@ class ProjectStep:
             hook = _reparam.find_hook(module, name)[1]
             if getattr(hook, "backend", None) != "projection":
                 continue
-            if self.full:
+            orig, mask, sign = _tensors(module, name)
+            # A mask changed since the state was last masked (signmask.prune again): the
+            # forward re-projected the weights, but stale momentum just moved new zeros.
+            if self.full or getattr(hook, "_state_masks", None) != _mask_stamp(mask, sign):
                 project(module, name, optimizer)
-            elif _reparam.is_sign_locked(module, name):
-                if module._parameters[name + "_orig"].device.type == "cpu":
+            elif sign is not None:
+                if orig.device.type == "cpu":
                     reflect(module, name, optimizer)
                 else:
-                    project(module, name, optimizer, state=False)
+                    project(module, name, optimizer, odd_only=True)
             else:  # zero-preserving update: still projected, nothing to do
-                orig, mask, sign = _tensors(module, name)
                 hook._projected = _stamp(orig, mask, sign)
 
 

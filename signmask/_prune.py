@@ -102,7 +102,7 @@ def prune(
     if signs is not None:
         _check_choice(signs, _SIGN_MODES, "signs")
     if seed is not None and "seed" not in inspect.signature(method_cls).parameters:
-        raise ValueError(f"seed= applies to method='random' only; method={method!r} is deterministic")
+        raise ValueError(f"seed= is not an option of method={method!r}: it is deterministic")
     ranker = method_cls(amount) if seed is None else method_cls(amount, seed=seed)
     targets = _targets.select(
         model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn

@@ -16,7 +16,6 @@ forward, so ``copy.deepcopy`` and pickling work after training steps (pytorch#37
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
@@ -28,18 +27,11 @@ def masked_weight(
     orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The effective weight: ``orig * mask``, or ``s * |orig| * mask`` with packed signs ``sign``."""
-    # A bool mask is multiplied as its int8 view: the same 0/1 factors (so the same values and
-    # gradients), but torch's CPU kernels promote bool about 2x slower.
-    keep = mask.view(torch.int8) if mask.dtype == torch.bool else mask
     if sign is None:
-        return _maskmul.multiply(orig, keep)
-    bits = _bits.sign_bits(sign, orig.shape)
+        return _maskmul.multiply(orig, mask)
     # One int8 factor s * mask in {-1, 0, +1}: |o| * -1 is exactly -|o|, so the values are those
     # of where(neg, -|o|, |o|) * mask (pruned zeros may differ in sign), for one float multiply.
-    factor = 1 - 2 * bits
-    if keep.dtype == torch.int8:
-        return _maskmul.multiply(orig.abs(), factor * keep)
-    return orig.abs() * factor * keep
+    return _maskmul.multiply(orig.abs(), (1 - 2 * _bits.sign_bits(sign, orig.shape)) * mask)
 
 
 class SignMaskHook(_prune.PruningContainer):
@@ -59,6 +51,17 @@ class SignMaskHook(_prune.PruningContainer):
 
     # Key of the signmask._backends backend computing this tensor; set_backend() changes it.
     backend = "torch"
+
+    def __getstate__(self) -> dict:
+        # A deepcopy or pickle carries none of the projection backend's gradient and optimizer
+        # hooks (they hang on the original's tensors and optimizer). Its weights are projected,
+        # so the torch path computes the same weights and masks the gradients itself.
+        state = dict(self.__dict__)
+        if state.get("backend") == "projection":
+            state["backend"] = "torch"
+        for key in ("_projected", "_state_masks"):
+            state.pop(key, None)
+        return state
 
     def apply_mask(self, module: nn.Module) -> torch.Tensor:
         name = self._tensor_name

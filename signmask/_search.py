@@ -139,8 +139,11 @@ class Search:
 
     def report(self, **metrics: float) -> None:
         """Record the user's metrics (``accuracy=0.93``) for the current round's log line."""
-        if not self.history:
-            raise RuntimeError("report() needs a started round")
+        if not self.in_round:  # a finished round's line is printed already
+            raise RuntimeError(
+                "report(): no round is running; call it inside `for r in search:` or between "
+                "start_round() and finish_round()"
+            )
         for k, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"report(): metric {k!r} must be a number, got {type(v).__name__} {v!r}")
@@ -259,7 +262,8 @@ class Search:
 
     def _draw_alpha(self) -> None:
         if self._alpha is not None:
-            self._alpha.copy_(torch.rand((), generator=self._generator))
+            # fill_ with a Python number: a CPU-to-CUDA copy_ would wait for the device each step.
+            self._alpha.fill_(torch.rand((), generator=self._generator).item())
 
     def _open_bar(self) -> None:
         if not (self.progress and _rank0()):

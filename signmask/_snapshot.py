@@ -11,15 +11,18 @@ from torch import nn
 from . import _targets
 
 # Reparametrization buffers are not weights: masks move on, norm inits and signs never change.
+# They sit beside an ``<name>_orig`` Parameter; a user's own ``scale_init`` does not.
 _NOT_WEIGHTS = ("_mask", "_sign", "_init")
 
 
 def weight_keys(model: nn.Module) -> dict[str, torch.Tensor]:
     """Canonical state_dict key -> live tensor for every parameter and persistent buffer that
     training changes (masks, sign locks and norm-init buffers left out)."""
+    state = model.state_dict(keep_vars=True)
     out = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if not key.endswith(_NOT_WEIGHTS):
+    for key, tensor in state.items():
+        suffix = next((s for s in _NOT_WEIGHTS if key.endswith(s)), None)
+        if suffix is None or key[: -len(suffix)] + "_orig" not in state:
             out[_targets.canonical(key)] = tensor
     return out
 

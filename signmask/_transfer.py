@@ -21,6 +21,23 @@ def _resolve(ticket: Ticket | str | os.PathLike) -> Ticket:
     raise TypeError(f"transfer() takes a Ticket or a path, got {type(ticket).__name__}")
 
 
+def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None:
+    """Refuse a non-``nn.Module`` ``model``, or (when ``enabled``) another architecture.
+
+    The type is checked whatever ``enabled`` says, since every later step reads the model's
+    modules. A ticket without a recorded architecture matches any model. Shared with
+    :func:`signmask.analysis.random_prune`, so both refuse the same models the same way.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    want, have = ticket.metadata.get("architecture"), architecture(model)
+    if enabled and want is not None and want != have:
+        raise ValueError(
+            f"ticket was made for architecture {want!r}, the model is {have!r} "
+            "(pass check_architecture=False to skip this check)"
+        )
+
+
 def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Tensor]]) -> list:
     """Match every ticket tensor to a model tensor; raise before anything is changed."""
     index = {}
@@ -75,14 +92,17 @@ def transfer(
             ``"locked"`` also keeps them through training (``w = s * |w_orig| * mask``);
             ``"keep"`` installs only the binary mask and keeps the new init's own values and
             signs (the "random reinit" baseline of the sanity checks).
-        biases: apply the ticket's dense bias signs, if it has any.
-        dense: apply the ticket's dense weight signs (an unpruned classifier), if any.
+        biases: apply the ticket's dense bias signs, if it has any (ignored by ``"keep"``).
+        dense: apply the ticket's dense weight signs (an unpruned classifier), if any (ignored by
+            ``"keep"``, which neither writes nor shape-checks them).
         check_architecture: refuse a ticket whose recorded architecture differs from the model's.
 
     Returns:
         ``model``.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (whatever ``check_architecture`` says), or
+            ``ticket`` is neither a Ticket nor a path.
         ValueError: unknown ``signs``, another architecture, ticket tensors missing from the model,
             a shape mismatch, or an already-pruned tensor. Nothing is changed then.
 
@@ -96,16 +116,13 @@ def transfer(
     """
     _prune._check_choice(signs, _MODES, "signs")
     ticket = _resolve(ticket)
-    want, have = ticket.metadata.get("architecture"), architecture(model)
-    if check_architecture and want is not None and want != have:
-        raise ValueError(
-            f"ticket was made for architecture {want!r}, the model is {have!r} "
-            "(pass check_architecture=False to skip this check)"
-        )
-    groups = {"mask": ticket.masks, "sign": {
-        k: v for k, v in ticket.signs.items()
-        if (biases and k.endswith(".bias")) or (dense and not k.endswith(".bias"))
-    }}
+    _check_architecture(ticket, model, check_architecture)
+    groups = {"mask": ticket.masks}
+    if signs != "keep":  # "keep" writes no sign, so a bias or dense head need not even match
+        groups["sign"] = {
+            k: v for k, v in ticket.signs.items()
+            if (biases and k.endswith(".bias")) or (dense and not k.endswith(".bias"))
+        }
     plan = _plan(ticket, model, groups)
     with torch.no_grad():
         for role, key, module, name, target, signed in plan:

@@ -166,6 +166,12 @@ _TL_DTYPES = {
 }
 
 
+def _manual_bf16(dtype: torch.dtype) -> bool:
+    """Whether kernels writing ``dtype`` must round fp32 -> bf16 by hand (the interpreter's
+    cast truncates): the ``MANUAL_BF16`` argument of :func:`_to`."""
+    return INTERPRETED and dtype == torch.bfloat16
+
+
 def check_device(t: torch.Tensor, what: str) -> None:
     """Refuse tensors the kernels cannot reach: CPU tensors need ``TRITON_INTERPRET=1``."""
     if not t.is_cuda and not (INTERPRETED and t.device.type == "cpu"):
@@ -258,7 +264,7 @@ def _launch(kernels, tensors: list[torch.Tensor], sign, out: torch.Tensor, cdt) 
     mode, sizes, strides = _plan(out_flat.shape, tensors + [out_flat])
     span = n if mode == 0 else max(_span(t) for t in tensors)
     meta = dict(HAS_SIGN=sign is not None, I64=max(n, span) > _I32_MAX - _BLOCK, CDT=cdt,
-                MANUAL_BF16=INTERPRETED and out.dtype == torch.bfloat16, BLOCK=_BLOCK)
+                MANUAL_BF16=_manual_bf16(out.dtype), BLOCK=_BLOCK)
     grid = ((n + _BLOCK - 1) // _BLOCK,)  # not triton.cdiv: a host call costs ~7 us
     sign_arg = sign if sign is not None else tensors[-1]
     if mode == 0 or (mode == 1 and sign is None):
@@ -377,8 +383,10 @@ def masked_weight(
             fold autocast's cast of the weight into this pass.
 
     Returns:
-        ``orig * mask`` or ``where(neg, -|orig|, |orig|) * mask``, bitwise equal to the torch
-        path (followed by a cast to ``out_dtype``), with the strides of ``orig``.
+        ``orig * mask`` or ``where(neg, -|orig|, |orig|) * mask``, equal to the torch path
+        (followed by a cast to ``out_dtype``), with the strides of ``orig``. Bitwise so but for
+        the sign of pruned zeros under sign locks: here ``-0.0`` where the lock is negative, the
+        torch path's ``|orig| * (s * mask)`` gives ``+0.0``.
 
     Raises:
         RuntimeError: the tensors are on CPU and the kernels are not interpreted.

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _triton
-from ._triton import _is_negative, _to
+from ._triton import _is_negative, _manual_bf16, _to
 
 _INTERP_CONFIG = [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP": 4})]
 _GPU_CONFIGS = [
@@ -157,7 +157,7 @@ def _mm(a, orig, mask_u8, sign, bias, *, transposed: bool) -> torch.Tensor:
         c, M, N, K, a.stride(0), a.stride(1), orig.stride(wk), orig.stride(wn),
         mask_u8.stride(mk), mask_u8.stride(mn), sk, sn, c.stride(0), c.stride(1),
         HAS_SIGN=sign is not None, HAS_BIAS=bias is not None, UPCAST=_upcast(a.dtype),
-        MANUAL_BF16=_triton.INTERPRETED and a.dtype == torch.bfloat16,
+        MANUAL_BF16=_manual_bf16(a.dtype),
         PRECISION=_precision(a.dtype),
     )
     return c
@@ -172,18 +172,18 @@ def _grad_weight(gy, x, orig, mask_u8, sign) -> torch.Tensor:
         orig.stride(0), orig.stride(1), mask_u8.stride(0), mask_u8.stride(1), k_in, 1,
         c.stride(0), c.stride(1),
         HAS_SIGN=sign is not None, UPCAST=_upcast(gy.dtype),
-        MANUAL_BF16=_triton.INTERPRETED and c.dtype == torch.bfloat16,
+        MANUAL_BF16=_manual_bf16(c.dtype),
         PRECISION=_precision(gy.dtype),
     )
     return c
 
 
 class MaskedLinear(torch.autograd.Function):
-    """Autograd of the fused masked linear; inputs already in the compute dtype."""
+    """Autograd of the fused masked linear; inputs checked and already in the compute dtype,
+    ``mask_u8`` and ``sign`` as :func:`_triton._prepare` returns them, ``bias`` contiguous."""
 
     @staticmethod
-    def forward(ctx, x, orig, mask, sign, bias):
-        mask_u8 = mask.view(torch.uint8)
+    def forward(ctx, x, orig, mask_u8, sign, bias):
         x2 = x.reshape(-1, x.shape[-1])
         y = _mm(x2, orig, mask_u8, sign, bias, transposed=True)
         ctx.save_for_backward(x2, orig, mask_u8, sign)
@@ -206,6 +206,60 @@ class MaskedLinear(torch.autograd.Function):
         return gx, gw, None, None, gb
 
 
+_LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_linear(x, orig, mask, sign, bias, autocast: bool) -> None:
+    """What :func:`masked_linear` checks beyond ``_triton._prepare`` (mask and sign sizes)."""
+    if x.dim() == 0:
+        raise ValueError("masked_linear: x must be [..., in_features], got a 0-d tensor")
+    if orig.dim() != 2:
+        raise ValueError(
+            "masked_linear: orig must be 2-D [out_features, in_features], "
+            f"got shape {tuple(orig.shape)}"
+        )
+    if x.shape[-1] != orig.shape[1]:
+        raise ValueError(
+            "masked_linear: x.shape[-1] must equal in_features = orig.shape[1]; "
+            f"got orig {tuple(orig.shape)} and x {tuple(x.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (orig.shape[0],):
+        raise ValueError(
+            f"masked_linear: bias must have shape ({orig.shape[0]},) = (out_features,) of orig "
+            f"{tuple(orig.shape)}, got {tuple(bias.shape)}"
+        )
+    floats = {"x": x, "orig": orig, "bias": bias}
+    for name, t in floats.items():
+        if t is not None and t.dtype not in _LINEAR_DTYPES:
+            raise TypeError(
+                f"masked_linear: {name} must be float32, bfloat16 or float16, "
+                f"got {_dtype_name(t.dtype)}"
+            )
+    if not autocast:  # under autocast x and bias are cast here, orig inside the kernel
+        for name in ("orig", "bias"):
+            t = floats[name]
+            if t is not None and t.dtype != x.dtype:
+                raise TypeError(
+                    f"masked_linear: {name} must have x's dtype {_dtype_name(x.dtype)} outside "
+                    f"autocast (as in F.linear), got {_dtype_name(t.dtype)}"
+                )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"masked_linear: mask must be bool, got {_dtype_name(mask.dtype)}")
+    if sign is not None and sign.dtype != torch.uint8:
+        raise TypeError(
+            f"masked_linear: sign must be uint8 (packed bits), got {_dtype_name(sign.dtype)}"
+        )
+    for name, t in (("orig", orig), ("mask", mask), ("sign", sign), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(
+                f"masked_linear: {name} must be on x's device {x.device}, got {t.device}"
+            )
+
+
 def masked_linear(
     x: torch.Tensor,
     orig: torch.Tensor,
@@ -216,35 +270,39 @@ def masked_linear(
     """``F.linear(x, masked_weight(orig, mask, sign), bias)`` with the mask fused into the matmul.
 
     Args:
-        x: input ``[..., in_features]``, any strides.
-        orig: ``weight_orig`` ``[out_features, in_features]``.
+        x: input ``[..., in_features]``, any strides; fp32, bf16 or fp16.
+        orig: ``weight_orig`` ``[out_features, in_features]``, any strides; fp32, bf16 or fp16,
+            of ``x``'s dtype unless autocast is on (as ``F.linear`` requires).
         mask: bool keep-mask of ``orig``'s shape.
-        sign: packed sign bits (1 = negative) or None.
-        bias: ``[out_features]`` or None.
+        sign: packed sign bits (1 = negative, ``ceil(orig.numel() / 8)`` uint8 bytes) or None.
+        bias: ``[out_features]`` (exactly; no broadcasting) or None; of ``x``'s dtype unless
+            autocast is on.
 
     Returns:
         ``[..., out_features]`` in the autocast dtype when autocast is on, else ``x.dtype``.
 
     Raises:
-        ValueError: shapes or dtypes do not fit.
-        RuntimeError: CPU tensors while the kernels are not interpreted.
+        ValueError: a shape does not fit: x 0-d, orig not 2-D or not ``[*, x.shape[-1]]``, mask
+            not of orig's shape, sign not ``ceil(orig.numel() / 8)`` bytes, bias not
+            ``[out_features]``.
+        TypeError: a dtype does not fit: x, orig or bias not fp32/bf16/fp16, orig or bias not of
+            x's dtype outside autocast, mask not bool, sign not uint8.
+        RuntimeError: orig, mask, sign or bias not on x's device, or CPU tensors while the
+            kernels are not interpreted.
     """
-    if orig.dim() != 2 or x.shape[-1] != orig.shape[1]:
-        raise ValueError(
-            f"masked_linear expects orig [out, in] with in = x.shape[-1]; got orig "
-            f"{tuple(orig.shape)} and x {tuple(x.shape)}"
-        )
-    _triton._prepare(orig, mask, sign)
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"masked_linear computes in fp32, bf16 or fp16; x is {x.dtype}")
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    _check_linear(x, orig, mask, sign, bias, autocast)
+    mask_u8, flat_sign = _triton._prepare(orig, mask, sign)
     if torch.compiler.is_compiling():
         from torch.nn import functional as F
 
         return F.linear(x, _triton.masked_weight(orig, mask, sign, x.dtype), bias)
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if autocast:
         dtype = torch.get_autocast_dtype(device)
         x = x.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads it with stride 1
     with torch.autocast(device, enabled=False):
-        return MaskedLinear.apply(x, orig, mask, sign, bias)
+        return MaskedLinear.apply(x, orig, mask_u8, flat_sign, bias)

@@ -67,6 +67,21 @@ def test_random_prune_validates_and_leaves_the_model_alone():
         analysis.random_prune(ticket, tiny(1))  # seed is required
 
 
+@pytest.mark.parametrize("check_architecture", [True, False])
+def test_baselines_refuse_a_non_module_naming_model(check_architecture):
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        analysis.random_prune(ticket, "notamodel", seed=0, check_architecture=check_architecture)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        analysis.random_reinit(ticket, "notamodel", check_architecture=check_architecture)
+
+
+def test_random_reinit_ignores_the_tickets_head_signs():
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5, classifier=False), biases=True, dense=True)
+    model = analysis.random_reinit(ticket, tiny(1, classes=7))  # fc (7, 6) vs the ticket's (5, 6)
+    assert per_layer(model) == per_layer(ticket)
+
+
 def test_random_reinit_keeps_the_new_inits_values_under_the_tickets_mask():
     ticket = signmask.extract(signmask.prune(tiny(0), 0.6))
     fresh = tiny(1)

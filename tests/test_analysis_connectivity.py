@@ -354,8 +354,84 @@ def test_instability_validates_before_training():
     with pytest.raises(TypeError, match="callable"):
         analysis.instability(nn.Linear(4, 3), None, [])
     assert calls == []
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
     with pytest.raises(TypeError, match="return None or an nn.Module"):
-        analysis.instability(nn.Linear(4, 3), lambda m, s: 1.0, [])
+        analysis.instability(nn.Linear(4, 3), lambda m, s: 1.0, data)
+
+
+class Unread:
+    """A loader that must not be read (validation happens before any pass)."""
+
+    def __iter__(self):
+        raise AssertionError("the loader must not be read")
+
+    def __len__(self):
+        return 0
+
+
+@pytest.mark.parametrize("model_fn, kwargs, error, message", [
+    (lambda: nn.Linear(4, 3), dict(loss_fn="cross_entropy"), TypeError, "loss_fn must be callable"),
+    (lambda: nn.Linear(4, 3), dict(eval_batches=0), ValueError, "eval_batches must be >= 1"),
+    (lambda: nn.Linear(4, 3), dict(eval_batches=1.0), TypeError, "eval_batches must be an int"),
+    (lambda: nn.Linear(4, 3), dict(eval_batches=True), TypeError, "eval_batches must be an int"),
+    (lambda: tiny(0), dict(train_loader=images(2), bn_batches=0), ValueError, "bn_batches must be >= 1"),
+    (lambda: tiny(0), dict(train_loader=images(2), bn_batches="2"), TypeError, "bn_batches must be an int"),
+    (lambda: nn.Linear(4, 3), dict(bn_batches=-1), ValueError, "bn_batches must be >= 1"),  # no BN: still a bug
+    (lambda: tiny(0), dict(train_loader=[]), ValueError, "train_loader must yield at least one batch"),
+    (lambda: tiny(0), dict(train_loader=Unread()), ValueError, "train_loader must yield at least one batch"),
+    (lambda: tiny(0), dict(train_loader=3), TypeError, "train_loader must be an iterable"),
+    (lambda: nn.Linear(4, 3), dict(eval_loader=[]), ValueError, "eval_loader must yield at least one batch"),
+    (lambda: nn.Linear(4, 3), dict(eval_loader=None), TypeError, "eval_loader must be an iterable"),
+    (lambda: nn.Linear(4, 3), dict(points=1), ValueError, "points must be >= 2"),
+    (lambda: nn.Linear(4, 3), dict(seeds=3), TypeError, "seeds must be a pair of ints, got int"),
+    (lambda: nn.Linear(4, 3), dict(seeds="ab"), TypeError, "seeds must be a pair of ints, got str"),
+    (lambda: nn.Linear(4, 3), dict(seeds=(0, 1, 2)), ValueError, "seeds must be a pair of ints, got 3"),
+    (lambda: nn.Linear(4, 3), dict(seeds=(0, 1.5)), TypeError, r"seeds\[1\] must be an int"),
+    (lambda: nn.Linear(4, 3), dict(model="net"), TypeError, "model must be a torch.nn.Module"),
+])
+def test_instability_checks_every_argument_before_training(model_fn, kwargs, error, message):
+    train, calls = sgd_train()
+    kwargs = dict(kwargs)
+    model = kwargs.pop("model", None) or model_fn()
+    before = snapshot(model) if isinstance(model, nn.Module) else None
+    eval_loader = kwargs.pop("eval_loader", [(torch.randn(8, 4), torch.randint(0, 3, (8,)))])
+    with pytest.raises(error, match=message):
+        analysis.instability(model, train, eval_loader, **kwargs)
+    assert calls == []  # refused before the first (costly) training
+    if before is not None:
+        assert_same(before, snapshot(model))
+
+
+class Watched(list):
+    """A list of batches that records every pass over it."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(loss_fn=None), TypeError, "loss_fn must be callable"),
+    (dict(eval_batches=0), ValueError, "eval_batches must be >= 1"),
+    (dict(bn_batches=0), ValueError, "bn_batches must be >= 1"),
+    (dict(train_loader=[]), ValueError, "train_loader must yield at least one batch"),
+    (dict(eval_loader=[]), ValueError, "eval_loader must yield at least one batch"),
+    (dict(eval_loader=5), TypeError, "eval_loader must be an iterable"),
+])
+def test_barrier_names_the_bad_argument_before_evaluating(kwargs, error, message):
+    a, b = tiny(0), tiny(1)
+    args = {"eval_loader": Watched(images(1)), "train_loader": Watched(images(2)), **kwargs}
+    loaders = [x for x in args.values() if isinstance(x, Watched)]
+    before_a, before_b = snapshot(a), snapshot(b)
+    with pytest.raises(error, match=message):
+        analysis.barrier(a, b, args.pop("eval_loader"), **args)
+    assert [x.passes for x in loaders] == [0] * len(loaders)  # nothing re-estimated or evaluated
+    assert_same(before_a, snapshot(a))
+    assert_same(before_b, snapshot(b))
 
 
 def test_reestimate_bn_uses_trained_norms_under_aws_interpolation():

@@ -58,6 +58,35 @@ def test_pruned_models_count_kept_weights_only():
     assert rec.records[0].layers["conv1.weight"].sign_changed == 0.0
 
 
+def test_sums_merge_equals_adding_every_tensor_to_one_total():
+    from signmask.analysis._telemetry import _Sums
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g), torch.rand(5, 7, generator=g) > 0.4),
+             (torch.randn(13, generator=g), torch.randn(13, generator=g), None)]
+    fed, merged = _Sums(), _Sums()
+    for x, y, keep in pairs:
+        fed.add(x, y, keep)
+        assert merged.merge(_Sums().add(x, y, keep)) is merged
+    assert vars(merged) == vars(fed)  # every field, bit for bit
+    assert merged.count == 13 + int(pairs[0][2].sum()) and merged.changed > 0
+
+
+def test_total_is_the_merge_of_the_layers():
+    model = signmask.prune(tiny(0), 0.5)
+    rec = analysis.Telemetry(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rec.record(1)
+    total = rec.records[-1].total
+    kept = {k: int(getattr(model, k.split(".")[0]).weight_mask.sum()) for k in KEYS}
+    changed = sum(rec.records[-1].layers[k].sign_changed * kept[k] for k in KEYS)
+    assert total.sign_changed == pytest.approx(changed / sum(kept.values()), rel=1e-12)
+    dist = math.sqrt(sum(rec.records[-1].layers[k].dist_init ** 2 for k in KEYS))
+    assert total.dist_init == pytest.approx(dist, rel=1e-12)
+
+
 def test_every_k_steps_and_increasing_steps():
     rec = analysis.Telemetry(tiny(0), every=2)
     assert [rec.record(s) for s in range(5)] == [True, False, True, False, True]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import signmask
+from signmask import _interpolate
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -126,7 +127,7 @@ def test_imp_rewinds_weights_and_schedule_to_epoch_1(tmp_path, monkeypatch):
     assert ticket.metadata["rewind"] == "1ep"
     final = masks_of(seen["model"])
     assert all(torch.equal(ticket.masks[k] != 0, final[k.replace(".weight", ".weight_mask")]) for k in numels)
-    assert json.loads((tmp_path / "results.json").read_text())["rounds"] == results["rounds"]
+    assert json.loads((tmp_path / "results.json").read_text()) == results
 
 
 def test_imp_example_runs_as_a_script(tmp_path):
@@ -203,6 +204,7 @@ def test_aws_transfer_interpolates_then_transfers_the_signed_mask(tmp_path, monk
     assert [row["acc"] for row in table[:2]] == [results["rounds"][0]["acc"], results["rounds"][-1]["acc"]]
     assert "signs='init'" in table[3]["model"] and "signs='keep'" in table[4]["model"]
     assert all(0.0 <= row["acc"] <= 1.0 for row in table)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
     # Both runs start from the same new init (seed 1, not the search's): with signs="init" its kept
     # weights take the ticket's signs, |theta_new| * s; with signs="keep" they keep their own.
     assert sorted(transferred) == ["init", "keep"]
@@ -236,6 +238,13 @@ def test_timm_ema_follows_the_search_and_the_schedule_restarts(tmp_path, monkeyp
 
     def on_apply(model, search, opt):
         seen["model"] = model
+        real_close = search.close
+
+        def close(*copies):  # the example's search.close(ema.module): were the copies interpolated?
+            seen.setdefault("copies_interpolated", []).extend(bool(_interpolate.interpolated(c)) for c in copies)
+            real_close(*copies)
+
+        search.close = close
 
         def pre(opt, args, kwargs):
             lrs = [g["lr"] for g in opt.param_groups]
@@ -271,3 +280,10 @@ def test_timm_ema_follows_the_search_and_the_schedule_restarts(tmp_path, monkeyp
     for k, signed in ticket.masks.items():
         key = k.replace(".weight", ".weight_mask")
         assert torch.equal(ema_masks[key], signed != 0) and torch.equal(model_masks[key], signed != 0)
+    # search.close(ema.module) took AWS's norm interpolation off the EMA copy, which still had it
+    # after the search had ended (and detached the model): the EMA has the model's layout again.
+    assert seen["copies_interpolated"] == [True]
+    assert _interpolate.interpolated(ema.module) == {} and _interpolate.interpolated(model) == {}
+    assert not [k for k in ema.module.state_dict() if k.endswith("_init")]
+    assert list(ema.module.state_dict()) == list(model.state_dict())
+    assert json.loads((tmp_path / "results.json").read_text()) == results

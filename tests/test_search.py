@@ -216,13 +216,25 @@ def test_bad_input_leaves_model_untouched(kwargs, error, text):
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
-def test_aws_needs_norm_layers():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize(
+    "make, method, text",
+    [
+        (_mlp, "aws", "Sequential has none with affine parameters; .* use method='lrr'"),
+        (lambda: signmask.prune(tiny(), 0.5), "imp", "already pruned; apply"),
+    ],
+)
+def test_models_apply_cannot_serve_are_left_untouched(make, method, text):
+    model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="Sequential has none with affine parameters; .* use method='lrr'"):
-        signmask.apply(model, "aws", optimizer=opt)
+    with pytest.raises(ValueError, match=text):
+        signmask.apply(model, method, optimizer=opt)
     assert_same(before, snapshot(model))
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
 def test_failure_after_masks_rolls_back(monkeypatch):
@@ -237,15 +249,6 @@ def test_failure_after_masks_rolls_back(monkeypatch):
         signmask.apply(model, "aws", optimizer=opt)
     assert_same(before, snapshot(model))
     assert not opt._optimizer_step_pre_hooks
-
-
-def test_apply_refuses_pruned_model():
-    model = signmask.prune(tiny(), 0.5)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="already pruned; apply"):
-        signmask.apply(model, "imp", optimizer=opt)
-    assert_same(before, snapshot(model))
 
 
 def test_ticket_is_signed_mask_with_metadata(tmp_path):
@@ -444,3 +447,7 @@ def test_report_and_close_refuse_bad_arguments():
     with pytest.raises(TypeError, match="close\\(\\) takes copies of the model \\(nn.Module\\), got dict"):
         search.close({})
     assert search.in_round and opt._optimizer_step_post_hooks  # nothing came off
+    search.finish_round()
+    with pytest.raises(RuntimeError, match=r"report\(\): no round is running"):
+        search.report(acc=0.5)  # round 0's log line is out already
+    assert "acc" not in search.history[0]

@@ -140,6 +140,35 @@ def test_bad_ticket_argument_type():
         signmask.transfer(3, tiny())
 
 
+@pytest.mark.parametrize("check_architecture", [True, False])
+@pytest.mark.parametrize("model", ["notamodel", None, {"conv1.weight": torch.zeros(6, 3, 3, 3)}])
+def test_transfer_to_a_non_module_names_model(model, check_architecture):
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
+    with pytest.raises(TypeError, match=f"model must be a torch.nn.Module, got {type(model).__name__}"):
+        signmask.transfer(ticket, model, check_architecture=check_architecture)
+
+
+def test_keep_ignores_dense_and_bias_signs_of_a_mismatched_head():
+    source = signmask.prune(tiny(0), 0.5, classifier=False)
+    ticket = signmask.extract(source, biases=True, dense=True)
+    assert {"conv2.bias", "fc.weight"} <= set(ticket.signs)  # fc is dense: (5, 6) signs
+    other_head = tiny(1, classes=7)  # same architecture name, fc is (7, 6)
+    before = {k: v.clone() for k, v in other_head.state_dict().items()}
+    signmask.transfer(ticket, other_head, signs="keep")  # "keep" writes no sign: nothing to match
+    sd = other_head.state_dict()
+    for key in ticket.masks:
+        assert torch.equal(sd[key + "_mask"], ticket.masks[key] != 0)
+        assert torch.equal(sd[key + "_orig"], before[key])
+    assert not hasattr(other_head.fc, "weight_mask")
+    assert all(torch.equal(sd[k], v) for k, v in before.items() if k in sd)
+    for signs in ("init", "locked"):  # these do write the head's signs, so its shape must match
+        model = tiny(1, classes=7)
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=r"'fc.weight' has shape \(5, 6\), the model's has \(7, 6\)"):
+            signmask.transfer(ticket, model, signs=signs)
+        assert_same(snap, snapshot(model))
+
+
 @pytest.mark.parametrize("signs", ["init", "locked"])
 def test_all_positive_ticket_equals_stock_prune_exactly(signs):
     from torch.nn.utils import prune as tprune

@@ -6,16 +6,17 @@ sets it before any test module loads. Sizes stay small: the interpreter runs num
 triton and numpy are part of the ``test`` extra, so these tests never skip.
 """
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
-import torch.nn.functional as F  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from torch import nn  # noqa: E402
-
-import signmask  # noqa: E402
-from signmask import _backends, _bits, _reparam, _triton, _triton_linear  # noqa: E402
+import signmask
+from signmask import _backends, _bits, _reparam, _triton, _triton_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not _triton.INTERPRETED:
@@ -186,8 +187,64 @@ def test_masked_linear_matches_float64_oracle(shape, locked, bias, bf16):
 
 def test_masked_linear_refuses_bad_shapes():
     orig, mask = torch.randn(3, 4, device=DEVICE), torch.ones(3, 4, dtype=torch.bool, device=DEVICE)
-    with pytest.raises(ValueError, match=r"orig \(3, 4\) and x \(2, 5\)"):
-        _triton_linear.masked_linear(torch.randn(2, 5, device=DEVICE), orig, mask)
+    x = torch.randn(2, 4, device=DEVICE)
+    linear = _triton_linear.masked_linear
+    with pytest.raises(ValueError, match=r"x.shape\[-1\] must equal .*orig \(3, 4\) and x \(2, 5"):
+        linear(torch.randn(2, 5, device=DEVICE), orig, mask)
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., in_features\], got a 0-d"):
+        linear(torch.tensor(1.0, device=DEVICE), orig, mask)
+    with pytest.raises(ValueError, match=r"orig must be 2-D .*got shape \(12,\)"):
+        linear(x, orig.view(12), mask.view(12))
+    # A bias of the wrong length used to be read out of bounds.
+    for shape in [(2,), (4,), (1, 3)]:
+        found = re.escape(str(shape))
+        with pytest.raises(ValueError, match=rf"bias must have shape \(3,\) .*got {found}"):
+            linear(x, orig, mask, bias=torch.randn(shape, device=DEVICE))
+    with pytest.raises(ValueError, match=r"mask must be .* shape \(3, 4\), got .*\(4, 3"):
+        linear(x, orig, mask.t().contiguous())
+    with pytest.raises(ValueError, match=r"sign must hold 2 uint8 bytes .* with 3 elements"):
+        linear(x, orig, mask, torch.zeros(3, dtype=torch.uint8, device=DEVICE))
+
+
+def test_masked_linear_refuses_bad_dtypes_and_devices():
+    orig, mask = torch.randn(3, 4, device=DEVICE), torch.ones(3, 4, dtype=torch.bool, device=DEVICE)
+    x, bias = torch.randn(2, 4, device=DEVICE), torch.randn(3, device=DEVICE)
+    linear = _triton_linear.masked_linear
+    # F.linear refuses a weight or bias of another dtype than x outside autocast; so does this.
+    with pytest.raises(TypeError, match="orig must have x's dtype float32 .*got bfloat16"):
+        linear(x, orig.bfloat16(), mask)
+    with pytest.raises(TypeError, match="bias must have x's dtype bfloat16 .*got float32"):
+        linear(x.bfloat16(), orig.bfloat16(), mask, bias=bias)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16, got float64"):
+        linear(x.double(), orig.double(), mask)
+    with pytest.raises(TypeError, match="orig must be float32, bfloat16 or float16, got int64"):
+        linear(x, orig.long(), mask)
+    with pytest.raises(TypeError, match="bias must be float32, bfloat16 or float16, got float64"):
+        linear(x, orig, mask, bias=bias.double())
+    with pytest.raises(TypeError, match="mask must be bool, got float32"):
+        linear(x, orig, mask.float())
+    with pytest.raises(TypeError, match="sign must be uint8 .*got int64"):
+        linear(x, orig, mask, torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(RuntimeError, match="orig must be on x's device .*got meta"):
+        linear(x, orig.to("meta"), mask)
+    with pytest.raises(RuntimeError, match="bias must be on x's device .*got meta"):
+        linear(x, orig, mask, bias=bias.to("meta"))
+    # Under autocast x and bias are cast (as F.linear's are) and orig is cast in the kernel.
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = linear(x, orig.bfloat16(), mask, bias=bias.half())
+        ref = F.linear(x, orig.bfloat16(), bias.half())
+    assert got.dtype == ref.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_masked_linear_reads_strided_bias_and_sign():
+    orig, mask, sign = _case((5, 6), torch.float32, "contiguous", True, False, seed=1)
+    x = torch.randn(3, 6, device=DEVICE)
+    bias = torch.randn(10, device=DEVICE)[::2]  # not contiguous
+    wide_sign = torch.stack([sign, torch.zeros_like(sign)], 1)[:, 0]  # not contiguous
+    got = _triton_linear.masked_linear(x, orig, mask, wide_sign, bias)
+    ref = F.linear(x, _reparam.masked_weight(orig, mask, sign), bias)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ the hooks on the Triton backend

@@ -17,12 +17,11 @@ from torch import nn
 
 from .. import _methods, _reparam
 from .. import _transfer as _transfer_mod
-from .._ticket import Ticket, architecture
+from .._ticket import Ticket
 from ._common import check_int, check_model, check_real
 
 # Accuracy comparisons treat differences within this of the boundary as on it (float noise).
 TOLERANCE = 1e-9
-PRIZES = ("jackpot", "secondary prize", "no prize")
 
 
 def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,
@@ -40,7 +39,8 @@ def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,
         ``model``, pruned in place.
 
     Raises:
-        ValueError: as :func:`signmask.transfer`; ``model`` is then untouched.
+        TypeError / ValueError: as :func:`signmask.transfer` (``model`` not an ``nn.Module``,
+            another architecture...); ``model`` is then untouched.
 
     Example:
         >>> import signmask
@@ -73,7 +73,7 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
         ``model``, pruned in place.
 
     Raises:
-        TypeError: ``seed`` is not an int.
+        TypeError: ``seed`` is not an int, or ``model`` is not an ``nn.Module``.
         ValueError: another architecture, missing or mis-shaped tensors, an already-pruned
             tensor; ``model`` is then untouched.
 
@@ -83,15 +83,10 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
         >>> int(random_prune(ticket, torch.nn.Linear(10, 10), seed=0).weight_mask.sum())
         10
     """
-    check_model(model, "model")
     seed = check_int(seed, "seed", minimum=0)
     ticket = _transfer_mod._resolve(ticket)
-    want, have = ticket.metadata.get("architecture"), architecture(model)
-    if check_architecture and want is not None and want != have:
-        raise ValueError(
-            f"ticket was made for architecture {want!r}, the model is {have!r} "
-            "(pass check_architecture=False to skip this check)"
-        )
+    # transfer's own check (the model's type too), so the two baselines refuse alike
+    _transfer_mod._check_architecture(ticket, model, check_architecture)
     plan = _transfer_mod._plan(ticket, model, {"mask": ticket.masks})
     masks = []
     for index, (_, key, module, name, target, signed) in enumerate(plan):

@@ -7,6 +7,7 @@ statistics are re-estimated at every point before it is evaluated.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import numbers
@@ -85,14 +86,65 @@ class Barrier:
         return self.barrier < STABLE_BARRIER
 
 
-def _check_loader_needed(model: nn.Module, train_loader: Any) -> bool:
-    has_bn = bool(bn_modules(model))
-    if has_bn and train_loader is None:
+def _check_loader(loader: Any, arg: str) -> None:
+    """Refuse a ``loader`` that cannot be iterated or (when it has a length) is empty."""
+    # not iter(loader): that would start a DataLoader's workers just to look
+    iterable = isinstance(loader, collections.abc.Iterable) or hasattr(type(loader), "__getitem__")
+    if not iterable:
+        raise TypeError(f"{arg} must be an iterable of batches, got {type(loader).__name__}")
+    try:
+        empty = len(loader) == 0
+    except TypeError:  # no length (a generator, an IterableDataset's DataLoader): cannot tell
+        empty = False
+    if empty:
         raise ValueError(
-            f"{type(model).__name__} has BatchNorm running statistics, which must be re-estimated "
-            "at every interpolation point: pass train_loader="
+            f"{arg} must yield at least one batch, got an empty {type(loader).__name__}"
         )
-    return has_bn
+
+
+def _check_path_args(model: nn.Module, eval_loader: Any, train_loader: Any, points: Any,
+                     loss_fn: Any, bn_batches: Any, eval_batches: Any, *,
+                     arg: str = "model") -> tuple[int, bool]:
+    """Check every argument :func:`barrier` takes beside the second model, naming the bad one.
+
+    Runs before anything is trained or evaluated, so a bad argument fails at once instead of
+    after :func:`instability`'s two trainings. ``train_loader`` is checked only when ``model``
+    has BatchNorm-like layers (it is unused otherwise).
+
+    Returns:
+        ``(points, has_bn)``: ``points`` as an int and whether BatchNorm must be re-estimated.
+    """
+    check_model(model, arg)
+    points = check_int(points, "points", minimum=2)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(logits, targets), got "
+                        f"{type(loss_fn).__name__}")
+    for value, name in ((bn_batches, "bn_batches"), (eval_batches, "eval_batches")):
+        if value is not None:
+            check_int(value, name, minimum=1)
+    _check_loader(eval_loader, "eval_loader")
+    has_bn = bool(bn_modules(model))
+    if has_bn:
+        if train_loader is None:
+            raise ValueError(
+                f"{type(model).__name__} has BatchNorm running statistics, which must be "
+                "re-estimated at every interpolation point: pass train_loader="
+            )
+        _check_loader(train_loader, "train_loader")
+    return points, has_bn
+
+
+def _check_seeds(seeds: Any) -> tuple[int, int]:
+    """Return ``seeds`` as two different ints; raise naming ``seeds`` otherwise."""
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, collections.abc.Iterable):
+        raise TypeError(f"seeds must be a pair of ints, got {type(seeds).__name__} {seeds!r}")
+    pair = tuple(seeds)
+    if len(pair) != 2:
+        raise ValueError(f"seeds must be a pair of ints, got {len(pair)} values: {pair!r}")
+    pair = tuple(check_int(s, f"seeds[{i}]", minimum=-(2**63)) for i, s in enumerate(pair))
+    if pair[0] == pair[1]:
+        raise ValueError(f"seeds must differ, got {pair!r}")
+    return pair
 
 
 def barrier(
@@ -130,8 +182,10 @@ def barrier(
         A :class:`Barrier`.
 
     Raises:
-        TypeError / ValueError: as :func:`interpolate` (different masks...), ``points < 2``, or
-            BatchNorm layers without ``train_loader``; checked before any evaluation.
+        TypeError / ValueError: as :func:`interpolate` (different masks...), ``points < 2``, a
+            ``loss_fn`` that is not callable, ``bn_batches`` or ``eval_batches`` not an int >= 1,
+            a loader that is not iterable or has length 0, or BatchNorm layers without
+            ``train_loader``; all checked before any evaluation, each error naming its argument.
 
     Example:
         >>> import torch
@@ -140,11 +194,10 @@ def barrier(
         >>> barrier(net, net, data, points=3).barrier
         0.0
     """
-    check_model(model_a, "model_a")
+    points, has_bn = _check_path_args(model_a, eval_loader, train_loader, points, loss_fn,
+                                      bn_batches, eval_batches, arg="model_a")
     check_model(model_b, "model_b")
-    points = check_int(points, "points", minimum=2)
     plan = plan_blend(model_a, model_b)
-    has_bn = _check_loader_needed(model_a, train_loader)
     alphas = [i / (points - 1) for i in range(points)]
     work = clone(model_a)
     losses, errors = [], []
@@ -189,8 +242,9 @@ def instability(
         The :class:`Barrier` between the two trained copies.
 
     Raises:
-        TypeError / ValueError: bad ``train`` or ``seeds``, or a model with BatchNorm and no
-            ``train_loader`` (checked before training), or as :func:`barrier`.
+        TypeError / ValueError: bad ``train`` or ``seeds``, any argument :func:`barrier` would
+            refuse (checked before training, so no training is wasted), ``train`` returning
+            anything but None or an ``nn.Module``, or as :func:`barrier` (different masks).
 
     Example:
         >>> import torch
@@ -206,14 +260,9 @@ def instability(
     check_model(model, "model")
     if not callable(train):
         raise TypeError(f"train must be callable as train(model, seed), got {type(train).__name__}")
-    seeds = tuple(seeds)
-    if len(seeds) != 2:
-        raise ValueError(f"seeds must be two integers, got {seeds!r}")
-    seeds = tuple(check_int(s, "seeds entry", minimum=-(2**63)) for s in seeds)
-    if seeds[0] == seeds[1]:
-        raise ValueError(f"seeds must differ, got {seeds!r}")
-    check_int(points, "points", minimum=2)
-    _check_loader_needed(model, train_loader)
+    seeds = _check_seeds(seeds)
+    points, _ = _check_path_args(model, eval_loader, train_loader, points, loss_fn, bn_batches,
+                                 eval_batches)
     trained = []
     for seed in seeds:
         net = clone(model)

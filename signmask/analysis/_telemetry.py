@@ -92,6 +92,12 @@ class _Sums:
         self.yy += float(y64 @ y64)
         return self
 
+    def merge(self, other: "_Sums") -> "_Sums":
+        """Add ``other``'s sums into these (a total built from per-tensor sums) and return self."""
+        for field, value in vars(other).items():  # every field: a sum added later merges too
+            setattr(self, field, getattr(self, field) + value)
+        return self
+
     def distance(self) -> float:
         return math.sqrt(self.d2)
 
@@ -180,7 +186,9 @@ class Telemetry:
         layers, total = {}, _Sums()
         for key, (w, keep) in now.items():
             sums = _Sums().add(w, self._init[key], keep)
-            total.add(w, self._init[key], keep)
+            # a fresh _Sums holds exactly this tensor's terms, so merging adds the same numbers
+            # in the same order as a second add() would, without computing them twice
+            total.merge(sums)
             layers[key] = Stats(sums.fraction(), sums.distance(), sums.cosine())
         overall = Stats(total.fraction(), total.distance(), total.cosine())
         self._records.append(Record(step, layers, overall))
@@ -220,7 +228,7 @@ class Telemetry:
                 fw, fkeep = last[key]
                 both = keep if fkeep is None else (fkeep if keep is None else keep & fkeep)
                 sums = _Sums().add(w, fw, both)
-                total.add(w, fw, both)
+                total.merge(sums)
                 layers[key] = dataclasses.replace(rec.layers[key], dist_final=sums.distance(),
                                                   cos_final=sums.cosine())
             updated.append(Record(rec.step, layers, dataclasses.replace(
