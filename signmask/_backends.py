@@ -165,7 +165,8 @@ def set_backend(
         model: a model pruned by :func:`signmask.prune` (or loaded by ``load_state_dict``).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"projection"`` (see module docs).
         optimizer: the optimizer training ``model``; required by ``"projection"``, which hooks
-            its ``step``. Other backends remove projection hooks from it when given.
+            its ``step``. Other backends remove projection hooks from it when given (and from
+            the parameters always).
 
     Returns:
         ``model``.
@@ -186,10 +187,11 @@ def set_backend(
     impl = get_backend(backend)
     targets = _signmask_targets(model)
     impl.check(targets, optimizer)
-    if backend != "projection" and optimizer is not None:
-        from . import _projection
-
-        _projection.unhook_optimizer(optimizer, targets)
+    if backend != "projection":
+        for module, name in targets.values():
+            _projection.unhook_grads(module._parameters[name + "_orig"])
+        if optimizer is not None:
+            _projection.unhook_optimizer(optimizer, targets)
     impl.attach(targets, optimizer)
     with torch.no_grad():
         for module, name in targets.values():
@@ -214,4 +216,4 @@ def backends_of(model: nn.Module) -> dict[str, str]:
     return out
 
 
-from . import _projection  # noqa: E402,F401  (registers "projection")
+from . import _projection  # noqa: E402  (registers "projection"; last: it subclasses Backend)

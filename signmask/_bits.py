@@ -96,23 +96,45 @@ def sign_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     numel = math.prod(shape)
     if sys.byteorder != "little":
         return unpack(packed, numel, 1).view(shape).view(torch.int8)
+    return _lookup(packed, shape, factors=False)
+
+
+def sign_factors(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The locked signs as int8 factors of ``shape``: -1 where negative, +1 elsewhere.
+
+    Equal to ``1 - 2 * sign_bits(packed, shape)``, in one gather instead of three ops: the
+    sign-locked forward multiplies by it.
+    """
+    return _lookup(packed, shape, factors=True)
+
+
+def _lookup(packed: torch.Tensor, shape: torch.Size, factors: bool) -> torch.Tensor:
+    numel = math.prod(shape)
+    if sys.byteorder != "little":
+        bits = unpack(packed, numel, 1).view(shape).view(torch.int8)
+        return 1 - 2 * bits if factors else bits
     dev = packed.device
-    table = _bit_table(dev) if not torch.compiler.is_compiling() else _make_bit_table(dev)
-    bits = torch.take(table, packed.reshape(-1).long()).view(torch.int8)
-    return bits[:numel].view(shape)
+    compiling = torch.compiler.is_compiling()
+    table = _make_table(dev, factors) if compiling else _table(dev, factors)
+    values = torch.take(table, packed.reshape(-1).long()).view(torch.int8)
+    return values[:numel].view(shape)
 
 
-def _make_bit_table(device: torch.device) -> torch.Tensor:
+def _make_table(device: torch.device, factors: bool) -> torch.Tensor:
+    """256 int64 entries, each holding a byte's 8 bits (or their factors 1 - 2 * bit) as 8
+    int8 values in little-endian order."""
     table = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    if factors:
+        table = 1 - 2 * table
     return table.to(torch.int8).view(torch.int64).view(-1)
 
 
 @functools.lru_cache(maxsize=None)
-def _bit_table(device: torch.device) -> torch.Tensor:
+def _table(device: torch.device, factors: bool) -> torch.Tensor:
     # A constant built once per device: rebuilding it cost ~40% of sign_bits on small tensors
     # (5 kernel launches per forward on CUDA). Outside inference mode, so autograd may use it.
     with torch.inference_mode(False), torch.no_grad():
-        return _make_bit_table(device)
+        return _make_table(device, factors)
 
 
 def signed_to_codes(signed: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,8 @@ def mul(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def _product(t: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.Tensor:
+    if t.numel() <= CHUNK or t.device.type != "cpu":  # the plain op; see multiply()
+        return t.mul_(factor) if inplace else t * factor
     factor = _as_int(factor)
     views = None if _recorded(t) else _chunked(t, factor)
     if views is None:
@@ -135,7 +137,11 @@ def multiply(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> o.grad
         tensor([1., 0.])
     """
+    if t.numel() <= CHUNK or t.device.type != "cpu":
+        # The plain op, with no checks: this runs on every forward of every pruned tensor, and
+        # for small ones the Python around it costs as much as the multiply.
+        return t * factor
     factor = _as_int(factor)
-    if not _eligible(t, factor):  # no autograd.Function overhead where plain ops run anyway
+    if not _eligible(t, factor):
         return t * factor
     return MulFactor.apply(t, factor)

@@ -114,8 +114,10 @@ class RandomPruning(RankedPruning):
         self.seed = int(seed)
 
     def scores(self, t: torch.Tensor, index: int) -> torch.Tensor:
-        gen = torch.Generator(device=t.device).manual_seed(self.seed + 7919 * index)
-        return torch.rand(t.shape, generator=gen, device=t.device)
+        # Drawn on the CPU: a CUDA generator gives other numbers, and a seed must name one
+        # mask wherever the model lives.
+        gen = torch.Generator().manual_seed(self.seed + 7919 * index)
+        return torch.rand(t.shape, generator=gen).to(t.device)
 
     def __repr__(self) -> str:
         return f"RandomPruning(amount={self.amount}, seed={self.seed})"

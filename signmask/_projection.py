@@ -191,6 +191,14 @@ def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None
             del hooks[key]
 
 
+def unhook_grads(param: torch.Tensor) -> None:
+    """Remove the :class:`MaskGrad` hooks of ``param`` (no-ops once it leaves this backend)."""
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
+    for key, fn in list(hooks.items()):
+        if isinstance(fn, MaskGrad):
+            del hooks[key]
+
+
 def _hook_grads(targets: Targets) -> None:
     for module, name in targets.values():
         orig = module._parameters[name + "_orig"]

@@ -31,7 +31,7 @@ def masked_weight(
         return _maskmul.multiply(orig, mask)
     # One int8 factor s * mask in {-1, 0, +1}: |o| * -1 is exactly -|o|, so the values are those
     # of where(neg, -|o|, |o|) * mask (pruned zeros may differ in sign), for one float multiply.
-    return _maskmul.multiply(orig.abs(), (1 - 2 * _bits.sign_bits(sign, orig.shape)) * mask)
+    return _maskmul.multiply(orig.abs(), _bits.sign_factors(sign, orig.shape) * mask)
 
 
 class SignMaskHook(_prune.PruningContainer):
@@ -63,10 +63,15 @@ class SignMaskHook(_prune.PruningContainer):
             state.pop(key, None)
         return state
 
+    def __call__(self, module: nn.Module, inputs) -> None:
+        # prune's setattr, minus nn.Module.__setattr__'s checks: <name> is neither a parameter
+        # nor a buffer here. This runs before every forward of every pruned tensor.
+        module.__dict__[self._tensor_name] = self.apply_mask(module)
+
     def apply_mask(self, module: nn.Module) -> torch.Tensor:
-        name = self._tensor_name
-        sign = module._buffers.get(name + "_sign")
-        orig, mask = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+        name, buffers = self._tensor_name, module._buffers
+        orig, mask = module._parameters[name + "_orig"], buffers[name + "_mask"]
+        sign = buffers.get(name + "_sign")
         if self.backend == "torch":
             return masked_weight(orig, mask, sign)
         from ._backends import get_backend
@@ -89,6 +94,9 @@ class SignMaskHook(_prune.PruningContainer):
         for key, hook in list(module._forward_hooks.items()):
             if isinstance(hook, DetachWeight) and hook.name == name:
                 del module._forward_hooks[key]
+        from ._projection import unhook_grads
+
+        unhook_grads(param)  # the projection backend's gradient hook, if it ever had one
 
     def __repr__(self) -> str:
         methods = ", ".join(repr(m) for m in self._pruning_methods)

@@ -228,17 +228,19 @@ def _plan(shape: torch.Size, tensors: list[torch.Tensor]) -> tuple[int, list[int
 def _prepare(orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None) -> tuple:
     if orig.dtype not in _TL_DTYPES:
         raise TypeError(f"orig must be a float tensor (fp32, bf16, fp16, fp64), got {orig.dtype}")
-    if mask.dtype != torch.bool or mask.shape != orig.shape:
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if mask.shape != orig.shape:
         raise ValueError(
-            f"mask must be a bool tensor of shape {tuple(orig.shape)}, "
-            f"got {mask.dtype} {tuple(mask.shape)}"
+            f"mask must be a bool tensor of shape {tuple(orig.shape)}, got {tuple(mask.shape)}"
         )
     if sign is not None:
         need = (orig.numel() + 7) // 8
-        if sign.dtype != torch.uint8 or sign.numel() != need:
+        if sign.dtype != torch.uint8:
+            raise TypeError(f"sign must be uint8 (packed bits, 1 = negative), got {sign.dtype}")
+        if sign.numel() != need:
             raise ValueError(
-                f"sign must hold {need} uint8 bytes (1 bit per weight), got {sign.dtype} "
-                f"with {sign.numel()} elements"
+                f"sign must hold {need} uint8 bytes (1 bit per weight), got {sign.numel()}"
             )
         sign = sign.reshape(-1).contiguous()
     check_device(orig, "orig")
@@ -390,7 +392,8 @@ def masked_weight(
 
     Raises:
         RuntimeError: the tensors are on CPU and the kernels are not interpreted.
-        ValueError / TypeError: mask or sign do not fit ``orig``.
+        TypeError: ``orig`` not a float tensor, ``mask`` not bool, ``sign`` not uint8.
+        ValueError: ``mask`` not of ``orig``'s shape, ``sign`` not ``ceil(numel / 8)`` bytes.
     """
     out_dtype = orig.dtype if out_dtype is None else out_dtype
     if torch.compiler.is_compiling():

@@ -23,22 +23,39 @@ from . import _triton
 from ._triton import _is_negative, _manual_bf16, _to
 
 _INTERP_CONFIG = [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP": 4})]
-_GPU_CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP": 8}, num_stages=s, num_warps=w)
-    for bm, bn, bk, s, w in (
-        (128, 128, 64, 3, 8),
-        (128, 256, 64, 3, 8),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (32, 64, 128, 4, 4),
-        (16, 128, 128, 4, 4),
-    )
+
+
+def _config(bm: int, bn: int, bk: int, stages: int, warps: int):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP": 8}, num_stages=stages,
+                         num_warps=warps)
+
+
+# Tensor-core tiles (bf16/fp16 operands, or fp32 as tf32).
+_MMA_CONFIGS = [
+    _config(*c) for c in ((128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 64, 64, 4, 4),
+                          (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4),
+                          (16, 128, 128, 4, 4))
 ]
+# IEEE fp32 products run on the FMA units with operands in registers: every tensor-core tile
+# above spills there (4-23 KB of local memory per thread on sm_90) or needs more shared memory
+# than the SM has; these do not (benchmarks/kernel_resources.py).
+_IEEE_CONFIGS = [
+    _config(*c) for c in ((64, 64, 16, 3, 4), (32, 64, 32, 3, 4), (64, 32, 32, 3, 4),
+                          (32, 32, 32, 3, 4))
+]
+_GPU_CONFIGS = _MMA_CONFIGS + _IEEE_CONFIGS
 
 
 def _configs():
     return _INTERP_CONFIG if _triton.INTERPRETED else _GPU_CONFIGS
+
+
+def _by_precision(configs, named_args, **kwargs):
+    """Autotune only the tiles made for the launch's precision (see ``_IEEE_CONFIGS``)."""
+    if _triton.INTERPRETED:
+        return configs
+    keep = _IEEE_CONFIGS if kwargs.get("PRECISION") == "ieee" else _MMA_CONFIGS
+    return [c for c in configs if any(c is k for k in keep)]
 
 
 @triton.jit
@@ -57,7 +74,8 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
     return pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_SIGN"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_SIGN", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _by_precision})
 @triton.jit
 def _masked_mm(
     A, W, MK, S, BIAS, C, M, N, K,
@@ -93,7 +111,8 @@ def _masked_mm(
     tl.store(C + rm64[:, None] * sc_m + rn[None, :] * sc_n, out, mask=c_ok)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_SIGN"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_SIGN", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _by_precision})
 @triton.jit
 def _masked_grad_mm(
     A, B, O, MK, S, C, M, N, K,

@@ -421,6 +421,10 @@ class Watched(list):
     (dict(train_loader=[]), ValueError, "train_loader must yield at least one batch"),
     (dict(eval_loader=[]), ValueError, "eval_loader must yield at least one batch"),
     (dict(eval_loader=5), TypeError, "eval_loader must be an iterable"),
+    (dict(eval_loader=(b for b in images(1))), TypeError,
+     "eval_loader is read once per point, but a generator can be read only once"),
+    (dict(train_loader=iter(images(2))), TypeError,
+     "train_loader is read once per point, but a list_iterator can be read only once"),
 ])
 def test_barrier_names_the_bad_argument_before_evaluating(kwargs, error, message):
     a, b = tiny(0), tiny(1)

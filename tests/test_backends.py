@@ -274,13 +274,38 @@ def test_projection_model_pickles_and_switches_back():
     twin = copy.deepcopy(model)
     torch.save(model, io.BytesIO())
     assert all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(twin)))
+    assert _mask_grad_hooks(model) == len(signmask._targets.pruned(model))
     _backends.set_backend(model, "torch", optimizer=opt)
     assert not any(isinstance(h, _projection.ProjectStep) for h in opt._optimizer_step_post_hooks.values())
-    _train(model, opt, _batches(3)[2:])  # stale grad hooks are no-ops under "torch"
+    assert _mask_grad_hooks(model) == 0
+    _train(model, opt, _batches(3)[2:])
     assert set(_backends.backends_of(model).values()) == {"torch"}
     ref = _pruned("locked")  # the torch path all along
     _train(ref, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), _batches(3))
     assert all(torch.equal(w, e) for w, e in zip(_weights(model), _weights(ref)))
+
+
+def _mask_grad_hooks(model) -> int:
+    return sum(isinstance(fn, _projection.MaskGrad) for p in model.parameters()
+               for fn in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values())
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_remove_after_projection_leaves_plain_parameters(signs):
+    (ref, ref_opt), (proj, proj_opt) = _torch_and_projection(signs)
+    batches = _batches(4)
+    masks = [m.weight_mask.clone() for m in proj if hasattr(m, "weight_mask")]
+    for model, opt in ((ref, ref_opt), (proj, proj_opt)):
+        _train(model, opt, batches[:2])
+        signmask.remove(model)
+    assert _mask_grad_hooks(proj) == 0
+    for model, opt in ((ref, ref_opt), (proj, proj_opt)):  # dense training from here on
+        _train(model, opt, batches[2:])
+    if signs is None:  # locked: the torch path's momentum is of weight_orig, not the weight
+        for a, b in zip(ref.parameters(), proj.parameters()):
+            assert torch.equal(a, b)
+    weights = [m.weight for m in proj if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [bool(w[~m].ne(0).any()) for w, m in zip(weights, masks)] == [True] * len(masks)
 
 
 def test_projection_warns_for_unknown_optimizers_and_stays_exact():

@@ -55,12 +55,15 @@ def test_every_ternary_byte_above_242_unpacks_as_invalid_codes():
 
 @settings(max_examples=100, deadline=None)
 @given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), data=st.data())
-def test_sign_bits_equal_the_packed_negatives(shape, data):
+def test_sign_bits_and_factors_equal_the_packed_negatives(shape, data):
     numel = int(torch.tensor(shape).prod())
     negative = torch.tensor(data.draw(st.lists(st.booleans(), min_size=numel, max_size=numel))).view(shape)
     bits = _bits.sign_bits(_bits.pack_signs(negative), torch.Size(shape))
     assert bits.dtype == torch.int8 and bits.shape == negative.shape
     assert torch.equal(bits, negative.to(torch.int8))
+    factors = _bits.sign_factors(_bits.pack_signs(negative), torch.Size(shape))
+    assert factors.dtype == torch.int8 and factors.shape == negative.shape
+    assert torch.equal(factors, torch.where(negative, -1, 1).to(torch.int8))
 
 
 def test_signed_codes_round_trip():

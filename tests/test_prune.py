@@ -74,6 +74,22 @@ def test_random_pruning_is_seeded_exact_and_differs_between_layers():
     assert not torch.equal(twins[0].weight_mask, twins[1].weight_mask)
 
 
+DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_scores_are_the_cpu_stream_on_every_device(device):
+    # One seed names one mask wherever the model lives (a CUDA generator draws other numbers).
+    from signmask._methods import RandomPruning
+
+    t = torch.empty(5, 7, device=device)
+    scores = RandomPruning(0.5, seed=11).scores(t, index=2)
+    assert scores.device.type == device
+    if device != "meta":
+        expected = torch.rand(5, 7, generator=torch.Generator().manual_seed(11 + 7919 * 2))
+        assert torch.equal(scores.cpu(), expected)
+
+
 def test_random_global_keeps_magnitudes_out_of_it():
     model = tiny()
     signmask.prune(model, 0.5, method="random", seed=0)

@@ -113,10 +113,14 @@ def test_masked_weight_special_values():
 
 def test_masked_weight_refuses_bad_input():
     orig, mask = torch.randn(4, 4, device=DEVICE), torch.ones(4, 4, dtype=torch.bool, device=DEVICE)
-    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(4, 4\)"):
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor, got torch.float32"):
         _triton.masked_weight(orig, mask.float())
-    with pytest.raises(ValueError, match="sign must hold 2 uint8 bytes"):
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(4, 4\), got \(16,\)"):
+        _triton.masked_weight(orig, mask.view(16))
+    with pytest.raises(ValueError, match="sign must hold 2 uint8 bytes .*got 3"):
         _triton.masked_weight(orig, mask, torch.zeros(3, dtype=torch.uint8, device=DEVICE))
+    with pytest.raises(TypeError, match="sign must be uint8 .*got torch.int8"):
+        _triton.masked_weight(orig, mask, torch.zeros(2, dtype=torch.int8, device=DEVICE))
     with pytest.raises(TypeError, match="orig must be a float tensor"):
         _triton.masked_weight(orig.long(), mask)
     with pytest.raises(RuntimeError, match="needs CUDA tensors; orig is on meta"):
@@ -202,7 +206,7 @@ def test_masked_linear_refuses_bad_shapes():
             linear(x, orig, mask, bias=torch.randn(shape, device=DEVICE))
     with pytest.raises(ValueError, match=r"mask must be .* shape \(3, 4\), got .*\(4, 3"):
         linear(x, orig, mask.t().contiguous())
-    with pytest.raises(ValueError, match=r"sign must hold 2 uint8 bytes .* with 3 elements"):
+    with pytest.raises(ValueError, match=r"sign must hold 2 uint8 bytes .*got 3"):
         linear(x, orig, mask, torch.zeros(3, dtype=torch.uint8, device=DEVICE))
 
 

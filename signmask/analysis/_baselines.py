@@ -59,7 +59,7 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
 
     The "random pruning" baseline (same per-layer density, random positions). Tensor ``i`` in the
     ticket's order is ranked by :class:`signmask._methods.RandomPruning` scores seeded with
-    ``seed + 7919 * i`` (drawn on the weight's device), and its ``kept`` highest-scored entries
+    ``seed + 7919 * i`` (drawn on the CPU, so a seed gives the same masks on every device), and its ``kept`` highest-scored entries
     are kept; the mask is installed as by :func:`signmask.prune` (``extract`` reports method
     ``"random"``). ``model``'s values are not changed; the ticket's signs are not used.
 

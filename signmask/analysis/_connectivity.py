@@ -87,11 +87,17 @@ class Barrier:
 
 
 def _check_loader(loader: Any, arg: str) -> None:
-    """Refuse a ``loader`` that cannot be iterated or (when it has a length) is empty."""
+    """Refuse a ``loader`` that cannot be iterated, can be iterated only once (a generator), or
+    (when it has a length) is empty."""
     # not iter(loader): that would start a DataLoader's workers just to look
     iterable = isinstance(loader, collections.abc.Iterable) or hasattr(type(loader), "__getitem__")
     if not iterable:
         raise TypeError(f"{arg} must be an iterable of batches, got {type(loader).__name__}")
+    if isinstance(loader, collections.abc.Iterator):  # iter(it) is it: the second pass is empty
+        raise TypeError(
+            f"{arg} is read once per point, but a {type(loader).__name__} can be read only once; "
+            "pass a list of batches or a DataLoader"
+        )
     try:
         empty = len(loader) == 0
     except TypeError:  # no length (a generator, an IterableDataset's DataLoader): cannot tell
@@ -184,8 +190,9 @@ def barrier(
     Raises:
         TypeError / ValueError: as :func:`interpolate` (different masks...), ``points < 2``, a
             ``loss_fn`` that is not callable, ``bn_batches`` or ``eval_batches`` not an int >= 1,
-            a loader that is not iterable or has length 0, or BatchNorm layers without
-            ``train_loader``; all checked before any evaluation, each error naming its argument.
+            a loader that is not iterable, is a one-shot iterator (a generator) or has length 0,
+            or BatchNorm layers without ``train_loader``; all checked before any evaluation,
+            each error naming its argument.
 
     Example:
         >>> import torch

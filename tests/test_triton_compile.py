@@ -1,0 +1,85 @@
+"""The Triton kernels compile for an H100 (sm_90) with the real compiler, on a CPU-only machine.
+
+``test_triton.py`` checks the kernels' arithmetic through the interpreter, which never lowers
+them; here ``benchmarks/kernel_resources.py`` records every launch the launchers make and
+compiles each one with Triton's own specialization (first autotune config only: ``--quick``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_resources.py"
+SM90_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+
+
+@pytest.fixture(scope="module")
+def kernels() -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--quick", "--json"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)["kernels"]
+
+
+def _flags(r: dict, *names: str) -> tuple:
+    return tuple(r["constexprs"].get(n) for n in names)
+
+
+def test_every_launch_compiles(kernels):
+    errors = [(r["kernel"], r["pointers"], r["constexprs"], r["error"])
+              for r in kernels if "error" in r]
+    assert errors == []
+
+
+def test_no_kernel_spills_or_overflows_shared_memory(kernels):
+    spills = [(r["kernel"], r["constexprs"], r["stack_bytes"]) for r in kernels
+              if r.get("stack_bytes")]
+    assert spills == []
+    over = [(r["kernel"], r["config"], r["shared_bytes"]) for r in kernels
+            if r.get("shared_bytes", 0) > SM90_SHARED]
+    assert over == []
+
+
+def test_every_path_of_the_launchers_is_compiled(kernels):
+    elementwise = {
+        (r["kernel"], *_flags(r, "HAS_SIGN", "SAME", "I64"), r["pointers"]["Y"])
+        for r in kernels if r["kernel"].startswith("_masked_weight")
+    }
+    expected = set()
+    for out in ("*fp32", "*bf16"):
+        for sign in (False, True):
+            expected |= {("_masked_weight_fwd_flat", sign, None, False, out),
+                         ("_masked_weight_fwd", sign, False, False, out),
+                         ("_masked_weight_bwd_flat", sign, None, False, out),
+                         ("_masked_weight_bwd", sign, False, False, out)}
+        # a shared non-contiguous layout (channels_last) takes the flat kernel unless signs
+        # are locked (their bit index is the logical position)
+        expected |= {("_masked_weight_fwd", True, True, False, out),
+                     ("_masked_weight_bwd", True, True, False, out)}
+    expected.add(("_masked_weight_fwd", False, False, True, "*fp32"))  # 64-bit indices
+    assert elementwise == expected
+
+    gemms = {(r["kernel"], *_flags(r, "HAS_SIGN", "PRECISION"), r["pointers"]["A"])
+             for r in kernels if "mm" in r["kernel"]}
+    assert gemms == {
+        (kernel, sign, precision, dtype)
+        for kernel in ("_masked_mm", "_masked_grad_mm")
+        for sign in (False, True)
+        for precision, dtype in (("tf32", "*bf16"), ("tf32", "*fp16"), ("tf32", "*fp32"),
+                                 ("ieee", "*fp32"))
+    }
+
+
+def test_ieee_fp32_gets_its_own_tiles(kernels):
+    from signmask import _triton_linear  # interpreted here: only the config lists are read
+
+    ieee = {tuple(r["config"].values()) for r in kernels if _flags(r, "PRECISION") == ("ieee",)}
+    first = _triton_linear._IEEE_CONFIGS[0]
+    assert ieee == {(*first.kwargs.values(), first.num_warps, first.num_stages)}
