@@ -110,8 +110,9 @@ def sign_factors(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _lookup(packed: torch.Tensor, shape: torch.Size, factors: bool) -> torch.Tensor:
     numel = math.prod(shape)
-    if sys.byteorder != "little":
-        bits = unpack(packed, numel, 1).view(shape).view(torch.int8)
+    if sys.byteorder != "little" or torch.jit.is_tracing():
+        # shifts, not the table's reinterpreted bytes: jit.trace cannot record view(dtype)
+        bits = unpack(packed, numel, 1).view(shape).to(torch.int8)
         return 1 - 2 * bits if factors else bits
     dev = packed.device
     compiling = torch.compiler.is_compiling()

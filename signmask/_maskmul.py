@@ -9,8 +9,9 @@ into a small reused float buffer that stays in cache. The products are the same 
 ``t * factor``.
 
 Elsewhere the plain torch op runs: CUDA (the conversion happens inside the kernel), small
-tensors, ``torch.compile`` (which fuses it), functorch transforms (``vmap``, ``torch.func.grad``),
-products autograd must record (``create_graph=True``), and layouts without a flat view.
+tensors, ``torch.compile`` (which fuses it), ``torch.jit.trace``, functorch transforms (``vmap``,
+``torch.func.grad``), products autograd must record (``create_graph=True``), and layouts without
+a flat view.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def _flat(t: torch.Tensor) -> torch.Tensor | None:
         return None
     # Dense only: then empty_like(t) has t's strides, so flat views of t and out line up.
     return flat if flat.stride(0) == 1 else None
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Whether the plain op runs, no further checks needed: non-CPU or small tensors, tracing.
+
+    This runs on every forward of every pruned tensor; for small ones the Python around the
+    multiply costs as much as the multiply. ``jit.trace`` cannot record the chunked path's
+    dtype views (and must not see ``numel()`` compared: it warns), so it is asked first.
+    """
+    return torch.jit.is_tracing() or t.device.type != "cpu" or t.numel() <= CHUNK
 
 
 def _eligible(t: torch.Tensor, factor: torch.Tensor) -> bool:
@@ -93,7 +104,7 @@ def mul(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def _product(t: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.Tensor:
-    if t.numel() <= CHUNK or t.device.type != "cpu":  # the plain op; see multiply()
+    if _plain(t):
         return t.mul_(factor) if inplace else t * factor
     factor = _as_int(factor)
     views = None if _recorded(t) else _chunked(t, factor)
@@ -137,9 +148,7 @@ def multiply(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> o.grad
         tensor([1., 0.])
     """
-    if t.numel() <= CHUNK or t.device.type != "cpu":
-        # The plain op, with no checks: this runs on every forward of every pruned tensor, and
-        # for small ones the Python around it costs as much as the multiply.
+    if _plain(t):
         return t * factor
     factor = _as_int(factor)
     if not _eligible(t, factor):

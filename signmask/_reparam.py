@@ -115,6 +115,8 @@ class DetachWeight:
         self.name = name
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
+        if torch.jit.is_tracing():
+            return  # a detach would be recorded, and jit.trace's re-trace check then fails
         weight = module.__dict__.get(self.name)
         if weight is not None and weight.requires_grad:
             module.__dict__[self.name] = weight.detach()

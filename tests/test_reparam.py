@@ -237,6 +237,34 @@ def test_to_low_precision_keeps_bool_masks(dtype, signs):
 
 
 # ----------------------------------------------------------------------------------------------
+# torch.jit.trace, torch.export
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_jit_trace_and_export_follow_masks_weights_and_signs(signs):
+    # The last weight is above _maskmul.CHUNK: its CPU multiply must be traced as a plain op.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 600),
+                          nn.ReLU(), nn.Linear(600, 500))
+    signmask.prune(model, 0.5, signs=signs)
+    x, y = inputs(seed=2), inputs(seed=3)
+    traced = torch.jit.trace(model, x)  # with its re-trace check on (the default)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    exported = torch.export.export(model, (x,)).module()
+    for other in (traced, loaded, exported):
+        assert torch.equal(other(y), model(y))
+    with torch.no_grad():  # the trace reads weight_orig, mask and signs as they are now
+        model[0].weight_orig.mul_(-1.5)
+    signmask.prune(model, 0.3)
+    expected = model(y)
+    assert torch.equal(traced(y), expected)
+    traced(y).sum().backward()
+    copy.deepcopy(model)  # the eager forward above left a detached weight, as always
+
+
+# ----------------------------------------------------------------------------------------------
 # torch.compile
 
 
