@@ -59,15 +59,37 @@ def _is_negative(S, li, inb):
 
 
 @triton.jit
-def _fwd_body(O, MK, S, Y, o_off, m_off, y_off, li, inb,
-              HAS_SIGN: tl.constexpr, CDT: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    w = tl.load(O + o_off, mask=inb, other=0).to(CDT)
-    keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
+def _effective(w, keep, S, li, inb, HAS_SIGN: tl.constexpr):
+    """The effective weight from ``orig`` values ``w`` and their mask ``keep`` (both in the
+    compute dtype): ``w * keep``, or ``where(negative, -|w|, |w|) * keep`` with the sign bits of
+    logical positions ``li``. Shared by the masked-weight and fused-Linear kernels."""
     if HAS_SIGN:
         mag = tl.abs(w)
         w = tl.where(_is_negative(S, li, inb), -mag, mag)
     # A product, not a select, so NaN * 0 and -0.0 come out as in ``orig * mask``.
-    tl.store(Y + y_off, _to(w * keep, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
+    return w * keep
+
+
+@triton.jit
+def _effective_grad(g, keep, O, o_off, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
+    """The gradient of ``orig`` from the effective weight's gradient ``g``: ``g * keep``, and
+    under locked signs times ``s * sgn(orig)`` (``orig`` read at ``O + o_off`` only then)."""
+    g = g * keep
+    if HAS_SIGN:
+        # d(s * |o|)/do = s * sgn(o), applied in the order autograd applies it.
+        o = tl.load(O + o_off, mask=inb, other=0).to(CDT)
+        g = tl.where(_is_negative(S, li, inb), -g, g)
+        g = g * ((o > 0).to(CDT) - (o < 0).to(CDT))
+    return g
+
+
+@triton.jit
+def _fwd_body(O, MK, S, Y, o_off, m_off, y_off, li, inb,
+              HAS_SIGN: tl.constexpr, CDT: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    w = tl.load(O + o_off, mask=inb, other=0).to(CDT)
+    keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
+    w = _effective(w, keep, S, li, inb, HAS_SIGN)
+    tl.store(Y + y_off, _to(w, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
 
 
 @triton.jit
@@ -75,12 +97,7 @@ def _bwd_body(G, O, MK, S, Y, g_off, o_off, m_off, y_off, li, inb,
               HAS_SIGN: tl.constexpr, CDT: tl.constexpr, MANUAL_BF16: tl.constexpr):
     g = tl.load(G + g_off, mask=inb, other=0).to(CDT)
     keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
-    g = g * keep
-    if HAS_SIGN:
-        # d(s * |o|)/do = s * sgn(o), applied in the order autograd applies it.
-        o = tl.load(O + o_off, mask=inb, other=0).to(CDT)
-        g = tl.where(_is_negative(S, li, inb), -g, g)
-        g = g * ((o > 0).to(CDT) - (o < 0).to(CDT))
+    g = _effective_grad(g, keep, O, o_off, S, li, inb, HAS_SIGN, CDT)
     tl.store(Y + y_off, _to(g, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
 
 

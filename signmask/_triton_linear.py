@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _triton
-from ._triton import _is_negative, _manual_bf16, _to
+from ._triton import _effective, _effective_grad, _manual_bf16, _to
 
 _INTERP_CONFIG = [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP": 4})]
 
@@ -94,12 +94,10 @@ def _masked_mm(
         a = tl.load(A + rm64[:, None] * sa_m + rk[None, :] * sa_k, mask=a_ok, other=0)
         w_ok = (rk[:, None] < K) & (rn[None, :] < N)
         w = tl.load(W + rk[:, None] * sw_k + rn[None, :] * sw_n, mask=w_ok, other=0)
-        w = w.to(tl.float32)
         keep = tl.load(MK + rk[:, None] * sm_k + rn[None, :] * sm_n, mask=w_ok, other=0)
-        if HAS_SIGN:
-            mag = tl.abs(w)
-            w = tl.where(_is_negative(S, rk[:, None] * ss_k + rn[None, :] * ss_n, w_ok), -mag, mag)
-        w = _to(w * keep.to(tl.float32), A.dtype.element_ty, MANUAL_BF16)
+        w = _effective(w.to(tl.float32), keep.to(tl.float32), S,
+                       rk[:, None] * ss_k + rn[None, :] * ss_n, w_ok, HAS_SIGN)
+        w = _to(w, A.dtype.element_ty, MANUAL_BF16)
         if UPCAST:  # the interpreter multiplies bf16 bit patterns as integers
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
         else:
@@ -136,12 +134,8 @@ def _masked_grad_mm(
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     ok = (rm[:, None] < M) & (rn[None, :] < N)
     keep = tl.load(MK + rm[:, None] * sm_m + rn[None, :] * sm_n, mask=ok, other=0)
-    g = acc * keep.to(tl.float32)
-    if HAS_SIGN:
-        o = tl.load(O + rm[:, None] * so_m + rn[None, :] * so_n, mask=ok, other=0).to(tl.float32)
-        g = tl.where(_is_negative(S, rm[:, None] * ss_m + rn[None, :] * ss_n, ok), -g, g)
-        sgn = (o > 0).to(tl.float32) - (o < 0).to(tl.float32)
-        g = g * sgn
+    g = _effective_grad(acc, keep.to(tl.float32), O, rm[:, None] * so_m + rn[None, :] * so_n, S,
+                        rm[:, None] * ss_m + rn[None, :] * ss_n, ok, HAS_SIGN, tl.float32)
     tl.store(C + rm[:, None] * sc_m + rn[None, :] * sc_n, _to(g, C.dtype.element_ty, MANUAL_BF16),
              mask=ok)
 
