@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -34,20 +33,20 @@ import _common  # noqa: E402
 import signmask  # noqa: E402
 
 PHASES = ("forward", "fwd+bwd", "step")
+AMOUNT = 0.9
 
 
 def build(variant: str, layers: int, width: int, device: str):
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     if variant == "stock":
         for layer in model:
-            torch_prune.l1_unstructured(layer, "weight", 0.9)
+            torch_prune.l1_unstructured(layer, "weight", AMOUNT)
     elif variant != "dense":
         backend, _, locked = variant.partition("-")
-        signmask.prune(model, 0.9, scope="layer", signs="locked" if locked else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    if variant not in ("dense", "stock"):
-        signmask.set_backend(model, variant.partition("-")[0], optimizer=optimizer)
+        signmask.prune(model, AMOUNT, scope="layer", signs="locked" if locked else None)
+        signmask.set_backend(model, backend, optimizer=optimizer)
     return model, optimizer
 
 
@@ -79,22 +78,26 @@ def measure(variants: list[str], args) -> dict:
                         fn()
                 if round_ >= args.warmup:
                     samples[(v, p)].append(t.ms * 1e3 / args.inner)
-    return {key: statistics.median(s) for key, s in samples.items()}
+    return {key: _common.summary(s) for key, s in samples.items()}  # in us, despite the keys
 
 
-def table(medians: dict, variants: list[str], layers: int) -> tuple[list[dict], str]:
+def table(stats: dict, variants: list[str], layers: int) -> tuple[list[dict], str]:
     rows, lines = [], [
-        "| variant | " + " | ".join(f"{p} us | {p} us/layer" for p in PHASES) + " |",
+        "| variant | " + " | ".join(f"{p} us (p10-p90) | {p} us/layer" for p in PHASES) + " |",
         "|---|" + "---:|---:|" * len(PHASES),
     ]
     for v in variants:
         row = {"variant": v}
         cells = []
         for p in PHASES:
-            us, dense = medians[(v, p)], medians[("dense", p)]
-            row[p] = {"us": round(us, 2), "us_per_layer_over_dense": round((us - dense) / layers, 2),
+            st, dense = stats[(v, p)], stats[("dense", p)]["median_ms"]
+            us = st["median_ms"]
+            row[p] = {"us": round(us, 2), "p10_us": round(st["p10_ms"], 2),
+                      "p90_us": round(st["p90_ms"], 2), "n": st["n"],
+                      "us_per_layer_over_dense": round((us - dense) / layers, 2),
                       "ratio_to_dense": round(us / dense, 3)}
-            cells.append(f"{us:.1f} | {(us - dense) / layers:+.2f}")
+            cells.append(f"{us:.1f} ({st['p10_ms']:.0f}-{st['p90_ms']:.0f}) | "
+                         f"{(us - dense) / layers:+.2f}")
         rows.append(row)
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return rows, "\n".join(lines) + "\n"
@@ -116,13 +119,14 @@ def main() -> None:
     variants = ["dense", "stock", "torch", "torch-locked", "projection", "projection-locked"]
     if args.device == "cuda":
         variants[2:2] = ["triton", "triton-locked"]
-    medians = measure(variants, args)
-    rows, md = table(medians, variants, args.layers)
+    stats = measure(variants, args)
+    rows, md = table(stats, variants, args.layers)
     env = _common.environment(args.device)
     env["signmask_from"] = os.path.dirname(signmask.__file__)
-    setup = {k: getattr(args, k) for k in ("layers", "width", "batch", "rounds", "warmup", "inner")}
+    keys = ("device", "threads", "layers", "width", "batch", "rounds", "warmup", "inner")
+    setup = {k: getattr(args, k) for k in keys} | {"amount": AMOUNT}
     header = (f"# Host cost per pruned layer: {args.layers} x Linear({args.width}, {args.width}), "
-              f"batch {args.batch}, 90% sparse ({args.device})\n\n{_common.env_markdown(env)}\n"
+              f"batch {args.batch}, {AMOUNT:.0%} sparse ({args.device})\n\n{_common.env_markdown(env)}\n"
               f"Medians of {args.rounds} rounds x {args.inner} calls after {args.warmup} warm-up "
               "rounds; us/layer = (variant - dense) / layers.\n\n")
     stem = args.out or f"hook_overhead_{args.device}"

@@ -68,11 +68,13 @@ class _Recorder:
 
 
 def _elementwise_launches() -> None:
-    """Every path of ``masked_weight_forward/backward``."""
+    """Every path of ``masked_weight_forward/backward``: each weight dtype with each output
+    dtype it may be cast to (its own, bf16 and fp16 autocast), the backward getting its
+    gradient in that output dtype."""
     g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for layout in ("contiguous", "channels_last", "transposed"):
-            orig = torch.randn(8, 4, 3, 3, generator=g, dtype=dtype)
+            orig = torch.randn(8, 4, 3, 3, generator=g).to(dtype)
             if layout == "channels_last":
                 orig = orig.to(memory_format=torch.channels_last)
             elif layout == "transposed":
@@ -83,12 +85,12 @@ def _elementwise_launches() -> None:
             sign = torch.randint(0, 256, ((orig.numel() + 7) // 8,), generator=g,
                                  dtype=torch.uint8)
             for s in (None, sign):
-                for out_dtype in dict.fromkeys((dtype, torch.bfloat16)):
+                for out_dtype in dict.fromkeys((dtype, torch.bfloat16, torch.float16)):
                     _triton.masked_weight_forward(orig, mask, s, out_dtype)
-                grad = torch.randn(orig.shape, generator=g, dtype=torch.bfloat16)
-                if layout == "channels_last":
-                    grad = torch.empty_like(orig, dtype=grad.dtype).copy_(grad)
-                _triton.masked_weight_backward(grad, orig, mask, s)
+                    grad = torch.randn(orig.shape, generator=g).to(out_dtype)
+                    if layout == "channels_last":
+                        grad = torch.empty_like(orig, dtype=out_dtype).copy_(grad)
+                    _triton.masked_weight_backward(grad, orig, mask, s)
     # 64-bit indices: a meta tensor whose strides span more than 2**31 elements.
     huge = torch.empty_strided((2, 2), (2**31, 1), device="meta")
     _triton._launch((_triton._masked_weight_fwd_flat, _triton._masked_weight_fwd),
@@ -137,9 +139,8 @@ def record_launches() -> list:
     return launches
 
 
-def _specialize(fn, args: tuple, kw: dict, target) -> tuple:
-    """What ``fn[grid](*args, **kw)`` compiles on ``target``, from Triton's own binder."""
-    backend = make_backend(target)
+def _specialize(fn, args: tuple, kw: dict, backend) -> tuple:
+    """What ``fn[grid](*args, **kw)`` compiles for ``backend``'s target, from Triton's binder."""
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kw)
     return fn._pack_args(backend, kw, bound, specialization, options)
@@ -147,17 +148,14 @@ def _specialize(fn, args: tuple, kw: dict, target) -> tuple:
 
 def _configs(kernel, args: tuple, kw: dict) -> list:
     """The autotune configs the launch would try (after the kernel's own pruning)."""
-    if not isinstance(kernel, triton.runtime.Autotuner):
+    if not _tuned(kernel)[1]:
         return [None]
-    configs = kernel.configs
-    if kernel.early_config_prune:
-        named = dict(zip(kernel.fn.arg_names, args))
-        configs = kernel.early_config_prune(configs, named, **kw)
-    return configs
+    kernel.nargs = dict(zip(kernel.fn.arg_names, args))  # what Autotuner.run sets before pruning
+    return kernel.prune_configs(kw)
 
 
 def _resources(cubin: bytes) -> dict:
-    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    tool = triton.knobs.nvidia.cuobjdump.path  # the one Triton ships (or TRITON_CUOBJDUMP_PATH)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -178,10 +176,15 @@ def _label(fn, signature: dict, kw: dict, config) -> dict:
     return {"kernel": fn.__name__, "pointers": pointers, "constexprs": flags, "config": tile}
 
 
-def compile_launch(kernel, args: tuple, kw: dict, arch: int, quick: bool) -> list[dict]:
-    """Compile one recorded launch for ``sm_<arch>``, once per config; a record each."""
-    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    target = GPUTarget("cuda", arch, 32)
+def _tuned(kernel) -> tuple:
+    """The JIT function behind ``kernel`` and whether an autotuner wraps it."""
+    tuner = isinstance(kernel, triton.runtime.Autotuner)
+    return (kernel.fn if tuner else kernel), tuner
+
+
+def compile_launch(kernel, args: tuple, kw: dict, backend, quick: bool) -> list[dict]:
+    """Compile one recorded launch for ``backend``'s target, once per config; a record each."""
+    fn, _ = _tuned(kernel)
     configs = _configs(kernel, args, kw)
     records = []
     for config in configs[:1] if quick else configs:
@@ -189,12 +192,12 @@ def compile_launch(kernel, args: tuple, kw: dict, arch: int, quick: bool) -> lis
         if config is not None:
             extra = config.kwargs | {"num_warps": config.num_warps,
                                      "num_stages": config.num_stages}
-        options, signature, constexprs, attrs = _specialize(fn, args, kw | extra, target)
+        options, signature, constexprs, attrs = _specialize(fn, args, kw | extra, backend)
         record = _label(fn, signature, kw, config)
         t0 = time.perf_counter()
         try:
-            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                      target=backend.target, options=options.__dict__)
             record |= _resources(compiled.asm["cubin"])
             record["shared_bytes"] = compiled.metadata.shared
         except Exception as exc:  # noqa: BLE001 - reported: the caller lists every failure
@@ -208,14 +211,15 @@ def compile_launch(kernel, args: tuple, kw: dict, arch: int, quick: bool) -> lis
 
 def run(arch: int, quick: bool) -> list[dict]:
     """A record per distinct launch and config."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
     unique = {}
     for kernel, args, kw in record_launches():
-        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-        probe = kw | (kernel.configs[0].kwargs if fn is not kernel else {})
-        _, signature, constexprs, attrs = _specialize(fn, args, probe, GPUTarget("cuda", arch, 32))
+        fn, tuner = _tuned(kernel)
+        probe = kw | (kernel.configs[0].kwargs if tuner else {})
+        _, signature, constexprs, attrs = _specialize(fn, args, probe, backend)
         key = (fn.__name__, repr(signature), repr(constexprs), repr(attrs))
         unique.setdefault(key, (kernel, args, kw))
-    return [r for launch in unique.values() for r in compile_launch(*launch, arch, quick)]
+    return [r for launch in unique.values() for r in compile_launch(*launch, backend, quick)]
 
 
 def _markdown(env: dict, arch: int, records: list[dict]) -> str:
@@ -251,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON to stdout, write nothing")
     args = parser.parse_args(argv)
     records = run(args.arch, args.quick)
-    payload = {"triton": triton.__version__, "arch": args.arch, "kernels": records}
+    payload = {"triton": triton.__version__, "arch": args.arch,
+               "shared_limit": SHARED_LIMIT.get(args.arch), "kernels": records}
     if args.json:
         print(json.dumps(payload))
         return 0

@@ -223,12 +223,15 @@ def measure_memory(model, opt, batch, device, amp_dtype) -> dict:
             "peak_mib": _common.mib(resident + mem.peak)}
 
 
+def configured(spec: Spec, optimizer: str, fused: bool) -> Spec:
+    """``spec`` with the command line's optimizer (unless ``"spec"``) and fused flag."""
+    return dataclasses.replace(spec, fused=fused,
+                               optimizer=spec.optimizer if optimizer == "spec" else optimizer)
+
+
 def child(model_name: str, variant: str, preset: str, amp: bool, optimizer: str, fused: bool) -> dict:
     """Memory of one variant in a fresh process (CPU): see ``_common``."""
-    spec = next(s for s in PRESETS[preset] if s.name == model_name)
-    spec = dataclasses.replace(spec, fused=fused)
-    if optimizer != "spec":
-        spec = dataclasses.replace(spec, optimizer=optimizer)
+    spec = configured(next(s for s in PRESETS[preset] if s.name == model_name), optimizer, fused)
     model, opt = build(spec, variant, "cpu")
     data = batches(spec, "cpu", 1)
     return measure_memory(model, opt, data[0], "cpu", torch.bfloat16 if amp else None)
@@ -282,10 +285,8 @@ def main() -> None:
     args.steps = args.steps or {"gpu": 30, "cpu": 20, "dry": 2}[args.preset]
     args.warmup = args.warmup if args.warmup is not None else {"gpu": 5, "cpu": 2, "dry": 1}[args.preset]
     env = _common.environment(device)
-    specs = [s for s in PRESETS[args.preset] if not args.models or s.name in args.models]
-    if args.optimizer != "spec":
-        specs = [dataclasses.replace(s, optimizer=args.optimizer) for s in specs]
-    specs = [dataclasses.replace(s, fused=args.fused) for s in specs]
+    specs = [configured(s, args.optimizer, args.fused)
+             for s in PRESETS[args.preset] if not args.models or s.name in args.models]
     variants = variants_for(device, args.variants)
     results = {"environment": env, "amount": AMOUNT, "preset": args.preset,
                "autocast": str(args.amp_dtype), "steps": args.steps, "warmup": args.warmup,

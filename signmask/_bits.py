@@ -90,12 +90,8 @@ def sign_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Unpacked sign bits as an int8 tensor of ``shape`` (1 = negative, 0 = positive).
 
     On little-endian hosts this is one gather from a 256-entry table whose int64 entries hold a
-    byte's 8 bits as 8 bytes: about 3x faster than :func:`unpack`'s shifts on CPU, and it runs
-    on every forward of a sign-locked tensor.
+    byte's 8 bits as 8 bytes: about 3x faster than :func:`unpack`'s shifts on CPU.
     """
-    numel = math.prod(shape)
-    if sys.byteorder != "little":
-        return unpack(packed, numel, 1).view(shape).view(torch.int8)
     return _lookup(packed, shape, factors=False)
 
 

@@ -1,8 +1,8 @@
 """Ticket files: ``.safetensors`` with 1.6 bits per weight and a JSON manifest.
 
 Each tensor is stored as uint8 bytes holding five ternary codes (0 pruned, 1 = +1, 2 = -1; see
-:func:`signmask._bits.pack_ternary`), so a whole file, header included, stays under 2 bits per
-weight. The string metadata holds the ticket's own metadata plus reserved keys: ``format``,
+:func:`signmask._bits.pack_ternary`): 1.6 bits per weight of payload; with the header, a file
+stays under 2 bits per weight once it holds more than a few thousand weights. The string metadata holds the ticket's own metadata plus reserved keys: ``format``,
 ``format_version``, ``sparsity`` and ``manifest`` (per tensor: role, shape, kept and negative
 counts, sha256 of the bytes), which ``load`` checks so that truncated or edited files fail loudly.
 

@@ -43,23 +43,18 @@ def _plain(t: torch.Tensor) -> bool:
     return torch.jit.is_tracing() or t.device.type != "cpu" or t.numel() <= CHUNK
 
 
-def _eligible(t: torch.Tensor, factor: torch.Tensor) -> bool:
-    """Whether the chunked CPU path may apply (cheap checks only; layouts come later)."""
-    return not (
-        t.device.type != "cpu"
-        or factor.device.type != "cpu"
-        or t.numel() <= CHUNK
+def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
+    """Flat views of ``t`` and ``factor`` (an integer tensor) when the chunked CPU path applies,
+    else None. Callers have ruled out :func:`_plain` tensors."""
+    if (
+        factor.device.type != "cpu"
+        or factor.dtype not in (torch.uint8, torch.int8)  # exact small integers only
         or not t.is_floating_point()
         or t.shape != factor.shape
         or t.stride() != factor.stride()
         or torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()  # vmap, grad, jacrev: plain ops batch
-    )
-
-
-def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
-    """Flat views of ``t`` and ``factor`` when the chunked CPU path applies, else None."""
-    if not _eligible(t, factor):
+    ):
         return None
     flat_t, flat_f = _flat(t), _flat(factor)
     if flat_t is None or flat_f is None:
@@ -82,9 +77,12 @@ def _run(out_flat, t_flat, f_flat) -> None:
         torch.mul(t_flat[start:stop], f32, out=out_flat[start:stop])
 
 
-def _as_int(factor: torch.Tensor) -> torch.Tensor:
-    # A bool tensor is multiplied as its uint8 view: the same 0/1 factors, a faster conversion.
-    return factor.view(torch.uint8) if factor.dtype == torch.bool else factor
+def as_int(factor: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A bool ``factor`` as its integer view: the same 0/1 factors, but torch's CPU kernels
+    promote bool ~3x slower. Not while ``jit.trace`` records: it cannot record dtype views."""
+    if factor.dtype != torch.bool or torch.jit.is_tracing():
+        return factor
+    return factor.view(dtype)
 
 
 def mul_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -104,12 +102,14 @@ def mul(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def _product(t: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.Tensor:
-    if _plain(t):
-        return t.mul_(factor) if inplace else t * factor
-    factor = _as_int(factor)
-    views = None if _recorded(t) else _chunked(t, factor)
+    factor = as_int(factor)
+    views = None if _plain(t) or _recorded(t) else _chunked(t, factor)
     if views is None:
         return t.mul_(factor) if inplace else t * factor
+    return _apply(t, views, inplace)
+
+
+def _apply(t: torch.Tensor, views: tuple, inplace: bool) -> torch.Tensor:
     t_flat, f_flat = views
     if inplace:
         _run(t_flat, t_flat, f_flat)
@@ -123,20 +123,20 @@ class MulFactor(torch.autograd.Function):
     """``t * factor`` differentiable in ``t``: the backward is ``grad * factor`` (chunked too)."""
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, t: torch.Tensor, factor: torch.Tensor, views: tuple) -> torch.Tensor:
         ctx.save_for_backward(factor)
         ctx.save_for_forward(factor)
-        return mul(t, factor)
+        return _apply(t, views, inplace=False)  # multiply() found the chunked path applies
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (factor,) = ctx.saved_tensors
-        return mul(grad, factor), None  # differentiable itself under create_graph=True
+        return mul(grad, factor), None, None  # differentiable itself under create_graph=True
 
     @staticmethod
-    def jvp(ctx, tangent: torch.Tensor, _factor_tangent) -> torch.Tensor:
+    def jvp(ctx, tangent: torch.Tensor, _factor_tangent, _views) -> torch.Tensor:
         (factor,) = ctx.saved_tensors
-        return tangent * _as_int(factor)
+        return tangent * factor
 
 
 def multiply(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -148,9 +148,10 @@ def multiply(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> o.grad
         tensor([1., 0.])
     """
-    if _plain(t):
+    # As an integer view first: torch's CPU kernels promote bool ~3x slower than uint8.
+    factor = as_int(factor)
+    if _plain(t):  # no autograd.Function overhead where the plain op runs anyway
         return t * factor
-    factor = _as_int(factor)
-    if not _eligible(t, factor):
-        return t * factor
-    return MulFactor.apply(t, factor)
+    with torch.no_grad():  # the flat views feed out= kernels only: no autograd nodes for them
+        views = _chunked(t, factor)
+    return t * factor if views is None else MulFactor.apply(t, factor, views)

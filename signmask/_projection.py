@@ -81,10 +81,16 @@ def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor |
     return factor
 
 
+def _per_weight(value, param) -> bool:
+    """Whether an optimizer state entry holds one value per weight of ``param`` (not a step
+    counter, a factored statistic, or None)."""
+    return isinstance(value, torch.Tensor) and value.shape == param.shape
+
+
 def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...], odd_only: bool) -> None:
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or value.shape != param.shape:
-            continue  # step counters and factored statistics
+        if not _per_weight(value, param):
+            continue
         if key in odd and factor is not None:
             _maskmul.mul_(value, factor)
         elif not odd_only:
@@ -138,8 +144,8 @@ def reflect(module, name, optimizer) -> None:
         where = torch.nonzero((torch.signbit(orig) != negative) & mask, as_tuple=True)
         if where[0].numel():
             state = optimizer.state.get(orig, {})
-            odd = [state[k] for k in ZERO_PRESERVING[type(optimizer).__name__] if k in state]
-            for t in [orig, *(v for v in odd if v.shape == orig.shape)]:
+            odd = [state.get(k) for k in ZERO_PRESERVING[type(optimizer).__name__]]
+            for t in [orig, *(v for v in odd if _per_weight(v, orig))]:
                 t.index_put_(where, -t[where])
     hook._projected = _stamp(orig, mask, sign)
 

@@ -31,7 +31,8 @@ def masked_weight(
         return _maskmul.multiply(orig, mask)
     # One int8 factor s * mask in {-1, 0, +1}: |o| * -1 is exactly -|o|, so the values are those
     # of where(neg, -|o|, |o|) * mask (pruned zeros may differ in sign), for one float multiply.
-    return _maskmul.multiply(orig.abs(), _bits.sign_factors(sign, orig.shape) * mask)
+    keep = _maskmul.as_int(mask, torch.int8)  # int8 * int8 stays int8
+    return _maskmul.multiply(orig.abs(), _bits.sign_factors(sign, orig.shape) * keep)
 
 
 class SignMaskHook(_prune.PruningContainer):

@@ -138,7 +138,12 @@ class Search:
         return self.round
 
     def report(self, **metrics: float) -> None:
-        """Record the user's metrics (``accuracy=0.93``) for the current round's log line."""
+        """Record the user's metrics (``accuracy=0.93``) for the current round's log line.
+
+        Raises:
+            RuntimeError: no round is running (its line is printed already).
+            TypeError: a metric is not a real number.
+        """
         if not self.in_round:  # a finished round's line is printed already
             raise RuntimeError(
                 "report(): no round is running; call it inside `for r in search:` or between "

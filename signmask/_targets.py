@@ -104,6 +104,13 @@ def _as_patterns(arg: str | Iterable[str] | None, what: str) -> list[str] | None
     return patterns
 
 
+def check_model(model, arg: str) -> nn.Module:
+    """Return ``model`` if it is an ``nn.Module``; raise ``TypeError`` naming ``arg`` otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def select(
     model: nn.Module,
     *,
@@ -121,8 +128,7 @@ def select(
         ValueError: an ``include``/``exclude`` pattern matches no conv/linear module, or nothing
             is left to prune.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "model")
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     heads = set() if classifier else classifier_modules(model)
     candidates = {

@@ -22,16 +22,16 @@ def _resolve(ticket: Ticket | str | os.PathLike) -> Ticket:
 
 
 def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None:
-    """Refuse a non-``nn.Module`` ``model``, or (when ``enabled``) another architecture.
+    """When ``enabled``, refuse a model of another architecture than the ticket's.
 
-    The type is checked whatever ``enabled`` says, since every later step reads the model's
-    modules. A ticket without a recorded architecture matches any model. Shared with
+    A ticket without a recorded architecture matches any model. Shared with
     :func:`signmask.analysis.random_prune`, so both refuse the same models the same way.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    want, have = ticket.metadata.get("architecture"), architecture(model)
-    if enabled and want is not None and want != have:
+    want = ticket.metadata.get("architecture")
+    if not enabled or want is None:
+        return
+    have = architecture(model)
+    if want != have:
         raise ValueError(
             f"ticket was made for architecture {want!r}, the model is {have!r} "
             "(pass check_architecture=False to skip this check)"
@@ -115,6 +115,7 @@ def transfer(
         True
     """
     _prune._check_choice(signs, _MODES, "signs")
+    _targets.check_model(model, "model")  # before reading a ticket file
     ticket = _resolve(ticket)
     _check_architecture(ticket, model, check_architecture)
     groups = {"mask": ticket.masks}

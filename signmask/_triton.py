@@ -261,6 +261,9 @@ def _prepare(orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None) 
             )
         sign = sign.reshape(-1).contiguous()
     check_device(orig, "orig")
+    for what, t in (("mask", mask), ("sign", sign)):
+        if t is not None and t.device != orig.device:
+            raise RuntimeError(f"{what} must be on orig's device {orig.device}, got {t.device}")
     return mask.view(torch.uint8), sign
 
 
@@ -289,8 +292,11 @@ def _launch(kernels, tensors: list[torch.Tensor], sign, out: torch.Tensor, cdt) 
     if mode == 0 or (mode == 1 and sign is None):
         flat_kernel[grid](*tensors, sign_arg, out_flat, n, **meta)
     else:
+        # 8 warps (4 elements per thread): with 4, the backward with locked signs and any
+        # strides held 8 elements' worth of five index vectors and spilled (kernel_resources.py)
         strided_kernel[grid](*tensors, sign_arg, out_flat, n, *sizes[1:],
-                             *[v for st in strides for v in st], SAME=mode == 1, **meta)
+                             *[v for st in strides for v in st], SAME=mode == 1, num_warps=8,
+                             **meta)
     return out
 
 
@@ -408,7 +414,8 @@ def masked_weight(
         torch path's ``|orig| * (s * mask)`` gives ``+0.0``.
 
     Raises:
-        RuntimeError: the tensors are on CPU and the kernels are not interpreted.
+        RuntimeError: the tensors are on CPU and the kernels are not interpreted, or ``mask``
+            or ``sign`` is not on ``orig``'s device.
         TypeError: ``orig`` not a float tensor, ``mask`` not bool, ``sign`` not uint8.
         ValueError: ``mask`` not of ``orig``'s shape, ``sign`` not ``ceil(numel / 8)`` bytes.
     """

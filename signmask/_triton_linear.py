@@ -38,7 +38,7 @@ _MMA_CONFIGS = [
 ]
 # IEEE fp32 products run on the FMA units with operands in registers: every tensor-core tile
 # above spills there (4-23 KB of local memory per thread on sm_90) or needs more shared memory
-# than the SM has; these do not (benchmarks/kernel_resources.py).
+# than the SM has; these spill at most 24 B (benchmarks/results/kernel_resources_sm90.md).
 _IEEE_CONFIGS = [
     _config(*c) for c in ((64, 64, 16, 3, 4), (32, 64, 32, 3, 4), (64, 32, 32, 3, 4),
                           (32, 32, 32, 3, 4))
@@ -54,8 +54,7 @@ def _by_precision(configs, named_args, **kwargs):
     """Autotune only the tiles made for the launch's precision (see ``_IEEE_CONFIGS``)."""
     if _triton.INTERPRETED:
         return configs
-    keep = _IEEE_CONFIGS if kwargs.get("PRECISION") == "ieee" else _MMA_CONFIGS
-    return [c for c in configs if any(c is k for k in keep)]
+    return _IEEE_CONFIGS if kwargs.get("PRECISION") == "ieee" else _MMA_CONFIGS
 
 
 @triton.jit
@@ -227,7 +226,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _check_linear(x, orig, mask, sign, bias, autocast: bool) -> None:
-    """What :func:`masked_linear` checks beyond ``_triton._prepare`` (mask and sign sizes)."""
+    """What :func:`masked_linear` checks beyond ``_triton._prepare`` (mask and sign dtypes,
+    sizes and devices)."""
     if x.dim() == 0:
         raise ValueError("masked_linear: x must be [..., in_features], got a 0-d tensor")
     if orig.dim() != 2:
@@ -260,13 +260,7 @@ def _check_linear(x, orig, mask, sign, bias, autocast: bool) -> None:
                     f"masked_linear: {name} must have x's dtype {_dtype_name(x.dtype)} outside "
                     f"autocast (as in F.linear), got {_dtype_name(t.dtype)}"
                 )
-    if mask.dtype != torch.bool:
-        raise TypeError(f"masked_linear: mask must be bool, got {_dtype_name(mask.dtype)}")
-    if sign is not None and sign.dtype != torch.uint8:
-        raise TypeError(
-            f"masked_linear: sign must be uint8 (packed bits), got {_dtype_name(sign.dtype)}"
-        )
-    for name, t in (("orig", orig), ("mask", mask), ("sign", sign), ("bias", bias)):
+    for name, t in (("orig", orig), ("bias", bias)):  # mask and sign: _prepare, against orig
         if t is not None and t.device != x.device:
             raise RuntimeError(
                 f"masked_linear: {name} must be on x's device {x.device}, got {t.device}"
@@ -306,11 +300,11 @@ def masked_linear(
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     _check_linear(x, orig, mask, sign, bias, autocast)
-    mask_u8, flat_sign = _triton._prepare(orig, mask, sign)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the custom op checks mask and sign itself
         from torch.nn import functional as F
 
         return F.linear(x, _triton.masked_weight(orig, mask, sign, x.dtype), bias)
+    mask_u8, flat_sign = _triton._prepare(orig, mask, sign)
     if autocast:
         dtype = torch.get_autocast_dtype(device)
         x = x.to(dtype)

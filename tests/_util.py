@@ -46,3 +46,8 @@ def assert_same(before, after):
 
 def kept(model: nn.Module) -> int:
     return sum(int(b.sum()) for n, b in model.named_buffers() if n.endswith("weight_mask"))
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype and values, signed zeros included (``torch.equal`` treats -0.0 == 0.0)."""
+    return a.dtype == b.dtype and torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())

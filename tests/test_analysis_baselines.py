@@ -72,6 +72,9 @@ def test_baselines_refuse_a_non_module_naming_model(check_architecture):
     ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
         analysis.random_prune(ticket, "notamodel", seed=0, check_architecture=check_architecture)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):  # unread path
+        analysis.random_prune("no/such.safetensors", "notamodel", seed=0,
+                              check_architecture=check_architecture)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
         analysis.random_reinit(ticket, "notamodel", check_architecture=check_architecture)
 

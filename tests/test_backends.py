@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import signmask
-from signmask import _backends, _projection, _reparam
+from signmask import _backends, _bits, _projection, _reparam
+from _util import bits_equal
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -188,6 +189,37 @@ def test_projection_locked_reflects_zero_crossings():
     assert crossed > 0
     for a, b in zip(_weights(ref), _weights(proj)):
         assert torch.equal(a, b)
+
+
+def test_projection_locked_index_reflection_equals_the_full_odd_state_pass(monkeypatch):
+    # CPU reflects at the crossing indices; CUDA re-projects the weight and odd state in full.
+    # Both must give the same bits (weights and Adam's first moments).
+    runs = []
+    for cuda_path in (False, True):
+        if cuda_path:
+            monkeypatch.setattr(_projection, "reflect",
+                                lambda m, n, opt: _projection.project(m, n, opt, odd_only=True))
+        model = _pruned("locked")
+        opt = torch.optim.Adam(model.parameters(), lr=0.5)
+        _backends.set_backend(model, "projection", optimizer=opt)
+        _train(model, opt, _batches(5))
+        origs = [_reparam.original(m, n) for m, n in signmask._targets.pruned(model).values()]
+        runs.append([t.detach().clone() for t in origs] + [opt.state[o]["exp_avg"].clone() for o in origs])
+    assert all(bits_equal(a, b) for a, b in zip(*runs))
+
+
+def test_reflect_skips_state_entries_that_are_not_per_weight_tensors():
+    model = _pruned("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    conv = model[0]
+    opt.state[conv.weight_orig]["momentum_buffer"] = None  # as SGD without momentum may store
+    with torch.no_grad():
+        conv.weight_orig.neg_()  # every kept weight now disagrees with its lock
+    _projection.reflect(conv, "weight", opt)
+    negative = _bits.sign_bits(conv.weight_sign, conv.weight_orig.shape).bool()
+    kept = conv.weight_mask
+    assert torch.equal(torch.signbit(conv.weight_orig)[kept], negative[kept])
 
 
 def test_projection_forward_aliases_weight_orig():

@@ -242,6 +242,11 @@ def test_timm_ema_follows_the_search_and_the_schedule_restarts(tmp_path, monkeyp
 
         def close(*copies):  # the example's search.close(ema.module): were the copies interpolated?
             seen.setdefault("copies_interpolated", []).extend(bool(_interpolate.interpolated(c)) for c in copies)
+            seen["trained_norms"] = {  # the EMA's averaged norm parameters, before close()
+                (id(c), name, t): m._parameters[t + "_orig"].detach().clone()
+                for c in copies for name, m in _interpolate.interpolated(c).items()
+                for t in ("weight", "bias") if t + "_orig" in m._parameters
+            }
             real_close(*copies)
 
         search.close = close
@@ -284,6 +289,12 @@ def test_timm_ema_follows_the_search_and_the_schedule_restarts(tmp_path, monkeyp
     # after the search had ended (and detached the model): the EMA has the model's layout again.
     assert seen["copies_interpolated"] == [True]
     assert _interpolate.interpolated(ema.module) == {} and _interpolate.interpolated(model) == {}
+    # ... and the EMA now evaluates those norm parameters themselves, not a blend with init
+    norms = seen["trained_norms"]
+    assert norms and all(key[0] == id(ema.module) for key in norms)
+    modules = dict(ema.module.named_modules())
+    for (_, name, t), value in norms.items():
+        assert torch.equal(getattr(modules[name], t), value)
     assert not [k for k in ema.module.state_dict() if k.endswith("_init")]
     assert list(ema.module.state_dict()) == list(model.state_dict())
     assert json.loads((tmp_path / "results.json").read_text()) == results

@@ -6,17 +6,13 @@ from hypothesis import given, settings, strategies as st
 
 import signmask
 from signmask import _maskmul
+from _util import bits_equal
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     # Chunks of 7 elements: every test tensor spans several chunks and a ragged last one.
     monkeypatch.setattr(_maskmul, "CHUNK", 7)
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # torch.equal treats -0.0 == 0.0; the paths must agree on signed zeros too.
-    return a.dtype == b.dtype and torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
 
 
 def _case(data, dtype):
@@ -46,10 +42,10 @@ def test_mul_and_mul_inplace_equal_the_plain_product_bitwise(data, dtype):
     expected = t * _plain(factor)
     got = _maskmul.mul(t, factor)
     assert got.stride() == expected.stride() or t.dim() < 2
-    assert _bits_equal(got, expected)
+    assert bits_equal(got, expected)
     inplace = t.clone(memory_format=torch.preserve_format)
     assert _maskmul.mul_(inplace, factor) is inplace
-    assert _bits_equal(inplace, expected)
+    assert bits_equal(inplace, expected)
 
 
 @settings(max_examples=60, deadline=None)
@@ -58,10 +54,10 @@ def test_multiply_gradient_equals_autograd_of_the_plain_product(data):
     t, factor = _case(data, torch.float32)
     a = t.detach().clone().requires_grad_()
     b = t.detach().clone().requires_grad_()
-    upstream = torch.randn(t.shape).contiguous(memory_format=torch.preserve_format)
+    upstream = torch.randn_like(t)  # t's layout: channels_last cases chunk their backward too
     (_maskmul.multiply(a, factor) * upstream).sum().backward()
     (b * _plain(factor) * upstream).sum().backward()
-    assert _bits_equal(a.grad, b.grad)
+    assert bits_equal(a.grad, b.grad)
 
 
 def test_the_chunked_path_runs_and_plain_ops_serve_the_rest():
@@ -70,7 +66,8 @@ def test_the_chunked_path_runs_and_plain_ops_serve_the_rest():
     assert _maskmul._chunked(big, mask.view(torch.uint8)) is not None
     assert _maskmul._chunked(big[:, ::2], mask[:, ::2].view(torch.uint8)) is None  # no flat view
     assert _maskmul._chunked(big.t(), mask.view(torch.uint8)) is None  # strides differ
-    assert _maskmul._chunked(torch.randn(3), torch.ones(3, dtype=torch.uint8)) is None  # small
+    assert _maskmul._plain(torch.randn(3)) and not _maskmul._plain(big)  # small: plain op
+    assert _maskmul._chunked(big, torch.rand(5, 6)) is None  # only exact integer factors
     strided = big[:, ::2]
     assert torch.equal(_maskmul.mul(strided, mask[:, ::2]), strided * mask[:, ::2].to(torch.uint8))
 
@@ -80,6 +77,8 @@ def test_multiply_takes_the_custom_function_only_when_chunking():
     mask = torch.rand(4, 4) < 0.5
     assert type(_maskmul.multiply(x, mask).grad_fn).__name__ == "MulFactorBackward"
     assert type(_maskmul.multiply(x[:1, :1], mask[:1, :1]).grad_fn).__name__ == "MulBackward0"
+    # no flat view: the plain op, not the custom function around it
+    assert type(_maskmul.multiply(x[:, ::2], mask[:, ::2]).grad_fn).__name__ == "MulBackward0"
 
 
 def _train(backend: str, signs, chunk: int, monkeypatch) -> list[torch.Tensor]:
@@ -108,7 +107,7 @@ def test_backends_train_bitwise_alike_with_and_without_chunks(backend, signs, mo
     plain = _train(backend, signs, 1 << 30, monkeypatch)
     chunked = _train(backend, signs, 7, monkeypatch)
     for a, b in zip(plain, chunked):
-        assert _bits_equal(a, b)
+        assert bits_equal(a, b)
 
 
 def test_double_backward_through_the_chunked_path_equals_the_plain_one():
@@ -121,7 +120,7 @@ def test_double_backward_through_the_chunked_path_equals_the_plain_one():
         (g,) = torch.autograd.grad((fn(leaf, mask) ** 3).sum(), leaf, create_graph=True)
         (gg,) = torch.autograd.grad(g.sum(), leaf)
         grads.append((g.detach(), gg))
-    assert all(_bits_equal(a, b) for a, b in zip(*grads))
+    assert all(bits_equal(a, b) for a, b in zip(*grads))
 
 
 def test_functorch_transforms_and_forward_ad_see_the_plain_product():
@@ -130,13 +129,13 @@ def test_functorch_transforms_and_forward_ad_see_the_plain_product():
     torch.manual_seed(0)
     x, mask = torch.randn(4, 4), torch.rand(4, 4) < 0.5
     expected = 2 * x * mask.to(torch.uint8)
-    assert _bits_equal(torch.func.grad(lambda t: (_maskmul.multiply(t, mask) ** 2).sum())(x), expected)
+    assert bits_equal(torch.func.grad(lambda t: (_maskmul.multiply(t, mask) ** 2).sum())(x), expected)
     batch = torch.randn(3, 4, 4)
-    assert _bits_equal(torch.func.vmap(lambda t: _maskmul.multiply(t, mask))(batch), batch * mask.to(torch.uint8))
+    assert bits_equal(torch.func.vmap(lambda t: _maskmul.multiply(t, mask))(batch), batch * mask.to(torch.uint8))
     tangent = torch.randn(4, 4)
     with fwad.dual_level():
         out = _maskmul.multiply(fwad.make_dual(x, tangent), mask)
-        assert _bits_equal(fwad.unpack_dual(out).tangent, tangent * mask.to(torch.uint8))
+        assert bits_equal(fwad.unpack_dual(out).tangent, tangent * mask.to(torch.uint8))
 
 
 def test_projection_masks_a_gradient_built_with_create_graph(monkeypatch):

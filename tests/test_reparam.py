@@ -260,7 +260,12 @@ def test_jit_trace_and_export_follow_masks_weights_and_signs(signs):
     signmask.prune(model, 0.3)
     expected = model(y)
     assert torch.equal(traced(y), expected)
-    traced(y).sum().backward()
+    grads = []
+    for net in (traced, model):  # the trace shares the model's Parameters
+        model.zero_grad(set_to_none=True)
+        net(y).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads)) and len(grads[0]) == 6
     copy.deepcopy(model)  # the eager forward above left a detached weight, as always
 
 

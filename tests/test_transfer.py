@@ -146,6 +146,9 @@ def test_transfer_to_a_non_module_names_model(model, check_architecture):
     ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
     with pytest.raises(TypeError, match=f"model must be a torch.nn.Module, got {type(model).__name__}"):
         signmask.transfer(ticket, model, check_architecture=check_architecture)
+    # checked before the ticket file is read: a path that does not exist is never opened
+    with pytest.raises(TypeError, match=f"model must be a torch.nn.Module, got {type(model).__name__}"):
+        signmask.transfer("no/such/ticket.safetensors", model, check_architecture=check_architecture)
 
 
 def test_keep_ignores_dense_and_bias_signs_of_a_mismatched_head():

@@ -121,6 +121,8 @@ def test_masked_weight_refuses_bad_input():
         _triton.masked_weight(orig, mask, torch.zeros(3, dtype=torch.uint8, device=DEVICE))
     with pytest.raises(TypeError, match="sign must be uint8 .*got torch.int8"):
         _triton.masked_weight(orig, mask, torch.zeros(2, dtype=torch.int8, device=DEVICE))
+    with pytest.raises(RuntimeError, match="mask must be on orig's device .*got meta"):
+        _triton.masked_weight(orig, mask.to("meta"))
     with pytest.raises(TypeError, match="orig must be a float tensor"):
         _triton.masked_weight(orig.long(), mask)
     with pytest.raises(RuntimeError, match="needs CUDA tensors; orig is on meta"):
@@ -225,10 +227,14 @@ def test_masked_linear_refuses_bad_dtypes_and_devices():
         linear(x, orig.long(), mask)
     with pytest.raises(TypeError, match="bias must be float32, bfloat16 or float16, got float64"):
         linear(x, orig, mask, bias=bias.double())
-    with pytest.raises(TypeError, match="mask must be bool, got float32"):
+    with pytest.raises(TypeError, match="mask must be a bool tensor, got torch.float32"):
         linear(x, orig, mask.float())
-    with pytest.raises(TypeError, match="sign must be uint8 .*got int64"):
+    with pytest.raises(TypeError, match="sign must be uint8 .*got torch.int64"):
         linear(x, orig, mask, torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(RuntimeError, match="mask must be on orig's device .*got meta"):
+        linear(x, orig, mask.to("meta"))
+    with pytest.raises(RuntimeError, match="sign must be on orig's device .*got meta"):
+        linear(x, orig, mask, torch.zeros(2, dtype=torch.uint8, device="meta"))
     with pytest.raises(RuntimeError, match="orig must be on x's device .*got meta"):
         linear(x, orig.to("meta"), mask)
     with pytest.raises(RuntimeError, match="bias must be on x's device .*got meta"):

@@ -16,16 +16,20 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_resources.py"
-SM90_SHARED = 232448  # bytes of shared memory one block may use on sm_90
 
 
 @pytest.fixture(scope="module")
-def kernels() -> list[dict]:
+def report() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--quick", "--json"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)["kernels"]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def kernels(report) -> list[dict]:
+    return report["kernels"]
 
 
 def _flags(r: dict, *names: str) -> tuple:
@@ -38,32 +42,32 @@ def test_every_launch_compiles(kernels):
     assert errors == []
 
 
-def test_no_kernel_spills_or_overflows_shared_memory(kernels):
+def test_no_kernel_spills_or_overflows_shared_memory(report, kernels):
+    assert report["shared_limit"] == 232448  # bytes one block may use on sm_90 (227 KB)
     spills = [(r["kernel"], r["constexprs"], r["stack_bytes"]) for r in kernels
               if r.get("stack_bytes")]
     assert spills == []
     over = [(r["kernel"], r["config"], r["shared_bytes"]) for r in kernels
-            if r.get("shared_bytes", 0) > SM90_SHARED]
+            if r.get("shared_bytes", 0) > report["shared_limit"]]
     assert over == []
 
 
 def test_every_path_of_the_launchers_is_compiled(kernels):
+    ptr = lambda r, name: r["pointers"].get(name)  # noqa: E731
     elementwise = {
-        (r["kernel"], *_flags(r, "HAS_SIGN", "SAME", "I64"), r["pointers"]["Y"])
+        (r["kernel"], *_flags(r, "HAS_SIGN", "SAME", "I64"), ptr(r, "O"), ptr(r, "G"), ptr(r, "Y"))
         for r in kernels if r["kernel"].startswith("_masked_weight")
     }
-    expected = set()
-    for out in ("*fp32", "*bf16"):
-        for sign in (False, True):
-            expected |= {("_masked_weight_fwd_flat", sign, None, False, out),
-                         ("_masked_weight_fwd", sign, False, False, out),
-                         ("_masked_weight_bwd_flat", sign, None, False, out),
-                         ("_masked_weight_bwd", sign, False, False, out)}
-        # a shared non-contiguous layout (channels_last) takes the flat kernel unless signs
-        # are locked (their bit index is the logical position)
-        expected |= {("_masked_weight_fwd", True, True, False, out),
-                     ("_masked_weight_bwd", True, True, False, out)}
-    expected.add(("_masked_weight_fwd", False, False, True, "*fp32"))  # 64-bit indices
+    expected = {("_masked_weight_fwd", False, False, True, "*fp32", None, "*fp32")}  # 64-bit
+    for w in ("*fp32", "*bf16", "*fp16"):  # weight_orig; outputs: its own dtype or autocast's
+        for out in dict.fromkeys((w, "*bf16", "*fp16")):
+            for sign in (False, True):
+                # a shared non-contiguous layout (channels_last) takes the flat kernel unless
+                # signs are locked (their bit index is the logical position)
+                walks = [(None, "_flat"), (False, "")] + ([(True, "")] if sign else [])
+                for same, suffix in walks:
+                    expected.add((f"_masked_weight_fwd{suffix}", sign, same, False, w, None, out))
+                    expected.add((f"_masked_weight_bwd{suffix}", sign, same, False, w, out, w))
     assert elementwise == expected
 
     gemms = {(r["kernel"], *_flags(r, "HAS_SIGN", "PRECISION"), r["pointers"]["A"])

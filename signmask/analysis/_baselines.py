@@ -59,8 +59,8 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
 
     The "random pruning" baseline (same per-layer density, random positions). Tensor ``i`` in the
     ticket's order is ranked by :class:`signmask._methods.RandomPruning` scores seeded with
-    ``seed + 7919 * i`` (drawn on the CPU, so a seed gives the same masks on every device), and its ``kept`` highest-scored entries
-    are kept; the mask is installed as by :func:`signmask.prune` (``extract`` reports method
+    ``seed + 7919 * i`` (drawn on the CPU, so a seed gives the same masks on every device), and
+    its ``kept`` highest-scored entries are kept; the mask is installed as by :func:`signmask.prune` (``extract`` reports method
     ``"random"``). ``model``'s values are not changed; the ticket's signs are not used.
 
     Args:
@@ -84,8 +84,9 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
         10
     """
     seed = check_int(seed, "seed", minimum=0)
+    check_model(model, "model")  # before reading a ticket file
     ticket = _transfer_mod._resolve(ticket)
-    # transfer's own check (the model's type too), so the two baselines refuse alike
+    # transfer's own check, so the two baselines refuse alike
     _transfer_mod._check_architecture(ticket, model, check_architecture)
     plan = _transfer_mod._plan(ticket, model, {"mask": ticket.masks})
     masks = []

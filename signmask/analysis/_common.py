@@ -11,13 +11,7 @@ import torch
 from torch import nn
 
 from .. import _reparam, _targets
-
-
-def check_model(model: Any, arg: str) -> nn.Module:
-    """Return ``model`` if it is an ``nn.Module``; raise ``TypeError`` naming ``arg`` otherwise."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
-    return model
+from .._targets import check_model  # noqa: F401  (shared with the core)
 
 
 def check_int(value: Any, arg: str, *, minimum: int) -> int:

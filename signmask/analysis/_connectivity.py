@@ -264,7 +264,6 @@ def instability(
         >>> instability(torch.nn.Linear(4, 3), train, data, points=3).alphas
         (0.0, 0.5, 1.0)
     """
-    check_model(model, "model")
     if not callable(train):
         raise TypeError(f"train must be callable as train(model, seed), got {type(train).__name__}")
     seeds = _check_seeds(seeds)
