@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _interpolate, _prune, _recipes, _reparam, _schedule, _targets
+from . import _interpolate, _parents, _prune, _recipes, _reparam, _schedule, _targets
 from ._search import Search, SearchConfig
 
 
@@ -77,7 +77,9 @@ def apply(
         raise ValueError(f"pass rate= or rounds=, not both (got rate={rate!r}, rounds={rounds!r})")
     if recipe.one_shot:
         if rate is not None or rounds not in (None, 1):
-            raise ValueError(f"method='{method}' prunes once; rate=/rounds= do not apply")
+            raise ValueError(
+                f"method='{method}' prunes once; rate=/rounds= do not apply (got rate={rate!r}, rounds={rounds!r})"
+            )
         rounds = 1
     elif rate is None and rounds is None:
         rate = 0.2
@@ -93,6 +95,8 @@ def apply(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:  # what a torch.Generator takes
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     if scheduler is not None and not all(hasattr(scheduler, a) for a in ("state_dict", "load_state_dict")):
         raise TypeError(
             f"scheduler must have state_dict()/load_state_dict() (a torch or timm scheduler), "
@@ -100,7 +104,9 @@ def apply(
         )
     if steps_per_round is not None and (isinstance(steps_per_round, bool) or not isinstance(steps_per_round, int) or steps_per_round < 1):
         raise ValueError(f"steps_per_round must be a positive int or None, got {steps_per_round!r}")
-    classifier = recipe.classifier if classifier is None else bool(classifier)
+    if classifier is not None and not isinstance(classifier, bool):
+        raise TypeError(f"classifier must be a bool or None, got {type(classifier).__name__} {classifier!r}")
+    classifier = recipe.classifier if classifier is None else classifier
     selection = {"include": include, "exclude": exclude, "filter_fn": filter_fn}
     targets = _targets.select(model, classifier=classifier, **selection)
     already = sorted(k for k, (m, n) in targets.items() if _reparam.find_hook(m, n)[1] is not None)
@@ -115,6 +121,7 @@ def apply(
         )
     total = sum(_reparam.original(m, n).numel() for m, n in targets.values())
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
+    steps = len(kept)  # a step rounding onto the target is dropped
     config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
     _prune.prune(model, 0.0, classifier=classifier, **selection)
     try:
@@ -125,4 +132,5 @@ def apply(
     except BaseException:
         for module, name in targets.values():  # e.g. a norm layer attach() refuses
             _reparam.uninstall(module, name)
+        _parents.link(model)
         raise

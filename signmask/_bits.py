@@ -29,14 +29,29 @@ def _shifts(width: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, 8, width, dtype=torch.uint8, device=device)
 
 
-def pack(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack a flat tensor of small unsigned codes (< 2**width) into uint8 bytes."""
-    per_byte = 8 // width
-    flat = codes.reshape(-1).to(torch.uint8)
+def _groups(codes: torch.Tensor, per_byte: int, limit: int) -> torch.Tensor:
+    """``codes`` flattened to uint8, zero-padded and viewed as rows of ``per_byte`` codes.
+
+    Raises:
+        ValueError: a code is negative or not below ``limit`` (it would spill into its
+            neighbours' bits and corrupt them silently).
+    """
+    flat = codes.reshape(-1)
+    if flat.dtype != torch.bool and flat.numel() and (flat.min() < 0 or flat.max() >= limit):
+        raise ValueError(
+            f"codes must lie in [0, {limit}), found values in "
+            f"[{flat.min().item()}, {flat.max().item()}]"
+        )
+    flat = flat.to(torch.uint8)
     pad = (-flat.numel()) % per_byte
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, per_byte) << _shifts(width, flat.device)
+    return flat.view(-1, per_byte)
+
+
+def pack(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack a tensor of small unsigned codes (< 2**width) into uint8 bytes (see module docs)."""
+    groups = _groups(codes, 8 // width, 1 << width) << _shifts(width, codes.device)
     return groups.sum(dim=1, dtype=torch.uint8)
 
 
@@ -59,12 +74,11 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``ceil(codes.numel() / 5)`` uint8 bytes, each ``c0 + 3*c1 + 9*c2 + 27*c3 + 81*c4``.
+
+    Raises:
+        ValueError: a code outside {0, 1, 2}.
     """
-    flat = codes.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % TERNARY_PER_BYTE
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, TERNARY_PER_BYTE) * _ternary_weights(flat.device)
+    groups = _groups(codes, TERNARY_PER_BYTE, 3) * _ternary_weights(codes.device)
     return groups.sum(dim=1, dtype=torch.uint8)  # at most 242: no overflow
 
 

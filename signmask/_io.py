@@ -2,9 +2,11 @@
 
 Each tensor is stored as uint8 bytes holding five ternary codes (0 pruned, 1 = +1, 2 = -1; see
 :func:`signmask._bits.pack_ternary`): 1.6 bits per weight of payload; with the header, a file
-stays under 2 bits per weight once it holds more than a few thousand weights. The string metadata holds the ticket's own metadata plus reserved keys: ``format``,
-``format_version``, ``sparsity`` and ``manifest`` (per tensor: role, shape, kept and negative
-counts, sha256 of the bytes), which ``load`` checks so that truncated or edited files fail loudly.
+stays under 2 bits per weight once it holds more than a few thousand weights. The string
+metadata holds the ticket's own metadata plus reserved keys: ``format``, ``format_version``,
+``sparsity``, ``manifest`` (per tensor: role, shape, kept and negative counts, sha256 of the
+bytes) and ``manifest_sha256`` (of the manifest's JSON; files written before it was added load
+without that check). ``load`` checks them all, so truncated or edited files fail loudly.
 
 ``save`` writes format version 2; ``load`` also reads version 1, which held four 2-bit codes per
 byte (same manifest).
@@ -17,6 +19,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -26,23 +29,37 @@ from ._ticket import RESERVED_KEYS, Ticket
 FORMAT = "signmask.ticket"
 FORMAT_VERSION = "2"
 
-# Version -> (codes per byte, unpacker(bytes, number of codes)) of the versions load() reads.
+
+
+class _Codec(NamedTuple):
+    """How one format version stores codes: ``pack(codes) -> bytes``, ``unpack(bytes, n)``."""
+
+    per_byte: int
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    unpack: Callable[[torch.Tensor, int], torch.Tensor]
+
+
+# Every version load() reads; save() writes FORMAT_VERSION (tests write the others).
 _CODECS = {
-    "1": (4, lambda raw, n: _bits.unpack(raw, n, 2)),
-    "2": (_bits.TERNARY_PER_BYTE, _bits.unpack_ternary),
+    "1": _Codec(4, lambda codes: _bits.pack(codes, 2), lambda raw, n: _bits.unpack(raw, n, 2)),
+    "2": _Codec(_bits.TERNARY_PER_BYTE, _bits.pack_ternary, _bits.unpack_ternary),
 }
 
 
-def _entry(role: str, signed: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    packed = _bits.pack_ternary(_bits.signed_to_codes(signed))
+def _entry(role: str, signed: torch.Tensor, version: str = FORMAT_VERSION) -> tuple[torch.Tensor, dict]:
+    packed = _CODECS[version].pack(_bits.signed_to_codes(signed))
     info = {
         "role": role,
         "shape": list(signed.shape),
         "kept": int(signed.count_nonzero()),
         "negative": int((signed < 0).sum()),
-        "sha256": hashlib.sha256(packed.numpy().tobytes()).hexdigest(),
+        "sha256": _sha256(packed.numpy().tobytes()),
     }
     return packed, info
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _umask() -> int:
@@ -59,6 +76,8 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
 
     Raises:
         TypeError: ``ticket`` is not a :class:`Ticket`.
+        ValueError: the ticket's tensors were edited into invalid values after construction, or
+            one is named ``__metadata__``.
 
     Example:
         >>> import os, tempfile, torch, signmask
@@ -71,6 +90,9 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
 
     if not isinstance(ticket, Ticket):
         raise TypeError(f"save() takes a signmask.Ticket, got {type(ticket).__name__}")
+    ticket = ticket._checked()
+    if "__metadata__" in ticket.masks or "__metadata__" in ticket.signs:
+        raise ValueError("a tensor named '__metadata__' cannot be saved: safetensors reserves the name")
     path = Path(path)
     tensors, manifest = {}, {}
     for role, group in (("mask", ticket.masks), ("sign", ticket.signs)):
@@ -83,6 +105,7 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
         sparsity=repr(ticket.sparsity),
         manifest=json.dumps(manifest, sort_keys=True),
     )
+    meta["manifest_sha256"] = _sha256(meta["manifest"].encode())
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, st_save(tensors, metadata=meta))
 
@@ -93,9 +116,9 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # closes fd whatever fails below
+            # mkstemp creates 0600; give the file the permissions a plain open() would.
+            os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -112,8 +135,10 @@ def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.T
     from safetensors.torch import load as st_load
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"ticket file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file")
     data = path.read_bytes()
     if len(data) < 8:
         raise ValueError(f"{path}: not a safetensors file ({len(data)} bytes, truncated or empty)")
@@ -122,11 +147,14 @@ def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.T
         if n > len(data) - 8:
             raise ValueError(f"header of {n} bytes but only {len(data) - 8} follow")
         header = json.loads(data[8 : 8 + n])
+        if not isinstance(header, dict):
+            raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
         tensors = st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupted?): {e}") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return dict(meta or {}), tensors
+    # KeyError: a dtype torch lacks; RecursionError: a deeply nested header.
+    except (SafetensorError, ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupted?): {e!r}") from None
+    meta = header.get("__metadata__")
+    return dict(meta) if isinstance(meta, dict) else {}, tensors
 
 
 def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) -> torch.Tensor:
@@ -136,14 +164,14 @@ def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) 
     numel = 1
     for d in shape:
         numel *= d
-    per_byte, unpack = _CODECS[version]
+    per_byte, _, unpack = _CODECS[version]
     expected = -(-numel // per_byte)
     if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() != expected:
         raise ValueError(
             f"{path}: tensor {name!r} should be {expected} uint8 bytes for shape {shape}, "
             f"found {raw.dtype} of shape {tuple(raw.shape)}"
         )
-    if hashlib.sha256(raw.numpy().tobytes()).hexdigest() != info.get("sha256"):
+    if _sha256(raw.numpy().tobytes()) != info.get("sha256"):
         raise ValueError(f"{path}: tensor {name!r} does not match its checksum (corrupted file)")
     codes = unpack(raw, expected * per_byte)
     if (codes[:numel] == _bits.CODE_INVALID).any():
@@ -177,8 +205,13 @@ def load(path: str | os.PathLike) -> Ticket:
         )
     try:
         manifest = json.loads(meta["manifest"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: ticket manifest is missing or unreadable: {e}") from None
+    except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: ticket manifest is missing or unreadable: {e!r}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: ticket manifest should be a JSON object, found {type(manifest).__name__}")
+    digest = meta.get("manifest_sha256")  # absent from older files of format version 1 and 2
+    if digest is not None and digest != _sha256(meta["manifest"].encode()):
+        raise ValueError(f"{path}: ticket manifest does not match its checksum (edited or corrupted file)")
     missing, extra = sorted(set(manifest) - set(raw)), sorted(set(raw) - set(manifest))
     if missing or extra:
         raise ValueError(f"{path}: tensors missing from the file: {missing}; unexpected: {extra}")
@@ -189,4 +222,7 @@ def load(path: str | os.PathLike) -> Ticket:
             raise ValueError(f"{path}: manifest entry of {name!r} has unknown role {role!r}")
         groups[role][name] = _decode(path, name, raw[name], info, version)
     user_meta = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
-    return Ticket(groups["mask"], groups["sign"], user_meta)
+    try:
+        return Ticket(groups["mask"], groups["sign"], user_meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -38,18 +38,34 @@ def get_method(name: str) -> type["RankedPruning"]:
         ) from None
 
 
-def check_amount(amount: float) -> float:
-    """Validate a pruning fraction: a real number in [0, 1]."""
+def check_amount(amount: float | int) -> float | int:
+    """Validate an amount as ``torch.nn.utils.prune`` reads it: a float is a fraction in [0, 1]
+    of the remaining weights, an int a number of weights (>= 0)."""
     if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
-        raise TypeError(f"amount must be a float in [0, 1], got {type(amount).__name__} {amount!r}")
+        raise TypeError(
+            f"amount must be a float in [0, 1] or an int count, got {type(amount).__name__} {amount!r}"
+        )
+    if isinstance(amount, numbers.Integral):
+        if amount < 0:
+            raise ValueError(f"amount, a number of weights, must be >= 0, got {amount!r}")
+        return int(amount)
     if not 0.0 <= float(amount) <= 1.0:
-        raise ValueError(f"amount must be in [0, 1], got {amount!r}")
+        raise ValueError(f"amount, a fraction, must be in [0, 1], got {amount!r}")
     return float(amount)
 
 
-def count_to_prune(amount: float, alive: int) -> int:
-    """How many of ``alive`` weights a fraction ``amount`` prunes: Python's ``round`` (half to
-    even), the rule ``torch.nn.utils.prune`` uses, so ``alive - round(amount * alive)`` remain."""
+def count_to_prune(amount: float | int, alive: int) -> int:
+    """How many of ``alive`` weights ``amount`` prunes: an int as is, a fraction rounded with
+    Python's ``round`` (half to even), the rule ``torch.nn.utils.prune`` uses, so
+    ``alive - round(amount * alive)`` remain.
+
+    Raises:
+        ValueError: an int ``amount`` above ``alive``.
+    """
+    if isinstance(amount, int):
+        if amount > alive:
+            raise ValueError(f"amount={amount} weights to prune, but only {alive} are left unpruned")
+        return amount
     return round(amount * alive)
 
 
@@ -63,7 +79,7 @@ class RankedPruning(_prune.BasePruningMethod):
     PRUNING_TYPE = "unstructured"
     NAME = "ranked"
 
-    def __init__(self, amount: float) -> None:
+    def __init__(self, amount: float | int) -> None:
         self.amount = check_amount(amount)
 
     def scores(self, t: torch.Tensor, index: int) -> torch.Tensor:
@@ -85,7 +101,8 @@ class RankedPruning(_prune.BasePruningMethod):
         """
         alive = [m == 1 for m in default_masks]
         k = count_to_prune(self.amount, sum(int(a.sum().item()) for a in alive))
-        drop = smallest_k(lambda i: self.scores(tensors[i], index_offset + i), alive, k, names)
+        wide = any(t.dtype == torch.float64 for t in tensors)  # L1 scores keep the weights' dtype
+        drop = smallest_k(lambda i: self.scores(tensors[i], index_offset + i), alive, k, names, wide=wide)
         return [m.masked_fill(d, 0) for m, d in zip(default_masks, drop)]
 
     def __repr__(self) -> str:
@@ -107,7 +124,7 @@ class RandomPruning(RankedPruning):
     Without a seed, one is drawn from torch's global generator, so ``torch.manual_seed`` fixes it.
     """
 
-    def __init__(self, amount: float, seed: int | None = None) -> None:
+    def __init__(self, amount: float | int, seed: int | None = None) -> None:
         super().__init__(amount)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())

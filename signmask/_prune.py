@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _methods, _reparam, _targets
+from . import _methods, _parents, _reparam, _targets
 
 _SCOPES = ("global", "layer")
 _SIGN_MODES = ("free", "locked")
@@ -51,7 +51,7 @@ def check_untied(targets: Mapping[str, tuple[nn.Module, str]]) -> None:
 
 def prune(
     model: nn.Module,
-    amount: float,
+    amount: float | int,
     *,
     method: str = "magnitude",
     scope: str = "global",
@@ -67,10 +67,12 @@ def prune(
     Repeated calls prune a fraction of the REMAINING weights, like stacked ``torch.nn.utils.prune``
     calls. Exactly ``round(amount * alive)`` weights are pruned (Python's ``round``, half to even,
     as in ``torch.nn.utils.prune``); ties are broken by position, so the result is deterministic.
+    As in ``torch.nn.utils.prune``, an int ``amount`` is a number of weights, not a fraction.
 
     Args:
         model: any ``nn.Module`` (a timm model, a compiled or DDP-wrapped one).
-        amount: fraction in [0, 1] of the remaining weights to prune.
+        amount: fraction in [0, 1] of the remaining weights to prune (a float), or how many of
+            them (an int; per tensor with ``scope="layer"``).
         method: a registered ranking method: ``"magnitude"`` (L1) or ``"random"``.
         scope: ``"global"`` ranks all selected tensors together; ``"layer"`` each on its own.
         signs: ``"locked"`` freezes the current sign of every kept weight
@@ -86,7 +88,9 @@ def prune(
         ``model``, pruned in prune's layout (``weight_orig``, bool ``weight_mask``).
 
     Raises:
-        ValueError: ``amount`` outside [0, 1], unknown method/scope/signs, ``seed`` for a
+        TypeError: ``amount`` not a number.
+        ValueError: ``amount`` outside [0, 1] (a float) or above the weights left (an int),
+            unknown method/scope/signs, ``seed`` for a
             method without one, nothing to prune, tied weights, or a conflicting earlier pruning. The model is then left untouched.
 
     Example:
@@ -130,6 +134,7 @@ def prune(
                 # From the live Parameter: module.<name> is only refreshed by a forward.
                 negative = torch.signbit(_reparam.original(module, name))
             _reparam.install(module, name, keep, ranker, negative=negative)
+    _parents.link(model)
     return model
 
 
@@ -140,6 +145,7 @@ def remove(model: nn.Module) -> nn.Module:
     effective values: zeros where pruned, locked signs applied.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: nothing in ``model`` is pruned.
 
     Example:
@@ -149,11 +155,13 @@ def remove(model: nn.Module) -> nn.Module:
         >>> int((net.weight == 0).sum()), hasattr(net, "weight_mask")
         (4, False)
     """
+    _targets.check_model(model, "model")
     found = _targets.pruned(model)
     if not found:
         raise ValueError(f"nothing in {type(model).__name__} is pruned; nothing to remove")
     for module, name in found.values():
         _prune.remove(module, name)
+    _parents.link(model)
     return model
 
 
@@ -167,9 +175,13 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
             problems.append(f"missing keys {missing[:5]}")
         if unexpected:
             problems.append(f"unexpected keys {unexpected[:5]}")
-    for key in own.keys() & given.keys():
-        if tuple(own[key].shape) != tuple(given[key].shape):
-            problems.append(f"{key}: shape {tuple(given[key].shape)} in the state_dict, {tuple(own[key].shape)} in the model")
+    for key in sorted(own.keys() & given.keys()):
+        value = given[key]
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            found = "a meta tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            problems.append(f"{key}: expected a tensor with data in the state_dict, found {found}")
+        elif tuple(own[key].shape) != tuple(value.shape):
+            problems.append(f"{key}: shape {tuple(value.shape)} in the state_dict, {tuple(own[key].shape)} in the model")
     if problems:
         raise RuntimeError("cannot load the state_dict: " + "; ".join(problems))
 
@@ -183,8 +195,10 @@ def load_state_dict(
     model; this installs the masks (and sign locks) first, then loads every value.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``state_dict`` not a mapping.
         ValueError: a masked tensor names no module of ``model`` or has another shape.
-        RuntimeError: missing or unexpected keys (with ``strict``) or other mismatched shapes.
+        RuntimeError: missing or unexpected keys (with ``strict``), other mismatched shapes, or
+            values that are not tensors with data, as ``nn.Module.load_state_dict`` raises.
         The model is left untouched in every case.
 
     Example:
@@ -194,6 +208,9 @@ def load_state_dict(
         >>> bool(torch.equal(fresh.weight_mask, sd["weight_mask"]))
         True
     """
+    _targets.check_model(model, "model")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     modules = {_targets.canonical(fqn): m for fqn, m in model.named_modules()}
     plan = []
     for key, mask in state_dict.items():
@@ -204,6 +221,9 @@ def load_state_dict(
         if module is None or not _targets.has_tensor(module, tensor):
             raise ValueError(f"state_dict masks {key!r}, but the model has no tensor {owner}.{tensor}")
         shape = _reparam.original(module, tensor).shape
+        if not isinstance(mask, torch.Tensor) or mask.is_meta:
+            found = "a meta tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"state_dict {key!r} must be a tensor with data, got {found}")
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(
                 f"state_dict {key!r} has shape {tuple(mask.shape)}; the model's "
@@ -230,4 +250,5 @@ def load_state_dict(
         for module, tensor, _, _ in plan:
             _, hook = _reparam.find_hook(module, tensor)
             setattr(module, tensor, hook.apply_mask(module))
+    _parents.link(model)
     return model

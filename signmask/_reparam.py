@@ -22,6 +22,9 @@ from torch.nn.utils import prune as _prune
 
 from . import _bits, _maskmul
 
+# _backends imports this module; the attribute is looked up at call time, when both are loaded.
+from . import _backends  # noqa: E402  isort: skip
+
 
 def masked_weight(
     orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None = None
@@ -75,9 +78,8 @@ class SignMaskHook(_prune.PruningContainer):
         sign = buffers.get(name + "_sign")
         if self.backend == "torch":
             return masked_weight(orig, mask, sign)
-        from ._backends import get_backend
-
-        return get_backend(self.backend).weight(self, module, orig, mask, sign)
+        # set_backend validated the key; a function-level import here cost ~8 us per forward.
+        return _backends.BACKENDS[self.backend].weight(self, module, orig, mask, sign)
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent: ``weight`` becomes a plain Parameter holding the effective
@@ -116,11 +118,13 @@ class DetachWeight:
         self.name = name
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
+        weight = module.__dict__.get(self.name)
+        # Cheapest test first: under no_grad (evaluation) there is nothing to detach.
+        if weight is None or not weight.requires_grad:
+            return
         if torch.jit.is_tracing():
             return  # a detach would be recorded, and jit.trace's re-trace check then fails
-        weight = module.__dict__.get(self.name)
-        if weight is not None and weight.requires_grad:
-            module.__dict__[self.name] = weight.detach()
+        module.__dict__[self.name] = weight.detach()
 
     def __repr__(self) -> str:
         return f"DetachWeight({self.name!r})"
@@ -140,6 +144,13 @@ def find_hook(module: nn.Module, name: str) -> tuple[int | None, _prune.BasePrun
         if isinstance(hook, _prune.BasePruningMethod) and hook._tensor_name == name:
             return key, hook
     return None, None
+
+
+def methods(hook: _prune.BasePruningMethod | None) -> list[_prune.BasePruningMethod]:
+    """The pruning history of a hook: a container's methods, a lone stock method, or none."""
+    if hook is None:
+        return []
+    return list(hook) if isinstance(hook, _prune.PruningContainer) else [hook]
 
 
 def is_sign_locked(module: nn.Module, name: str) -> bool:
@@ -187,9 +198,8 @@ def install(
     else:
         # A stock prune hook: adopt its history and convert its float mask to bool.
         del module._forward_pre_hooks[key]
-        methods = list(hook) if isinstance(hook, _prune.PruningContainer) else [hook]
         module._buffers[name + "_mask"] = keep.clone()
-        new_hook = SignMaskHook(name, *methods, method)
+        new_hook = SignMaskHook(name, *methods(hook), method)
         module.register_forward_pre_hook(new_hook)
         module.register_forward_hook(DetachWeight(name))
         hook = new_hook

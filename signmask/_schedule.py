@@ -51,7 +51,7 @@ def parse_rewind(spec: str | int | None, steps_per_epoch: int | None) -> int | N
             raise ValueError(f"rewind={spec!r} counts epochs; pass steps_per_epoch= (e.g. len(loader))")
         if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, numbers.Integral) or steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
-    return epochs * (steps_per_epoch or 0) + iters
+    return epochs * int(steps_per_epoch or 0) + iters  # a plain int: numpy ints do not load weights_only
 
 
 def prune_count(sparsity: float, rate: float | None, rounds: int | None) -> int:
@@ -73,16 +73,22 @@ def prune_count(sparsity: float, rate: float | None, rounds: int | None) -> int:
 def kept_schedule(total: int, sparsity: float, rate: float | None, rounds: int) -> list[int]:
     """Weights kept after each pruning step: ``round(total * (1 - rate) ** i)``, the last exactly
     ``round(total * (1 - sparsity))``. With ``rate=None`` the steps share the pruning evenly.
+    With a ``rate``, a step that would round onto the target already is dropped (it would leave
+    a round that prunes nothing), so the list can be one shorter than ``rounds``.
 
     Example:
         >>> kept_schedule(1000, 0.5, 0.2, 4)
         [800, 640, 512, 500]
+        >>> kept_schedule(516, 0.4887, 0.2, 4)  # 516 * 0.8 ** 3 rounds to the target, 264
+        [413, 330, 264]
     """
-    if rate is None:
+    explicit = rate is None  # the user fixed the number of rounds: keep every one
+    if explicit:
         rate = 1.0 - (1.0 - sparsity) ** (1.0 / rounds)
     kept = [round(total * (1.0 - rate) ** i) for i in range(1, rounds)]
     final = round(total * (1.0 - sparsity))
-    kept = [max(k, final) for k in kept] + [final]
     if final < 1:
         raise ValueError(f"sparsity={sparsity} keeps no weight of {total}")
-    return kept
+    if explicit:
+        return [max(k, final) for k in kept] + [final]
+    return [k for k in kept if k > final] + [final]

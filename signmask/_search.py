@@ -119,7 +119,9 @@ class Search:
 
     @property
     def round_step(self) -> int:
-        """Optimizer steps taken in the current round (where a resumed loop picks up)."""
+        """Optimizer steps taken in the current round. A resumed loop picks up at step
+        ``start_step + round_step`` of its own counting (IMP/OMP rounds after the first train
+        from the rewind step on)."""
         return self.step - self.round_start_step
 
     def start_round(self) -> int:
@@ -143,12 +145,17 @@ class Search:
         Raises:
             RuntimeError: no round is running (its line is printed already).
             TypeError: a metric is not a real number.
+            ValueError: a metric is named like the search's own records (``round``,
+                ``sparsity``, ``steps``).
         """
         if not self.in_round:  # a finished round's line is printed already
             raise RuntimeError(
                 "report(): no round is running; call it inside `for r in search:` or between "
                 "start_round() and finish_round()"
             )
+        own = sorted(set(metrics) & {"round", "sparsity", "steps"})
+        if own:
+            raise ValueError(f"report(): {own} are the search's own records; name the metrics otherwise")
         for k, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"report(): metric {k!r} must be a number, got {type(v).__name__} {v!r}")
@@ -206,9 +213,8 @@ class Search:
         return sum(int(m._buffers[n + "_mask"].sum()) for m, n in self._targets.values())
 
     def _prune_to(self, kept: int) -> None:
-        alive = self._kept()
-        amount = (alive - kept) / alive
-        _prune.prune(self.model, amount, classifier=self.config.classifier, **self._selection)
+        # A count, not a fraction: (alive - kept) / alive could round to one weight more or less.
+        _prune.prune(self.model, self._kept() - kept, classifier=self.config.classifier, **self._selection)
         _broadcast_masks(self._targets)
 
     def _finish_search(self) -> None:

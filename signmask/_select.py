@@ -1,11 +1,13 @@
 """Exact k-smallest selection over many tensors without concatenating them.
 
 ``torch.nn.utils.prune.global_unstructured`` flattens every score and mask into one vector and
-runs ``topk`` on it. Here the k-th smallest score is found by a two-level radix select on the
-float32 bit pattern (non-negative floats order like their bits as integers): one 65536-bin
-histogram of the high 16 bits, one of the low 16 bits inside the chosen bin. Each pass touches
-one tensor at a time, so extra memory is a few copies of the largest tensor, not of all of them.
-Ties at the threshold are broken by position: earlier tensors first, then lower flat index.
+runs ``topk`` on it. Here the k-th smallest score is found by a radix select on the float bit
+pattern (non-negative floats order like their bits as integers), 16 bits per pass: a 65536-bin
+histogram of the high 16 bits, then one of the next 16 bits inside the chosen bin, and so on:
+two passes for float32 (and float16/bfloat16, widened exactly), four when any score is float64.
+Each pass touches one tensor at a time, so extra memory is a few copies of the largest tensor,
+not of all of them. Ties at the threshold are broken by position: earlier tensors first, then
+lower flat index.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import torch
 
 _BINS = 1 << 16
 _LOW = _BINS - 1
-_NONFINITE = 0x7F80  # high 16 bits of +inf; NaN sorts above it
 _DEAD = _BINS  # extra bin for entries that are already pruned
+# Key width -> (key dtype, high 16 bits of +inf: NaN and inf sort at or above it).
+_WIDTHS = {32: (torch.int32, 0x7F80), 64: (torch.int64, 0x7FF0)}
 
 
-def _bits(score: torch.Tensor) -> torch.Tensor:
-    # Clearing the sign bit ranks by |score| and makes -0.0 equal to +0.0.
-    return score.detach().float().view(torch.int32) & 0x7FFFFFFF
+def _key(score: torch.Tensor, width: int) -> torch.Tensor:
+    """``|score|`` as an integer of ``width`` bits that orders like the value; -0.0 == +0.0."""
+    dtype = torch.float64 if width == 64 else torch.float32
+    return score.detach().to(dtype).view(_WIDTHS[width][0]) & ((1 << (width - 1)) - 1)
 
 
 def _kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -38,15 +42,20 @@ def smallest_k(
     alive: Sequence[torch.Tensor],
     k: int,
     names: Sequence[str] | None = None,
+    *,
+    wide: bool = False,
 ) -> list[torch.Tensor]:
     """Select exactly ``k`` alive entries with the smallest scores across several tensors.
 
     Args:
         scores: ``scores(i)`` returns the scores of tensor ``i``, ranked by absolute value; it is
-            called up to three times per tensor and must return the same values each time.
+            called up to three (``wide``: five) times per tensor and must return the same
+            values each time.
         alive: bool tensors; only True entries are candidates.
         k: how many entries to select, ``0 <= k <= total alive``.
         names: tensor names for error messages.
+        wide: some scores are float64: rank on 64-bit keys (four passes instead of two), or
+            float64 scores would be rounded to float32 and ties would appear.
 
     Returns:
         One bool tensor per input, True where the entry is selected; exactly ``k`` in total.
@@ -60,24 +69,29 @@ def smallest_k(
     if k == total:
         return [a.clone().bool() for a in alive]
     device = alive[0].device
+    width = 64 if wide else 32
+    levels, nonfinite = width // 16, _WIDTHS[width][1]
     hist = torch.zeros(_BINS + 1, dtype=torch.int64, device=device)
     for i, a in enumerate(alive):
-        hi = torch.where(a, _bits(scores(i)) >> 16, _DEAD)
+        hi = torch.where(a, _key(scores(i), width) >> (width - 16), _DEAD)
         counts = torch.bincount(hi.reshape(-1).to(device), minlength=_BINS + 1)
-        if counts[_NONFINITE:_DEAD].any():
+        if counts[nonfinite:_DEAD].any():
             raise ValueError(f"scores of tensor {names[i]!r} contain NaN or inf; cannot rank them")
         hist += counts
-    b1, k1 = _kth_bin(hist, k)
-    hist.zero_()
-    for i, a in enumerate(alive):
-        bits = _bits(scores(i))
-        in_bin = a & ((bits >> 16) == b1)
-        hist += torch.bincount((bits[in_bin] & _LOW).to(device), minlength=_BINS + 1)
-    b2, ties_left = _kth_bin(hist, k1)
-    threshold = (b1 << 16) | b2
+    prefix, left = _kth_bin(hist, k)
+    for level in range(1, levels):  # the next 16 bits, among entries whose higher bits match
+        shift = width - 16 * (level + 1)
+        hist.zero_()
+        for i, a in enumerate(alive):
+            key = _key(scores(i), width)
+            digits = key[a & ((key >> (shift + 16)) == prefix)] >> shift & _LOW
+            hist += torch.bincount(digits.to(device), minlength=_BINS + 1)
+        digit, left = _kth_bin(hist, left)
+        prefix = prefix << 16 | digit
+    threshold, ties_left = prefix, left
     selected = []
     for i, a in enumerate(alive):
-        bits = _bits(scores(i))
+        bits = _key(scores(i), width)
         chosen = a & (bits < threshold)
         if ties_left:
             tie = a & (bits == threshold)

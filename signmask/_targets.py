@@ -98,7 +98,10 @@ def _matches(fqn: str, patterns: Sequence[str]) -> bool:
 def _as_patterns(arg: str | Iterable[str] | None, what: str) -> list[str] | None:
     if arg is None:
         return None
-    patterns = [arg] if isinstance(arg, str) else list(arg)
+    try:
+        patterns = [arg] if isinstance(arg, str) else list(arg)
+    except TypeError:  # not iterable
+        patterns = [arg]
     if not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"{what} must be a glob string or a list of them, got {arg!r}")
     return patterns
@@ -130,6 +133,10 @@ def select(
     """
     check_model(model, "model")
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable as filter_fn(module, name), got {type(filter_fn).__name__} {filter_fn!r}")
+    if not isinstance(classifier, bool):
+        raise TypeError(f"classifier must be a bool, got {type(classifier).__name__} {classifier!r}")
     heads = set() if classifier else classifier_modules(model)
     candidates = {
         key: (module, tensor)

@@ -13,7 +13,7 @@ from torch import nn
 from . import _reparam, _targets
 from ._version import __version__
 
-RESERVED_KEYS = ("format", "format_version", "sparsity", "manifest")
+RESERVED_KEYS = ("format", "format_version", "sparsity", "manifest", "manifest_sha256")
 
 
 def _check_signed(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -21,7 +21,8 @@ def _check_signed(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
         raise TypeError(f"{what} {name!r} must be a tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{what} {name!r} must be an integer tensor in {{-1, 0, +1}}, got {t.dtype}")
-    bad = (t != 0) & (t != 1) & (t != -1)
+    # Not t != -1: an unsigned 255 would compare equal to -1 and pass as a negative sign.
+    bad = (t > 1) | (t < -1) if t.dtype.is_signed else t > 1
     if bad.any():
         found = sorted({int(v) for v in t[bad].unique()[:5].tolist()})
         raise ValueError(f"{what} {name!r} holds values outside {{-1, 0, +1}}: found {found}")
@@ -83,12 +84,17 @@ class Ticket:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of masked weights that are pruned."""
-        return 1.0 - self.kept / self.numel
+        """Fraction of masked weights that are pruned (0.0 when the masks hold no weights)."""
+        return _fraction_pruned(self.kept, self.numel)
 
     def layer_sparsity(self) -> dict[str, float]:
-        """Per-tensor fraction of pruned weights."""
-        return {k: 1.0 - int(m.count_nonzero()) / m.numel() for k, m in self.masks.items()}
+        """Per-tensor fraction of pruned weights (0.0 for an empty tensor)."""
+        return {k: _fraction_pruned(int(m.count_nonzero()), m.numel()) for k, m in self.masks.items()}
+
+    def _checked(self) -> "Ticket":
+        """This ticket validated again, as the constructor does: its dicts stay editable after
+        construction, and ``save``/``transfer`` must not write what ``load`` would refuse."""
+        return Ticket(self.masks, self.signs, self.metadata)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Ticket):
@@ -104,6 +110,10 @@ class Ticket:
             f"Ticket({len(self.masks)} masked tensors, {self.numel} weights, "
             f"sparsity={self.sparsity:.4f}, {len(self.signs)} dense sign tensors)"
         )
+
+
+def _fraction_pruned(kept: int, numel: int) -> float:
+    return 1.0 - kept / numel if numel else 0.0
 
 
 def _same(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
@@ -158,6 +168,7 @@ def extract(
         metadata: extra strings stored in the ticket (method, rounds...).
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: nothing in ``model`` is pruned.
 
     Example:
@@ -166,6 +177,7 @@ def extract(
         >>> signmask.extract(net).sparsity
         0.75
     """
+    _targets.check_model(model, "model")
     found = _targets.pruned(model)
     if not found:
         raise ValueError(f"nothing in {type(model).__name__} is pruned; prune it before extract()")
@@ -182,7 +194,7 @@ def extract(
                 signs[key] = torch.sign(getattr(module, name).detach()).to("cpu", torch.int8)
     methods = []
     for module, name in found.values():
-        for method in _reparam.find_hook(module, name)[1] or ():
+        for method in _reparam.methods(_reparam.find_hook(module, name)[1]):
             label = getattr(method, "NAME", type(method).__name__)
             if label not in methods:
                 methods.append(label)

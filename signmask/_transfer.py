@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from . import _io, _methods, _prune, _reparam, _targets
+from . import _io, _methods, _parents, _prune, _reparam, _targets
 from ._ticket import Ticket, architecture
 
 _MODES = ("init", "locked", "keep")
@@ -15,7 +15,7 @@ _MODES = ("init", "locked", "keep")
 
 def _resolve(ticket: Ticket | str | os.PathLike) -> Ticket:
     if isinstance(ticket, Ticket):
-        return ticket
+        return ticket._checked()
     if isinstance(ticket, (str, os.PathLike)):
         return _io.load(ticket)
     raise TypeError(f"transfer() takes a Ticket or a path, got {type(ticket).__name__}")
@@ -62,12 +62,13 @@ def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Ten
             if role == "mask":
                 if _reparam.find_hook(module, name)[1] is not None:
                     raise ValueError(
-                        f"{key} is already pruned; transfer() needs an unpruned model "
-                        "(a fresh init) so the ticket's mask is not mixed with another"
+                        f"{key} is already pruned; a ticket goes onto an unpruned model "
+                        "(a fresh init), so that its mask is not mixed with another"
                     )
                 if name != "weight" or not isinstance(module, _targets.PRUNABLE_TYPES):
                     raise ValueError(f"ticket masks {key!r}, which is not a conv/linear weight")
             plan.append((role, key, module, name, target, signed))
+    _prune.check_untied({key: (m, n) for role, key, m, n, _, _ in plan if role == "mask"})
     return plan
 
 
@@ -133,4 +134,5 @@ def transfer(
                 keep = signed.to(target.device) != 0
                 negative = (signed < 0).to(target.device) if signs == "locked" else None
                 _reparam.install(module, name, keep, _methods.FromSignedMask(signed), negative=negative)
+    _parents.link(model)
     return model

@@ -59,13 +59,21 @@ def _is_negative(S, li, inb):
 
 
 @triton.jit
+def _factor(keep, S, li, inb):
+    """The locked factor ``s * keep`` in ``keep``'s dtype: -1 where kept and negative, else
+    ``keep`` itself. A pruned entry's factor is +0.0 whatever its sign, as the torch path's
+    integer factor: ``-keep`` would be -0.0 and flip the sign of pruned zeros."""
+    return tl.where(_is_negative(S, li, inb) & (keep != 0), -1.0, keep).to(keep.dtype)
+
+
+@triton.jit
 def _effective(w, keep, S, li, inb, HAS_SIGN: tl.constexpr):
     """The effective weight from ``orig`` values ``w`` and their mask ``keep`` (both in the
-    compute dtype): ``w * keep``, or ``where(negative, -|w|, |w|) * keep`` with the sign bits of
-    logical positions ``li``. Shared by the masked-weight and fused-Linear kernels."""
+    compute dtype): ``w * keep``, or ``|w| * (s * keep)`` with the sign bits of logical positions
+    ``li``. Shared by the masked-weight and fused-Linear kernels."""
     if HAS_SIGN:
-        mag = tl.abs(w)
-        w = tl.where(_is_negative(S, li, inb), -mag, mag)
+        # |w| * -1 is exactly -|w|: the values (signed zeros included) of the torch path.
+        return tl.abs(w) * _factor(keep, S, li, inb)
     # A product, not a select, so NaN * 0 and -0.0 come out as in ``orig * mask``.
     return w * keep
 
@@ -73,14 +81,13 @@ def _effective(w, keep, S, li, inb, HAS_SIGN: tl.constexpr):
 @triton.jit
 def _effective_grad(g, keep, O, o_off, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
     """The gradient of ``orig`` from the effective weight's gradient ``g``: ``g * keep``, and
-    under locked signs times ``s * sgn(orig)`` (``orig`` read at ``O + o_off`` only then)."""
-    g = g * keep
+    under locked signs ``g * (s * keep) * sgn(orig)`` (``orig`` read at ``O + o_off`` only then)."""
     if HAS_SIGN:
-        # d(s * |o|)/do = s * sgn(o), applied in the order autograd applies it.
+        # d(|o| * f)/do = f * sgn(o), applied in the order autograd applies it.
         o = tl.load(O + o_off, mask=inb, other=0).to(CDT)
-        g = tl.where(_is_negative(S, li, inb), -g, g)
-        g = g * ((o > 0).to(CDT) - (o < 0).to(CDT))
-    return g
+        g = g * _factor(keep, S, li, inb)
+        return g * ((o > 0).to(CDT) - (o < 0).to(CDT))
+    return g * keep
 
 
 @triton.jit
@@ -408,10 +415,8 @@ def masked_weight(
             fold autocast's cast of the weight into this pass.
 
     Returns:
-        ``orig * mask`` or ``where(neg, -|orig|, |orig|) * mask``, equal to the torch path
-        (followed by a cast to ``out_dtype``), with the strides of ``orig``. Bitwise so but for
-        the sign of pruned zeros under sign locks: here ``-0.0`` where the lock is negative, the
-        torch path's ``|orig| * (s * mask)`` gives ``+0.0``.
+        ``orig * mask`` or ``|orig| * (s * mask)``, bitwise equal to the torch path followed by
+        a cast to ``out_dtype`` (signed zeros and NaN included), with the strides of ``orig``.
 
     Raises:
         RuntimeError: the tensors are on CPU and the kernels are not interpreted, or ``mask``

@@ -49,5 +49,12 @@ def kept(model: nn.Module) -> int:
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype and values, signed zeros included (``torch.equal`` treats -0.0 == 0.0)."""
-    return a.dtype == b.dtype and torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+    """Same dtype, shape and values, signed zeros included (``torch.equal`` treats -0.0 == 0.0),
+    and NaN exactly where the other has NaN (``torch.equal`` treats NaN != NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan = torch.isnan(a)
+    if not torch.equal(nan, torch.isnan(b)):
+        return False
+    a, b = a[~nan], b[~nan]
+    return torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())

@@ -11,6 +11,7 @@ from torch import nn
 import signmask
 from signmask import analysis
 from signmask._compat import import_timm
+from signmask.analysis._evaluation import bn_modules
 
 from _util import assert_same, snapshot, tiny
 
@@ -178,6 +179,72 @@ def test_reestimate_bn_timm_batchnormact():
     torch.testing.assert_close(bn.running_var.double(), torch.stack([x.var(dim=(0, 2, 3)) for x in seen]).mean(0),
                                atol=1e-6, rtol=1e-5)
     assert not model.training and bn.momentum == 0.1
+
+
+def _batch_average(loader, per_batch):
+    return torch.stack([per_batch(x.double()) for x, _ in loader]).mean(0)
+
+
+def test_reestimate_bn_averages_instance_norm_statistics():
+    # InstanceNorm has no cumulative mode of its own (momentum=None means 0 for it).
+    net = nn.Sequential(nn.InstanceNorm2d(3, track_running_stats=True))
+    loader = images(2)
+    analysis.reestimate_bn(net, loader)
+    norm = net[0]
+    torch.testing.assert_close(norm.running_mean.double(), _batch_average(loader, lambda x: x.mean(dim=(2, 3)).mean(0)),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(norm.running_var.double(), _batch_average(loader, lambda x: x.var(dim=(2, 3)).mean(0)),
+                               atol=1e-6, rtol=1e-5)
+    assert norm.momentum == 0.1
+
+
+def test_reestimate_bn_averages_timm_evonorm_running_variance():
+    net = nn.Sequential(timm.layers.EvoNorm2dB0(3))
+    with torch.no_grad():
+        net[0].running_var.fill_(7.0)  # stale statistics that must not survive
+    loader = images(3)
+    analysis.reestimate_bn(net, loader)
+    torch.testing.assert_close(net[0].running_var.double(), _batch_average(loader, lambda x: x.var(dim=(0, 2, 3))),
+                               atol=1e-6, rtol=1e-5)
+    assert net[0].momentum == 0.1
+
+
+class FrozenNormNet(nn.Module):
+    """Keeps its norm in eval mode in train(): a common fine-tuning pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+def test_reestimate_bn_re_estimates_norms_a_model_keeps_frozen():
+    net = FrozenNormNet()
+    loader = images(4)
+    analysis.reestimate_bn(net, loader)
+    torch.testing.assert_close(net.bn.running_mean.double(), _batch_average(loader, lambda x: x.mean(dim=(0, 2, 3))),
+                               atol=1e-6, rtol=1e-5)
+    assert int(net.bn.num_batches_tracked) == len(loader)
+
+
+def test_bn_modules_needs_a_momentum():
+    class Frozen(nn.Module):  # as torchvision's FrozenBatchNorm2d: statistics, no momentum
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(2))
+            self.register_buffer("running_var", torch.ones(2))
+
+    boolean = nn.BatchNorm1d(2)
+    boolean.momentum = True  # not a number
+    net = nn.Sequential(Frozen(), nn.BatchNorm1d(2), boolean, nn.BatchNorm1d(2, momentum=None))
+    assert bn_modules(net) == [net[1], net[3]]
 
 
 class Exploding:
@@ -466,3 +533,20 @@ def test_reestimate_bn_uses_trained_norms_under_aws_interpolation():
     expect = torch.lerp(hooked.bn1.weight_orig.detach(), hooked.bn1.weight_init, torch.tensor(0.7))
     hooked(x)
     assert torch.equal(hooked.bn1.weight, expect)  # and the hooks use it again afterwards
+
+
+def test_interpolation_between_signmask_and_stock_pruned_models_with_one_mask():
+    from torch.nn.utils import prune as tprune
+
+    a = signmask.prune(tiny(0), 0.5)
+    b = tiny(1)
+    for name in ("conv1", "conv2", "fc"):  # the same mask, as stock prune's float buffer
+        tprune.custom_from_mask(getattr(b, name), "weight", getattr(a, name).weight_mask.float())
+    mid = analysis.interpolate(a, b, 0.5)
+    for name in ("conv1", "conv2", "fc"):
+        ma, mb, mm = getattr(a, name), getattr(b, name), getattr(mid, name)
+        expected = ((0.5 * ma.weight_orig.double() + 0.5 * mb.weight_orig.double()).float()) * ma.weight_mask
+        assert torch.equal(mm.weight, expected)
+    tprune.custom_from_mask(b.fc, "weight", torch.zeros_like(b.fc.weight))  # stacked: fc's mask now differs
+    with pytest.raises(ValueError, match="'fc.weight_mask' differs between model_a and model_b"):
+        analysis.interpolate(a, b, 0.5)

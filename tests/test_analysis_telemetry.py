@@ -45,6 +45,18 @@ def test_flipping_k_signs_by_hand_gives_k_over_n():
     assert last.layers["fc.weight"].cos_init == -1.0
 
 
+def test_a_diverged_model_is_recorded_with_nan_not_refused():
+    model = tiny(0)
+    rec = analysis.Telemetry(model)
+    with torch.no_grad():
+        model.conv1.weight.view(-1)[0] = float("nan")
+    assert rec.record(1)
+    stats = rec.records[-1].layers["conv1.weight"]
+    assert math.isnan(stats.dist_init) and math.isnan(stats.cos_init)
+    assert math.isnan(rec.records[-1].total.dist_init)
+    assert rec.records[-1].layers["fc.weight"].dist_init == 0.0
+
+
 def test_pruned_models_count_kept_weights_only():
     model = signmask.prune(tiny(0), 0.5, scope="layer")
     rec = analysis.Telemetry(model)

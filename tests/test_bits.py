@@ -1,5 +1,6 @@
 """Bit packing: round trips, ternary bytes and the sign-bit table against plain per-element loops."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -22,6 +23,27 @@ def test_pack_matches_the_documented_layout_and_round_trips(width, data):
     packed = _bits.pack(torch.tensor(codes), width)
     assert packed.dtype == torch.uint8 and packed.tolist() == _loop_pack(codes, width)
     assert _bits.unpack(packed, len(codes), width).tolist() == codes
+
+
+@pytest.mark.parametrize(
+    "pack, codes",
+    [
+        (lambda c: _bits.pack(c, 1), [0, 1, 2]),
+        (lambda c: _bits.pack(c, 2), [3, 4]),
+        (lambda c: _bits.pack(c, 2), [0, -1]),
+        (_bits.pack_ternary, [0, 1, 2, 3]),
+        (_bits.pack_ternary, [-1, 0]),
+    ],
+)
+def test_packers_refuse_codes_that_would_spill_into_their_neighbours(pack, codes):
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, \d\), found values in"):
+        pack(torch.tensor(codes))
+
+
+def test_packers_accept_empty_and_bool_input():
+    assert _bits.pack(torch.zeros(0, dtype=torch.int64), 2).numel() == 0
+    assert _bits.pack_ternary(torch.zeros(0, dtype=torch.int64)).numel() == 0
+    assert _bits.pack(torch.tensor([True, False, True]), 1).tolist() == [0b101]
 
 
 def _loop_pack_ternary(codes):

@@ -50,14 +50,8 @@ def _save_v1(ticket: signmask.Ticket, path: Path) -> Path:
     tensors, manifest = {}, {}
     for role, group in (("mask", ticket.masks), ("sign", ticket.signs)):
         for name, signed in group.items():
-            tensors[name] = _bits.pack(_bits.signed_to_codes(signed), 2)
-            manifest[name] = {
-                "role": role,
-                "shape": list(signed.shape),
-                "kept": int(signed.count_nonzero()),
-                "negative": int((signed < 0).sum()),
-                "sha256": hashlib.sha256(tensors[name].numpy().tobytes()).hexdigest(),
-            }
+            tensors[name], manifest[name] = _io._entry(role, signed, version="1")
+            assert tensors[name].numel() == -(-signed.numel() // 4)  # four 2-bit codes per byte
     meta = dict(ticket.metadata, format="signmask.ticket", format_version="1", sparsity=repr(ticket.sparsity))
     save_file(tensors, str(path), metadata=dict(meta, manifest=json.dumps(manifest, sort_keys=True)))
     return path
@@ -154,12 +148,22 @@ def _rewrite(path: Path, tensors=None, meta_update=None, drop=()):
     save_file(raw, str(path), metadata=meta)
 
 
-def _replace_bytes(path: Path, name: str, data: torch.Tensor):
-    """Put ``data`` in place of tensor ``name`` with a matching sha256, so the checksum passes."""
+def _edit_manifest(path: Path, edit, tensors=None):
+    """Apply ``edit`` to the manifest and update its checksum (if the file has one), as a
+    careful forger would: only the deeper checks can catch what was changed."""
     meta, _ = _io.read_raw(path)
     manifest = json.loads(meta["manifest"])
-    manifest[name]["sha256"] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
-    _rewrite(path, tensors={name: data}, meta_update={"manifest": json.dumps(manifest)})
+    edit(manifest)
+    update = {"manifest": json.dumps(manifest)}
+    if "manifest_sha256" in meta:
+        update["manifest_sha256"] = hashlib.sha256(update["manifest"].encode()).hexdigest()
+    _rewrite(path, tensors=tensors, meta_update=update)
+
+
+def _replace_bytes(path: Path, name: str, data: torch.Tensor):
+    """Put ``data`` in place of tensor ``name`` with a matching sha256, so the checksum passes."""
+    digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    _edit_manifest(path, lambda m: m[name].update(sha256=digest), tensors={name: data})
 
 
 def test_missing_file(tmp_path):
@@ -195,6 +199,68 @@ def test_safetensors_that_is_not_a_ticket(tmp_path):
     save_file({"w": torch.zeros(3)}, str(path))
     with pytest.raises(ValueError, match="w.safetensors: not a signmask ticket"):
         signmask.load(path)
+
+
+@pytest.mark.parametrize("shape", [[5, 1], [5]])
+def test_edited_manifest_shape_is_detected(saved, shape):
+    meta, _ = _io.read_raw(saved)
+    manifest = json.loads(meta["manifest"])
+    manifest["a.weight"]["shape"] = shape  # same number of weights: the bytes still fit
+    _rewrite(saved, meta_update={"manifest": json.dumps(manifest)})
+    with pytest.raises(ValueError, match="t.safetensors: ticket manifest does not match its checksum"):
+        signmask.load(saved)
+
+
+def test_file_without_manifest_checksum_still_loads(saved):
+    meta, raw = _io.read_raw(saved)
+    del meta["manifest_sha256"]
+    save_file(raw, str(saved), metadata=meta)
+    assert signmask.load(saved) == _small_ticket()
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [("[\"a.weight\"]", "found list"), ("5", "found int"), ("null", "found NoneType")],
+)
+def test_manifest_that_is_not_an_object(saved, manifest, message):
+    _rewrite(saved, meta_update={"manifest": manifest, "manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest()})
+    with pytest.raises(ValueError, match=f"t.safetensors: ticket manifest should be a JSON object, {message}"):
+        signmask.load(saved)
+
+
+def test_header_that_is_not_an_object_or_too_deep(tmp_path):
+    for i, header in enumerate([b"[1, 2]", b"[" * 100000 + b"]" * 100000]):
+        path = tmp_path / f"h{i}.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(ValueError, match=f"h{i}.safetensors: not a valid safetensors file"):
+            signmask.load(path)
+
+
+def test_directory_is_not_a_ticket(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path.name}: not a file"):
+        signmask.load(tmp_path)
+
+
+def test_file_of_dense_signs_only_names_the_file(saved):
+    _edit_manifest(saved, lambda m: [e.update(role="sign") for e in m.values()])
+    with pytest.raises(ValueError, match="t.safetensors: a ticket needs at least one masked tensor"):
+        signmask.load(saved)
+
+
+def test_ticket_edited_after_construction_is_refused_by_save_and_transfer(tmp_path):
+    ticket = _small_ticket()
+    ticket.masks["a.weight"] = torch.tensor([[2, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"mask 'a.weight' holds values outside \{-1, 0, \+1\}: found \[2\]"):
+        signmask.save(ticket, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="outside"):
+        signmask.transfer(ticket, torch.nn.Linear(5, 1))
+
+
+def test_tensor_named_like_the_safetensors_header_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="'__metadata__' cannot be saved"):
+        signmask.save(signmask.Ticket({"__metadata__": torch.tensor([1])}), tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unsupported_version(saved):
@@ -248,6 +314,7 @@ def test_wrong_byte_count_for_shape(saved_any):
     "masks, signs, meta, message",
     [
         ({"a": torch.tensor([2, 0])}, {}, {}, r"mask 'a' holds values outside \{-1, 0, \+1\}: found \[2\]"),
+        ({"a": torch.tensor([255, 1], dtype=torch.uint8)}, {}, {}, r"outside \{-1, 0, \+1\}: found \[255\]"),
         ({"a": torch.tensor([0.5])}, {}, {}, "must be an integer tensor"),
         ({"a": torch.tensor([1])}, {"a": torch.tensor([1])}, {}, "both as masks and as dense signs"),
         ({}, {}, {}, "at least one masked tensor"),

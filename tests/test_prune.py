@@ -1,5 +1,8 @@
 """signmask.prune / remove / load_state_dict: exact counts, selection options, errors."""
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -125,15 +128,20 @@ def test_compiled_and_wrapped_models_use_canonical_names():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(amount=1.5), "amount must be in [0, 1], got 1.5"),
-        (dict(amount=-0.1), "amount must be in [0, 1]"),
-        (dict(amount="0.5"), "amount must be a float"),
+        (dict(amount=1.5), "amount, a fraction, must be in [0, 1], got 1.5"),
+        (dict(amount=-0.1), "amount, a fraction, must be in [0, 1]"),
+        (dict(amount=-1), "amount, a number of weights, must be >= 0, got -1"),
+        (dict(amount=10**6), "amount=1000000 weights to prune, but only"),
+        (dict(amount="0.5"), "amount must be a float in [0, 1] or an int count, got str"),
+        (dict(amount=True), "amount must be a float in [0, 1] or an int count, got bool"),
         (dict(amount=0.5, method="lamp"), "valid methods: ['magnitude', 'random']"),
         (dict(amount=0.5, scope="block"), "valid: ['global', 'layer']"),
         (dict(amount=0.5, signs="init"), "valid: ['free', 'locked']"),
         (dict(amount=0.5, include="layer9.*"), "include pattern 'layer9.*' matches no conv/linear"),
         (dict(amount=0.5, exclude="*", classifier=True), "nothing to prune in TinyNet"),
         (dict(amount=0.5, seed=1), "seed= is not an option of method='magnitude'"),
+        (dict(amount=0.5, classifier="no"), "classifier must be a bool, got str 'no'"),
+        (dict(amount=0.5, filter_fn=3), "filter_fn must be callable"),
     ],
 )
 def test_bad_input_errors_and_leaves_model_untouched(kwargs, message):
@@ -144,6 +152,21 @@ def test_bad_input_errors_and_leaves_model_untouched(kwargs, message):
         signmask.prune(model, **kwargs)
     assert message in str(err.value)
     assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 29])
+def test_int_amount_is_a_count_as_in_stock_prune(count):
+    model, oracle = tiny(0), tiny(0)
+    targets = [(oracle.conv1, "weight"), (oracle.conv2, "weight"), (oracle.fc, "weight")]
+    signmask.prune(model, count)
+    tprune.global_unstructured(targets, tprune.L1Unstructured, amount=count)
+    assert kept(model) == sum(m.weight.numel() for m, _ in targets) - count
+    for (m, _), name in zip(targets, ("conv1", "conv2", "fc")):
+        assert torch.equal(getattr(model, name).weight_mask, m.weight_mask.bool())
+    layer = tiny(0).fc
+    signmask._methods.L1Magnitude.apply(layer, "weight", amount=count)  # the stock way
+    stock = tprune.l1_unstructured(tiny(0).fc, "weight", amount=count)
+    assert torch.equal(layer.weight_mask.bool(), stock.weight_mask.bool())
 
 
 def test_model_without_conv_or_linear_has_nothing_to_prune():
@@ -227,6 +250,72 @@ def test_load_state_dict_errors_leave_model_untouched():
     with pytest.raises(RuntimeError, match="extra.weight"):
         signmask.load_state_dict(target, bad)
     assert_same(before, snapshot(target))
+
+
+@pytest.mark.parametrize("value", [np.zeros((6, 3, 3, 3), dtype=np.float32), torch.empty(6, 3, 3, 3, device="meta")])
+def test_load_state_dict_refuses_values_without_data_before_copying(value):
+    sd = dict(signmask.prune(tiny(0), 0.6).state_dict())
+    sd["conv1.weight_orig"] = value  # listed after nothing: other keys would be copied first
+    target = tiny(1)
+    before = snapshot(target)
+    found = "a meta tensor" if isinstance(value, torch.Tensor) else "ndarray"
+    with pytest.raises(RuntimeError, match=f"conv1.weight_orig: expected a tensor with data in the state_dict, found {found}"):
+        signmask.load_state_dict(target, sd)
+    assert_same(before, snapshot(target))
+
+
+@pytest.mark.parametrize("fn", [signmask.remove, signmask.extract, lambda m: signmask.load_state_dict(m, {})])
+def test_model_functions_refuse_non_modules(fn):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        fn("model")
+
+
+def test_load_state_dict_refuses_a_state_dict_that_is_not_a_mapping():
+    target = tiny(1)
+    with pytest.raises(TypeError, match="state_dict must be a mapping of names to tensors, got NoneType"):
+        signmask.load_state_dict(target, None)
+
+
+@pytest.mark.parametrize("stock", ["l1", "global", "stacked"])
+def test_extract_reads_models_pruned_by_stock_prune(stock):
+    model = tiny(0)
+    if stock == "global":
+        tprune.global_unstructured([(model.conv2, "weight"), (model.fc, "weight")], tprune.L1Unstructured, amount=0.5)
+    else:
+        tprune.l1_unstructured(model.conv2, "weight", 0.5)
+        tprune.l1_unstructured(model.fc, "weight", 0.5)
+        if stock == "stacked":
+            tprune.l1_unstructured(model.fc, "weight", 0.5)
+    ticket = signmask.extract(model)
+    assert set(ticket.masks) == {"conv2.weight", "fc.weight"}
+    for name in ("conv2", "fc"):
+        module = getattr(model, name)
+        expected = torch.where(module.weight < 0, -1, 1).to(torch.int8) * (module.weight_mask != 0)
+        assert torch.equal(ticket.masks[name + ".weight"], expected)
+    assert ticket.metadata["method"] == {"global": "CustomFromMask"}.get(stock, "L1Unstructured")
+
+
+def test_global_pruning_of_float64_weights_matches_stock_prune_exactly():
+    model = nn.Sequential(nn.Linear(4, 1), nn.Linear(3, 1)).double()
+    with torch.no_grad():  # equal, underflowing or overflowing in float32
+        model[0].weight.copy_(torch.tensor([[1 + 2e-12, 1.0, 3.0, 1 + 1e-12]], dtype=torch.float64))
+        model[1].weight.copy_(torch.tensor([[1e-50, 1e39, 1e-60]], dtype=torch.float64))
+    oracle = copy.deepcopy(model)
+    signmask.prune(model, 3 / 7)
+    tprune.global_unstructured([(m, "weight") for m in oracle], tprune.L1Unstructured, amount=3)
+    for m, o in zip(model, oracle):
+        assert torch.equal(m.weight_mask, o.weight_mask.bool())
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_empty_tensors_have_sparsity_zero():
+    model = nn.Sequential(nn.Linear(0, 4), nn.Linear(4, 3))
+    signmask.prune(model, 0.5)
+    ticket = signmask.extract(model)
+    assert ticket.layer_sparsity() == {"0.weight": 0.0, "1.weight": 0.5}
+    assert ticket.sparsity == 0.5
+    empty = signmask.Ticket({"a": torch.zeros(0, 3, dtype=torch.int8)})
+    assert empty.sparsity == 0.0 and empty.layer_sparsity() == {"a": 0.0}
 
 
 def test_locking_reads_the_live_weights_not_the_last_forward():

@@ -17,12 +17,13 @@ from signmask import _schedule
 def test_kept_schedule_lands_on_target(total, sparsity, rate):
     steps = _schedule.prune_count(sparsity, rate, None)
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
-    assert len(kept) == steps
-    assert kept[-1] == round(total * (1 - sparsity))
-    assert all(a >= b for a, b in zip([total] + kept, kept))
-    # Every step but the last prunes the rate of the initial count compounded, no further.
-    for i, k in enumerate(kept[:-1], start=1):
-        assert k == max(round(total * (1 - rate) ** i), kept[-1])
+    final = round(total * (1 - sparsity))
+    compounded = [round(total * (1 - rate) ** i) for i in range(1, steps)]
+    # Every step but the last keeps the rate of the initial count compounded; steps that round
+    # onto the target are dropped, so every step prunes something.
+    assert kept == [k for k in compounded if k > final] + [final]
+    assert all(a > b for a, b in zip(kept, kept[1:])) and kept[0] <= total
+    assert len(kept) in (steps, steps - 1)
     # One step fewer would not reach the target.
     assert steps == 1 or (1 - rate) ** (steps - 1) > 1 - sparsity - 1e-9
 
@@ -32,6 +33,12 @@ def test_prune_count_examples():
     assert _schedule.prune_count(0.36, 0.2, None) == 2  # exactly 0.8**2 = 0.64 density
     assert _schedule.prune_count(0.965, 0.2, None) == 16
     assert _schedule.prune_count(0.9, None, 3) == 3
+
+
+def test_step_rounding_onto_the_target_is_dropped():
+    # 516 * 0.8 ** 3 = 264.2 and 516 * (1 - 0.4887) = 263.8 both round to 264.
+    assert _schedule.prune_count(0.4887, 0.2, None) == 4
+    assert _schedule.kept_schedule(516, 0.4887, 0.2, 4) == [413, 330, 264]
 
 
 def test_even_steps_when_only_rounds_given():
@@ -80,3 +87,9 @@ def test_fraction_type():
 def test_rounds_must_be_positive_int(rounds):
     with pytest.raises(ValueError, match="rounds must be a positive int"):
         _schedule.prune_count(0.5, None, rounds)
+
+
+def test_parse_rewind_returns_a_plain_int_for_numpy_steps_per_epoch():
+    np = pytest.importorskip("numpy")
+    step = _schedule.parse_rewind("2ep", np.int64(3))
+    assert step == 6 and type(step) is int  # numpy ints would not load with weights_only=True

@@ -198,6 +198,12 @@ def test_rounds_out_of_order():
         ({"rewind": "2ep"}, ValueError, "counts epochs; pass steps_per_epoch="),
         ({"rewind": "soon"}, ValueError, "cannot read rewind point 'soon'"),
         ({"method": "omp", "rate": 0.2}, ValueError, "method='omp' prunes once"),
+        ({"method": "omp", "rounds": 3}, ValueError, "rate=/rounds= do not apply (got rate=None, rounds=3)"),
+        ({"include": 5}, TypeError, "include must be a glob string or a list of them, got 5"),
+        ({"filter_fn": "conv*"}, TypeError, "filter_fn must be callable as filter_fn(module, name), got str 'conv*'"),
+        ({"classifier": "no"}, TypeError, "classifier must be a bool or None, got str 'no'"),
+        ({"seed": 2**64}, ValueError, "seed must be in [0, 2**64), got 18446744073709551616"),
+        ({"seed": -1}, ValueError, "seed must be in [0, 2**64), got -1"),
         ({"include": "nothing*"}, ValueError, "include pattern 'nothing*' matches no conv/linear module"),
         ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
         ({"scheduler": object()}, TypeError, "scheduler must have state_dict()/load_state_dict()"),
@@ -444,6 +450,9 @@ def test_report_and_close_refuse_bad_arguments():
     with pytest.raises(TypeError, match="report\\(\\): metric 'acc' must be a number, got str 'high'"):
         search.report(acc="high")
     assert "acc" not in search.history[-1]
+    with pytest.raises(ValueError, match=r"report\(\): \['round', 'steps'\] are the search's own records"):
+        search.report(round=99, steps=7, acc=0.5)
+    assert search.history[-1] == {"round": 0, "sparsity": 0.0}
     with pytest.raises(TypeError, match="close\\(\\) takes copies of the model \\(nn.Module\\), got dict"):
         search.close({})
     assert search.in_round and opt._optimizer_step_post_hooks  # nothing came off

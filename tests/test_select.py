@@ -19,15 +19,22 @@ def _oracle(scores, alive, k):
     return [o.view_as(s) for o, s in zip(out, scores)]
 
 
+# Distinct in float64 only: equal, underflowing or overflowing once rounded to float32.
+FLOAT64_ONLY = [1.0, 1.0 + 2e-12, 1.0 + 1e-12, 1e-50, 1e-60, 1e39, 1e300, 5e-324]
+
+
 @st.composite
-def problems(draw):
+def problems(draw, dtype=torch.float32):
     n = draw(st.integers(1, 4))
     scores, alive = [], []
     for _ in range(n):
         numel = draw(st.integers(1, 40))
         # Few distinct values force many ties; floats cover the bit-pattern ordering.
-        vals = draw(st.lists(st.sampled_from([0.0, 1e-30, 0.5, 1.0, 1.5, 3.0e5, 7.25]) | st.floats(0, 1e6), min_size=numel, max_size=numel))
-        scores.append(torch.tensor(vals, dtype=torch.float32))
+        values = st.sampled_from([0.0, 1e-30, 0.5, 1.0, 1.5, 3.0e5, 7.25]) | st.floats(0, 1e6)
+        if dtype == torch.float64:
+            values = values | st.sampled_from(FLOAT64_ONLY) | st.floats(0, 1e308)
+        vals = draw(st.lists(values, min_size=numel, max_size=numel))
+        scores.append(torch.tensor(vals, dtype=dtype))
         alive.append(torch.tensor(draw(st.lists(st.booleans(), min_size=numel, max_size=numel))))
     total = int(sum(a.sum() for a in alive))
     return scores, alive, draw(st.integers(0, total))
@@ -43,6 +50,22 @@ def test_selects_exactly_k_like_a_stable_sort(problem):
         assert not (g & ~a).any()
     for g, want in zip(got, _oracle(scores, alive, k)):
         assert torch.equal(g, want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(problems(torch.float64))
+def test_float64_scores_select_exactly_like_a_stable_sort(problem):
+    scores, alive, k = problem
+    got = smallest_k(lambda i: scores[i], alive, k, wide=True)
+    for g, want in zip(got, _oracle(scores, alive, k)):
+        assert torch.equal(g, want)
+
+
+def test_float64_values_that_float32_merges_are_ranked_apart():
+    scores = [torch.tensor(FLOAT64_ONLY, dtype=torch.float64)]
+    alive = [torch.ones(len(FLOAT64_ONLY), dtype=torch.bool)]
+    for k in range(len(FLOAT64_ONLY) + 1):
+        assert torch.equal(smallest_k(lambda i: scores[i], alive, k, wide=True)[0], _oracle(scores, alive, k)[0])
 
 
 def test_negative_zero_ties_with_zero():

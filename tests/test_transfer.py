@@ -124,6 +124,22 @@ def test_bad_transfers_leave_the_model_untouched(make, kwargs, message):
     assert_same(before, snapshot(model))
 
 
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+        self.dec.weight = self.enc.weight
+
+
+def test_ticket_masking_both_ends_of_tied_weights_is_refused():
+    ticket = signmask.Ticket({"enc.weight": torch.tensor([[1, 0, -1, 0]] * 4), "dec.weight": torch.tensor([[0, 1, 0, -1]] * 4)})
+    model = Tied()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="enc.weight and dec.weight share one Parameter"):
+        signmask.transfer(ticket, model)
+    assert_same(before, snapshot(model))
+
+
 def test_extra_ticket_tensor_is_refused_before_any_change():
     ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
     masks = dict(ticket.masks)

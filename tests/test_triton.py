@@ -17,18 +17,11 @@ from torch import nn
 
 import signmask
 from signmask import _backends, _bits, _reparam, _triton, _triton_linear
+from _util import bits_equal
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not _triton.INTERPRETED:
     raise RuntimeError("signmask._triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and values; NaN where the other has NaN; zeros of either sign equal."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    nan = torch.isnan(a)
-    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -57,12 +50,12 @@ def _check_against_torch(orig, mask, sign, out_dtype):
     ref = _reparam.masked_weight(ref_o, mask, sign).to(out_dtype)
     got_o = orig.detach().clone().requires_grad_()
     got = _triton.masked_weight(got_o, mask, sign, out_dtype)
-    assert _bits_equal(got, ref)
+    assert bits_equal(got, ref)
     assert got.stride() == orig.stride() or _triton._dense_order(orig) is None
     grad = torch.randn(ref.shape, dtype=torch.float32).to(out_dtype).to(orig.device)
     ref.backward(grad)
     got.backward(grad)
-    assert _bits_equal(got_o.grad, ref_o.grad)
+    assert bits_equal(got_o.grad, ref_o.grad)
 
 
 SHAPES = [(7,), (5, 3), (4, 3, 3, 3), (3, 2, 2, 1, 5), (2, 1, 3, 1, 2, 3), (1030,)]

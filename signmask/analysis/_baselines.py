@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .. import _methods, _reparam
+from .. import _methods, _parents, _reparam
 from .. import _transfer as _transfer_mod
 from .._ticket import Ticket
 from ._common import check_int, check_model, check_real
@@ -101,6 +101,7 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
     with torch.no_grad():
         for module, name, keep, ranker in masks:
             _reparam.install(module, name, keep, ranker)
+    _parents.link(model)
     return model
 
 

@@ -18,9 +18,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def bn_modules(model: nn.Module) -> list[nn.Module]:
     """List the modules whose running statistics :func:`reestimate_bn` re-estimates.
 
-    Those owning tensor ``running_mean`` and ``running_var`` buffers, a ``momentum`` and
-    ``reset_running_stats()``: torch BatchNorm, SyncBatchNorm, InstanceNorm with
-    ``track_running_stats``, timm's ``BatchNormAct2d``... (not ``FrozenBatchNorm2d``).
+    Those owning a tensor ``running_var`` buffer and a numeric ``momentum`` with which their
+    train-mode forward averages it: torch BatchNorm, SyncBatchNorm, InstanceNorm with
+    ``track_running_stats``, timm's ``BatchNormAct2d`` and ``EvoNorm2dB*`` (which keep only a
+    running variance)... (not ``FrozenBatchNorm2d``, which has no momentum).
 
     Example:
         >>> len(bn_modules(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))))
@@ -28,11 +29,25 @@ def bn_modules(model: nn.Module) -> list[nn.Module]:
     """
     return [
         m for m in model.modules()
-        if isinstance(getattr(m, "running_mean", None), torch.Tensor)
-        and isinstance(getattr(m, "running_var", None), torch.Tensor)
-        and callable(getattr(m, "reset_running_stats", None))
-        and hasattr(m, "momentum")
+        if isinstance(m._buffers.get("running_var"), torch.Tensor) and _numeric_momentum(m)
     ]
+
+
+def _numeric_momentum(m: nn.Module) -> bool:
+    if not hasattr(m, "momentum"):
+        return False
+    momentum = m.momentum
+    return momentum is None or (isinstance(momentum, (float, int)) and not isinstance(momentum, bool))
+
+
+def _reset(layer: nn.Module) -> None:
+    if callable(getattr(layer, "reset_running_stats", None)):
+        layer.reset_running_stats()
+        return
+    for name, value in (("running_mean", 0), ("running_var", 1), ("num_batches_tracked", 0)):
+        buffer = layer._buffers.get(name)
+        if buffer is not None:
+            buffer.fill_(value)
 
 
 def _limit(loader: Iterable, batches: int | None) -> Iterable:
@@ -52,10 +67,13 @@ def _interpolation_hooks(model: nn.Module) -> dict:
 def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = None) -> nn.Module:
     """Re-estimate the running statistics of every BatchNorm-like layer, in place.
 
-    Each layer found by :func:`bn_modules` is reset and given ``momentum=None`` (torch's
-    cumulative average: with batches of equal size, the mean of the per-batch means and unbiased
-    variances), then the whole model runs one no-grad pass over ``loader`` in train mode (dropout
-    active, as in training), and the momenta and every module's train/eval flag are restored.
+    Each layer found by :func:`bn_modules` is reset, then the whole model runs one no-grad pass
+    over ``loader`` in train mode (dropout active, as in training; the layers themselves in
+    train mode even where the model's ``train()`` keeps them frozen), each layer's ``momentum``
+    set to ``1 / k`` before the ``k``-th batch: the cumulative average of torch's
+    ``momentum=None`` (with batches of equal size, the mean of the per-batch means and unbiased
+    variances), which InstanceNorm and EvoNorm do not offer themselves. The momenta and every
+    module's train/eval flag are restored.
     A model without such layers is returned at once, without reading ``loader``. Norm layers under
     AWS's interpolation use their trained parameters (``a = 0``) during the pass, so the
     statistics are those of the network as evaluated.
@@ -94,14 +112,18 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     try:
         for hook in mixed:
             hook.alpha = torch.zeros_like(hook.alpha)  # the hook's own: the caller's a stays
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None
+        with torch.no_grad():
+            for m in layers:
+                _reset(m)
         model.train()
+        for m in layers:
+            m.training = True  # a model may keep its norms frozen in its own train()
         seen = 0
         with torch.no_grad():
             for batch in _limit(loader, batches):
                 inputs, _ = split_batch(batch, need_target=False)
+                for m in layers:
+                    m.momentum = 1.0 / (seen + 1)  # as torch's momentum=None, for every kind
                 model(inputs.to(device))
                 seen += 1
         if seen == 0:

@@ -22,8 +22,8 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def _differences(key: str, a: torch.Tensor, b: torch.Tensor, pruned: dict) -> int:
     """How many entries of a mask, or kept entries of a packed sign lock, differ."""
     b = b.to(a.device)
-    if not key.endswith("_sign"):
-        return int((a != b).sum())
+    if not key.endswith("_sign"):  # bool (signmask) or float (stock prune) masks: compare keeps
+        return int(((a != 0) != (b != 0)).sum())
     module, name = pruned[key[: -len("_sign")]]
     shape = module._parameters[name + "_orig"].shape
     keep = module._buffers[name + "_mask"] == 1
@@ -53,7 +53,8 @@ def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
     plan = {}
     for key, a in ta.items():
         b = tb[key]
-        if a.shape != b.shape or a.dtype != b.dtype:
+        mask = key in structural and key.endswith("_mask")  # its dtype depends on who pruned
+        if a.shape != b.shape or (a.dtype != b.dtype and not mask):
             raise ValueError(
                 f"tensor {key!r} differs: model_a has {tuple(a.shape)} {a.dtype}, model_b has "
                 f"{tuple(b.shape)} {b.dtype}"

@@ -55,8 +55,8 @@ class Stats:
             raise ValueError(f"sign_changed must be in [0, 1], got {self.sign_changed}")
         for name in ("dist_init", "dist_final"):
             value = getattr(self, name)
-            if value is not None and not value >= 0.0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            if value is not None and not (value >= 0.0 or math.isnan(value)):  # NaN: diverged
+                raise ValueError(f"{name} must be >= 0 or NaN, got {value}")
         for name in ("cos_init", "cos_final"):
             value = getattr(self, name)
             if value is not None and not (-1.0 <= value <= 1.0 or math.isnan(value)):
@@ -103,7 +103,9 @@ class _Sums:
 
     def cosine(self) -> float:
         denom = math.sqrt(self.xx * self.yy)  # sqrt(v * v) == v exactly: cosine(w, w) == 1.0
-        return math.nan if denom == 0.0 else max(-1.0, min(1.0, self.xy / denom))
+        cos = self.xy / denom if denom != 0.0 else math.nan
+        # Clamped against rounding; NaN (a diverged weight) must pass: min(1.0, nan) is 1.0.
+        return cos if math.isnan(cos) else max(-1.0, min(1.0, cos))
 
     def fraction(self) -> float:
         return self.changed / self.count if self.count else math.nan

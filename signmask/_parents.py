@@ -1,0 +1,108 @@
+"""Pruned weights that a parent module reads directly, without calling the child's forward.
+
+The pruning pre-hook sets ``child.weight`` when the child's own forward runs. Some parents
+skip that forward and read the attribute themselves: ``nn.MultiheadAttention`` passes
+``self.out_proj.weight`` to its functional forward, timm's BEiT, EVA and Swin-V2 attention
+call ``F.linear(x, self.qkv.weight, ...)`` (when their qkv bias is split). Left alone, such a weight is the tensor of the child's
+last forward (or of the moment the mask was installed): it gets no gradient and ignores later
+masks and steps, silently, as with stock ``torch.nn.utils.prune``.
+
+:func:`link` finds those reads in the source of each parent's ``forward`` (a ``self.<path>.<name>``
+expression naming a pruned tensor below it) and gives the parent a forward pre-hook that
+recomputes them (:class:`RefreshChildren`) and a post-hook that detaches them again. Reads that
+the source does not spell out that way (through ``getattr`` or a helper taking the module) are
+not found. Where the parent reads the tensor only in a branch it does not take, the weight is
+computed twice per forward: once more than needed, never stale.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+from torch import nn
+from torch.nn.utils import prune as _prune
+
+from . import _reparam
+
+# self.<dotted chain>, e.g. self.out_proj.weight, self.attn.qkv.weight.shape
+_CHAIN = re.compile(r"\bself((?:\.[A-Za-z_]\w*)+)")
+
+
+# Forwards whose direct reads sit on a fast path that torch skips while any submodule has hooks,
+# as a pruned one always does: linking them would only compute their weights twice.
+_FAST_PATH_ONLY = (nn.TransformerEncoderLayer.forward,)
+
+
+@functools.lru_cache(maxsize=None)
+def _reads(cls: type) -> frozenset[str]:
+    """``"<child path>.<tensor>"`` attributes that ``cls.forward`` reads through ``self``."""
+    if getattr(cls, "forward", None) in _FAST_PATH_ONLY:
+        return frozenset()
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # builtins, classes defined in a REPL
+        return frozenset()
+    reads = set()
+    for chain in _CHAIN.findall(source):  # ".a.b.c" -> "a.b", "a.b.c": any may be a tensor
+        parts = chain[1:].split(".")
+        reads.update(".".join(parts[:n]) for n in range(2, len(parts) + 1))
+    return frozenset(reads)
+
+
+class RefreshChildren:
+    """Forward pre-hook of a parent: recompute the pruned tensors it reads directly."""
+
+    def __init__(self, paths: tuple[str, ...]) -> None:
+        self.paths = paths
+
+    def _owners(self, module: nn.Module):
+        for path in self.paths:
+            child_path, _, name = path.rpartition(".")
+            child = module.get_submodule(child_path)
+            hook = _reparam.find_hook(child, name)[1]
+            if hook is not None:  # pruned since the link, by signmask or stock prune
+                yield child, name, hook
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        for child, name, hook in self._owners(module):
+            hook(child, inputs)
+
+    def __repr__(self) -> str:
+        return f"RefreshChildren({list(self.paths)})"
+
+
+class DetachChildren(RefreshChildren):
+    """Forward post-hook of a parent: detach what :class:`RefreshChildren` computed (deepcopy)."""
+
+    def __call__(self, module: nn.Module, inputs, output) -> None:
+        for child, name, _ in self._owners(module):
+            _reparam.DetachWeight(name)(child, inputs, output)
+
+    def __repr__(self) -> str:
+        return f"DetachChildren({list(self.paths)})"
+
+
+def _unlink(module: nn.Module) -> None:
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, RefreshChildren)]:
+            del hooks[key]
+
+
+def link(model: nn.Module) -> None:
+    """Give every parent of ``model`` that reads pruned tensors directly the hooks above, and
+    take them off parents that no longer read any (after ``remove``). Idempotent."""
+    pruned = set()
+    for fqn, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _prune.BasePruningMethod):
+                pruned.add(f"{fqn}.{hook._tensor_name}" if fqn else hook._tensor_name)
+    for fqn, parent in model.named_modules():
+        _unlink(parent)
+        prefix = f"{fqn}." if fqn else ""
+        paths = tuple(sorted(p for p in _reads(type(parent)) if prefix + p in pruned))
+        if paths:
+            parent.register_forward_pre_hook(RefreshChildren(paths))
+            parent.register_forward_hook(DetachChildren(paths))
+

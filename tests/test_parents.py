@@ -1,0 +1,98 @@
+"""Pruned weights read directly by their parent module (MultiheadAttention, timm BEiT)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import signmask
+from signmask import _parents
+from signmask._compat import import_timm
+
+timm = import_timm()
+
+
+def _encoder(seed=0):
+    torch.manual_seed(seed)
+    return nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+
+
+def _beit(seed=0):
+    torch.manual_seed(seed)
+    return timm.models.beit.Beit(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+
+
+def _dense_twin(model):
+    """A dense copy whose weights are the pruned model's effective weights."""
+    twin = copy.deepcopy(model)
+    signmask.remove(twin)
+    return twin
+
+
+def _grads(model):
+    return {n.removesuffix("_orig"): p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("make, x", [(_encoder, torch.randn(3, 5, 16)), (_beit, torch.randn(2, 3, 16, 16))])
+def test_weights_read_by_the_parent_train_like_a_dense_model(make, x):
+    model = signmask.prune(make(), 0.5)
+    twin = _dense_twin(model)
+    model(x).sum().backward()
+    twin(x).sum().backward()
+    got, want = _grads(model), _grads(twin)
+    assert got.keys() == want.keys()
+    for name, (module, tensor) in signmask._targets.pruned(model).items():
+        mask = module._buffers[tensor + "_mask"]
+        torch.testing.assert_close(got[name], want[name] * mask, rtol=0, atol=1e-6, msg=name)
+    for name in got.keys() - set(signmask._targets.pruned(model)):
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+
+
+def _links(module):
+    return [h for h in list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
+            if isinstance(h, _parents.RefreshChildren)]
+
+
+def test_parent_hooks_follow_prune_and_remove_and_survive_deepcopy():
+    model = signmask.prune(_encoder(), 0.5, include=["linear1"])
+    assert _links(model.self_attn) == []
+    signmask.prune(model, 0.5)
+    assert [h.paths for h in _links(model.self_attn)] == [("out_proj.weight",)] * 2
+    # The encoder layer reads linear1/2 directly only on its fast path, which hooks switch off.
+    assert _links(model) == []
+    model(torch.randn(2, 3, 16)).sum().backward()
+    copy.deepcopy(model)  # every weight the parents computed was detached again
+    signmask.remove(model)
+    assert _links(model.self_attn) == []
+
+
+def test_reads_are_found_in_the_forward_source():
+    assert "out_proj.weight" in _parents._reads(nn.MultiheadAttention)
+    assert _parents._reads(nn.TransformerEncoderLayer) == frozenset()  # fast path only
+    assert "qkv.weight" in _parents._reads(timm.models.beit.Attention)
+    assert _parents._reads(nn.Linear) == frozenset()  # self.weight is its own tensor, not a child's
+
+
+class GrandparentReader(nn.Module):
+    """Reads a grandchild's weight through a dotted path, with attribute calls after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Module()
+        self.block.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.block.fc.weight.t().t(), self.block.fc.bias)
+
+
+def test_dotted_reads_by_a_grandparent_are_refreshed():
+    torch.manual_seed(0)
+    model = signmask.prune(GrandparentReader(), 0.5)
+    assert [h.paths for h in _links(model)] == [("block.fc.weight",)] * 2
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    x = torch.randn(3, 6)
+    model(x).square().sum().backward()
+    opt.step()  # the next forward must see the stepped weights
+    want = torch.nn.functional.linear(x, model.block.fc.weight_orig * model.block.fc.weight_mask, model.block.fc.bias)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
