@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import os
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader
 
 import signmask
 from signmask import analysis
+from signmask._io import write_atomic
 from _data import DEFAULT_CIFAR, accuracy, load_data, write_json  # the examples' data, beside them
 
 def make_model(width: int, seed: int) -> nn.Module:
@@ -145,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         fresh = make_model(args.width, args.seed + 1)
         signmask.transfer(out / "ticket.safetensors", fresh, signs=signs)  # signmask
         acc = retrain(fresh, train_loader(), test_loader, args.retrain_epochs, args.lr)
-        torch.save(fresh.state_dict(), out / f"transfer_{signs}.pt")
+        buffer = io.BytesIO()
+        torch.save(fresh.state_dict(), buffer)
+        write_atomic(out / f"transfer_{signs}.pt", buffer.getvalue())
         kept = sum(int(b.sum()) for n, b in fresh.named_buffers() if n.endswith("_mask"))
         total = sum(b.numel() for n, b in fresh.named_buffers() if n.endswith("_mask"))
         table.append({"model": f"{label} (signs={signs!r})", "sparsity": 1 - kept / total, "acc": acc})

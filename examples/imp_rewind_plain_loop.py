@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.epochs < 2:  # rounds after the first train from the rewind point, epoch 1, on
+        p.error(f"--epochs must be >= 2 with the rewind to epoch 1, got {args.epochs}")
     if args.data is None:
         args.data = str(DEFAULT_CIFAR) if DEFAULT_CIFAR.exists() and not args.quick else "synthetic"
     return args

@@ -1,6 +1,7 @@
-"""Prune a timm ResNet, save its signed mask, inspect it, and transfer it to a new init.
+"""Prune a timm ResNet, save its signed mask, transfer it to a new init, and check it arrived.
 
-Run: python examples/prune_save_transfer.py [--out ticket.safetensors]
+Run: python examples/prune_save_transfer.py [--arch resnet18] [--out ticket.safetensors]
+Then: python -m signmask inspect ticket.safetensors
 """
 
 import argparse
@@ -11,12 +12,12 @@ import signmask
 from signmask._compat import import_timm  # plain `import timm` where torchvision loads
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> bool:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--out", default="ticket.safetensors")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     timm = import_timm()
 
     torch.manual_seed(0)
@@ -32,6 +33,7 @@ def main() -> None:
     same = all(torch.equal(signmask.extract(fresh).masks[k], v) for k, v in ticket.masks.items())
     print(f"new init carries the ticket's signed mask: {same}")
     print(f"inspect it with: python -m signmask inspect {args.out}")
+    return same
 
 
 if __name__ == "__main__":

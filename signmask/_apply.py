@@ -57,8 +57,12 @@ def apply(
         A :class:`Search`.
 
     Raises:
+        TypeError: ``model`` not a module, ``optimizer`` not a ``torch.optim.Optimizer``, a
+            scheduler without ``state_dict``, or an option of the wrong type (``sparsity``,
+            ``rate``, ``rewind``, ``seed``, ``classifier``, ``include``, ``filter_fn``...).
         ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds; a rewind
-            point for LRR/AWS or an unreadable one; nothing to prune. The model is left untouched.
+            point for LRR/AWS or an unreadable one; a seed outside [0, 2**64); nothing to prune.
+        The model is left untouched in every case.
 
     Example:
         >>> import torch, signmask

@@ -172,6 +172,7 @@ def set_backend(
         ``model``.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: unknown backend, nothing pruned, a stock prune hook, ``"projection"``
             without an optimizer or with one it cannot serve exactly.
         ImportError: ``"triton"`` without triton installed.
@@ -180,10 +181,11 @@ def set_backend(
     Example:
         >>> import torch, signmask
         >>> net = signmask.prune(torch.nn.Linear(4, 4), 0.5)
-        >>> net = set_backend(net, "auto")
+        >>> net = signmask.set_backend(net, "auto")
         >>> net(torch.ones(1, 4)).shape
         torch.Size([1, 4])
     """
+    _targets.check_model(model, "model")
     impl = get_backend(backend)
     targets = _signmask_targets(model)
     impl.check(targets, optimizer)

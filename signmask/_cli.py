@@ -28,13 +28,25 @@ def _table(ticket) -> list[str]:
     return [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]
 
 
+def _versions(value: str) -> str:
+    """``extract``'s JSON of library versions as "torch 2.13, ..."; other text as it is (the
+    key is free-form metadata too)."""
+    try:
+        versions = json.loads(value)
+    except (ValueError, RecursionError):
+        return value
+    if not isinstance(versions, dict):
+        return value
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
 def inspect(path: str) -> str:
     """The text ``python -m signmask inspect`` prints for the ticket at ``path``."""
     ticket = _io.load(path)
     lines = [f"ticket: {path}"]
     for key, value in sorted(ticket.metadata.items()):
         if key == "versions":
-            value = ", ".join(f"{k} {v}" for k, v in json.loads(value).items())
+            value = _versions(value)
         lines.append(f"  {key}: {value}")
     lines.append(
         f"  sparsity: {ticket.sparsity:.4f} ({ticket.kept} of {ticket.numel} weights kept, "

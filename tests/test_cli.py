@@ -28,3 +28,10 @@ def test_inspect_bad_file_exits_1_with_message(tmp_path):
     bad.write_bytes(b"\x00" * 3)
     proc = subprocess.run([sys.executable, "-m", "signmask", "inspect", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1 and "bad.safetensors" in proc.stderr and proc.stdout == ""
+
+
+def test_inspect_shows_versions_metadata_that_is_not_json_as_it_is(tmp_path):
+    for i, text in enumerate(["torch 2.1", "[1, 2]"]):
+        ticket = signmask.extract(signmask.prune(tiny(), 0.5), metadata={"versions": text})
+        path = signmask.save(ticket, tmp_path / f"v{i}.safetensors")
+        assert f"  versions: {text}" in signmask._cli.inspect(str(path))

@@ -4,6 +4,7 @@ Needs the ``demo`` packages (mlxtend, matplotlib, timm), which the ``test`` extr
 missing one fails these tests rather than skipping them.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -78,6 +79,31 @@ def test_missing_demo_packages_exit_1_with_install_hint(monkeypatch, capsys, tmp
     monkeypatch.setattr(_demo, "missing_packages", lambda data: ["mlxtend"])
     assert _cli.main(["demo", "--quick", "--out", str(tmp_path / "o")]) == 1
     assert "pip install 'signmask[demo]'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def _settings(*argv):
+    parser = argparse.ArgumentParser()
+    _demo.add_arguments(parser)
+    return _demo.settings(parser.parse_args(list(argv)))
+
+
+def test_options_given_override_quick_and_defaults_fill_the_rest():
+    assert (_settings().epochs, _settings().round_epochs) == (5, 2)
+    assert (_settings("--quick").epochs, _settings("--quick").round_epochs) == (1, 1)
+    quick = _settings("--quick", "--epochs", "3", "--round-epochs", "2")
+    assert (quick.epochs, quick.round_epochs, quick.width, quick.limit) == (3, 2, 8, 256)
+
+
+@pytest.mark.parametrize("kind", ["file", "below a file"])
+def test_unwritable_out_exits_1_before_any_training(kind, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = blocker if kind == "file" else blocker / "sub"
+    monkeypatch.setattr(_demo, "run", lambda s, o: pytest.fail("training started"))
+    assert _cli.main(["demo", "--quick", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}: cannot write there") and "Traceback" not in err
+    assert blocker.read_text() == "x"
 
 
 def test_cli_and_demo_modules_import_no_heavy_package():

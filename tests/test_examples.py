@@ -69,6 +69,22 @@ def check_ticket(path: Path, numels: dict[str, int], sparsity: float, method: st
     return ticket
 
 
+def test_prune_save_transfer_carries_the_signed_mask(tmp_path, capsys):
+    ex = load_example("prune_save_transfer")
+    path = tmp_path / "t.safetensors"
+    assert ex.main(["--arch", "test_resnet", "--out", str(path)]) is True
+    ticket = signmask.load(path)
+    assert abs(ticket.sparsity - 0.8) < 1e-3 and ticket.metadata["architecture"] == "test_resnet"
+    assert "new init carries the ticket's signed mask: True" in capsys.readouterr().out
+
+
+def test_imp_example_refuses_fewer_epochs_than_its_rewind_needs(capsys):
+    ex = load_example("imp_rewind_plain_loop")
+    with pytest.raises(SystemExit) as exc:
+        ex.parse_args(["--quick", "--epochs", "1"])
+    assert exc.value.code == 2 and "--epochs must be >= 2 with the rewind to epoch 1, got 1" in capsys.readouterr().err
+
+
 def test_imp_rewinds_weights_and_schedule_to_epoch_1(tmp_path, monkeypatch):
     ex = load_example("imp_rewind_plain_loop")
     seen = {"step": 0, "first": {}}

@@ -96,3 +96,14 @@ def test_dotted_reads_by_a_grandparent_are_refreshed():
     opt.step()  # the next forward must see the stepped weights
     want = torch.nn.functional.linear(x, model.block.fc.weight_orig * model.block.fc.weight_mask, model.block.fc.bias)
     torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph_traces_the_parent_refresh():
+    torch.manual_seed(0)
+    model = signmask.prune(nn.MultiheadAttention(16, 2, batch_first=True), 0.5)
+    x = torch.randn(2, 5, 16)
+    forward = lambda m: m(x, x, x, need_weights=False)[0]
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x, x, x, need_weights=False)[0], forward(model), rtol=0, atol=1e-6)
+    compiled(x, x, x, need_weights=False)[0].sum().backward()
+    assert model.out_proj.weight_orig.grad is not None

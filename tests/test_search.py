@@ -456,7 +456,8 @@ def test_report_and_close_refuse_bad_arguments():
     with pytest.raises(TypeError, match="close\\(\\) takes copies of the model \\(nn.Module\\), got dict"):
         search.close({})
     assert search.in_round and opt._optimizer_step_post_hooks  # nothing came off
-    search.finish_round()
+    with pytest.warns(UserWarning, match="round 0 took no optimizer step"):
+        search.finish_round()
     with pytest.raises(RuntimeError, match=r"report\(\): no round is running"):
         search.report(acc=0.5)  # round 0's log line is out already
     assert "acc" not in search.history[0]
