@@ -5,8 +5,8 @@ Each tensor is stored as uint8 bytes holding five ternary codes (0 pruned, 1 = +
 stays under 2 bits per weight once it holds more than a few thousand weights. The string
 metadata holds the ticket's own metadata plus reserved keys: ``format``, ``format_version``,
 ``sparsity``, ``manifest`` (per tensor: role, shape, kept and negative counts, sha256 of the
-bytes) and ``manifest_sha256`` (of the manifest's JSON; files written before it was added load
-without that check). ``load`` checks them all, so truncated or edited files fail loudly.
+bytes) and ``manifest_sha256`` (of the manifest's content, as sorted JSON; files written before
+it was added load without that check). ``load`` checks them all, so truncated or edited files fail loudly.
 
 ``save`` writes format version 2; ``load`` also reads version 1, which held four 2-bit codes per
 byte (same manifest).
@@ -58,6 +58,11 @@ def _entry(role: str, signed: torch.Tensor, version: str = FORMAT_VERSION) -> tu
     return packed, info
 
 
+def _canonical(manifest: dict) -> bytes:
+    """The manifest as hashed: its content, whatever whitespace or key order a tool wrote."""
+    return json.dumps(manifest, sort_keys=True).encode()
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -105,7 +110,7 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
         sparsity=repr(ticket.sparsity),
         manifest=json.dumps(manifest, sort_keys=True),
     )
-    meta["manifest_sha256"] = _sha256(meta["manifest"].encode())
+    meta["manifest_sha256"] = _sha256(_canonical(manifest))
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, st_save(tensors, metadata=meta))
 
@@ -210,7 +215,7 @@ def load(path: str | os.PathLike) -> Ticket:
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: ticket manifest should be a JSON object, found {type(manifest).__name__}")
     digest = meta.get("manifest_sha256")  # absent from older files of format version 1 and 2
-    if digest is not None and digest != _sha256(meta["manifest"].encode()):
+    if digest is not None and digest != _sha256(_canonical(manifest)):
         raise ValueError(f"{path}: ticket manifest does not match its checksum (edited or corrupted file)")
     missing, extra = sorted(set(manifest) - set(raw)), sorted(set(raw) - set(manifest))
     if missing or extra:

@@ -54,7 +54,7 @@ def check_amount(amount: float | int) -> float | int:
     return float(amount)
 
 
-def count_to_prune(amount: float | int, alive: int) -> int:
+def count_to_prune(amount: float | int, alive: int, where: str = "the selected tensors") -> int:
     """How many of ``alive`` weights ``amount`` prunes: an int as is, a fraction rounded with
     Python's ``round`` (half to even), the rule ``torch.nn.utils.prune`` uses, so
     ``alive - round(amount * alive)`` remain.
@@ -64,7 +64,7 @@ def count_to_prune(amount: float | int, alive: int) -> int:
     """
     if isinstance(amount, int):
         if amount > alive:
-            raise ValueError(f"amount={amount} weights to prune, but only {alive} are left unpruned")
+            raise ValueError(f"amount={amount} weights to prune, but {where} have only {alive} left unpruned")
         return amount
     return round(amount * alive)
 
@@ -100,7 +100,8 @@ class RankedPruning(_prune.BasePruningMethod):
         ``index_offset`` numbers the tensors for :meth:`scores` (layer-wise calls differ by it).
         """
         alive = [m == 1 for m in default_masks]
-        k = count_to_prune(self.amount, sum(int(a.sum().item()) for a in alive))
+        where = repr(names[0]) if names is not None and len(names) == 1 else "the selected tensors"
+        k = count_to_prune(self.amount, sum(int(a.sum().item()) for a in alive), where)
         wide = any(t.dtype == torch.float64 for t in tensors)  # L1 scores keep the weights' dtype
         drop = smallest_k(lambda i: self.scores(tensors[i], index_offset + i), alive, k, names, wide=wide)
         return [m.masked_fill(d, 0) for m, d in zip(default_masks, drop)]

@@ -22,13 +22,17 @@ import inspect
 import re
 
 from torch import nn
-from torch.nn.utils import prune as _prune
 
 from . import _reparam
 
 # self.<dotted chain>, e.g. self.out_proj.weight, self.attn.qkv.weight.shape
 _CHAIN = re.compile(r"\bself((?:\.[A-Za-z_]\w*)+)")
 
+
+# Attributes that read a tensor's metadata, not its values: `self.proj.weight.dtype` needs no
+# fresh weight.
+_METADATA = frozenset({"dtype", "device", "shape", "size", "ndim", "dim", "numel", "is_cuda",
+                       "requires_grad", "layout", "is_floating_point", "element_size"})
 
 # Forwards whose direct reads sit on a fast path that torch skips while any submodule has hooks,
 # as a pruned one always does: linking them would only compute their weights twice.
@@ -47,7 +51,10 @@ def _reads(cls: type) -> frozenset[str]:
     reads = set()
     for chain in _CHAIN.findall(source):  # ".a.b.c" -> "a.b", "a.b.c": any may be a tensor
         parts = chain[1:].split(".")
-        reads.update(".".join(parts[:n]) for n in range(2, len(parts) + 1))
+        # Up to the first metadata attribute, which the prefix before it only describes.
+        meta = next((i for i, part in enumerate(parts) if part in _METADATA), None)
+        last = len(parts) if meta is None else meta - 1
+        reads.update(".".join(parts[:n]) for n in range(2, last + 1))
     return frozenset(reads)
 
 
@@ -90,18 +97,27 @@ def _unlink(module: nn.Module) -> None:
             del hooks[key]
 
 
+def _is_pruned(parent: nn.Module, path: str) -> bool:
+    """Whether ``parent.<path>`` names a pruned tensor of one of its submodules (resolved from
+    the parent itself, so a child shared with another parent is found from both)."""
+    child_path, _, name = path.rpartition(".")
+    try:
+        child = parent.get_submodule(child_path)
+    except AttributeError:  # not a submodule: a plain attribute, a method, a parameter's attribute
+        return False
+    return _reparam.find_hook(child, name)[1] is not None
+
+
 def link(model: nn.Module) -> None:
     """Give every parent of ``model`` that reads pruned tensors directly the hooks above, and
-    take them off parents that no longer read any (after ``remove``). Idempotent."""
-    pruned = set()
-    for fqn, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, _prune.BasePruningMethod):
-                pruned.add(f"{fqn}.{hook._tensor_name}" if fqn else hook._tensor_name)
-    for fqn, parent in model.named_modules():
+    take them off parents that no longer read any (after ``remove``). Idempotent.
+
+    Only parents inside ``model`` are seen: prune the model that holds the parent, not the child
+    alone (``signmask.prune(mha.out_proj, ...)`` cannot know the ``MultiheadAttention`` above it).
+    """
+    for parent in model.modules():
         _unlink(parent)
-        prefix = f"{fqn}." if fqn else ""
-        paths = tuple(sorted(p for p in _reads(type(parent)) if prefix + p in pruned))
+        paths = tuple(sorted(p for p in _reads(type(parent)) if _is_pruned(parent, p)))
         if paths:
             parent.register_forward_pre_hook(RefreshChildren(paths))
             parent.register_forward_hook(DetachChildren(paths))

@@ -221,9 +221,9 @@ def load_state_dict(
         if module is None or not _targets.has_tensor(module, tensor):
             raise ValueError(f"state_dict masks {key!r}, but the model has no tensor {owner}.{tensor}")
         shape = _reparam.original(module, tensor).shape
-        if not isinstance(mask, torch.Tensor) or mask.is_meta:
+        if not isinstance(mask, torch.Tensor) or mask.is_meta:  # as _check_keys says of the others
             found = "a meta tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"state_dict {key!r} must be a tensor with data, got {found}")
+            raise RuntimeError(f"{key}: expected a tensor with data in the state_dict, found {found}")
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(
                 f"state_dict {key!r} has shape {tuple(mask.shape)}; the model's "

@@ -73,8 +73,8 @@ def prune_count(sparsity: float, rate: float | None, rounds: int | None) -> int:
 def kept_schedule(total: int, sparsity: float, rate: float | None, rounds: int) -> list[int]:
     """Weights kept after each pruning step: ``round(total * (1 - rate) ** i)``, the last exactly
     ``round(total * (1 - sparsity))``. With ``rate=None`` the steps share the pruning evenly.
-    With a ``rate``, a step that would round onto the target already is dropped (it would leave
-    a round that prunes nothing), so the list can be one shorter than ``rounds``.
+    With a ``rate``, a step whose rounded count is not below the previous one (or ``total``) is
+    dropped, as it would leave a round that prunes nothing: small models get fewer rounds.
 
     Example:
         >>> kept_schedule(1000, 0.5, 0.2, 4)
@@ -91,4 +91,9 @@ def kept_schedule(total: int, sparsity: float, rate: float | None, rounds: int) 
         raise ValueError(f"sparsity={sparsity} keeps no weight of {total}")
     if explicit:
         return [max(k, final) for k in kept] + [final]
-    return [k for k in kept if k > final] + [final]
+    steps, previous = [], total  # each step must prune something: drop repeated counts
+    for k in kept + [final]:
+        if final <= k < previous:
+            steps.append(k)
+            previous = k
+    return steps

@@ -21,6 +21,8 @@ def _check_signed(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
         raise TypeError(f"{what} {name!r} must be a tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{what} {name!r} must be an integer tensor in {{-1, 0, +1}}, got {t.dtype}")
+    if t.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        t = t.to(torch.int64)  # uint16/32/64 lack comparison kernels on CPU
     # Not t != -1: an unsigned 255 would compare equal to -1 and pass as a negative sign.
     bad = (t > 1) | (t < -1) if t.dtype.is_signed else t > 1
     if bad.any():

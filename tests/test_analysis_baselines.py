@@ -164,3 +164,11 @@ def test_verdict_margin_and_validation():
         analysis.verdict(0.9, 0.9, 0.9, margin=1.0)
     with pytest.raises(ValueError, match="reinit_acc"):
         analysis.Verdict(0.9, 0.9, 2.0)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_random_prune_keeps_exact_counts_with_an_empty_tensor():
+    make = lambda seed: (torch.manual_seed(seed), nn.Sequential(nn.Linear(0, 4), nn.Linear(4, 3)))[1]
+    ticket = signmask.extract(signmask.prune(make(0), 0.5))
+    model = analysis.random_prune(ticket, make(1), seed=0)
+    assert model[0].weight_mask.numel() == 0 and int(model[1].weight_mask.sum()) == 6

@@ -234,6 +234,26 @@ def test_reestimate_bn_re_estimates_norms_a_model_keeps_frozen():
     assert int(net.bn.num_batches_tracked) == len(loader)
 
 
+class SharedNorm(nn.Module):
+    """One BatchNorm applied twice per forward (siamese branches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(x) + self.bn(3 * x + 10)
+
+
+def test_reestimate_bn_averages_every_call_of_a_norm_used_twice_per_forward():
+    net, loader = SharedNorm(), images(5)
+    analysis.reestimate_bn(net, loader)
+    calls = [y for x, _ in loader for y in (x.double(), 3 * x.double() + 10)]
+    torch.testing.assert_close(net.bn.running_mean.double(), torch.stack([y.mean(dim=(0, 2, 3)) for y in calls]).mean(0),
+                               atol=1e-6, rtol=1e-5)
+    assert int(net.bn.num_batches_tracked) == 2 * len(loader)
+
+
 def test_bn_modules_needs_a_momentum():
     class Frozen(nn.Module):  # as torchvision's FrozenBatchNorm2d: statistics, no momentum
         def __init__(self):

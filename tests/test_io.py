@@ -325,3 +325,17 @@ def test_wrong_byte_count_for_shape(saved_any):
 def test_ticket_validates_on_construction(masks, signs, meta, message):
     with pytest.raises((TypeError, ValueError), match=message):
         signmask.Ticket(masks, signs, meta)
+
+
+def test_manifest_rewritten_with_other_whitespace_still_loads(saved):
+    meta, raw = _io.read_raw(saved)
+    meta["manifest"] = json.dumps(json.loads(meta["manifest"]), indent=1)  # same content
+    save_file(raw, str(saved), metadata=meta)
+    assert signmask.load(saved) == _small_ticket()
+
+
+def test_ticket_accepts_wide_unsigned_masks():
+    for dtype in (torch.uint16, torch.uint32):
+        assert signmask.Ticket({"w": torch.tensor([0, 1, 1], dtype=dtype)}).masks["w"].tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match=r"found \[2\]"):
+        signmask.Ticket({"w": torch.tensor([0, 2], dtype=torch.uint16)})

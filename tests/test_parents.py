@@ -107,3 +107,43 @@ def test_torch_compile_fullgraph_traces_the_parent_refresh():
     torch.testing.assert_close(compiled(x, x, x, need_weights=False)[0], forward(model), rtol=0, atol=1e-6)
     compiled(x, x, x, need_weights=False)[0].sum().backward()
     assert model.out_proj.weight_orig.grad is not None
+
+
+class TwoAttentions(nn.Module):
+    """Two MultiheadAttention layers sharing one out_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2)
+        self.b.out_proj = self.a.out_proj
+
+    def forward(self, x):
+        return self.b(self.a(x, x, x)[0], x, x)[0]
+
+
+def test_a_child_shared_by_two_parents_is_refreshed_from_both():
+    torch.manual_seed(0)
+    model = signmask.prune(TwoAttentions(), 0.5, include=["a.out_proj"])
+    assert [h.paths for h in _links(model.a)] == [h.paths for h in _links(model.b)] == [("out_proj.weight",)] * 2
+    model(torch.randn(3, 2, 8)).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    x = torch.randn(3, 2, 8)
+    twin = _dense_twin(model)
+    torch.testing.assert_close(model(x), twin(x), rtol=0, atol=1e-5)
+
+
+class MetadataReader(nn.Module):
+    """Reads its child's weight only for its dtype, then calls the child."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x.to(self.proj.weight.dtype))
+
+
+def test_metadata_reads_do_not_link():
+    assert _parents._reads(MetadataReader) == frozenset()
+    model = signmask.prune(MetadataReader(), 0.5)
+    assert _links(model) == []

@@ -131,7 +131,8 @@ def test_compiled_and_wrapped_models_use_canonical_names():
         (dict(amount=1.5), "amount, a fraction, must be in [0, 1], got 1.5"),
         (dict(amount=-0.1), "amount, a fraction, must be in [0, 1]"),
         (dict(amount=-1), "amount, a number of weights, must be >= 0, got -1"),
-        (dict(amount=10**6), "amount=1000000 weights to prune, but only"),
+        (dict(amount=10**6), "amount=1000000 weights to prune, but the selected tensors have only"),
+        (dict(amount=31, scope="layer"), "amount=31 weights to prune, but 'fc.weight' have only 30 left unpruned"),
         (dict(amount="0.5"), "amount must be a float in [0, 1] or an int count, got str"),
         (dict(amount=True), "amount must be a float in [0, 1] or an int count, got bool"),
         (dict(amount=0.5, method="lamp"), "valid methods: ['magnitude', 'random']"),
@@ -260,6 +261,10 @@ def test_load_state_dict_refuses_values_without_data_before_copying(value):
     before = snapshot(target)
     found = "a meta tensor" if isinstance(value, torch.Tensor) else "ndarray"
     with pytest.raises(RuntimeError, match=f"conv1.weight_orig: expected a tensor with data in the state_dict, found {found}"):
+        signmask.load_state_dict(target, sd)
+    assert_same(before, snapshot(target))
+    sd["conv1.weight_mask"] = value
+    with pytest.raises(RuntimeError, match=f"conv1.weight_mask: expected a tensor with data in the state_dict, found {found}"):
         signmask.load_state_dict(target, sd)
     assert_same(before, snapshot(target))
 

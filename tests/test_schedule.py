@@ -3,12 +3,13 @@
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from signmask import _schedule
 
 
+@example(total=1000, sparsity=0.99, rate=0.05)  # compounded counts repeat near the end
 @given(
     total=st.integers(1000, 10**7),
     sparsity=st.floats(0.01, 0.99),
@@ -18,12 +19,12 @@ def test_kept_schedule_lands_on_target(total, sparsity, rate):
     steps = _schedule.prune_count(sparsity, rate, None)
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
     final = round(total * (1 - sparsity))
-    compounded = [round(total * (1 - rate) ** i) for i in range(1, steps)]
-    # Every step but the last keeps the rate of the initial count compounded; steps that round
-    # onto the target are dropped, so every step prunes something.
-    assert kept == [k for k in compounded if k > final] + [final]
-    assert all(a > b for a, b in zip(kept, kept[1:])) and kept[0] <= total
-    assert len(kept) in (steps, steps - 1)
+    compounded = [round(total * (1 - rate) ** i) for i in range(1, steps)] + [final]
+    # Every step but the last keeps the rate of the initial count compounded; a step whose count
+    # repeats the previous one is dropped, so every step prunes something.
+    assert set(kept) == {k for k in compounded if k >= final} - {total} and kept[-1] == final
+    assert all(a > b for a, b in zip([total] + kept, kept))
+    assert len(kept) <= steps
     # One step fewer would not reach the target.
     assert steps == 1 or (1 - rate) ** (steps - 1) > 1 - sparsity - 1e-9
 
@@ -35,10 +36,12 @@ def test_prune_count_examples():
     assert _schedule.prune_count(0.9, None, 3) == 3
 
 
-def test_step_rounding_onto_the_target_is_dropped():
+def test_steps_that_would_prune_nothing_are_dropped():
     # 516 * 0.8 ** 3 = 264.2 and 516 * (1 - 0.4887) = 263.8 both round to 264.
     assert _schedule.prune_count(0.4887, 0.2, None) == 4
     assert _schedule.kept_schedule(516, 0.4887, 0.2, 4) == [413, 330, 264]
+    # Few weights, small rate: 10 * 0.95 ** i rounds to 10, 9, 9, 8, 8, 7, ...
+    assert _schedule.kept_schedule(10, 0.5, 0.05, 14) == [9, 8, 7, 6, 5]
 
 
 def test_even_steps_when_only_rounds_given():

@@ -92,7 +92,7 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
     masks = []
     for index, (_, key, module, name, target, signed) in enumerate(plan):
         numel, kept = signed.numel(), int(signed.count_nonzero())
-        ranker = _methods.RandomPruning((numel - kept) / numel, seed=seed)
+        ranker = _methods.RandomPruning(numel - kept, seed=seed)  # an int: a count
         full = torch.ones_like(target, dtype=torch.bool)
         keep = ranker.compute_masks([target], [full], [key], index_offset=index)[0]
         if int(keep.sum()) != kept:  # cannot happen: round((n - k) / n * n) == n - k

@@ -40,6 +40,20 @@ def _numeric_momentum(m: nn.Module) -> bool:
     return momentum is None or (isinstance(momentum, (float, int)) and not isinstance(momentum, bool))
 
 
+class _CumulativeMomentum:
+    """Forward pre-hook: momentum ``1 / k`` before a layer's ``k``-th call, i.e. the cumulative
+    average of torch's ``momentum=None`` (which counts calls too), for kinds without that mode
+    (InstanceNorm reads None as 0, EvoNorm needs a number) and layers called several times per
+    forward alike."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        self.calls += 1
+        module.momentum = 1.0 / self.calls
+
+
 def _reset(layer: nn.Module) -> None:
     if callable(getattr(layer, "reset_running_stats", None)):
         layer.reset_running_stats()
@@ -70,7 +84,7 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     Each layer found by :func:`bn_modules` is reset, then the whole model runs one no-grad pass
     over ``loader`` in train mode (dropout active, as in training; the layers themselves in
     train mode even where the model's ``train()`` keeps them frozen), each layer's ``momentum``
-    set to ``1 / k`` before the ``k``-th batch: the cumulative average of torch's
+    set to ``1 / k`` before its ``k``-th call: the cumulative average of torch's
     ``momentum=None`` (with batches of equal size, the mean of the per-batch means and unbiased
     variances), which InstanceNorm and EvoNorm do not offer themselves. The momenta and every
     module's train/eval flag are restored.
@@ -109,6 +123,7 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     modes = [(m, m.training) for m in model.modules()]
     device = device_of(model)
     mixed = _interpolation_hooks(model)
+    counters = []
     try:
         for hook in mixed:
             hook.alpha = torch.zeros_like(hook.alpha)  # the hook's own: the caller's a stays
@@ -118,12 +133,11 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
         model.train()
         for m in layers:
             m.training = True  # a model may keep its norms frozen in its own train()
+            counters.append(m.register_forward_pre_hook(_CumulativeMomentum()))
         seen = 0
         with torch.no_grad():
             for batch in _limit(loader, batches):
                 inputs, _ = split_batch(batch, need_target=False)
-                for m in layers:
-                    m.momentum = 1.0 / (seen + 1)  # as torch's momentum=None, for every kind
                 model(inputs.to(device))
                 seen += 1
         if seen == 0:
@@ -135,6 +149,8 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
                     m._buffers[k].copy_(b)
         raise
     finally:
+        for handle in counters:
+            handle.remove()
         for hook, alpha in mixed.items():
             hook.alpha = alpha
         for m, momentum, _ in saved:
