@@ -82,7 +82,8 @@ def apply(
     if recipe.one_shot:
         if rate is not None or rounds not in (None, 1):
             raise ValueError(
-                f"method='{method}' prunes once; rate=/rounds= do not apply (got rate={rate!r}, rounds={rounds!r})"
+                f"method='{method}' prunes once; rate=/rounds= do not apply "
+                f"(got rate={rate!r}, rounds={rounds!r})"
             )
         rounds = 1
     elif rate is None and rounds is None:

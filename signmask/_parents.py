@@ -3,16 +3,18 @@
 The pruning pre-hook sets ``child.weight`` when the child's own forward runs. Some parents
 skip that forward and read the attribute themselves: ``nn.MultiheadAttention`` passes
 ``self.out_proj.weight`` to its functional forward, timm's BEiT, EVA and Swin-V2 attention
-call ``F.linear(x, self.qkv.weight, ...)`` (when their qkv bias is split). Left alone, such a weight is the tensor of the child's
-last forward (or of the moment the mask was installed): it gets no gradient and ignores later
-masks and steps, silently, as with stock ``torch.nn.utils.prune``.
+call ``F.linear(x, self.qkv.weight, ...)`` (when their qkv bias is split). Left alone, such a
+weight is the tensor of the child's last forward (or of the moment the mask was installed): it
+gets no gradient and ignores later masks and steps, silently, as with stock
+``torch.nn.utils.prune``.
 
-:func:`link` finds those reads in the source of each parent's ``forward`` (a ``self.<path>.<name>``
-expression naming a pruned tensor below it) and gives the parent a forward pre-hook that
-recomputes them (:class:`RefreshChildren`) and a post-hook that detaches them again. Reads that
-the source does not spell out that way (through ``getattr`` or a helper taking the module) are
-not found. Where the parent reads the tensor only in a branch it does not take, the weight is
-computed twice per forward: once more than needed, never stale.
+:func:`link` finds those reads in the source of each parent's ``forward`` and of the methods it
+calls on ``self`` (a ``self.<path>.<name>`` expression naming a pruned tensor below it), and
+gives the parent a forward pre-hook that recomputes them (:class:`RefreshChildren`) and a
+post-hook that detaches them again. Reads that the source does not spell out that way (through
+``getattr``, or a function that takes the module) are not found. Where the parent reads the
+tensor only in a branch it does not take, the weight is computed twice per forward: once more
+than needed, never stale.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from . import _reparam
 
 # self.<dotted chain>, e.g. self.out_proj.weight, self.attn.qkv.weight.shape
 _CHAIN = re.compile(r"\bself((?:\.[A-Za-z_]\w*)+)")
-
+# self.<method>(...), a call that may lead to a helper reading a child's weight
+_CALL = re.compile(r"\bself\.([A-Za-z_]\w*)\s*\(")
 
 # Attributes that read a tensor's metadata, not its values: `self.proj.weight.dtype` needs no
 # fresh weight.
@@ -39,22 +42,39 @@ _METADATA = frozenset({"dtype", "device", "shape", "size", "ndim", "dim", "numel
 _FAST_PATH_ONLY = (nn.TransformerEncoderLayer.forward,)
 
 
+def _sources(cls: type) -> list[str]:
+    """The source of ``cls.forward`` and of the methods of ``cls`` it calls (``self._attn(x)``),
+    transitively: a helper may read the child's weight for it."""
+    sources, todo, seen = [], ["forward"], set()
+    while todo:
+        name = todo.pop()
+        fn = inspect.getattr_static(cls, name, None)
+        if name in seen or not inspect.isfunction(fn):  # submodules, builtins, properties
+            continue
+        seen.add(name)
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):  # classes defined in a REPL
+            continue
+        sources.append(source)
+        todo.extend(_CALL.findall(source))
+    return sources
+
+
 @functools.lru_cache(maxsize=None)
 def _reads(cls: type) -> frozenset[str]:
-    """``"<child path>.<tensor>"`` attributes that ``cls.forward`` reads through ``self``."""
+    """``"<child path>.<tensor>"`` attributes that ``cls.forward`` (or a method it calls) reads
+    through ``self``."""
     if getattr(cls, "forward", None) in _FAST_PATH_ONLY:
         return frozenset()
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):  # builtins, classes defined in a REPL
-        return frozenset()
     reads = set()
-    for chain in _CHAIN.findall(source):  # ".a.b.c" -> "a.b", "a.b.c": any may be a tensor
-        parts = chain[1:].split(".")
-        # Up to the first metadata attribute, which the prefix before it only describes.
-        meta = next((i for i, part in enumerate(parts) if part in _METADATA), None)
-        last = len(parts) if meta is None else meta - 1
-        reads.update(".".join(parts[:n]) for n in range(2, last + 1))
+    for source in _sources(cls):
+        for chain in _CHAIN.findall(source):  # ".a.b.c" -> "a.b", "a.b.c": any may be a tensor
+            parts = chain[1:].split(".")
+            # Up to the first metadata attribute, which the prefix before it only describes.
+            meta = next((i for i, part in enumerate(parts) if part in _METADATA), None)
+            last = len(parts) if meta is None else meta - 1
+            reads.update(".".join(parts[:n]) for n in range(2, last + 1))
     return frozenset(reads)
 
 

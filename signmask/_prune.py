@@ -181,7 +181,9 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
             found = "a meta tensor" if isinstance(value, torch.Tensor) else type(value).__name__
             problems.append(f"{key}: expected a tensor with data in the state_dict, found {found}")
         elif tuple(own[key].shape) != tuple(value.shape):
-            problems.append(f"{key}: shape {tuple(value.shape)} in the state_dict, {tuple(own[key].shape)} in the model")
+            problems.append(
+                f"{key}: shape {tuple(value.shape)} in the state_dict, {tuple(own[key].shape)} in the model"
+            )
     if problems:
         raise RuntimeError("cannot load the state_dict: " + "; ".join(problems))
 

@@ -134,7 +134,10 @@ def select(
     check_model(model, "model")
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn must be callable as filter_fn(module, name), got {type(filter_fn).__name__} {filter_fn!r}")
+        raise TypeError(
+            f"filter_fn must be callable as filter_fn(module, name), got "
+            f"{type(filter_fn).__name__} {filter_fn!r}"
+        )
     if not isinstance(classifier, bool):
         raise TypeError(f"classifier must be a bool, got {type(classifier).__name__} {classifier!r}")
     heads = set() if classifier else classifier_modules(model)

@@ -147,3 +147,25 @@ def test_metadata_reads_do_not_link():
     assert _parents._reads(MetadataReader) == frozenset()
     model = signmask.prune(MetadataReader(), 0.5)
     assert _links(model) == []
+
+
+class HelperReader(nn.Module):
+    """Reads its child's weight in a helper method that forward calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self._project(x)
+
+    def _project(self, x):
+        return torch.nn.functional.linear(x, self.proj.weight, self.proj.bias)
+
+
+def test_reads_in_methods_that_forward_calls_are_found():
+    assert "proj.weight" in _parents._reads(HelperReader)
+    torch.manual_seed(0)
+    model = signmask.prune(HelperReader(), 0.5)
+    model(torch.randn(2, 4)).sum().backward()
+    assert model.proj.weight_orig.grad is not None
