@@ -78,7 +78,7 @@ class SignMaskHook(_prune.PruningContainer):
         sign = buffers.get(name + "_sign")
         if self.backend == "torch":
             return masked_weight(orig, mask, sign)
-        # set_backend validated the key; a function-level import here cost ~8 us per forward.
+        # set_backend validated the key; a function-level import here cost microseconds per forward.
         return _backends.BACKENDS[self.backend].weight(self, module, orig, mask, sign)
 
     def remove(self, module: nn.Module) -> None:
