@@ -180,7 +180,7 @@ class Search:
             )
         self._capture_schedule()
         self.history[-1]["steps"] = self.round_step
-        if self.round_step == 0:
+        if self.round_step == 0 and _rank0():  # one warning, not one per DDP rank
             warnings.warn(
                 f"round {self.round} took no optimizer step (a rewind point at or past the end of "
                 "the user's loop?); its pruning ranks untrained weights",
