@@ -24,6 +24,17 @@ from signmask._io import write_atomic
 DEFAULT_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10.npz"
 
 
+def fill_defaults(args, quick: dict, full: dict):
+    """Fill the options left at None from ``quick`` (``--quick``) or ``full``, and pick the data:
+    the shared CIFAR-10 when present (not for ``--quick``), else the synthetic task."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.data is None:
+        args.data = str(DEFAULT_CIFAR) if DEFAULT_CIFAR.exists() and not args.quick else "synthetic"
+    return args
+
+
 def synthetic(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """A learnable 10-class task: smooth class patterns, randomly scaled, shifted and noised."""
     patterns = F.interpolate(torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234)), size=size,

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 import signmask
 from signmask import analysis
 from signmask._io import write_atomic
-from _data import DEFAULT_CIFAR, accuracy, load_data, write_json  # the examples' data, beside them
+from _data import accuracy, fill_defaults, load_data, write_json  # the examples' data, beside them
 
 def make_model(width: int, seed: int) -> nn.Module:
     """A small BatchNorm CNN for 16x16 RGB images and 10 classes, initialized from ``seed``."""
@@ -100,15 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="the search's init; the new init uses seed + 1")
     args = p.parse_args(argv)
-    defaults = dict(rate=0.5, epochs=1, retrain_epochs=2, width=8, batch_size=32, n_train=512, n_test=256) \
-        if args.quick else dict(rate=0.2, epochs=3, retrain_epochs=12, width=32, batch_size=128, n_train=5000,
-                                n_test=2000)
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.data is None:
-        args.data = str(DEFAULT_CIFAR) if DEFAULT_CIFAR.exists() and not args.quick else "synthetic"
-    return args
+    return fill_defaults(
+        args,
+        quick=dict(rate=0.5, epochs=1, retrain_epochs=2, width=8, batch_size=32, n_train=512, n_test=256),
+        full=dict(rate=0.2, epochs=3, retrain_epochs=12, width=32, batch_size=128, n_train=5000, n_test=2000),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import signmask
-from _data import DEFAULT_CIFAR, accuracy, load_data, write_json  # the examples' data, beside them
+from _data import accuracy, fill_defaults, load_data, write_json  # the examples' data, beside them
 
 def make_model(width: int) -> nn.Module:
     """A small BatchNorm CNN for 16x16 RGB images and 10 classes."""
@@ -77,15 +77,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    defaults = dict(epochs=2, width=8, batch_size=32, n_train=512, n_test=256) if args.quick else \
-        dict(epochs=5, width=32, batch_size=128, n_train=5000, n_test=2000)
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_defaults(
+        args,
+        quick=dict(epochs=2, width=8, batch_size=32, n_train=512, n_test=256),
+        full=dict(epochs=5, width=32, batch_size=128, n_train=5000, n_test=2000),
+    )
     if args.epochs < 2:  # rounds after the first train from the rewind point, epoch 1, on
         p.error(f"--epochs must be >= 2 with the rewind to epoch 1, got {args.epochs}")
-    if args.data is None:
-        args.data = str(DEFAULT_CIFAR) if DEFAULT_CIFAR.exists() and not args.quick else "synthetic"
     return args
 
 

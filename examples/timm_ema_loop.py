@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import signmask
-from _data import DEFAULT_CIFAR, accuracy, load_data, write_json  # the examples' data, beside them
+from _data import accuracy, fill_defaults, load_data, write_json  # the examples' data, beside them
 from signmask._compat import import_timm
 
 def train_one_epoch(model: nn.Module, ema, loader: DataLoader, opt: torch.optim.Optimizer,
@@ -73,16 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    defaults = dict(rate=0.5, epochs=2, ema_decay=0.9, batch_size=32, channels=(8, 16, 32, 64), n_train=256,
-                    n_test=128) if args.quick else \
-        dict(rate=0.35, epochs=4, ema_decay=0.99, batch_size=128, channels=(16, 32, 64, 128), n_train=4000,
-             n_test=2000)
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.data is None:
-        args.data = str(DEFAULT_CIFAR) if DEFAULT_CIFAR.exists() and not args.quick else "synthetic"
-    return args
+    return fill_defaults(
+        args,
+        quick=dict(rate=0.5, epochs=2, ema_decay=0.9, batch_size=32, channels=(8, 16, 32, 64), n_train=256,
+                   n_test=128),
+        full=dict(rate=0.35, epochs=4, ema_decay=0.99, batch_size=128, channels=(16, 32, 64, 128), n_train=4000,
+                  n_test=2000),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
