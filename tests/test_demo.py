@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import signmask
 from signmask import _cli, _demo, _schedule

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
 import signmask
-from signmask import _bits, _io
+from signmask import _io
 from _util import tiny
 
 
