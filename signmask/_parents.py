@@ -111,6 +111,11 @@ class DetachChildren(RefreshChildren):
         return f"DetachChildren({list(self.paths)})"
 
 
+def _linked(module: nn.Module) -> list[tuple[str, ...]]:
+    hooks = list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
+    return [h.paths for h in hooks if isinstance(h, RefreshChildren)]
+
+
 def _unlink(module: nn.Module) -> None:
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
         for key in [k for k, h in hooks.items() if isinstance(h, RefreshChildren)]:
@@ -136,8 +141,10 @@ def link(model: nn.Module) -> None:
     alone (``signmask.prune(mha.out_proj, ...)`` cannot know the ``MultiheadAttention`` above it).
     """
     for parent in model.modules():
-        _unlink(parent)
         paths = tuple(sorted(p for p in _reads(type(parent)) if _is_pruned(parent, p)))
+        if _linked(parent) == ([paths, paths] if paths else []):
+            continue  # unchanged: new hook objects would make torch.compile recompile
+        _unlink(parent)
         if paths:
             parent.register_forward_pre_hook(RefreshChildren(paths))
             parent.register_forward_hook(DetachChildren(paths))

@@ -61,6 +61,9 @@ def test_parent_hooks_follow_prune_and_remove_and_survive_deepcopy():
     assert [h.paths for h in _links(model.self_attn)] == [("out_proj.weight",)] * 2
     # The encoder layer reads linear1/2 directly only on its fast path, which hooks switch off.
     assert _links(model) == []
+    before = _links(model.self_attn)
+    signmask.prune(model, 0.1)  # the same tensors again: the hooks stay (torch.compile guards on them)
+    assert all(a is b for a, b in zip(_links(model.self_attn), before)) and len(before) == 2
     model(torch.randn(2, 3, 16)).sum().backward()
     copy.deepcopy(model)  # every weight the parents computed was detached again
     signmask.remove(model)
