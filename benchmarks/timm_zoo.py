@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import signmask  # noqa: E402
-from signmask import _parents  # noqa: E402
+from signmask import _parents, _targets  # noqa: E402
 
 AMOUNT = 0.5
 GRAD_RTOL = 1e-3
@@ -207,15 +207,9 @@ def fit(timm, name: str, kwargs: dict):
 
 
 def pruned_tensors(model, dense) -> list[tuple[str, torch.nn.Module, str, torch.nn.Module]]:
-    """(path, pruned module, tensor name, dense module) for every ``<name>_orig`` + mask."""
-    dense_mods = dict(dense.named_modules())
-    found = []
-    for path, mod in model.named_modules():
-        for pname in mod._parameters:
-            name = pname[: -len("_orig")]
-            if pname.endswith("_orig") and name + "_mask" in mod._buffers:
-                found.append((path, mod, name, dense_mods[path]))
-    return found
+    """(tensor key, pruned module, tensor name, dense module) for every pruned tensor."""
+    return [(key, mod, name, dense.get_submodule(key[: -len(name)].rstrip(".")))
+            for key, (mod, name) in _targets.pruned(model).items()]
 
 
 def forward(model, x, train: bool):
@@ -237,8 +231,7 @@ def check(model, dense, x, no_parent_hooks: bool) -> dict:
     sum(t.float().sum() for t in tensors_of(out)).backward()
     sum(t.float().sum() for t in tensors_of(ref)).backward()
     failures, grad_err, nonzero = [], 0.0, 0
-    for path, mod, name, dmod in pruned:
-        tensor = f"{path}.{name}"
+    for tensor, mod, name, dmod in pruned:
         grad, dgrad = getattr(mod, name + "_orig").grad, getattr(dmod, name).grad
         want = None if dgrad is None else dgrad * getattr(mod, name + "_mask")
         if grad is None:

@@ -126,7 +126,7 @@ def apply(
         )
     total = sum(_reparam.original(m, n).numel() for m, n in targets.values())
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
-    steps = len(kept)  # a step rounding onto the target is dropped
+    steps = len(kept)  # steps that would prune nothing are dropped
     config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
     _prune.prune(model, 0.0, classifier=classifier, **selection)
     try:

@@ -6,7 +6,8 @@ stays under 2 bits per weight once it holds more than a few thousand weights. Th
 metadata holds the ticket's own metadata plus reserved keys: ``format``, ``format_version``,
 ``sparsity``, ``manifest`` (per tensor: role, shape, kept and negative counts, sha256 of the
 bytes) and ``manifest_sha256`` (of the manifest's content, as sorted JSON; files written before
-it was added load without that check). ``load`` checks them all, so truncated or edited files fail loudly.
+it was added load without that check). ``load`` checks them all, so truncated or edited files
+fail loudly.
 
 ``save`` writes format version 2; ``load`` also reads version 1, which held four 2-bit codes per
 byte (same manifest).
@@ -28,7 +29,6 @@ from ._ticket import RESERVED_KEYS, Ticket
 
 FORMAT = "signmask.ticket"
 FORMAT_VERSION = "2"
-
 
 
 class _Codec(NamedTuple):
@@ -103,14 +103,15 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     for role, group in (("mask", ticket.masks), ("sign", ticket.signs)):
         for name, signed in group.items():
             tensors[name], manifest[name] = _entry(role, signed)
+    text = _canonical(manifest)  # written as hashed
     meta = dict(ticket.metadata)
     meta.update(
         format=FORMAT,
         format_version=FORMAT_VERSION,
         sparsity=repr(ticket.sparsity),
-        manifest=json.dumps(manifest, sort_keys=True),
+        manifest=text.decode(),
+        manifest_sha256=_sha256(text),
     )
-    meta["manifest_sha256"] = _sha256(_canonical(manifest))
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, st_save(tensors, metadata=meta))
 

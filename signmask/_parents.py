@@ -78,6 +78,19 @@ def _reads(cls: type) -> frozenset[str]:
     return frozenset(reads)
 
 
+def _resolve(parent: nn.Module, path: str):
+    """``(child, tensor name, pruning hook)`` when ``parent.<path>`` names a pruned tensor of a
+    submodule, else None. Resolved from the parent itself, so a child shared with another
+    parent is found from both."""
+    child_path, _, name = path.rpartition(".")
+    try:
+        child = parent.get_submodule(child_path)
+    except AttributeError:  # not a submodule: a plain attribute, a method, a parameter's attribute
+        return None
+    hook = _reparam.find_hook(child, name)[1]
+    return None if hook is None else (child, name, hook)
+
+
 class RefreshChildren:
     """Forward pre-hook of a parent: recompute the pruned tensors it reads directly."""
 
@@ -85,12 +98,8 @@ class RefreshChildren:
         self.paths = paths
 
     def _owners(self, module: nn.Module):
-        for path in self.paths:
-            child_path, _, name = path.rpartition(".")
-            child = module.get_submodule(child_path)
-            hook = _reparam.find_hook(child, name)[1]
-            if hook is not None:  # pruned since the link, by signmask or stock prune
-                yield child, name, hook
+        # Still pruned (by signmask or stock prune) and still there since the link.
+        return filter(None, (_resolve(module, path) for path in self.paths))
 
     def __call__(self, module: nn.Module, inputs) -> None:
         for child, name, hook in self._owners(module):
@@ -105,7 +114,7 @@ class DetachChildren(RefreshChildren):
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
         for child, name, _ in self._owners(module):
-            _reparam.DetachWeight(name)(child, inputs, output)
+            _reparam.detach_weight(child, name)
 
     def __repr__(self) -> str:
         return f"DetachChildren({list(self.paths)})"
@@ -122,17 +131,6 @@ def _unlink(module: nn.Module) -> None:
             del hooks[key]
 
 
-def _is_pruned(parent: nn.Module, path: str) -> bool:
-    """Whether ``parent.<path>`` names a pruned tensor of one of its submodules (resolved from
-    the parent itself, so a child shared with another parent is found from both)."""
-    child_path, _, name = path.rpartition(".")
-    try:
-        child = parent.get_submodule(child_path)
-    except AttributeError:  # not a submodule: a plain attribute, a method, a parameter's attribute
-        return False
-    return _reparam.find_hook(child, name)[1] is not None
-
-
 def link(model: nn.Module) -> None:
     """Give every parent of ``model`` that reads pruned tensors directly the hooks above, and
     take them off parents that no longer read any (after ``remove``). Idempotent.
@@ -141,7 +139,7 @@ def link(model: nn.Module) -> None:
     alone (``signmask.prune(mha.out_proj, ...)`` cannot know the ``MultiheadAttention`` above it).
     """
     for parent in model.modules():
-        paths = tuple(sorted(p for p in _reads(type(parent)) if _is_pruned(parent, p)))
+        paths = tuple(sorted(p for p in _reads(type(parent)) if _resolve(parent, p) is not None))
         if _linked(parent) == ([paths, paths] if paths else []):
             continue  # unchanged: new hook objects would make torch.compile recompile
         _unlink(parent)

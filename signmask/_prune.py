@@ -165,6 +165,13 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def _without_data(value) -> str | None:
+    """What ``value`` is when it is not a tensor holding data (for the error), else None."""
+    if not isinstance(value, torch.Tensor):
+        return type(value).__name__
+    return "a meta tensor" if value.is_meta else None
+
+
 def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], *, strict: bool) -> None:
     """Raise before copying anything: ``nn.Module.load_state_dict`` copies the matching keys
     before it reports missing, unexpected or mis-shaped ones."""
@@ -176,9 +183,8 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
         if unexpected:
             problems.append(f"unexpected keys {unexpected[:5]}")
     for key in sorted(own.keys() & given.keys()):
-        value = given[key]
-        if not isinstance(value, torch.Tensor) or value.is_meta:
-            found = "a meta tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        value, found = given[key], _without_data(given[key])
+        if found is not None:
             problems.append(f"{key}: expected a tensor with data in the state_dict, found {found}")
         elif tuple(own[key].shape) != tuple(value.shape):
             problems.append(
@@ -223,8 +229,8 @@ def load_state_dict(
         if module is None or not _targets.has_tensor(module, tensor):
             raise ValueError(f"state_dict masks {key!r}, but the model has no tensor {owner}.{tensor}")
         shape = _reparam.original(module, tensor).shape
-        if not isinstance(mask, torch.Tensor) or mask.is_meta:  # as _check_keys says of the others
-            found = "a meta tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        found = _without_data(mask)  # as _check_keys says of the other keys
+        if found is not None:
             raise RuntimeError(f"{key}: expected a tensor with data in the state_dict, found {found}")
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(

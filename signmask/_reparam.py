@@ -118,16 +118,21 @@ class DetachWeight:
         self.name = name
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
-        weight = module.__dict__.get(self.name)
-        # Cheapest test first: under no_grad (evaluation) there is nothing to detach.
-        if weight is None or not weight.requires_grad:
-            return
-        if torch.jit.is_tracing():
-            return  # a detach would be recorded, and jit.trace's re-trace check then fails
-        module.__dict__[self.name] = weight.detach()
+        detach_weight(module, self.name)
 
     def __repr__(self) -> str:
         return f"DetachWeight({self.name!r})"
+
+
+def detach_weight(module: nn.Module, name: str) -> None:
+    """Replace ``module.<name>`` by a detached alias if a grad-enabled forward computed it."""
+    weight = module.__dict__.get(name)
+    # Cheapest test first: under no_grad (evaluation) there is nothing to detach.
+    if weight is None or not weight.requires_grad:
+        return
+    if torch.jit.is_tracing():
+        return  # a detach would be recorded, and jit.trace's re-trace check then fails
+    module.__dict__[name] = weight.detach()
 
 
 def rename(params: dict, old: str, new: str) -> None:

@@ -106,10 +106,14 @@ def test_torch_compile_fullgraph_traces_the_parent_refresh():
     model = signmask.prune(nn.MultiheadAttention(16, 2, batch_first=True), 0.5)
     x = torch.randn(2, 5, 16)
     forward = lambda m: m(x, x, x, need_weights=False)[0]
+    forward(model).sum().backward()
+    eager = model.out_proj.weight_orig.grad.clone()
+    model.zero_grad(set_to_none=True)
     compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(compiled(x, x, x, need_weights=False)[0], forward(model), rtol=0, atol=1e-6)
-    compiled(x, x, x, need_weights=False)[0].sum().backward()
-    assert model.out_proj.weight_orig.grad is not None
+    torch.testing.assert_close(forward(compiled), forward(model), rtol=0, atol=1e-6)
+    forward(compiled).sum().backward()
+    torch.testing.assert_close(model.out_proj.weight_orig.grad, eager, rtol=0, atol=1e-6)
+    assert (eager * ~model.out_proj.weight_mask == 0).all() and eager.any()
 
 
 class TwoAttentions(nn.Module):
@@ -170,5 +174,9 @@ def test_reads_in_methods_that_forward_calls_are_found():
     assert "proj.weight" in _parents._reads(HelperReader)
     torch.manual_seed(0)
     model = signmask.prune(HelperReader(), 0.5)
-    model(torch.randn(2, 4)).sum().backward()
-    assert model.proj.weight_orig.grad is not None
+    twin = _dense_twin(model)
+    x = torch.randn(2, 4)
+    model(x).sum().backward()
+    twin(x).sum().backward()
+    torch.testing.assert_close(model.proj.weight_orig.grad, twin.proj.weight.grad * model.proj.weight_mask,
+                               rtol=0, atol=0)
