@@ -118,8 +118,10 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder, fsync and ``os.replace``:
-    readers see the old file or the new one, never a partial one."""
-    path = Path(path)
+    readers see the old file or the new one, never a partial one. A symlink is followed, as
+    ``open()`` would: its target is replaced and the link stays."""
+    given = Path(path)
+    path = Path(os.path.realpath(given))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:  # closes fd whatever fails below
@@ -132,7 +134,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return given
 
 
 def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

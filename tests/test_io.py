@@ -108,6 +108,22 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]  # no temp file left
 
 
+def test_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "real.safetensors"
+    signmask.save(signmask.Ticket({"a.weight": torch.tensor([1, 0, -1])}), target)
+    target.chmod(0o640)
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target)
+    new = signmask.Ticket({"a.weight": torch.tensor([0, -1, 1])})
+    assert signmask.save(new, link) == link
+    assert link.is_symlink() and link.resolve() == target
+    assert torch.equal(signmask.load(target).masks["a.weight"], new.masks["a.weight"])
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.safetensors", "store"]
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["real.safetensors"]
+
+
 def test_saved_file_gets_umask_permissions_not_mkstemps(tmp_path):
     old = os.umask(0o022)
     try:
