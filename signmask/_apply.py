@@ -114,6 +114,12 @@ def apply(
     classifier = recipe.classifier if classifier is None else classifier
     selection = {"include": include, "exclude": exclude, "filter_fn": filter_fn}
     targets = _targets.select(model, classifier=classifier, **selection)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(_reparam.original(m, n)) in held for m, n in targets.values()):
+        raise ValueError(
+            f"optimizer trains none of the tensors to prune ({sorted(targets)[:3]} ...); pass "
+            "the optimizer training this model"
+        )
     already = sorted(k for k, (m, n) in targets.items() if _reparam.find_hook(m, n)[1] is not None)
     if already:
         raise ValueError(f"{already[:3]} are already pruned; apply() starts from an unpruned model")

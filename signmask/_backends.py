@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _reparam, _targets
 
@@ -70,7 +71,9 @@ class Backend:
     def attach(self, targets: Targets, optimizer: torch.optim.Optimizer | None) -> None:
         """Prepare ``targets`` (already checked); called before the hooks switch to it."""
 
-    def weight(self, hook, module: nn.Module, orig, mask, sign) -> torch.Tensor:
+    def weight(self, hook, module: nn.Module, orig, mask, sign, own_forward: bool) -> torch.Tensor:
+        """The effective tensor; ``own_forward``: for ``module``'s own forward (else a parent
+        reads it, or no forward at all), see :meth:`SignMaskHook.apply_mask`."""
         raise NotImplementedError
 
 
@@ -78,7 +81,7 @@ class Backend:
 class TorchBackend(Backend):
     """Plain torch ops, the reference path: ``orig * mask`` (or ``s * |orig| * mask``)."""
 
-    def weight(self, hook, module, orig, mask, sign):
+    def weight(self, hook, module, orig, mask, sign, own_forward):
         return _reparam.masked_weight(orig, mask, sign)
 
 
@@ -107,6 +110,21 @@ def consumer_dtype(module: nn.Module, orig: torch.Tensor) -> torch.dtype:
     return orig.dtype
 
 
+# What the Triton kernels compute (signmask._triton._TL_DTYPES, without importing triton).
+KERNEL_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
+
+
+def transformed() -> bool:
+    """Whether the Triton autograd Function cannot serve the current call: ``jit.trace`` is
+    recording, or a ``torch.func`` transform (vmap, grad, jvp) or forward-mode AD is active (the
+    Function has no vmap rule and no jvp; the torch path supports them all)."""
+    return (
+        torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or _forward_ad._current_level >= 0
+    )
+
+
 @register_backend("triton")
 class TritonBackend(Backend):
     """One Triton kernel per forward and per backward (``signmask._triton``)."""
@@ -117,28 +135,46 @@ class TritonBackend(Backend):
         from . import _triton
 
         for key, (module, name) in targets.items():
-            _triton.check_device(_reparam.original(module, name), key)
+            orig = _reparam.original(module, name)
+            if orig.dtype not in KERNEL_DTYPES:
+                raise TypeError(
+                    f"backend='triton' computes fp32, bf16, fp16 and fp64 weights; {key} is "
+                    f"{orig.dtype} (use backend='torch')"
+                )
+            _triton.check_device(orig, key)
 
-    def weight(self, hook, module, orig, mask, sign):
+    def weight(self, hook, module, orig, mask, sign, own_forward):
         from . import _triton
 
-        if not orig.is_cuda and not _triton.INTERPRETED:
-            # Moved to CPU after set_backend (e.g. to save): the torch path gives equal numbers.
+        # Moved to CPU after set_backend (e.g. to save), or cast to another dtype, or under a
+        # transform the kernel's Function has no rule for: the torch path gives equal numbers.
+        if (
+            (not orig.is_cuda and not _triton.INTERPRETED)
+            or orig.dtype not in KERNEL_DTYPES
+            or (not torch.compiler.is_compiling() and transformed())
+        ):
             return _reparam.masked_weight(orig, mask, sign)
-        return _triton.masked_weight(orig, mask, sign, consumer_dtype(module, orig))
+        dtype = consumer_dtype(module, orig) if own_forward else orig.dtype
+        return _triton.masked_weight(orig, mask, sign, dtype)
 
 
 @register_backend("auto")
 class AutoBackend(Backend):
     """``"triton"`` for CUDA tensors in eager mode when triton is installed, else ``"torch"``."""
 
-    def weight(self, hook, module, orig, mask, sign):
-        return get_backend(self.resolve(orig)).weight(hook, module, orig, mask, sign)
+    def weight(self, hook, module, orig, mask, sign, own_forward):
+        return get_backend(self.resolve(orig)).weight(hook, module, orig, mask, sign, own_forward)
 
     @staticmethod
     def resolve(orig: torch.Tensor) -> str:
         """The concrete backend ``"auto"`` uses for ``orig`` right now."""
-        if orig.is_cuda and triton_installed() and not torch.compiler.is_compiling():
+        if (
+            orig.is_cuda
+            and orig.dtype in KERNEL_DTYPES
+            and triton_installed()
+            and not torch.compiler.is_compiling()
+            and not transformed()
+        ):
             return "triton"
         return "torch"
 
@@ -172,11 +208,14 @@ def set_backend(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``; ``"triton"`` with a tensor of a dtype its
+            kernels do not compute (not fp32/bf16/fp16/fp64).
         ValueError: unknown backend, nothing pruned, a stock prune hook, ``"projection"``
-            without an optimizer or with one it cannot serve exactly.
+            without an optimizer, with one it cannot serve exactly or that does not train every
+            pruned tensor, or with a frozen tensor.
         ImportError: ``"triton"`` without triton installed.
         RuntimeError: ``"triton"`` with CPU tensors (unless ``TRITON_INTERPRET=1``).
+        The model is left untouched in every case.
 
     Example:
         >>> import torch, signmask

@@ -79,8 +79,10 @@ def _run(out_flat, t_flat, f_flat) -> None:
 
 def as_int(factor: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """A bool ``factor`` as its integer view: the same 0/1 factors, but torch's CPU kernels
-    promote bool ~3x slower. Not while ``jit.trace`` records: it cannot record dtype views."""
-    if factor.dtype != torch.bool or torch.jit.is_tracing():
+    promote bool ~3x slower. Not while ``jit.trace`` records (it cannot record dtype views) nor
+    under ``torch.compile``: inductor fuses the product anyway, and torch 2.11's cannot lower a
+    bool-to-uint8 view (``torch.bool is not supported by torch.iinfo``)."""
+    if factor.dtype != torch.bool or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return factor
     return factor.view(dtype)
 

@@ -103,7 +103,11 @@ class RefreshChildren:
 
     def __call__(self, module: nn.Module, inputs) -> None:
         for child, name, hook in self._owners(module):
-            hook(child, inputs)
+            if isinstance(hook, _reparam.SignMaskHook):
+                # The parent consumes it, maybe outside autocast: in weight_orig's dtype.
+                child.__dict__[name] = hook.apply_mask(child)
+            else:
+                hook(child, inputs)
 
     def __repr__(self) -> str:
         return f"RefreshChildren({list(self.paths)})"

@@ -162,11 +162,18 @@ class MaskGrad:
             _maskmul.mul_(param.grad, self.module._buffers[self.name + "_mask"])
 
 
-class ProjectStep:
+class _OptimizerHook:
+    """A hook this backend puts on an optimizer, serving the pruned tensors ``targets``."""
+
+    def __init__(self, targets: Targets) -> None:
+        self.targets = list(targets.values())
+
+
+class ProjectStep(_OptimizerHook):
     """Optimizer step post-hook re-establishing the projection of the tensors it serves."""
 
     def __init__(self, targets: Targets, full: bool) -> None:
-        self.targets = list(targets.values())
+        super().__init__(targets)
         self.full = full
 
     def __call__(self, optimizer, args, kwargs) -> None:
@@ -188,13 +195,26 @@ class ProjectStep:
                 hook._projected = _stamp(orig, mask, sign)
 
 
+class StateLoaded(_OptimizerHook):
+    """Optimizer ``load_state_dict`` post-hook: the loaded state (a checkpoint of another
+    backend, with momentum at pruned entries) is masked at the next step, not trusted."""
+
+    def __call__(self, optimizer) -> None:
+        for module, name in self.targets:
+            hook = _reparam.find_hook(module, name)[1]
+            if hook is not None:
+                hook.__dict__.pop("_state_masks", None)
+
+
 def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None:
-    """Remove :class:`ProjectStep` hooks of ``optimizer`` serving any of ``targets``."""
+    """Remove the :class:`ProjectStep` and :class:`StateLoaded` hooks of ``optimizer`` serving
+    any of ``targets``."""
     ids = {id(m) for m, _ in targets.values()}
-    hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
-    for key, fn in list(hooks.items()):
-        if isinstance(fn, ProjectStep) and any(id(m) in ids for m, _ in fn.targets):
-            del hooks[key]
+    for table in ("_optimizer_step_post_hooks", "_optimizer_load_state_dict_post_hooks"):
+        hooks = getattr(optimizer, table, {})
+        for key, fn in list(hooks.items()):
+            if isinstance(fn, _OptimizerHook) and any(id(m) in ids for m, _ in fn.targets):
+                del hooks[key]
 
 
 def unhook_grads(param: torch.Tensor) -> None:
@@ -229,6 +249,21 @@ class ProjectionBackend(Backend):
                 f"backend='projection' is not exact with {type(optimizer).__name__}: {why}; "
                 "use backend='auto', 'torch' or 'triton'"
             )
+        for key, (module, name) in targets.items():
+            if not module._parameters[name + "_orig"].requires_grad:
+                raise ValueError(
+                    f"backend='projection' masks {key}'s gradient as it accumulates, but it does "
+                    "not require grad (frozen); set_backend before freezing it, or use "
+                    "backend='torch'"
+                )
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        outside = [k for k, (m, n) in targets.items() if id(m._parameters[n + "_orig"]) not in held]
+        if outside:
+            raise ValueError(
+                f"backend='projection' re-projects after the steps of the optimizer given, but it "
+                f"does not train {outside[:3]}{' ...' if len(outside) > 3 else ''}; set the "
+                "backend per submodule, each with the optimizer training it"
+            )
         if not _known(optimizer):
             warnings.warn(
                 f"backend='projection' with {type(optimizer).__name__}: signmask knows it exact "
@@ -241,16 +276,19 @@ class ProjectionBackend(Backend):
 
     def attach(self, targets, optimizer):
         unhook_optimizer(optimizer, targets)
+        _hook_grads(targets)
         for module, name in targets.values():
             project(module, name, optimizer)
-        _hook_grads(targets)
         optimizer.register_step_post_hook(ProjectStep(targets, full=not _known(optimizer)))
+        optimizer.register_load_state_dict_post_hook(StateLoaded(targets))
 
-    def weight(self, hook, module, orig, mask, sign):
+    def weight(self, hook, module, orig, mask, sign, own_forward):
         # Version counters cannot be traced; compiled forwards trust the step hook (and
         # install(), which runs eagerly) to have projected.
         compiling = torch.compiler.is_compiling()
         if not compiling and getattr(hook, "_projected", None) != _stamp(orig, mask, sign):
             project(module, hook._tensor_name)
-        # A view, not the Parameter itself: setattr of a Parameter would register ``weight``.
-        return orig.view_as(orig)
+        # An alias, not the Parameter itself: setattr of a Parameter would register ``weight``.
+        # Without grad a detached one: a view made under no_grad breaks deepcopy once its base
+        # is edited in place (a rewind, a loaded checkpoint) before the next forward.
+        return orig.view_as(orig) if torch.is_grad_enabled() else orig.detach()

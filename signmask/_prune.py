@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections import Counter, OrderedDict
 from typing import Iterable, Mapping
 
 import torch
@@ -12,6 +13,7 @@ from torch.nn.utils import prune as _prune
 from . import _methods, _parents, _reparam, _targets
 
 _SCOPES = ("global", "layer")
+_EXTRA_STATE = "_extra_state"  # nn.Module's key suffix for get_extra_state()
 _SIGN_MODES = ("free", "locked")
 
 
@@ -37,16 +39,35 @@ def check_prunable(key: str, module: nn.Module, name: str, *, signs: str | None)
         )
 
 
-def check_untied(targets: Mapping[str, tuple[nn.Module, str]]) -> None:
-    seen: dict[int, str] = {}
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """id of each Parameter -> the canonical names of the module slots holding it."""
+    holders: dict[int, list[str]] = {}
+    slots = set()
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module._parameters.items():
+            if param is None or (id(module), pname) in slots:
+                continue  # a module reachable under two names is still one slot
+            slots.add((id(module), pname))
+            pname = pname[: -len("_orig")] if pname.endswith("_orig") else pname
+            holders.setdefault(id(param), []).append(_targets.canonical(f"{fqn}.{pname}" if fqn else pname))
+    return holders
+
+
+def check_untied(targets: Mapping[str, tuple[nn.Module, str]], model: nn.Module) -> None:
+    """Refuse a target whose Parameter another module (or tensor) of ``model`` also holds.
+
+    A mask on one user of a tied Parameter (a head tied to an embedding) would leave the others
+    reading it dense, and the projection backend or a transfer would zero it for all of them.
+    """
+    holders = _holders(model)
     for key, (module, name) in targets.items():
-        pid = id(_reparam.original(module, name))
-        if pid in seen:
+        names = holders.get(id(_reparam.original(module, name)), [key])
+        others = [n for n in names if n != key]
+        if others:
             raise ValueError(
-                f"{seen[pid]} and {key} share one Parameter (tied weights); prune only one of "
-                "them (use exclude=)"
+                f"{key} and {others[0]} share one Parameter (tied weights); a mask on one would "
+                "leave the other reading it dense: exclude both (exclude=) or untie them"
             )
-        seen[pid] = key
 
 
 def prune(
@@ -111,7 +132,7 @@ def prune(
     targets = _targets.select(
         model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn
     )
-    check_untied(targets)
+    check_untied(targets, model)
     for key, (module, name) in targets.items():
         check_prunable(key, module, name, signs=signs)
     names = list(targets)
@@ -183,6 +204,8 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
         if unexpected:
             problems.append(f"unexpected keys {unexpected[:5]}")
     for key in sorted(own.keys() & given.keys()):
+        if key.endswith(_EXTRA_STATE):  # any object, handed to the module's set_extra_state
+            continue
         value, found = given[key], _without_data(given[key])
         if found is not None:
             problems.append(f"{key}: expected a tensor with data in the state_dict, found {found}")
@@ -194,13 +217,44 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
         raise RuntimeError("cannot load the state_dict: " + "; ".join(problems))
 
 
+def _own_names(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` with its keys renamed to ``model``'s own, where only wrapper prefixes
+    (``module.``, ``_orig_mod.``) differ: a DDP or compiled model's checkpoint loads into the
+    bare model and back. Keys naming no module stay as they are (unexpected keys)."""
+    actual = {}
+    for fqn, _ in model.named_modules():
+        actual.setdefault(_targets.canonical(fqn), fqn)
+
+    def rename(key: str) -> str:
+        owner, dot, leaf = _targets.canonical(key).rpartition(".")
+        fqn = actual.get(owner)
+        if fqn is None:
+            return key
+        return f"{fqn}{dot if fqn else ''}{leaf}"
+
+    renamed = {key: rename(key) for key in state_dict}
+    if all(k == v for k, v in renamed.items()):
+        return state_dict
+    counts = Counter(renamed.values())
+    twins = sorted(k for k, v in renamed.items() if counts[v] > 1)
+    if twins:
+        raise RuntimeError(f"cannot load the state_dict: keys {twins[:4]} name the same tensor of the model")
+    out = OrderedDict((renamed[k], v) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # per-module versions (BatchNorm...), keyed by module prefix
+        out._metadata = OrderedDict((actual.get(_targets.canonical(k), k), v) for k, v in metadata.items())
+    return out
+
+
 def load_state_dict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
 ) -> nn.Module:
     """Load a pruned model's ``state_dict`` into a freshly created model of the same architecture.
 
     Plain ``model.load_state_dict`` fails on the ``*_orig`` / ``*_mask`` keys of an unpruned
-    model; this installs the masks (and sign locks) first, then loads every value.
+    model; this installs the masks (and sign locks) first, then loads every value. Keys that
+    differ from the model's only by wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of
+    ``torch.compile``) are matched to the model's own.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``state_dict`` not a mapping.
@@ -219,6 +273,7 @@ def load_state_dict(
     _targets.check_model(model, "model")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    state_dict = _own_names(model, state_dict)
     modules = {_targets.canonical(fqn): m for fqn, m in model.named_modules()}
     plan = []
     for key, mask in state_dict.items():

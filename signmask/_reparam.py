@@ -70,16 +70,18 @@ class SignMaskHook(_prune.PruningContainer):
     def __call__(self, module: nn.Module, inputs) -> None:
         # prune's setattr, minus nn.Module.__setattr__'s checks: <name> is neither a parameter
         # nor a buffer here. This runs before every forward of every pruned tensor.
-        module.__dict__[self._tensor_name] = self.apply_mask(module)
+        module.__dict__[self._tensor_name] = self.apply_mask(module, own_forward=True)
 
-    def apply_mask(self, module: nn.Module) -> torch.Tensor:
+    def apply_mask(self, module: nn.Module, *, own_forward: bool = False) -> torch.Tensor:
+        """The effective tensor. ``own_forward``: for ``module``'s own forward, the consumer
+        whose dtype a backend may write directly (autocast's); else in ``<name>_orig``'s dtype."""
         name, buffers = self._tensor_name, module._buffers
         orig, mask = module._parameters[name + "_orig"], buffers[name + "_mask"]
         sign = buffers.get(name + "_sign")
         if self.backend == "torch":
             return masked_weight(orig, mask, sign)
         # set_backend validated the key; a function-level import here cost microseconds per forward.
-        return _backends.BACKENDS[self.backend].weight(self, module, orig, mask, sign)
+        return _backends.BACKENDS[self.backend].weight(self, module, orig, mask, sign, own_forward)
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent: ``weight`` becomes a plain Parameter holding the effective

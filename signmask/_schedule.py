@@ -23,12 +23,19 @@ def parse_rewind(spec: str | int | None, steps_per_epoch: int | None) -> int | N
     epochs, ``"1ep50it"`` one epoch and 50 steps; an int is a step. ``None`` means no rewind.
 
     Raises:
-        ValueError: an unreadable spec, or ``"ep"`` without ``steps_per_epoch``.
+        ValueError: an unreadable spec, ``"ep"`` without ``steps_per_epoch``, or a
+            ``steps_per_epoch`` that is not a positive int.
 
     Example:
         >>> parse_rewind("1ep50it", steps_per_epoch=100)
         150
     """
+    if steps_per_epoch is not None and (
+        isinstance(steps_per_epoch, bool)
+        or not isinstance(steps_per_epoch, numbers.Integral)
+        or steps_per_epoch < 1
+    ):
+        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
     if spec is None:
         return None
     if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
@@ -46,11 +53,8 @@ def parse_rewind(spec: str | int | None, steps_per_epoch: int | None) -> int | N
             "(e.g. '500it', '2ep', '1ep50it') or an int step"
         )
     epochs, iters = (int(g) if g else 0 for g in match.groups())
-    if match.group(1):
-        if steps_per_epoch is None:
-            raise ValueError(f"rewind={spec!r} counts epochs; pass steps_per_epoch= (e.g. len(loader))")
-        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, numbers.Integral) or steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+    if match.group(1) and steps_per_epoch is None:
+        raise ValueError(f"rewind={spec!r} counts epochs; pass steps_per_epoch= (e.g. len(loader))")
     return epochs * int(steps_per_epoch or 0) + iters  # a plain int: numpy ints do not load weights_only
 
 
@@ -89,6 +93,8 @@ def kept_schedule(total: int, sparsity: float, rate: float | None, rounds: int) 
     final = round(total * (1.0 - sparsity))
     if final < 1:
         raise ValueError(f"sparsity={sparsity} keeps no weight of {total}")
+    if final >= total:
+        raise ValueError(f"sparsity={sparsity} prunes no weight of {total} (rounded)")
     if explicit:
         return [max(k, final) for k in kept] + [final]
     steps, previous = [], total  # each step must prune something: drop repeated counts

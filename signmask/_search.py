@@ -102,6 +102,8 @@ class Search:
         while not self.done:
             if not self.in_round:
                 self.start_round()
+            else:
+                self._check_open("iterating")  # closed mid-round: do not run the loop body
             yield self.round
             self.finish_round()
 
@@ -179,6 +181,8 @@ class Search:
                 f"trained only {self.step} optimizer steps; train longer or rewind earlier"
             )
         self._capture_schedule()
+        if self.round < self.config.prune_steps:
+            self._check_restartable()
         self.history[-1]["steps"] = self.round_step
         if self.round_step == 0 and _rank0():  # one warning, not one per DDP rank
             warnings.warn(
@@ -194,6 +198,7 @@ class Search:
         self._prune_to(self.kept_schedule[self.round])
         if self._rewind_weights is not None:
             _snapshot.put_weights(self.model, self._rewind_weights)
+            self._refresh()
         _snapshot.put_schedule(self.optimizer, self.scheduler, self._restart)
         self.round, self.in_round = self.round + 1, False
 
@@ -220,6 +225,29 @@ class Search:
             raise RuntimeError(f"{what}(): the search is done; its ticket is in .ticket")
         if not self._hooks:
             raise RuntimeError(f"{what}(): the search was closed")
+
+    def _check_restartable(self) -> None:
+        """Raise before pruning if the rewind or the restart cannot be applied to the model and
+        optimizer as they are now (a parameter group added mid-search, a module replaced)."""
+        if self._rewind_weights is not None:
+            live = _snapshot.weight_keys(self.model)
+            _snapshot.check_same_keys(live, self._rewind_weights, "the rewind snapshot")
+        then = [len(g["params"]) for g in self._restart["param_groups"]]
+        now = [len(g["params"]) for g in self.optimizer.param_groups]
+        if then != now:
+            raise ValueError(
+                f"the optimizer's parameter groups changed during the search (sizes {then} when "
+                f"it started, {now} now); each round restarts the optimizer as it was: add the "
+                "groups before signmask.apply"
+            )
+
+    def _refresh(self) -> None:
+        """Recompute the effective weights after a rewind wrote ``weight_orig`` in place: a
+        compiled forward skips the projection backend's check of its version counter."""
+        with torch.no_grad():
+            for module, name in self._targets.values():
+                hook = _reparam.find_hook(module, name)[1]
+                module.__dict__[name] = hook.apply_mask(module)
 
     def _kept(self) -> int:
         return sum(int(m._buffers[n + "_mask"].sum()) for m, n in self._targets.values())

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Callable, Iterable, Sequence
 
 from torch import nn
 
 from torch.nn.utils import prune as _prune
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 # Wrappers whose prefixes are not part of a tensor's identity: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -48,8 +50,29 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def has_tensor(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is a Parameter, or one reparametrized as ``<name>_orig``.
+
+    The old ``nn.utils.spectral_norm`` keeps its raw weight as ``<name>_orig`` too, and computes
+    ``<name>`` from it in its own hook: that one is not a tensor signmask can take over.
+    """
     params = module._parameters
-    return params.get(name) is not None or params.get(name + "_orig") is not None
+    if params.get(name) is not None:
+        return True
+    if params.get(name + "_orig") is None:
+        return False
+    return not any(
+        isinstance(h, SpectralNorm) and h.name == name for h in module._forward_pre_hooks.values()
+    )
+
+
+def _computed(model: nn.Module, tensor: str = "weight") -> dict[str, nn.Module]:
+    """Canonical module name -> conv/linear module whose ``tensor`` is no Parameter of its own
+    (computed by ``nn.utils.parametrize``, ``weight_norm`` or ``spectral_norm``)."""
+    return {
+        canonical(fqn): m
+        for fqn, m in model.named_modules()
+        if isinstance(m, PRUNABLE_TYPES) and not has_tensor(m, tensor)
+    }
 
 
 def tensor_index(model: nn.Module, tensor: str = "weight") -> dict[str, tuple[nn.Module, str]]:
@@ -127,9 +150,12 @@ def select(
     Globs match the canonical module name (``"layer1.0.conv1"``, ``"blocks.*.attn.qkv"``).
     Biases, norm parameters, embeddings and other raw Parameters are never selected.
 
+    Conv/linear modules whose weight is computed rather than a Parameter (``parametrize``,
+    ``weight_norm``, ``spectral_norm``) are skipped with a warning.
+
     Raises:
-        ValueError: an ``include``/``exclude`` pattern matches no conv/linear module, or nothing
-            is left to prune.
+        ValueError: an ``include``/``exclude`` pattern matches no conv/linear module, a chosen
+            weight is an uninitialized lazy parameter, or nothing is left to prune.
     """
     check_model(model, "model")
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
@@ -146,13 +172,33 @@ def select(
         for key, (module, tensor) in tensor_index(model).items()
         if isinstance(module, PRUNABLE_TYPES)
     }
+    computed = _computed(model)
     for patterns, what in ((inc, "include"), (exc, "exclude")):
         for p in patterns or ():
             if not any(fnmatch.fnmatchcase(k[: -len(".weight")], p) for k in candidates):
+                hit = sorted(n for n in computed if fnmatch.fnmatchcase(n, p))
+                if hit and what == "exclude":  # silences the warning below
+                    continue
+                if hit:
+                    raise ValueError(
+                        f"{what} pattern {p!r} matches only conv/linear modules whose weight is "
+                        f"computed, not a Parameter ({hit[:3]}: parametrize, weight_norm or "
+                        "spectral_norm); signmask cannot prune those"
+                    )
                 raise ValueError(
                     f"{what} pattern {p!r} matches no conv/linear module; module names look like "
                     f"{sorted(candidates)[:3]} (without the trailing '.weight')"
                 )
+    skipped = sorted(
+        n for n in computed if (inc is None or _matches(n, inc)) and not (exc and _matches(n, exc))
+    )
+    if skipped:
+        warnings.warn(
+            f"signmask skips {len(skipped)} conv/linear module(s) whose weight is computed, not a "
+            f"Parameter (parametrize, weight_norm, spectral_norm): {skipped[:5]}",
+            UserWarning,
+            stacklevel=3,
+        )
     chosen = {}
     for key, (module, tensor) in candidates.items():
         fqn = key[: -len(".weight")]
@@ -164,6 +210,11 @@ def select(
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
+        if isinstance(module._parameters.get(tensor), nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"{key} is an uninitialized lazy parameter ({type(module).__name__}); run one "
+                "forward pass to give it a shape before pruning"
+            )
         chosen[key] = (module, tensor)
     if not chosen:
         raise ValueError(

@@ -171,7 +171,8 @@ def extract(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: nothing in ``model`` is pruned.
+        ValueError: nothing in ``model`` is pruned, or something other than a conv/linear weight
+            is (a bias or an embedding, by stock prune).
 
     Example:
         >>> import torch, signmask
@@ -183,6 +184,13 @@ def extract(
     found = _targets.pruned(model)
     if not found:
         raise ValueError(f"nothing in {type(model).__name__} is pruned; prune it before extract()")
+    odd = [k for k, (m, n) in found.items() if n != "weight" or not isinstance(m, _targets.PRUNABLE_TYPES)]
+    if odd:
+        raise ValueError(
+            f"{odd[:3]} {'is' if len(odd) == 1 else 'are'} pruned (by torch.nn.utils.prune), but a "
+            "ticket holds conv/linear weights only (transfer() takes no others); make that pruning "
+            "permanent first: torch.nn.utils.prune.remove(module, name)"
+        )
     masks = {key: _kept_signs(m, n) for key, (m, n) in found.items()}
     signs = {}
     if biases:

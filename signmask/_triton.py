@@ -358,8 +358,21 @@ class MaskedWeight(torch.autograd.Function):
         mask, sign, orig = ctx.saved_tensors
         shape, stride, dtype = ctx.layout
         out = torch.empty_strided(shape, stride, dtype=dtype, device=grad.device)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+            return _graph_grad(grad, out.zero_() if orig is None else orig, mask, sign), None, None, None
         orig = out if orig is None else orig
         return masked_weight_backward(grad, orig, mask, sign, out), None, None, None
+
+
+def _graph_grad(grad, orig, mask, sign):
+    """The torch path's gradient, recorded for double backward (gradient penalties, Hessian-vector
+    products): the kernel writes a plain buffer autograd cannot see into. Free masks ignore
+    ``orig``'s values (the gradient is ``grad * mask``)."""
+    from . import _reparam  # not at import: _reparam reaches this module through _backends
+
+    ref = orig.detach().requires_grad_()
+    weight = _reparam.masked_weight(ref, mask, sign).to(grad.dtype)
+    return torch.autograd.grad(weight, ref, grad, create_graph=True)[0]
 
 
 @torch.library.custom_op("signmask::masked_weight", mutates_args=())

@@ -15,6 +15,8 @@ IEEE fp32, otherwise tf32). Kernels need CUDA tensors, or ``TRITON_INTERPRET=1``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -196,16 +198,17 @@ class MaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, orig, mask_u8, sign, bias):
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # -1 is ambiguous with 0 features
         y = _mm(x2, orig, mask_u8, sign, bias, transposed=True)
         ctx.save_for_backward(x2, orig, mask_u8, sign)
         ctx.x_shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], orig.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises, not a silent zero
     def backward(ctx, grad):
         x2, orig, mask_u8, sign = ctx.saved_tensors
-        gy = grad.reshape(-1, orig.shape[0])
+        gy = grad.reshape(x2.shape[0], orig.shape[0])
         if gy.dtype != x2.dtype:
             gy = gy.to(x2.dtype)
         gx = gw = gb = None
@@ -295,7 +298,8 @@ def masked_linear(
         TypeError: a dtype does not fit: x, orig or bias not fp32/bf16/fp16, orig or bias not of
             x's dtype outside autocast, mask not bool, sign not uint8.
         RuntimeError: orig, mask, sign or bias not on x's device, or CPU tensors while the
-            kernels are not interpreted.
+            kernels are not interpreted; and at a double backward (``create_graph=True``): the
+            backward is differentiable once only.
     """
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)

@@ -390,3 +390,48 @@ def test_autocast_folding_only_for_stock_forwards():
         with torch.no_grad():  # remove() / install() call the hook under no_grad
             assert _backends.consumer_dtype(nn.Conv2d(2, 2, 1), orig) == torch.float32
     assert _backends.consumer_dtype(nn.Conv2d(2, 2, 1), orig) == torch.float32
+
+
+def test_projection_refuses_frozen_tensors_and_foreign_optimizers_before_any_change():
+    model = _pruned()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model[0].weight_orig.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="masks 0.weight's gradient .* does not require grad"):
+        _backends.set_backend(model, "projection", optimizer=opt)
+    model[0].weight_orig.requires_grad_(True)
+    other = torch.optim.SGD(model[4].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"does not train \['0.weight', '2.weight'\]"):
+        _backends.set_backend(model, "projection", optimizer=other)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert not model[0].weight_orig._post_accumulate_grad_hooks
+
+
+def test_projection_model_deepcopies_after_in_place_edits():
+    model = _pruned("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    with torch.no_grad():
+        model[0].weight_orig.add_(1.0)  # as a loaded checkpoint or a rewind would
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(twin(x), model(x))
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_projection_masks_optimizer_state_loaded_after_set_backend(signs):
+    # A checkpoint of a torch-backend run: momentum is non-zero at pruned entries.
+    ref = _pruned(signs)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9, weight_decay=0.1)
+    batches = _batches(5)
+    _train(ref, ref_opt, batches[:2])
+    model = _pruned(signs)
+    model.load_state_dict(ref.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=0.1)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # resumed after set_backend
+    _train(ref, ref_opt, batches[2:])
+    _train(model, opt, batches[2:])
+    for a, b in zip(_weights(ref), _weights(model)):
+        assert torch.equal(a, b)

@@ -13,8 +13,10 @@ try:
     print("plain-import-ok")
 except RuntimeError as e:
     print("plain-import-failed" if "torchvision::nms" in str(e) else "other-error")
-for m in [m for m in sys.modules if m.split('.')[0] in ('timm', 'torchvision')]:
-    del sys.modules[m]
+    # Half-imported: forget it. A working torchvision stays (importing it twice in one process
+    # registers its Meta kernels twice, which torch refuses).
+    for m in [m for m in sys.modules if m.split('.')[0] in ('timm', 'torchvision')]:
+        del sys.modules[m]
 from signmask._compat import import_timm, _LIBRARIES
 timm = import_timm()
 model = timm.create_model("resnet18", pretrained=False, num_classes=3)

@@ -331,3 +331,123 @@ def test_locking_reads_the_live_weights_not_the_last_forward():
     model(torch.randn(1, 3, 4, 4))
     kept = model.conv2.weight_mask
     assert torch.equal(torch.signbit(model.conv2.weight)[kept], torch.signbit(model.conv2.weight_orig)[kept])
+
+
+def test_extract_refuses_stock_pruned_tensors_a_ticket_cannot_hold():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    signmask.prune(model, 0.5)
+    tprune.l1_unstructured(model[0], "bias", amount=1)
+    with pytest.raises(ValueError, match=r"\['0.bias'\] is pruned \(by torch.nn.utils.prune\).*prune.remove"):
+        signmask.extract(model, biases=True)
+    tprune.remove(model[0], "bias")
+    assert set(signmask.extract(model, biases=True).masks) == {"0.weight", "1.weight"}
+
+
+# ------------------------------------------------------------ weights that are no Parameter
+
+
+def test_layers_with_computed_weights_are_skipped_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.spectral_norm(nn.Linear(6, 6)),
+        nn.utils.parametrizations.weight_norm(nn.Linear(6, 6)),
+        nn.Linear(6, 2),
+    )
+    x = torch.randn(3, 6)
+    model.eval()
+    normed, twin = model[1](x).detach(), copy.deepcopy(model[0])
+    with pytest.warns(UserWarning, match=r"skips 2 conv/linear module\(s\) whose weight is computed.*\['0', '1'\]"):
+        signmask.prune(model, 0.5)
+    assert set(signmask._targets.pruned(model)) == {"2.weight"}
+    # spectral_norm's own weight_orig is not taken for a pruned weight: its norm still applies.
+    assert torch.equal(model[0](x), twin(x))
+    assert torch.equal(model[1](x), normed)
+    with pytest.raises(ValueError, match=r"include pattern '0' matches only conv/linear modules whose weight is computed"):
+        signmask.prune(model, 0.5, include="0")
+
+
+def test_excluding_computed_weights_silences_the_warning(recwarn):
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(6, 6)), nn.Linear(6, 2))
+    signmask.prune(model, 0.5, exclude="0")
+    assert not [w for w in recwarn if "computed" in str(w.message)]
+
+
+def test_uninitialized_lazy_layers_are_refused_by_name():
+    model = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 2))
+    head = model[1].weight.detach().clone()
+    with pytest.raises(ValueError, match="0.weight is an uninitialized lazy parameter .*run one forward pass"):
+        signmask.prune(model, 0.5)
+    assert not signmask._targets.pruned(model) and torch.equal(model[1].weight, head)
+    model(torch.randn(1, 3))
+    assert kept(signmask.prune(model, 0.5)) == 10
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.mix(self.embed(ids)))
+
+
+def test_a_head_tied_to_an_embedding_is_refused_and_can_be_excluded():
+    torch.manual_seed(0)
+    model = TiedLM()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="head.weight and embed.weight share one Parameter"):
+        signmask.prune(model, 0.5)
+    assert_same(before, snapshot(model))
+    signmask.prune(model, 0.5, exclude="head")
+    assert set(signmask._targets.pruned(model)) == {"mix.weight"}
+
+
+# ------------------------------------------------------------ load_state_dict
+
+
+def _bn_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("wrap", ["module.", "_orig_mod.", "_orig_mod.module."])
+def test_load_state_dict_matches_wrapper_prefixes(wrap, strict):
+    src = signmask.prune(_bn_net(), 0.5, signs="locked")
+    src[1].running_mean.add_(1.0)
+    state = {wrap + k: v for k, v in src.state_dict().items()}
+    fresh = signmask.load_state_dict(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), state, strict=strict)
+    want = src.state_dict()
+    assert fresh.state_dict().keys() == want.keys()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in want.items())
+    # and the other way: a bare checkpoint into a compiled model
+    compiled = torch.compile(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)))
+    signmask.load_state_dict(compiled, want, strict=strict)
+    assert all(torch.equal(compiled.state_dict()["_orig_mod." + k], v) for k, v in want.items())
+
+
+def test_load_state_dict_refuses_two_keys_for_one_tensor():
+    state = signmask.prune(_bn_net(), 0.5).state_dict()
+    state["module.0.bias"] = state["0.bias"]
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"keys \['0.bias', 'module.0.bias'\] name the same tensor"):
+        signmask.load_state_dict(model, state)
+    assert_same(before, snapshot(model))
+
+
+class WithExtra(nn.Linear):
+    def get_extra_state(self):
+        return {"calls": 3}
+
+    def set_extra_state(self, state):
+        self.loaded = state
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_hands_extra_state_to_the_module(strict):
+    state = signmask.prune(nn.Sequential(WithExtra(4, 4)), 0.5).state_dict()
+    fresh = signmask.load_state_dict(nn.Sequential(WithExtra(4, 4)), state, strict=strict)
+    assert fresh[0].loaded == {"calls": 3}
+    assert torch.equal(fresh[0].weight_mask, state["0.weight_mask"])

@@ -68,6 +68,8 @@ def test_parse_rewind(spec, spe, step):
         (-1, None, ValueError, "rewind must be a step >= 0, got -1"),
         (1.5, None, TypeError, "rewind must be a str or an int step, got float 1.5"),
         ("1ep", 0, ValueError, "steps_per_epoch must be a positive int, got 0"),
+        ("500it", "abc", ValueError, "steps_per_epoch must be a positive int, got 'abc'"),
+        (None, -3, ValueError, "steps_per_epoch must be a positive int, got -3"),
     ],
 )
 def test_parse_rewind_errors(spec, spe, error, text):

@@ -208,15 +208,20 @@ def test_rounds_out_of_order():
         ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
         ({"scheduler": object()}, TypeError, "scheduler must have state_dict()/load_state_dict()"),
         ({"steps_per_round": 0}, ValueError, "steps_per_round must be a positive int or None, got 0"),
+        ({"rewind": "500it", "steps_per_epoch": "abc"}, ValueError, "steps_per_epoch must be a positive int, got 'abc'"),
+        ({"rewind": "500it", "steps_per_epoch": -3}, ValueError, "steps_per_epoch must be a positive int, got -3"),
+        ({"sparsity": 1e-6}, ValueError, "sparsity=1e-06 prunes no weight of 516 (rounded)"),
+        ({"optimizer": torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)}, ValueError,
+         "optimizer trains none of the tensors to prune (['conv1.weight', 'conv2.weight', 'fc.weight'] ...)"),
     ],
 )
 def test_bad_input_leaves_model_untouched(kwargs, error, text):
     model = tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = snapshot(model)
-    kwargs = {"method": "imp", "sparsity": 0.5, **kwargs}
+    kwargs = {"method": "imp", "sparsity": 0.5, "optimizer": opt, **kwargs}
     with pytest.raises(error) as info:
-        signmask.apply(model, optimizer=opt, progress=False, **kwargs)
+        signmask.apply(model, progress=False, **kwargs)
     assert text in str(info.value)
     assert_same(before, snapshot(model))
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
@@ -418,6 +423,42 @@ def test_close_abandons_the_search():
     train(model, opt, search, sched, steps=search.round_step + 1)  # the optimizer is plain again
     with pytest.raises(RuntimeError, match=r"start_round\(\): the search was closed"):
         search.start_round()
+
+
+def test_iterating_a_search_closed_mid_round_raises_before_the_loop_body():
+    model, opt, sched, search = setup("lrr")
+    search.start_round()
+    search.close()
+    with pytest.raises(RuntimeError, match=r"iterating\(\): the search was closed"):
+        next(iter(search))
+
+
+def test_a_parameter_group_added_mid_search_is_refused_before_pruning():
+    model, opt, sched, search = setup("imp")
+    search.start_round()
+    train(model, opt, search, sched)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    before, round_ = masks(model), search.round
+    with pytest.raises(ValueError, match=r"parameter groups changed during the search \(sizes \[\d+\] when it started, \[\d+, 1\] now\)"):
+        search.finish_round()
+    assert all(torch.equal(before[k], v) for k, v in masks(model).items())
+    assert (search.round, search.in_round) == (round_, True)
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_a_rewind_reprojects_the_projection_backend_without_a_forward(signs):
+    # A compiled forward skips the projection's version check: the rewind must re-project.
+    model, opt, sched, search = setup("imp")
+    if signs:
+        signmask.prune(model, 0.0, signs="locked")
+    signmask.set_backend(model, "projection", optimizer=opt)
+    search.start_round()
+    train(model, opt, search, sched)
+    search.finish_round()  # prunes, then writes the unmasked init back into weight_orig
+    for key, (module, name) in signmask._targets.pruned(model).items():
+        orig, keep = module._parameters[name + "_orig"], module._buffers[name + "_mask"]
+        assert torch.equal(orig[~keep], torch.zeros_like(orig[~keep])), key
+        assert torch.equal(module.__dict__[name], orig)
 
 
 def test_progress_log_line_per_round_on_rank0_only(capsys, monkeypatch):

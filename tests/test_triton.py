@@ -6,6 +6,7 @@ sets it before any test module loads. Sizes stay small: the interpreter runs num
 triton and numpy are part of the ``test`` extra, so these tests never skip.
 """
 
+import copy
 import re
 
 import pytest
@@ -292,3 +293,103 @@ def test_triton_backend_remove_keeps_dtype_under_autocast():
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         signmask.remove(model)
     assert model[0].weight.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ transforms and edge cases
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_double_backward_equals_the_torch_path(locked):
+    # A gradient penalty on weight_orig's gradient: the kernel's backward writes a buffer
+    # autograd cannot see, so under create_graph=True the torch path's gradient is recorded.
+    orig, mask, sign = _case((6, 5), torch.float32, "", locked, False)
+    x = torch.randn(3, 5).to(DEVICE)
+    grads = []
+    for fn in (_reparam.masked_weight, _triton.masked_weight):
+        o = orig.detach().clone().requires_grad_()
+        loss = F.linear(x, fn(o, mask, sign)).square().sum()
+        (g,) = torch.autograd.grad(loss, o, create_graph=True)
+        assert g.requires_grad
+        (g.square().sum() + loss).backward()
+        grads.append((g.detach(), o.grad))
+    assert bits_equal(grads[0][0], grads[1][0])
+    assert bits_equal(grads[0][1], grads[1][1])
+    assert grads[1][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_torch_func_and_forward_ad_take_the_torch_path(locked):
+    # The Triton Function has no vmap rule and no jvp: the backend falls back, same numbers.
+    ref, model = _model("locked" if locked else None), _model("locked" if locked else None)
+    _backends.set_backend(model, "triton")
+    x = torch.randn(4, 3, 5, 5).to(DEVICE)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(net, p, xb):
+        return torch.func.functional_call(net, p, (xb[None],)).square().sum()
+
+    for net in (ref, model):
+        per_sample = torch.func.vmap(torch.func.grad(lambda p, xb: loss(net, p, xb)), in_dims=(None, 0))(params, x)
+        net._per_sample = per_sample["0.weight_orig"]
+    assert torch.equal(ref._per_sample, model._per_sample)
+    assert ref._per_sample.shape[0] == 4
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(model[0].weight_orig)
+    outs = []
+    for net in (ref, model):
+        with fwAD.dual_level():
+            out = torch.func.functional_call(
+                net, {"0.weight_orig": fwAD.make_dual(net[0].weight_orig.detach(), tangent)}, (x,)
+            )
+            outs.append(fwAD.unpack_dual(out).tangent)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_set_backend_triton_refuses_other_dtypes_first():
+    model = _model(None)
+    model[3].weight_orig.data = model[3].weight_orig.data.to(torch.complex64)
+    before = _backends.backends_of(model)
+    with pytest.raises(TypeError, match=r"3.weight is torch.complex64 \(use backend='torch'\)"):
+        _backends.set_backend(model, "triton")
+    assert _backends.backends_of(model) == before
+
+
+def test_a_parent_reading_a_child_weight_gets_it_in_orig_dtype_under_autocast():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 3)
+
+        def forward(self, x):
+            with torch.autocast(DEVICE, enabled=False):  # fp32 logits
+                return F.linear(x.float(), self.proj.weight, self.proj.bias)
+
+    torch.manual_seed(0)
+    ref = signmask.prune(nn.Sequential(Head()), 0.5)
+    model = copy.deepcopy(ref)
+    _backends.set_backend(model, "triton")
+    x = torch.randn(2, 4).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert torch.equal(model(x), ref(x))
+
+
+@pytest.mark.parametrize("k,n", [(0, 3), (4, 0)])
+def test_masked_linear_takes_zero_features(k, n):
+    x = torch.randn(2, 3, k, requires_grad=True)
+    orig = torch.randn(n, k, requires_grad=True)
+    mask = torch.rand(n, k) < 0.5
+    got = _triton_linear.masked_linear(x, orig, mask)
+    ref = F.linear(x, orig * mask)
+    assert got.shape == ref.shape == (2, 3, n)
+    got.sum().backward()
+    assert x.grad.shape == x.shape and orig.grad.shape == orig.shape
+
+
+def test_masked_linear_refuses_double_backward():
+    x = torch.randn(2, 4, requires_grad=True)
+    orig = torch.randn(3, 4, requires_grad=True)
+    y = _triton_linear.masked_linear(x, orig, torch.rand(3, 4) < 0.5).square().sum()
+    (g,) = torch.autograd.grad(y, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
+        g.sum().backward()
