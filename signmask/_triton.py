@@ -375,14 +375,23 @@ def _graph_grad(grad, orig, mask, sign):
     return torch.autograd.grad(weight, ref, grad, create_graph=True)[0]
 
 
-@torch.library.custom_op("signmask::masked_weight", mutates_args=())
+# Explicit schemas: torch 2.4 cannot infer them from this module's postponed annotations.
+@torch.library.custom_op(
+    "signmask::masked_weight",
+    mutates_args=(),
+    schema="(Tensor orig, Tensor mask, Tensor? sign, ScalarType out_dtype) -> Tensor",
+)
 def _masked_weight_op(
     orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
     return masked_weight_forward(orig, mask, sign, out_dtype)
 
 
-@torch.library.custom_op("signmask::masked_weight_grad", mutates_args=())
+@torch.library.custom_op(
+    "signmask::masked_weight_grad",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor orig, Tensor mask, Tensor? sign) -> Tensor",
+)
 def _masked_weight_grad_op(
     grad: torch.Tensor, orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None
 ) -> torch.Tensor:
