@@ -114,8 +114,7 @@ def apply(
     classifier = recipe.classifier if classifier is None else classifier
     selection = {"include": include, "exclude": exclude, "filter_fn": filter_fn}
     targets = _targets.select(model, classifier=classifier, **selection)
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if not any(id(_reparam.original(m, n)) in held for m, n in targets.values()):
+    if len(_targets.untrained(targets, optimizer)) == len(targets):
         raise ValueError(
             f"optimizer trains none of the tensors to prune ({sorted(targets)[:3]} ...); pass "
             "the optimizer training this model"

@@ -110,7 +110,7 @@ def consumer_dtype(module: nn.Module, orig: torch.Tensor) -> torch.dtype:
     return orig.dtype
 
 
-# What the Triton kernels compute (signmask._triton._TL_DTYPES, without importing triton).
+# What the Triton kernels compute (declared here: _backends must not import triton).
 KERNEL_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 
 
@@ -154,6 +154,13 @@ class TritonBackend(Backend):
             or (not torch.compiler.is_compiling() and transformed())
         ):
             return _reparam.masked_weight(orig, mask, sign)
+        return self.kernel(module, orig, mask, sign, own_forward)
+
+    @staticmethod
+    def kernel(module, orig, mask, sign, own_forward: bool) -> torch.Tensor:
+        """The kernel's weight, without the checks of :meth:`weight` (done by the caller)."""
+        from . import _triton
+
         dtype = consumer_dtype(module, orig) if own_forward else orig.dtype
         return _triton.masked_weight(orig, mask, sign, dtype)
 
@@ -163,7 +170,10 @@ class AutoBackend(Backend):
     """``"triton"`` for CUDA tensors in eager mode when triton is installed, else ``"torch"``."""
 
     def weight(self, hook, module, orig, mask, sign, own_forward):
-        return get_backend(self.resolve(orig)).weight(hook, module, orig, mask, sign, own_forward)
+        # resolve() made the triton backend's checks: call its kernel directly, not twice.
+        if self.resolve(orig) == "triton":
+            return TritonBackend.kernel(module, orig, mask, sign, own_forward)
+        return _reparam.masked_weight(orig, mask, sign)
 
     @staticmethod
     def resolve(orig: torch.Tensor) -> str:
@@ -234,11 +244,9 @@ def set_backend(
         if optimizer is not None:
             _projection.unhook_optimizer(optimizer, targets)
     impl.attach(targets, optimizer)
-    with torch.no_grad():
-        for module, name in targets.values():
-            hook = _reparam.find_hook(module, name)[1]
-            hook.backend = backend
-            setattr(module, name, hook.apply_mask(module))
+    for module, name in targets.values():
+        _reparam.find_hook(module, name)[1].backend = backend
+        _reparam.refresh(module, name)
     return model
 
 

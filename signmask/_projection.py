@@ -35,7 +35,7 @@ import warnings
 
 import torch
 
-from . import _bits, _maskmul, _reparam
+from . import _bits, _maskmul, _reparam, _targets
 from ._backends import Backend, Targets, register_backend
 
 # Optimizer class -> state keys that are odd in the gradient (negated under a reflection).
@@ -256,8 +256,7 @@ class ProjectionBackend(Backend):
                     "not require grad (frozen); set_backend before freezing it, or use "
                     "backend='torch'"
                 )
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        outside = [k for k, (m, n) in targets.items() if id(m._parameters[n + "_orig"]) not in held]
+        outside = _targets.untrained(targets, optimizer)
         if outside:
             raise ValueError(
                 f"backend='projection' re-projects after the steps of the optimizer given, but it "

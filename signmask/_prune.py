@@ -273,13 +273,13 @@ def load_state_dict(
     _targets.check_model(model, "model")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    state_dict = _own_names(model, state_dict)
-    modules = {_targets.canonical(fqn): m for fqn, m in model.named_modules()}
+    state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names
+    modules = dict(model.named_modules())
     plan = []
     for key, mask in state_dict.items():
         if not key.endswith("_mask") or key[: -len("_mask")] + "_orig" not in state_dict:
             continue
-        owner, _, tensor = _targets.canonical(key[: -len("_mask")]).rpartition(".")
+        owner, _, tensor = key[: -len("_mask")].rpartition(".")
         module = modules.get(owner)
         if module is None or not _targets.has_tensor(module, tensor):
             raise ValueError(f"state_dict masks {key!r}, but the model has no tensor {owner}.{tensor}")
@@ -309,9 +309,7 @@ def load_state_dict(
         for module, tensor in installed:
             _reparam.uninstall(module, tensor)
         raise
-    with torch.no_grad():
-        for module, tensor, _, _ in plan:
-            _, hook = _reparam.find_hook(module, tensor)
-            setattr(module, tensor, hook.apply_mask(module))
+    for module, tensor, _, _ in plan:
+        _reparam.refresh(module, tensor)
     _parents.link(model)
     return model

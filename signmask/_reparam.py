@@ -212,8 +212,17 @@ def install(
         hook = new_hook
     if negative is not None:
         module._buffers[name + "_sign"] = _bits.pack_signs(negative)
-    with torch.no_grad():
-        setattr(module, name, hook.apply_mask(module))
+    refresh(module, name)
+
+
+def refresh(module: nn.Module, name: str) -> None:
+    """Recompute ``module.<name>`` of a pruned tensor after its mask, signs, backend or
+    ``<name>_orig`` changed outside a forward (the next forward would, but a compiled one or a
+    read of ``module.<name>`` before it must not see the old value)."""
+    _, hook = find_hook(module, name)
+    if hook is not None:
+        with torch.no_grad():
+            setattr(module, name, hook.apply_mask(module))
 
 
 def uninstall(module: nn.Module, name: str) -> None:

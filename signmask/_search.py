@@ -198,7 +198,9 @@ class Search:
         self._prune_to(self.kept_schedule[self.round])
         if self._rewind_weights is not None:
             _snapshot.put_weights(self.model, self._rewind_weights)
-            self._refresh()
+            # A compiled forward skips the projection backend's check of orig's version.
+            for module, name in self._targets.values():
+                _reparam.refresh(module, name)
         _snapshot.put_schedule(self.optimizer, self.scheduler, self._restart)
         self.round, self.in_round = self.round + 1, False
 
@@ -240,14 +242,6 @@ class Search:
                 f"it started, {now} now); each round restarts the optimizer as it was: add the "
                 "groups before signmask.apply"
             )
-
-    def _refresh(self) -> None:
-        """Recompute the effective weights after a rewind wrote ``weight_orig`` in place: a
-        compiled forward skips the projection backend's check of its version counter."""
-        with torch.no_grad():
-            for module, name in self._targets.values():
-                hook = _reparam.find_hook(module, name)[1]
-                module.__dict__[name] = hook.apply_mask(module)
 
     def _kept(self) -> int:
         return sum(int(m._buffers[n + "_mask"].sum()) for m, n in self._targets.values())

@@ -224,6 +224,18 @@ def select(
     return chosen
 
 
+def untrained(targets: dict[str, tuple[nn.Module, str]], optimizer) -> list[str]:
+    """Keys of ``targets`` whose Parameter (``<name>_orig`` once pruned) ``optimizer`` does not
+    hold in any of its param groups."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    out = []
+    for key, (module, name) in targets.items():
+        params = module._parameters
+        if id(params.get(name + "_orig", params.get(name))) not in held:
+            out.append(key)
+    return out
+
+
 def pruned(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """Canonical name -> (module, tensor) for every tensor carrying a pruning hook."""
     out = {}

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backends import KERNEL_DTYPES
+
 _BLOCK = 1024
 _MAX_RANK = 5
 _I32_MAX = 2**31 - 1
@@ -182,13 +184,6 @@ def _masked_weight_bwd(
 
 INTERPRETED = type(_masked_weight_fwd).__name__ == "InterpretedFunction"
 
-_TL_DTYPES = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-}
-
 
 def _manual_bf16(dtype: torch.dtype) -> bool:
     """Whether kernels writing ``dtype`` must round fp32 -> bf16 by hand (the interpreter's
@@ -250,7 +245,7 @@ def _plan(shape: torch.Size, tensors: list[torch.Tensor]) -> tuple[int, list[int
 
 
 def _prepare(orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None) -> tuple:
-    if orig.dtype not in _TL_DTYPES:
+    if orig.dtype not in KERNEL_DTYPES:
         raise TypeError(f"orig must be a float tensor (fp32, bf16, fp16, fp64), got {orig.dtype}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")

@@ -74,14 +74,6 @@ def effective(module: nn.Module, name: str) -> torch.Tensor:
     return value.detach()
 
 
-def refresh(module: nn.Module, name: str) -> None:
-    """Recompute ``module.<name>`` of a pruned tensor after its ``_orig`` was written to."""
-    _, hook = _reparam.find_hook(module, name)
-    if hook is not None:
-        with torch.no_grad():
-            setattr(module, name, hook.apply_mask(module))
-
-
 def same_names(a: Mapping[str, Any], b: Mapping[str, Any], what_a: str, what_b: str) -> None:
     """Raise ``ValueError`` when two name -> tensor maps do not have the same keys."""
     only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())

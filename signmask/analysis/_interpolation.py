@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .. import _bits, _targets
-from ._common import check_model, check_real, clone, refresh
+from .._reparam import refresh
+from ._common import check_model, check_real, clone
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:

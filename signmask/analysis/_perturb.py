@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import _reparam
-from ._common import check_int, check_model, check_real, refresh, weights
+from ._common import check_int, check_model, check_real, weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,5 +269,5 @@ def perturb(
         for (module, name), layer, values in zip(targets.values(), layers, new):
             param = _reparam.original(module, name)
             param.copy_(torch.where(layer.keep, values.to(param.device, param.dtype), layer.weight))
-            refresh(module, name)
+            _reparam.refresh(module, name)
     return model
