@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _interpolate, _parents, _prune, _recipes, _reparam, _schedule, _targets
+from . import _interpolate, _methods, _parents, _prune, _recipes, _reparam, _schedule, _targets
 from ._search import Search, SearchConfig
 
 
@@ -112,8 +112,9 @@ def apply(
     if classifier is not None and not isinstance(classifier, bool):
         raise TypeError(f"classifier must be a bool or None, got {type(classifier).__name__} {classifier!r}")
     classifier = recipe.classifier if classifier is None else classifier
-    selection = {"include": include, "exclude": exclude, "filter_fn": filter_fn}
-    targets = _targets.select(model, classifier=classifier, **selection)
+    targets = _targets.select(
+        model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn
+    )
     if len(_targets.untrained(targets, optimizer)) == len(targets):
         raise ValueError(
             f"optimizer trains none of the tensors to prune ({sorted(targets)[:3]} ...); pass "
@@ -133,10 +134,10 @@ def apply(
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
     steps = len(kept)  # steps that would prune nothing are dropped
     config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
-    _prune.prune(model, 0.0, classifier=classifier, **selection)
+    _prune.prune_targets(model, targets, _methods.L1Magnitude(0.0))  # all-ones masks
     try:
         return Search(
-            model, optimizer, scheduler, config, targets=targets, kept=kept, selection=selection,
+            model, optimizer, scheduler, config, targets=targets, kept=kept,
             progress=progress, steps_per_round=steps_per_round,
         )
     except BaseException:

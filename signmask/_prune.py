@@ -132,6 +132,19 @@ def prune(
     targets = _targets.select(
         model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn
     )
+    return prune_targets(model, targets, ranker, scope=scope, signs=signs)
+
+
+def prune_targets(
+    model: nn.Module,
+    targets: dict[str, tuple[nn.Module, str]],
+    ranker: _methods.RankedPruning,
+    *,
+    scope: str = "global",
+    signs: str | None = None,
+) -> nn.Module:
+    """Prune ``targets`` (from ``_targets.select(model)``) with ``ranker``: ``prune``'s core,
+    for callers that already selected (``apply``, the search), so selection warns once."""
     check_untied(targets, model)
     for key, (module, name) in targets.items():
         check_prunable(key, module, name, signs=signs)

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import _interpolate, _io, _prune, _recipes, _reparam, _snapshot
+from . import _interpolate, _io, _methods, _prune, _recipes, _reparam, _snapshot
 from ._ticket import Ticket, extract
 
 STATE_VERSION = 1
@@ -68,11 +68,11 @@ class Search:
     be wrapped in a ``for``. :meth:`state_dict` / :meth:`load_state_dict` make it resumable.
     """
 
-    def __init__(self, model, optimizer, scheduler, config, *, targets, kept, selection, progress, steps_per_round):
+    def __init__(self, model, optimizer, scheduler, config, *, targets, kept, progress, steps_per_round):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.config, self.kept_schedule = config, kept
         recipe = _recipes.get_recipe(config.method)
-        self._targets, self._selection = targets, selection
+        self._targets = targets
         self.progress, self.steps_per_round = progress, steps_per_round
         self.round, self.step, self.round_start_step = 0, 0, 0
         self.in_round, self.done = False, False
@@ -248,7 +248,7 @@ class Search:
 
     def _prune_to(self, kept: int) -> None:
         # A count, not a fraction: (alive - kept) / alive could round to one weight more or less.
-        _prune.prune(self.model, self._kept() - kept, classifier=self.config.classifier, **self._selection)
+        _prune.prune_targets(self.model, self._targets, _methods.L1Magnitude(self._kept() - kept))
         _broadcast_masks(self._targets)
 
     def _finish_search(self) -> None:

@@ -502,3 +502,18 @@ def test_report_and_close_refuse_bad_arguments():
     with pytest.raises(RuntimeError, match=r"report\(\): no round is running"):
         search.report(acc=0.5)  # round 0's log line is out already
     assert "acc" not in search.history[0]
+
+
+def test_a_skipped_computed_weight_warns_once_at_apply_and_not_each_round():
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.utils.spectral_norm(torch.nn.Linear(108, 8)), torch.nn.BatchNorm1d(8),
+        torch.nn.Linear(8, 8), torch.nn.Linear(8, 5),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.warns(UserWarning, match="computed") as caught:
+        search = signmask.apply(model, "lrr", 0.6, optimizer=opt, rounds=2, progress=False)
+        for _ in search:
+            train(model, opt, search)
+    assert sum("computed" in str(w.message) for w in caught) == 1
+    assert search.done and not hasattr(model[1], "weight_mask")
+    assert int(model[3].weight_mask.sum()) < 64  # the search did prune
