@@ -164,7 +164,8 @@ def extract(
 
     Args:
         model: a model pruned by signmask or by ``torch.nn.utils.prune``.
-        biases: also record the signs of the biases of pruned layers (dense).
+        biases: also record the signs of the biases (dense) of the layers recorded: the pruned
+            ones and, with ``dense``, the unpruned ones.
         dense: also record the signs of conv/linear weights that are not pruned (the classifier
             when it was kept dense), as the AWS reference code transfers them.
         metadata: extra strings stored in the ticket (method, rounds...).
@@ -192,16 +193,17 @@ def extract(
             "permanent first: torch.nn.utils.prune.remove(module, name)"
         )
     masks = {key: _kept_signs(m, n) for key, (m, n) in found.items()}
-    signs = {}
-    if biases:
-        for key, (module, name) in found.items():
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                signs[key[: -len(name)] + "bias"] = torch.sign(bias.detach()).to("cpu", torch.int8)
+    signs, layers = {}, dict(found)
     if dense:
         for key, (module, name) in _targets.tensor_index(model).items():
             if key not in masks and isinstance(module, _targets.PRUNABLE_TYPES):
                 signs[key] = torch.sign(getattr(module, name).detach()).to("cpu", torch.int8)
+                layers[key] = (module, name)
+    if biases:
+        for key, (module, name) in layers.items():
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                signs[key[: -len(name)] + "bias"] = torch.sign(bias.detach()).to("cpu", torch.int8)
     methods = []
     for module, name in found.values():
         for method in _reparam.methods(_reparam.find_hook(module, name)[1]):

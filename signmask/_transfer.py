@@ -72,6 +72,14 @@ def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Ten
     return plan
 
 
+def _wanted(key: str, ticket: Ticket, biases: bool, dense: bool) -> bool:
+    """Whether ``transfer`` writes the ticket's dense sign ``key``: a bias with ``biases`` (and
+    ``dense`` too when its layer is one of the unpruned ones), a weight with ``dense``."""
+    if not key.endswith(".bias"):
+        return dense
+    return biases and (dense or key[: -len("bias")] + "weight" in ticket.masks)
+
+
 def transfer(
     ticket: Ticket | str | os.PathLike,
     model: nn.Module,
@@ -93,7 +101,8 @@ def transfer(
             ``"locked"`` also keeps them through training (``w = s * |w_orig| * mask``);
             ``"keep"`` installs only the binary mask and keeps the new init's own values and
             signs (the "random reinit" baseline of the sanity checks).
-        biases: apply the ticket's dense bias signs, if it has any (ignored by ``"keep"``).
+        biases: apply the ticket's dense bias signs, if it has any (ignored by ``"keep"``); those
+            of unpruned layers only with ``dense`` as well.
         dense: apply the ticket's dense weight signs (an unpruned classifier), if any (ignored by
             ``"keep"``, which neither writes nor shape-checks them).
         check_architecture: refuse a ticket whose recorded architecture differs from the model's.
@@ -121,10 +130,7 @@ def transfer(
     _check_architecture(ticket, model, check_architecture)
     groups = {"mask": ticket.masks}
     if signs != "keep":  # "keep" writes no sign, so a bias or dense head need not even match
-        groups["sign"] = {
-            k: v for k, v in ticket.signs.items()
-            if (biases and k.endswith(".bias")) or (dense and not k.endswith(".bias"))
-        }
+        groups["sign"] = {k: v for k, v in ticket.signs.items() if _wanted(k, ticket, biases, dense)}
     plan = _plan(ticket, model, groups)
     with torch.no_grad():
         for role, key, module, name, target, signed in plan:

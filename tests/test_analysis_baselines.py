@@ -137,29 +137,49 @@ def test_equal_width_validates():
 @pytest.mark.parametrize("ticket, dense, reinit, prize", [
     (0.93, 0.92, 0.90, "jackpot"),
     (0.92, 0.92, 0.9149, "jackpot"),            # equal to dense counts as matching it
-    (0.905, 0.90, 0.90, "secondary prize"),     # a lead of exactly the margin is not enough
+    (0.905, 0.90, 0.90, "no prize"),            # a lead of exactly the margin is not enough
     (0.9051, 0.90, 0.90, "jackpot"),
-    (0.92, 0.92, 0.95, "secondary prize"),      # the reinit is better still
+    (0.92, 0.92, 0.95, "no prize"),             # the reinit is better: no prize (Ma et al. (3))
+    (0.92, 0.92, 0.918, "no prize"),
     (0.9199, 0.92, 0.50, "no prize"),           # below dense: no prize, whatever the reinit
-    (0.0, 0.0, 0.0, "secondary prize"),
+    (0.0, 0.0, 0.0, "no prize"),
     (1.0, 1.0, 0.0, "jackpot"),
 ])
 def test_verdict_boundaries(ticket, dense, reinit, prize):
     v = analysis.verdict(ticket, dense, reinit)
     assert v.prize == prize
-    assert v.matches_dense == (prize != "no prize")
+    assert (v.matches_dense and v.beats_reinit) == (prize != "no prize")
     assert str(v).startswith(prize) and len(v.reasons) == 2
 
 
+@pytest.mark.parametrize("well, small, prize", [
+    (None, None, "jackpot"),
+    (0.93, None, "jackpot"),           # equal to the well-trained dense counts
+    (0.9301, None, "secondary prize"),  # matches dense at the same lr only
+    (None, 0.9249, "jackpot"),
+    (None, 0.925, "no prize"),         # a lead of exactly the margin over the small dense net
+    (0.95, 0.95, "no prize"),
+])
+def test_verdict_well_trained_and_small_dense_conditions(well, small, prize):
+    v = analysis.verdict(0.93, 0.92, 0.90, well_trained_acc=well, small_dense_acc=small)
+    assert v.prize == prize
+    assert len(v.reasons) == 2 + (well is not None) + (small is not None)
+    assert v == analysis.Verdict(0.93, 0.92, 0.90, 0.005, well, small)
+
+
 def test_verdict_margin_and_validation():
-    assert analysis.verdict(0.92, 0.91, 0.90, margin=0.02).prize == "secondary prize"
+    assert analysis.verdict(0.92, 0.91, 0.90, margin=0.02).prize == "no prize"
     assert analysis.verdict(0.92, 0.91, 0.90, margin=0.0).prize == "jackpot"
-    assert analysis.verdict(0.90, 0.90, 0.90, margin=0.0).prize == "secondary prize"
+    assert analysis.verdict(0.90, 0.90, 0.90, margin=0.0).prize == "no prize"
     for bad in (-0.1, 1.2, float("nan")):
         with pytest.raises(ValueError, match="ticket_acc"):
             analysis.verdict(bad, 0.9, 0.9)
+        with pytest.raises(ValueError, match="well_trained_acc"):
+            analysis.verdict(0.9, 0.9, 0.9, well_trained_acc=bad)
     with pytest.raises(TypeError, match="dense_acc"):
         analysis.verdict(0.9, True, 0.9)
+    with pytest.raises(TypeError, match="small_dense_acc"):
+        analysis.verdict(0.9, 0.9, 0.9, small_dense_acc="0.5")
     with pytest.raises(ValueError, match="margin"):
         analysis.verdict(0.9, 0.9, 0.9, margin=1.0)
     with pytest.raises(ValueError, match="reinit_acc"):

@@ -56,18 +56,35 @@ def test_transfer_from_path_and_compiled_or_ddp_names(tmp_path):
 
 
 def test_biases_and_dense_classifier_signs():
+    """As the AWS reference code: masked layers' biases and the dense classifier, bias included."""
     source = signmask.prune(tiny(0), 0.5, classifier=False)
     ticket = signmask.extract(source, biases=True, dense=True)
-    assert set(ticket.signs) == {"conv2.bias", "fc.weight"}  # conv1 has no bias; fc is dense
-    fresh = tiny(1)
-    b0, fc0 = fresh.conv2.bias.detach().clone(), fresh.fc.weight.detach().clone()
+    assert set(ticket.signs) == {"conv2.bias", "fc.weight", "fc.bias"}  # conv1 has no bias
+    assert torch.equal(ticket.signs["fc.bias"], torch.sign(source.fc.bias.detach()).to(torch.int8))
+    assert set(signmask.extract(source, biases=True).signs) == {"conv2.bias"}
+    assert set(signmask.extract(source, dense=True).signs) == {"fc.weight"}
+
+    def new_init():
+        model = tiny(1)
+        with torch.no_grad():  # every head bias sign opposite to the ticket's, so the test can fail
+            model.fc.bias.copy_(-model.fc.bias.abs() * ticket.signs["fc.bias"])
+        return model
+
+    fresh = new_init()
+    b0, fc0, fcb0 = (t.detach().clone() for t in (fresh.conv2.bias, fresh.fc.weight, fresh.fc.bias))
     signmask.transfer(ticket, fresh)
     assert torch.equal(fresh.conv2.bias, b0.abs() * ticket.signs["conv2.bias"])
     assert torch.equal(fresh.fc.weight, fc0.abs() * ticket.signs["fc.weight"])
+    assert torch.equal(fresh.fc.bias, fcb0.abs() * ticket.signs["fc.bias"])
     assert not hasattr(fresh.fc, "weight_mask")
-    skipped = tiny(1)
+    skipped = new_init()
     signmask.transfer(ticket, skipped, biases=False, dense=False)
     assert torch.equal(skipped.conv2.bias, b0) and torch.equal(skipped.fc.weight, fc0)
+    assert torch.equal(skipped.fc.bias, fcb0)
+    masked_only = new_init()  # biases of the pruned layers only: the dense head stays the new init's
+    signmask.transfer(ticket, masked_only, dense=False)
+    assert torch.equal(masked_only.conv2.bias, b0.abs() * ticket.signs["conv2.bias"])
+    assert torch.equal(masked_only.fc.weight, fc0) and torch.equal(masked_only.fc.bias, fcb0)
 
 
 def _train(model, steps=20):
