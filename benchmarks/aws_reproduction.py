@@ -81,6 +81,7 @@ class Preset:
     bn_batches: int           # batches for BatchNorm re-estimation
     seeds: tuple[int, ...]
     device: str
+    search_lr: str = "cosine"  # "cosine" restarted each round, or "constant" (the AWS code's)
 
 
 PRESETS = {
@@ -236,13 +237,15 @@ def train_epochs(model: nn.Module, loader: Batches, opt, sched, epochs: int) -> 
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
 
 
-def make_opt(model: nn.Module, preset: Preset, steps: int):
+def make_opt(model: nn.Module, preset: Preset, steps: int, *, constant: bool = False):
+    """SGD with cosine annealing over ``steps``, or at a constant LR (no scheduler)."""
     opt = torch.optim.SGD(model.parameters(), lr=preset.lr, momentum=preset.momentum,
                           weight_decay=preset.weight_decay)
-    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    return opt, None if constant else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
 
 def bn_reestimated(model: nn.Module, bn_loader, batches: int) -> nn.Module:
@@ -279,7 +282,8 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
     for method in ("lrr", "aws"):
         t0 = time.perf_counter()
         model = make_model(preset, in_chans, search_seed, device)
-        opt, sched = make_opt(model, preset, preset.round_epochs * steps_per_epoch)
+        opt, sched = make_opt(model, preset, preset.round_epochs * steps_per_epoch,
+                              constant=preset.search_lr == "constant")
         search = signmask.apply(model, method, preset.sparsity, optimizer=opt, scheduler=sched,
                                 rate=preset.rate, seed=search_seed, progress=False)
         data = loader(search_seed)
@@ -406,7 +410,8 @@ def markdown(payload: dict) -> str:
         f"{', '.join(str(s['seed']) for s in seeds)})", "",
         f"Data: {payload['data']['data']} ({payload['data']['subset']}; {payload['data']['n_train']} train / "
         f"{payload['data']['n_test']} test, {payload['data']['resolution']}px). Model: {cfg['model']}. "
-        f"Search: {cfg['round_epochs']} epochs per round, rate {cfg['rate']}, target sparsity {cfg['sparsity']} "
+        f"Search: {cfg['round_epochs']} epochs per round at {cfg.get('search_lr', 'cosine')} LR, rate {cfg['rate']}, "
+        f"target sparsity {cfg['sparsity']} "
         f"({len(seeds[0]['lrr_rounds']) - 1} prunings); retraining {cfg['retrain_epochs']} epochs. "
         "Accuracies and barriers in %, mean ± std over seeds (sample std), then per seed.", "",
         f"## Transfer to a new random init (sparsity {100 * seeds[0]['final_sparsity']:.1f}%)", "",
@@ -491,9 +496,10 @@ NOTES = [
     "random pruning has no solution under its mask, so no barrier.",
     "Instability: the first of the two copies is the 'new init + AWS signed mask' run itself (same init, same data "
     "seed), loaded instead of retrained; the second uses the next data seed (order and augmentation).",
-    "Deviations from the paper (budget): tiny subset and epochs on CPU; cosine LR per round restarted each round "
-    "(LR rewinding) instead of the AWS code's constant LR; retraining with cosine instead of MultiStep; the search "
-    "does not prune the classifier (AWS default); transfer also writes the AWS code's dense classifier and bias signs.",
+    "Deviations from the paper (budget): tiny subset and epochs on CPU; no dense warm-up beyond round 0; with "
+    "search_lr 'cosine', cosine LR per round restarted each round (LR rewinding) instead of the AWS code's constant "
+    "LR ('constant' follows the code); retraining with cosine instead of MultiStep; the search does not prune the "
+    "classifier (AWS default); transfer also writes the AWS code's dense classifier and bias signs.",
     "Model: timm ResNet with BasicBlocks, deep stem with the first conv at stride 1 and no max-pool, "
     "zero_init_last=False (BN gamma = 1 at init everywhere, as in the paper's ResNets).",
 ]
@@ -519,10 +525,15 @@ def main() -> None:
     ap.add_argument("--subset", default=None,
                     help="override the preset's subset: 'small' (provenance 10k/2k), 'full', or 'N/M'")
     ap.add_argument("--resume", action="store_true", help="keep the seeds already in the results JSON")
+    ap.add_argument("--search-lr", choices=("cosine", "constant"), default=None,
+                    help="LR during the searches: cosine restarted each round (the presets'), or "
+                         "constant as in the AWS reference code")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     if args.subset:
         preset = dataclasses.replace(preset, subset=args.subset)
+    if args.search_lr:
+        preset = dataclasses.replace(preset, search_lr=args.search_lr)
     device = args.device or preset.device
     torch.set_num_threads(args.threads)
     if device == "cuda":
