@@ -237,6 +237,7 @@ def set_backend(
     _targets.check_model(model, "model")
     impl = get_backend(backend)
     targets = _signmask_targets(model)
+    _targets.check_local(targets)
     impl.check(targets, optimizer)
     if backend != "projection":
         for module, name in targets.values():

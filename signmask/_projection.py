@@ -97,8 +97,9 @@ def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...], odd_o
             _maskmul.mul_(value, mask)
 
 
-def _stamp(orig, mask, sign) -> tuple[int, int, int]:
-    return (orig._version, *_mask_stamp(mask, sign))
+def _stamp(orig, mask, sign) -> tuple[int, int, int, int]:
+    # data_ptr: ``orig.data = t`` (vector_to_parameters) swaps the storage, not the version.
+    return (orig._version, orig.data_ptr(), *_mask_stamp(mask, sign))
 
 
 def _mask_stamp(mask, sign) -> tuple[int, int]:
@@ -110,16 +111,19 @@ def _tensors(module, name):
     return module._parameters[name + "_orig"], buffers[name + "_mask"], buffers.get(name + "_sign")
 
 
-def project(module, name, optimizer=None, *, odd_only: bool = False) -> None:
+def project(module, name, optimizer=None, *, odd_only: bool = False, grad: bool = False) -> None:
     """Project ``module.<name>_orig`` (and its optimizer state) onto its mask and signs.
 
     ``odd_only``: after a zero-preserving step only sign reflections can be due, so only the
     state odd in the gradient is touched (the rest is still 0 at pruned entries).
+    ``grad``: reflect ``.grad`` too (before a step, it is odd in the gradient like momentum).
     """
     hook = _reparam.find_hook(module, name)[1]
     orig, mask, sign = _tensors(module, name)
     with torch.no_grad():
         factor = _project_weight(orig, mask, sign)
+        if grad and factor is not None and orig.grad is not None:
+            _maskmul.mul_(orig.grad, factor)
         if optimizer is not None:
             odd = ZERO_PRESERVING.get(type(optimizer).__name__, ())
             _project_state(optimizer.state.get(orig, {}), orig, mask, factor, odd, odd_only)
@@ -169,6 +173,20 @@ class _OptimizerHook:
         self.targets = list(targets.values())
 
 
+class ProjectStale(_OptimizerHook):
+    """Optimizer step pre-hook: project the tensors edited since their last projection (in
+    place, or ``.data`` swapped) that no forward has re-projected yet, so that
+    :class:`ProjectStep` can trust the state it finds."""
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        for module, name in self.targets:
+            hook = _reparam.find_hook(module, name)[1]
+            if getattr(hook, "backend", None) != "projection":
+                continue
+            if getattr(hook, "_projected", None) != _stamp(*_tensors(module, name)):
+                project(module, name, optimizer, grad=True)
+
+
 class ProjectStep(_OptimizerHook):
     """Optimizer step post-hook re-establishing the projection of the tensors it serves."""
 
@@ -207,10 +225,11 @@ class StateLoaded(_OptimizerHook):
 
 
 def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None:
-    """Remove the :class:`ProjectStep` and :class:`StateLoaded` hooks of ``optimizer`` serving
-    any of ``targets``."""
+    """Remove the hooks of this backend (:class:`ProjectStale`, :class:`ProjectStep`,
+    :class:`StateLoaded`) from ``optimizer`` where they serve any of ``targets``."""
     ids = {id(m) for m, _ in targets.values()}
-    for table in ("_optimizer_step_post_hooks", "_optimizer_load_state_dict_post_hooks"):
+    tables = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_load_state_dict_post_hooks")
+    for table in tables:
         hooks = getattr(optimizer, table, {})
         for key, fn in list(hooks.items()):
             if isinstance(fn, _OptimizerHook) and any(id(m) in ids for m, _ in fn.targets):
@@ -278,6 +297,7 @@ class ProjectionBackend(Backend):
         _hook_grads(targets)
         for module, name in targets.values():
             project(module, name, optimizer)
+        optimizer.register_step_pre_hook(ProjectStale(targets))
         optimizer.register_step_post_hook(ProjectStep(targets, full=not _known(optimizer)))
         optimizer.register_load_state_dict_post_hook(StateLoaded(targets))
 

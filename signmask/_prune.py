@@ -193,6 +193,7 @@ def remove(model: nn.Module) -> nn.Module:
     found = _targets.pruned(model)
     if not found:
         raise ValueError(f"nothing in {type(model).__name__} is pruned; nothing to remove")
+    _targets.check_local(found, _targets.GATHER_FIRST)
     for module, name in found.values():
         _prune.remove(module, name)
     _parents.link(model)
@@ -203,6 +204,8 @@ def _without_data(value) -> str | None:
     """What ``value`` is when it is not a tensor holding data (for the error), else None."""
     if not isinstance(value, torch.Tensor):
         return type(value).__name__
+    if _targets.is_dtensor(value):
+        return f"a DTensor (a sharded state dict): {_targets.GATHER_FIRST}"
     return "a meta tensor" if value.is_meta else None
 
 
@@ -288,7 +291,7 @@ def load_state_dict(
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names
     modules = dict(model.named_modules())
-    plan = []
+    plan, pruning = [], {}
     for key, mask in state_dict.items():
         if not key.endswith("_mask") or key[: -len("_mask")] + "_orig" not in state_dict:
             continue
@@ -307,6 +310,8 @@ def load_state_dict(
             )
         locked = key[: -len("_mask")] + "_sign" in state_dict
         plan.append((module, tensor, mask, locked))
+        pruning[key[: -len("_mask")]] = (module, tensor)
+    _targets.check_local(pruning, _targets.GATHER_FIRST)
     installed = []
     with torch.no_grad():
         for module, tensor, mask, locked in plan:

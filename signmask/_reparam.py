@@ -69,8 +69,17 @@ class SignMaskHook(_prune.PruningContainer):
 
     def __call__(self, module: nn.Module, inputs) -> None:
         # prune's setattr, minus nn.Module.__setattr__'s checks: <name> is neither a parameter
-        # nor a buffer here. This runs before every forward of every pruned tensor.
-        module.__dict__[self._tensor_name] = self.apply_mask(module, own_forward=True)
+        # nor a buffer here, unless one was assigned since (the check below). This runs before
+        # every forward of every pruned tensor.
+        name = self._tensor_name
+        if name in module._parameters:
+            raise RuntimeError(
+                f"{type(module).__name__}.{name} was assigned a new Parameter after "
+                f"pruning (torch.nn.utils.fusion.fuse_conv_bn_eval and module surgery do), which "
+                f"the pruning of {name}_orig would hide; make the pruning permanent before: "
+                f"signmask.remove(model), or torch.nn.utils.prune.remove(module, {name!r})"
+            )
+        module.__dict__[name] = self.apply_mask(module, own_forward=True)
 
     def apply_mask(self, module: nn.Module, *, own_forward: bool = False) -> torch.Tensor:
         """The effective tensor. ``own_forward``: for ``module``'s own forward, the consumer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
 import warnings
 from typing import Callable, Iterable, Sequence
 
@@ -221,7 +222,36 @@ def select(
             f"nothing to prune in {type(model).__name__}: no conv/linear weight is left after "
             f"classifier={classifier}, include={inc}, exclude={exc}, filter_fn={filter_fn}"
         )
+    check_local(chosen)
     return chosen
+
+
+_SHARD_AFTER = "prune, apply, transfer and set_backend before sharding the model"
+GATHER_FIRST = (
+    "gather a full state dict first (get_model_state_dict(model, options=StateDictOptions("
+    "full_state_dict=True))) and load it into an unsharded model with signmask.load_state_dict"
+)
+
+
+def is_dtensor(value) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (without importing it: nothing
+    can be one before that module is imported)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(value, dtensor)
+
+
+def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = _SHARD_AFTER) -> None:
+    """Refuse targets whose Parameter is a DTensor (sharded by FSDP2's ``fully_shard`` or tensor
+    parallelism): masks are whole local tensors, and mixing them with shards fails mid-way.
+    ``fix`` ends the error message."""
+    params = ((k, m._parameters.get(n + "_orig", m._parameters.get(n))) for k, (m, n) in targets.items())
+    sharded = [k for k, p in params if is_dtensor(p)]
+    if sharded:
+        raise ValueError(
+            f"{sharded[:3]}{' ...' if len(sharded) > 3 else ''} {'is a' if len(sharded) == 1 else 'are'} "
+            f"DTensor (sharded by fully_shard or tensor parallelism); signmask works on local "
+            f"tensors: {fix}"
+        )
 
 
 def untrained(targets: dict[str, tuple[nn.Module, str]], optimizer) -> list[str]:

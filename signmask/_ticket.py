@@ -185,6 +185,7 @@ def extract(
     found = _targets.pruned(model)
     if not found:
         raise ValueError(f"nothing in {type(model).__name__} is pruned; prune it before extract()")
+    _targets.check_local(found, _targets.GATHER_FIRST)
     odd = [k for k, (m, n) in found.items() if n != "weight" or not isinstance(m, _targets.PRUNABLE_TYPES)]
     if odd:
         raise ValueError(

@@ -68,6 +68,7 @@ def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Ten
                 if name != "weight" or not isinstance(module, _targets.PRUNABLE_TYPES):
                     raise ValueError(f"ticket masks {key!r}, which is not a conv/linear weight")
             plan.append((role, key, module, name, target, signed))
+    _targets.check_local({key: (m, n) for _, key, m, n, _, _ in plan})
     _prune.check_untied({key: (m, n) for role, key, m, n, _, _ in plan if role == "mask"}, model)
     return plan
 

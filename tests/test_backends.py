@@ -250,6 +250,36 @@ def test_projection_follows_new_masks_and_edits():
     assert torch.equal(model[0].weight_orig, model[0].weight_mask.float())
 
 
+@pytest.mark.parametrize("signs", [None, "locked"])
+@pytest.mark.parametrize("edit", ["data", "vector_to_parameters", "copy_"])
+def test_projection_follows_swapped_storage_and_edits_between_backward_and_step(signs, edit):
+    """``weight_orig.data = t`` leaves the version counter alone; an edit after the backward is
+    stepped before any forward. Both must train exactly as the torch path does."""
+    (ref, ref_opt), (proj, proj_opt) = _torch_and_projection(signs)
+    batches = _batches(4)
+    for model, opt in ((ref, ref_opt), (proj, proj_opt)):
+        _train(model, opt, batches[:1])
+        x, y = batches[1]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        new = torch.linspace(-1, 1, model[0].weight_orig.numel()).view_as(model[0].weight_orig)
+        if edit == "data":
+            model[0].weight_orig.data = new.clone()
+        elif edit == "vector_to_parameters":
+            params = list(model.parameters())
+            flat = nn.utils.parameters_to_vector(params)
+            flat[: new.numel()] = new.flatten()  # the first parameter is conv 0's weight_orig
+            nn.utils.vector_to_parameters(flat, params)
+        else:
+            with torch.no_grad():
+                model[0].weight_orig.copy_(new)
+        opt.step()  # no forward in between
+        _train(model, opt, batches[2:])
+    for a, b in zip(_weights(ref), _weights(proj)):
+        assert torch.equal(a, b)
+    assert not proj[0].weight_orig[~proj[0].weight_mask].any()
+
+
 def _torch_and_projection(signs):
     """Two equal pruned nets with SGD+momentum: one on the torch path, one on projection."""
     pairs = []

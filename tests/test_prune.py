@@ -1,6 +1,11 @@
 """signmask.prune / remove / load_state_dict: exact counts, selection options, errors."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -451,3 +456,26 @@ def test_load_state_dict_hands_extra_state_to_the_module(strict):
     fresh = signmask.load_state_dict(nn.Sequential(WithExtra(4, 4)), state, strict=strict)
     assert fresh[0].loaded == {"calls": 3}
     assert torch.equal(fresh[0].weight_mask, state["0.weight_mask"])
+
+
+# ------------------------------------------------------------ FSDP2 (sharded parameters)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_sharded_models_are_refused_untouched_and_a_gathered_state_dict_loads():
+    """Pruned before ``fully_shard`` it trains; after, every verb refuses the DTensors by name and
+    changes nothing (they failed deep inside DTensor dispatch, set_backend leaving hooks)."""
+    worker = Path(__file__).parent / "_fsdp_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("pruned_then_sharded_equal") is True
+    assert out.pop("gathered_ticket_equal") is True
+    assert set(out) == {"prune", "apply", "transfer", "set_backend", "extract", "remove", "load_state_dict"}
+    for verb, result in out.items():
+        assert isinstance(result, dict), f"{verb}: {result}"
+        assert result["unchanged"] and result["grad_hooks"] == 0, verb
+        assert "'0.weight'" in result["error"] and "DTensor" in result["error"], verb
+        fix = "gather a full state dict" if verb in ("extract", "remove", "load_state_dict") else "before sharding"
+        assert fix in result["error"], verb

@@ -561,3 +561,27 @@ def test_mask_memory_is_one_byte_and_signs_one_bit(shape, amount, seed):
     magnitudes = free.weight_orig.detach().abs()
     if magnitudes.unique().numel() == n:  # without ties stock's choice is unambiguous
         assert torch.equal(free.weight_mask, stock.weight_mask.bool())
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_a_parameter_assigned_over_a_pruned_weight_raises_instead_of_being_hidden(signs):
+    """fuse_conv_bn_eval writes a new ``weight`` Parameter; the pruning hook used to shadow it."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
+    signmask.prune(seq, 0.5, signs=signs)
+    x = torch.randn(4, 3, 8, 8)
+    seq(x)  # running statistics
+    seq.eval()
+    with torch.no_grad():
+        unfused = seq(x)
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(seq[0], seq[1])
+    with pytest.raises(RuntimeError, match=r"Conv2d.weight was assigned a new Parameter .*signmask.remove"):
+        fused(x)
+    signmask.remove(seq)  # the fix the message names
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(seq[0], seq[1])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), unfused, rtol=1e-5, atol=1e-5)
+    linear = signmask.prune(nn.Linear(4, 3), 0.5)
+    linear.weight = nn.Parameter(torch.ones(3, 4))
+    with pytest.raises(RuntimeError, match="Linear.weight was assigned"):
+        linear(torch.ones(1, 4))
