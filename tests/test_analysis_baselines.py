@@ -192,3 +192,38 @@ def test_random_prune_keeps_exact_counts_with_an_empty_tensor():
     ticket = signmask.extract(signmask.prune(make(0), 0.5))
     model = analysis.random_prune(ticket, make(1), seed=0)
     assert model[0].weight_mask.numel() == 0 and int(model[1].weight_mask.sum()) == 6
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+class _AttnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_random_prune_draws_each_tensor_from_its_own_stream():
+    from signmask import analysis
+    torch.manual_seed(0)
+    ticket = signmask.extract(signmask.prune(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), 0.5, scope="layer"))
+    net = analysis.random_prune(ticket, nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), seed=0)
+    assert not torch.equal(net[0].weight_mask, net[1].weight_mask)
+
+
+def test_matches_dense_tolerates_float_noise():
+    from signmask import analysis
+    assert analysis.verdict(0.3, 0.1 + 0.2, 0.0).matches_dense  # 0.1 + 0.2 = 0.30000000000000004
+
+
+def test_random_prune_trains_a_weight_its_parent_reads():
+    from signmask import analysis
+    torch.manual_seed(0)
+    ticket = signmask.extract(signmask.prune(_AttnNet(), 0.5))
+    net = analysis.random_prune(ticket, _AttnNet(), seed=0)
+    net(torch.randn(1, 3, 8)).sum().backward()
+    assert net.attn.out_proj.weight_orig.grad is not None

@@ -570,3 +570,29 @@ def test_interpolation_between_signmask_and_stock_pruned_models_with_one_mask():
     tprune.custom_from_mask(b.fc, "weight", torch.zeros_like(b.fc.weight))  # stacked: fc's mask now differs
     with pytest.raises(ValueError, match="'fc.weight_mask' differs between model_a and model_b"):
         analysis.interpolate(a, b, 0.5)
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_barrier_refuses_a_repeated_alpha():
+    from signmask.analysis import Barrier
+    with pytest.raises(ValueError, match="strictly"):
+        Barrier((0.0, 0.5, 0.5, 1.0), (0.1, 0.2, 0.2, 0.1), (0.1, 0.2, 0.2, 0.1))
+
+
+def test_instability_uses_the_models_train_returns():
+    from signmask import analysis
+    torch.manual_seed(0)
+    data = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
+    returned = []
+
+    def train(net, seed):
+        torch.manual_seed(seed + 10)
+        new = nn.Linear(4, 3)  # a new model, not the copy it got
+        returned.append(new)
+        return new
+
+    got = analysis.instability(nn.Linear(4, 3), train, data, points=3)
+    want = analysis.barrier(returned[0], returned[1], data, points=3)
+    assert got.losses == want.losses

@@ -465,3 +465,27 @@ def test_projection_masks_optimizer_state_loaded_after_set_backend(signs):
     _train(model, opt, batches[2:])
     for a, b in zip(_weights(ref), _weights(model)):
         assert torch.equal(a, b)
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_unknown_optimizer_weights_are_reprojected_after_each_step():
+    class Shift(torch.optim.Optimizer):  # moves every entry: not zero-preserving
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(0.1)
+
+    torch.manual_seed(0)
+    lin = signmask.prune(nn.Linear(4, 4), 0.5)
+    opt = Shift(lin.parameters())
+    with pytest.warns(UserWarning, match="Shift"):
+        signmask.set_backend(lin, "projection", optimizer=opt)
+    lin(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert (lin.weight_orig[~lin.weight_mask] == 0).all()

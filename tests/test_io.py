@@ -359,3 +359,32 @@ def test_ticket_accepts_wide_unsigned_masks():
         assert signmask.Ticket({"w": torch.tensor([0, 1, 1], dtype=dtype)}).masks["w"].tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match=r"found \[2\]"):
         signmask.Ticket({"w": torch.tensor([0, 2], dtype=torch.uint16)})
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_ticket_refuses_minus_two():
+    with pytest.raises(ValueError, match="outside"):
+        signmask.Ticket({"w": torch.tensor([-2, 1], dtype=torch.int8)})
+
+
+def test_tickets_with_different_tensor_names_differ():
+    one = signmask.Ticket({"a": torch.tensor([1, 0])})
+    two = signmask.Ticket({"a": torch.tensor([1, 0]), "b": torch.tensor([-1])})
+    assert one != two and two != one
+
+
+def test_negative_count_that_disagrees_with_the_payload_is_refused(tmp_path):
+    import hashlib, json
+    from safetensors.torch import save_file
+    from signmask import _io
+    path = signmask.save(signmask.Ticket({"a.weight": torch.tensor([1, 0, -1, 1, 0])}), tmp_path / "t.safetensors")
+    meta, raw = _io.read_raw(path)
+    manifest = json.loads(meta["manifest"])
+    manifest["a.weight"]["negative"] = 2  # kept (3) still right
+    meta["manifest"] = json.dumps(manifest, sort_keys=True)
+    meta["manifest_sha256"] = hashlib.sha256(meta["manifest"].encode()).hexdigest()
+    save_file(raw, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="kept/negative counts"):
+        signmask.load(path)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings, strategies as st
 
 import signmask
@@ -148,3 +149,18 @@ def test_projection_masks_a_gradient_built_with_create_graph(monkeypatch):
     grad = net.weight_orig.grad
     assert grad.requires_grad and grad[net.weight_mask].any()
     assert not grad[~net.weight_mask].any()  # masked, and still part of the graph
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_large_sign_locked_channels_last_conv_has_the_locked_weights():
+    from signmask import _bits
+    torch.manual_seed(0)
+    conv = nn.Conv2d(128, 64, 6)  # 294912 weights: above the chunked path's threshold
+    signmask.prune(conv, 0.5, signs="locked")
+    conv.to(memory_format=torch.channels_last)  # orig and mask channels_last, sign factors not
+    conv(torch.randn(1, 128, 6, 6))
+    neg = _bits.sign_bits(conv.weight_sign, conv.weight_orig.shape).bool()
+    want = torch.where(neg, -conv.weight_orig.abs(), conv.weight_orig.abs()) * conv.weight_mask
+    assert torch.equal(conv.weight, want)

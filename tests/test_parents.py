@@ -180,3 +180,29 @@ def test_reads_in_methods_that_forward_calls_are_found():
     twin(x).sum().backward()
     torch.testing.assert_close(model.proj.weight_orig.grad, twin.proj.weight.grad * model.proj.weight_mask,
                                rtol=0, atol=0)
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_a_stock_pruned_weight_read_by_its_parent_follows_weight_orig():
+    from torch.nn.utils import prune as tprune
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    net = Net()
+    tprune.l1_unstructured(net.attn.out_proj, "weight", 0.5)
+    signmask.prune(net, 0.5, include="fc")  # links the parent
+    with torch.no_grad():
+        net.attn.out_proj.weight_orig.mul_(2)
+    net(torch.randn(1, 3, 8))
+    out = net.attn.out_proj
+    assert torch.equal(out.weight, out.weight_orig * out.weight_mask)

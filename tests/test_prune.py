@@ -479,3 +479,47 @@ def test_sharded_models_are_refused_untouched_and_a_gathered_state_dict_loads():
         assert "'0.weight'" in result["error"] and "DTensor" in result["error"], verb
         fix = "gather a full state dict" if verb in ("extract", "remove", "load_state_dict") else "before sharding"
         assert fix in result["error"], verb
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_pruning_a_locked_tensor_again_with_signs_locked_keeps_its_lock():
+    torch.manual_seed(0)
+    lin = signmask.prune(nn.Linear(4, 4), 0.25, signs="locked")
+    sign_before = lin.weight_sign.clone()
+    with torch.no_grad():
+        lin.weight_orig.neg_()  # training flipped the raw values; the lock still rules
+    signmask.prune(lin, 0.25, signs="locked")
+    assert torch.equal(lin.weight_sign, sign_before)
+
+
+def test_unseeded_random_pruning_follows_torch_manual_seed():
+    def masks(seed):
+        torch.manual_seed(seed)
+        net = signmask.prune(nn.Linear(8, 8), 0.5, method="random")
+        return net.weight_mask.clone()
+    assert torch.equal(masks(0), masks(0))
+    assert not torch.equal(masks(0), masks(1))
+
+
+def test_from_signed_mask_refuses_another_shape():
+    from signmask._methods import FromSignedMask
+    method = FromSignedMask(torch.tensor([1, 0, -1, 1], dtype=torch.int8))
+    with pytest.raises(ValueError, match="shape"):
+        method.compute_mask(torch.ones(3, 4), torch.ones(3, 4))
+
+
+def test_a_failed_load_state_dict_leaves_no_stale_weight_attribute():
+    sd = signmask.prune(nn.Linear(4, 4), 0.5).state_dict()
+    sd["bias"] = torch.zeros(5)  # mis-shaped: refused after the masks were installed
+    fresh = nn.Linear(4, 4)
+    with pytest.raises(RuntimeError):
+        signmask.load_state_dict(fresh, sd)
+    assert fresh.weight is fresh._parameters["weight"]
+
+
+def test_classifier_false_spares_the_last_linear_not_the_first():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    signmask.prune(net, 0.5, classifier=False)
+    assert hasattr(net[0], "weight_mask") and not hasattr(net[2], "weight_mask")

@@ -22,6 +22,7 @@ from torch.nn.utils import prune as torch_prune
 
 import signmask
 from signmask import _reparam
+from _util import tiny
 
 LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -585,3 +586,14 @@ def test_a_parameter_assigned_over_a_pruned_weight_raises_instead_of_being_hidde
     linear.weight = nn.Parameter(torch.ones(3, 4))
     with pytest.raises(RuntimeError, match="Linear.weight was assigned"):
         linear(torch.ones(1, 4))
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_adopting_a_stock_hook_keeps_its_pruning_history():
+    from torch.nn.utils import prune as tprune
+    model = tiny()
+    tprune.l1_unstructured(model.fc, "weight", 0.4)
+    signmask.prune(model, 0.5, scope="layer", include="fc")
+    assert signmask.extract(model).metadata["method"] == "L1Unstructured+magnitude"

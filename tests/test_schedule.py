@@ -98,3 +98,11 @@ def test_parse_rewind_returns_a_plain_int_for_numpy_steps_per_epoch():
     np = pytest.importorskip("numpy")
     step = _schedule.parse_rewind("2ep", np.int64(3))
     assert step == 6 and type(step) is int  # numpy ints would not load with weights_only=True
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_an_exact_power_does_not_ask_for_one_more_step():
+    from signmask import _schedule
+    assert _schedule.prune_count(0.51, 0.3, None) == 2  # 1 - 0.51 = 0.7 ** 2

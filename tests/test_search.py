@@ -11,6 +11,7 @@ import io
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -517,3 +518,59 @@ def test_a_skipped_computed_weight_warns_once_at_apply_and_not_each_round():
     assert sum("computed" in str(w.message) for w in caught) == 1
     assert search.done and not hasattr(model[1], "weight_mask")
     assert int(model[3].weight_mask.sum()) < 64  # the search did prune
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_a_search_state_dict_is_a_snapshot_not_a_view_of_the_masks():
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    search = signmask.apply(model, "imp", 0.6, optimizer=opt, progress=False)
+    search.start_round()
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(2, 3, 6, 6)).sum().backward()
+        opt.step()
+    state = search.state_dict()
+    before = {k: v.clone() for k, v in state["masks"].items()}
+    search.finish_round()  # prunes
+    assert all(torch.equal(state["masks"][k], before[k]) for k in before)
+
+
+def test_a_search_resumed_mid_round_uses_the_saved_interpolation_coefficient():
+    def make(seed):
+        model = tiny(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        return model, opt, signmask.apply(model, "aws", 0.6, optimizer=opt, progress=False)
+    model, opt, search = make(0)
+    search.start_round()
+    torch.manual_seed(1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 6, 6)).sum().backward()
+        opt.step()
+    state, weights = search.state_dict(), model.state_dict()
+    x = torch.randn(4, 3, 6, 6)
+    want = model(x)
+    model2, _, search2 = make(99)
+    search2.load_state_dict(state)
+    model2.load_state_dict(weights)
+    assert torch.equal(model2(x), want)
+
+
+def test_len_of_a_search_counts_only_the_steps_that_prune():
+    lin = nn.Linear(2, 5)  # 10 weights: 10 * 0.95 ** i repeats counts, steps are dropped
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    search = signmask.apply(lin, "imp", 0.5, optimizer=opt, rate=0.05, progress=False)
+    assert len(search) == 6  # kept [9, 8, 7, 6, 5]
+    for _ in search:
+        opt.zero_grad(); lin(torch.randn(3, 2)).sum().backward(); opt.step()
+    assert search.ticket.sparsity == 0.5
+
+
+def test_apply_honours_classifier_false():
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    signmask.apply(model, "imp", 0.5, optimizer=opt, classifier=False, progress=False)
+    assert hasattr(model.conv1, "weight_mask") and not hasattr(model.fc, "weight_mask")

@@ -1,5 +1,6 @@
 """Exact k-smallest selection against a sorting oracle."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -94,3 +95,11 @@ def test_rejects_k_out_of_range():
             assert "2 alive" in str(e)
         else:
             raise AssertionError(f"k={k} accepted")
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_inf_scores_are_refused():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        smallest_k(lambda i: torch.tensor([1.0, float("inf"), 2.0]), [torch.ones(3, dtype=torch.bool)], 1)

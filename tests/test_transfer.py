@@ -222,3 +222,21 @@ def test_all_positive_ticket_equals_stock_prune_exactly(signs):
         assert torch.equal(getattr(ours, n).weight_mask, module.weight_mask.bool())
     x = torch.randn(3, 3, 6, 6)
     assert torch.equal(ours(x), oracle(x))
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_a_kept_weight_that_is_exactly_zero_stays_in_the_ticket():
+    lin = nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0, 1.0], [-2.0, 3.0]]))
+    signmask.prune(lin, 0.0)
+    ticket = signmask.extract(lin)
+    assert ticket.sparsity == 0.0
+    assert ticket.masks["weight"].tolist() == [[1, 1], [-1, 1]]
+
+
+def test_extract_metadata_overrides_the_defaults():
+    net = signmask.prune(nn.Linear(4, 4), 0.5)
+    assert signmask.extract(net, metadata={"method": "imp"}).metadata["method"] == "imp"
