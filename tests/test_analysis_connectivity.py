@@ -596,3 +596,31 @@ def test_instability_uses_the_models_train_returns():
     got = analysis.instability(nn.Linear(4, 3), train, data, points=3)
     want = analysis.barrier(returned[0], returned[1], data, points=3)
     assert got.losses == want.losses
+
+
+# ---------------------------------- analysis._evaluation: behaviour pinned by mutation testing
+
+
+class _Fixed(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.p = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.logits
+
+
+def test_evaluate_refuses_mismatched_spatial_shapes():
+    # E03
+    model = _Fixed(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="do not match class-index targets"):
+        analysis.evaluate(model, [(torch.zeros(2), torch.zeros(2, 4, 5, dtype=torch.long))])
+
+
+def test_evaluate_takes_the_class_axis_1_for_dense_predictions():
+    # E07: per-position error of (N, C, L) logits
+    logits = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [1.0, 1.0]]])  # N=1, C=3, L=2: classes [0, 1]
+    model = _Fixed(logits)
+    ev = analysis.evaluate(model, [(torch.zeros(1), torch.tensor([[0, 0]]))])
+    assert ev.error == 0.5

@@ -114,3 +114,17 @@ def test_validation():
         analysis.Correlation(0.5, {"w": 4}, {"w": 3}, {"w": 1})
     with pytest.raises(ValueError, match="shared"):
         analysis.Correlation(0.5, {"w": 4}, {"w": 2}, {"w": 3})
+
+
+# ---------------------------------- analysis._correlation: behaviour pinned by mutation testing
+
+
+def test_top_fraction_breaks_ties_by_lower_index_in_large_tensors():
+    # K01: argsort without stable=True reorders ties once a tensor has ~100+ entries
+    w = torch.zeros(300)
+    w[::3] = 1.0
+    w[1::3] = -1.0  # 200 entries tie at |w| = 1, in index order 0, 1, 3, 4, 6, ...
+    tied = [i for i in range(300) if i % 3 != 2]
+    want = torch.zeros(300, dtype=torch.bool)
+    want[tied[:50]] = True
+    assert torch.equal(analysis._correlation.top_fraction(w, 50), want)

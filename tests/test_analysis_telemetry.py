@@ -1,10 +1,13 @@
 """signmask.analysis: Telemetry and perturb (Frankle et al. 2020, the early phase)."""
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 import signmask
 from signmask import analysis
@@ -299,3 +302,121 @@ def test_names_restrict_and_custom_kinds_register():
     assert torch.equal(raw(model, "conv1.weight"), before["conv1.weight"])
     with torch.no_grad():
         assert math.isfinite(float(model(torch.randn(2, 3, 4, 4)).sum()))
+
+
+# ---------------------------------- analysis._perturb: behaviour pinned by mutation testing
+
+
+def test_noise_of_tensor_i_is_drawn_from_seed_plus_7919_i_and_scaled_by_unbiased_std():
+    # P02 (one seed for every tensor), P04 (biased std)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3))
+    init = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    before = [net[0].weight.detach().clone(), net[1].weight.detach().clone()]
+    analysis.perturb(net, "noise", init=init, seed=5, sigma_n=0.5)
+    for i, (w0, m) in enumerate(zip(before, (init[0], init[1]))):
+        g = torch.Generator().manual_seed(5 + 7919 * i)
+        draw = torch.randn(w0.shape, generator=g, dtype=torch.float64)
+        sigma = m.weight.detach().double().std(unbiased=True)
+        want = w0 + (0.5 * sigma * draw).float()
+        torch.testing.assert_close(net[i].weight.detach(), want, rtol=0, atol=1e-7)
+
+
+def test_shuffle_same_sign_keeps_kept_zeros_in_place():
+    # P07: exact zeros are neither positive nor negative: they stay where they are
+    for seed in range(5):
+        lin = nn.Linear(6, 2)
+        values = torch.tensor([[0.0, -1, -2, -3, -4, 0], [1, 2, -5, 0, -6, -7]])
+        with torch.no_grad():
+            lin.weight.copy_(values)
+        analysis.perturb(lin, "shuffle_same_sign", seed=seed)
+        w = lin.weight.detach()
+        assert torch.equal(w == 0, values == 0) and torch.equal(w > 0, values > 0)
+        assert sorted(w.flatten().tolist()) == sorted(values.flatten().tolist())
+
+
+@pytest.fixture
+def _custom_kind():
+    yield "custom_kind"
+    analysis.PERTURBATIONS.pop("custom_kind", None)
+
+
+def test_a_custom_kind_returning_a_broadcastable_wrong_shape_is_refused(_custom_kind):
+    # P09
+    analysis.register_perturbation(_custom_kind)(lambda layer: torch.zeros(1))
+    lin = nn.Linear(3, 2)
+    before = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"returned Tensor \(1,\) for weight, expected \(2, 3\)"):
+        analysis.perturb(lin, _custom_kind)
+    assert torch.equal(lin.weight, before)
+
+
+def test_a_custom_kind_modifying_its_input_in_place_leaves_the_model_alone_on_error(_custom_kind):
+    # P10: layer.weight is a copy, so a failure found after fn ran leaves the model untouched
+    def fn(layer):
+        out = layer.weight.mul_(2)
+        return out if layer.name == "0.weight" else out[:1]  # the second tensor: a bad shape
+
+    analysis.register_perturbation(_custom_kind)(fn)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3))
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="returned Tensor"):
+        analysis.perturb(net, _custom_kind)
+    assert_same(before, snapshot(net))
+
+
+def test_a_custom_kind_may_modify_its_input_in_place(_custom_kind):
+    # found while checking P10 (fails on the original code): pruned entries of weight_orig
+    # must stay as they were even when fn modifies layer.weight ("a copy, free to modify")
+    analysis.register_perturbation(_custom_kind)(lambda layer: layer.weight.mul_(2))
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    keep = torch.rand(3, 4) > 0.5
+    torch_prune.custom_from_mask(lin, "weight", keep)
+    orig = lin.weight_orig.detach().clone()
+    analysis.perturb(lin, _custom_kind)
+    assert torch.equal(lin.weight_orig.detach(), torch.where(keep, 2 * orig, orig))
+
+
+# ---------------------------------- analysis._telemetry: behaviour pinned by mutation testing
+
+
+def test_finish_counts_only_entries_the_final_mask_keeps():
+    # T02: a dense record compared with a pruned final model: pruned entries do not count
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    rec = analysis.Telemetry(lin)
+    with torch.no_grad():
+        lin.weight.add_(0.3)
+    rec.record(1)
+    w1 = lin.weight.detach().double().clone()
+    final = copy.deepcopy(lin)
+    keep = torch.rand(3, 4) > 0.5
+    torch_prune.custom_from_mask(final, "weight", keep)
+    with torch.no_grad():
+        final.weight_orig.add_(0.2)
+    (r,) = rec.finish(final)
+    fw = (final.weight_orig.detach() * keep).double()
+    assert r.total.dist_final == pytest.approx(float((w1 - fw)[keep].norm()), rel=1e-12)
+    cos = float((w1[keep] @ fw[keep]) / (w1[keep].norm() * fw[keep].norm()))
+    assert r.total.cos_final == pytest.approx(cos, rel=1e-12)
+
+
+def test_a_fully_pruned_layer_has_no_sign_change_fraction():
+    # T04: no counted weight -> NaN, not 0.0
+    lin = nn.Linear(3, 2)
+    torch_prune.custom_from_mask(lin, "weight", torch.zeros(2, 3, dtype=torch.bool))
+    rec = analysis.Telemetry(lin)
+    rec.record(0)
+    assert np.isnan(rec.records[0].total.sign_changed)
+
+
+def test_stats_validates_the_sign_change_fraction():
+    # T07
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match="sign_changed must be in"):
+            analysis.Stats(bad, 0.0, 1.0)

@@ -6,6 +6,7 @@ import sys
 import torch
 
 import signmask
+from signmask import _cli
 from _util import tiny
 
 
@@ -35,3 +36,29 @@ def test_inspect_shows_versions_metadata_that_is_not_json_as_it_is(tmp_path):
         ticket = signmask.extract(signmask.prune(tiny(), 0.5), metadata={"versions": text})
         path = signmask.save(ticket, tmp_path / f"v{i}.safetensors")
         assert f"  versions: {text}" in signmask._cli.inspect(str(path))
+
+
+# ---------------------------------- _cli: behaviour pinned by mutation testing
+
+
+def test_inspect_missing_file_exits_1_with_a_message(tmp_path, capsys):
+    # C02: FileNotFoundError (an OSError) is reported, not raised
+    assert _cli.main(["inspect", str(tmp_path / "nope.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope.safetensors" in err
+
+
+def test_inspect_table_shows_an_empty_tensor_as_fully_sparse(tmp_path):
+    # C04: 0-element tensors must not divide by zero
+    t = signmask.Ticket({"a.weight": torch.tensor([1, 0, -1, 1]), "e.weight": torch.zeros(0, 3, dtype=torch.int8)})
+    text = _cli.inspect(str(signmask.save(t, tmp_path / "t.safetensors")))
+    row = next(line for line in text.splitlines() if line.startswith("e.weight"))
+    assert row.split() == ["e.weight", "0x3", "0/0", "1.0000", "-"]
+
+
+def test_inspect_lists_metadata_keys_sorted(tmp_path):
+    # C05
+    t = signmask.Ticket({"a.weight": torch.tensor([1, 0])}, {}, {"zeta": "1", "alpha": "2", "mid": "3"})
+    lines = _cli.inspect(str(signmask.save(t, tmp_path / "t.safetensors"))).splitlines()
+    keys = [line.split(":")[0].strip() for line in lines[1:] if line.startswith("  ") and not line.startswith("  sparsity")]
+    assert keys == ["alpha", "mid", "zeta"]

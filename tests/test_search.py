@@ -8,7 +8,10 @@ uninterrupted run for every resume.
 from __future__ import annotations
 
 import io
+import json
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -574,3 +577,124 @@ def test_apply_honours_classifier_false():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     signmask.apply(model, "imp", 0.5, optimizer=opt, classifier=False, progress=False)
     assert hasattr(model.conv1, "weight_mask") and not hasattr(model.fc, "weight_mask")
+
+
+# ---------------------------------- _search: behaviour pinned by mutation testing
+
+
+def _search(method="lrr", progress=False, **kw):
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    search = signmask.apply(model, method, 0.6, optimizer=opt, progress=progress, **kw)
+    return model, opt, search
+
+
+def _step(model, opt, n=1):
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.randn(2, 3, 6, 6)).sum().backward()
+        opt.step()
+
+
+def test_report_refuses_bools_and_the_sparsity_record():
+    # S02 (bool accepted as a number), S16 ("sparsity" not protected)
+    model, opt, search = _search()
+    search.start_round()
+    with pytest.raises(TypeError, match="metric 'ok' must be a number, got bool True"):
+        search.report(ok=True)
+    with pytest.raises(ValueError, match=r"\['sparsity'\] are the search's own records"):
+        search.report(sparsity=0.5)
+    assert search.history[-1] == {"round": 0, "sparsity": 0.0}
+
+
+def test_report_stores_plain_floats_so_the_history_is_json():
+    # S03: numpy / Fraction metrics are stored as float
+    from fractions import Fraction
+
+    model, opt, search = _search()
+    search.start_round()
+    search.report(acc=np.float32(0.5), loss=Fraction(1, 4), n=3)
+    h = search.history[-1]
+    assert [type(h[k]) for k in ("acc", "loss", "n")] == [float, float, float]
+    assert json.loads(json.dumps(search.history))[-1] == {"round": 0, "sparsity": 0.0, "acc": 0.5, "loss": 0.25, "n": 3.0}
+
+
+def test_a_parameter_group_added_in_the_last_round_does_not_block_the_ticket():
+    # S04: the restart check applies only before a pruning step, not after the last round
+    model, opt, search = _search(rounds=1)
+    search.start_round(); _step(model, opt); search.finish_round()
+    search.start_round(); _step(model, opt)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    search.finish_round()
+    assert search.done and search.ticket.sparsity == pytest.approx(0.6, abs=0.01)
+
+
+def test_search_state_dict_history_is_a_copy():
+    # S07: a state taken mid-round must not change with later reports
+    model, opt, search = _search()
+    search.start_round(); _step(model, opt)
+    state = search.state_dict()
+    search.report(acc=0.5)
+    assert state["history"] == [{"round": 0, "sparsity": 0.0}]
+
+
+def test_load_state_dict_does_not_alias_the_callers_history():
+    # S08: loading then reporting must leave the loaded state as it was
+    model, opt, search = _search()
+    search.start_round(); _step(model, opt)
+    state = search.state_dict()
+    model2, opt2, search2 = _search()
+    search2.load_state_dict(state)
+    search2.report(acc=0.5)
+    assert state["history"] == [{"round": 0, "sparsity": 0.0}]
+    assert search2.history[-1]["acc"] == 0.5
+
+
+def test_a_search_resumed_mid_round_reopens_its_progress_bar_at_the_round_step(capsys):
+    # S10 (bar not reopened after load_state_dict: no log line), S11 (bar restarts at 0)
+    model, opt, search = _search(steps_per_round=4)
+    search.start_round(); _step(model, opt, 3)
+    state = search.state_dict()
+    model2, opt2, search2 = _search(progress=True, steps_per_round=4)
+    search2.load_state_dict(state)
+    assert search2._bar is not None and search2._bar.n == 3
+    _step(model2, opt2)
+    search2.finish_round()
+    assert "lrr round 0: sparsity 0.00%, 4 steps" in capsys.readouterr().out
+
+
+def test_progress_bar_advances_once_per_optimizer_step():
+    # S13: the bar is updated after every step
+    model, opt, search = _search(progress=True, steps_per_round=5)
+    search.start_round()
+    _step(model, opt, 3)
+    assert search._bar.n == 3
+    search.close()
+
+
+def test_a_round_of_one_step_does_not_warn():
+    # S12: only a round without any optimizer step warns
+    model, opt, search = _search()
+    search.start_round(); _step(model, opt, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        search.finish_round()
+
+
+# ---------------------------------- _recipes: behaviour pinned by mutation testing
+
+
+@pytest.mark.parametrize("method", ["lrr", "aws"])
+def test_lrr_and_aws_leave_the_classifier_dense_by_default(method):
+    # R01 (aws classifier=True), R02 (lrr classifier=True)
+    model, opt, search = _search(method)
+    assert hasattr(model.conv2, "weight_mask") and not hasattr(model.fc, "weight_mask")
+    assert search.config.classifier is False
+
+
+def test_an_unhashable_method_name_is_a_value_error():
+    # R04: get_recipe turns TypeError (unhashable key) into the listing ValueError
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"unknown search method \['imp'\]; valid methods"):
+        signmask.apply(model, ["imp"], 0.5, optimizer=opt)

@@ -399,3 +399,16 @@ def test_masked_linear_refuses_double_backward():
     (g,) = torch.autograd.grad(y, x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
         g.sum().backward()
+
+
+# ---------------------------------- _triton: behaviour pinned by mutation testing
+
+
+def test_bf16_output_rounds_ties_to_even():
+    # TR03: the interpreter's manual fp32 -> bf16 rounding must be round-half-to-even
+    # 0x3F818000 / 0x3F808000: exactly halfway between two bf16 values, odd / even lower neighbour
+    bits = torch.tensor([0x3F818000, 0x3F808000, 0x3F838000, 0x40018000], dtype=torch.int64)
+    orig = bits.to(torch.int32).view(torch.float32).reshape(2, 2)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    got = _triton.masked_weight(orig, mask, None, torch.bfloat16)
+    assert torch.equal(got, orig.to(torch.bfloat16))

@@ -268,6 +268,7 @@ def perturb(
     with torch.no_grad():
         for (module, name), layer, values in zip(targets.values(), layers, new):
             param = _reparam.original(module, name)
-            param.copy_(torch.where(layer.keep, values.to(param.device, param.dtype), layer.weight))
+            # param, not layer.weight: that copy is the kind's to modify in place
+            param.copy_(torch.where(layer.keep, values.to(param.device, param.dtype), param))
             _reparam.refresh(module, name)
     return model
