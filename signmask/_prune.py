@@ -291,7 +291,7 @@ def load_state_dict(
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names
     modules = dict(model.named_modules())
-    plan, pruning = [], {}
+    plan = {}  # pruned tensor's key -> (module, tensor, mask, locked)
     for key, mask in state_dict.items():
         if not key.endswith("_mask") or key[: -len("_mask")] + "_orig" not in state_dict:
             continue
@@ -309,12 +309,11 @@ def load_state_dict(
                 f"{owner}.{tensor} has {tuple(shape)}"
             )
         locked = key[: -len("_mask")] + "_sign" in state_dict
-        plan.append((module, tensor, mask, locked))
-        pruning[key[: -len("_mask")]] = (module, tensor)
-    _targets.check_local(pruning, _targets.GATHER_FIRST)
+        plan[key[: -len("_mask")]] = (module, tensor, mask, locked)
+    _targets.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _targets.GATHER_FIRST)
     installed = []
     with torch.no_grad():
-        for module, tensor, mask, locked in plan:
+        for module, tensor, mask, locked in plan.values():
             if _reparam.find_hook(module, tensor)[1] is None:
                 keep = mask.to(_reparam.original(module, tensor).device) != 0
                 negative = torch.zeros_like(keep) if locked else None
@@ -327,7 +326,7 @@ def load_state_dict(
         for module, tensor in installed:
             _reparam.uninstall(module, tensor)
         raise
-    for module, tensor, _, _ in plan:
+    for module, tensor, _, _ in plan.values():
         _reparam.refresh(module, tensor)
     _parents.link(model)
     return model

@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn.utils import prune as _prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 
+from . import _reparam
+
 # Wrappers whose prefixes are not part of a tensor's identity: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -244,8 +246,7 @@ def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = _SHARD_AFT
     """Refuse targets whose Parameter is a DTensor (sharded by FSDP2's ``fully_shard`` or tensor
     parallelism): masks are whole local tensors, and mixing them with shards fails mid-way.
     ``fix`` ends the error message."""
-    params = ((k, m._parameters.get(n + "_orig", m._parameters.get(n))) for k, (m, n) in targets.items())
-    sharded = [k for k, p in params if is_dtensor(p)]
+    sharded = [k for k, (m, n) in targets.items() if is_dtensor(_reparam.original(m, n))]
     if sharded:
         raise ValueError(
             f"{sharded[:3]}{' ...' if len(sharded) > 3 else ''} {'is a' if len(sharded) == 1 else 'are'} "
@@ -258,12 +259,7 @@ def untrained(targets: dict[str, tuple[nn.Module, str]], optimizer) -> list[str]
     """Keys of ``targets`` whose Parameter (``<name>_orig`` once pruned) ``optimizer`` does not
     hold in any of its param groups."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    out = []
-    for key, (module, name) in targets.items():
-        params = module._parameters
-        if id(params.get(name + "_orig", params.get(name))) not in held:
-            out.append(key)
-    return out
+    return [key for key, (m, n) in targets.items() if id(_reparam.original(m, n)) not in held]
 
 
 def pruned(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:

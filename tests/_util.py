@@ -21,6 +21,18 @@ class TinyNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class AttnNet(nn.Module):
+    """A MultiheadAttention (which reads ``out_proj.weight`` itself) under a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
 def tiny(seed: int = 0, **kwargs) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet(**kwargs)

@@ -1,5 +1,7 @@
 """signmask.analysis: random_reinit, random_prune, count_params, equal_width, verdict."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -8,7 +10,7 @@ from torch import nn
 import signmask
 from signmask import analysis
 
-from _util import TinyNet, assert_same, snapshot, tiny
+from _util import AttnNet, TinyNet, assert_same, snapshot, tiny
 
 
 def per_layer(ticket_or_model):
@@ -197,18 +199,7 @@ def test_random_prune_keeps_exact_counts_with_an_empty_tensor():
 # ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
 
 
-class _AttnNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc(self.attn(x, x, x, need_weights=False)[0])
-
-
 def test_random_prune_draws_each_tensor_from_its_own_stream():
-    from signmask import analysis
     torch.manual_seed(0)
     ticket = signmask.extract(signmask.prune(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), 0.5, scope="layer"))
     net = analysis.random_prune(ticket, nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), seed=0)
@@ -216,14 +207,18 @@ def test_random_prune_draws_each_tensor_from_its_own_stream():
 
 
 def test_matches_dense_tolerates_float_noise():
-    from signmask import analysis
     assert analysis.verdict(0.3, 0.1 + 0.2, 0.0).matches_dense  # 0.1 + 0.2 = 0.30000000000000004
 
 
 def test_random_prune_trains_a_weight_its_parent_reads():
-    from signmask import analysis
+    """MultiheadAttention reads out_proj.weight itself: its gradient is the dense twin's, masked."""
     torch.manual_seed(0)
-    ticket = signmask.extract(signmask.prune(_AttnNet(), 0.5))
-    net = analysis.random_prune(ticket, _AttnNet(), seed=0)
-    net(torch.randn(1, 3, 8)).sum().backward()
-    assert net.attn.out_proj.weight_orig.grad is not None
+    ticket = signmask.extract(signmask.prune(AttnNet(), 0.5))
+    net = analysis.random_prune(ticket, AttnNet(), seed=0)
+    twin = signmask.remove(copy.deepcopy(net))  # plain Parameters holding orig * mask
+    x = torch.randn(1, 3, 8)
+    for model in (net, twin):
+        model(x).sum().backward()
+    out, dense = net.attn.out_proj, twin.attn.out_proj
+    assert torch.equal(out.weight_orig.grad, dense.weight.grad * out.weight_mask)
+    assert out.weight_orig.grad.abs().sum() > 0

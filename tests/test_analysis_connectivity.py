@@ -576,13 +576,11 @@ def test_interpolation_between_signmask_and_stock_pruned_models_with_one_mask():
 
 
 def test_barrier_refuses_a_repeated_alpha():
-    from signmask.analysis import Barrier
     with pytest.raises(ValueError, match="strictly"):
-        Barrier((0.0, 0.5, 0.5, 1.0), (0.1, 0.2, 0.2, 0.1), (0.1, 0.2, 0.2, 0.1))
+        analysis.Barrier((0.0, 0.5, 0.5, 1.0), (0.1, 0.2, 0.2, 0.1), (0.1, 0.2, 0.2, 0.1))
 
 
 def test_instability_uses_the_models_train_returns():
-    from signmask import analysis
     torch.manual_seed(0)
     data = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
     returned = []

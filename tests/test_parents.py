@@ -5,10 +5,12 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune as tprune
 
 import signmask
 from signmask import _parents
 from signmask._compat import import_timm
+from _util import AttnNet
 
 timm = import_timm()
 
@@ -186,19 +188,8 @@ def test_reads_in_methods_that_forward_calls_are_found():
 
 
 def test_a_stock_pruned_weight_read_by_its_parent_follows_weight_orig():
-    from torch.nn.utils import prune as tprune
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = nn.Linear(8, 2)
-
-        def forward(self, x):
-            return self.fc(self.attn(x, x, x, need_weights=False)[0])
-
     torch.manual_seed(0)
-    net = Net()
+    net = AttnNet()
     tprune.l1_unstructured(net.attn.out_proj, "weight", 0.5)
     signmask.prune(net, 0.5, include="fc")  # links the parent
     with torch.no_grad():

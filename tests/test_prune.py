@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 import signmask
+from signmask import _methods
 from _util import assert_same, kept, snapshot, tiny
 
 
@@ -504,8 +505,7 @@ def test_unseeded_random_pruning_follows_torch_manual_seed():
 
 
 def test_from_signed_mask_refuses_another_shape():
-    from signmask._methods import FromSignedMask
-    method = FromSignedMask(torch.tensor([1, 0, -1, 1], dtype=torch.int8))
+    method = _methods.FromSignedMask(torch.tensor([1, 0, -1, 1], dtype=torch.int8))
     with pytest.raises(ValueError, match="shape"):
         method.compute_mask(torch.ones(3, 4), torch.ones(3, 4))
 

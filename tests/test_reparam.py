@@ -592,8 +592,7 @@ def test_a_parameter_assigned_over_a_pruned_weight_raises_instead_of_being_hidde
 
 
 def test_adopting_a_stock_hook_keeps_its_pruning_history():
-    from torch.nn.utils import prune as tprune
     model = tiny()
-    tprune.l1_unstructured(model.fc, "weight", 0.4)
+    torch_prune.l1_unstructured(model.fc, "weight", 0.4)
     signmask.prune(model, 0.5, scope="layer", include="fc")
     assert signmask.extract(model).metadata["method"] == "L1Unstructured+magnitude"

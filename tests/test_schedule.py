@@ -104,5 +104,4 @@ def test_parse_rewind_returns_a_plain_int_for_numpy_steps_per_epoch():
 
 
 def test_an_exact_power_does_not_ask_for_one_more_step():
-    from signmask import _schedule
     assert _schedule.prune_count(0.51, 0.3, None) == 2  # 1 - 0.51 = 0.7 ** 2

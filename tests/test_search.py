@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from fractions import Fraction
 import warnings
 
 import numpy as np
@@ -526,15 +527,17 @@ def test_a_skipped_computed_weight_warns_once_at_apply_and_not_each_round():
 # ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
 
 
-def test_a_search_state_dict_is_a_snapshot_not_a_view_of_the_masks():
-    model = tiny(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    search = signmask.apply(model, "imp", 0.6, optimizer=opt, progress=False)
-    search.start_round()
-    for _ in range(2):
+def _step(model, opt, n=1):
+    for _ in range(n):
         opt.zero_grad()
         model(torch.randn(2, 3, 6, 6)).sum().backward()
         opt.step()
+
+
+def test_a_search_state_dict_is_a_snapshot_not_a_view_of_the_masks():
+    model, opt, _, search = setup("imp")
+    search.start_round()
+    _step(model, opt, 2)
     state = search.state_dict()
     before = {k: v.clone() for k, v in state["masks"].items()}
     search.finish_round()  # prunes
@@ -542,21 +545,14 @@ def test_a_search_state_dict_is_a_snapshot_not_a_view_of_the_masks():
 
 
 def test_a_search_resumed_mid_round_uses_the_saved_interpolation_coefficient():
-    def make(seed):
-        model = tiny(seed)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        return model, opt, signmask.apply(model, "aws", 0.6, optimizer=opt, progress=False)
-    model, opt, search = make(0)
+    model, opt, _, search = setup("aws")
     search.start_round()
     torch.manual_seed(1)
-    for _ in range(3):
-        opt.zero_grad()
-        model(torch.randn(4, 3, 6, 6)).sum().backward()
-        opt.step()
+    _step(model, opt, 3)
     state, weights = search.state_dict(), model.state_dict()
     x = torch.randn(4, 3, 6, 6)
     want = model(x)
-    model2, _, search2 = make(99)
+    model2, _, _, search2 = setup("aws", seed=99)
     search2.load_state_dict(state)
     model2.load_state_dict(weights)
     assert torch.equal(model2(x), want)
@@ -568,37 +564,20 @@ def test_len_of_a_search_counts_only_the_steps_that_prune():
     search = signmask.apply(lin, "imp", 0.5, optimizer=opt, rate=0.05, progress=False)
     assert len(search) == 6  # kept [9, 8, 7, 6, 5]
     for _ in search:
-        opt.zero_grad(); lin(torch.randn(3, 2)).sum().backward(); opt.step()
+        opt.zero_grad()
+        lin(torch.randn(3, 2)).sum().backward()
+        opt.step()
     assert search.ticket.sparsity == 0.5
 
 
 def test_apply_honours_classifier_false():
-    model = tiny(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    signmask.apply(model, "imp", 0.5, optimizer=opt, classifier=False, progress=False)
+    model, _, _, _ = setup("imp", classifier=False)
     assert hasattr(model.conv1, "weight_mask") and not hasattr(model.fc, "weight_mask")
-
-
-# ---------------------------------- _search: behaviour pinned by mutation testing
-
-
-def _search(method="lrr", progress=False, **kw):
-    model = tiny(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    search = signmask.apply(model, method, 0.6, optimizer=opt, progress=progress, **kw)
-    return model, opt, search
-
-
-def _step(model, opt, n=1):
-    for _ in range(n):
-        opt.zero_grad()
-        model(torch.randn(2, 3, 6, 6)).sum().backward()
-        opt.step()
 
 
 def test_report_refuses_bools_and_the_sparsity_record():
     # S02 (bool accepted as a number), S16 ("sparsity" not protected)
-    model, opt, search = _search()
+    model, opt, _, search = setup("lrr")
     search.start_round()
     with pytest.raises(TypeError, match="metric 'ok' must be a number, got bool True"):
         search.report(ok=True)
@@ -609,9 +588,7 @@ def test_report_refuses_bools_and_the_sparsity_record():
 
 def test_report_stores_plain_floats_so_the_history_is_json():
     # S03: numpy / Fraction metrics are stored as float
-    from fractions import Fraction
-
-    model, opt, search = _search()
+    model, opt, _, search = setup("lrr")
     search.start_round()
     search.report(acc=np.float32(0.5), loss=Fraction(1, 4), n=3)
     h = search.history[-1]
@@ -621,9 +598,12 @@ def test_report_stores_plain_floats_so_the_history_is_json():
 
 def test_a_parameter_group_added_in_the_last_round_does_not_block_the_ticket():
     # S04: the restart check applies only before a pruning step, not after the last round
-    model, opt, search = _search(rounds=1)
-    search.start_round(); _step(model, opt); search.finish_round()
-    search.start_round(); _step(model, opt)
+    model, opt, _, search = setup("lrr", rounds=1)
+    search.start_round()
+    _step(model, opt)
+    search.finish_round()
+    search.start_round()
+    _step(model, opt)
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
     search.finish_round()
     assert search.done and search.ticket.sparsity == pytest.approx(0.6, abs=0.01)
@@ -631,8 +611,9 @@ def test_a_parameter_group_added_in_the_last_round_does_not_block_the_ticket():
 
 def test_search_state_dict_history_is_a_copy():
     # S07: a state taken mid-round must not change with later reports
-    model, opt, search = _search()
-    search.start_round(); _step(model, opt)
+    model, opt, _, search = setup("lrr")
+    search.start_round()
+    _step(model, opt)
     state = search.state_dict()
     search.report(acc=0.5)
     assert state["history"] == [{"round": 0, "sparsity": 0.0}]
@@ -640,10 +621,11 @@ def test_search_state_dict_history_is_a_copy():
 
 def test_load_state_dict_does_not_alias_the_callers_history():
     # S08: loading then reporting must leave the loaded state as it was
-    model, opt, search = _search()
-    search.start_round(); _step(model, opt)
+    model, opt, _, search = setup("lrr")
+    search.start_round()
+    _step(model, opt)
     state = search.state_dict()
-    model2, opt2, search2 = _search()
+    model2, opt2, _, search2 = setup("lrr")
     search2.load_state_dict(state)
     search2.report(acc=0.5)
     assert state["history"] == [{"round": 0, "sparsity": 0.0}]
@@ -652,10 +634,11 @@ def test_load_state_dict_does_not_alias_the_callers_history():
 
 def test_a_search_resumed_mid_round_reopens_its_progress_bar_at_the_round_step(capsys):
     # S10 (bar not reopened after load_state_dict: no log line), S11 (bar restarts at 0)
-    model, opt, search = _search(steps_per_round=4)
-    search.start_round(); _step(model, opt, 3)
+    model, opt, _, search = setup("lrr", steps_per_round=4)
+    search.start_round()
+    _step(model, opt, 3)
     state = search.state_dict()
-    model2, opt2, search2 = _search(progress=True, steps_per_round=4)
+    model2, opt2, _, search2 = setup("lrr", progress=True, steps_per_round=4)
     search2.load_state_dict(state)
     assert search2._bar is not None and search2._bar.n == 3
     _step(model2, opt2)
@@ -665,7 +648,7 @@ def test_a_search_resumed_mid_round_reopens_its_progress_bar_at_the_round_step(c
 
 def test_progress_bar_advances_once_per_optimizer_step():
     # S13: the bar is updated after every step
-    model, opt, search = _search(progress=True, steps_per_round=5)
+    model, opt, _, search = setup("lrr", progress=True, steps_per_round=5)
     search.start_round()
     _step(model, opt, 3)
     assert search._bar.n == 3
@@ -674,20 +657,18 @@ def test_progress_bar_advances_once_per_optimizer_step():
 
 def test_a_round_of_one_step_does_not_warn():
     # S12: only a round without any optimizer step warns
-    model, opt, search = _search()
-    search.start_round(); _step(model, opt, 1)
+    model, opt, _, search = setup("lrr")
+    search.start_round()
+    _step(model, opt, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         search.finish_round()
 
 
-# ---------------------------------- _recipes: behaviour pinned by mutation testing
-
-
 @pytest.mark.parametrize("method", ["lrr", "aws"])
 def test_lrr_and_aws_leave_the_classifier_dense_by_default(method):
     # R01 (aws classifier=True), R02 (lrr classifier=True)
-    model, opt, search = _search(method)
+    model, opt, _, search = setup(method)
     assert hasattr(model.conv2, "weight_mask") and not hasattr(model.fc, "weight_mask")
     assert search.config.classifier is False
 

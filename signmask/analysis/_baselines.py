@@ -223,9 +223,10 @@ class Verdict:
     small_dense_acc: float | None = None
 
     def __post_init__(self) -> None:
-        for field in ("ticket_acc", "dense_acc", "reinit_acc", "well_trained_acc", "small_dense_acc"):
+        optional = ("well_trained_acc", "small_dense_acc")
+        for field in ("ticket_acc", "dense_acc", "reinit_acc") + optional:
             value = getattr(self, field)
-            if value is not None or field in ("ticket_acc", "dense_acc", "reinit_acc"):
+            if not (value is None and field in optional):
                 object.__setattr__(self, field, check_real(value, field, low=0.0, high=1.0))
         margin = check_real(self.margin, "margin", low=0.0, high=1.0)
         if margin == 1.0:
