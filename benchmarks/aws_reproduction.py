@@ -317,6 +317,10 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
         "dense": lambda m: m,
         "aws_signs": lambda m: signmask.transfer(tickets["aws"], m),
         "lrr_signs": lambda m: signmask.transfer(tickets["lrr"], m),
+        # The paper's motivating experiment: an LRR signed mask with LRR's trained norm parameters
+        # (the reference code's winit_only), and the same ablation for AWS.
+        "lrr_signs_norms": lambda m: signmask.transfer(tickets["lrr"], m, norms=True),
+        "aws_signs_norms": lambda m: signmask.transfer(tickets["aws"], m, norms=True),
         "reinit_aws_mask": lambda m: analysis.random_reinit(tickets["aws"], m),
         "random_prune": lambda m: analysis.random_prune(tickets["aws"], m, seed=seed),
     }
@@ -339,6 +343,8 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
         "aws_signs_vs_aws_solution": (transferred["aws_signs"], solutions["aws"]),
         "reinit_vs_aws_solution": (transferred["reinit_aws_mask"], solutions["aws"]),
         "lrr_signs_vs_lrr_solution": (transferred["lrr_signs"], solutions["lrr"]),
+        "lrr_signs_norms_vs_lrr_solution": (transferred["lrr_signs_norms"], solutions["lrr"]),
+        "aws_signs_norms_vs_aws_solution": (transferred["aws_signs_norms"], solutions["aws"]),
     }
     barriers = {}
     for name, (a, b) in pairs.items():
@@ -393,12 +399,29 @@ ROWS = (  # (label, accuracy getter, barrier key or None)
     ("new init, dense", lambda s: s["transfer"]["dense"], None),
     ("new init + AWS signed mask", lambda s: s["transfer"]["aws_signs"], "aws_signs_vs_aws_solution"),
     ("new init + LRR signed mask", lambda s: s["transfer"]["lrr_signs"], "lrr_signs_vs_lrr_solution"),
+    ("new init + AWS signed mask + AWS trained norms", lambda s: s["transfer"]["aws_signs_norms"],
+     "aws_signs_norms_vs_aws_solution"),
+    ("new init + LRR signed mask + LRR trained norms", lambda s: s["transfer"]["lrr_signs_norms"],
+     "lrr_signs_norms_vs_lrr_solution"),
     ("new init + AWS binary mask (random reinit)", lambda s: s["transfer"]["reinit_aws_mask"],
      "reinit_vs_aws_solution"),
     ("new init, random pruning (AWS per-layer density)", lambda s: s["transfer"]["random_prune"], None),
 )
 BARRIER_TO = {"aws_signs_vs_aws_solution": "AWS solution", "lrr_signs_vs_lrr_solution": "LRR solution",
-              "reinit_vs_aws_solution": "AWS solution"}
+              "reinit_vs_aws_solution": "AWS solution", "lrr_signs_norms_vs_lrr_solution": "LRR solution",
+              "aws_signs_norms_vs_aws_solution": "AWS solution"}
+
+
+def _rows(seeds: list[dict]) -> list[tuple]:
+    """The ROWS every seed has a result for (runs before the norm rows lack them)."""
+    def present(get):
+        try:
+            [get(s) for s in seeds]
+        except KeyError:
+            return False
+        return True
+
+    return [row for row in ROWS if present(row[1])]
 
 
 def markdown(payload: dict) -> str:
@@ -418,7 +441,7 @@ def markdown(payload: dict) -> str:
         "| network | test acc | per seed | error barrier (to) | per seed |",
         "|---|---:|---:|---|---:|",
     ]
-    for label, get, key in ROWS:
+    for label, get, key in _rows(seeds):
         acc = [get(s) for s in seeds]
         if key:
             bar = [s["barriers"][key]["barrier"] for s in seeds]
@@ -451,6 +474,8 @@ def write_outputs(stem: str, payload: dict) -> list[Path]:
         labels = {"aws_signs_vs_aws_solution": "AWS signs new init <-> AWS solution",
                   "reinit_vs_aws_solution": "random reinit <-> AWS solution",
                   "lrr_signs_vs_lrr_solution": "LRR signs new init <-> LRR solution",
+                  "lrr_signs_norms_vs_lrr_solution": "LRR signs + LRR norms new init <-> LRR solution",
+                  "aws_signs_norms_vs_aws_solution": "AWS signs + AWS norms new init <-> AWS solution",
                   "instability_aws_signs": "AWS signs new init, 2 data orders"}
         curves = {labels[k]: analysis.Barrier(tuple(b["alphas"]), tuple(b["losses"]), tuple(b["errors"]))
                   for k, b in first["barriers"].items()}
@@ -467,8 +492,10 @@ def write_outputs(stem: str, payload: dict) -> list[Path]:
         }
         final = first["final_sparsity"]
         for key, label in (("aws_signs", "new init + AWS signs"), ("lrr_signs", "new init + LRR signs"),
+                           ("lrr_signs_norms", "new init + LRR signs + norms"),
                            ("reinit_aws_mask", "new init, random reinit"), ("random_prune", "new init, random prune")):
-            acc_curves[label] = [(final, mean(s["transfer"][key] for s in seeds))]
+            if all(key in s["transfer"] for s in seeds):
+                acc_curves[label] = [(final, mean(s["transfer"][key] for s in seeds))]
         paths.append(analysis.plot_sparsity_accuracy(acc_curves, _common.RESULTS / f"{stem}_sparsity.png"))
     except ImportError as e:  # matplotlib missing: numbers are written, figures skipped
         print("plots skipped:", e)
@@ -478,7 +505,7 @@ def write_outputs(stem: str, payload: dict) -> list[Path]:
 def print_table(payload: dict) -> None:
     seeds = [payload["per_seed"][k] for k in sorted(payload["per_seed"], key=int)]
     print(f"\n{'network':52s} {'test acc %':>16s} {'barrier %':>16s}")
-    for label, get, key in ROWS:
+    for label, get, key in _rows(seeds):
         bar = fmt([s["barriers"][key]["barrier"] for s in seeds]) if key else ""
         print(f"{label:52s} {fmt([get(s) for s in seeds]):>16s} {bar:>16s}")
     print(f"{'instability, new init + AWS signed mask':52s} {'':>16s} "
@@ -496,6 +523,10 @@ NOTES = [
     "random pruning has no solution under its mask, so no barrier.",
     "Instability: the first of the two copies is the 'new init + AWS signed mask' run itself (same init, same data "
     "seed), loaded instead of retrained; the second uses the next data seed (order and augmentation).",
+    "'+ trained norms' rows: transfer(ticket, new_init, norms=True), the AWS reference code's winit_only: the new "
+    "init's conv/linear magnitudes under the signed mask, with the solution's trained norm weights and biases "
+    "(running statistics are the new init's, then trained). The paper's motivating claim is that an LRR signed "
+    "mask keeps the LRR solution's basin only together with these norm parameters.",
     "Deviations from the paper (budget): tiny subset and epochs on CPU; no dense warm-up beyond round 0; with "
     "search_lr 'cosine', cosine LR per round restarted each round (LR rewinding) instead of the AWS code's constant "
     "LR ('constant' follows the code); retraining with cosine instead of MultiStep; the search does not prune the "

@@ -52,6 +52,10 @@ def inspect(path: str) -> str:
         f"  sparsity: {ticket.sparsity:.4f} ({ticket.kept} of {ticket.numel} weights kept, "
         f"{len(ticket.masks)} masked tensors)"
     )
+    if ticket.norms:
+        values = sum(t.numel() for t in ticket.norms.values())
+        dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in ticket.norms.values()}))
+        lines.append(f"  norm parameters: {len(ticket.norms)} tensors, {values} values ({dtypes})")
     lines.append("")
     lines.extend(_table(ticket))
     return "\n".join(lines)

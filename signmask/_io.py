@@ -2,7 +2,8 @@
 
 Each tensor is stored as uint8 bytes holding five ternary codes (0 pruned, 1 = +1, 2 = -1; see
 :func:`signmask._bits.pack_ternary`): 1.6 bits per weight of payload; with the header, a file
-stays under 2 bits per weight once it holds more than a few thousand weights. The string
+stays under 2 bits per weight once it holds more than a few thousand weights. A ticket's norm
+tensors (``extract(norms=True)``) are stored as they are, in their own float dtype. The string
 metadata holds the ticket's own metadata plus reserved keys: ``format``, ``format_version``,
 ``sparsity``, ``manifest`` (per tensor: role, shape, kept and negative counts, sha256 of the
 bytes) and ``manifest_sha256`` (of the manifest's content, as sorted JSON; files written before
@@ -58,6 +59,21 @@ def _entry(role: str, signed: torch.Tensor, version: str = FORMAT_VERSION) -> tu
     return packed, info
 
 
+def _norm_entry(values: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    info = {
+        "role": "norm",
+        "shape": list(values.shape),
+        "dtype": str(values.dtype).removeprefix("torch."),
+        "sha256": _sha256(_bytes(values)),
+    }
+    return values, info
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    # Through uint8: numpy has no bfloat16.
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def _canonical(manifest: dict) -> bytes:
     """The manifest as hashed: its content, whatever whitespace or key order a tool wrote."""
     return json.dumps(manifest, sort_keys=True).encode()
@@ -96,13 +112,15 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     if not isinstance(ticket, Ticket):
         raise TypeError(f"save() takes a signmask.Ticket, got {type(ticket).__name__}")
     ticket = ticket._checked()
-    if "__metadata__" in ticket.masks or "__metadata__" in ticket.signs:
+    if "__metadata__" in {**ticket.masks, **ticket.signs, **ticket.norms}:
         raise ValueError("a tensor named '__metadata__' cannot be saved: safetensors reserves the name")
     path = Path(path)
     tensors, manifest = {}, {}
     for role, group in (("mask", ticket.masks), ("sign", ticket.signs)):
         for name, signed in group.items():
             tensors[name], manifest[name] = _entry(role, signed)
+    for name, values in ticket.norms.items():
+        tensors[name], manifest[name] = _norm_entry(values)
     text = _canonical(manifest)  # written as hashed
     meta = dict(ticket.metadata)
     meta.update(
@@ -192,6 +210,18 @@ def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) 
     return signed
 
 
+def _decode_norm(path: Path, name: str, raw: torch.Tensor, info: dict) -> torch.Tensor:
+    found = (list(raw.shape), str(raw.dtype).removeprefix("torch."))
+    if not raw.is_floating_point() or found != (info.get("shape"), info.get("dtype")):
+        raise ValueError(
+            f"{path}: norm tensor {name!r} should be {info.get('dtype')} of shape {info.get('shape')}, "
+            f"found {found[1]} of shape {found[0]}"
+        )
+    if _sha256(_bytes(raw)) != info.get("sha256"):
+        raise ValueError(f"{path}: tensor {name!r} does not match its checksum (corrupted file)")
+    return raw
+
+
 def load(path: str | os.PathLike) -> Ticket:
     """Read a ticket written by :func:`save` (format version 2) or by an older signmask (version 1).
 
@@ -223,14 +253,17 @@ def load(path: str | os.PathLike) -> Ticket:
     missing, extra = sorted(set(manifest) - set(raw)), sorted(set(raw) - set(manifest))
     if missing or extra:
         raise ValueError(f"{path}: tensors missing from the file: {missing}; unexpected: {extra}")
-    groups: dict[str, dict[str, torch.Tensor]] = {"mask": {}, "sign": {}}
+    groups: dict[str, dict[str, torch.Tensor]] = {"mask": {}, "sign": {}, "norm": {}}
     for name, info in manifest.items():
         role = info.get("role") if isinstance(info, dict) else None
         if role not in groups:
             raise ValueError(f"{path}: manifest entry of {name!r} has unknown role {role!r}")
-        groups[role][name] = _decode(path, name, raw[name], info, version)
+        if role == "norm":
+            groups[role][name] = _decode_norm(path, name, raw[name], info)
+        else:
+            groups[role][name] = _decode(path, name, raw[name], info, version)
     user_meta = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
     try:
-        return Ticket(groups["mask"], groups["sign"], user_meta)
+        return Ticket(groups["mask"], groups["sign"], user_meta, groups["norm"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None

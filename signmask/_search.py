@@ -62,7 +62,9 @@ class Search:
     Iterate it: each iteration is one training round, run by the user's own code. When the body
     of a round ends the search prunes, rewinds the weights (IMP, OMP) and restarts the optimizer
     and LR schedule. Round 0 trains the dense network; the last round trains at the target
-    sparsity, after which :attr:`ticket` holds the signed mask ``sign(theta_T * M_T)``.
+    sparsity, after which :attr:`ticket` holds the signed mask ``sign(theta_T * M_T)`` (with the
+    bias and dense classifier signs, and the trained norm parameters ``transfer(norms=True)``
+    copies).
 
     The explicit steps :meth:`start_round` / :meth:`finish_round` do the same for loops that cannot
     be wrapped in a ``for``. :meth:`state_dict` / :meth:`load_state_dict` make it resumable.
@@ -261,7 +263,7 @@ class Search:
             "target_sparsity": repr(c.sparsity),
             "seed": str(c.seed),
         }
-        self._ticket = extract(self.model, biases=True, dense=True, metadata=meta)
+        self._ticket = extract(self.model, biases=True, dense=True, norms=True, metadata=meta)
         self.close()
         self.in_round, self.done = False, True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 from typing import Mapping
@@ -10,7 +11,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import _reparam, _targets
+from . import _interpolate, _reparam, _targets
 from ._version import __version__
 
 RESERVED_KEYS = ("format", "format_version", "sparsity", "manifest", "manifest_sha256")
@@ -31,6 +32,16 @@ def _check_signed(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
     return t.detach().to("cpu", torch.int8).contiguous()
 
 
+def _check_norm(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"norm tensor {name!r} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"norm tensor {name!r} must be a floating-point tensor, got {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"norm tensor {name!r} holds NaN or infinite values (a diverged run?)")
+    return t.detach().to("cpu").contiguous()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Ticket:
     """A lottery ticket: per pruned tensor, a signed mask in {-1, 0, +1} (0 = pruned).
@@ -39,10 +50,14 @@ class Ticket:
         masks: canonical tensor name (``"layer1.0.conv1.weight"``) -> signed mask.
         signs: name -> dense signs to transfer without a mask (biases, an unpruned classifier).
         metadata: free-form strings (method, architecture, versions...).
+        norms: name -> trained affine parameter of a norm layer (``"bn1.weight"``), kept as
+            its float values: the "signed mask and normalization parameters" that Find A
+            Winning Sign shows carry an LRR solution's basin (see ``extract(norms=True)``).
 
     Raises:
-        TypeError / ValueError: a tensor is not integer or holds values outside {-1, 0, +1}, a
-            name appears in both dicts, or metadata is not ``str -> str`` or uses a reserved key.
+        TypeError / ValueError: a mask or sign tensor is not integer or holds values outside
+            {-1, 0, +1}, a norm tensor is not floating point or not finite, a name appears in
+            two dicts, or metadata is not ``str -> str`` or uses a reserved key.
 
     Example:
         >>> import torch
@@ -54,13 +69,17 @@ class Ticket:
     masks: Mapping[str, torch.Tensor]
     signs: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    norms: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         masks = {str(k): _check_signed(k, v, "mask") for k, v in dict(self.masks).items()}
         signs = {str(k): _check_signed(k, v, "sign tensor") for k, v in dict(self.signs).items()}
-        both = sorted(set(masks) & set(signs))
-        if both:
-            raise ValueError(f"tensors {both} appear both as masks and as dense signs")
+        norms = {str(k): _check_norm(k, v) for k, v in dict(self.norms).items()}
+        groups = {"masks": masks, "dense signs": signs, "norms": norms}
+        for (a, names_a), (b, names_b) in itertools.combinations(groups.items(), 2):
+            both = sorted(set(names_a) & set(names_b))
+            if both:
+                raise ValueError(f"tensors {both} appear both as {a} and as {b}")
         if not masks:
             raise ValueError("a ticket needs at least one masked tensor")
         meta = dict(self.metadata)
@@ -73,6 +92,7 @@ class Ticket:
         object.__setattr__(self, "masks", masks)
         object.__setattr__(self, "signs", signs)
         object.__setattr__(self, "metadata", meta)
+        object.__setattr__(self, "norms", norms)
 
     @property
     def numel(self) -> int:
@@ -96,7 +116,7 @@ class Ticket:
     def _checked(self) -> "Ticket":
         """This ticket validated again, as the constructor does: its dicts stay editable after
         construction, and ``save``/``transfer`` must not write what ``load`` would refuse."""
-        return Ticket(self.masks, self.signs, self.metadata)
+        return Ticket(self.masks, self.signs, self.metadata, self.norms)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Ticket):
@@ -105,12 +125,14 @@ class Ticket:
             self.metadata == other.metadata
             and _same(self.masks, other.masks)
             and _same(self.signs, other.signs)
+            and _same(self.norms, other.norms)
         )
 
     def __repr__(self) -> str:
         return (
             f"Ticket({len(self.masks)} masked tensors, {self.numel} weights, "
-            f"sparsity={self.sparsity:.4f}, {len(self.signs)} dense sign tensors)"
+            f"sparsity={self.sparsity:.4f}, {len(self.signs)} dense sign tensors"
+            + (f", {len(self.norms)} norm tensors)" if self.norms else ")")
         )
 
 
@@ -119,7 +141,8 @@ def _fraction_pruned(kept: int, numel: int) -> float:
 
 
 def _same(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # dtype too: torch.equal calls a bf16 and an fp32 norm with the same values equal.
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 def architecture(model: nn.Module) -> str:
@@ -158,6 +181,7 @@ def extract(
     *,
     biases: bool = False,
     dense: bool = False,
+    norms: bool = False,
     metadata: Mapping[str, str] | None = None,
 ) -> Ticket:
     """Extract the signed masks of a pruned model: ``sign(theta * M)`` per pruned tensor.
@@ -168,6 +192,10 @@ def extract(
             ones and, with ``dense``, the unpruned ones.
         dense: also record the signs of conv/linear weights that are not pruned (the classifier
             when it was kept dense), as the AWS reference code transfers them.
+        norms: also record the trained affine parameters of every norm layer (BatchNorm,
+            LayerNorm, GroupNorm, timm's norms; their running statistics are not recorded),
+            which ``transfer`` then copies onto the new init. Under AWS's interpolation these
+            are the trained values (``weight_orig``), not the interpolated ones.
         metadata: extra strings stored in the ticket (method, rounds...).
 
     Raises:
@@ -205,6 +233,7 @@ def extract(
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 signs[key[: -len(name)] + "bias"] = torch.sign(bias.detach()).to("cpu", torch.int8)
+    recorded = _norm_params(model) if norms else {}
     methods = []
     for module, name in found.values():
         for method in _reparam.methods(_reparam.find_hook(module, name)[1]):
@@ -218,4 +247,17 @@ def extract(
         "versions": library_versions(),
     }
     meta.update(metadata or {})
-    return Ticket(masks, signs, meta)
+    return Ticket(masks, signs, meta, recorded)
+
+
+def _norm_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trained affine parameters of ``model``'s norm layers, by canonical name."""
+    found = {}
+    for fqn, module in model.named_modules():
+        if not _interpolate.is_norm(module):
+            continue
+        for name in ("weight", "bias"):
+            if _targets.has_tensor(module, name):
+                key = _targets.canonical(f"{fqn}.{name}" if fqn else name)
+                found.setdefault(key, _reparam.original(module, name).detach().to("cpu", copy=True))
+    return found

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from . import _io, _methods, _parents, _prune, _reparam, _targets
+from . import _interpolate, _io, _methods, _parents, _prune, _reparam, _targets
 from ._ticket import Ticket, architecture
 
 _MODES = ("init", "locked", "keep")
@@ -67,6 +67,11 @@ def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Ten
                     )
                 if name != "weight" or not isinstance(module, _targets.PRUNABLE_TYPES):
                     raise ValueError(f"ticket masks {key!r}, which is not a conv/linear weight")
+            if role == "norm" and not _interpolate.is_norm(module):
+                raise ValueError(
+                    f"ticket norm tensor {key!r} is, in the model, a tensor of "
+                    f"{type(module).__name__}, not of a norm layer"
+                )
             plan.append((role, key, module, name, target, signed))
     _targets.check_local({key: (m, n) for _, key, m, n, _, _ in plan})
     _prune.check_untied({key: (m, n) for role, key, m, n, _, _ in plan if role == "mask"}, model)
@@ -88,12 +93,15 @@ def transfer(
     signs: str = "init",
     biases: bool = True,
     dense: bool = True,
+    norms: bool = False,
     check_architecture: bool = True,
 ) -> nn.Module:
     """Apply a ticket to a new random init of the same architecture, in place.
 
     Kept weights become ``|theta_new| * s``, pruned weights 0, and the binary mask is installed
-    as with :func:`signmask.prune`. Norm layers keep their fresh init.
+    as with :func:`signmask.prune`. Norm layers keep their fresh init unless ``norms`` is set.
+    The defaults follow the AWS reference code's ``sign_transfer``: signs of the masked weights,
+    of biases and of a dense classifier, and no norm parameters.
 
     Args:
         ticket: a :class:`Ticket` or the path of a saved one.
@@ -106,6 +114,10 @@ def transfer(
             of unpruned layers only with ``dense`` as well.
         dense: apply the ticket's dense weight signs (an unpruned classifier), if any (ignored by
             ``"keep"``, which neither writes nor shape-checks them).
+        norms: also copy the ticket's trained norm parameters (recorded by a search, or by
+            ``extract(norms=True)``) onto the model's norm layers, as they are; their running
+            statistics stay the model's own. This is the reference code's ``winit_only``: the
+            new init supplies the conv/linear weights only. Ignored by ``"keep"``.
         check_architecture: refuse a ticket whose recorded architecture differs from the model's.
 
     Returns:
@@ -115,7 +127,9 @@ def transfer(
         TypeError: ``model`` is not an ``nn.Module`` (whatever ``check_architecture`` says), or
             ``ticket`` is neither a Ticket nor a path.
         ValueError: unknown ``signs``, another architecture, ticket tensors missing from the model,
-            a shape mismatch, or an already-pruned tensor. Nothing is changed then.
+            a shape mismatch, an already-pruned tensor, ``norms`` with a ticket that has none,
+            or a ticket norm tensor that is not a norm layer's in the model. Nothing is changed
+            then.
 
     Example:
         >>> import torch, signmask
@@ -132,10 +146,18 @@ def transfer(
     groups = {"mask": ticket.masks}
     if signs != "keep":  # "keep" writes no sign, so a bias or dense head need not even match
         groups["sign"] = {k: v for k, v in ticket.signs.items() if _wanted(k, ticket, biases, dense)}
+        if norms and not ticket.norms:
+            raise ValueError(
+                "norms=True, but the ticket recorded no norm parameters (a search records them; "
+                "signmask.extract does with norms=True)"
+            )
+        groups["norm"] = dict(ticket.norms) if norms else {}
     plan = _plan(ticket, model, groups)
     with torch.no_grad():
         for role, key, module, name, target, signed in plan:
-            if signs != "keep":
+            if role == "norm":
+                target.copy_(signed)  # the trained values themselves, not a sign
+            elif signs != "keep":
                 target.copy_(target.abs() * signed.to(device=target.device, dtype=target.dtype))
             if role == "mask":
                 keep = signed.to(target.device) != 0

@@ -24,6 +24,14 @@ def test_inspect_prints_metadata_and_per_layer_table(tmp_path):
     assert row.split() == ["conv2.weight", "6x6x3x3", f"{kept}/{m.numel()}", f"{1 - kept / m.numel():.4f}", f"{100 * neg / kept:.1f}"]
 
 
+def test_inspect_counts_the_norm_parameters(tmp_path):
+    model = signmask.prune(tiny(), 0.5)
+    path = signmask.save(signmask.extract(model, norms=True), tmp_path / "t.safetensors")
+    assert "  norm parameters: 4 tensors, 24 values (float32)" in _cli.inspect(str(path)).splitlines()
+    plain = signmask.save(signmask.extract(model), tmp_path / "p.safetensors")
+    assert "norm parameters" not in _cli.inspect(str(plain))
+
+
 def test_inspect_bad_file_exits_1_with_message(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 3)

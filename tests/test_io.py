@@ -13,11 +13,14 @@ from safetensors.torch import save_file
 
 import signmask
 from signmask import _io
-from _util import tiny
+from _util import bits_equal, tiny
+
+
+NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @st.composite
-def tickets(draw):
+def tickets(draw, norms=True):
     n = draw(st.integers(1, 3))
     masks = {}
     for i in range(n):
@@ -29,7 +32,12 @@ def tickets(draw):
     if draw(st.booleans()):
         signs["layer0.bias"] = torch.tensor(draw(st.lists(st.sampled_from([-1, 0, 1]), min_size=3, max_size=3)), dtype=torch.int8)
     meta = draw(st.dictionaries(st.text("abcxyz_", min_size=1, max_size=6), st.text(max_size=10), max_size=3))
-    return signmask.Ticket(masks, signs, meta)
+    recorded = {}
+    for i in range(draw(st.integers(0, 2)) if norms else 0):
+        dtype = draw(st.sampled_from(NORM_DTYPES))
+        values = draw(st.lists(st.floats(-1e3, 1e3, width=16), max_size=6))  # width 16: exact in every dtype
+        recorded[f"norm{i}.weight"] = torch.tensor(values, dtype=dtype)
+    return signmask.Ticket(masks, signs, meta, recorded)
 
 
 @settings(max_examples=60, deadline=None)
@@ -42,6 +50,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path_factory, ticket):
     for group, other in ((ticket.masks, loaded.masks), (ticket.signs, loaded.signs)):
         for k in group:
             assert other[k].dtype == torch.int8 and torch.equal(other[k], group[k])
+    assert loaded.norms.keys() == ticket.norms.keys()
+    assert all(bits_equal(loaded.norms[k], v) for k, v in ticket.norms.items())  # -0.0 too
     assert loaded.metadata == ticket.metadata
 
 
@@ -58,7 +68,7 @@ def _save_v1(ticket: signmask.Ticket, path: Path) -> Path:
 
 
 @settings(max_examples=30, deadline=None)
-@given(ticket=tickets())
+@given(ticket=tickets(norms=False))  # version 1 had no norm tensors
 def test_version_1_file_loads_bit_exactly(tmp_path_factory, ticket):
     path = _save_v1(ticket, tmp_path_factory.mktemp("t") / "v1.safetensors")
     loaded = signmask.load(path)
@@ -399,3 +409,86 @@ def test_deeply_nested_manifest_is_unreadable_not_a_crash(saved):
     _rewrite(saved, meta_update={"manifest": manifest, "manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest()})
     with pytest.raises(ValueError, match="ticket manifest is missing or unreadable"):
         signmask.load(saved)
+
+
+# ---------------------------------------------------------------- norm tensors (extract(norms=True))
+
+
+def _norm_ticket(dtype=torch.float32) -> signmask.Ticket:
+    norms = {"bn.weight": torch.tensor([0.5, -0.0, 2.0], dtype=dtype), "bn.bias": torch.tensor([1e-3, -7.0, 0.0], dtype=dtype)}
+    return signmask.Ticket(_small_ticket().masks, norms=norms)
+
+
+@pytest.mark.parametrize(
+    "norms, message",
+    [
+        ({"bn.weight": torch.tensor([1, 2])}, "norm tensor 'bn.weight' must be a floating-point tensor, got torch.int64"),
+        ({"bn.weight": torch.tensor([1.0, float("nan")])}, "norm tensor 'bn.weight' holds NaN or infinite values"),
+        ({"bn.weight": torch.tensor([float("-inf")])}, "NaN or infinite"),
+        ({"bn.weight": [1.0]}, "norm tensor 'bn.weight' must be a tensor, got list"),
+        ({"a.weight": torch.tensor([1.0])}, r"tensors \['a.weight'\] appear both as masks and as norms"),
+    ],
+)
+def test_ticket_validates_norms_on_construction(norms, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        signmask.Ticket(_small_ticket().masks, norms=norms)
+
+
+def test_ticket_norm_named_like_a_dense_sign_is_refused():
+    with pytest.raises(ValueError, match=r"\['b.bias'\] appear both as dense signs and as norms"):
+        signmask.Ticket({"a": torch.tensor([1])}, {"b.bias": torch.tensor([1])}, norms={"b.bias": torch.tensor([0.1])})
+
+
+def test_tickets_differing_in_norm_values_or_dtype_differ():
+    base = _norm_ticket()
+    assert base == _norm_ticket()
+    assert base != _norm_ticket(torch.float64)  # same numbers, another dtype
+    assert base != signmask.Ticket(base.masks)
+    edited = dict(base.norms, **{"bn.bias": torch.tensor([1e-3, -7.0, 0.5])})
+    assert base != signmask.Ticket(base.masks, norms=edited)
+    assert "2 norm tensors" in repr(base) and "norm" not in repr(signmask.Ticket(base.masks))
+
+
+@pytest.fixture
+def saved_norms(tmp_path):
+    return signmask.save(_norm_ticket(), tmp_path / "t.safetensors")
+
+
+def test_norm_tensors_are_stored_as_they_are(saved_norms):
+    meta, raw = _io.read_raw(saved_norms)
+    assert torch.equal(raw["bn.weight"], _norm_ticket().norms["bn.weight"]) and raw["bn.weight"].dtype == torch.float32
+    entry = json.loads(meta["manifest"])["bn.weight"]
+    assert entry["role"] == "norm" and entry["dtype"] == "float32" and entry["shape"] == [3]
+
+
+def test_flipped_norm_byte_is_detected(saved_norms):
+    _, raw = _io.read_raw(saved_norms)
+    forged = raw["bn.bias"].clone()
+    forged[0] = 2e-3
+    _rewrite(saved_norms, tensors={"bn.bias": forged})
+    with pytest.raises(ValueError, match="'bn.bias' does not match its checksum"):
+        signmask.load(saved_norms)
+
+
+@pytest.mark.parametrize(
+    "replace, message",
+    [
+        (lambda t: t.double(), r"norm tensor 'bn.weight' should be float32 of shape \[3\], found float64 of shape \[3\]"),
+        (lambda t: t[:2].clone(), r"should be float32 of shape \[3\], found float32 of shape \[2\]"),
+        (lambda t: t.view(torch.int32), "found int32"),  # the very same bytes
+    ],
+)
+def test_norm_payload_of_another_dtype_or_shape_is_refused(saved_norms, replace, message):
+    forged = replace(_norm_ticket().norms["bn.weight"])
+    digest = hashlib.sha256(_io._bytes(forged)).hexdigest()
+    _edit_manifest(saved_norms, lambda m: m["bn.weight"].update(sha256=digest), tensors={"bn.weight": forged})
+    with pytest.raises(ValueError, match=message):
+        signmask.load(saved_norms)
+
+
+def test_norm_tensor_holding_nan_in_a_file_names_the_file(saved_norms):
+    forged = torch.tensor([0.5, float("nan"), 2.0])
+    digest = hashlib.sha256(_io._bytes(forged)).hexdigest()
+    _edit_manifest(saved_norms, lambda m: m["bn.weight"].update(sha256=digest), tensors={"bn.weight": forged})
+    with pytest.raises(ValueError, match=f"{saved_norms}: norm tensor 'bn.weight' holds NaN"):
+        signmask.load(saved_norms)

@@ -283,6 +283,20 @@ def test_ticket_is_signed_mask_with_metadata(tmp_path):
     assert signmask.load(path) == ticket
 
 
+def test_aws_ticket_records_the_trained_norm_parameters_not_the_interpolated_ones():
+    model, opt, sched, search = setup("aws", sparsity=0.36)
+    for _ in search:
+        train(model, opt, search, sched)
+        if not search.done:
+            seen = model.bn1.weight.detach().clone()  # the last forward's interpolated value
+    ticket = search.ticket
+    assert sorted(ticket.norms) == ["bn1.bias", "bn1.weight", "bn2.bias", "bn2.weight"]
+    assert all(torch.equal(ticket.norms[k], model.get_parameter(k)) for k in ticket.norms)
+    assert not torch.equal(ticket.norms["bn1.weight"], seen)
+    fresh = signmask.transfer(ticket, tiny(1), norms=True)
+    assert torch.equal(fresh.bn2.bias, model.bn2.bias)
+
+
 def test_aws_interpolates_norms_during_search_only():
     model, opt, sched, search = setup("aws", sparsity=0.36)
     init_gamma = model.bn1.weight_init.clone()

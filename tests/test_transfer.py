@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import signmask
-from _util import assert_same, snapshot, tiny
+from signmask import _interpolate
+from _util import assert_same, bits_equal, snapshot, tiny
 
 NAMES = ("conv1", "conv2", "fc")
 
@@ -240,3 +241,100 @@ def test_a_kept_weight_that_is_exactly_zero_stays_in_the_ticket():
 def test_extract_metadata_overrides_the_defaults():
     net = signmask.prune(nn.Linear(4, 4), 0.5)
     assert signmask.extract(net, metadata={"method": "imp"}).metadata["method"] == "imp"
+
+
+# ---------------------------------------------- trained norm parameters (the reference's winit_only)
+
+NORMS = ("bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias")
+
+
+def _trained_ticket(**kwargs):
+    model = signmask.prune(tiny(0), 0.5)
+    _train(model, steps=5)  # moves the norm parameters off their init (1, 0)
+    return model, signmask.extract(model, norms=True, **kwargs)
+
+
+def test_extract_records_copies_of_the_trained_norm_parameters():
+    model, ticket = _trained_ticket()
+    assert sorted(ticket.norms) == sorted(NORMS)
+    sd = model.state_dict()
+    assert all(bits_equal(ticket.norms[k], sd[k]) for k in NORMS)
+    assert not torch.equal(ticket.norms["bn1.weight"], torch.ones(6))
+    with torch.no_grad():
+        model.bn1.weight.add_(1.0)  # a copy: later training does not reach the ticket
+    assert not torch.equal(ticket.norms["bn1.weight"], model.bn1.weight)
+    assert signmask.extract(model).norms == {}
+
+
+def test_extract_under_aws_interpolation_records_the_trained_values():
+    model = signmask.prune(tiny(0), 0.5)
+    _interpolate.attach(model, torch.tensor(0.5))
+    with torch.no_grad():
+        model.bn1.weight_orig.fill_(3.0)  # trained; init buffer stays 1, lerp would give 2
+    model.train()
+    model(torch.randn(2, 3, 6, 6))
+    assert torch.equal(model.bn1.weight, torch.full((6,), 2.0))
+    ticket = signmask.extract(model, norms=True)
+    assert torch.equal(ticket.norms["bn1.weight"], torch.full((6,), 3.0))
+
+
+@pytest.mark.parametrize("signs", ["init", "locked"])
+def test_transfer_with_norms_copies_them_exactly_and_nothing_else(tmp_path, signs):
+    _, ticket = _trained_ticket(biases=True)
+    ticket = signmask.load(signmask.save(ticket, tmp_path / "t.safetensors"))
+    plain, fresh = tiny(1), tiny(1)
+    stats = {k: v.clone() for k, v in fresh.state_dict().items() if "running" in k or "batches" in k}
+    signmask.transfer(ticket, plain, signs=signs)
+    signmask.transfer(ticket, fresh, signs=signs, norms=True)
+    got, want = fresh.state_dict(), plain.state_dict()
+    for key in got:
+        if key in NORMS:
+            assert bits_equal(got[key], ticket.norms[key])
+        else:  # weights, masks, biases and running statistics as without norms
+            assert bits_equal(got[key], want[key]), key
+    assert all(torch.equal(got[k], v) for k, v in stats.items())
+    assert all(torch.equal(want[k], tiny(1).state_dict()[k]) for k in NORMS)  # default: fresh init
+
+
+def test_keep_ignores_the_tickets_norms():
+    _, ticket = _trained_ticket()
+    fresh = tiny(1)
+    signmask.transfer(ticket, fresh, signs="keep", norms=True)
+    assert all(torch.equal(fresh.state_dict()[k], tiny(1).state_dict()[k]) for k in NORMS)
+
+
+def _with_norms(ticket, norms):
+    return signmask.Ticket(ticket.masks, ticket.signs, ticket.metadata, norms)
+
+
+@pytest.mark.parametrize(
+    "norms, message",
+    [
+        ({}, "norms=True, but the ticket recorded no norm parameters"),
+        ({"fc.bias": torch.zeros(5)}, "ticket norm tensor 'fc.bias' is, in the model, a tensor of Linear, not of a norm layer"),
+        ({"bn2.weight": torch.ones(4)}, r"ticket tensor 'bn2.weight' has shape \(4,\), the model's has \(6,\)"),
+        ({"bn3.weight": torch.ones(6)}, r"ticket tensors \['bn3.weight'\]"),
+    ],
+)
+def test_bad_norm_transfers_leave_the_model_untouched(norms, message):
+    _, ticket = _trained_ticket()
+    model = tiny(1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        signmask.transfer(_with_norms(ticket, norms), model, norms=True)
+    assert_same(before, snapshot(model))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_norms_survive_save_load_and_transfer_bit_exactly(tmp_path_factory, seed, dtype):
+    model = signmask.prune(tiny(seed), 0.5)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k in NORMS:
+            model.get_parameter(k).copy_(torch.randn(6, generator=g))
+    ticket = signmask.extract(model, norms=True)
+    ticket = _with_norms(ticket, {k: v.to(dtype) for k, v in ticket.norms.items()})
+    path = signmask.save(ticket, tmp_path_factory.mktemp("t") / "t.safetensors")
+    fresh = signmask.transfer(path, tiny(seed + 1).to(dtype), norms=True)
+    assert all(bits_equal(fresh.get_parameter(k).detach(), ticket.norms[k]) for k in NORMS)
