@@ -39,7 +39,8 @@ def _check_norm(name: str, t: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"norm tensor {name!r} must be a floating-point tensor, got {t.dtype}")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"norm tensor {name!r} holds NaN or infinite values (a diverged run?)")
-    return t.detach().to("cpu").contiguous()
+    # A copy: a norm handed over as a model's live Parameter would otherwise follow its training.
+    return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -117,7 +117,8 @@ def transfer(
         norms: also copy the ticket's trained norm parameters (recorded by a search, or by
             ``extract(norms=True)``) onto the model's norm layers, as they are; their running
             statistics stay the model's own. This is the reference code's ``winit_only``: the
-            new init supplies the conv/linear weights only. Ignored by ``"keep"``.
+            new init supplies the conv/linear weights only. With ``"keep"`` it gives the
+            control "binary mask + trained norms" (the new init's own signs).
         check_architecture: refuse a ticket whose recorded architecture differs from the model's.
 
     Returns:
@@ -143,15 +144,14 @@ def transfer(
     _targets.check_model(model, "model")  # before reading a ticket file
     ticket = _resolve(ticket)
     _check_architecture(ticket, model, check_architecture)
-    groups = {"mask": ticket.masks}
+    if norms and not ticket.norms:
+        raise ValueError(
+            "norms=True, but the ticket recorded no norm parameters (a search records them; "
+            "signmask.extract does with norms=True)"
+        )
+    groups = {"mask": ticket.masks, "norm": dict(ticket.norms) if norms else {}}
     if signs != "keep":  # "keep" writes no sign, so a bias or dense head need not even match
         groups["sign"] = {k: v for k, v in ticket.signs.items() if _wanted(k, ticket, biases, dense)}
-        if norms and not ticket.norms:
-            raise ValueError(
-                "norms=True, but the ticket recorded no norm parameters (a search records them; "
-                "signmask.extract does with norms=True)"
-            )
-        groups["norm"] = dict(ticket.norms) if norms else {}
     plan = _plan(ticket, model, groups)
     with torch.no_grad():
         for role, key, module, name, target, signed in plan:

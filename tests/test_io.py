@@ -434,6 +434,14 @@ def test_ticket_validates_norms_on_construction(norms, message):
         signmask.Ticket(_small_ticket().masks, norms=norms)
 
 
+def test_ticket_holds_a_copy_of_the_norms_it_was_given():
+    bn = torch.nn.BatchNorm1d(3)
+    ticket = signmask.Ticket(_small_ticket().masks, norms={"bn.weight": bn.weight})
+    with torch.no_grad():
+        bn.weight.add_(1.0)  # training goes on after the ticket was made
+    assert torch.equal(ticket.norms["bn.weight"], torch.ones(3)) and not ticket.norms["bn.weight"].requires_grad
+
+
 def test_ticket_norm_named_like_a_dense_sign_is_refused():
     with pytest.raises(ValueError, match=r"\['b.bias'\] appear both as dense signs and as norms"):
         signmask.Ticket({"a": torch.tensor([1])}, {"b.bias": torch.tensor([1])}, norms={"b.bias": torch.tensor([0.1])})

@@ -278,7 +278,7 @@ def test_extract_under_aws_interpolation_records_the_trained_values():
     assert torch.equal(ticket.norms["bn1.weight"], torch.full((6,), 3.0))
 
 
-@pytest.mark.parametrize("signs", ["init", "locked"])
+@pytest.mark.parametrize("signs", ["init", "locked", "keep"])
 def test_transfer_with_norms_copies_them_exactly_and_nothing_else(tmp_path, signs):
     _, ticket = _trained_ticket(biases=True)
     ticket = signmask.load(signmask.save(ticket, tmp_path / "t.safetensors"))
@@ -296,11 +296,19 @@ def test_transfer_with_norms_copies_them_exactly_and_nothing_else(tmp_path, sign
     assert all(torch.equal(want[k], tiny(1).state_dict()[k]) for k in NORMS)  # default: fresh init
 
 
-def test_keep_ignores_the_tickets_norms():
-    _, ticket = _trained_ticket()
-    fresh = tiny(1)
+def test_keep_with_norms_keeps_the_new_inits_own_weights():
+    _, ticket = _trained_ticket(biases=True)
+    fresh, init = tiny(1), tiny(1).state_dict()
     signmask.transfer(ticket, fresh, signs="keep", norms=True)
-    assert all(torch.equal(fresh.state_dict()[k], tiny(1).state_dict()[k]) for k in NORMS)
+    sd = fresh.state_dict()
+    assert sorted(k for k in sd if k.endswith("_mask")) == sorted(k + "_mask" for k in ticket.masks)
+    for key, value in sd.items():
+        if key in NORMS:
+            assert bits_equal(value, ticket.norms[key])
+        elif key.endswith("_mask"):
+            assert torch.equal(value.bool(), ticket.masks[key.removesuffix("_mask")] != 0)
+        else:  # the new init's own weights, signs and biases
+            assert torch.equal(value, init[key.removesuffix("_orig")]), key
 
 
 def _with_norms(ticket, norms):
