@@ -15,10 +15,13 @@ a deep stem without downsampling, BN gamma initialized to 1 everywhere):
 2. a NEW random init (another seed) retrained plainly under: the AWS signed mask
    (``signmask.transfer``), the LRR signed mask, the AWS binary mask with the new init's own
    signs (``analysis.random_reinit``), random pruning at the AWS ticket's per-layer density
-   (``analysis.random_prune``), and dense (reference).
+   (``analysis.random_prune``), and dense (reference); and, for the paper's motivating
+   experiment, each signed mask with its solution's trained norm parameters
+   (``transfer(norms=True)``) and LRR's binary mask with LRR's norms (``signs="keep"``).
 3. error barriers (``analysis.barrier``, 11 points, BatchNorm re-estimated at every point on a
    few un-augmented training batches): AWS-signs net <-> AWS solution, random-reinit net <-> AWS
-   solution (same mask), LRR-signs net <-> LRR solution (interpolation needs equal masks, so the
+   solution (same mask), each '+ trained norms' net <-> its solution, LRR-signs net <-> LRR
+   solution (interpolation needs equal masks, so the
    LRR-signed net is compared with the LRR solution, as in the paper's LRR figure; random pruning
    has no solution under its mask); and ``analysis.instability`` of the AWS-signed new init
    (two copies, two data orders).
@@ -320,6 +323,8 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
         # The paper's motivating experiment: an LRR signed mask with LRR's trained norm parameters
         # (the reference code's winit_only), and the same ablation for AWS.
         "lrr_signs_norms": lambda m: signmask.transfer(tickets["lrr"], m, norms=True),
+        # Its control without the signs: LRR's binary mask and trained norms, the new init's signs.
+        "lrr_mask_norms": lambda m: signmask.transfer(tickets["lrr"], m, signs="keep", norms=True),
         "aws_signs_norms": lambda m: signmask.transfer(tickets["aws"], m, norms=True),
         "reinit_aws_mask": lambda m: analysis.random_reinit(tickets["aws"], m),
         "random_prune": lambda m: analysis.random_prune(tickets["aws"], m, seed=seed),
@@ -344,6 +349,7 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
         "reinit_vs_aws_solution": (transferred["reinit_aws_mask"], solutions["aws"]),
         "lrr_signs_vs_lrr_solution": (transferred["lrr_signs"], solutions["lrr"]),
         "lrr_signs_norms_vs_lrr_solution": (transferred["lrr_signs_norms"], solutions["lrr"]),
+        "lrr_mask_norms_vs_lrr_solution": (transferred["lrr_mask_norms"], solutions["lrr"]),
         "aws_signs_norms_vs_aws_solution": (transferred["aws_signs_norms"], solutions["aws"]),
     }
     barriers = {}
@@ -403,12 +409,15 @@ ROWS = (  # (label, accuracy getter, barrier key or None)
      "aws_signs_norms_vs_aws_solution"),
     ("new init + LRR signed mask + LRR trained norms", lambda s: s["transfer"]["lrr_signs_norms"],
      "lrr_signs_norms_vs_lrr_solution"),
+    ("new init + LRR binary mask + LRR trained norms", lambda s: s["transfer"]["lrr_mask_norms"],
+     "lrr_mask_norms_vs_lrr_solution"),
     ("new init + AWS binary mask (random reinit)", lambda s: s["transfer"]["reinit_aws_mask"],
      "reinit_vs_aws_solution"),
     ("new init, random pruning (AWS per-layer density)", lambda s: s["transfer"]["random_prune"], None),
 )
 BARRIER_TO = {"aws_signs_vs_aws_solution": "AWS solution", "lrr_signs_vs_lrr_solution": "LRR solution",
               "reinit_vs_aws_solution": "AWS solution", "lrr_signs_norms_vs_lrr_solution": "LRR solution",
+              "lrr_mask_norms_vs_lrr_solution": "LRR solution",
               "aws_signs_norms_vs_aws_solution": "AWS solution"}
 
 
@@ -475,6 +484,7 @@ def write_outputs(stem: str, payload: dict) -> list[Path]:
                   "reinit_vs_aws_solution": "random reinit <-> AWS solution",
                   "lrr_signs_vs_lrr_solution": "LRR signs new init <-> LRR solution",
                   "lrr_signs_norms_vs_lrr_solution": "LRR signs + LRR norms new init <-> LRR solution",
+                  "lrr_mask_norms_vs_lrr_solution": "LRR mask + LRR norms new init <-> LRR solution",
                   "aws_signs_norms_vs_aws_solution": "AWS signs + AWS norms new init <-> AWS solution",
                   "instability_aws_signs": "AWS signs new init, 2 data orders"}
         curves = {labels[k]: analysis.Barrier(tuple(b["alphas"]), tuple(b["losses"]), tuple(b["errors"]))
@@ -526,7 +536,9 @@ NOTES = [
     "'+ trained norms' rows: transfer(ticket, new_init, norms=True), the AWS reference code's winit_only: the new "
     "init's conv/linear magnitudes under the signed mask, with the solution's trained norm weights and biases "
     "(running statistics are the new init's, then trained). The paper's motivating claim is that an LRR signed "
-    "mask keeps the LRR solution's basin only together with these norm parameters.",
+    "mask keeps the LRR solution's basin only together with these norm parameters. 'LRR binary mask + LRR trained "
+    "norms' (transfer(signs='keep', norms=True)) is its control without the signs: the new init's own values and "
+    "signs under LRR's mask, LRR's norms; no bias or classifier signs either.",
     "Deviations from the paper (budget): tiny subset and epochs on CPU; no dense warm-up beyond round 0; with "
     "search_lr 'cosine', cosine LR per round restarted each round (LR rewinding) instead of the AWS code's constant "
     "LR ('constant' follows the code); retraining with cosine instead of MultiStep; the search does not prune the "
