@@ -174,7 +174,7 @@ def kept_of(model, key):
     return torch.ones_like(raw(model, key), dtype=torch.bool) if mask is None else mask.clone()
 
 
-@pytest.mark.parametrize("kind", ["permute_layer", "permute_filter", "shuffle_same_sign"])
+@pytest.mark.parametrize("kind", ["permute_layer", "permute_filter", "shuffle_same_sign", "shuffle_same_sign_filter"])
 def test_permutations_keep_the_multiset_of_kept_values_and_the_mask(kind):
     model, _ = rewind_point()
     before = {k: (raw(model, k), kept_of(model, k)) for k in KEYS}
@@ -184,10 +184,11 @@ def test_permutations_keep_the_multiset_of_kept_values_and_the_mask(kind):
         w1 = raw(model, key)
         assert torch.equal(kept_of(model, key), keep)
         assert torch.equal(w1[~keep], w0[~keep])  # pruned entries untouched
-        rows = (lambda t: t.reshape(t.shape[0], -1)) if kind == "permute_filter" else (lambda t: t.reshape(1, -1))
+        per_filter = kind.endswith("filter")
+        rows = (lambda t: t.reshape(t.shape[0], -1)) if per_filter else (lambda t: t.reshape(1, -1))
         for r0, r1, k in zip(rows(w0), rows(w1), rows(keep)):
             assert torch.equal(r0[k].sort().values, r1[k].sort().values)
-        if kind == "shuffle_same_sign":
+        if kind.startswith("shuffle_same_sign"):
             assert torch.equal(torch.sign(w1), torch.sign(w0))
         moved |= not torch.equal(w1, w0)
         module = model.get_submodule(key.rsplit(".", 1)[0])
@@ -195,15 +196,37 @@ def test_permutations_keep_the_multiset_of_kept_values_and_the_mask(kind):
     assert moved
 
 
-def test_permute_filter_uses_dim_1_of_conv_transpose():
+@pytest.mark.parametrize("kind", ["permute_filter", "shuffle_same_sign_filter"])
+def test_filter_kinds_use_dim_1_of_conv_transpose(kind):
     torch.manual_seed(0)
     net = nn.Sequential(nn.ConvTranspose2d(3, 4, 3))
     w0 = net[0].weight.detach().clone()
-    analysis.perturb(net, "permute_filter", seed=0)
+    analysis.perturb(net, kind, seed=0)
     w1 = net[0].weight.detach()
     for c in range(4):
         assert torch.equal(w0[:, c].flatten().sort().values, w1[:, c].flatten().sort().values)
     assert not torch.equal(w0, w1)
+
+
+def test_same_sign_filter_shuffle_moves_values_only_within_a_filter():
+    # Magnitudes r + 1 .. r + 1.5 in row r, both signs in every row: a value that left its row
+    # or its sign would show up in the per-row, per-sign multisets.
+    lin = nn.Linear(6, 4, bias=False)
+    with torch.no_grad():
+        magnitudes = torch.arange(1, 5.0)[:, None] + torch.linspace(0, 0.5, 6)
+        lin.weight.copy_(magnitudes * torch.tensor([1.0, -1, 1, 1, -1, 1]))
+    w0 = lin.weight.detach().clone()
+    analysis.perturb(lin, "shuffle_same_sign_filter", seed=1)
+    w1 = lin.weight.detach()
+    for r0, r1 in zip(w0, w1):
+        for side in (r0 > 0, r0 < 0):
+            assert torch.equal(r0[side].sort().values, r1[side].sort().values)
+    assert torch.equal(torch.sign(w1), torch.sign(w0)) and not torch.equal(w0, w1)
+    layerwise = lin.weight.detach().clone()
+    lin.weight.data.copy_(w0)
+    analysis.perturb(lin, "shuffle_same_sign", seed=1)
+    rows_mixed = any(not torch.equal(r0.sort().values, r1.sort().values) for r0, r1 in zip(w0, lin.weight.detach()))
+    assert rows_mixed and not torch.equal(layerwise, lin.weight.detach())  # the layer-wise kind crosses rows
 
 
 def test_signs_and_magnitudes_from_init_or_rewind():

@@ -11,6 +11,8 @@ step k, in place, by one registered kind:
 - ``"permute_filter"``: shuffled within each output channel (dim 0; dim 1 of ConvTranspose);
 - ``"shuffle_same_sign"``: positive weights shuffled among positive positions, negative among
   negative ones (zeros stay);
+- ``"shuffle_same_sign_filter"``: the same within each output channel (Frankle's figure 6
+  shuffles by sign within both);
 - ``"noise"``: plus Gaussian noise of std ``sigma_n * sigma``, ``sigma`` the (unbiased) std of
   the tensor's init values.
 
@@ -135,28 +137,37 @@ def _init_magnitudes(layer: PerturbationInput) -> torch.Tensor:
     return torch.copysign(layer.init.abs(), layer.weight)
 
 
+def _shuffle(layer: PerturbationInput, *, per_filter: bool, same_sign: bool) -> torch.Tensor:
+    """Shuffle the kept weights among the kept positions of the whole tensor or of each output
+    channel; with ``same_sign`` positive ones only among positive positions, negative ones
+    among negative ones (Frankle et al. 2020, figures 5 and 6)."""
+    d = layer.filter_dim if per_filter else 0
+    moved, keep = layer.weight.movedim(d, 0), layer.keep.movedim(d, 0)
+    rows = moved.shape[0] if per_filter else 1
+    out, keep = moved.reshape(rows, -1), keep.reshape(rows, -1)
+    for side in (out > 0, out < 0) if same_sign else (keep,):
+        out = _permute_rows(out, keep & side, layer.generator)
+    return out.view(moved.shape).movedim(0, d)
+
+
 @register_perturbation("permute_layer", random=True)
 def _permute_layer(layer: PerturbationInput) -> torch.Tensor:
-    flat = _permute_rows(layer.weight.reshape(1, -1), layer.keep.reshape(1, -1), layer.generator)
-    return flat.view(layer.weight.shape)
+    return _shuffle(layer, per_filter=False, same_sign=False)
 
 
 @register_perturbation("permute_filter", random=True)
 def _permute_filter(layer: PerturbationInput) -> torch.Tensor:
-    d = layer.filter_dim
-    moved = layer.weight.movedim(d, 0)
-    rows = _permute_rows(moved.reshape(moved.shape[0], -1),
-                         layer.keep.movedim(d, 0).reshape(moved.shape[0], -1), layer.generator)
-    return rows.view(moved.shape).movedim(0, d)
+    return _shuffle(layer, per_filter=True, same_sign=False)
 
 
 @register_perturbation("shuffle_same_sign", random=True)
 def _shuffle_same_sign(layer: PerturbationInput) -> torch.Tensor:
-    out = layer.weight.reshape(1, -1)
-    keep = layer.keep.reshape(1, -1)
-    for side in (out > 0, out < 0):
-        out = _permute_rows(out, keep & side, layer.generator)
-    return out.view(layer.weight.shape)
+    return _shuffle(layer, per_filter=False, same_sign=True)
+
+
+@register_perturbation("shuffle_same_sign_filter", random=True)
+def _shuffle_same_sign_filter(layer: PerturbationInput) -> torch.Tensor:
+    return _shuffle(layer, per_filter=True, same_sign=True)
 
 
 @register_perturbation("noise", needs_init=True, random=True, needs_sigma=True)
