@@ -50,7 +50,8 @@ def environment(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "loadavg_at_start": list(os.getloadavg()),
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "signmask", "benchmarks")),
+        # The code only: results written by an earlier run (or a parallel one) are not a change.
+        "git_dirty": bool(_git("status", "--porcelain", "--", "signmask", "benchmarks", ":!benchmarks/results")),
     }
     for name in ("triton", "timm", "numpy"):
         try:

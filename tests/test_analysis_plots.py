@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from signmask import analysis
+from signmask.analysis import _plots
 
 from _util import tiny
 
@@ -42,6 +43,25 @@ def test_plots_write_png_atomically(tmp_path, index):
     assert out == path
     assert path.read_bytes().startswith(PNG)
     assert os.listdir(tmp_path) == ["figure.png"]  # no temp file left
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_many_labels_leave_the_curves_visible(tmp_path, monkeypatch, index):
+    # Seven labels, as aws_reproduction draws: each legend must sit outside every axes' area.
+    figures = []
+    monkeypatch.setattr(_plots, "_write", lambda fig, path, fmt: figures.append(fig) or path)
+    labels = [f"network {i} with a long label <-> its solution" for i in range(7)]
+    if index == 0:
+        analysis.plot_interpolation(dict.fromkeys(labels, BARRIER), tmp_path / "lmc.png")
+    else:
+        analysis.plot_sparsity_accuracy({k: [(0.1 * i, 0.5)] for i, k in enumerate(labels)}, tmp_path / "s.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert len(ax.get_legend().get_texts()) == 7
+        assert all(not legend.overlaps(other.get_window_extent(renderer)) for other in fig.axes)
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -42,15 +42,21 @@ def _check_mapping(value: Any, arg: str) -> None:
             raise TypeError(f"{arg} labels must be str, got {type(label).__name__} {label!r}")
 
 
-def _figure(ncols: int):
+def _figure(ncols: int, entries: int = 0):
+    """A figure of ``ncols`` axes, taller by a line per legend entry (legends go below)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
-    fig = Figure(figsize=(5 * ncols, 4), layout="constrained")
+    fig = Figure(figsize=(5 * ncols, 4 + 0.22 * entries), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _legend_below(ax) -> None:
+    # Below the axes, not over them: with many labels an inside legend hides the curves.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small")
 
 
 def _write(fig, path: Path, fmt: str) -> Path:
@@ -85,15 +91,15 @@ def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike)
         if not isinstance(b, Barrier):
             raise TypeError(f"barriers[{label!r}] must be a Barrier, got {type(b).__name__}")
     path, fmt = _check_path(path)
-    fig, (ax_err, ax_loss) = _figure(2)
+    fig, (ax_err, ax_loss) = _figure(2, len(barriers))
     for label, b in barriers.items():
         ax_err.plot(b.alphas, [100 * e for e in b.errors], "o-",
                     label=f"{label} (barrier {100 * b.barrier:.2f}%)")
         ax_loss.plot(b.alphas, b.losses, "o-", label=f"{label} (barrier {b.loss_barrier:.3f})")
     ax_err.set(xlabel="interpolation alpha", ylabel="error (%)", title="error along the path")
     ax_loss.set(xlabel="interpolation alpha", ylabel="loss", title="loss along the path")
-    ax_err.legend()
-    ax_loss.legend()
+    _legend_below(ax_err)
+    _legend_below(ax_loss)
     return _write(fig, path, fmt)
 
 
@@ -135,11 +141,11 @@ def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
     _check_mapping(curves, "curves")
     checked = {label: _check_curve(label, points) for label, points in curves.items()}
     path, fmt = _check_path(path)
-    fig, (ax,) = _figure(1)
+    fig, (ax,) = _figure(1, len(checked))
     for label, points in checked.items():
         ax.plot([100 * s for s, _ in points], [100 * a for _, a in points], "o-", label=label)
     ax.set(xlabel="sparsity (%)", ylabel="accuracy (%)", title="accuracy vs sparsity")
-    ax.legend()
+    _legend_below(ax)
     return _write(fig, path, fmt)
 
 
