@@ -7,6 +7,7 @@ from torch import nn
 
 import signmask
 from signmask import _interpolate
+from signmask._compat import import_timm
 from _util import assert_same, bits_equal, snapshot, tiny
 
 NAMES = ("conv1", "conv2", "fc")
@@ -346,3 +347,20 @@ def test_norms_survive_save_load_and_transfer_bit_exactly(tmp_path_factory, seed
     path = signmask.save(ticket, tmp_path_factory.mktemp("t") / "t.safetensors")
     fresh = signmask.transfer(path, tiny(seed + 1).to(dtype), norms=True)
     assert all(bits_equal(fresh.get_parameter(k).detach(), ticket.norms[k]) for k in NORMS)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "test_efficientnet_evos", "test_vit4"])
+def test_norms_of_timm_models_are_recorded_and_transferred(name):
+    # BatchNorm2d, LayerNorm2d, EvoNorm and LayerNorm: every affine tensor of every norm layer.
+    timm = import_timm()
+    torch.manual_seed(0)
+    trained = signmask.prune(timm.create_model(name, pretrained=False, num_classes=5), 0.5)
+    norms = {f"{fqn}.{t}" for fqn, m in trained.named_modules() if _interpolate.is_norm(m)
+             for t in ("weight", "bias") if isinstance(m._parameters.get(t), nn.Parameter)}
+    with torch.no_grad():
+        for key in norms:
+            trained.get_parameter(key).add_(torch.randn_like(trained.get_parameter(key)))
+    ticket = signmask.extract(trained, norms=True)
+    assert set(ticket.norms) == norms and norms
+    fresh = signmask.transfer(ticket, timm.create_model(name, pretrained=False, num_classes=5), norms=True)
+    assert all(torch.equal(fresh.get_parameter(k), trained.get_parameter(k)) for k in norms)
