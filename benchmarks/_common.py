@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+# SIGNMASK_RESULTS_DIR: elsewhere, for dry runs that must not overwrite the committed results.
+RESULTS = Path(os.environ.get("SIGNMASK_RESULTS_DIR") or ROOT / "benchmarks" / "results")
 # Fixed mmap threshold (128 KiB): glibc otherwise raises it after frees and reuses heap pages.
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
@@ -49,10 +50,8 @@ def environment(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_at_start": list(os.getloadavg()),
-        "git_commit": _git("rev-parse", "HEAD"),
-        # The code only: results written by an earlier run (or a parallel one) are not a change.
-        "git_dirty": bool(_git("status", "--porcelain", "--", "signmask", "benchmarks", ":!benchmarks/results")),
     }
+    info.update(_git_state())
     for name in ("triton", "timm", "numpy"):
         try:
             info[name] = __import__(name).__version__ if name != "timm" else import_timm().__version__
@@ -73,6 +72,15 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def _git_state() -> dict:
+    commit = _git("rev-parse", "HEAD")
+    if not commit:  # the device machine's copy has no .git: gpu_session passes the commit along
+        return {"git_commit": os.environ.get("SIGNMASK_GIT_COMMIT", ""), "git_dirty": None}
+    # The code only: results written by an earlier run (or a parallel one) are not a change.
+    dirty = _git("status", "--porcelain", "--", "signmask", "benchmarks", ":!benchmarks/results")
+    return {"git_commit": commit, "git_dirty": bool(dirty)}
 
 
 def _git(*args: str) -> str:

@@ -144,10 +144,10 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def masked_linear_rows(device: str, dry: bool) -> list[dict]:
+def masked_linear_rows(device: str, dry: bool, rows: list[dict], save) -> None:
+    """Append the masked-linear rows to ``rows``, calling ``save()`` after each weight."""
     dims = [(48, 40)] if dry else [(4096, 4096), (3072, 768), (768, 3072)]
     tokens = [8, 33] if dry else [8, 64, 512, 2048, 8192]
-    rows = []
     for n_out, k_in in dims:
         for locked in (False, True):
             orig, mask, sign = weight_case((n_out, k_in), locked, False, device)
@@ -174,7 +174,7 @@ def masked_linear_rows(device: str, dry: bool) -> list[dict]:
                 base = next(r["fwd_bwd_ms"] for r in rows[-len(impls):] if r["impl"] == "dense")
                 print(f"  linear {n_out}x{k_in} tokens={m:5d} locked={locked} " + "  ".join(
                     f"{r['impl']} {r['fwd_bwd_ms'] / base:.3f}x" for r in rows[-len(impls):]), flush=True)
-    return rows
+            save()
 
 
 def markdown(res: dict, env: dict) -> str:
@@ -212,12 +212,15 @@ def main() -> None:
     env = _common.environment(device)
     ceil = ceilings(device, args.dry)
     print(f"ceilings: {ceil}", flush=True)
-    res = {"environment": env, "ceilings": ceil,
-           "masked_weight": masked_weight_rows(device, args.dry, ceil),
-           "masked_linear": masked_linear_rows(device, args.dry)}
-    paths = _common.write_results(args.out or ("kernels_dry" if args.dry else "kernels_cuda"),
-                                  res, markdown(res, env))
-    print("wrote", *paths)
+    stem = args.out or ("kernels_dry" if args.dry else "kernels_cuda")
+    res = {"environment": env, "ceilings": ceil, "complete": False,
+           "masked_weight": masked_weight_rows(device, args.dry, ceil), "masked_linear": []}
+    # Written as it goes: a run stopped at a time limit (gpu_session.py) keeps what it did.
+    save = lambda: _common.write_results(stem, res, markdown(res, env))  # noqa: E731
+    save()
+    masked_linear_rows(device, args.dry, res["masked_linear"], save)
+    res["complete"] = True
+    print("wrote", *save())
 
 
 if __name__ == "__main__":

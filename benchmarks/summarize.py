@@ -52,7 +52,9 @@ def train_table(res: dict, title: str) -> list[str]:
         for name, m in models.items():
             lines.append(f"| {name} | " + " | ".join(
                 str(m["variants"][k].get("peak_mib", "-")) for k in variants) + " |")
-    lines.append(f"\n(✗: above the {GOAL_STEP[device]}x goal. Command: `{env['command']}`)\n")
+    # Written model by model: a run stopped at a time limit says so (older files lack the key).
+    cut = " The run stopped before its last model." if res.get("complete") is False else ""
+    lines.append(f"\n(✗: above the {GOAL_STEP[device]}x goal. Command: `{env['command']}`){cut}\n")
     return lines
 
 

@@ -311,9 +311,11 @@ def main() -> None:
                      "weights": weights},
             "variants": res,
         }
-    env["loadavg_at_end"] = list(os.getloadavg())
-    stem = args.out or f"train_step_{args.preset}"
-    paths = _common.write_results(stem, results, markdown(results, env, args))
+        # After every model: a run stopped at a time limit (gpu_session.py) keeps what it did.
+        env["loadavg_at_end"] = list(os.getloadavg())
+        results["complete"] = spec is specs[-1]
+        stem = args.out or f"train_step_{args.preset}"
+        paths = _common.write_results(stem, results, markdown(results, env, args))
     print("wrote", *paths)
 
 
