@@ -211,8 +211,8 @@ def set_backend(
         model: a model pruned by :func:`signmask.prune` (or loaded by ``load_state_dict``).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"projection"`` (see module docs).
         optimizer: the optimizer training ``model``; required by ``"projection"``, which hooks
-            its ``step``. Other backends remove projection hooks from it when given (and from
-            the parameters always).
+            its ``step``. Other backends need none: they unhook ``model``'s tensors (and only
+            those) from the optimizer they were projected for, and from ``optimizer`` if given.
 
     Returns:
         ``model``.
@@ -241,8 +241,8 @@ def set_backend(
     impl.check(targets, optimizer)
     if backend != "projection":
         for module, name in targets.values():
-            _projection.unhook_grads(module._parameters[name + "_orig"])
-        if optimizer is not None:
+            _projection.forget(module, name)
+        if optimizer is not None:  # as documented; forget() covers the one remembered (weakly)
             _projection.unhook_optimizer(optimizer, targets)
     impl.attach(targets, optimizer)
     for module, name in targets.values():

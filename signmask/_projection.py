@@ -32,6 +32,7 @@ forwards skip that check).
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -225,15 +226,32 @@ class StateLoaded(_OptimizerHook):
 
 
 def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None:
-    """Remove the hooks of this backend (:class:`ProjectStale`, :class:`ProjectStep`,
-    :class:`StateLoaded`) from ``optimizer`` where they serve any of ``targets``."""
-    ids = {id(m) for m, _ in targets.values()}
+    """Stop the hooks of this backend on ``optimizer`` (:class:`ProjectStale`,
+    :class:`ProjectStep`, :class:`StateLoaded`) serving ``targets``; the other tensors they serve
+    (the rest of a model whose submodule changes backend) keep them. Hooks left serving nothing
+    are removed."""
+    leaving = {(id(m), n) for m, n in targets.values()}
     tables = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_load_state_dict_post_hooks")
     for table in tables:
         hooks = getattr(optimizer, table, {})
         for key, fn in list(hooks.items()):
-            if isinstance(fn, _OptimizerHook) and any(id(m) in ids for m, _ in fn.targets):
-                del hooks[key]
+            if isinstance(fn, _OptimizerHook):
+                fn.targets = [(m, n) for m, n in fn.targets if (id(m), n) not in leaving]
+                if not fn.targets:
+                    del hooks[key]
+
+
+def forget(module, name: str) -> None:
+    """Detach ``module.<name>`` from this backend: drop its gradient hook, and its entries in the
+    hooks of the optimizer it was projected for (remembered by :meth:`ProjectionBackend.attach`),
+    so that ``signmask.remove`` or another backend leaves no hook behind, even without that
+    optimizer at hand."""
+    hook = _reparam.find_hook(module, name)[1]
+    ref = hook.__dict__.pop("_optimizer", None) if hook is not None else None
+    optimizer = ref() if ref is not None else None
+    if optimizer is not None:
+        unhook_optimizer(optimizer, {name: (module, name)})
+    unhook_grads(module._parameters[name + "_orig"])
 
 
 def unhook_grads(param: torch.Tensor) -> None:
@@ -293,10 +311,14 @@ class ProjectionBackend(Backend):
             )
 
     def attach(self, targets, optimizer):
+        for module, name in targets.values():
+            forget(module, name)  # its hooks on the optimizer it had, if another
         unhook_optimizer(optimizer, targets)
         _hook_grads(targets)
         for module, name in targets.values():
             project(module, name, optimizer)
+            # Weakly: remove() and other backends unhook it without being handed the optimizer.
+            _reparam.find_hook(module, name)[1]._optimizer = weakref.ref(optimizer)
         optimizer.register_step_pre_hook(ProjectStale(targets))
         optimizer.register_step_post_hook(ProjectStep(targets, full=not _known(optimizer)))
         optimizer.register_load_state_dict_post_hook(StateLoaded(targets))

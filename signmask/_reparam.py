@@ -63,7 +63,7 @@ class SignMaskHook(_prune.PruningContainer):
         state = dict(self.__dict__)
         if state.get("backend") == "projection":
             state["backend"] = "torch"
-        for key in ("_projected", "_state_masks"):
+        for key in ("_projected", "_state_masks", "_optimizer"):
             state.pop(key, None)
         return state
 
@@ -99,6 +99,9 @@ class SignMaskHook(_prune.PruningContainer):
         name = self._tensor_name
         with torch.no_grad():
             weight = self.apply_mask(module)
+        from ._projection import forget
+
+        forget(module, name)  # the projection backend's gradient and optimizer hooks, if any
         module.__dict__.pop(name, None)
         param = module._parameters[name + "_orig"]
         param.data = weight.data
@@ -108,9 +111,6 @@ class SignMaskHook(_prune.PruningContainer):
         for key, hook in list(module._forward_hooks.items()):
             if isinstance(hook, DetachWeight) and hook.name == name:
                 del module._forward_hooks[key]
-        from ._projection import unhook_grads
-
-        unhook_grads(param)  # the projection backend's gradient hook, if it ever had one
 
     def __repr__(self) -> str:
         methods = ", ".join(repr(m) for m in self._pruning_methods)

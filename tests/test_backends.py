@@ -347,6 +347,50 @@ def test_projection_model_pickles_and_switches_back():
     assert all(torch.equal(w, e) for w, e in zip(_weights(model), _weights(ref)))
 
 
+def _optimizer_hooks(opt) -> list:
+    tables = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_load_state_dict_post_hooks")
+    return [fn for t in tables for fn in getattr(opt, t).values() if isinstance(fn, _projection._OptimizerHook)]
+
+
+def test_a_submodule_leaving_projection_keeps_the_rest_of_the_model_projected():
+    # Locked signs and large steps: the convs that stay on projection need their step hook to
+    # reflect momentum at zero crossings, or they drift from the reparametrization.
+    ref, proj = _pruned("locked"), _pruned("locked")
+    make = lambda p: torch.optim.SGD(p, lr=5.0, momentum=0.9)  # noqa: E731
+    ref_opt, proj_opt = make(ref.parameters()), make(proj.parameters())
+    _backends.set_backend(proj, "projection", optimizer=proj_opt)
+    batches = _batches(6)
+    _train(ref, ref_opt, batches[:2])
+    _train(proj, proj_opt, batches[:2])
+    _backends.set_backend(proj[4], "torch", optimizer=proj_opt)
+    served = {(id(m), n) for fn in _optimizer_hooks(proj_opt) for m, n in fn.targets}
+    assert served == {(id(proj[0]), "weight"), (id(proj[2]), "weight")}
+    assert _backends.backends_of(proj) == {"0.weight": "projection", "2.weight": "projection", "4.weight": "torch"}
+    _train(ref, ref_opt, batches[2:])
+    _train(proj, proj_opt, batches[2:])
+    for a, b in zip(_weights(ref), _weights(proj)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("leave", ["remove", "torch", "another optimizer"])
+def test_leaving_projection_unhooks_its_optimizer_without_being_given_it(leave):
+    model = _pruned("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    assert len(_optimizer_hooks(opt)) == 3
+    _train(model, opt, _batches(1))
+    if leave == "remove":
+        signmask.remove(model)
+    elif leave == "torch":
+        _backends.set_backend(model, "torch")
+    else:
+        other = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        _backends.set_backend(model, "projection", optimizer=other)
+        assert len(_optimizer_hooks(other)) == 3
+    assert _optimizer_hooks(opt) == []
+    assert _mask_grad_hooks(model) == (len(signmask._targets.pruned(model)) if leave == "another optimizer" else 0)
+
+
 def _mask_grad_hooks(model) -> int:
     return sum(isinstance(fn, _projection.MaskGrad) for p in model.parameters()
                for fn in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values())
