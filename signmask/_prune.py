@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections import Counter, OrderedDict
 from typing import Iterable, Mapping
 
@@ -272,6 +273,16 @@ def load_state_dict(
     differ from the model's only by wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of
     ``torch.compile``) are matched to the model's own.
 
+    Args:
+        model: a model of the state dict's architecture, pruned or not.
+        state_dict: the state dict of a pruned (or unpruned) model.
+        strict: as ``nn.Module.load_state_dict``: every key must match. With ``False``, missing
+            and unexpected keys are skipped, and a ``UserWarning`` lists them (torch returns
+            them; this returns the model); mis-shaped values still raise.
+
+    Returns:
+        ``model``.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``state_dict`` not a mapping.
         ValueError: a masked tensor names no module of ``model`` or has another shape.
@@ -321,11 +332,19 @@ def load_state_dict(
                 installed.append((module, tensor))
     try:
         _check_keys(model.state_dict(), state_dict, strict=strict)
-        model.load_state_dict(state_dict, strict=strict)
+        skipped = model.load_state_dict(state_dict, strict=strict)
     except Exception:
         for module, tensor in installed:
             _reparam.uninstall(module, tensor)
         raise
+    if skipped.missing_keys or skipped.unexpected_keys:
+        warnings.warn(
+            f"load_state_dict(strict=False) left {len(skipped.missing_keys)} tensors of the model "
+            f"as they were (missing keys {skipped.missing_keys[:5]}) and skipped "
+            f"{len(skipped.unexpected_keys)} keys the model does not have {skipped.unexpected_keys[:5]}",
+            UserWarning,
+            stacklevel=2,
+        )
     for module, tensor, _, _ in plan.values():
         _reparam.refresh(module, tensor)
     _parents.link(model)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -441,6 +442,25 @@ def test_load_state_dict_refuses_two_keys_for_one_tensor():
     with pytest.raises(RuntimeError, match=r"keys \['0.bias', 'module.0.bias'\] name the same tensor"):
         signmask.load_state_dict(model, state)
     assert_same(before, snapshot(model))
+
+
+def test_load_state_dict_not_strict_loads_the_rest_and_names_what_it_skipped():
+    src = signmask.prune(_bn_net(), 0.5, signs="locked")
+    state = src.state_dict()
+    del state["2.bias"]
+    state["head.weight"] = torch.ones(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    bias = model[2].bias.detach().clone()
+    with pytest.warns(UserWarning, match=r"left 1 tensors .*\['2.bias'\].* skipped 1 keys .*\['head.weight'\]"):
+        signmask.load_state_dict(model, state, strict=False)
+    assert torch.equal(model[2].bias, bias)  # left as it was
+    for key, value in state.items():
+        if key != "head.weight":
+            assert torch.equal(model.state_dict()[key], value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing said
+        signmask.load_state_dict(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)),
+                                 src.state_dict(), strict=False)
 
 
 class WithExtra(nn.Linear):
