@@ -64,6 +64,23 @@ def test_many_labels_leave_the_curves_visible(tmp_path, monkeypatch, index):
         assert all(not legend.overlaps(other.get_window_extent(renderer)) for other in fig.axes)
 
 
+@pytest.mark.parametrize("index", range(2))
+def test_every_curve_of_many_looks_different(tmp_path, monkeypatch, index):
+    # aws_reproduction's sparsity plot has 11 curves; matplotlib's cycle has 10 colours.
+    figures = []
+    monkeypatch.setattr(_plots, "_write", lambda fig, path, fmt: figures.append(fig) or path)
+    labels = [f"curve {i}" for i in range(25)]
+    if index == 0:
+        analysis.plot_interpolation(dict.fromkeys(labels, BARRIER), tmp_path / "lmc.png")
+    else:
+        analysis.plot_sparsity_accuracy({k: [(0.5, 0.5)] for k in labels}, tmp_path / "s.png")
+    (fig,) = figures
+    for ax in fig.axes:
+        looks = [(line.get_color(), line.get_marker(), line.get_linestyle()) for line in ax.get_lines()]
+        assert len(looks) == 25 and len(set(looks)) == 25
+        assert looks[0] == ("C0", "o", "-")  # up to 10 curves look as they always did
+
+
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken(src, dst):
         raise OSError("disk full")

@@ -59,6 +59,17 @@ def _legend_below(ax) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small")
 
 
+# Past matplotlib's 10 colours a curve would repeat an earlier one's look: each further round
+# of colours gets another marker and line style.
+_STYLES = (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."))
+
+
+def _style(i: int) -> dict:
+    """Plot keywords of curve ``i``: a colour, marker and line style no other of 40 curves has."""
+    marker, linestyle = _STYLES[(i // 10) % len(_STYLES)]
+    return {"color": f"C{i % 10}", "marker": marker, "linestyle": linestyle}
+
+
 def _write(fig, path: Path, fmt: str) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=100)
@@ -92,10 +103,10 @@ def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike)
             raise TypeError(f"barriers[{label!r}] must be a Barrier, got {type(b).__name__}")
     path, fmt = _check_path(path)
     fig, (ax_err, ax_loss) = _figure(2, len(barriers))
-    for label, b in barriers.items():
-        ax_err.plot(b.alphas, [100 * e for e in b.errors], "o-",
+    for i, (label, b) in enumerate(barriers.items()):
+        ax_err.plot(b.alphas, [100 * e for e in b.errors], **_style(i),
                     label=f"{label} (barrier {100 * b.barrier:.2f}%)")
-        ax_loss.plot(b.alphas, b.losses, "o-", label=f"{label} (barrier {b.loss_barrier:.3f})")
+        ax_loss.plot(b.alphas, b.losses, **_style(i), label=f"{label} (barrier {b.loss_barrier:.3f})")
     ax_err.set(xlabel="interpolation alpha", ylabel="error (%)", title="error along the path")
     ax_loss.set(xlabel="interpolation alpha", ylabel="loss", title="loss along the path")
     _legend_below(ax_err)
@@ -142,8 +153,8 @@ def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
     checked = {label: _check_curve(label, points) for label, points in curves.items()}
     path, fmt = _check_path(path)
     fig, (ax,) = _figure(1, len(checked))
-    for label, points in checked.items():
-        ax.plot([100 * s for s, _ in points], [100 * a for _, a in points], "o-", label=label)
+    for i, (label, points) in enumerate(checked.items()):
+        ax.plot([100 * s for s, _ in points], [100 * a for _, a in points], **_style(i), label=label)
     ax.set(xlabel="sparsity (%)", ylabel="accuracy (%)", title="accuracy vs sparsity")
     _legend_below(ax)
     return _write(fig, path, fmt)
