@@ -176,11 +176,13 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 def prunable_weights(spec: Spec) -> int:
-    """Weights the pruned variants prune (``_targets.select``, as ``signmask.prune`` and the stock
-    variant use), counted on a model built on the meta device (no storage, nothing to initialize)."""
+    """Weights the pruned variants prune (every conv/linear weight, as ``_targets.select`` picks
+    them for ``signmask.prune`` and the stock variant), counted on a model built on the meta
+    device (no storage, nothing to initialize; ``select`` itself refuses meta tensors)."""
     with torch.device("meta"):
         model = spec.build()
-    return sum(getattr(module, name).numel() for module, name in _targets.select(model).values())
+    return sum(getattr(module, name).numel() for module, name in _targets.tensor_index(model).values()
+               if isinstance(module, _targets.PRUNABLE_TYPES))
 
 
 def variants_for(device: str, wanted: list[str] | None) -> list[str]:

@@ -140,7 +140,9 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     ``open()`` would: its target is replaced and the link stays."""
     given = Path(path)
     path = Path(os.path.realpath(given))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temp name stays within NAME_MAX (255 bytes) whatever the length of the file's own.
+    stem = path.name.encode()[:100].decode(errors="ignore")
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:  # closes fd whatever fails below
             # mkstemp creates 0600; give the file the permissions a plain open() would.
@@ -183,10 +185,20 @@ def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.T
     return dict(meta) if isinstance(meta, dict) else {}, tensors
 
 
-def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) -> torch.Tensor:
-    shape = info.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+def _check_shape(path: Path, name: str, shape) -> list[int]:
+    """``shape`` of a manifest entry, if torch can make a tensor of it: non-negative ints (not
+    bools) whose non-zero product, the largest stride, fits in int64 with room to spare."""
+    span = 1
+    ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+    for d in shape if ok else ():
+        span *= max(d, 1)
+    if not ok or span >= 2**62:
         raise ValueError(f"{path}: manifest entry of {name!r} has a bad shape {shape!r}")
+    return shape
+
+
+def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) -> torch.Tensor:
+    shape = _check_shape(path, name, info.get("shape"))
     numel = 1
     for d in shape:
         numel *= d
@@ -211,6 +223,7 @@ def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) 
 
 
 def _decode_norm(path: Path, name: str, raw: torch.Tensor, info: dict) -> torch.Tensor:
+    _check_shape(path, name, info.get("shape"))  # [True, 3] would compare equal to [1, 3]
     found = (list(raw.shape), str(raw.dtype).removeprefix("torch."))
     if not raw.is_floating_point() or found != (info.get("shape"), info.get("dtype")):
         raise ValueError(

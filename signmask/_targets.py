@@ -78,14 +78,31 @@ def _computed(model: nn.Module, tensor: str = "weight") -> dict[str, nn.Module]:
     }
 
 
+def index_tensor(index: dict, fqn: str, module: nn.Module, tensor: str) -> None:
+    """Add ``module.<tensor>`` to ``index`` under its canonical name as ``(module, tensor, fqn)``,
+    refusing a second module there: a wrapper's own ``fc`` beside its ``module.fc`` would
+    otherwise drop out of every verb silently."""
+    key = canonical(f"{fqn}.{tensor}" if fqn else tensor)
+    other = index.setdefault(key, (module, tensor, fqn))
+    if other[0] is not module:
+        raise ValueError(
+            f"{other[2]}.{tensor} and {fqn}.{tensor} are different tensors with the same name once "
+            f"the wrapper prefixes {list(_WRAPPER_PREFIXES)} are stripped ({key!r}); signmask "
+            "names tensors that way (tickets, DDP and compiled models): rename one of the modules"
+        )
+
+
 def tensor_index(model: nn.Module, tensor: str = "weight") -> dict[str, tuple[nn.Module, str]]:
-    """Canonical ``"<module fqn>.<tensor>"`` -> (module, tensor) for every module owning it."""
-    index = {}
+    """Canonical ``"<module fqn>.<tensor>"`` -> (module, tensor) for every module owning it.
+
+    Raises:
+        ValueError: two modules' tensors have the same canonical name.
+    """
+    index: dict = {}
     for fqn, module in model.named_modules():
         if has_tensor(module, tensor):
-            key = canonical(f"{fqn}.{tensor}" if fqn else tensor)
-            index.setdefault(key, (module, tensor))
-    return index
+            index_tensor(index, fqn, module, tensor)
+    return {key: (module, name) for key, (module, name, _) in index.items()}
 
 
 def classifier_modules(model: nn.Module) -> set[int]:
@@ -243,9 +260,16 @@ def is_dtensor(value) -> bool:
 
 
 def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = _SHARD_AFTER) -> None:
-    """Refuse targets whose Parameter is a DTensor (sharded by FSDP2's ``fully_shard`` or tensor
-    parallelism): masks are whole local tensors, and mixing them with shards fails mid-way.
-    ``fix`` ends the error message."""
+    """Refuse targets on the meta device (no values to rank, sign or mask) or whose Parameter is
+    a DTensor (sharded by FSDP2's ``fully_shard`` or tensor parallelism): masks are whole local
+    tensors, and mixing them with shards fails mid-way. ``fix`` ends the DTensor message."""
+    meta = [k for k, (m, n) in targets.items() if _reparam.original(m, n).is_meta]
+    if meta:
+        raise ValueError(
+            f"{meta[:3]}{' ...' if len(meta) > 3 else ''} {'is' if len(meta) == 1 else 'are'} on the "
+            "meta device (shapes, no values); materialize the model first: "
+            "model.to_empty(device=...), then initialize or load its weights"
+        )
     sharded = [k for k, (m, n) in targets.items() if is_dtensor(_reparam.original(m, n))]
     if sharded:
         raise ValueError(
@@ -264,10 +288,9 @@ def untrained(targets: dict[str, tuple[nn.Module, str]], optimizer) -> list[str]
 
 def pruned(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """Canonical name -> (module, tensor) for every tensor carrying a pruning hook."""
-    out = {}
+    out: dict = {}
     for fqn, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, _prune.BasePruningMethod):
-                name = hook._tensor_name
-                out.setdefault(canonical(f"{fqn}.{name}" if fqn else name), (module, name))
-    return out
+                index_tensor(out, fqn, module, hook._tensor_name)
+    return {key: (module, name) for key, (module, name, _) in out.items()}

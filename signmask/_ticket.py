@@ -253,12 +253,11 @@ def extract(
 
 def _norm_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trained affine parameters of ``model``'s norm layers, by canonical name."""
-    found = {}
+    index: dict = {}
     for fqn, module in model.named_modules():
         if not _interpolate.is_norm(module):
             continue
         for name in ("weight", "bias"):
             if _targets.has_tensor(module, name):
-                key = _targets.canonical(f"{fqn}.{name}" if fqn else name)
-                found.setdefault(key, _reparam.original(module, name).detach().to("cpu", copy=True))
-    return found
+                _targets.index_tensor(index, fqn, module, name)
+    return {key: _reparam.original(m, n).detach().to("cpu", copy=True) for key, (m, n, _) in index.items()}

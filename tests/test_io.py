@@ -237,6 +237,31 @@ def test_edited_manifest_shape_is_detected(saved, shape):
         signmask.load(saved)
 
 
+@pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**62, 2**62], [True, 2], [2.0, 1]])
+def test_forged_shapes_torch_cannot_make_are_refused_by_name(tmp_path, shape):
+    # Checksums recomputed: a zero-sized entry needs no bytes, so only the shape check is left.
+    path = signmask.save(signmask.Ticket({**_small_ticket().masks, "e.weight": torch.zeros(0, 2, dtype=torch.int8)}),
+                         tmp_path / "t.safetensors")
+    _edit_manifest(path, lambda m: m["e.weight"].update(shape=shape))
+    with pytest.raises(ValueError, match=r"t.safetensors: manifest entry of 'e.weight' has a bad shape"):
+        signmask.load(path)
+
+
+def test_forged_norm_shape_of_bools_is_refused(tmp_path):
+    path = signmask.save(_norm_ticket(), tmp_path / "t.safetensors")
+    # The same values (so the same checksum) as a [1, 3] tensor, which compares equal to [True, 3].
+    _edit_manifest(path, lambda m: m["bn.weight"].update(shape=[True, 3]),
+                   tensors={"bn.weight": torch.tensor([[0.5, -0.0, 2.0]])})
+    with pytest.raises(ValueError, match=r"manifest entry of 'bn.weight' has a bad shape \[True, 3\]"):
+        signmask.load(path)
+
+
+def test_a_file_name_of_255_bytes_saves(tmp_path):
+    path = tmp_path / ("t" * 243 + ".safetensors")
+    assert signmask.load(signmask.save(_small_ticket(), path)) == _small_ticket()
+    assert os.listdir(tmp_path) == [path.name]
+
+
 def test_file_without_manifest_checksum_still_loads(saved):
     meta, raw = _io.read_raw(saved)
     del meta["manifest_sha256"]

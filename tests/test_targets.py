@@ -1,0 +1,104 @@
+"""Which tensors signmask works on, and their names: meta tensors and name collisions refused."""
+
+import pytest
+import torch
+from torch import nn
+
+import signmask
+from _util import assert_same, snapshot, tiny
+
+
+def _meta_net() -> nn.Module:
+    with torch.device("meta"):
+        return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def _layout(model):
+    """What a failed call must leave as it was on a meta model (whose values cannot be compared)."""
+    return (list(model.state_dict()), [(n, id(p)) for n, p in model.named_parameters()],
+            [list(m._forward_pre_hooks.values()) for m in model.modules()])
+
+
+def _ticket():
+    torch.manual_seed(0)
+    source = signmask.prune(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), 0.5)
+    return signmask.extract(source, norms=True), source.state_dict()
+
+
+META = "on the meta device .* materialize the model first"
+
+
+@pytest.mark.parametrize("verb", ["prune", "transfer", "transfer norms", "load_state_dict", "apply"])
+def test_meta_models_are_refused_untouched(verb):
+    ticket, state = _ticket()
+    model = _meta_net()
+    before = _layout(model)
+    with pytest.raises(ValueError, match=META):
+        if verb == "prune":
+            signmask.prune(model, 0.5)
+        elif verb == "transfer":
+            signmask.transfer(ticket, model)
+        elif verb == "transfer norms":  # the norms alone are on the meta device
+            real = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4).to("meta"), nn.Linear(4, 2))
+            before = _layout(real)
+            model = real
+            signmask.transfer(ticket, real, norms=True)
+        elif verb == "load_state_dict":
+            signmask.load_state_dict(model, state)
+        else:
+            signmask.apply(model, "imp", 0.5, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert _layout(model) == before
+
+
+def test_a_meta_model_pruned_by_stock_prune_is_refused_by_extract():
+    model = _meta_net()
+    torch.nn.utils.prune.identity(model[0], "weight")
+    with pytest.raises(ValueError, match=r"\['0.weight'\] is " + META):
+        signmask.extract(model)
+
+
+class _Wrapper(nn.Module):
+    """Its own ``fc`` beside ``module.fc``: the same name once ``module.`` is stripped."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.module = nn.Sequential()
+        self.module.add_module("fc", nn.Linear(4, 4))
+        self.fc = nn.Linear(4, 2)
+        self.bn = nn.BatchNorm1d(4)
+        self.module.add_module("bn", nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        return self.fc(self.bn(self.module(x)))
+
+
+COLLISION = r"module.fc.weight and fc.weight are different tensors with the same name .* \('fc.weight'\)"
+
+
+@pytest.mark.parametrize("verb", ["prune", "extract", "transfer"])
+def test_two_tensors_with_one_canonical_name_are_refused_untouched(verb):
+    model = _Wrapper()
+    if verb == "extract":  # stock prune has no canonical names: both get pruned
+        for layer in (model.module.fc, model.fc):
+            torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=COLLISION):
+        if verb == "prune":
+            signmask.prune(model, 0.5)
+        elif verb == "extract":
+            signmask.extract(model)
+        else:
+            signmask.transfer(signmask.extract(signmask.prune(tiny(), 0.5)), model, check_architecture=False)
+    assert_same(before, snapshot(model))
+
+
+def test_two_norms_with_one_canonical_name_are_refused_too():
+    # Tickets name norm tensors the same way (extract(norms=True)), so any such pair is refused.
+    model = _Wrapper()
+    del model.fc, model.module.fc
+    model.lin = nn.Linear(4, 4)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"module.bn.weight and bn.weight are different tensors"):
+        signmask.prune(model, 0.5)
+    assert_same(before, snapshot(model))
