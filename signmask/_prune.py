@@ -234,20 +234,42 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
         raise RuntimeError("cannot load the state_dict: " + "; ".join(problems))
 
 
+def _module_key(fqn: str) -> str:
+    """A module's name without wrapper prefixes; a child named exactly ``module`` or
+    ``_orig_mod`` (the wrapped model itself) becomes the root's ``""``."""
+    return _targets.canonical(fqn + ".")[:-1] if fqn else ""
+
+
+def _owns(module: nn.Module, leaf: str) -> bool:
+    """Whether ``module``'s own state dict (pruned or not) can hold the entry ``leaf``."""
+    if leaf in module._parameters or leaf in module._buffers:
+        return True
+    if leaf == _EXTRA_STATE:
+        return type(module).get_extra_state is not nn.Module.get_extra_state
+    base, _, suffix = leaf.rpartition("_")
+    return suffix in ("orig", "mask", "sign") and _targets.has_tensor(module, base)
+
+
 def _own_names(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """``state_dict`` with its keys renamed to ``model``'s own, where only wrapper prefixes
     (``module.``, ``_orig_mod.``) differ: a DDP or compiled model's checkpoint loads into the
-    bare model and back. Keys naming no module stay as they are (unexpected keys)."""
-    actual = {}
-    for fqn, _ in model.named_modules():
-        actual.setdefault(_targets.canonical(fqn), fqn)
+    bare model and back. A key already naming an entry of the model stays (a child called
+    ``module`` is not a prefix then); keys naming nothing of the model stay as they are
+    (unexpected keys)."""
+    modules = list(model.named_modules(remove_duplicate=False))  # a shared module: every name
+    by_name = dict(modules)
+    by_key: dict[str, list] = {}
+    for fqn, module in modules:
+        by_key.setdefault(_module_key(fqn), []).append((fqn, module))
 
     def rename(key: str) -> str:
-        owner, dot, leaf = _targets.canonical(key).rpartition(".")
-        fqn = actual.get(owner)
-        if fqn is None:
+        owner, _, leaf = key.rpartition(".")
+        if owner in by_name and _owns(by_name[owner], leaf):
             return key
-        return f"{fqn}{dot if fqn else ''}{leaf}"
+        for fqn, module in by_key.get(_module_key(owner), ()):
+            if _owns(module, leaf):
+                return f"{fqn}.{leaf}" if fqn else leaf
+        return key
 
     renamed = {key: rename(key) for key in state_dict}
     if all(k == v for k, v in renamed.items()):
@@ -259,8 +281,16 @@ def _own_names(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Mapp
     out = OrderedDict((renamed[k], v) for k, v in state_dict.items())
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:  # per-module versions (BatchNorm...), keyed by module prefix
-        out._metadata = OrderedDict((actual.get(_targets.canonical(k), k), v) for k, v in metadata.items())
+        out._metadata = OrderedDict((_renamed_module(k, by_name, by_key), v) for k, v in metadata.items())
     return out
+
+
+def _renamed_module(prefix: str, by_name: dict, by_key: dict) -> str:
+    """The model's name of the module a state dict's metadata ``prefix`` names."""
+    if prefix in by_name:
+        return prefix
+    found = by_key.get(_module_key(prefix))
+    return found[-1][0] if found else prefix
 
 
 def load_state_dict(
@@ -301,7 +331,7 @@ def load_state_dict(
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared module: every name
     plan = {}  # pruned tensor's key -> (module, tensor, mask, locked)
     for key, mask in state_dict.items():
         if not key.endswith("_mask") or key[: -len("_mask")] + "_orig" not in state_dict:
@@ -319,6 +349,10 @@ def load_state_dict(
                 f"state_dict {key!r} has shape {tuple(mask.shape)}; the model's "
                 f"{owner}.{tensor} has {tuple(shape)}"
             )
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            # prune.custom_from_mask takes any values; as a bool mask they would compute otherwise.
+            values = sorted({float(v) for v in mask.unique()[:6].tolist()})
+            raise ValueError(f"state_dict {key!r} is not a binary mask: it holds {values}")
         locked = key[: -len("_mask")] + "_sign" in state_dict
         plan[key[: -len("_mask")]] = (module, tensor, mask, locked)
     _targets.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _targets.GATHER_FIRST)

@@ -434,6 +434,51 @@ def test_load_state_dict_matches_wrapper_prefixes(wrap, strict):
     assert all(torch.equal(compiled.state_dict()["_orig_mod." + k], v) for k, v in want.items())
 
 
+class _ChildNamedModule(nn.Module):
+    """A real child called ``module`` (a wrapper class, timm's ModelEma...): not a DDP prefix."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = nn.Linear(8, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.module(x) * self.scale
+
+
+def _shared_net():
+    shared = nn.Linear(8, 8)
+    return nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("source, target", [
+    (_ChildNamedModule, _ChildNamedModule),
+    (_shared_net, _shared_net),  # one module under two names: state_dict lists both
+    (lambda: torch.compile(nn.Linear(8, 4)), lambda: torch.compile(nn.Linear(8, 4))),
+    (lambda: nn.Linear(8, 4), lambda: torch.compile(nn.Linear(8, 4))),
+    (lambda: torch.compile(nn.Linear(8, 4)), lambda: nn.Linear(8, 4)),
+])
+def test_load_state_dict_round_trips_models_named_like_wrappers(source, target):
+    torch.manual_seed(0)
+    src = signmask.prune(source(), 0.5, signs="locked")
+    fresh = signmask.load_state_dict(target(), src.state_dict())
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), src(x))
+    own = {k.removeprefix("_orig_mod."): v for k, v in fresh.state_dict().items()}
+    assert own.keys() == {k.removeprefix("_orig_mod."): v for k, v in src.state_dict().items()}.keys()
+    assert all(torch.equal(own[k.removeprefix("_orig_mod.")], v) for k, v in src.state_dict().items())
+
+
+def test_load_state_dict_refuses_a_mask_that_is_not_binary():
+    src = nn.Linear(4, 3)
+    tprune.custom_from_mask(src, "weight", torch.full((3, 4), 0.5))  # stock takes any values
+    model = nn.Linear(4, 3)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"state_dict 'weight_mask' is not a binary mask: it holds \[0.5\]"):
+        signmask.load_state_dict(model, src.state_dict())
+    assert_same(before, snapshot(model))
+
+
 def test_load_state_dict_refuses_two_keys_for_one_tensor():
     state = signmask.prune(_bn_net(), 0.5).state_dict()
     state["module.0.bias"] = state["0.bias"]
