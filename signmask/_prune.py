@@ -26,6 +26,7 @@ def _check_choice(value, valid: tuple[str, ...], what: str) -> str:
 
 def check_prunable(key: str, module: nn.Module, name: str, *, signs: str | None) -> None:
     """Refuse a tensor whose current pruning state conflicts with the request."""
+    _reparam.check_names_free(key, module, name)
     _, hook = _reparam.find_hook(module, name)
     if hook is None:
         return
@@ -353,6 +354,7 @@ def load_state_dict(
             # prune.custom_from_mask takes any values; as a bool mask they would compute otherwise.
             values = sorted({float(v) for v in mask.unique()[:6].tolist()})
             raise ValueError(f"state_dict {key!r} is not a binary mask: it holds {values}")
+        _reparam.check_names_free(f"{owner}.{tensor}" if owner else tensor, module, tensor)
         locked = key[: -len("_mask")] + "_sign" in state_dict
         plan[key[: -len("_mask")]] = (module, tensor, mask, locked)
     _targets.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _targets.GATHER_FIRST)

@@ -185,6 +185,22 @@ def original(module: nn.Module, name: str) -> nn.Parameter:
     return params[name + "_orig"] if name + "_orig" in params else params[name]
 
 
+def check_names_free(key: str, module: nn.Module, name: str) -> None:
+    """Refuse an unpruned ``module.<name>`` whose module already has an attribute that
+    :func:`install` would add (``<name>_orig``, ``_mask``, ``_sign``): registering it would fail
+    half-way through a model, or a Parameter of that name would silently replace the weight."""
+    if find_hook(module, name)[1] is not None:
+        return  # pruned: those are its own
+    slots = (module.__dict__, module._parameters, module._buffers, module._modules)
+    taken = [name + s for s in ("_orig", "_mask", "_sign") if any(name + s in d for d in slots)]
+    if taken:
+        raise ValueError(
+            f"{key}: {type(module).__name__} already has an attribute {taken[0]!r}, the name "
+            f"pruning gives {'the original weight' if taken[0].endswith('_orig') else 'its mask'}; "
+            "rename that attribute to prune this tensor"
+        )
+
+
 def install(
     module: nn.Module,
     name: str,

@@ -67,6 +67,7 @@ def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Ten
                     )
                 if name != "weight" or not isinstance(module, _targets.PRUNABLE_TYPES):
                     raise ValueError(f"ticket masks {key!r}, which is not a conv/linear weight")
+                _reparam.check_names_free(key, module, name)
             if role == "norm" and not _interpolate.is_norm(module):
                 raise ValueError(
                     f"ticket norm tensor {key!r} is, in the model, a tensor of "

@@ -479,6 +479,39 @@ def test_load_state_dict_refuses_a_mask_that_is_not_binary():
     assert_same(before, snapshot(model))
 
 
+class _KeepsAMaskAttribute(nn.Linear):
+    def __init__(self):
+        super().__init__(4, 4)
+        self.weight_mask = None  # a plain attribute some custom layers keep
+
+
+class _OwnsAWeightOrig(nn.Linear):
+    def __init__(self):
+        super().__init__(4, 4)
+        self.weight_orig = nn.Parameter(torch.full((4, 4), 7.0))
+
+
+@pytest.mark.parametrize("layer, taken", [(_KeepsAMaskAttribute, "weight_mask"), (_OwnsAWeightOrig, "weight_orig")])
+@pytest.mark.parametrize("verb", ["prune", "transfer", "load_state_dict"])
+def test_a_module_already_using_a_name_pruning_adds_is_refused_untouched(layer, taken, verb):
+    # prune failed half-way (the layers before pruned, this one without a weight), or a
+    # Parameter called weight_orig silently took the weight's place.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), layer())
+    source = signmask.prune(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), 0.5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"1.weight: {layer.__name__} already has an attribute '{taken}'"):
+        if verb == "prune":
+            signmask.prune(model, 0.5)
+        elif verb == "transfer":
+            signmask.transfer(signmask.extract(source), model, check_architecture=False)
+        else:
+            signmask.load_state_dict(model, source.state_dict(), strict=False)
+    assert_same(before, snapshot(model))
+    if taken == "weight_mask":  # a plain attribute: not in the snapshot
+        assert model[1].__dict__["weight_mask"] is None
+
+
 def test_load_state_dict_refuses_two_keys_for_one_tensor():
     state = signmask.prune(_bn_net(), 0.5).state_dict()
     state["module.0.bias"] = state["0.bias"]
