@@ -196,15 +196,24 @@ def test_permutations_keep_the_multiset_of_kept_values_and_the_mask(kind):
     assert moved
 
 
+@pytest.mark.parametrize("groups, in_channels", [(1, 3), (2, 4), (4, 4)])  # ungrouped, grouped, depthwise
 @pytest.mark.parametrize("kind", ["permute_filter", "shuffle_same_sign_filter"])
-def test_filter_kinds_use_dim_1_of_conv_transpose(kind):
+def test_filter_kinds_keep_each_output_channel_of_conv_transpose(kind, groups, in_channels):
+    # The weight is (in, out / groups, k, k): output channel g * out / groups + j reads
+    # weight[g * in / groups : (g + 1) * in / groups, j] (a grouped one's dim 1 spans groups).
     torch.manual_seed(0)
-    net = nn.Sequential(nn.ConvTranspose2d(3, 4, 3))
+    net = nn.Sequential(nn.ConvTranspose2d(in_channels, 4, 3, groups=groups))
     w0 = net[0].weight.detach().clone()
     analysis.perturb(net, kind, seed=0)
     w1 = net[0].weight.detach()
-    for c in range(4):
-        assert torch.equal(w0[:, c].flatten().sort().values, w1[:, c].flatten().sort().values)
+    per_in, per_out = in_channels // groups, 4 // groups
+
+    def channel(w, o):
+        g, j = divmod(o, per_out)
+        return w[g * per_in:(g + 1) * per_in, j].flatten().sort().values
+
+    for o in range(4):
+        assert torch.equal(channel(w0, o), channel(w1, o))
     assert not torch.equal(w0, w1)
 
 

@@ -45,6 +45,9 @@ class PerturbationInput:
         generator: a CPU ``torch.Generator`` seeded for this tensor, None for deterministic kinds.
         sigma_n: the ``noise`` scale, if given.
         filter_dim: the output-channel axis (1 for ConvTranspose, else 0).
+        groups: the layer's ``groups`` (1 for Linear). A grouped ConvTranspose's weight is
+            ``(in, out / groups, *kernel)``: output channel ``g * out / groups + j`` is
+            ``weight[g * in / groups : (g + 1) * in / groups, j]``, not ``weight[:, j]``.
     """
 
     name: str
@@ -54,6 +57,7 @@ class PerturbationInput:
     generator: torch.Generator | None
     sigma_n: float | None
     filter_dim: int
+    groups: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,13 +145,30 @@ def _shuffle(layer: PerturbationInput, *, per_filter: bool, same_sign: bool) -> 
     """Shuffle the kept weights among the kept positions of the whole tensor or of each output
     channel; with ``same_sign`` positive ones only among positive positions, negative ones
     among negative ones (Frankle et al. 2020, figures 5 and 6)."""
-    d = layer.filter_dim if per_filter else 0
-    moved, keep = layer.weight.movedim(d, 0), layer.keep.movedim(d, 0)
-    rows = moved.shape[0] if per_filter else 1
-    out, keep = moved.reshape(rows, -1), keep.reshape(rows, -1)
+    shape = layer.weight.shape
+    if per_filter:
+        out, keep = (_filters(t, layer) for t in (layer.weight, layer.keep))
+    else:
+        out, keep = layer.weight.reshape(1, -1), layer.keep.reshape(1, -1)
     for side in (out > 0, out < 0) if same_sign else (keep,):
         out = _permute_rows(out, keep & side, layer.generator)
-    return out.view(moved.shape).movedim(0, d)
+    return _unfilter(out, shape, layer) if per_filter else out.reshape(shape)
+
+
+def _filters(t: torch.Tensor, layer: PerturbationInput) -> torch.Tensor:
+    """``t`` (of the weight's shape) as one row per output channel (see ``groups``)."""
+    if layer.filter_dim == 0:
+        return t.reshape(t.shape[0], -1)
+    i, j, g = t.shape[0], t.shape[1], layer.groups
+    return t.reshape(g, i // g, j, -1).transpose(1, 2).reshape(g * j, -1)
+
+
+def _unfilter(rows: torch.Tensor, shape: torch.Size, layer: PerturbationInput) -> torch.Tensor:
+    """The inverse of :func:`_filters`."""
+    if layer.filter_dim == 0:
+        return rows.reshape(shape)
+    i, j, g = shape[0], shape[1], layer.groups
+    return rows.reshape(g, j, i // g, -1).transpose(1, 2).reshape(shape)
 
 
 @register_perturbation("permute_layer", random=True)
@@ -213,7 +234,8 @@ def _inputs(spec: Perturbation, targets: Mapping[str, tuple[nn.Module, str]],
         keep = torch.ones_like(param, dtype=torch.bool) if keep is None else keep
         gen = torch.Generator().manual_seed(seed + 7919 * index) if spec.random else None
         filter_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
-        out.append(PerturbationInput(key, param.detach().clone(), keep, ref, gen, sigma_n, filter_dim))
+        out.append(PerturbationInput(key, param.detach().clone(), keep, ref, gen, sigma_n, filter_dim,
+                                     getattr(module, "groups", 1)))
     return out
 
 
