@@ -124,10 +124,11 @@ class Search:
 
     @property
     def round_step(self) -> int:
-        """Optimizer steps taken in the current round. A resumed loop picks up at step
+        """Optimizer steps taken in the current round; 0 between rounds (``round`` then names
+        the next one, which has taken none). A resumed loop picks up at step
         ``start_step + round_step`` of its own counting (IMP/OMP rounds after the first train
         from the rewind step on)."""
-        return self.step - self.round_start_step
+        return self.step - self.round_start_step if self.in_round else 0
 
     def start_round(self) -> int:
         """Begin the next training round; returns its index.

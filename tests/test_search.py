@@ -322,6 +322,21 @@ def test_aws_interpolates_norms_during_search_only():
     assert "bn1.weight" in model.state_dict() and "bn1.weight_init" not in model.state_dict()
 
 
+def test_a_checkpoint_between_rounds_resumes_at_the_next_rounds_first_step():
+    # The explicit API's natural checkpoint is right after finish_round(): round and start_step
+    # name the next round then, so round_step must be its 0 steps, not the last round's.
+    model, opt, sched, search = setup("imp", rewind="2it")
+    search.start_round()
+    train(model, opt, search, sched)
+    search.finish_round()
+    assert (search.round, search.in_round, search.start_step, search.round_step) == (1, False, 2, 0)
+    fresh = setup("imp", seed=5, rewind="2it")[3]
+    fresh.load_state_dict(search.state_dict())
+    assert (fresh.round, fresh.start_step, fresh.round_step) == (1, 2, 0)
+    fresh.start_round()
+    assert fresh.round_step == 0
+
+
 def run_to_end(method, checkpoint_at=None, **kw):
     """Train a full search; with ``checkpoint_at``, resume from a state saved at that step in a
     fresh model, optimizer, scheduler and search (as a new process would)."""
