@@ -96,12 +96,11 @@ def apply(
     elif rewind is not None and recipe.rewind is None:
         raise ValueError(f"method='{method}' does not rewind weights; rewind={rewind!r} applies to imp/omp")
     rewind_step = _schedule.parse_rewind(rewind, steps_per_epoch)
+    if rewind is not None and not isinstance(rewind, str):
+        rewind = rewind_step  # a numpy int as a plain int: the state must load with weights_only
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**64:  # what a torch.Generator takes
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    seed = _methods.check_seed(seed)
     if scheduler is not None and not all(hasattr(scheduler, a) for a in ("state_dict", "load_state_dict")):
         raise TypeError(
             f"scheduler must have state_dict()/load_state_dict() (a torch or timm scheduler), "

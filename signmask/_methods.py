@@ -16,6 +16,24 @@ from ._select import smallest_k
 
 METHODS: dict[str, type["RankedPruning"]] = {}
 
+# torch.Generator.manual_seed takes [0, 2**64); per-tensor seeds wrap around inside it.
+SEED_LIMIT = 2**64
+_TENSOR_STRIDE = 7919
+
+
+def check_seed(seed, arg: str = "seed") -> int:
+    """Return ``seed`` as an int if it is an integer in [0, 2**64) (bools refused)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{arg} must be an int, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{arg} must be in [0, 2**64), got {seed}")
+    return int(seed)
+
+
+def tensor_seed(seed: int, index: int) -> int:
+    """The CPU generator seed of the ``index``-th tensor: ``seed + 7919 * index`` (mod 2**64)."""
+    return (seed + _TENSOR_STRIDE * index) % SEED_LIMIT
+
 
 def register_method(name: str) -> Callable[[type], type]:
     """Register a ranking pruning method under ``name`` for ``signmask.prune(method=name)``."""
@@ -129,12 +147,12 @@ class RandomPruning(RankedPruning):
         super().__init__(amount)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
 
     def scores(self, t: torch.Tensor, index: int) -> torch.Tensor:
         # Drawn on the CPU: a CUDA generator gives other numbers, and a seed must name one
         # mask wherever the model lives.
-        gen = torch.Generator().manual_seed(self.seed + 7919 * index)
+        gen = torch.Generator().manual_seed(tensor_seed(self.seed, index))
         return torch.rand(t.shape, generator=gen).to(t.device)
 
     def __repr__(self) -> str:

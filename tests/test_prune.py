@@ -100,6 +100,31 @@ def test_random_scores_are_the_cpu_stream_on_every_device(device):
         assert torch.equal(scores.cpu(), expected)
 
 
+@pytest.mark.parametrize("seed, error, message", [
+    (1.5, TypeError, "seed must be an int, got float 1.5"),
+    ("3", TypeError, "seed must be an int, got str '3'"),
+    (True, TypeError, "seed must be an int, got bool True"),
+    (-1, ValueError, r"seed must be in \[0, 2\*\*64\), got -1"),
+    (2**64, ValueError, r"seed must be in \[0, 2\*\*64\)"),
+])
+def test_random_pruning_refuses_a_bad_seed_by_name(seed, error, message):
+    # 1.5, "3" and True were taken as 1, 3 and 1; a large seed overflowed inside torch.
+    model = tiny()
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        signmask.prune(model, 0.5, method="random", seed=seed)
+    assert_same(before, snapshot(model))
+
+
+def test_per_tensor_seeds_wrap_within_the_generators_range():
+    # The last tensors of seed 2**64 - 1 get seeds past 2**64 - 1 unless they wrap around.
+    top = 2**64 - 1
+    scores = _methods.RandomPruning(0.5, seed=top).scores(torch.empty(3), index=2)
+    expected = torch.rand(3, generator=torch.Generator().manual_seed((top + 7919 * 2) % 2**64))
+    assert torch.equal(scores, expected)
+    signmask.prune(tiny(), 0.5, method="random", seed=top)
+
+
 def test_random_global_keeps_magnitudes_out_of_it():
     model = tiny()
     signmask.prune(model, 0.5, method="random", seed=0)

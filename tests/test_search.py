@@ -152,6 +152,18 @@ def test_lrr_keeps_weights_and_resets_momentum():
         before = weights(model)
 
 
+def test_a_numpy_rewind_step_keeps_the_state_loadable_with_weights_only():
+    model, opt, sched, search = setup("imp", rewind=np.int64(3))
+    assert type(search.config.rewind) is int and search.config.rewind == 3
+    for _ in search:
+        train(model, opt, search, sched)
+        buf = io.BytesIO()
+        torch.save(search.state_dict(), buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)  # raised UnpicklingError for numpy's int64
+        break
+
+
 def test_rewind_later_than_training_is_refused_without_loss():
     model, opt, sched, search = setup("imp", rewind="10it")
     search.start_round()

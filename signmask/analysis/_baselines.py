@@ -84,7 +84,7 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
         >>> int(random_prune(ticket, torch.nn.Linear(10, 10), seed=0).weight_mask.sum())
         10
     """
-    seed = check_int(seed, "seed", minimum=0)
+    seed = _methods.check_seed(seed)
     check_model(model, "model")  # before reading a ticket file
     ticket = _transfer_mod._resolve(ticket)
     # transfer's own check, so the two baselines refuse alike

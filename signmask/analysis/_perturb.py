@@ -29,8 +29,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .. import _reparam
-from ._common import check_int, check_model, check_real, weights
+from .. import _methods, _reparam
+from ._common import check_model, check_real, weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +232,7 @@ def _inputs(spec: Perturbation, targets: Mapping[str, tuple[nn.Module, str]],
         ref = None if inits is None else _check_init(key, inits[key], param)
         keep = _reparam.current_mask(module, name)
         keep = torch.ones_like(param, dtype=torch.bool) if keep is None else keep
-        gen = torch.Generator().manual_seed(seed + 7919 * index) if spec.random else None
+        gen = torch.Generator().manual_seed(_methods.tensor_seed(seed, index)) if spec.random else None
         filter_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
         out.append(PerturbationInput(key, param.detach().clone(), keep, ref, gen, sigma_n, filter_dim,
                                      getattr(module, "groups", 1)))
@@ -283,7 +283,7 @@ def perturb(
     if spec.random:
         if seed is None:
             raise ValueError(f"kind={kind!r} is random: pass seed=")
-        seed = check_int(seed, "seed", minimum=0)
+        seed = _methods.check_seed(seed)
     if spec.needs_sigma:
         if sigma_n is None:
             raise ValueError(f"kind={kind!r} needs sigma_n= (the noise std in units of the init std)")
