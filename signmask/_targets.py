@@ -157,6 +157,14 @@ def check_model(model, arg: str) -> nn.Module:
     return model
 
 
+def check_bool(value, arg: str) -> bool:
+    """Return ``value`` if it is a bool; raise ``TypeError`` naming ``arg`` otherwise (a string
+    such as ``"no"`` would read as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{arg} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def select(
     model: nn.Module,
     *,
@@ -184,8 +192,7 @@ def select(
             f"filter_fn must be callable as filter_fn(module, name), got "
             f"{type(filter_fn).__name__} {filter_fn!r}"
         )
-    if not isinstance(classifier, bool):
-        raise TypeError(f"classifier must be a bool, got {type(classifier).__name__} {classifier!r}")
+    check_bool(classifier, "classifier")
     heads = set() if classifier else classifier_modules(model)
     candidates = {
         key: (module, tensor)

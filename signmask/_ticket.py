@@ -17,9 +17,16 @@ from ._version import __version__
 RESERVED_KEYS = ("format", "format_version", "sparsity", "manifest", "manifest_sha256")
 
 
-def _check_signed(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
+def _check_dense(name: str, t, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} {name!r} must be a tensor, got {type(t).__name__}")
+    if t.is_meta or t.layout != torch.strided:
+        found = "a meta tensor (no values)" if t.is_meta else f"layout {t.layout}"
+        raise TypeError(f"{what} {name!r} must be a dense tensor with values, got {found}")
+
+
+def _check_signed(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
+    _check_dense(name, t, what)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{what} {name!r} must be an integer tensor in {{-1, 0, +1}}, got {t.dtype}")
     if t.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
@@ -33,14 +40,28 @@ def _check_signed(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _check_norm(name: str, t: torch.Tensor) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"norm tensor {name!r} must be a tensor, got {type(t).__name__}")
+    _check_dense(name, t, "norm tensor")
     if not t.is_floating_point():
         raise TypeError(f"norm tensor {name!r} must be a floating-point tensor, got {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
+    # Through float32: the float8 types have no isfinite kernel, and every value fits.
+    if not bool(torch.isfinite(t.float()).all()):
         raise ValueError(f"norm tensor {name!r} holds NaN or infinite values (a diverged run?)")
     # A copy: a norm handed over as a model's live Parameter would otherwise follow its training.
     return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def _named(tensors, field: str, check) -> dict[str, torch.Tensor]:
+    """``tensors`` checked, keyed by canonical name (without ``module.``/``_orig_mod.``, as
+    ``extract`` names them): two keys naming one tensor are refused."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{field} must be a mapping of tensor names to tensors, got {type(tensors).__name__}")
+    out, given = {}, {}
+    for key, value in tensors.items():
+        name = _targets.canonical(str(key))
+        if name in out:
+            raise ValueError(f"{field} keys {given[name]!r} and {key!r} name the same tensor {name!r}")
+        out[name], given[name] = check(key, value), key
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -55,10 +76,14 @@ class Ticket:
             its float values: the "signed mask and normalization parameters" that Find A
             Winning Sign shows carry an LRR solution's basin (see ``extract(norms=True)``).
 
+    Names are canonical: ``module.`` and ``_orig_mod.`` prefixes are stripped, as
+    :func:`extract` strips them.
+
     Raises:
-        TypeError / ValueError: a mask or sign tensor is not integer or holds values outside
-            {-1, 0, +1}, a norm tensor is not floating point or not finite, a name appears in
-            two dicts, or metadata is not ``str -> str`` or uses a reserved key.
+        TypeError / ValueError: a field is not a mapping, a mask or sign tensor is not integer
+            or holds values outside {-1, 0, +1}, a norm tensor is not floating point or not
+            finite, two keys name one tensor, a name appears in two dicts, or metadata is not
+            ``str -> str`` or uses a reserved key.
 
     Example:
         >>> import torch
@@ -73,9 +98,11 @@ class Ticket:
     norms: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        masks = {str(k): _check_signed(k, v, "mask") for k, v in dict(self.masks).items()}
-        signs = {str(k): _check_signed(k, v, "sign tensor") for k, v in dict(self.signs).items()}
-        norms = {str(k): _check_norm(k, v) for k, v in dict(self.norms).items()}
+        masks = _named(self.masks, "masks", lambda k, v: _check_signed(k, v, "mask"))
+        signs = _named(self.signs, "signs", lambda k, v: _check_signed(k, v, "sign tensor"))
+        norms = _named(self.norms, "norms", _check_norm)
+        if not isinstance(self.metadata, Mapping):
+            raise TypeError(f"metadata must be a mapping of str to str, got {type(self.metadata).__name__}")
         groups = {"masks": masks, "dense signs": signs, "norms": norms}
         for (a, names_a), (b, names_b) in itertools.combinations(groups.items(), 2):
             both = sorted(set(names_a) & set(names_b))
@@ -163,7 +190,18 @@ def library_versions() -> str:
     return json.dumps(versions, sort_keys=True)
 
 
-def _kept_signs(module: nn.Module, name: str) -> torch.Tensor:
+def _check_finite(key: str, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    bad = ~torch.isfinite(values)
+    if where is not None:
+        bad &= where
+    if bool(bad.any()):
+        raise ValueError(
+            f"{key} holds {int(bad.sum())} NaN or infinite {'kept ' if where is not None else ''}"
+            "weights (a diverged run?); their signs mean nothing"
+        )
+
+
+def _kept_signs(key: str, module: nn.Module, name: str) -> torch.Tensor:
     """Signed mask of one pruned tensor: the sign bit of the effective weight where kept.
 
     Using the sign bit (not ``torch.sign``) keeps a kept weight that is exactly +-0.0 in the
@@ -173,8 +211,14 @@ def _kept_signs(module: nn.Module, name: str) -> torch.Tensor:
         hook = _reparam.find_hook(module, name)[1]
         weight = hook.apply_mask(module)
         keep = _reparam.current_mask(module, name)
+        _check_finite(key, weight, keep)
         signed = torch.where(torch.signbit(weight), -1, 1).to(torch.int8)
         return (signed * keep).to("cpu")
+
+
+def _dense_signs(key: str, values: torch.Tensor) -> torch.Tensor:
+    _check_finite(key, values)
+    return torch.sign(values.detach()).to("cpu", torch.int8)
 
 
 def extract(
@@ -200,9 +244,11 @@ def extract(
         metadata: extra strings stored in the ticket (method, rounds...).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, a flag is not a bool, ``metadata`` is not
+            a mapping.
         ValueError: nothing in ``model`` is pruned, or something other than a conv/linear weight
-            is (a bias or an embedding, by stock prune).
+            is (a bias or an embedding, by stock prune); a kept (or recorded dense) weight is
+            NaN or infinite.
 
     Example:
         >>> import torch, signmask
@@ -211,6 +257,10 @@ def extract(
         0.75
     """
     _targets.check_model(model, "model")
+    for flag, arg in ((biases, "biases"), (dense, "dense"), (norms, "norms")):
+        _targets.check_bool(flag, arg)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__} {metadata!r}")
     found = _targets.pruned(model)
     if not found:
         raise ValueError(f"nothing in {type(model).__name__} is pruned; prune it before extract()")
@@ -222,18 +272,18 @@ def extract(
             "ticket holds conv/linear weights only (transfer() takes no others); make that pruning "
             "permanent first: torch.nn.utils.prune.remove(module, name)"
         )
-    masks = {key: _kept_signs(m, n) for key, (m, n) in found.items()}
+    masks = {key: _kept_signs(key, m, n) for key, (m, n) in found.items()}
     signs, layers = {}, dict(found)
     if dense:
         for key, (module, name) in _targets.tensor_index(model).items():
             if key not in masks and isinstance(module, _targets.PRUNABLE_TYPES):
-                signs[key] = torch.sign(getattr(module, name).detach()).to("cpu", torch.int8)
+                signs[key] = _dense_signs(key, getattr(module, name))
                 layers[key] = (module, name)
     if biases:
         for key, (module, name) in layers.items():
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
-                signs[key[: -len(name)] + "bias"] = torch.sign(bias.detach()).to("cpu", torch.int8)
+                signs[key[: -len(name)] + "bias"] = _dense_signs(key[: -len(name)] + "bias", bias)
     recorded = _norm_params(model) if norms else {}
     methods = []
     for module, name in found.values():

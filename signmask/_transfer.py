@@ -68,6 +68,11 @@ def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Ten
                 if name != "weight" or not isinstance(module, _targets.PRUNABLE_TYPES):
                     raise ValueError(f"ticket masks {key!r}, which is not a conv/linear weight")
                 _reparam.check_names_free(key, module, name)
+            if role == "sign" and _reparam.find_hook(module, name)[1] is not None:
+                raise ValueError(
+                    f"the ticket's dense sign {key!r} is for an unpruned tensor, and the model's "
+                    "is pruned; a ticket goes onto an unpruned model (a fresh init)"
+                )
             if role == "norm" and not _interpolate.is_norm(module):
                 raise ValueError(
                     f"ticket norm tensor {key!r} is, in the model, a tensor of "
@@ -126,8 +131,8 @@ def transfer(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` (whatever ``check_architecture`` says), or
-            ``ticket`` is neither a Ticket nor a path.
+        TypeError: ``model`` is not an ``nn.Module`` (whatever ``check_architecture`` says),
+            ``ticket`` is neither a Ticket nor a path, or a flag is not a bool.
         ValueError: unknown ``signs``, another architecture, ticket tensors missing from the model,
             a shape mismatch, an already-pruned tensor, ``norms`` with a ticket that has none,
             or a ticket norm tensor that is not a norm layer's in the model. Nothing is changed
@@ -143,6 +148,9 @@ def transfer(
     """
     _prune._check_choice(signs, _MODES, "signs")
     _targets.check_model(model, "model")  # before reading a ticket file
+    for flag, arg in ((biases, "biases"), (dense, "dense"), (norms, "norms"),
+                      (check_architecture, "check_architecture")):
+        _targets.check_bool(flag, arg)
     ticket = _resolve(ticket)
     _check_architecture(ticket, model, check_architecture)
     if norms and not ticket.norms:

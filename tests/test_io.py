@@ -376,6 +376,13 @@ def test_wrong_byte_count_for_shape(saved_any):
         ({}, {}, {}, "at least one masked tensor"),
         ({"a": torch.tensor([1])}, {}, {"format": "x"}, "reserved"),
         ({"a": torch.tensor([1])}, {}, {"n": 3}, "must map str to str"),
+        (None, {}, {}, "masks must be a mapping of tensor names to tensors, got NoneType"),
+        ({"a": torch.tensor([1])}, None, {}, "signs must be a mapping"),
+        ({"a": torch.tensor([1])}, {}, None, "metadata must be a mapping of str to str, got NoneType"),
+        ({"a": torch.tensor([1], device="meta")}, {}, {}, "mask 'a' must be a dense tensor with values, got a meta"),
+        ({"a": torch.tensor([[0, 1]]).to_sparse()}, {}, {}, "got layout torch.sparse_coo"),
+        ({1: torch.tensor([1]), "1": torch.tensor([0])}, {}, {}, "masks keys 1 and '1' name the same tensor '1'"),
+        ({"module.a": torch.tensor([1]), "a": torch.tensor([0])}, {}, {}, "keys 'module.a' and 'a' name the same tensor 'a'"),
     ],
 )
 def test_ticket_validates_on_construction(masks, signs, meta, message):
@@ -388,6 +395,13 @@ def test_manifest_rewritten_with_other_whitespace_still_loads(saved):
     meta["manifest"] = json.dumps(json.loads(meta["manifest"]), indent=1)  # same content
     save_file(raw, str(saved), metadata=meta)
     assert signmask.load(saved) == _small_ticket()
+
+
+def test_ticket_names_are_canonical_and_float8_norms_round_trip(tmp_path):
+    norms = {"_orig_mod.bn.weight": torch.tensor([0.5, -2.0]).to(torch.float8_e4m3fn)}
+    ticket = signmask.Ticket({"module.a.weight": torch.tensor([1, 0])}, norms=norms)
+    assert list(ticket.masks) == ["a.weight"] and list(ticket.norms) == ["bn.weight"]  # as extract names them
+    assert signmask.load(signmask.save(ticket, tmp_path / "t.safetensors")) == ticket
 
 
 def test_ticket_accepts_wide_unsigned_masks():
@@ -452,6 +466,10 @@ def _norm_ticket(dtype=torch.float32) -> signmask.Ticket:
         ({"bn.weight": torch.tensor([float("-inf")])}, "NaN or infinite"),
         ({"bn.weight": [1.0]}, "norm tensor 'bn.weight' must be a tensor, got list"),
         ({"a.weight": torch.tensor([1.0])}, r"tensors \['a.weight'\] appear both as masks and as norms"),
+        ({"bn.weight": torch.ones(2, device="meta")}, "norm tensor 'bn.weight' must be a dense tensor with values"),
+        ({"bn.weight": torch.tensor([1.0, 448.0]).to(torch.float8_e4m3fn).clone().view(torch.uint8).fill_(0x7F)
+          .view(torch.float8_e4m3fn)}, "holds NaN or infinite values"),  # e4m3fn has no isfinite kernel
+        (None, "norms must be a mapping"),
     ],
 )
 def test_ticket_validates_norms_on_construction(norms, message):

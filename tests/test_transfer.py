@@ -177,6 +177,57 @@ def test_bad_ticket_argument_type():
         signmask.transfer(3, tiny())
 
 
+@pytest.mark.parametrize("arg", ["biases", "dense", "norms", "check_architecture"])
+def test_transfer_flags_must_be_bools(arg):
+    # A string such as "false" read as true: norms="false" copied the norms.
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5), norms=True)
+    model = tiny(1)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=f"{arg} must be a bool, got str 'false'"):
+        signmask.transfer(ticket, model, **{arg: "false"})
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("arg, value, message", [
+    ("norms", "no", "norms must be a bool, got str 'no'"),
+    ("biases", 1, "biases must be a bool, got int 1"),
+    ("dense", None, "dense must be a bool, got NoneType None"),
+    ("metadata", "abc", "metadata must be a mapping of str to str, got str 'abc'"),
+    ("metadata", 5, "metadata must be a mapping of str to str, got int 5"),
+])
+def test_extract_refuses_bad_options_by_name(arg, value, message):
+    with pytest.raises(TypeError, match=message):
+        signmask.extract(signmask.prune(tiny(0), 0.5), **{arg: value})
+
+
+def test_extract_refuses_nan_kept_or_dense_weights_by_name():
+    model = signmask.prune(tiny(0), 0.5, classifier=False)
+    with torch.no_grad():
+        model.conv1.weight_orig[~model.conv1.weight_mask] = float("nan")  # pruned: no sign recorded
+    assert signmask.extract(model).masks.keys() == {"conv1.weight", "conv2.weight"}
+    with torch.no_grad():
+        model.conv2.weight_orig[model.conv2.weight_mask.nonzero()[0].unbind()] = float("inf")
+    with pytest.raises(ValueError, match=r"conv2.weight holds 1 NaN or infinite kept weights"):
+        signmask.extract(model)
+    with torch.no_grad():
+        model.conv2.weight_orig.nan_to_num_(posinf=1.0)
+        model.fc.bias[0] = float("nan")  # torch.sign(nan) as int8 is 0: it zeroed a new bias
+    signmask.extract(model, dense=True)
+    with pytest.raises(ValueError, match=r"fc.bias holds 1 NaN or infinite weights"):
+        signmask.extract(model, dense=True, biases=True)
+
+
+def test_a_dense_sign_onto_a_pruned_tensor_is_refused_untouched():
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5, classifier=False), dense=True)
+    assert "fc.weight" in ticket.signs
+    model = tiny(1)
+    signmask.prune(model, 0.5, include="fc")  # the head the ticket keeps dense, pruned here
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="the ticket's dense sign 'fc.weight' is for an unpruned tensor"):
+        signmask.transfer(ticket, model)
+    assert_same(before, snapshot(model))
+
+
 @pytest.mark.parametrize("check_architecture", [True, False])
 @pytest.mark.parametrize("model", ["notamodel", None, {"conv1.weight": torch.zeros(6, 3, 3, 3)}])
 def test_transfer_to_a_non_module_names_model(model, check_architecture):
