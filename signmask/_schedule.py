@@ -76,9 +76,16 @@ def prune_count(sparsity: float, rate: float | None, rounds: int | None) -> int:
 
 def kept_schedule(total: int, sparsity: float, rate: float | None, rounds: int) -> list[int]:
     """Weights kept after each pruning step: ``round(total * (1 - rate) ** i)``, the last exactly
-    ``round(total * (1 - sparsity))``. With ``rate=None`` the steps share the pruning evenly.
-    With a ``rate``, a step whose rounded count is not below the previous one (or ``total``) is
-    dropped, as it would leave a round that prunes nothing: small models get fewer rounds.
+    ``round(total * (1 - sparsity))``. Every step prunes at least one weight.
+
+    With ``rate=None`` (the user fixed ``rounds``) the steps share the pruning evenly; a count
+    that rounding would repeat is lowered by one (raised where the later steps need the room),
+    and more rounds than weights to prune are refused. With a ``rate``, a step whose rounded
+    count is not below the previous one (or ``total``) is dropped: small models get fewer rounds.
+
+    Raises:
+        ValueError: ``sparsity`` keeps no weight or prunes none (rounded); more ``rounds`` than
+            weights to prune.
 
     Example:
         >>> kept_schedule(1000, 0.5, 0.2, 4)
@@ -96,7 +103,16 @@ def kept_schedule(total: int, sparsity: float, rate: float | None, rounds: int) 
     if final >= total:
         raise ValueError(f"sparsity={sparsity} prunes no weight of {total} (rounded)")
     if explicit:
-        return [max(k, final) for k in kept] + [final]
+        if rounds > total - final:
+            raise ValueError(
+                f"rounds={rounds} prunings cannot each prune a weight: sparsity={sparsity} prunes "
+                f"{total - final} of {total} weights"
+            )
+        steps, previous = [], total
+        for i, k in enumerate(kept + [final], start=1):
+            previous = max(min(k, previous - 1), final + rounds - i)
+            steps.append(previous)
+        return steps
     steps, previous = [], total  # each step must prune something: drop repeated counts
     for k in kept + [final]:
         if final <= k < previous:

@@ -49,6 +49,26 @@ def test_even_steps_when_only_rounds_given():
     assert kept == [5000, 2500, 1250]
 
 
+@example(total=10, sparsity=0.5, rounds=5)  # every round prunes exactly one weight
+@example(total=100, sparsity=0.99, rounds=90)  # even shares round to repeated counts near 1
+@given(total=st.integers(2, 10**6), sparsity=st.floats(0.01, 0.999), rounds=st.integers(1, 200))
+def test_given_rounds_each_prune_a_weight_or_are_refused(total, sparsity, rounds):
+    final = round(total * (1 - sparsity))
+    if not 1 <= final < total:
+        return  # refused for the sparsity itself, tested elsewhere
+    if rounds > total - final:
+        with pytest.raises(ValueError, match=f"rounds={rounds} prunings cannot each prune a weight"):
+            _schedule.kept_schedule(total, sparsity, None, rounds)
+        return
+    kept = _schedule.kept_schedule(total, sparsity, None, rounds)
+    assert len(kept) == rounds and kept[-1] == final
+    assert all(a > b for a, b in zip([total] + kept, kept))  # every round prunes something
+    rate = 1 - (1 - sparsity) ** (1 / rounds)  # the even share, computed as documented
+    even = [round(total * (1 - rate) ** i) for i in range(1, rounds)] + [final]
+    if all(a > b for a, b in zip([total] + even, even)):
+        assert kept == even  # the even shares themselves wherever rounding repeats none
+
+
 @pytest.mark.parametrize(
     "spec, spe, step",
     [("init", None, 0), ("500it", None, 500), ("2ep", 30, 60), ("1ep50it", 100, 150), (7, None, 7), (None, None, None)],
