@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -114,10 +115,19 @@ def apply(
     targets = _targets.select(
         model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn
     )
-    if len(_targets.untrained(targets, optimizer)) == len(targets):
+    untrained = _targets.untrained(targets, optimizer)
+    if len(untrained) == len(targets):
         raise ValueError(
             f"optimizer trains none of the tensors to prune ({sorted(targets)[:3]} ...); pass "
             "the optimizer training this model"
+        )
+    if untrained:
+        warnings.warn(
+            f"optimizer does not train {untrained[:5]}{' ...' if len(untrained) > 5 else ''} "
+            f"({len(untrained)} of the {len(targets)} tensors to prune): the search ranks them by "
+            "magnitudes that never train; exclude them (exclude=) to keep them dense",
+            UserWarning,
+            stacklevel=2,
         )
     already = sorted(k for k, (m, n) in targets.items() if _reparam.find_hook(m, n)[1] is not None)
     if already:

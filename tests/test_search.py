@@ -244,6 +244,17 @@ def test_bad_input_leaves_model_untouched(kwargs, error, text):
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
+def test_tensors_the_optimizer_does_not_train_are_named_in_a_warning():
+    model = tiny()
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("conv1")], lr=0.1)
+    with pytest.warns(UserWarning, match=r"optimizer does not train \['conv1.weight'\] \(1 of the 3 tensors"):
+        signmask.apply(model, "imp", 0.5, optimizer=opt, classifier=True, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = tiny()
+        signmask.apply(model, "imp", 0.5, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+
+
 def _mlp():
     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
 
