@@ -22,7 +22,8 @@ or let :func:`apply` run IMP, LRR, AWS or OMP around an existing training loop::
 
 from ._backends import set_backend
 from ._io import load, save
-from ._prune import load_state_dict, prune, remove
+from ._prune import prune, remove
+from ._state_dict import load_state_dict
 from ._apply import apply
 from ._search import Search
 from ._ticket import Ticket, extract

@@ -1,0 +1,199 @@
+"""``load_state_dict``: a pruned model's state dict into a freshly created model."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter, OrderedDict
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import _methods, _parents, _reparam, _targets
+
+_EXTRA_STATE = "_extra_state"  # nn.Module's key suffix for get_extra_state()
+
+
+def _without_data(value) -> str | None:
+    """What ``value`` is when it is not a tensor holding data (for the error), else None."""
+    if not isinstance(value, torch.Tensor):
+        return type(value).__name__
+    if _targets.is_dtensor(value):
+        return f"a DTensor (a sharded state dict): {_targets.GATHER_FIRST}"
+    return "a meta tensor" if value.is_meta else None
+
+
+def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], *, strict: bool) -> None:
+    """Raise before copying anything: ``nn.Module.load_state_dict`` copies the matching keys
+    before it reports missing, unexpected or mis-shaped ones."""
+    problems = []
+    if strict:
+        missing, unexpected = sorted(own.keys() - given.keys()), sorted(given.keys() - own.keys())
+        if missing:
+            problems.append(f"missing keys {missing[:5]}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected[:5]}")
+    for key in sorted(own.keys() & given.keys()):
+        if key.endswith(_EXTRA_STATE):  # any object, handed to the module's set_extra_state
+            continue
+        value, found = given[key], _without_data(given[key])
+        if found is not None:
+            problems.append(f"{key}: expected a tensor with data in the state_dict, found {found}")
+        elif tuple(own[key].shape) != tuple(value.shape):
+            problems.append(
+                f"{key}: shape {tuple(value.shape)} in the state_dict, {tuple(own[key].shape)} in the model"
+            )
+    if problems:
+        raise RuntimeError("cannot load the state_dict: " + "; ".join(problems))
+
+
+def _module_key(fqn: str) -> str:
+    """A module's name without wrapper prefixes; a child named exactly ``module`` or
+    ``_orig_mod`` (the wrapped model itself) becomes the root's ``""``."""
+    return _targets.canonical(fqn + ".")[:-1] if fqn else ""
+
+
+def _owns(module: nn.Module, leaf: str) -> bool:
+    """Whether ``module``'s own state dict (pruned or not) can hold the entry ``leaf``."""
+    if leaf in module._parameters or leaf in module._buffers:
+        return True
+    if leaf == _EXTRA_STATE:
+        return type(module).get_extra_state is not nn.Module.get_extra_state
+    base, _, suffix = leaf.rpartition("_")
+    return suffix in ("orig", "mask", "sign") and _targets.has_tensor(module, base)
+
+
+def _own_names(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` with its keys renamed to ``model``'s own, where only wrapper prefixes
+    (``module.``, ``_orig_mod.``) differ: a DDP or compiled model's checkpoint loads into the
+    bare model and back. A key already naming an entry of the model stays (a child called
+    ``module`` is not a prefix then); keys naming nothing of the model stay as they are
+    (unexpected keys)."""
+    modules = list(model.named_modules(remove_duplicate=False))  # a shared module: every name
+    by_name = dict(modules)
+    by_key: dict[str, list] = {}
+    for fqn, module in modules:
+        by_key.setdefault(_module_key(fqn), []).append((fqn, module))
+
+    def rename(key: str) -> str:
+        owner, _, leaf = key.rpartition(".")
+        if owner in by_name and _owns(by_name[owner], leaf):
+            return key
+        for fqn, module in by_key.get(_module_key(owner), ()):
+            if _owns(module, leaf):
+                return f"{fqn}.{leaf}" if fqn else leaf
+        return key
+
+    renamed = {key: rename(key) for key in state_dict}
+    if all(k == v for k, v in renamed.items()):
+        return state_dict
+    counts = Counter(renamed.values())
+    twins = sorted(k for k, v in renamed.items() if counts[v] > 1)
+    if twins:
+        raise RuntimeError(f"cannot load the state_dict: keys {twins[:4]} name the same tensor of the model")
+    out = OrderedDict((renamed[k], v) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # per-module versions (BatchNorm...), keyed by module prefix
+        out._metadata = OrderedDict((_renamed_module(k, by_name, by_key), v) for k, v in metadata.items())
+    return out
+
+
+def _renamed_module(prefix: str, by_name: dict, by_key: dict) -> str:
+    """The model's name of the module a state dict's metadata ``prefix`` names."""
+    if prefix in by_name:
+        return prefix
+    found = by_key.get(_module_key(prefix))
+    return found[-1][0] if found else prefix
+
+
+def load_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> nn.Module:
+    """Load a pruned model's ``state_dict`` into a freshly created model of the same architecture.
+
+    Plain ``model.load_state_dict`` fails on the ``*_orig`` / ``*_mask`` keys of an unpruned
+    model; this installs the masks (and sign locks) first, then loads every value. Keys that
+    differ from the model's only by wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of
+    ``torch.compile``) are matched to the model's own.
+
+    Args:
+        model: a model of the state dict's architecture, pruned or not.
+        state_dict: the state dict of a pruned (or unpruned) model.
+        strict: as ``nn.Module.load_state_dict``: every key must match. With ``False``, missing
+            and unexpected keys are skipped, and a ``UserWarning`` lists them (torch returns
+            them; this returns the model); mis-shaped values still raise.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``state_dict`` not a mapping.
+        ValueError: a masked tensor names no module of ``model`` or has another shape.
+        RuntimeError: missing or unexpected keys (with ``strict``), other mismatched shapes, or
+            values that are not tensors with data, as ``nn.Module.load_state_dict`` raises.
+        The model is left untouched in every case.
+
+    Example:
+        >>> import torch, signmask
+        >>> sd = signmask.prune(torch.nn.Linear(4, 4), 0.5).state_dict()
+        >>> fresh = signmask.load_state_dict(torch.nn.Linear(4, 4), sd)
+        >>> bool(torch.equal(fresh.weight_mask, sd["weight_mask"]))
+        True
+    """
+    _targets.check_model(model, "model")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared module: every name
+    plan = {}  # pruned tensor's key -> (module, tensor, mask, locked)
+    for key, mask in state_dict.items():
+        if not key.endswith("_mask") or key[: -len("_mask")] + "_orig" not in state_dict:
+            continue
+        owner, _, tensor = key[: -len("_mask")].rpartition(".")
+        module = modules.get(owner)
+        if module is None or not _targets.has_tensor(module, tensor):
+            raise ValueError(f"state_dict masks {key!r}, but the model has no tensor {owner}.{tensor}")
+        shape = _reparam.original(module, tensor).shape
+        found = _without_data(mask)  # as _check_keys says of the other keys
+        if found is not None:
+            raise RuntimeError(f"{key}: expected a tensor with data in the state_dict, found {found}")
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(
+                f"state_dict {key!r} has shape {tuple(mask.shape)}; the model's "
+                f"{owner}.{tensor} has {tuple(shape)}"
+            )
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            # prune.custom_from_mask takes any values; as a bool mask they would compute otherwise.
+            values = sorted({float(v) for v in mask.unique()[:6].tolist()})
+            raise ValueError(f"state_dict {key!r} is not a binary mask: it holds {values}")
+        _reparam.check_names_free(f"{owner}.{tensor}" if owner else tensor, module, tensor)
+        locked = key[: -len("_mask")] + "_sign" in state_dict
+        plan[key[: -len("_mask")]] = (module, tensor, mask, locked)
+    _targets.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _targets.GATHER_FIRST)
+    installed = []
+    with torch.no_grad():
+        for module, tensor, mask, locked in plan.values():
+            if _reparam.find_hook(module, tensor)[1] is None:
+                keep = mask.to(_reparam.original(module, tensor).device) != 0
+                negative = torch.zeros_like(keep) if locked else None
+                _reparam.install(module, tensor, keep, _methods.FromSignedMask(keep), negative=negative)
+                installed.append((module, tensor))
+    try:
+        _check_keys(model.state_dict(), state_dict, strict=strict)
+        skipped = model.load_state_dict(state_dict, strict=strict)
+    except Exception:
+        for module, tensor in installed:
+            _reparam.uninstall(module, tensor)
+        raise
+    if skipped.missing_keys or skipped.unexpected_keys:
+        warnings.warn(
+            f"load_state_dict(strict=False) left {len(skipped.missing_keys)} tensors of the model "
+            f"as they were (missing keys {skipped.missing_keys[:5]}) and skipped "
+            f"{len(skipped.unexpected_keys)} keys the model does not have {skipped.unexpected_keys[:5]}",
+            UserWarning,
+            stacklevel=2,
+        )
+    for module, tensor, _, _ in plan.values():
+        _reparam.refresh(module, tensor)
+    _parents.link(model)
+    return model

@@ -1,0 +1,180 @@
+"""signmask.load_state_dict: masks, signs and values of a pruned model into a fresh one, exactly;
+wrapper prefixes, shared modules, errors that leave the model untouched."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune as tprune
+
+import signmask
+from _util import assert_same, snapshot, tiny
+
+
+def test_load_state_dict_restores_masks_and_signs_into_fresh_model():
+    model = signmask.prune(tiny(0), 0.6, signs="locked")
+    fresh = signmask.load_state_dict(tiny(1), model.state_dict())
+    for name in ("conv1", "conv2", "fc"):
+        a, b = getattr(model, name), getattr(fresh, name)
+        assert torch.equal(a.weight_mask, b.weight_mask) and torch.equal(a.weight_sign, b.weight_sign)
+        assert torch.equal(a.weight, b.weight)
+
+
+def test_load_state_dict_errors_leave_model_untouched():
+    sd = signmask.prune(tiny(0), 0.6).state_dict()
+    target = tiny(1, width=4)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"'conv1.weight_mask' has shape \(6, 3, 3, 3\)"):
+        signmask.load_state_dict(target, sd)
+    assert_same(before, snapshot(target))
+    bad = dict(sd)
+    bad["extra.weight"] = torch.zeros(1)
+    target = tiny(1)
+    before = snapshot(target)
+    with pytest.raises(RuntimeError, match="extra.weight"):
+        signmask.load_state_dict(target, bad)
+    assert_same(before, snapshot(target))
+
+
+@pytest.mark.parametrize("value", [np.zeros((6, 3, 3, 3), dtype=np.float32), torch.empty(6, 3, 3, 3, device="meta")])
+def test_load_state_dict_refuses_values_without_data_before_copying(value):
+    sd = dict(signmask.prune(tiny(0), 0.6).state_dict())
+    sd["conv1.weight_orig"] = value  # listed after nothing: other keys would be copied first
+    target = tiny(1)
+    before = snapshot(target)
+    found = "a meta tensor" if isinstance(value, torch.Tensor) else "ndarray"
+    with pytest.raises(RuntimeError, match=f"conv1.weight_orig: expected a tensor with data in the state_dict, found {found}"):
+        signmask.load_state_dict(target, sd)
+    assert_same(before, snapshot(target))
+    sd["conv1.weight_mask"] = value
+    with pytest.raises(RuntimeError, match=f"conv1.weight_mask: expected a tensor with data in the state_dict, found {found}"):
+        signmask.load_state_dict(target, sd)
+    assert_same(before, snapshot(target))
+
+
+def test_load_state_dict_refuses_a_state_dict_that_is_not_a_mapping():
+    target = tiny(1)
+    with pytest.raises(TypeError, match="state_dict must be a mapping of names to tensors, got NoneType"):
+        signmask.load_state_dict(target, None)
+
+
+def _bn_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("wrap", ["module.", "_orig_mod.", "_orig_mod.module."])
+def test_load_state_dict_matches_wrapper_prefixes(wrap, strict):
+    src = signmask.prune(_bn_net(), 0.5, signs="locked")
+    src[1].running_mean.add_(1.0)
+    state = {wrap + k: v for k, v in src.state_dict().items()}
+    fresh = signmask.load_state_dict(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), state, strict=strict)
+    want = src.state_dict()
+    assert fresh.state_dict().keys() == want.keys()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in want.items())
+    # and the other way: a bare checkpoint into a compiled model
+    compiled = torch.compile(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)))
+    signmask.load_state_dict(compiled, want, strict=strict)
+    assert all(torch.equal(compiled.state_dict()["_orig_mod." + k], v) for k, v in want.items())
+
+
+class _ChildNamedModule(nn.Module):
+    """A real child called ``module`` (a wrapper class, timm's ModelEma...): not a DDP prefix."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = nn.Linear(8, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.module(x) * self.scale
+
+
+def _shared_net():
+    shared = nn.Linear(8, 8)
+    return nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("source, target", [
+    (_ChildNamedModule, _ChildNamedModule),
+    (_shared_net, _shared_net),  # one module under two names: state_dict lists both
+    (lambda: torch.compile(nn.Linear(8, 4)), lambda: torch.compile(nn.Linear(8, 4))),
+    (lambda: nn.Linear(8, 4), lambda: torch.compile(nn.Linear(8, 4))),
+    (lambda: torch.compile(nn.Linear(8, 4)), lambda: nn.Linear(8, 4)),
+])
+def test_load_state_dict_round_trips_models_named_like_wrappers(source, target):
+    torch.manual_seed(0)
+    src = signmask.prune(source(), 0.5, signs="locked")
+    fresh = signmask.load_state_dict(target(), src.state_dict())
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), src(x))
+    own = {k.removeprefix("_orig_mod."): v for k, v in fresh.state_dict().items()}
+    assert own.keys() == {k.removeprefix("_orig_mod."): v for k, v in src.state_dict().items()}.keys()
+    assert all(torch.equal(own[k.removeprefix("_orig_mod.")], v) for k, v in src.state_dict().items())
+
+
+def test_load_state_dict_refuses_a_mask_that_is_not_binary():
+    src = nn.Linear(4, 3)
+    tprune.custom_from_mask(src, "weight", torch.full((3, 4), 0.5))  # stock takes any values
+    model = nn.Linear(4, 3)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"state_dict 'weight_mask' is not a binary mask: it holds \[0.5\]"):
+        signmask.load_state_dict(model, src.state_dict())
+    assert_same(before, snapshot(model))
+
+
+def test_load_state_dict_refuses_two_keys_for_one_tensor():
+    state = signmask.prune(_bn_net(), 0.5).state_dict()
+    state["module.0.bias"] = state["0.bias"]
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"keys \['0.bias', 'module.0.bias'\] name the same tensor"):
+        signmask.load_state_dict(model, state)
+    assert_same(before, snapshot(model))
+
+
+def test_load_state_dict_not_strict_loads_the_rest_and_names_what_it_skipped():
+    src = signmask.prune(_bn_net(), 0.5, signs="locked")
+    state = src.state_dict()
+    del state["2.bias"]
+    state["head.weight"] = torch.ones(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    bias = model[2].bias.detach().clone()
+    with pytest.warns(UserWarning, match=r"left 1 tensors .*\['2.bias'\].* skipped 1 keys .*\['head.weight'\]"):
+        signmask.load_state_dict(model, state, strict=False)
+    assert torch.equal(model[2].bias, bias)  # left as it was
+    for key, value in state.items():
+        if key != "head.weight":
+            assert torch.equal(model.state_dict()[key], value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing said
+        signmask.load_state_dict(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)),
+                                 src.state_dict(), strict=False)
+
+
+class WithExtra(nn.Linear):
+    def get_extra_state(self):
+        return {"calls": 3}
+
+    def set_extra_state(self, state):
+        self.loaded = state
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_hands_extra_state_to_the_module(strict):
+    state = signmask.prune(nn.Sequential(WithExtra(4, 4)), 0.5).state_dict()
+    fresh = signmask.load_state_dict(nn.Sequential(WithExtra(4, 4)), state, strict=strict)
+    assert fresh[0].loaded == {"calls": 3}
+    assert torch.equal(fresh[0].weight_mask, state["0.weight_mask"])
+
+
+def test_a_failed_load_state_dict_leaves_no_stale_weight_attribute():
+    sd = signmask.prune(nn.Linear(4, 4), 0.5).state_dict()
+    sd["bias"] = torch.zeros(5)  # mis-shaped: refused after the masks were installed
+    fresh = nn.Linear(4, 4)
+    with pytest.raises(RuntimeError):
+        signmask.load_state_dict(fresh, sd)
+    assert fresh.weight is fresh._parameters["weight"]
