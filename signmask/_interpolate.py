@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._reparam import DetachWeight, rename
+from ._reparam import DetachWeight, original, rename
 from ._targets import FilterFn, canonical, has_tensor
 
 _TENSORS = ("weight", "bias")
@@ -43,10 +43,12 @@ def is_norm(module: nn.Module) -> bool:
 
     The rule: ``module`` is a torch norm (a ``_NormBase`` subclass -- BatchNorm, SyncBatchNorm,
     InstanceNorm and their lazy forms --, ``LayerNorm``, ``GroupNorm``, ``RMSNorm``) or a class
-    in its MRO has ``"Norm"`` or ``"Abn"`` in its name (timm's own layers), it is not a
-    conv/linear/embedding, and it owns a Parameter ``weight`` or ``bias`` itself (recurse=False;
-    also when already reparametrized as ``weight_orig``). Buffers do not count, so
-    ``FrozenBatchNorm2d`` and ``affine=False`` layers are not norms here.
+    in its MRO has ``"Norm"`` or ``"Abn"`` in its name (timm's own layers) and its ``weight`` and
+    ``bias`` are per-channel vectors (at most one dimension above 1: a cosine classifier
+    ``NormedLinear`` holds a matrix), it is not a conv/linear/embedding, and it owns a Parameter
+    ``weight`` or ``bias`` itself (recurse=False; also when already reparametrized as
+    ``weight_orig``). Buffers do not count, so ``FrozenBatchNorm2d`` and ``affine=False`` layers
+    are not norms here.
 
     Args:
         module: any module.
@@ -62,10 +64,15 @@ def is_norm(module: nn.Module) -> bool:
     """
     if isinstance(module, _NOT_NORMS):
         return False
+    owned = [t for t in _TENSORS if has_tensor(module, t)]
+    if isinstance(module, _NORM_BASES):
+        return bool(owned)
     named = any(h in cls.__name__ for cls in type(module).__mro__ for h in _NAME_HINTS)
-    if not (named or isinstance(module, _NORM_BASES)):
-        return False
-    return any(has_tensor(module, t) for t in _TENSORS)
+    return named and bool(owned) and all(_per_channel(original(module, t)) for t in owned)
+
+
+def _per_channel(t: torch.Tensor) -> bool:
+    return sum(d > 1 for d in t.shape) <= 1
 
 
 class NormInterpolation:

@@ -270,6 +270,27 @@ def test_is_norm_for_inplace_abn_and_subclasses():
     assert interp.is_norm(MyNorm()) and interp.is_norm(Renamed(3))
 
 
+def test_is_norm_by_name_needs_per_channel_parameters():
+    class NormedLinear(nn.Module):  # a cosine classifier: "Norm" in the name, a weight matrix
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=0)
+
+    class ChannelNorm(nn.Module):  # per-channel parameters kept broadcastable: still a norm
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1, 3, 1, 1))
+            self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    assert not interp.is_norm(NormedLinear()) and interp.is_norm(ChannelNorm())
+    # apply("aws") interpolated the classifier, and its tickets recorded the matrix as a "norm".
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3), NormedLinear())
+    assert list(interp.attach(net, torch.tensor(0.5))) == ["1"]
+
+
 def test_unmaterialized_lazy_norm_is_refused():
     model = nn.Sequential(nn.LazyBatchNorm2d(), nn.LayerNorm(3))
     assert interp.is_norm(model[0])
