@@ -6,7 +6,8 @@ only aliases ``module.weight`` to it, no kernel runs. The invariant is kept by:
 1. at :func:`signmask.set_backend`: ``weight_orig`` and every per-weight optimizer state tensor
    are masked (sign-locked tensors are reflected onto their locked signs, see below);
 2. every backward: ``weight_orig.grad`` is masked in place as soon as it is accumulated (a
-   post-accumulate-grad hook), so gradient clipping sees the reparametrization's gradients;
+   post-accumulate-grad hook), so gradient clipping sees the reparametrization's gradients; a
+   gradient assigned to ``.grad`` instead (``torch.autograd.grad``) is masked before the step;
 3. after every ``optimizer.step()``: sign-locked weights that crossed zero are reflected back (on
    CPU only those, at their indices: :func:`reflect`); for optimizers not known to be
    zero-preserving, weights and state are masked again.
@@ -24,9 +25,12 @@ classes (subclasses included) get a warning and the full re-projection after eac
 layer-wise-norm optimizers such as LAMB or LARS are then not exact.
 
 Unlike the reparametrization, the values of pruned entries of ``weight_orig`` are lost (zeroed).
-A mask changed later (``signmask.prune`` again) or weights edited in place are re-projected on
-the next eager forward, detected through the tensors' version counters (``torch.compile``d
-forwards skip that check).
+A mask changed later (``signmask.prune`` again, stock prune stacked on top) or weights edited in
+place are re-projected on the next eager forward, detected through the tensors' identities and
+version counters (``torch.compile``d forwards skip that check); ``load_state_dict`` projects at
+once. A sign-locked checkpoint of the torch path reflects its weights on loading, and the
+momentum of the optimizer state loaded with it (before or after) where they were reflected.
+``torch.func`` transforms and ``functional_call``'s stand-in tensors take the torch path.
 """
 
 from __future__ import annotations
@@ -98,13 +102,14 @@ def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...], odd_o
             _maskmul.mul_(value, mask)
 
 
-def _stamp(orig, mask, sign) -> tuple[int, int, int, int]:
+def _stamp(orig, mask, sign) -> tuple:
     # data_ptr: ``orig.data = t`` (vector_to_parameters) swaps the storage, not the version.
     return (orig._version, orig.data_ptr(), *_mask_stamp(mask, sign))
 
 
-def _mask_stamp(mask, sign) -> tuple[int, int]:
-    return (mask._version, -1 if sign is None else sign._version)
+def _mask_stamp(mask, sign) -> tuple:
+    # The identity too: stock prune stacked on top registers a new mask tensor at version 0.
+    return (id(mask), mask._version) + ((None,) if sign is None else (id(sign), sign._version))
 
 
 def _tensors(module, name):
@@ -112,14 +117,18 @@ def _tensors(module, name):
     return module._parameters[name + "_orig"], buffers[name + "_mask"], buffers.get(name + "_sign")
 
 
-def project(module, name, optimizer=None, *, odd_only: bool = False, grad: bool = False) -> None:
+def project(module, name, optimizer=None, *, odd_only: bool = False, grad: bool = False, hook=None):
     """Project ``module.<name>_orig`` (and its optimizer state) onto its mask and signs.
 
     ``odd_only``: after a zero-preserving step only sign reflections can be due, so only the
     state odd in the gradient is touched (the rest is still 0 at pruned entries).
     ``grad``: reflect ``.grad`` too (before a step, it is odd in the gradient like momentum).
+    ``hook``: the tensor's pruning hook, when the caller has it (stock prune stacking on top
+    computes the weight while the hook is off the module).
+
+    Returns the int8 factor applied to a sign-locked tensor (-1 where reflected), else None.
     """
-    hook = _reparam.find_hook(module, name)[1]
+    hook = hook or _reparam.find_hook(module, name)[1]
     orig, mask, sign = _tensors(module, name)
     with torch.no_grad():
         factor = _project_weight(orig, mask, sign)
@@ -131,6 +140,7 @@ def project(module, name, optimizer=None, *, odd_only: bool = False, grad: bool 
             if not odd_only:  # the state now follows these masks
                 hook._state_masks = _mask_stamp(mask, sign)
     hook._projected = _stamp(orig, mask, sign)
+    return factor
 
 
 def reflect(module, name, optimizer) -> None:
@@ -164,7 +174,19 @@ class MaskGrad:
     def __call__(self, param: torch.Tensor) -> None:
         hook = _reparam.find_hook(self.module, self.name)[1]
         if getattr(hook, "backend", None) == "projection" and param.grad is not None:
-            _maskmul.mul_(param.grad, self.module._buffers[self.name + "_mask"])
+            mask_grad(hook, param.grad, self.module._buffers[self.name + "_mask"])
+
+
+def mask_grad(hook, grad: torch.Tensor, mask: torch.Tensor) -> None:
+    """Mask ``grad`` in place and remember which gradient tensor was masked."""
+    _maskmul.mul_(grad, mask)
+    hook._masked_grad = _grad_stamp(grad)
+
+
+def _grad_stamp(grad: torch.Tensor) -> tuple[int, int]:
+    # Storage, not version: clipping scales the masked gradient in place (zeros stay zeros);
+    # a gradient assigned to ``.grad`` (torch.autograd.grad, per-sample or DP pipelines) is new.
+    return (id(grad), grad.data_ptr())
 
 
 class _OptimizerHook:
@@ -184,7 +206,10 @@ class ProjectStale(_OptimizerHook):
             hook = _reparam.find_hook(module, name)[1]
             if getattr(hook, "backend", None) != "projection":
                 continue
-            if getattr(hook, "_projected", None) != _stamp(*_tensors(module, name)):
+            orig, mask, sign = _tensors(module, name)
+            if orig.grad is not None and getattr(hook, "_masked_grad", None) != _grad_stamp(orig.grad):
+                mask_grad(hook, orig.grad, mask)  # assigned, not accumulated by a backward
+            if getattr(hook, "_projected", None) != _stamp(orig, mask, sign):
                 project(module, name, optimizer, grad=True)
 
 
@@ -200,6 +225,7 @@ class ProjectStep(_OptimizerHook):
             hook = _reparam.find_hook(module, name)[1]
             if getattr(hook, "backend", None) != "projection":
                 continue
+            hook.__dict__.pop("_reflected", None)  # a state loaded after a step is another's
             orig, mask, sign = _tensors(module, name)
             # A mask changed since the state was last masked (signmask.prune again): the
             # forward re-projected the weights, but stale momentum just moved new zeros.
@@ -221,8 +247,18 @@ class StateLoaded(_OptimizerHook):
     def __call__(self, optimizer) -> None:
         for module, name in self.targets:
             hook = _reparam.find_hook(module, name)[1]
-            if hook is not None:
-                hook.__dict__.pop("_state_masks", None)
+            if hook is None:
+                continue
+            hook.__dict__.pop("_state_masks", None)
+            reflected = hook.__dict__.pop("_reflected", None)
+            if reflected is not None:  # the weights of this checkpoint were reflected on loading
+                orig = module._parameters[name + "_orig"]
+                flip = 1 - 2 * _bits.sign_bits(reflected, orig.shape).view(torch.int8)
+                state = optimizer.state.get(orig, {})
+                with torch.no_grad():
+                    for key in ZERO_PRESERVING.get(type(optimizer).__name__, ()):
+                        if _per_weight(state.get(key), orig):
+                            _maskmul.mul_(state[key], flip)
 
 
 def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None:
@@ -252,6 +288,7 @@ def forget(module, name: str) -> None:
     if optimizer is not None:
         unhook_optimizer(optimizer, {name: (module, name)})
     unhook_grads(module._parameters[name + "_orig"])
+    _unhook_module(module, name)
 
 
 def unhook_grads(param: torch.Tensor) -> None:
@@ -262,12 +299,40 @@ def unhook_grads(param: torch.Tensor) -> None:
             del hooks[key]
 
 
+class Reproject:
+    """Module ``load_state_dict`` post-hook: project the loaded values at once. An eager forward
+    would notice them (version counters), a ``torch.compile``d one would not."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module, incompatible_keys) -> None:
+        hook = _reparam.find_hook(module, self.name)[1]
+        if getattr(hook, "backend", None) == "projection":
+            ref = hook.__dict__.get("_optimizer")
+            optimizer = ref() if ref is not None else None
+            factor = project(module, self.name, optimizer, grad=optimizer is not None)
+            if factor is not None:
+                # The optimizer state of the same checkpoint, loaded next, is the torch path's:
+                # StateLoaded reflects its momentum where these weights were reflected.
+                hook._reflected = _bits.pack_signs(factor < 0)
+
+
+def _unhook_module(module, name: str) -> None:
+    hooks = module._load_state_dict_post_hooks
+    for key, fn in list(hooks.items()):
+        if isinstance(fn, Reproject) and fn.name == name:
+            del hooks[key]
+
+
 def _hook_grads(targets: Targets) -> None:
     for module, name in targets.values():
         orig = module._parameters[name + "_orig"]
         existing = getattr(orig, "_post_accumulate_grad_hooks", None) or {}
         if not any(isinstance(fn, MaskGrad) for fn in existing.values()):
             orig.register_post_accumulate_grad_hook(MaskGrad(module, name))
+        _unhook_module(module, name)
+        module.register_load_state_dict_post_hook(Reproject(name))
 
 
 @register_backend("projection")
@@ -318,18 +383,30 @@ class ProjectionBackend(Backend):
         for module, name in targets.values():
             project(module, name, optimizer)
             # Weakly: remove() and other backends unhook it without being handed the optimizer.
-            _reparam.find_hook(module, name)[1]._optimizer = weakref.ref(optimizer)
+            hook = _reparam.find_hook(module, name)[1]
+            hook._optimizer = weakref.ref(optimizer)
+            hook._param = weakref.ref(module._parameters[name + "_orig"])
         optimizer.register_step_pre_hook(ProjectStale(targets))
         optimizer.register_step_post_hook(ProjectStep(targets, full=not _known(optimizer)))
         optimizer.register_load_state_dict_post_hook(StateLoaded(targets))
 
     def weight(self, hook, module, orig, mask, sign, own_forward):
+        ref = hook.__dict__.get("_param")
+        if (ref is None or ref() is not orig) or torch._C._are_functorch_transforms_active():
+            # Not the Parameter this backend keeps projected: torch.func.functional_call's
+            # stand-ins (never to be masked in place), or vmap/grad. The torch path serves them.
+            return _reparam.masked_weight(orig, mask, sign)
         # Version counters cannot be traced; compiled forwards trust the step hook (and
         # install(), which runs eagerly) to have projected.
         compiling = torch.compiler.is_compiling()
         if not compiling and getattr(hook, "_projected", None) != _stamp(orig, mask, sign):
-            project(module, hook._tensor_name)
+            # With the optimizer it was projected for: reflecting sign-locked weights must
+            # reflect their momentum too (a checkpoint of the torch path loaded since).
+            optimizer = hook._optimizer() if hook.__dict__.get("_optimizer") else None
+            project(module, hook._tensor_name, optimizer, grad=optimizer is not None, hook=hook)
         # An alias, not the Parameter itself: setattr of a Parameter would register ``weight``.
         # Without grad a detached one: a view made under no_grad breaks deepcopy once its base
-        # is edited in place (a rewind, a loaded checkpoint) before the next forward.
-        return orig.view_as(orig) if torch.is_grad_enabled() else orig.detach()
+        # is edited in place (a rewind, a loaded checkpoint) before the next forward; jit.trace
+        # checks its trace without grad, and needs the same op both times.
+        traced = torch.jit.is_tracing()
+        return orig.view_as(orig) if torch.is_grad_enabled() or traced else orig.detach()

@@ -63,7 +63,7 @@ class SignMaskHook(_prune.PruningContainer):
         state = dict(self.__dict__)
         if state.get("backend") == "projection":
             state["backend"] = "torch"
-        for key in ("_projected", "_state_masks", "_optimizer"):
+        for key in ("_projected", "_state_masks", "_optimizer", "_param", "_masked_grad", "_reflected"):
             state.pop(key, None)
         return state
 

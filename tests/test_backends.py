@@ -318,6 +318,104 @@ def test_a_copy_of_a_projection_model_trains_on_the_torch_path(signs):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def _equal_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b)))
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_projection_masks_gradients_assigned_to_grad(signs):
+    # torch.autograd.grad then p.grad = g (meta-learning, per-sample or DP pipelines): no
+    # backward accumulates into .grad, so only the step pre-hook can mask them.
+    (ref, ref_opt), (proj, proj_opt) = _torch_and_projection(signs)
+    for x, y in _batches(3):
+        for model, opt in ((ref, ref_opt), (proj, proj_opt)):
+            params = list(model.parameters())
+            grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            opt.step()
+    assert _equal_weights(ref, proj)
+    assert all(not m.weight_orig[~m.weight_mask].any() for m in proj if hasattr(m, "weight_mask"))
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_projection_follows_stock_prune_stacked_on_top(signs):
+    # Stock prune registers a new mask tensor (version 0 again): its identity must count.
+    (ref, ref_opt), (proj, proj_opt) = _torch_and_projection(signs)
+    for model in (ref, proj):
+        torch.nn.utils.prune.l1_unstructured(model[0], "weight", 0.5)
+    assert _equal_weights(ref, proj)
+    _train(ref, ref_opt, _batches(3))
+    _train(proj, proj_opt, _batches(3))
+    assert _equal_weights(ref, proj)
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_projection_resumes_a_sign_locked_torch_checkpoint_loaded_after_set_backend(model_first):
+    # Large steps: kept weight_orig entries cross zero on the torch path. Loading reflects them
+    # onto their locks, and their momentum must be reflected with them, whichever loads first.
+    make = lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)  # noqa: E731
+    ref = _pruned("locked")
+    ref_opt = make(ref.parameters())
+    batches = _batches(6)
+    _train(ref, ref_opt, batches[:3])
+    crossed = sum(int((torch.signbit(m.weight_orig) != _bits.sign_bits(m.weight_sign, m.weight_orig.shape).bool()).sum())
+                  for m in ref if hasattr(m, "weight_mask"))
+    assert crossed > 0
+    model_state, opt_state = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())
+    proj = _pruned("locked")
+    proj_opt = make(proj.parameters())
+    _backends.set_backend(proj, "projection", optimizer=proj_opt)
+    if model_first:
+        proj.load_state_dict(model_state)
+        proj_opt.load_state_dict(opt_state)
+    else:
+        proj_opt.load_state_dict(opt_state)
+        proj.load_state_dict(model_state)
+    _train(ref, ref_opt, batches[3:])
+    _train(proj, proj_opt, batches[3:])
+    assert _equal_weights(ref, proj)
+
+
+def test_a_compiled_projection_model_sees_a_loaded_checkpoint_at_once():
+    # Compiled forwards skip the version-counter check: loading must project by itself.
+    ref = _pruned()
+    with torch.no_grad():
+        ref[0].weight_orig.add_(1.0)  # pruned entries nonzero in the checkpoint
+    proj = _pruned()
+    _backends.set_backend(proj, "projection", optimizer=torch.optim.SGD(proj.parameters(), lr=0.1))
+    torch._dynamo.reset()
+    compiled = torch.compile(proj, backend="aot_eager")
+    (x, _), = _batches(1)
+    compiled(x)
+    proj.load_state_dict(ref.state_dict())
+    assert torch.equal(compiled(x), ref(x))
+
+
+def test_projection_serves_torch_func_like_the_torch_path():
+    # functional_call's stand-in tensors must not be masked in place; func.grad must work.
+    (ref, _), (proj, _) = _torch_and_projection(None)
+    (x, y), = _batches(1)
+    given = {k: v.detach().clone() for k, v in ref.named_parameters()}
+    before = {k: v.clone() for k, v in given.items()}
+
+    def loss(params, model):
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    assert torch.equal(loss(given, proj), loss(given, ref))
+    assert all(torch.equal(given[k], before[k]) for k in given)
+    g_ref, g_proj = torch.func.grad(loss)(given, ref), torch.func.grad(loss)(given, proj)
+    assert all(torch.equal(g_ref[k], g_proj[k]) for k in g_ref)
+
+
+def test_projection_traces_with_the_trace_check():
+    model = _pruned("locked")
+    _backends.set_backend(model, "projection", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    (x, _), = _batches(1)
+    traced = torch.jit.trace(model, x)  # checks the trace by tracing again without grad
+    assert torch.equal(traced(x), model(x))
+
+
 def _saved(model) -> io.BytesIO:
     buf = io.BytesIO()
     torch.save(model, buf)
