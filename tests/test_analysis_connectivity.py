@@ -383,6 +383,12 @@ def test_barrier_dataclass_validates():
         analysis.Barrier((0.0, 1.0), (math.nan, 1.0), (0.1, 0.1))
     edge = analysis.Barrier((0.0, 0.5, 1.0), (0.0, 0.0, 0.0), (0.0, 0.02, 0.0))
     assert edge.barrier == 0.02 and not edge.stable  # stable means strictly below 2%
+    # 20 more errors than the endpoints' 100 or 110 in 1000 images: 2.0 points either way, though
+    # the fractions round to 0.01999999999999999 and 0.020000000000000004.
+    for low in (100, 110):
+        b = analysis.Barrier((0.0, 0.5, 1.0), (1.0, 1.0, 1.0), (low / 1000, (low + 20) / 1000, low / 1000))
+        assert not b.stable, b.barrier
+    assert analysis.Barrier((0.0, 0.5, 1.0), (1.0, 1.0, 1.0), (0.1, 0.119, 0.1)).stable
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
@@ -622,3 +628,43 @@ def test_evaluate_takes_the_class_axis_1_for_dense_predictions():
     model = _Fixed(logits)
     ev = analysis.evaluate(model, [(torch.zeros(1), torch.tensor([[0, 0]]))])
     assert ev.error == 0.5
+
+
+def test_evaluate_leaves_ignored_targets_out_of_error_and_loss():
+    # cross_entropy ignores -100 (unlabeled pixels): they are no error, and each batch's mean
+    # loss weighs by the targets it counted. Oracle: one cross_entropy over all batches at once.
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    y[:24] = -100
+    ev = analysis.evaluate(net, [(x[:32], y[:32]), (x[32:], y[32:])])
+    with torch.no_grad():
+        logits = net(x)
+    counted = y >= 0
+    assert math.isclose(ev.loss, float(F.cross_entropy(logits, y)), rel_tol=1e-6)
+    assert ev.error == int((logits.argmax(1) != y)[counted].sum()) / int(counted.sum())
+    with pytest.raises(ValueError, match="only negative .ignored. targets"):
+        analysis.evaluate(net, [(x[:8], torch.full((8,), -100))])
+
+
+@pytest.mark.parametrize("model, loss_fn, message", [
+    (lambda: _Fixed((torch.zeros(2, 3), torch.zeros(2))), F.cross_entropy, "model must return a logits tensor .* returned tuple"),
+    (lambda: nn.Linear(4, 3), lambda a, b: F.cross_entropy(a, b, reduction="none"),
+     r"loss_fn must return a scalar batch mean, returned \(2,\)"),
+])
+def test_evaluate_names_a_model_or_loss_of_the_wrong_kind(model, loss_fn, message):
+    with pytest.raises(TypeError, match=message):
+        analysis.evaluate(model(), [(torch.randn(2, 4), torch.tensor([0, 1]))], loss_fn=loss_fn)
+
+
+def test_interpolate_endpoints_are_exact_beside_infinite_weights_and_barrier_refuses_them_first():
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    with torch.no_grad():
+        b.weight[0, 0] = float("inf")  # 0 * inf made the alpha = 0 endpoint NaN
+    assert torch.equal(analysis.interpolate(a, b, 0.0).weight, a.weight)
+    data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    calls = []
+    loss = lambda logits, y: calls.append(1) or F.cross_entropy(logits, y)  # noqa: E731
+    with pytest.raises(ValueError, match="model_b's weight holds NaN or infinite values"):
+        analysis.barrier(a, b, data, points=3, loss_fn=loss)
+    assert calls == []  # refused before evaluating any point

@@ -69,6 +69,9 @@ def test_quick_demo_writes_png_and_markdown(demo_out):
     (["--sparsity", "lots"], "expected a number"),
     (["--epochs", "0"], "must be >= 1"),
     (["--data", "cifar"], "invalid choice"),
+    (["--seed", "-1"], "must be in [0, 2**63), got -1"),  # trained, then a traceback
+    (["--seed", str(2**64 - 1)], "must be in [0, 2**63)"),
+    (["--seed", "x"], "expected an integer, got 'x'"),
 ])
 def test_bad_demo_arguments_exit_2_with_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

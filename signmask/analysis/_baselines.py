@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 from typing import Callable, Iterable
@@ -165,6 +166,8 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
     if not callable(make_model):
         raise TypeError(f"make_model must be callable, got {type(make_model).__name__}")
     target_params = check_int(target_params, "target_params", minimum=1)
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, collections.abc.Iterable):
+        raise TypeError(f"widths must be an iterable of ints, got {type(widths).__name__} {widths!r}")
     candidates = [check_int(w, "widths entry", minimum=1) for w in widths]
     if not candidates:
         raise ValueError("widths must hold at least one width")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import itertools
 import math
 import numbers
 from typing import Any, Callable, Iterable
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,6 +23,9 @@ from ._evaluation import LossFn, bn_modules, evaluate, reestimate_bn
 from ._interpolation import plan_blend, write_blend
 
 STABLE_BARRIER = 0.02  # Frankle et al. 2020: stable to SGD noise when the error barrier is < 2%
+# Errors are fractions of a test set (0.11 - 0.09 is 0.020000000000000004): within this of the
+# threshold a barrier counts as on it, so that the same count of errors gets one verdict.
+_TOLERANCE = 1e-9
 
 
 def _as_floats(values: Iterable[Any], what: str) -> tuple[float, ...]:
@@ -82,8 +87,9 @@ class Barrier:
 
     @property
     def stable(self) -> bool:
-        """True when ``barrier < 0.02`` (stable to SGD noise, Frankle et al. 2020)."""
-        return self.barrier < STABLE_BARRIER
+        """True when ``barrier < 0.02`` (stable to SGD noise, Frankle et al. 2020); a barrier
+        within 1e-9 of 0.02 (floating-point rounding of error fractions) is not below it."""
+        return self.barrier < STABLE_BARRIER - _TOLERANCE
 
 
 def _check_loader(loader: Any, arg: str) -> None:
@@ -106,6 +112,14 @@ def _check_loader(loader: Any, arg: str) -> None:
         raise ValueError(
             f"{arg} must yield at least one batch, got an empty {type(loader).__name__}"
         )
+
+
+def _check_finite(model: nn.Module, arg: str) -> None:
+    """Refuse a diverged model before any evaluation: every point's loss would be NaN."""
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{arg}'s {name} holds NaN or infinite values (a diverged run?); "
+                             "there is no loss along a path to it")
 
 
 def _check_path_args(model: nn.Module, eval_loader: Any, train_loader: Any, points: Any,
@@ -205,6 +219,8 @@ def barrier(
                                       bn_batches, eval_batches, arg="model_a")
     check_model(model_b, "model_b")
     plan = plan_blend(model_a, model_b)
+    for model, arg in ((model_a, "model_a"), (model_b, "model_b")):
+        _check_finite(model, arg)
     alphas = [i / (points - 1) for i in range(points)]
     work = clone(model_a)
     losses, errors = [], []

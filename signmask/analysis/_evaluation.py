@@ -173,7 +173,9 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
     """Compute the mean loss and the top-1 error of ``model`` over ``loader``.
 
     Runs in eval mode without gradients and restores every module's train/eval flag. The loss
-    is ``loss_fn(logits, targets)`` (a batch mean) weighted by batch size.
+    is ``loss_fn(logits, targets)`` (a batch mean) weighted by the batch's counted targets.
+    Negative targets (``cross_entropy``'s ``ignore_index``, -100, for unlabeled pixels) name no
+    class: they count in neither the error nor the weights.
 
     Args:
         model: a classifier returning logits of shape ``(N, C, ...)``.
@@ -185,8 +187,10 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
         ``Evaluation(loss, error)``.
 
     Raises:
-        TypeError: bad arguments or batches.
-        ValueError: ``batches < 1``, an empty loader, or logits and targets of mismatched shapes.
+        TypeError: bad arguments or batches, a model returning no tensor, a loss that is not a
+            scalar.
+        ValueError: ``batches < 1``, an empty loader (or one whose targets are all negative), or
+            logits and targets of mismatched shapes.
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -202,26 +206,43 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
         batches = check_int(batches, "batches", minimum=1)
     modes = [(m, m.training) for m in model.modules()]
     device = device_of(model)
-    total_loss, wrong, count = 0.0, 0, 0
+    total_loss, wrong, count, seen = 0.0, 0, 0, 0
     try:
         model.eval()
         with torch.no_grad():
             for batch in _limit(loader, batches):
                 inputs, targets = split_batch(batch, need_target=True)
-                logits = model(inputs.to(device))
-                targets = targets.to(logits.device)
-                if logits.dim() != targets.dim() + 1 or logits.shape[0] != targets.shape[0] \
-                        or logits.shape[2:] != targets.shape[1:]:
-                    raise ValueError(
-                        f"logits of shape {tuple(logits.shape)} do not match class-index targets "
-                        f"of shape {tuple(targets.shape)} (expected logits (N, C, ...))"
-                    )
-                total_loss += float(loss_fn(logits, targets)) * targets.numel()
-                wrong += int((logits.argmax(dim=1) != targets).sum())
-                count += targets.numel()
+                logits = _logits(model(inputs.to(device)), targets)
+                targets, seen = targets.to(logits.device), seen + 1
+                counted = targets >= 0
+                n = int(counted.sum())
+                if n:  # a batch of ignored targets only: cross_entropy's mean is 0/0
+                    total_loss += _scalar(loss_fn(logits, targets)) * n
+                wrong += int(((logits.argmax(dim=1) != targets) & counted).sum())
+                count += n
     finally:
         for m, training in modes:
             m.training = training
     if count == 0:
-        raise ValueError("loader yielded no batch; nothing to evaluate")
+        what = "only negative (ignored) targets" if seen else "no batch"
+        raise ValueError(f"loader yielded {what}; nothing to evaluate")
     return Evaluation(total_loss / count, wrong / count)
+
+
+def _logits(logits, targets: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"model must return a logits tensor (N, C, ...), returned {type(logits).__name__}")
+    if logits.dim() != targets.dim() + 1 or logits.shape[0] != targets.shape[0] \
+            or logits.shape[2:] != targets.shape[1:]:
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} do not match class-index targets "
+            f"of shape {tuple(targets.shape)} (expected logits (N, C, ...))"
+        )
+    return logits
+
+
+def _scalar(loss) -> float:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(f"loss_fn must return a scalar batch mean, returned {found}")
+    return float(loss)

@@ -76,7 +76,10 @@ def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``(1 - alpha) * a + alpha * b`` computed in float64, rounded once to ``a``'s dtype."""
+    """``(1 - alpha) * a + alpha * b`` computed in float64, rounded once to ``a``'s dtype; the
+    endpoints are ``a`` and ``b`` themselves (``0 * inf`` would make them NaN)."""
+    if alpha in (0.0, 1.0):
+        return (a if alpha == 0.0 else b).detach().to(a.device, a.dtype, copy=True)
     a64, b64 = a.detach().double(), b.detach().to(a.device).double()
     return ((1.0 - alpha) * a64 + alpha * b64).to(a.dtype)
 
