@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     test_loader = DataLoader(test_set, 512)
     print(f"data: {args.data} ({len(train_set)} train / {len(test_set)} test images)")
 
+    # zero_init_last=False: every BN gamma starts at 1, the init AWS interpolates towards (the
+    # paper's setting); timm would start each block's last gamma at 0.
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10, channels=args.channels,
-                              stem_width=args.channels[0])
+                              stem_width=args.channels[0], zero_init_last=False)
     opt = timm.optim.create_optimizer_v2(model, "sgd", lr=args.lr, weight_decay=5e-4, momentum=0.9)
     sched, num_epochs = timm.scheduler.create_scheduler_v2(opt, "cosine", num_epochs=args.epochs, warmup_epochs=1,
                                                            warmup_lr=args.lr / 10, min_lr=args.lr / 100)
