@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import _methods, _parents, _reparam, _targets
+from . import _interpolate, _methods, _parents, _reparam, _targets
 
 _EXTRA_STATE = "_extra_state"  # nn.Module's key suffix for get_extra_state()
 
@@ -45,6 +45,26 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
             )
     if problems:
         raise RuntimeError("cannot load the state_dict: " + "; ".join(problems))
+
+
+def _trained_norms(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` with AWS's norm interpolation taken off: ``<name>_orig`` (the trained
+    value) as ``<name>``, ``<name>_init`` dropped. A pruned tensor has a ``_mask``, never an
+    ``_init``, so the two are not confused."""
+    bases = {k[: -len("_init")] for k in state_dict if k.endswith("_init")}
+    bases = {b for b in bases if b + "_orig" in state_dict and b + "_mask" not in state_dict}
+    if not bases:
+        return state_dict
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        if key.endswith("_orig") and key[: -len("_orig")] in bases:
+            out[key[: -len("_orig")]] = value
+        elif not (key.endswith("_init") and key[: -len("_init")] in bases):
+            out[key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata
+    return out
 
 
 def _module_key(fqn: str) -> str:
@@ -114,7 +134,9 @@ def load_state_dict(
     Plain ``model.load_state_dict`` fails on the ``*_orig`` / ``*_mask`` keys of an unpruned
     model; this installs the masks (and sign locks) first, then loads every value. Keys that
     differ from the model's only by wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of
-    ``torch.compile``) are matched to the model's own.
+    ``torch.compile``) are matched to the model's own. A checkpoint taken during an AWS search
+    loads its norm layers' trained values (``<name>_orig``; the interpolation's ``<name>_init``
+    is dropped), unless ``model`` is interpolated itself.
 
     Args:
         model: a model of the state dict's architecture, pruned or not.
@@ -143,6 +165,8 @@ def load_state_dict(
     _targets.check_model(model, "model")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    if not _interpolate.interpolated(model):
+        state_dict = _trained_norms(state_dict)
     state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names
     modules = dict(model.named_modules(remove_duplicate=False))  # a shared module: every name
     plan = {}  # pruned tensor's key -> (module, tensor, mask, locked)

@@ -178,3 +178,26 @@ def test_a_failed_load_state_dict_leaves_no_stale_weight_attribute():
     with pytest.raises(RuntimeError):
         signmask.load_state_dict(fresh, sd)
     assert fresh.weight is fresh._parameters["weight"]
+
+
+def test_a_checkpoint_taken_during_an_aws_search_loads_its_trained_norms():
+    # The search's norms are weight_orig (trained) and weight_init under an interpolation hook.
+    torch.manual_seed(0)
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    search = signmask.apply(model, "aws", 0.5, optimizer=opt, progress=False)
+    search.start_round()
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    state = model.state_dict()
+    assert "bn1.weight_init" in state and "bn1.weight_orig" in state
+    fresh = signmask.load_state_dict(tiny(1), state)
+    assert "bn1.weight_init" not in fresh.state_dict()
+    assert torch.equal(fresh.bn1.weight, model.bn1.weight_orig) and torch.equal(fresh.bn2.bias, model.bn2.bias_orig)
+    model.eval()  # eval mode: the search's norms are the trained values
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
