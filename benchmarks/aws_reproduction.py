@@ -292,21 +292,20 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
         records = []
         for r in search:
             train_epochs(model, data, opt, sched, preset.round_epochs)
-            rec = {"round": r, "sparsity": search.sparsity, "acc": accuracy(model, test_loader)}
-            if method == "aws":
-                rec["acc_bn"] = accuracy(bn_reestimated(model, bn_fixed, preset.bn_batches), test_loader)
-                search.report(acc=rec["acc"], acc_bn=rec["acc_bn"])
-            else:
-                search.report(acc=rec["acc"])
+            # Both methods also with BN re-estimated, as the barriers evaluate every network: the
+            # running statistics of a run at a large constant LR lag behind its weights.
+            rec = {"round": r, "sparsity": search.sparsity, "acc": accuracy(model, test_loader),
+                   "acc_bn": accuracy(bn_reestimated(model, bn_fixed, preset.bn_batches), test_loader)}
+            search.report(acc=rec["acc"], acc_bn=rec["acc_bn"])
             records.append(rec)
-            extra = f", BN re-estimated {rec['acc_bn']:.4f}" if "acc_bn" in rec else ""
-            print(f"  seed {seed} {method} round {r}: sparsity {rec['sparsity']:.3f} acc {rec['acc']:.4f}{extra} "
-                  f"[{time.perf_counter() - t_seed:.0f} s]", flush=True)
+            print(f"  seed {seed} {method} round {r}: sparsity {rec['sparsity']:.3f} acc {rec['acc']:.4f}, "
+                  f"BN re-estimated {rec['acc_bn']:.4f} [{time.perf_counter() - t_seed:.0f} s]", flush=True)
         rounds[method], solutions[method], tickets[method] = records, model, search.ticket
         stages[f"{method}_search_s"] = time.perf_counter() - t0
 
     final_sparsity = tickets["aws"].sparsity
     sol_acc = {"lrr": accuracy(solutions["lrr"], test_loader), "aws_raw": accuracy(solutions["aws"], test_loader),
+               "lrr_bn": accuracy(bn_reestimated(solutions["lrr"], bn_fixed, preset.bn_batches), test_loader),
                "aws_bn": accuracy(bn_reestimated(solutions["aws"], bn_fixed, preset.bn_batches), test_loader)}
 
     # ---- transfer to a new random init, plain retraining
@@ -328,12 +327,12 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
         "reinit_aws_mask": lambda m: analysis.random_reinit(tickets["aws"], m),
         "random_prune": lambda m: analysis.random_prune(tickets["aws"], m, seed=seed),
     }
-    transferred, transfer_acc = {}, {}
+    transferred, transfer_acc, inits = {}, {}, {}
     t0 = time.perf_counter()
     for name, make in variants.items():
         net = make(make_model(preset, in_chans, new_init_seed, device))
-        if name == "aws_signs":  # its init, before training, for the instability run below
-            aws_signs_init = copy.deepcopy(net)
+        if name in INSTABILITY:  # its init, before training, for the instability runs below
+            inits[name] = copy.deepcopy(net)
         transferred[name] = retrain(net, retrain_seed)
         transfer_acc[name] = accuracy(net, test_loader)
         print(f"  seed {seed} new init + {name}: acc {transfer_acc[name]:.4f} [{time.perf_counter() - t_seed:.0f} s]",
@@ -357,21 +356,21 @@ def run_seed(seed: int, preset: Preset, train: dict, test: dict, info: dict, dev
         print(f"  seed {seed} barrier {name}: {barriers[name]['barrier']:.4f}", flush=True)
     stages["barrier_s"] = time.perf_counter() - t0
 
-    # SGD-noise instability of the AWS-signed new init: two copies, data orders retrain_seed and
-    # retrain_seed + 1. The first is exactly the aws_signs run above (same init, same data seed),
-    # so its trained state is loaded instead of training it a second time.
+    # SGD-noise instability of the new inits (the measure the paper states its LRR results in):
+    # two copies, data orders retrain_seed and retrain_seed + 1. The first is exactly the run
+    # above (same init, same data seed), so its trained state is loaded instead of retrained.
     t0 = time.perf_counter()
+    for name in INSTABILITY:
+        def train_copy(net: nn.Module, data_seed: int, name: str = name) -> nn.Module:
+            if data_seed == retrain_seed:
+                net.load_state_dict(transferred[name].state_dict())
+                return net
+            return retrain(net, data_seed)
 
-    def train_copy(net: nn.Module, data_seed: int) -> nn.Module:
-        if data_seed == retrain_seed:
-            net.load_state_dict(transferred["aws_signs"].state_dict())
-            return net
-        return retrain(net, data_seed)
-
-    inst = analysis.instability(aws_signs_init, train_copy, test_loader, seeds=(retrain_seed, retrain_seed + 1),
-                                **kw)
-    barriers["instability_aws_signs"] = barrier_record(inst)
-    print(f"  seed {seed} instability aws_signs: {inst.barrier:.4f}", flush=True)
+        inst = analysis.instability(inits[name], train_copy, test_loader,
+                                    seeds=(retrain_seed, retrain_seed + 1), **kw)
+        barriers[f"instability_{name}"] = barrier_record(inst)
+        print(f"  seed {seed} instability {name}: {inst.barrier:.4f}", flush=True)
     stages["instability_s"] = time.perf_counter() - t0
     return {
         "seed": seed, "search_init_seed": search_seed, "new_init_seed": new_init_seed,
@@ -398,7 +397,8 @@ def per_seed(values: list[float], scale: float = 100.0) -> str:
 
 ROWS = (  # (label, accuracy getter, barrier key or None)
     ("dense, search init (LRR round 0)", lambda s: s["dense_round0"], None),
-    ("LRR solution", lambda s: s["solutions"]["lrr"], None),
+    ("LRR solution, raw BN statistics", lambda s: s["solutions"]["lrr"], None),
+    ("LRR solution, BN re-estimated", lambda s: s["solutions"]["lrr_bn"], None),
     ("AWS solution, raw BN statistics", lambda s: s["solutions"]["aws_raw"], None),
     ("AWS solution, BN re-estimated", lambda s: s["solutions"]["aws_bn"], None),
     ("new init, dense", lambda s: s["transfer"]["dense"], None),
@@ -414,6 +414,11 @@ ROWS = (  # (label, accuracy getter, barrier key or None)
      "reinit_vs_aws_solution"),
     ("new init, random pruning (AWS per-layer density)", lambda s: s["transfer"]["random_prune"], None),
 )
+# New inits whose SGD-noise instability is measured, with their labels (runs before the LRR
+# ones measured aws_signs only).
+INSTABILITY = {"aws_signs": "new init + AWS signed mask", "lrr_signs": "new init + LRR signed mask",
+               "lrr_signs_norms": "new init + LRR signed mask + LRR trained norms",
+               "reinit_aws_mask": "new init + AWS binary mask (random reinit)"}
 BARRIER_TO = {"aws_signs_vs_aws_solution": "AWS solution", "lrr_signs_vs_lrr_solution": "LRR solution",
               "reinit_vs_aws_solution": "AWS solution", "lrr_signs_norms_vs_lrr_solution": "LRR solution",
               "lrr_mask_norms_vs_lrr_solution": "LRR solution",
@@ -457,16 +462,20 @@ def markdown(payload: dict) -> str:
                          f"{per_seed(bar)} |")
         else:
             lines.append(f"| {label} | {fmt(acc)} | {per_seed(acc)} | | |")
-    inst = [s["barriers"]["instability_aws_signs"]["barrier"] for s in seeds]
-    lines += [f"| instability of new init + AWS signed mask (2 data orders) | | | {fmt(inst)} | {per_seed(inst)} |",
-              "", "## Search rounds (test accuracy %)", "",
-              "| round | sparsity % | LRR | AWS raw | AWS BN re-estimated |", "|---:|---:|---:|---:|---:|"]
+    for name, label in INSTABILITY.items():
+        if all(f"instability_{name}" in s["barriers"] for s in seeds):
+            inst = [s["barriers"][f"instability_{name}"]["barrier"] for s in seeds]
+            lines.append(f"| instability of {label} (2 data orders) | | | {fmt(inst)} | {per_seed(inst)} |")
+    lrr_bn = all("acc_bn" in rec for s in seeds for rec in s["lrr_rounds"])  # older runs: AWS only
+    lines += ["", "## Search rounds (test accuracy %)", "",
+              "| round | sparsity % | LRR raw | " + ("LRR BN re-estimated | " if lrr_bn else "")
+              + "AWS raw | AWS BN re-estimated |", "|---:|---:|---:|---:|---:|" + ("---:|" if lrr_bn else "")]
     for r in range(len(seeds[0]["lrr_rounds"])):
         sp = seeds[0]["lrr_rounds"][r]["sparsity"]
-        lrr = [s["lrr_rounds"][r]["acc"] for s in seeds]
-        raw = [s["aws_rounds"][r]["acc"] for s in seeds]
-        bn = [s["aws_rounds"][r]["acc_bn"] for s in seeds]
-        lines.append(f"| {r} | {100 * sp:.1f} | {fmt(lrr)} | {fmt(raw)} | {fmt(bn)} |")
+        cells = [[s[m][r][k] for s in seeds] for m, k in (("lrr_rounds", "acc"), ("lrr_rounds", "acc_bn"),
+                                                         ("aws_rounds", "acc"), ("aws_rounds", "acc_bn"))
+                 if lrr_bn or (m, k) != ("lrr_rounds", "acc_bn")]
+        lines.append(f"| {r} | {100 * sp:.1f} | " + " | ".join(fmt(c) for c in cells) + " |")
     walls = ", ".join(f"seed {s['seed']}: {s['wall_s'] / 60:.1f} min" for s in seeds)
     lines += ["", f"Wall time per seed: {walls}.", "", "## Notes", ""]
     lines += [f"- {note}" for note in payload["notes"]]
@@ -485,7 +494,10 @@ def write_outputs(stem: str, payload: dict) -> list[Path]:
                   "lrr_signs_norms_vs_lrr_solution": "LRR signs + LRR norms new init <-> LRR solution",
                   "lrr_mask_norms_vs_lrr_solution": "LRR mask + LRR norms new init <-> LRR solution",
                   "aws_signs_norms_vs_aws_solution": "AWS signs + AWS norms new init <-> AWS solution",
-                  "instability_aws_signs": "AWS signs new init, 2 data orders"}
+                  "instability_aws_signs": "AWS signs new init, 2 data orders",
+                  "instability_lrr_signs": "LRR signs new init, 2 data orders",
+                  "instability_lrr_signs_norms": "LRR signs + norms new init, 2 data orders",
+                  "instability_reinit_aws_mask": "random reinit, 2 data orders"}
         curves = {labels[k]: analysis.Barrier(tuple(b["alphas"]), tuple(b["losses"]), tuple(b["errors"]))
                   for k, b in first["barriers"].items()}
         paths.append(analysis.plot_interpolation(curves, _common.RESULTS / f"{stem}_barriers.png"))
@@ -515,12 +527,14 @@ def write_outputs(stem: str, payload: dict) -> list[Path]:
 
 def print_table(payload: dict) -> None:
     seeds = [payload["per_seed"][k] for k in sorted(payload["per_seed"], key=int)]
-    print(f"\n{'network':52s} {'test acc %':>16s} {'barrier %':>16s}")
+    print(f"\n{'network':66s} {'test acc %':>16s} {'barrier %':>16s}")
     for label, get, key in _rows(seeds):
         bar = fmt([s["barriers"][key]["barrier"] for s in seeds]) if key else ""
-        print(f"{label:52s} {fmt([get(s) for s in seeds]):>16s} {bar:>16s}")
-    print(f"{'instability, new init + AWS signed mask':52s} {'':>16s} "
-          f"{fmt([s['barriers']['instability_aws_signs']['barrier'] for s in seeds]):>16s}")
+        print(f"{label:66s} {fmt([get(s) for s in seeds]):>16s} {bar:>16s}")
+    for name, label in INSTABILITY.items():
+        if all(f"instability_{name}" in s["barriers"] for s in seeds):
+            inst = fmt([s["barriers"][f"instability_{name}"]["barrier"] for s in seeds])
+            print(f"{'instability, ' + label:66s} {'':>16s} {inst:>16s}")
 
 
 NOTES = [
