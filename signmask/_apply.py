@@ -102,13 +102,14 @@ def apply(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     seed = _methods.check_seed(seed)
+    _targets.check_bool(progress, "progress")
     if scheduler is not None and not all(hasattr(scheduler, a) for a in ("state_dict", "load_state_dict")):
         raise TypeError(
             f"scheduler must have state_dict()/load_state_dict() (a torch or timm scheduler), "
             f"got {type(scheduler).__name__}"
         )
-    if steps_per_round is not None and (isinstance(steps_per_round, bool) or not isinstance(steps_per_round, int) or steps_per_round < 1):
-        raise ValueError(f"steps_per_round must be a positive int or None, got {steps_per_round!r}")
+    if steps_per_round is not None:
+        steps_per_round = _schedule.check_count(steps_per_round, "steps_per_round")
     if classifier is not None and not isinstance(classifier, bool):
         raise TypeError(f"classifier must be a bool or None, got {type(classifier).__name__} {classifier!r}")
     classifier = recipe.classifier if classifier is None else classifier

@@ -235,6 +235,8 @@ def set_backend(
         torch.Size([1, 4])
     """
     _targets.check_model(model, "model")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     impl = get_backend(backend)
     targets = _signmask_targets(model)
     _targets.check_local(targets)

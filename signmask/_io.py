@@ -89,6 +89,12 @@ def _umask() -> int:
     return mask
 
 
+def _check_path(path) -> str | os.PathLike:
+    if not isinstance(path, (str, os.PathLike)) or path == "":
+        raise TypeError(f"path must be a non-empty str or os.PathLike, got {type(path).__name__} {path!r}")
+    return path
+
+
 def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     """Write ``ticket`` to ``path`` as ``.safetensors``, atomically (temp file + rename).
 
@@ -96,7 +102,7 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
         The path written.
 
     Raises:
-        TypeError: ``ticket`` is not a :class:`Ticket`.
+        TypeError: ``ticket`` is not a :class:`Ticket`, ``path`` not a path.
         ValueError: the ticket's tensors were edited into invalid values after construction, or
             one is named ``__metadata__``.
 
@@ -112,6 +118,7 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     if not isinstance(ticket, Ticket):
         raise TypeError(f"save() takes a signmask.Ticket, got {type(ticket).__name__}")
     ticket = ticket._checked()
+    _check_path(path)
     if "__metadata__" in {**ticket.masks, **ticket.signs, **ticket.norms}:
         raise ValueError("a tensor named '__metadata__' cannot be saved: safetensors reserves the name")
     path = Path(path)
@@ -239,12 +246,13 @@ def load(path: str | os.PathLike) -> Ticket:
     """Read a ticket written by :func:`save` (format version 2) or by an older signmask (version 1).
 
     Raises:
+        TypeError: ``path`` is not a path.
         FileNotFoundError: no such file.
         ValueError: not a safetensors file, truncated or corrupted, not a signmask ticket, an
             unsupported format version, missing or extra tensors, or values outside {-1, 0, +1};
             the message names the file and the tensor.
     """
-    path = Path(path)
+    path = Path(_check_path(path))
     meta, raw = read_raw(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a signmask ticket (metadata 'format' is {meta.get('format')!r})")

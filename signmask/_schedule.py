@@ -18,24 +18,30 @@ def check_fraction(value: float, what: str) -> float:
     return float(value)
 
 
+def check_count(value, arg: str) -> int:
+    """Return ``value`` as an int if it is an integer >= 1 (numpy ints too, bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{arg} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def parse_rewind(spec: str | int | None, steps_per_epoch: int | None) -> int | None:
     """The optimizer step a rewind point names: ``"init"`` is 0, ``"500it"`` 500, ``"2ep"`` two
     epochs, ``"1ep50it"`` one epoch and 50 steps; an int is a step. ``None`` means no rewind.
 
     Raises:
+        TypeError: ``steps_per_epoch`` is not an int.
         ValueError: an unreadable spec, ``"ep"`` without ``steps_per_epoch``, or a
-            ``steps_per_epoch`` that is not a positive int.
+            ``steps_per_epoch`` below 1.
 
     Example:
         >>> parse_rewind("1ep50it", steps_per_epoch=100)
         150
     """
-    if steps_per_epoch is not None and (
-        isinstance(steps_per_epoch, bool)
-        or not isinstance(steps_per_epoch, numbers.Integral)
-        or steps_per_epoch < 1
-    ):
-        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+    if steps_per_epoch is not None:
+        steps_per_epoch = check_count(steps_per_epoch, "steps_per_epoch")
     if spec is None:
         return None
     if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
@@ -67,9 +73,7 @@ def prune_count(sparsity: float, rate: float | None, rounds: int | None) -> int:
         8
     """
     if rounds is not None:
-        if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
-            raise ValueError(f"rounds must be a positive int, got {rounds!r}")
-        return int(rounds)
+        return check_count(rounds, "rounds")
     # The tolerance keeps an exact power (0.36 = 0.6 ** 2) from asking for one more step.
     return max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-rate) - 1e-9))
 

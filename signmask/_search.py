@@ -54,6 +54,7 @@ def _broadcast_masks(targets: dict[str, tuple[nn.Module, str]]) -> None:
         as_bytes = mask.to(torch.uint8)
         dist.broadcast(as_bytes, src=0)
         mask.copy_(as_bytes.bool())
+        _reparam.refresh(module, name)  # module.<name> read before the next forward sees it
 
 
 class Search:
@@ -361,8 +362,9 @@ class Search:
         model and optimizer, then load the model's, optimizer's and scheduler's own state_dicts.
 
         Raises:
-            ValueError: another version, another search configuration, or a model whose masked
-                tensors differ (names or shapes). Nothing is changed then.
+            ValueError: another version, another search configuration, a model whose masked
+                tensors differ (names or shapes), or an entry of the wrong kind (an edited or
+                corrupted checkpoint). Nothing is changed then.
             RuntimeError: the search was closed or is done.
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -377,9 +379,10 @@ class Search:
             raise ValueError(f"cannot resume: the saved search masked other tensors than this model has: {diff}")
         if state["rewind_weights"] is not None:
             _snapshot.check_same_keys(_snapshot.weight_keys(self.model), state["rewind_weights"], "the saved rewind snapshot")
+        ticket = self._check_state(state)  # everything, before the first write
         with torch.no_grad():
             for k, (m, n) in self._targets.items():
-                m._buffers[n + "_mask"].copy_(state["masks"][k])
+                m._buffers[n + "_mask"].copy_(state["masks"][k] != 0)
         for key in ("round", "in_round", "step", "round_start_step"):
             setattr(self, key, state[key])
         self._rewind_weights, self._restart = state["rewind_weights"], state["restart"]
@@ -389,11 +392,49 @@ class Search:
             self._alpha.fill_(state["alpha"])
         self.history = [dict(h) for h in state["history"]]
         if state["done"]:
-            self._ticket = Ticket(**state["ticket"])
+            self._ticket = ticket
             self.close()
             self.in_round, self.done = False, True
         elif self.in_round:
             self._open_bar()
+
+
+    def _check_state(self, state: dict[str, Any]) -> Ticket | None:
+        """Raise ``ValueError`` for a state :meth:`load_state_dict` cannot apply whole (an edited
+        or corrupted checkpoint); the ticket of a finished search."""
+        def bad(key: str, expected: str) -> ValueError:
+            value = state.get(key)
+            return ValueError(f"cannot resume: state[{key!r}] should be {expected}, found {type(value).__name__} {value!r:.60}")
+
+        for key in ("round", "step", "round_start_step"):
+            if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
+                raise bad(key, "an int >= 0")
+        for key in ("in_round", "done", "restart_pending"):
+            if not isinstance(state.get(key), bool):
+                raise bad(key, "a bool")
+        for key, mask in state["masks"].items():
+            if not isinstance(mask, torch.Tensor) or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"cannot resume: state['masks'][{key!r}] is not a 0/1 mask")
+        generator = state.get("generator")
+        mine = self._generator.get_state()
+        if not isinstance(generator, torch.Tensor) or generator.dtype != mine.dtype or generator.shape != mine.shape:
+            raise bad("generator", f"a torch.Generator state ({mine.dtype}, {tuple(mine.shape)})")
+        alpha = state.get("alpha")
+        if self._alpha is not None and not (isinstance(alpha, float) and 0.0 <= alpha <= 1.0):
+            raise bad("alpha", "a float in [0, 1]")
+        restart = state.get("restart")
+        if not (isinstance(restart, dict) and {"param_groups", "scheduler"} <= restart.keys()):
+            raise bad("restart", "the optimizer and scheduler snapshot (a dict)")
+        if not (isinstance(state.get("history"), list) and all(isinstance(h, dict) for h in state["history"])):
+            raise bad("history", "a list of dicts")
+        if not state["done"]:
+            return None
+        if not isinstance(state.get("ticket"), dict):
+            raise bad("ticket", "the finished search's ticket (a dict)")
+        try:
+            return Ticket(**state["ticket"])
+        except TypeError as e:
+            raise ValueError(f"cannot resume: state['ticket'] is not a ticket: {e}") from None
 
 
 def _log_line(method: str, record: dict[str, Any]) -> str:

@@ -163,6 +163,7 @@ def load_state_dict(
         True
     """
     _targets.check_model(model, "model")
+    _targets.check_bool(strict, "strict")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     if not _interpolate.interpolated(model):

@@ -13,12 +13,12 @@ from ._ticket import Ticket, architecture
 _MODES = ("init", "locked", "keep")
 
 
-def _resolve(ticket: Ticket | str | os.PathLike) -> Ticket:
+def _resolve(ticket: Ticket | str | os.PathLike, caller: str = "transfer") -> Ticket:
     if isinstance(ticket, Ticket):
         return ticket._checked()
     if isinstance(ticket, (str, os.PathLike)):
         return _io.load(ticket)
-    raise TypeError(f"transfer() takes a Ticket or a path, got {type(ticket).__name__}")
+    raise TypeError(f"{caller}() takes a Ticket or a path as ticket, got {type(ticket).__name__}")
 
 
 def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None:

@@ -14,7 +14,15 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import signmask  # noqa: E402
+from signmask import _reparam, _targets  # noqa: E402
 from _util import tiny  # noqa: E402
+
+
+def stale(model) -> int:
+    """Pruned tensors whose ``module.weight`` differs from what their hook computes now."""
+    with torch.no_grad():
+        return sum(not torch.equal(m.__dict__[n], _reparam.find_hook(m, n)[1].apply_mask(m))
+                   for m, n in _targets.pruned(model).values())
 
 
 def main(argv=None) -> None:
@@ -28,10 +36,11 @@ def main(argv=None) -> None:
     model = torch.nn.parallel.DistributedDataParallel(tiny(0))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     search = signmask.apply(model, "aws", 0.6, optimizer=opt, rate=0.3, seed=11, progress=rank == 0)
-    alphas, masks = [], []
+    alphas, masks, stales = [], [], []
     for _ in search:
         # Before any forward: DDP's buffer broadcast at the next forward would hide a divergence.
         masks.append({k: v.clone() for k, v in model.module.state_dict().items() if k.endswith("_mask")})
+        stales.append(stale(model))  # the broadcast mask in module.weight too, not just the buffer
         for _ in range(3):
             g = torch.Generator().manual_seed(100 * rank + search.step)
             x, y = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 5, (4,), generator=g)
@@ -43,7 +52,8 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn(p.shape, generator=g) * p.abs().mean())
-    torch.save({"alphas": alphas, "masks": masks, "ticket": search.ticket.masks}, os.path.join(args.dir, f"rank{rank}.pt"))
+    torch.save({"alphas": alphas, "masks": masks, "stale": stales, "ticket": search.ticket.masks},
+               os.path.join(args.dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 

@@ -88,7 +88,7 @@ def test_parse_rewind(spec, spe, step):
         (-1, None, ValueError, "rewind must be a step >= 0, got -1"),
         (1.5, None, TypeError, "rewind must be a str or an int step, got float 1.5"),
         ("1ep", 0, ValueError, "steps_per_epoch must be a positive int, got 0"),
-        ("500it", "abc", ValueError, "steps_per_epoch must be a positive int, got 'abc'"),
+        ("500it", "abc", TypeError, "steps_per_epoch must be a positive int, got str 'abc'"),
         (None, -3, ValueError, "steps_per_epoch must be a positive int, got -3"),
     ],
 )
@@ -108,10 +108,17 @@ def test_fraction_type():
         _schedule.check_fraction("0.2", "rate")
 
 
-@pytest.mark.parametrize("rounds", [0, -2, 1.5, True])
-def test_rounds_must_be_positive_int(rounds):
-    with pytest.raises(ValueError, match="rounds must be a positive int"):
+@pytest.mark.parametrize("rounds, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_rounds_must_be_positive_int(rounds, error):
+    with pytest.raises(error, match="rounds must be a positive int"):
         _schedule.prune_count(0.5, None, rounds)
+
+
+def test_counts_take_numpy_ints_as_plain_ints():
+    import numpy as np
+
+    assert type(_schedule.check_count(np.int64(3), "rounds")) is int
+    assert _schedule.prune_count(0.5, None, np.int32(2)) == 2
 
 
 def test_parse_rewind_returns_a_plain_int_for_numpy_steps_per_epoch():

@@ -224,8 +224,9 @@ def test_rounds_out_of_order():
         ({"include": "nothing*"}, ValueError, "include pattern 'nothing*' matches no conv/linear module"),
         ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
         ({"scheduler": object()}, TypeError, "scheduler must have state_dict()/load_state_dict()"),
-        ({"steps_per_round": 0}, ValueError, "steps_per_round must be a positive int or None, got 0"),
-        ({"rewind": "500it", "steps_per_epoch": "abc"}, ValueError, "steps_per_epoch must be a positive int, got 'abc'"),
+        ({"steps_per_round": 0}, ValueError, "steps_per_round must be a positive int, got 0"),
+        ({"steps_per_round": 1.5}, TypeError, "steps_per_round must be a positive int, got float 1.5"),
+        ({"rewind": "500it", "steps_per_epoch": "abc"}, TypeError, "steps_per_epoch must be a positive int, got str 'abc'"),
         ({"rewind": "500it", "steps_per_epoch": -3}, ValueError, "steps_per_epoch must be a positive int, got -3"),
         ({"sparsity": 1e-6}, ValueError, "sparsity=1e-06 prunes no weight of 516 (rounded)"),
         ({"optimizer": torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)}, ValueError,
@@ -358,6 +359,36 @@ def test_a_checkpoint_between_rounds_resumes_at_the_next_rounds_first_step():
     assert (fresh.round, fresh.start_step, fresh.round_step) == (1, 2, 0)
     fresh.start_round()
     assert fresh.round_step == 0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("generator", torch.zeros(3, dtype=torch.uint8), "state\\['generator'\\] should be a torch.Generator state"),
+    ("history", 3, "state\\['history'\\] should be a list of dicts"),
+    ("round", None, "state\\['round'\\] should be an int >= 0"),
+    ("in_round", 1, "state\\['in_round'\\] should be a bool"),
+    ("restart", None, "state\\['restart'\\] should be the optimizer and scheduler snapshot"),
+    ("alpha", 1.5, "state\\['alpha'\\] should be a float in \\[0, 1\\]"),
+    ("masks", "2.0", "state\\['masks'\\]\\['conv1.weight'\\] is not a 0/1 mask"),
+])
+def test_a_malformed_search_state_is_refused_before_anything_changes(key, value, message):
+    # The masks and counters were loaded, then the generator (or history...) raised.
+    model, opt, sched, search = setup("aws")
+    for _ in search:
+        train(model, opt, search, sched)
+        if search.round == 1:
+            break
+    search.finish_round()
+    state = search.state_dict()
+    if key == "masks":
+        state["masks"] = {k: v.float() * 2 for k, v in state["masks"].items()}
+    else:
+        state[key] = value
+    fresh_model, _, _, fresh = setup("aws", seed=3)
+    before = snapshot(fresh_model)
+    with pytest.raises(ValueError, match=message):
+        fresh.load_state_dict(state)
+    assert_same(before, snapshot(fresh_model))
+    assert (fresh.round, fresh.step, fresh.history) == (0, 0, [])
 
 
 def run_to_end(method, checkpoint_at=None, **kw):

@@ -70,5 +70,6 @@ def test_ddp_ranks_share_masks_and_alpha(tmp_path):
         assert m0.keys() == m1.keys()
         for k in m0:
             assert torch.equal(m0[k] != 0, m1[k] != 0), k
+    assert r0["stale"] == r1["stale"] == [0, 0, 0, 0]
     assert all(m.all() for m in r0["masks"][0].values())  # round 0 is dense
     assert not any(m.all() for m in r0["masks"][-1].values())

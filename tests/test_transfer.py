@@ -173,7 +173,7 @@ def test_extra_ticket_tensor_is_refused_before_any_change():
 
 
 def test_bad_ticket_argument_type():
-    with pytest.raises(TypeError, match="takes a Ticket or a path, got int"):
+    with pytest.raises(TypeError, match=r"transfer\(\) takes a Ticket or a path as ticket, got int"):
         signmask.transfer(3, tiny())
 
 

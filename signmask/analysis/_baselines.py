@@ -19,7 +19,7 @@ from torch import nn
 from .. import _methods, _parents, _reparam
 from .. import _transfer as _transfer_mod
 from .._ticket import Ticket
-from ._common import check_int, check_model, check_real
+from ._common import check_bool, check_int, check_model, check_real
 
 # Accuracy comparisons treat differences within this of the boundary as on it (float noise).
 TOLERANCE = 1e-9
@@ -50,6 +50,8 @@ def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,
         >>> int(new.weight_mask.sum())
         8
     """
+    check_model(model, "model")  # before reading a ticket file
+    ticket = _transfer_mod._resolve(ticket, "random_reinit")
     return _transfer_mod.transfer(ticket, model, signs="keep",
                                   check_architecture=check_architecture)
 
@@ -87,9 +89,9 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
     """
     seed = _methods.check_seed(seed)
     check_model(model, "model")  # before reading a ticket file
-    ticket = _transfer_mod._resolve(ticket)
+    ticket = _transfer_mod._resolve(ticket, "random_prune")
     # transfer's own check, so the two baselines refuse alike
-    _transfer_mod._check_architecture(ticket, model, check_architecture)
+    _transfer_mod._check_architecture(ticket, model, check_bool(check_architecture, "check_architecture"))
     plan = _transfer_mod._plan(ticket, model, {"mask": ticket.masks})
     masks = []
     for index, (_, key, module, name, target, signed) in enumerate(plan):
@@ -169,6 +171,10 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
     if isinstance(widths, (str, bytes)) or not isinstance(widths, collections.abc.Iterable):
         raise TypeError(f"widths must be an iterable of ints, got {type(widths).__name__} {widths!r}")
     candidates = [check_int(w, "widths entry", minimum=1) for w in widths]
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from None
     if not candidates:
         raise ValueError("widths must hold at least one width")
     best, best_gap = None, None

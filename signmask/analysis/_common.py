@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import math
 import numbers
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import _reparam, _targets
-from .._targets import check_model  # noqa: F401  (shared with the core)
+from .._targets import check_bool, check_model  # noqa: F401  (shared with the core)
 
 
 def check_int(value: Any, arg: str, *, minimum: int) -> int:
@@ -37,6 +38,12 @@ def check_real(value: Any, arg: str, *, low: float = -math.inf, high: float = ma
     return value
 
 
+def check_iterable(value: Any, arg: str) -> None:
+    """Raise ``TypeError`` naming ``arg`` unless ``value`` can be iterated (a loader, a list)."""
+    if not (isinstance(value, collections.abc.Iterable) or hasattr(type(value), "__getitem__")):
+        raise TypeError(f"{arg} must be an iterable of batches, got {type(value).__name__}")
+
+
 def weights(
     model: nn.Module, names: Iterable[str] | None = None, *, arg: str = "model"
 ) -> dict[str, tuple[nn.Module, str]]:
@@ -52,6 +59,8 @@ def weights(
     }
     if not found:
         raise ValueError(f"{arg} ({type(model).__name__}) has no conv/linear weight")
+    if names is not None and (isinstance(names, (str, bytes)) or not isinstance(names, collections.abc.Iterable)):
+        raise TypeError(f"names must be an iterable of tensor names, got {type(names).__name__} {names!r}")
     if names is None:
         return found
     chosen = [names] if isinstance(names, str) else list(names)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._interpolate import NormInterpolation
-from ._common import check_int, check_model, device_of, split_batch
+from ._common import check_int, check_iterable, check_model, device_of, split_batch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,6 +113,7 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
         ([1.0, 2.0], True)
     """
     check_model(model, "model")
+    check_iterable(loader, "loader")
     if batches is not None:
         batches = check_int(batches, "batches", minimum=1)
     layers = bn_modules(model)
@@ -200,6 +201,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
         0.5
     """
     check_model(model, "model")
+    check_iterable(loader, "loader")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if batches is not None:

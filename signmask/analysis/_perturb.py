@@ -252,14 +252,14 @@ def perturb(
 
     See the module docs for the kinds. Arguments a kind does not use are ignored, so one call
     fits a loop over all kinds. Tensor ``i`` (in model order) draws from a CPU generator seeded
-    with ``seed + 7919 * i``, so a seed gives the same result on every device.
+    with ``seed + 7919 * i`` (mod 2**64), so a seed gives the same result on every device.
 
     Args:
         model: the model holding the rewind-point weights (pruned or dense, not sign-locked).
         kind: a key of ``PERTURBATIONS``.
         init: the init weights (a model, whose ``_orig`` values are read, or canonical name ->
             tensor); needed by ``init*`` kinds and ``noise``.
-        seed: int >= 0; needed by random kinds.
+        seed: int in [0, 2**64); needed by random kinds.
         sigma_n: noise std in units of each tensor's init std (``noise`` only), >= 0.
         names: canonical tensor names to perturb (default: all conv/linear weights).
 

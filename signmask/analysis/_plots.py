@@ -35,7 +35,9 @@ def _check_path(path: str | os.PathLike) -> tuple[Path, str]:
 
 
 def _check_mapping(value: Any, arg: str) -> None:
-    if not isinstance(value, Mapping) or not value:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{arg} must be a mapping of label -> data, got {type(value).__name__} {value!r}")
+    if not value:
         raise ValueError(f"{arg} must be a non-empty mapping of label -> data, got {value!r}")
     for label in value:
         if not isinstance(label, str):

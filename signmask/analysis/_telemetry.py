@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import _reparam
-from ._common import check_int, check_model, effective, weights
+from ._common import check_bool, check_int, check_model, effective, weights
 
 METRICS = ("sign_changed", "dist_init", "cos_init", "dist_final", "cos_final")
 
@@ -141,7 +141,7 @@ class Telemetry:
                  keep_snapshots: bool = True) -> None:
         self.model = check_model(model, "model")
         self.every = check_int(every, "every", minimum=1)
-        self.keep_snapshots = bool(keep_snapshots)
+        self.keep_snapshots = check_bool(keep_snapshots, "keep_snapshots")
         self._targets = weights(model, names)
         self._init = {k: w for k, (w, _) in self._read(model, self._targets).items()}
         self._snapshots: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []

@@ -1,0 +1,64 @@
+"""Arguments of the wrong kind, across the public functions: a TypeError naming the argument,
+raised before anything changes. Each case was accepted (or failed inside torch) before."""
+
+import pytest
+import torch
+from torch import nn
+
+import signmask
+from signmask import analysis
+from _util import assert_same, snapshot, tiny
+
+
+def _ticket():
+    return signmask.extract(signmask.prune(tiny(0), 0.5))
+
+
+def _opt(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+CASES = {
+    "load_state_dict strict": (lambda m: signmask.load_state_dict(m, signmask.prune(tiny(0), 0.5).state_dict(), strict="False"),
+                               "strict must be a bool, got str 'False'"),
+    "apply progress": (lambda m: signmask.apply(m, "imp", 0.5, optimizer=_opt(m), progress="False"),
+                       "progress must be a bool, got str 'False'"),
+    "set_backend optimizer": (lambda m: signmask.set_backend(m, "torch", optimizer="adam"),
+                              "optimizer must be a torch.optim.Optimizer or None, got str"),
+    "random_prune check_architecture": (lambda m: analysis.random_prune(_ticket(), m, seed=0, check_architecture=None),
+                                        "check_architecture must be a bool, got NoneType None"),
+    "random_reinit ticket": (lambda m: analysis.random_reinit(None, m), r"random_reinit\(\) takes a Ticket or a path as ticket"),
+    "random_prune ticket": (lambda m: analysis.random_prune(3, m, seed=0), r"random_prune\(\) takes a Ticket or a path as ticket"),
+    "evaluate loader": (lambda m: analysis.evaluate(m, None), "loader must be an iterable of batches, got NoneType"),
+    "reestimate_bn loader": (lambda m: analysis.reestimate_bn(m, None), "loader must be an iterable of batches, got NoneType"),
+    "perturb names": (lambda m: analysis.perturb(m, "permute_layer", seed=0, names=3), "names must be an iterable of tensor names, got int 3"),
+    "Telemetry keep_snapshots": (lambda m: analysis.Telemetry(m, keep_snapshots="False"), "keep_snapshots must be a bool, got str"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_wrong_kind_of_argument_is_named_and_nothing_changes(case):
+    call, message = CASES[case]
+    model = tiny(1)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=message):
+        call(model)
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("path", [None, 3, ""])
+def test_save_and_load_name_a_path_that_is_no_path(path, tmp_path):
+    with pytest.raises(TypeError, match="path must be a non-empty str or os.PathLike"):
+        signmask.save(_ticket(), path)
+    with pytest.raises(TypeError, match="path must be a non-empty str or os.PathLike"):
+        signmask.load(path)
+
+
+def test_plots_and_equal_width_name_their_arguments(tmp_path):
+    with pytest.raises(TypeError, match="curves must be a mapping of label -> data, got NoneType"):
+        analysis.plot_sparsity_accuracy(None, tmp_path / "s.png")
+    with pytest.raises(TypeError, match="barriers must be a mapping of label -> data, got int"):
+        analysis.plot_interpolation(3, tmp_path / "b.png")
+    with pytest.raises(TypeError, match="device must be a torch.device or a device string, got 'bogus'"):
+        analysis.equal_width(lambda w: nn.Linear(4, w), 20, [1, 2], device="bogus")
+    assert list(tmp_path.iterdir()) == []  # nothing written
