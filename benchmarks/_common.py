@@ -206,5 +206,28 @@ def env_markdown(env: dict) -> str:
     return "\n".join(rows + [f"- command: `{env['command']}`"]) + "\n"
 
 
+def hook_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Tensors a module's forward pre-hooks hold: stock ``global_unstructured`` leaves each hook a
+    view of one flat fp32 mask (4 B per weight), apart from the ``weight_mask`` buffers."""
+    found, todo = [], list(module._forward_pre_hooks.values())
+    while todo:
+        obj = todo.pop()
+        for value in getattr(obj, "__dict__", {}).values():
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            elif isinstance(value, (tuple, list)):  # a PruningContainer's methods
+                todo.extend(v for v in value if hasattr(v, "__dict__"))
+    return found
+
+
+def unique_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
 def mib(n: float) -> float:
     return round(n / 2**20, 1)

@@ -63,7 +63,10 @@ def storage(model: torch.nn.Module, ticket: bool = True) -> dict:
     """Bytes per weight of the masks (and signs) on the device, and of the ticket file."""
     pruned = list(_targets.pruned(model).values())
     weights = sum(getattr(m, n + "_mask").numel() for m, n in pruned)
-    mask_bytes = sum(getattr(m, n + "_mask").nbytes for m, n in pruned)
+    # The buffers and whatever the hooks hold besides (stock: a flat fp32 mask, 4 B per weight).
+    masks = [getattr(m, n + "_mask") for m, n in pruned]
+    modules = {id(m): m for m, _ in pruned}.values()
+    mask_bytes = _common.unique_bytes(masks + [t for m in modules for t in _common.hook_tensors(m)])
     sign_bytes = sum(m._buffers[n + "_sign"].nbytes for m, n in pruned if n + "_sign" in m._buffers)
     out = {"weights": weights, "mask_bytes_per_weight": mask_bytes / weights,
            "sign_bytes_per_weight": sign_bytes / weights}

@@ -86,12 +86,12 @@ def weight_impls(orig, mask, sign, out_dtype):
     return impls
 
 
-def min_bytes(numel: int, locked: bool, out_dtype, backward: bool) -> int:
-    """Fewest bytes: read orig (4) + mask (1) (+ sign 1/8), write out; backward: read grad,
-    mask (+ sign, + orig if locked), write the fp32 gradient."""
+def min_bytes(numel: int, locked: bool, out_dtype, backward: bool, mask: int = 1) -> int:
+    """Fewest bytes: read orig (4) + mask (``mask``: 1, stock's float mask 4) (+ sign 1/8),
+    write out; backward: read grad, mask (+ sign, + orig if locked), write the fp32 gradient."""
     out = torch.tensor([], dtype=out_dtype).element_size()
-    fwd = numel * (4 + 1 + out) + (numel // 8 if locked else 0)
-    bwd = numel * (out + 1 + 4) + ((numel // 8 + 4 * numel) if locked else 0)
+    fwd = numel * (4 + mask + out) + (numel // 8 if locked else 0)
+    bwd = numel * (out + mask + 4) + ((numel // 8 + 4 * numel) if locked else 0)
     return fwd + (bwd if backward else 0)
 
 
@@ -117,7 +117,7 @@ def masked_weight_rows(device: str, dry: bool, ceil: dict) -> list[dict]:
                            "out": str(out_dtype).replace("torch.", ""), "impl": name,
                            "fwd_ms": fwd, "fwd_bwd_ms": both}
                     for key, ms, bwd in (("fwd", fwd, False), ("fwd_bwd", both, True)):
-                        gbps = min_bytes(numel, locked, out_dtype, bwd) / ms / 1e6
+                        gbps = min_bytes(numel, locked, out_dtype, bwd, 4 if name == "stock" else 1) / ms / 1e6
                         row[f"{key}_gbps"] = gbps
                         row[f"{key}_of_copy"] = gbps / ceil["copy_gbps"]
                     rows.append(row)

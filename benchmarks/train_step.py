@@ -166,13 +166,10 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     for module in model.modules():  # effective weights the hooks leave as plain attributes
         tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+        tensors += _common.hook_tensors(module)  # stock prune's flat mask
     for state in optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    seen: dict[int, int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-    return sum(seen.values())
+    return _common.unique_bytes(tensors)
 
 
 def prunable_weights(spec: Spec) -> int:
