@@ -51,6 +51,9 @@ class SignMaskHook(_prune.PruningContainer):
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         # Stock stacking (prune.l1_unstructured on top) lands here; prune's combiner casts the
         # mask to the weight's dtype, which would cost 4 bytes per weight again.
+        # Stock then sets module.<name> = apply_mask(module) with grad on: a non-leaf that
+        # copy.deepcopy refuses until a forward's DetachWeight. The flag detaches that one.
+        self._stacked = True
         return super().compute_mask(t, default_mask) == 1
 
     # Key of the signmask._backends backend computing this tensor; set_backend() changes it.
@@ -63,7 +66,7 @@ class SignMaskHook(_prune.PruningContainer):
         state = dict(self.__dict__)
         if state.get("backend") == "projection":
             state["backend"] = "torch"
-        for key in ("_projected", "_state_masks", "_optimizer", "_param", "_masked_grad", "_reflected"):
+        for key in ("_projected", "_state_masks", "_optimizer", "_param", "_masked_grad", "_reflected", "_stacked"):
             state.pop(key, None)
         return state
 
@@ -79,11 +82,15 @@ class SignMaskHook(_prune.PruningContainer):
                 f"the pruning of {name}_orig would hide; make the pruning permanent before: "
                 f"signmask.remove(model), or torch.nn.utils.prune.remove(module, {name!r})"
             )
+        self.__dict__.pop("_stacked", None)  # a forward's weight keeps its graph
         module.__dict__[name] = self.apply_mask(module, own_forward=True)
 
     def apply_mask(self, module: nn.Module, *, own_forward: bool = False) -> torch.Tensor:
         """The effective tensor. ``own_forward``: for ``module``'s own forward, the consumer
         whose dtype a backend may write directly (autocast's); else in ``<name>_orig``'s dtype."""
+        if self.__dict__.pop("_stacked", False):
+            with torch.no_grad():
+                return self.apply_mask(module, own_forward=own_forward)
         name, buffers = self._tensor_name, module._buffers
         orig, mask = module._parameters[name + "_orig"], buffers[name + "_mask"]
         sign = buffers.get(name + "_sign")

@@ -596,3 +596,18 @@ def test_adopting_a_stock_hook_keeps_its_pruning_history():
     torch_prune.l1_unstructured(model.fc, "weight", 0.4)
     signmask.prune(model, 0.5, scope="layer", include="fc")
     assert signmask.extract(model).metadata["method"] == "L1Unstructured+magnitude"
+
+
+@pytest.mark.parametrize("stack", ["l1_unstructured", "global_unstructured"])
+def test_a_model_deepcopies_right_after_stock_prune_is_stacked_on_top(stack):
+    # Stock's apply sets module.weight with grad on: a non-leaf deepcopy refused until a forward.
+    model = signmask.prune(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), 0.3)
+    if stack == "l1_unstructured":
+        torch_prune.l1_unstructured(model[0], "weight", 0.3)
+    else:
+        torch_prune.global_unstructured([(model[0], "weight"), (model[1], "weight")], torch_prune.L1Unstructured, amount=0.3)
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3)
+    assert torch.equal(twin(x), model(x))
+    model(x).sum().backward()  # the next forward's weight is part of the graph again
+    assert model[0].weight_orig.grad is not None and model[0].weight_orig.grad.abs().sum() > 0
