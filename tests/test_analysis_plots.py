@@ -45,17 +45,23 @@ def test_plots_write_png_atomically(tmp_path, index):
     assert os.listdir(tmp_path) == ["figure.png"]  # no temp file left
 
 
-@pytest.mark.parametrize("index", range(2))
-def test_many_labels_leave_the_curves_visible(tmp_path, monkeypatch, index):
-    # Seven labels, as aws_reproduction draws: each legend must sit outside every axes' area.
+def _drawn(index, labels, tmp_path, monkeypatch):
+    """The figure plot_interpolation (index 0) or plot_sparsity_accuracy (1) draws for ``labels``."""
     figures = []
     monkeypatch.setattr(_plots, "_write", lambda fig, path, fmt: figures.append(fig) or path)
-    labels = [f"network {i} with a long label <-> its solution" for i in range(7)]
     if index == 0:
         analysis.plot_interpolation(dict.fromkeys(labels, BARRIER), tmp_path / "lmc.png")
     else:
-        analysis.plot_sparsity_accuracy({k: [(0.1 * i, 0.5)] for i, k in enumerate(labels)}, tmp_path / "s.png")
+        analysis.plot_sparsity_accuracy({k: [(0.01 * i, 0.5)] for i, k in enumerate(labels)}, tmp_path / "s.png")
     (fig,) = figures
+    return fig
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_many_labels_leave_the_curves_visible(tmp_path, monkeypatch, index):
+    # Seven labels, as aws_reproduction draws: each legend must sit outside every axes' area.
+    labels = [f"network {i} with a long label <-> its solution" for i in range(7)]
+    fig = _drawn(index, labels, tmp_path, monkeypatch)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:
@@ -67,14 +73,7 @@ def test_many_labels_leave_the_curves_visible(tmp_path, monkeypatch, index):
 @pytest.mark.parametrize("index", range(2))
 def test_every_curve_of_many_looks_different(tmp_path, monkeypatch, index):
     # aws_reproduction's sparsity plot has 11 curves; matplotlib's cycle has 10 colours.
-    figures = []
-    monkeypatch.setattr(_plots, "_write", lambda fig, path, fmt: figures.append(fig) or path)
-    labels = [f"curve {i}" for i in range(25)]
-    if index == 0:
-        analysis.plot_interpolation(dict.fromkeys(labels, BARRIER), tmp_path / "lmc.png")
-    else:
-        analysis.plot_sparsity_accuracy({k: [(0.5, 0.5)] for k in labels}, tmp_path / "s.png")
-    (fig,) = figures
+    fig = _drawn(index, [f"curve {i}" for i in range(25)], tmp_path, monkeypatch)
     for ax in fig.axes:
         looks = [(line.get_color(), line.get_marker(), line.get_linestyle()) for line in ax.get_lines()]
         assert len(looks) == 25 and len(set(looks)) == 25
