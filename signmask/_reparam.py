@@ -58,6 +58,9 @@ class SignMaskHook(_prune.PruningContainer):
 
     # Key of the signmask._backends backend computing this tensor; set_backend() changes it.
     backend = "torch"
+    # Per-process wiring, never copied: the projection backend's stamps and weak references to
+    # its optimizer and Parameter, and the stock-stacking flag (see compute_mask).
+    _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_masked_grad", "_reflected", "_stacked")
 
     def __getstate__(self) -> dict:
         # A deepcopy or pickle carries none of the projection backend's gradient and optimizer
@@ -66,7 +69,7 @@ class SignMaskHook(_prune.PruningContainer):
         state = dict(self.__dict__)
         if state.get("backend") == "projection":
             state["backend"] = "torch"
-        for key in ("_projected", "_state_masks", "_optimizer", "_param", "_masked_grad", "_reflected", "_stacked"):
+        for key in self._TRANSIENT:
             state.pop(key, None)
         return state
 
