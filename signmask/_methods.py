@@ -7,6 +7,7 @@ Each method works with stock prune (``L1Magnitude.apply(module, "weight", amount
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Callable, Sequence
 
 import torch
@@ -23,11 +24,15 @@ _TENSOR_STRIDE = 7919
 
 def check_seed(seed, arg: str = "seed") -> int:
     """Return ``seed`` as an int if it is an integer in [0, 2**64) (bools refused)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{arg} must be an int, got {type(seed).__name__} {seed!r}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"{arg} must be in [0, 2**64), got {seed}")
-    return int(seed)
+    try:  # ints, numpy ints and one-element integer tensors; no bools, floats or strings
+        if isinstance(seed, bool):
+            raise TypeError
+        value = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"{arg} must be an int, got {type(seed).__name__} {seed!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{arg} must be in [0, 2**64), got {value}")
+    return value
 
 
 def tensor_seed(seed: int, index: int) -> int:

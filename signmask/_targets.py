@@ -158,11 +158,13 @@ def check_model(model, arg: str) -> nn.Module:
 
 
 def check_bool(value, arg: str) -> bool:
-    """Return ``value`` if it is a bool; raise ``TypeError`` naming ``arg`` otherwise (a string
-    such as ``"no"`` would read as true)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{arg} must be a bool, got {type(value).__name__} {value!r}")
-    return value
+    """Return ``value`` as a bool if it is one (numpy's too); raise ``TypeError`` naming ``arg``
+    otherwise (a string such as ``"no"`` would read as true)."""
+    if isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    kind = type(value)
+    raise TypeError(f"{arg} must be a bool, got {kind.__module__.replace('builtins', '')}{'.' * (kind.__module__ != 'builtins')}"
+                    f"{kind.__qualname__} {value!r}")
 
 
 def select(

@@ -62,3 +62,19 @@ def test_plots_and_equal_width_name_their_arguments(tmp_path):
     with pytest.raises(TypeError, match="device must be a torch.device or a device string, got 'bogus'"):
         analysis.equal_width(lambda w: nn.Linear(4, w), 20, [1, 2], device="bogus")
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_numpy_and_tensor_forms_of_the_right_kind_are_taken():
+    # The checks above must not refuse what the old code took: numpy bools, integer tensors as
+    # seeds, one tensor name as a string, a loss already turned into a float.
+    np = pytest.importorskip("numpy")
+    model = signmask.prune(tiny(0), 0.5, method="random", seed=torch.tensor(3))
+    twin = signmask.prune(tiny(0), 0.5, method="random", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    assert signmask.extract(model, dense=np.True_).signs.keys() == signmask.extract(model, dense=True).signs.keys()
+    analysis.perturb(model, "permute_layer", seed=np.int64(0), names="conv1.weight")
+    data = [(torch.randn(2, 3, 6, 6), torch.tensor([0, 1]))]
+    as_float = analysis.evaluate(model, data, loss_fn=lambda y, t: nn.functional.cross_entropy(y, t).item())
+    assert as_float == analysis.evaluate(model, data)
+    with pytest.raises(TypeError, match="dense must be a bool, got numpy.float64"):
+        signmask.extract(model, dense=np.float64(1.0))

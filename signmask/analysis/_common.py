@@ -59,7 +59,7 @@ def weights(
     }
     if not found:
         raise ValueError(f"{arg} ({type(model).__name__}) has no conv/linear weight")
-    if names is not None and (isinstance(names, (str, bytes)) or not isinstance(names, collections.abc.Iterable)):
+    if names is not None and not isinstance(names, (str, collections.abc.Iterable)):
         raise TypeError(f"names must be an iterable of tensor names, got {type(names).__name__} {names!r}")
     if names is None:
         return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -244,6 +245,8 @@ def _logits(logits, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _scalar(loss) -> float:
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # a .item() already
+        return float(loss)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise TypeError(f"loss_fn must return a scalar batch mean, returned {found}")
