@@ -132,8 +132,8 @@ def project(module, name, optimizer=None, *, odd_only: bool = False, grad: bool 
     orig, mask, sign = _tensors(module, name)
     with torch.no_grad():
         factor = _project_weight(orig, mask, sign)
-        if grad and factor is not None and orig.grad is not None:
-            _maskmul.mul_(orig.grad, factor)
+        if grad and orig.grad is not None:  # reflected with the weights, masked in any case
+            mask_grad(hook, orig.grad, mask if factor is None else factor)
         if optimizer is not None:
             odd = ZERO_PRESERVING.get(type(optimizer).__name__, ())
             _project_state(optimizer.state.get(orig, {}), orig, mask, factor, odd, odd_only)
@@ -177,16 +177,13 @@ class MaskGrad:
             mask_grad(hook, param.grad, self.module._buffers[self.name + "_mask"])
 
 
-def mask_grad(hook, grad: torch.Tensor, mask: torch.Tensor) -> None:
-    """Mask ``grad`` in place and remember which gradient tensor was masked."""
-    _maskmul.mul_(grad, mask)
-    hook._masked_grad = _grad_stamp(grad)
-
-
-def _grad_stamp(grad: torch.Tensor) -> tuple[int, int]:
-    # Storage, not version: clipping scales the masked gradient in place (zeros stay zeros);
-    # a gradient assigned to ``.grad`` (torch.autograd.grad, per-sample or DP pipelines) is new.
-    return (id(grad), grad.data_ptr())
+def mask_grad(hook, grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """Multiply ``grad`` in place by ``factor`` (the mask, or a locked tensor's signed one) and
+    mark the tensor as masked. A mark on the tensor, not its id or address: a gradient assigned
+    to ``.grad`` (torch.autograd.grad, per-sample or DP pipelines) is a new object, though it
+    may reuse a freed one's id and memory. In-place scaling (clipping) keeps zeros zero."""
+    _maskmul.mul_(grad, factor)
+    grad._signmask_masked = True
 
 
 class _OptimizerHook:
@@ -207,7 +204,7 @@ class ProjectStale(_OptimizerHook):
             if getattr(hook, "backend", None) != "projection":
                 continue
             orig, mask, sign = _tensors(module, name)
-            if orig.grad is not None and getattr(hook, "_masked_grad", None) != _grad_stamp(orig.grad):
+            if orig.grad is not None and not getattr(orig.grad, "_signmask_masked", False):
                 mask_grad(hook, orig.grad, mask)  # assigned, not accumulated by a backward
             if getattr(hook, "_projected", None) != _stamp(orig, mask, sign):
                 project(module, name, optimizer, grad=True)
@@ -284,6 +281,8 @@ def forget(module, name: str) -> None:
     optimizer at hand."""
     hook = _reparam.find_hook(module, name)[1]
     ref = hook.__dict__.pop("_optimizer", None) if hook is not None else None
+    for key in _reparam.SignMaskHook._TRANSIENT if hook is not None else ():
+        hook.__dict__.pop(key, None)
     optimizer = ref() if ref is not None else None
     if optimizer is not None:
         unhook_optimizer(optimizer, {name: (module, name)})
@@ -311,11 +310,20 @@ class Reproject:
         if getattr(hook, "backend", None) == "projection":
             ref = hook.__dict__.get("_optimizer")
             optimizer = ref() if ref is not None else None
-            factor = project(module, self.name, optimizer, grad=optimizer is not None)
-            if factor is not None:
-                # The optimizer state of the same checkpoint, loaded next, is the torch path's:
-                # StateLoaded reflects its momentum where these weights were reflected.
-                hook._reflected = _bits.pack_signs(factor < 0)
+            _remember_reflection(hook, project(module, self.name, optimizer, grad=optimizer is not None))
+
+
+def _remember_reflection(hook, factor) -> None:
+    """Where a sign-locked tensor's weights were just reflected (a torch-path checkpoint's), an
+    optimizer state of the same run loaded next must be reflected too: :class:`StateLoaded`
+    does it. Cleared by the next step."""
+    if factor is None:
+        return
+    reflected = factor < 0
+    before = hook.__dict__.get("_reflected")
+    if before is not None:
+        reflected |= _bits.sign_bits(before, reflected.shape).view(torch.bool)
+    hook._reflected = _bits.pack_signs(reflected)
 
 
 def _unhook_module(module, name: str) -> None:
@@ -381,18 +389,19 @@ class ProjectionBackend(Backend):
         unhook_optimizer(optimizer, targets)
         _hook_grads(targets)
         for module, name in targets.values():
-            project(module, name, optimizer)
-            # Weakly: remove() and other backends unhook it without being handed the optimizer.
             hook = _reparam.find_hook(module, name)[1]
+            _remember_reflection(hook, project(module, name, optimizer))
+            # Weakly: remove() and other backends unhook it without being handed the optimizer.
             hook._optimizer = weakref.ref(optimizer)
-            hook._param = weakref.ref(module._parameters[name + "_orig"])
+            # Its id, not a weakref: torch.utils.swap_tensors (.to(), load_state_dict under
+            # torch.__future__.set_swap_module_params_on_conversion) refuses weakref'd tensors.
+            hook._param = id(module._parameters[name + "_orig"])
         optimizer.register_step_pre_hook(ProjectStale(targets))
         optimizer.register_step_post_hook(ProjectStep(targets, full=not _known(optimizer)))
         optimizer.register_load_state_dict_post_hook(StateLoaded(targets))
 
     def weight(self, hook, module, orig, mask, sign, own_forward):
-        ref = hook.__dict__.get("_param")
-        if (ref is None or ref() is not orig) or torch._C._are_functorch_transforms_active():
+        if hook.__dict__.get("_param") != id(orig) or torch._C._are_functorch_transforms_active():
             # Not the Parameter this backend keeps projected: torch.func.functional_call's
             # stand-ins (never to be masked in place), or vmap/grad. The torch path serves them.
             return _reparam.masked_weight(orig, mask, sign)
@@ -400,10 +409,15 @@ class ProjectionBackend(Backend):
         # install(), which runs eagerly) to have projected.
         compiling = torch.compiler.is_compiling()
         if not compiling and getattr(hook, "_projected", None) != _stamp(orig, mask, sign):
-            # With the optimizer it was projected for: reflecting sign-locked weights must
-            # reflect their momentum too (a checkpoint of the torch path loaded since).
-            optimizer = hook._optimizer() if hook.__dict__.get("_optimizer") else None
-            project(module, hook._tensor_name, optimizer, grad=optimizer is not None, hook=hook)
+            # With the optimizer it was projected for where its state can be due: a new mask
+            # (signmask.prune between backward and step), or sign-locked weights to reflect
+            # with their momentum (a torch-path checkpoint loaded since). Weights edited in place
+            # under an unchanged free mask need no state pass.
+            ref = hook.__dict__.get("_optimizer")
+            same_mask = hook.__dict__.get("_state_masks") == _mask_stamp(mask, sign)
+            optimizer = None if ref is None or (sign is None and same_mask) else ref()
+            project(module, hook._tensor_name, optimizer, grad=optimizer is not None,
+                    odd_only=same_mask, hook=hook)
         # An alias, not the Parameter itself: setattr of a Parameter would register ``weight``.
         # Without grad a detached one: a view made under no_grad breaks deepcopy once its base
         # is edited in place (a rewind, a loaded checkpoint) before the next forward; jit.trace

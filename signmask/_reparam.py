@@ -60,7 +60,7 @@ class SignMaskHook(_prune.PruningContainer):
     backend = "torch"
     # Per-process wiring, never copied: the projection backend's stamps and weak references to
     # its optimizer and Parameter, and the stock-stacking flag (see compute_mask).
-    _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_masked_grad", "_reflected", "_stacked")
+    _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_reflected", "_stacked")
 
     def __getstate__(self) -> dict:
         # A deepcopy or pickle carries none of the projection backend's gradient and optimizer
@@ -204,10 +204,10 @@ def check_names_free(key: str, module: nn.Module, name: str) -> None:
     slots = (module.__dict__, module._parameters, module._buffers, module._modules)
     taken = [name + s for s in ("_orig", "_mask", "_sign") if any(name + s in d for d in slots)]
     if taken:
+        role = {"_orig": "the original weight", "_mask": "its mask", "_sign": "its locked signs"}
         raise ValueError(
             f"{key}: {type(module).__name__} already has an attribute {taken[0]!r}, the name "
-            f"pruning gives {'the original weight' if taken[0].endswith('_orig') else 'its mask'}; "
-            "rename that attribute to prune this tensor"
+            f"pruning gives {role[taken[0][len(name):]]}; rename that attribute to prune this tensor"
         )
 
 

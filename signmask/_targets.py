@@ -85,8 +85,9 @@ def index_tensor(index: dict, fqn: str, module: nn.Module, tensor: str) -> None:
     key = canonical(f"{fqn}.{tensor}" if fqn else tensor)
     other = index.setdefault(key, (module, tensor, fqn))
     if other[0] is not module:
+        first, second = (f"{f}.{tensor}" if f else tensor for f in (other[2], fqn))
         raise ValueError(
-            f"{other[2]}.{tensor} and {fqn}.{tensor} are different tensors with the same name once "
+            f"{first} and {second} are different tensors with the same name once "
             f"the wrapper prefixes {list(_WRAPPER_PREFIXES)} are stripped ({key!r}); signmask "
             "names tensors that way (tickets, DDP and compiled models): rename one of the modules"
         )
