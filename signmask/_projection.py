@@ -181,7 +181,8 @@ def mask_grad(hook, grad: torch.Tensor, factor: torch.Tensor) -> None:
     """Multiply ``grad`` in place by ``factor`` (the mask, or a locked tensor's signed one) and
     mark the tensor as masked. A mark on the tensor, not its id or address: a gradient assigned
     to ``.grad`` (torch.autograd.grad, per-sample or DP pipelines) is a new object, though it
-    may reuse a freed one's id and memory. In-place scaling (clipping) keeps zeros zero."""
+    may reuse a freed one's id and memory. In-place scaling (clipping) keeps zeros zero; values
+    written into a masked gradient in place (noise added to ``.grad``) are not masked again."""
     _maskmul.mul_(grad, factor)
     grad._signmask_masked = True
 
