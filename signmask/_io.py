@@ -89,7 +89,8 @@ def _umask() -> int:
     return mask
 
 
-def _check_path(path) -> str | os.PathLike:
+def check_path(path) -> str | os.PathLike:
+    """Return ``path`` if it is a non-empty str or ``os.PathLike``; raise ``TypeError`` otherwise."""
     if not isinstance(path, (str, os.PathLike)) or path == "":
         raise TypeError(f"path must be a non-empty str or os.PathLike, got {type(path).__name__} {path!r}")
     return path
@@ -118,7 +119,7 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     if not isinstance(ticket, Ticket):
         raise TypeError(f"save() takes a signmask.Ticket, got {type(ticket).__name__}")
     ticket = ticket._checked()
-    _check_path(path)
+    check_path(path)
     if "__metadata__" in {**ticket.masks, **ticket.signs, **ticket.norms}:
         raise ValueError("a tensor named '__metadata__' cannot be saved: safetensors reserves the name")
     path = Path(path)
@@ -252,7 +253,7 @@ def load(path: str | os.PathLike) -> Ticket:
             unsupported format version, missing or extra tensors, or values outside {-1, 0, +1};
             the message names the file and the tensor.
     """
-    path = Path(_check_path(path))
+    path = Path(check_path(path))
     meta, raw = read_raw(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a signmask ticket (metadata 'format' is {meta.get('format')!r})")

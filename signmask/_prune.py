@@ -29,7 +29,7 @@ def check_prunable(key: str, module: nn.Module, name: str, *, signs: str | None)
         return
     if not isinstance(hook, _reparam.SignMaskHook):
         mask = module._buffers[name + "_mask"]
-        if not ((mask == 0) | (mask == 1)).all():
+        if not _reparam.is_binary(mask):
             raise ValueError(f"{key}: its existing prune mask is not binary; cannot add to it")
     if signs == "free" and _reparam.is_sign_locked(module, name):
         raise ValueError(

@@ -413,7 +413,7 @@ class Search:
             if not isinstance(state.get(key), bool):
                 raise bad(key, "a bool")
         for key, mask in state["masks"].items():
-            if not isinstance(mask, torch.Tensor) or not bool(((mask == 0) | (mask == 1)).all()):
+            if not isinstance(mask, torch.Tensor) or not _reparam.is_binary(mask):
                 raise ValueError(f"cannot resume: state['masks'][{key!r}] is not a 0/1 mask")
         generator = state.get("generator")
         mine = self._generator.get_state()

@@ -187,7 +187,7 @@ def load_state_dict(
                 f"state_dict {key!r} has shape {tuple(mask.shape)}; the model's "
                 f"{owner}.{tensor} has {tuple(shape)}"
             )
-        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        if not _reparam.is_binary(mask):
             # prune.custom_from_mask takes any values; as a bool mask they would compute otherwise.
             values = sorted({float(v) for v in mask.unique()[:6].tolist()})
             raise ValueError(f"state_dict {key!r} is not a binary mask: it holds {values}")

@@ -164,8 +164,8 @@ def check_bool(value, arg: str) -> bool:
     if isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
         return bool(value)
     kind = type(value)
-    raise TypeError(f"{arg} must be a bool, got {kind.__module__.replace('builtins', '')}{'.' * (kind.__module__ != 'builtins')}"
-                    f"{kind.__qualname__} {value!r}")
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise TypeError(f"{arg} must be a bool, got {name} {value!r}")
 
 
 def select(

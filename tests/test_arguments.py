@@ -61,6 +61,8 @@ def test_plots_and_equal_width_name_their_arguments(tmp_path):
         analysis.plot_interpolation(3, tmp_path / "b.png")
     with pytest.raises(TypeError, match="device must be a torch.device or a device string, got 'bogus'"):
         analysis.equal_width(lambda w: nn.Linear(4, w), 20, [1, 2], device="bogus")
+    with pytest.raises(TypeError, match="path must be a non-empty str or os.PathLike, got NoneType"):
+        analysis.plot_sparsity_accuracy({"a": [(0.5, 0.5)]}, None)  # as save/load say it
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 

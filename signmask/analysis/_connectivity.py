@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import check_int, check_model, clone
+from ._common import check_int, check_iterable, check_model, clone
 from ._evaluation import LossFn, bn_modules, evaluate, reestimate_bn
 from ._interpolation import plan_blend, write_blend
 
@@ -95,10 +95,7 @@ class Barrier:
 def _check_loader(loader: Any, arg: str) -> None:
     """Refuse a ``loader`` that cannot be iterated, can be iterated only once (a generator), or
     (when it has a length) is empty."""
-    # not iter(loader): that would start a DataLoader's workers just to look
-    iterable = isinstance(loader, collections.abc.Iterable) or hasattr(type(loader), "__getitem__")
-    if not iterable:
-        raise TypeError(f"{arg} must be an iterable of batches, got {type(loader).__name__}")
+    check_iterable(loader, arg)  # not iter(loader): that would start a DataLoader's workers
     if isinstance(loader, collections.abc.Iterator):  # iter(it) is it: the second pass is empty
         raise TypeError(
             f"{arg} is read once per point, but a {type(loader).__name__} can be read only once; "

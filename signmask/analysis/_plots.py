@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .._io import write_atomic
+from .._io import check_path, write_atomic
 from ._connectivity import Barrier
 from ._telemetry import Telemetry
 
@@ -23,9 +23,7 @@ _FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 
 
 def _check_path(path: str | os.PathLike) -> tuple[Path, str]:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = Path(path)
+    path = Path(check_path(path))
     fmt = path.suffix[1:].lower()
     if fmt not in _FORMATS:
         raise ValueError(f"path must end in one of {['.' + f for f in _FORMATS]}, got {str(path)!r}")
