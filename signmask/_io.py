@@ -106,6 +106,7 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
         TypeError: ``ticket`` is not a :class:`Ticket`, ``path`` not a path.
         ValueError: the ticket's tensors were edited into invalid values after construction, or
             one is named ``__metadata__``.
+        NotADirectoryError: a folder above ``path`` is a file (missing folders are created).
 
     Example:
         >>> import os, tempfile, torch, signmask
@@ -138,8 +139,19 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
         manifest=text.decode(),
         manifest_sha256=_sha256(text),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path)
     return write_atomic(path, st_save(tensors, metadata=meta))
+
+
+def make_folder(path: Path) -> None:
+    """Create the missing folders above ``path``; raise ``NotADirectoryError`` naming the one
+    that is a file instead."""
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotADirectoryError(
+            f"cannot create the folder {str(path.parent)!r} of path: {str(blocking)!r} is not a folder"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:

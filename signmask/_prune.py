@@ -108,10 +108,12 @@ def prune(
         ``model``, pruned in prune's layout (``weight_orig``, bool ``weight_mask``).
 
     Raises:
-        TypeError: ``amount`` not a number.
+        TypeError: ``model`` not a module, ``amount`` not a number, or an option of the wrong
+            type (``classifier``, ``include``/``exclude``, ``filter_fn``, ``seed``).
         ValueError: ``amount`` outside [0, 1] (a float) or above the weights left (an int),
-            unknown method/scope/signs, ``seed`` for a
-            method without one, nothing to prune, tied weights, or a conflicting earlier pruning. The model is then left untouched.
+            unknown method/scope/signs, ``seed`` for a method without one or outside
+            [0, 2**64), nothing to prune, tied weights, or a conflicting earlier pruning.
+        The model is left untouched in every case.
 
     Example:
         >>> import torch, signmask

@@ -217,7 +217,7 @@ def select(
                     )
                 raise ValueError(
                     f"{what} pattern {p!r} matches no conv/linear module; module names look like "
-                    f"{sorted(candidates)[:3]} (without the trailing '.weight')"
+                    f"{sorted(k[: -len('.weight')] for k in candidates)[:3]}"
                 )
     skipped = sorted(
         n for n in computed if (inc is None or _matches(n, inc)) and not (exc and _matches(n, exc))

@@ -110,14 +110,23 @@ def test_bad_inputs_raise(tmp_path):
         analysis.plot_telemetry(telemetry(), png, layer="nope")
     with pytest.raises(ValueError, match="must end in one of"):
         analysis.plot_interpolation({"a": BARRIER}, tmp_path / "x.txt")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        analysis.plot_interpolation({"a": BARRIER}, tmp_path / "missing" / "x.png")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="file' is not a folder"):
+        analysis.plot_interpolation({"a": BARRIER}, tmp_path / "file" / "x.png")
+    with pytest.raises(TypeError, match="Barrier"):  # refused before any folder is made
+        analysis.plot_interpolation({"a": 1}, tmp_path / "missing" / "x.png")
     with pytest.raises(TypeError, match="path"):
         analysis.plot_interpolation({"a": BARRIER}, 3)
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["file"]
 
 
 def test_the_public_front_is_explicit():
     assert all(hasattr(analysis, name) for name in analysis.__all__)
     public = {n for n in dir(analysis) if not n.startswith("_")}
     assert public <= set(analysis.__all__)
+
+
+def test_plot_creates_missing_folders_as_save_does(tmp_path):
+    path = tmp_path / "figs" / "deep" / "lmc.png"
+    assert analysis.plot_interpolation({"a": BARRIER}, path) == path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -153,6 +153,15 @@ def _small_ticket() -> signmask.Ticket:
     return signmask.Ticket({"a.weight": torch.tensor([[1, 0, -1, 1, 0]]), "b.weight": torch.tensor([-1, 1])})
 
 
+def test_save_creates_missing_folders_and_names_a_file_in_the_way(tmp_path):
+    path = signmask.save(_small_ticket(), tmp_path / "a" / "b" / "t.safetensors")
+    assert signmask.load(path) == _small_ticket()
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="'.*f' is not a folder"):
+        signmask.save(_small_ticket(), tmp_path / "f" / "g" / "t.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["a", "f"] and (tmp_path / "f").read_bytes() == b"x"
+
+
 @pytest.fixture
 def saved(tmp_path):
     return signmask.save(_small_ticket(), tmp_path / "t.safetensors")

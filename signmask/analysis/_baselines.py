@@ -70,16 +70,18 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
     Args:
         ticket: a :class:`~signmask.Ticket` or the path of a saved one.
         model: an unpruned model of the ticket's architecture.
-        seed: an int >= 0; different seeds give different positions.
+        seed: an int in [0, 2**64); different seeds give different positions.
         check_architecture: refuse a ticket recorded for another architecture.
 
     Returns:
         ``model``, pruned in place.
 
     Raises:
-        TypeError: ``seed`` is not an int, or ``model`` is not an ``nn.Module``.
-        ValueError: another architecture, missing or mis-shaped tensors, an already-pruned
-            tensor; ``model`` is then untouched.
+        TypeError: ``seed`` is not an int, ``model`` is not an ``nn.Module``, ``ticket`` neither
+            a Ticket nor a path, or ``check_architecture`` not a bool.
+        ValueError: ``seed`` outside [0, 2**64), another architecture, missing or mis-shaped
+            tensors, an already-pruned tensor; ``model`` is then untouched.
+        FileNotFoundError: ``ticket`` is a path to no file.
 
     Example:
         >>> import signmask

@@ -106,8 +106,11 @@ def weight_correlation(model_a: nn.Module, model_b: nn.Module, p: float, *,
 
     Every conv/linear weight (or the tensors ``names`` lists) is compared; a pruned tensor is
     read from its ``<name>_orig`` Parameter (the raw trained values, masks ignored). Each layer
-    keeps its ``round(p * N_l)`` largest ``|w|``, ties broken by lower flat index (see
-    :func:`top_fraction`). See the module docs for the normalization.
+    keeps its ``k_l = round(p * N_l)`` largest ``|w|``, ties broken by the lower flat
+    (row-major) index, ``-0.0`` and ``0.0`` tied. ``R_p`` = shared top entries / ``sum_l k_l``:
+    Liu et al. divide by ``p * sum_l N_l``, the same whenever every ``p * N_l`` is an integer;
+    the counts actually taken make ``R_p`` of a network with itself exactly 1. Unrelated
+    networks give ``R_p ~ p``; ``R_p > p`` means their large weights sit in the same places.
 
     Args:
         model_a, model_b: the two networks.

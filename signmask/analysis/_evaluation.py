@@ -82,7 +82,9 @@ def _interpolation_hooks(model: nn.Module) -> dict:
 def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = None) -> nn.Module:
     """Re-estimate the running statistics of every BatchNorm-like layer, in place.
 
-    Each layer found by :func:`bn_modules` is reset, then the whole model runs one no-grad pass
+    Each layer that owns a ``running_var`` buffer and a numeric ``momentum`` (torch BatchNorm,
+    SyncBatchNorm, InstanceNorm with ``track_running_stats``, timm's ``BatchNormAct2d`` and
+    ``EvoNorm2dB*``; not ``FrozenBatchNorm2d``) is reset, then the whole model runs one no-grad pass
     over ``loader`` in train mode (dropout active, as in training; the layers themselves in
     train mode even where the model's ``train()`` keeps them frozen), each layer's ``momentum``
     set to ``1 / k`` before its ``k``-th call: the cumulative average of torch's

@@ -1,20 +1,9 @@
 """Perturbations at the rewind point (Frankle et al. 2020, the early phase of training).
 
 :func:`perturb` rewrites the conv/linear weights of a model that holds the weights of rewind
-step k, in place, by one registered kind:
-
-- ``"rewind"``: signs and magnitudes from k (no change; the control);
-- ``"init"``: signs and magnitudes from init (rewinding to step 0);
-- ``"init_signs"``: signs from init, magnitudes from k;
-- ``"init_magnitudes"``: magnitudes from init, signs from k;
-- ``"permute_layer"``: the weights shuffled within each tensor;
-- ``"permute_filter"``: shuffled within each output channel (dim 0; dim 1 of ConvTranspose);
-- ``"shuffle_same_sign"``: positive weights shuffled among positive positions, negative among
-  negative ones (zeros stay);
-- ``"shuffle_same_sign_filter"``: the same within each output channel (Frankle's figure 6
-  shuffles by sign within both);
-- ``"noise"``: plus Gaussian noise of std ``sigma_n * sigma``, ``sigma`` the (unbiased) std of
-  the tensor's init values.
+step k, in place, by one registered kind (listed in its docstring; Frankle's figure 6 shuffles
+by sign both within the layer and within each filter, hence the two ``shuffle_same_sign``
+kinds; ``noise``'s init std is the unbiased std of the tensor's init values).
 
 In a pruned model only kept weights take part (permutations move kept values among kept
 positions) and pruned entries of ``<name>_orig`` are left as they were, so the pruned weights
@@ -250,8 +239,15 @@ def perturb(
 ) -> nn.Module:
     """Perturb the conv/linear weights of ``model`` (at the rewind point), in place.
 
-    See the module docs for the kinds. Arguments a kind does not use are ignored, so one call
-    fits a loop over all kinds. Tensor ``i`` (in model order) draws from a CPU generator seeded
+    Kinds: ``"rewind"`` (signs and magnitudes from k, no change: the control); ``"init"`` (both
+    from init); ``"init_signs"`` (signs from init, magnitudes from k); ``"init_magnitudes"``
+    (magnitudes from init, signs from k); ``"permute_layer"`` (shuffled within each tensor);
+    ``"permute_filter"`` (within each output channel: dim 0, dim 1 of ConvTranspose);
+    ``"shuffle_same_sign"`` (positive weights among positive positions, negative among negative,
+    zeros stay) and ``"shuffle_same_sign_filter"`` (the same within each output channel);
+    ``"noise"`` (plus Gaussian noise of std ``sigma_n`` times the tensor's init std). In a
+    pruned model only kept weights take part, so the mask and the pruned zeros are unchanged.
+    Arguments a kind does not use are ignored, so one call fits a loop over all kinds. Tensor ``i`` (in model order) draws from a CPU generator seeded
     with ``seed + 7919 * i`` (mod 2**64), so a seed gives the same result on every device.
 
     Args:

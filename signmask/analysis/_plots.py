@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .._io import check_path, write_atomic
+from .._io import check_path, make_folder, write_atomic
 from ._connectivity import Barrier
 from ._telemetry import Telemetry
 
@@ -27,8 +27,6 @@ def _check_path(path: str | os.PathLike) -> tuple[Path, str]:
     fmt = path.suffix[1:].lower()
     if fmt not in _FORMATS:
         raise ValueError(f"path must end in one of {['.' + f for f in _FORMATS]}, got {str(path)!r}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(path.parent)!r} of path does not exist")
     return path, fmt
 
 
@@ -73,6 +71,7 @@ def _style(i: int) -> dict:
 def _write(fig, path: Path, fmt: str) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=100)
+    make_folder(path)  # as signmask.save does
     return write_atomic(path, buf.getvalue())
 
 
@@ -88,7 +87,8 @@ def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike)
 
     Raises:
         TypeError / ValueError: an empty mapping, a non-str label, a value that is no
-            ``Barrier``, or a bad path. ImportError: matplotlib is not installed.
+            ``Barrier``, or a bad path. NotADirectoryError: a folder above ``path`` is a file
+            (missing folders are created). ImportError: matplotlib is not installed.
 
     Example:
         >>> import tempfile, os
@@ -141,7 +141,8 @@ def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
 
     Raises:
         TypeError / ValueError: an empty mapping or curve, a non-str label, a value outside
-            [0, 1], or a bad path. ImportError: matplotlib is not installed.
+            [0, 1], or a bad path. NotADirectoryError: a folder above ``path`` is a file
+            (missing folders are created). ImportError: matplotlib is not installed.
 
     Example:
         >>> import tempfile, os
@@ -175,7 +176,8 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
 
     Raises:
         TypeError / ValueError: not a ``Telemetry``, no records, an unknown layer, or a bad
-            path. ImportError: matplotlib is not installed.
+            path. NotADirectoryError: a folder above ``path`` is a file (missing folders are
+            created). ImportError: matplotlib is not installed.
     """
     if not isinstance(telemetry, Telemetry):
         raise TypeError(f"telemetry must be a Telemetry, got {type(telemetry).__name__}")

@@ -115,7 +115,15 @@ class Telemetry:
     """Record how the conv/linear weights of ``model`` move away from their init.
 
     Creating it snapshots the weights as the init; call :meth:`record` during training and
-    :meth:`finish` at the end (see the module docs for what is compared and the memory cost).
+    :meth:`finish` at the end. Each record holds, per tensor and over all of them, the fraction
+    of weights whose sign changed since init (``torch.sign`` differs; a weight that became 0
+    has changed), the L2 distance and the cosine similarity to init; ``finish`` adds the
+    distance and cosine similarity to the final weights. Weights are compared as the forward
+    uses them (masked, sign-locked) and only where the mask keeps them; sums run in float64.
+
+    Memory: one CPU copy of the tracked weights for the init, and one more per record (plus a
+    1-byte mask per pruned weight) unless ``keep_snapshots=False`` (then no ``finish``); use
+    ``every=k`` to keep one record per k steps.
 
     Args:
         model: the model being trained (read at every :meth:`record`).
