@@ -93,3 +93,15 @@ def test_signed_codes_round_trip():
     codes = _bits.signed_to_codes(signed)
     assert codes.tolist() == [_bits.CODE_NEG, _bits.CODE_PRUNED, _bits.CODE_POS, _bits.CODE_POS, _bits.CODE_NEG]
     assert torch.equal(_bits.codes_to_signed(codes), signed)
+
+
+def test_the_cached_sign_table_is_a_normal_tensor_when_first_built_in_inference_mode():
+    # Built under torch.inference_mode(), an inference tensor would be cached for good, and
+    # autograd refuses to save those for backward.
+    _bits._table.cache_clear()
+    try:
+        with torch.inference_mode():
+            first = _bits._table(torch.device("cpu"), True)
+        assert not first.is_inference() and _bits._table(torch.device("cpu"), True) is first
+    finally:
+        _bits._table.cache_clear()

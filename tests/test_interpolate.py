@@ -256,6 +256,17 @@ def test_is_norm_false_without_affine_parameters():
         assert not interp.is_norm(module), module
 
 
+def test_per_channel_parameters_alone_do_not_make_a_norm():
+    class Scale(nn.Module):  # a vector weight, no norm base class, no norm-like name
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3))
+
+    assert not interp.is_norm(nn.PReLU(4)) and not interp.is_norm(Scale())
+    with pytest.raises(ValueError, match="no norm layer with affine parameters"):
+        interp.attach(nn.Sequential(nn.Linear(3, 4), nn.PReLU(4)), torch.tensor(0.5))
+
+
 def test_is_norm_for_inplace_abn_and_subclasses():
     assert interp.is_norm(L.InplaceAbn(3))
 

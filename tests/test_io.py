@@ -502,7 +502,12 @@ def test_ticket_norm_named_like_a_dense_sign_is_refused():
 def test_tickets_differing_in_norm_values_or_dtype_differ():
     base = _norm_ticket()
     assert base == _norm_ticket()
-    assert base != _norm_ticket(torch.float64)  # same numbers, another dtype
+    assert base != _norm_ticket(torch.float64)  # another dtype (and 1e-3 rounds differently)
+    exact = {"bn.weight": torch.tensor([0.5, -0.0, 2.0])}  # the same numbers in every float dtype
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        other = {"bn.weight": exact["bn.weight"].to(dtype)}
+        assert torch.equal(exact["bn.weight"], other["bn.weight"])  # torch.equal promotes
+        assert signmask.Ticket(base.masks, norms=exact) != signmask.Ticket(base.masks, norms=other)
     assert base != signmask.Ticket(base.masks)
     edited = dict(base.norms, **{"bn.bias": torch.tensor([1e-3, -7.0, 0.5])})
     assert base != signmask.Ticket(base.masks, norms=edited)

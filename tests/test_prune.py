@@ -399,7 +399,14 @@ class _OwnsAWeightOrig(nn.Linear):
         self.weight_orig = nn.Parameter(torch.full((4, 4), 7.0))
 
 
-@pytest.mark.parametrize("layer, taken", [(_KeepsAMaskAttribute, "weight_mask"), (_OwnsAWeightOrig, "weight_orig")])
+class _OwnsAWeightSign(nn.Linear):
+    def __init__(self):
+        super().__init__(4, 4)
+        self.register_buffer("weight_sign", torch.ones(2, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("layer, taken", [(_KeepsAMaskAttribute, "weight_mask"), (_OwnsAWeightOrig, "weight_orig"),
+                                          (_OwnsAWeightSign, "weight_sign")])
 @pytest.mark.parametrize("verb", ["prune", "transfer", "load_state_dict"])
 def test_a_module_already_using_a_name_pruning_adds_is_refused_untouched(layer, taken, verb):
     # prune failed half-way (the layers before pruned, this one without a weight), or a

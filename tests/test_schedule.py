@@ -132,3 +132,18 @@ def test_parse_rewind_returns_a_plain_int_for_numpy_steps_per_epoch():
 
 def test_an_exact_power_does_not_ask_for_one_more_step():
     assert _schedule.prune_count(0.51, 0.3, None) == 2  # 1 - 0.51 = 0.7 ** 2
+
+
+@pytest.mark.parametrize("rate, rounds", [(0.2, 8), (None, 3)])
+def test_a_sparsity_that_keeps_no_weight_or_prunes_none_is_refused(rate, rounds):
+    # 10 * (1 - 0.96) = 0.4 rounds to 0 kept; 10 * (1 - 0.04) = 9.6 rounds to all 10 kept.
+    with pytest.raises(ValueError, match="sparsity=0.96 keeps no weight of 10"):
+        _schedule.kept_schedule(10, 0.96, rate, rounds)
+    with pytest.raises(ValueError, match=r"sparsity=0.04 prunes no weight of 10 \(rounded\)"):
+        _schedule.kept_schedule(10, 0.04, rate, rounds)
+    assert _schedule.kept_schedule(10, 0.9, rate, 1) == [1]  # the fewest kept that is allowed
+
+
+def test_a_tiny_sparsity_still_takes_one_pruning_step():
+    assert _schedule.prune_count(1e-12, 0.99, None) == 1
+    assert _schedule.prune_count(0.5, 0.999999, None) == 1

@@ -365,6 +365,8 @@ def test_a_checkpoint_between_rounds_resumes_at_the_next_rounds_first_step():
     ("generator", torch.zeros(3, dtype=torch.uint8), "state\\['generator'\\] should be a torch.Generator state"),
     ("history", 3, "state\\['history'\\] should be a list of dicts"),
     ("round", None, "state\\['round'\\] should be an int >= 0"),
+    ("step", -1, "state\\['step'\\] should be an int >= 0, found int -1"),
+    ("round_start_step", True, "state\\['round_start_step'\\] should be an int >= 0, found bool"),
     ("in_round", 1, "state\\['in_round'\\] should be a bool"),
     ("restart", None, "state\\['restart'\\] should be the optimizer and scheduler snapshot"),
     ("alpha", 1.5, "state\\['alpha'\\] should be a float in \\[0, 1\\]"),

@@ -103,3 +103,11 @@ def test_rejects_k_out_of_range():
 def test_inf_scores_are_refused():
     with pytest.raises(ValueError, match="NaN or inf"):
         smallest_k(lambda i: torch.tensor([1.0, float("inf"), 2.0]), [torch.ones(3, dtype=torch.bool)], 1)
+
+
+def test_selecting_every_alive_entry_returns_new_tensors():
+    alive = [torch.tensor([True, False, True]), torch.tensor([[True, True]])]
+    got = smallest_k(lambda i: torch.zeros(alive[i].shape), alive, 4)
+    assert all(g is not a and torch.equal(g, a) for g, a in zip(got, alive))
+    got[0].zero_()
+    assert alive[0].tolist() == [True, False, True]

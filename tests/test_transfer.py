@@ -200,6 +200,17 @@ def test_extract_refuses_bad_options_by_name(arg, value, message):
         signmask.extract(signmask.prune(tiny(0), 0.5), **{arg: value})
 
 
+def test_extract_records_the_sign_bit_of_kept_zeros():
+    net = nn.Linear(3, 2)
+    with torch.no_grad():
+        net.weight[0, 0], net.weight[0, 1] = -0.0, 0.0
+    signmask.prune(net, 0, method="random", seed=0)  # every weight kept, the zeros too
+    signed = signmask.extract(net).masks["weight"]
+    expected = torch.where(torch.signbit(net.weight), -1, 1).to(torch.int8)
+    assert torch.equal(signed, expected) and signed[0, 0] == -1 and signed[0, 1] == 1
+    assert signmask.extract(net).sparsity == 0.0
+
+
 def test_extract_refuses_nan_kept_or_dense_weights_by_name():
     model = signmask.prune(tiny(0), 0.5, classifier=False)
     with torch.no_grad():
@@ -401,3 +412,21 @@ def test_norms_of_timm_models_are_recorded_and_transferred(name):
     assert set(ticket.norms) == norms and norms
     fresh = signmask.transfer(ticket, timm.create_model(name, pretrained=False, num_classes=5), norms=True)
     assert all(torch.equal(fresh.get_parameter(k), trained.get_parameter(k)) for k in norms)
+
+
+@pytest.mark.parametrize("verb", ["transfer", "load_state_dict"])
+def test_the_pruning_history_holds_no_per_weight_tensor(verb):
+    # A history record pinning the ticket's signed mask grows every deepcopy and pickle.
+    import pickle
+
+    source = signmask.prune(nn.Linear(64, 64), 0.5, signs="locked")
+    fresh, dense = nn.Linear(64, 64), nn.Linear(64, 64)
+    if verb == "transfer":
+        signmask.transfer(signmask.extract(source), fresh)
+        signmask.prune(dense, 0.5, signs="locked")  # the same layout, made by prune
+    else:
+        signmask.load_state_dict(fresh, source.state_dict())
+        signmask.prune(dense, 0.5, signs="locked")
+    records = signmask._reparam.methods(signmask._reparam.find_hook(fresh, "weight")[1])
+    assert records and all(getattr(m, "signed_mask", None) is None for m in records)
+    assert len(pickle.dumps(fresh)) <= len(pickle.dumps(dense)) + 512
