@@ -222,3 +222,22 @@ def test_random_prune_trains_a_weight_its_parent_reads():
     out, dense = net.attn.out_proj, twin.attn.out_proj
     assert torch.equal(out.weight_orig.grad, dense.weight.grad * out.weight_mask)
     assert out.weight_orig.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    (dict(ticket_acc=0.93, dense_acc=0.92, reinit_acc=0.90, small_dense_acc=0.91),
+     "jackpot (lead over small dense +0.0200 > margin 0.0050; lead over random reinit +0.0300 > margin 0.0050; "
+     "dense at same lr: ticket 0.9300 >= 0.9200)"),
+    (dict(ticket_acc=0.93, dense_acc=0.92, reinit_acc=0.90, well_trained_acc=0.935),
+     "secondary prize (lead over random reinit +0.0300 > margin 0.0050; dense at same lr: ticket 0.9300 >= 0.9200; "
+     "well-trained dense: ticket 0.9300 < 0.9350)"),
+    (dict(ticket_acc=0.92, dense_acc=0.92, reinit_acc=0.918, small_dense_acc=0.93),
+     "no prize (lead over small dense -0.0100 <= margin 0.0050; lead over random reinit +0.0020 <= margin 0.0050; "
+     "dense at same lr: ticket 0.9200 >= 0.9200)"),
+    (dict(ticket_acc=0.91, dense_acc=0.92, reinit_acc=0.90),
+     "no prize (lead over random reinit +0.0100 > margin 0.0050; dense at same lr: ticket 0.9100 < 0.9200)"),
+])
+def test_verdict_reasons_say_which_way_each_condition_went(kwargs, text):
+    v = analysis.verdict(**kwargs)
+    assert str(v) == text
+    assert v.reasons == tuple(text.split(" (", 1)[1][:-1].split("; "))

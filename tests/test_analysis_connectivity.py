@@ -668,3 +668,83 @@ def test_interpolate_endpoints_are_exact_beside_infinite_weights_and_barrier_ref
     with pytest.raises(ValueError, match="model_b's weight holds NaN or infinite values"):
         analysis.barrier(a, b, data, points=3, loss_fn=loss)
     assert calls == []  # refused before evaluating any point
+
+
+def test_barrier_bn_batches_re_estimates_on_the_first_batches_only():
+    a, b = pruned_pair()
+    test, train = images(1), images(2)
+    got = analysis.barrier(a, b, test, train_loader=train, points=3, bn_batches=1)
+    first = analysis.barrier(a, b, test, train_loader=train[:1], points=3)
+    every = analysis.barrier(a, b, test, train_loader=train, points=3)
+    assert got.losses == first.losses
+    assert got.losses != every.losses  # the data tells the two apart
+
+
+def test_barrier_eval_batches_evaluates_on_the_first_batches_only():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+    got = analysis.barrier(a, b, data, points=3, eval_batches=1)
+    assert got.losses == analysis.barrier(a, b, data[:1], points=3).losses
+    assert got.losses != analysis.barrier(a, b, data, points=3).losses
+
+
+def test_barrier_refuses_alphas_that_do_not_start_at_zero():
+    with pytest.raises(ValueError, match=r"alphas must increase strictly from 0\.0 to 1\.0, got \(0\.5, 1\.0\)"):
+        analysis.Barrier((0.5, 1.0), (1.0, 1.0), (0.1, 0.1))
+
+
+def test_interpolate_refuses_different_sign_locks_on_kept_weights():
+    a, b = pruned_pair(signs="locked")
+    conv = b.conv1
+    keep = conv.weight_mask.bool()
+    bits = signmask._bits.sign_bits(conv.weight_sign, conv.weight_orig.shape).bool()
+    conv.weight_sign.copy_(signmask._bits.pack_signs(bits ^ keep))  # flip the lock of every kept weight
+    n = int(keep.sum())
+    with pytest.raises(ValueError, match=rf"'conv1\.weight_sign' differs between model_a and model_b \({n} entries\)"):
+        analysis.interpolate(a, b, 0.5)
+
+
+def test_interpolate_at_one_is_exactly_model_b_beside_infinite_weights_in_model_a():
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    with torch.no_grad():
+        a.weight[0, 0] = float("inf")  # 0 * inf would make the alpha = 1 endpoint NaN
+    assert torch.equal(analysis.interpolate(a, b, 1.0).weight, b.weight)
+
+
+def test_interpolate_refuses_models_of_different_dtypes():
+    with pytest.raises(ValueError, match=r"tensor 'weight' differs: model_a has \(2, 3\) torch\.float32, "
+                                         r"model_b has \(2, 3\) torch\.float64"):
+        analysis.interpolate(nn.Linear(3, 2), nn.Linear(3, 2).double(), 0.5)
+
+
+def test_interpolate_stores_the_locked_signs_in_weight_orig():
+    # the forward reads only |weight_orig|, but remove() or a later unlock keeps weight_orig as is
+    a, b = pruned_pair(signs="locked")
+    mid = analysis.interpolate(a, b, 0.3)
+    for name in ("conv1", "conv2", "fc"):
+        m = getattr(mid, name)
+        keep = m.weight_mask.bool()
+        lock = signmask._bits.sign_bits(m.weight_sign, m.weight_orig.shape).bool()
+        assert torch.equal(torch.signbit(m.weight_orig)[keep], lock[keep]), name
+
+
+def test_evaluate_uses_running_statistics_of_a_model_left_in_train_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    with torch.no_grad():  # running statistics far from any batch's, so batch statistics would show
+        net[1].running_mean.fill_(5.0)
+        net[1].running_var.fill_(4.0)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    before = snapshot(net)
+    want = analysis.evaluate(copy.deepcopy(net).eval(), data)
+    assert analysis.evaluate(net, data) == want
+    assert_same(before, snapshot(net))  # running_mean and num_batches_tracked unchanged
+    assert net.training and net[1].training
+
+
+def test_reestimate_bn_restarts_num_batches_tracked():
+    model, loader = tiny(0), images(0)
+    model.bn1.num_batches_tracked.fill_(100)
+    analysis.reestimate_bn(model, loader)
+    assert int(model.bn1.num_batches_tracked) == len(loader) == 3

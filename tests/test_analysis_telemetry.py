@@ -453,3 +453,17 @@ def test_stats_validates_the_sign_change_fraction():
     for bad in (1.5, -0.1):
         with pytest.raises(ValueError, match="sign_changed must be in"):
             analysis.Stats(bad, 0.0, 1.0)
+
+
+def test_noise_is_scaled_by_the_init_std_not_the_current_weights():
+    # weights at k ten times init: a sigma taken from them would be ten times too large
+    torch.manual_seed(0)
+    init = nn.Linear(6, 5)
+    model = nn.Linear(6, 5)
+    with torch.no_grad():
+        model.weight.copy_(10 * init.weight)
+    start = model.weight.detach().clone()
+    analysis.perturb(model, "noise", init=init, seed=3, sigma_n=1.0)
+    draw = torch.randn(start.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sigma = float(init.weight.detach().double().std(unbiased=True))
+    torch.testing.assert_close(model.weight.detach() - start, (sigma * draw).float(), rtol=0, atol=1e-6)

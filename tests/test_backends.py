@@ -697,3 +697,104 @@ def test_unknown_optimizer_weights_are_reprojected_after_each_step():
     lin(torch.randn(2, 4)).sum().backward()
     opt.step()
     assert (lin.weight_orig[~lin.weight_mask] == 0).all()
+
+
+def test_projection_reflects_momentum_of_locked_weights_edited_in_place_after_a_step():
+    # The edit flips kept weights against their locks; the next forward reflects them, and must
+    # reflect their momentum too (with the optimizer it was projected for), as the torch path's
+    # |o| does implicitly.
+    (ref, ref_opt), (proj, proj_opt) = _torch_and_projection("locked")
+    batches = _batches(4)
+    for model, opt in ((ref, ref_opt), (proj, proj_opt)):
+        _train(model, opt, batches[:2])
+        with torch.no_grad():
+            w = model[0].weight_orig
+            w.copy_(torch.linspace(-1, 1, w.numel()).view_as(w))  # after step(), before a forward
+        _train(model, opt, batches[2:])
+    assert _equal_weights(ref, proj)
+
+
+def test_a_user_optimizer_class_named_like_a_torch_one_is_not_trusted():
+    class SGD(torch.optim.SGD):  # not torch.optim's SGD: its step moves every entry
+        @torch.no_grad()
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(0.01)
+
+    model = _pruned()
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match=r"backend='projection' with SGD: signmask knows it exact only"):
+        _backends.set_backend(model, "projection", optimizer=opt)
+    _train(model, opt, _batches(2))
+    for module, name in signmask._targets.pruned(model).values():  # fully re-projected
+        assert not _reparam.original(module, name)[~getattr(module, name + "_mask")].any()
+
+
+def test_projection_resumes_a_sign_locked_torch_checkpoint_loaded_twice_before_its_optimizer():
+    # The second load (of the already reflected values) reflects nothing more; the reflections
+    # of the first must still reach the momentum loaded after both.
+    make = lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)  # noqa: E731
+    ref = _pruned("locked")
+    ref_opt = make(ref.parameters())
+    batches = _batches(6)
+    _train(ref, ref_opt, batches[:3])
+    model_state, opt_state = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())
+    proj = _pruned("locked")
+    proj_opt = make(proj.parameters())
+    _backends.set_backend(proj, "projection", optimizer=proj_opt)
+    proj.load_state_dict(model_state)
+    proj.load_state_dict(copy.deepcopy(proj.state_dict()))
+    proj_opt.load_state_dict(opt_state)
+    _train(ref, ref_opt, batches[3:])
+    _train(proj, proj_opt, batches[3:])
+    assert _equal_weights(ref, proj)
+
+
+def test_autocast_never_lowers_a_float64_weight():
+    # Autocast leaves fp64 tensors alone, so the kernel must write the weight in fp64.
+    lin = nn.Linear(2, 2).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _backends.consumer_dtype(lin, lin.weight.detach()) == torch.float64
+        assert _backends.consumer_dtype(nn.Linear(2, 2), nn.Linear(2, 2).weight.detach()) == torch.bfloat16
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+def test_triton_falls_back_to_the_torch_path_for_a_dtype_cast_after_set_backend():
+    # complex64 is no kernel dtype; set_backend checked float32, the cast came later.
+    torch.manual_seed(0)
+    ref = signmask.prune(nn.Linear(4, 4), 0.5)
+    model = copy.deepcopy(ref)
+    _backends.set_backend(model, "triton")
+    ref.to(torch.complex64)
+    model.to(torch.complex64)
+    x = torch.randn(2, 4, dtype=torch.complex64)
+    assert torch.equal(model(x), ref(x))
+
+
+def test_set_backend_refuses_an_optimizer_that_is_not_one_before_any_change():
+    model = _pruned()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or None, got str"):
+        _backends.set_backend(model, "torch", optimizer="adam")
+    assert set(_backends.backends_of(model).values()) == {"projection"}
+    assert len(_optimizer_hooks(opt)) == 3
+
+
+def test_set_backend_projection_aliases_the_weight_before_any_forward():
+    model = signmask.prune(nn.Linear(4, 4), 0.5)
+    _backends.set_backend(model, "projection", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert model.weight.data_ptr() == model.weight_orig.data_ptr()
+
+
+def test_set_backend_unhooks_the_optimizer_it_is_given():
+    model = _pruned("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    for module, name in signmask._targets.pruned(model).values():
+        # A hook that no longer remembers its optimizer: only the one given can be unhooked.
+        _reparam.find_hook(module, name)[1].__dict__.pop("_optimizer")
+    _backends.set_backend(model, "torch", optimizer=opt)
+    assert _optimizer_hooks(opt) == []

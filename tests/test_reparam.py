@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import signmask
-from signmask import _reparam
+from signmask import _methods, _reparam
 from _util import tiny
 
 LAYERS = (nn.Conv2d, nn.Linear)
@@ -611,3 +611,15 @@ def test_a_model_deepcopies_right_after_stock_prune_is_stacked_on_top(stack):
     assert torch.equal(twin(x), model(x))
     model(x).sum().backward()  # the next forward's weight is part of the graph again
     assert model[0].weight_orig.grad is not None and model[0].weight_orig.grad.abs().sum() > 0
+
+
+def test_from_signed_mask_through_stock_prune_keeps_negative_entries():
+    # A signed mask's -1 marks a kept weight with a negative sign, not a pruned one.
+    signed = torch.tensor([[1, -1, 0], [0, -1, 1]], dtype=torch.int8)
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    stock = copy.deepcopy(lin)
+    _methods.FromSignedMask.apply(lin, "weight", signed)
+    torch_prune.custom_from_mask(stock, "weight", signed != 0)
+    assert torch.equal(lin.weight_mask.bool(), signed != 0)
+    assert torch.equal(lin.weight_mask, stock.weight_mask) and torch.equal(lin.weight, stock.weight)

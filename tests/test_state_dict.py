@@ -201,3 +201,45 @@ def test_a_checkpoint_taken_during_an_aws_search_loads_its_trained_norms():
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def _searching(seed: int) -> nn.Module:
+    model = tiny(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    signmask.apply(model, "aws", 0.5, optimizer=opt, progress=False).start_round()
+    return model
+
+
+def test_a_search_checkpoint_resumes_into_a_model_that_is_searching_itself():
+    # Interpolated itself, the model has <name>_orig and <name>_init: both load as they are.
+    src, model = _searching(0), _searching(1)
+    signmask.load_state_dict(model, src.state_dict())
+    assert torch.equal(model.bn1.weight_orig, src.bn1.weight_orig)
+    want = src.state_dict()
+    assert model.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+def test_a_pruned_module_with_its_own_weight_init_buffer_round_trips():
+    # weight_init (an L2-SP anchor, say) beside weight_orig and weight_mask is no AWS norm.
+    def net():
+        conv = nn.Conv2d(3, 4, 3)
+        conv.register_buffer("weight_init", conv.weight.detach().clone())
+        return conv
+
+    torch.manual_seed(0)
+    src = signmask.prune(net(), 0.5, signs="locked")
+    fresh = signmask.load_state_dict(net(), src.state_dict())
+    want = src.state_dict()
+    assert fresh.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())
+
+
+def test_load_state_dict_not_strict_warns_about_unexpected_keys_alone():
+    state = signmask.prune(nn.Linear(4, 4), 0.5).state_dict()
+    state["extra"] = torch.zeros(1)
+    with pytest.warns(UserWarning, match=r"left 0 tensors .* skipped 1 keys the model does not have \['extra'\]"):
+        signmask.load_state_dict(nn.Linear(4, 4), state, strict=False)
