@@ -91,6 +91,20 @@ def hook_lines(res: dict) -> list[str]:
     return lines
 
 
+def grad_mask_lines(res: dict) -> list[str]:
+    lines = ["### CPU: the projection backend's gradient mask against one pass at the floor\n",
+             "| model | projection x dense | without its grad mask | in mask ms | floor pass ms | floor % of dense |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in res["models"].items():
+        steps, floor = r["steps"], r["passes"]["scalar floor"]["median_ms"]
+        dense = steps["dense"]["median_ms"]
+        lines.append(f"| {name} | {steps['projection']['ratio_to_dense']:.3f} | "
+                     f"{steps['projection, no grad mask']['ratio_to_dense']:.3f} | "
+                     f"{steps['grad_mask_in_step']['median_ms']:.2f} | {floor:.2f} | {100 * floor / dense:.1f} |")
+    lines.append(f"\n(Command: `{res['environment']['command']}`; details: grad_mask_cost_cpu.md)\n")
+    return lines
+
+
 def kernel_lines(res: dict) -> list[str]:
     records = res["kernels"]
     errors = [r for r in records if r.get("error")]
@@ -119,6 +133,9 @@ def main() -> None:
         res = _load(stem)
         if res:
             lines += hook_lines(res)
+    res = _load("grad_mask_cost_cpu")
+    if res:
+        lines += grad_mask_lines(res)
     res = _load("kernel_resources_sm90")
     if res:
         lines += kernel_lines(res)

@@ -247,8 +247,9 @@ def perturb(
     zeros stay) and ``"shuffle_same_sign_filter"`` (the same within each output channel);
     ``"noise"`` (plus Gaussian noise of std ``sigma_n`` times the tensor's init std). In a
     pruned model only kept weights take part, so the mask and the pruned zeros are unchanged.
-    Arguments a kind does not use are ignored, so one call fits a loop over all kinds. Tensor ``i`` (in model order) draws from a CPU generator seeded
-    with ``seed + 7919 * i`` (mod 2**64), so a seed gives the same result on every device.
+    Arguments a kind does not use are ignored, so one call fits a loop over all kinds. Tensor
+    ``i`` (in model order) draws from a CPU generator seeded with ``seed + 7919 * i`` (mod
+    2**64), so a seed gives the same result on every device.
 
     Args:
         model: the model holding the rewind-point weights (pruned or dense, not sign-locked).
