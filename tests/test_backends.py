@@ -350,21 +350,31 @@ def test_projection_follows_stock_prune_stacked_on_top(signs):
     assert _equal_weights(ref, proj)
 
 
+def _large_steps(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=1.0, momentum=0.9)
+
+
+def _locked_torch_checkpoint():
+    """A sign-locked model trained 3 large steps on the torch path (kept ``weight_orig`` entries
+    cross zero), its optimizer, the 3 batches left, and copies of both states."""
+    ref = _pruned("locked")
+    ref_opt = _large_steps(ref.parameters())
+    batches = _batches(6)
+    _train(ref, ref_opt, batches[:3])
+    states = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())
+    return ref, ref_opt, batches[3:], *states
+
+
 @pytest.mark.parametrize("model_first", [True, False])
 def test_projection_resumes_a_sign_locked_torch_checkpoint_loaded_after_set_backend(model_first):
     # Large steps: kept weight_orig entries cross zero on the torch path. Loading reflects them
     # onto their locks, and their momentum must be reflected with them, whichever loads first.
-    make = lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)  # noqa: E731
-    ref = _pruned("locked")
-    ref_opt = make(ref.parameters())
-    batches = _batches(6)
-    _train(ref, ref_opt, batches[:3])
+    ref, ref_opt, rest, model_state, opt_state = _locked_torch_checkpoint()
     crossed = sum(int((torch.signbit(m.weight_orig) != _bits.sign_bits(m.weight_sign, m.weight_orig.shape).bool()).sum())
                   for m in ref if hasattr(m, "weight_mask"))
     assert crossed > 0
-    model_state, opt_state = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())
     proj = _pruned("locked")
-    proj_opt = make(proj.parameters())
+    proj_opt = _large_steps(proj.parameters())
     _backends.set_backend(proj, "projection", optimizer=proj_opt)
     if model_first:
         proj.load_state_dict(model_state)
@@ -372,8 +382,8 @@ def test_projection_resumes_a_sign_locked_torch_checkpoint_loaded_after_set_back
     else:
         proj_opt.load_state_dict(opt_state)
         proj.load_state_dict(model_state)
-    _train(ref, ref_opt, batches[3:])
-    _train(proj, proj_opt, batches[3:])
+    _train(ref, ref_opt, rest)
+    _train(proj, proj_opt, rest)
     assert _equal_weights(ref, proj)
 
 
@@ -428,18 +438,13 @@ def test_weights_edited_in_place_under_a_free_mask_need_no_state_pass(monkeypatc
 def test_a_torch_path_checkpoint_loaded_then_projected_then_its_optimizer_loaded():
     # The natural resume order: model state, set_backend (which reflects the locked weights),
     # then the optimizer's state, whose momentum must be reflected where the weights were.
-    make = lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)  # noqa: E731
-    ref = _pruned("locked")
-    ref_opt = make(ref.parameters())
-    batches = _batches(6)
-    _train(ref, ref_opt, batches[:3])
-    model_state, opt_state = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())
+    ref, ref_opt, rest, model_state, opt_state = _locked_torch_checkpoint()
     proj = signmask.load_state_dict(_net(), model_state)
-    proj_opt = make(proj.parameters())
+    proj_opt = _large_steps(proj.parameters())
     _backends.set_backend(proj, "projection", optimizer=proj_opt)
     proj_opt.load_state_dict(opt_state)
-    _train(ref, ref_opt, batches[3:])
-    _train(proj, proj_opt, batches[3:])
+    _train(ref, ref_opt, rest)
+    _train(proj, proj_opt, rest)
     assert _equal_weights(ref, proj)
 
 
@@ -735,20 +740,15 @@ def test_a_user_optimizer_class_named_like_a_torch_one_is_not_trusted():
 def test_projection_resumes_a_sign_locked_torch_checkpoint_loaded_twice_before_its_optimizer():
     # The second load (of the already reflected values) reflects nothing more; the reflections
     # of the first must still reach the momentum loaded after both.
-    make = lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)  # noqa: E731
-    ref = _pruned("locked")
-    ref_opt = make(ref.parameters())
-    batches = _batches(6)
-    _train(ref, ref_opt, batches[:3])
-    model_state, opt_state = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())
+    ref, ref_opt, rest, model_state, opt_state = _locked_torch_checkpoint()
     proj = _pruned("locked")
-    proj_opt = make(proj.parameters())
+    proj_opt = _large_steps(proj.parameters())
     _backends.set_backend(proj, "projection", optimizer=proj_opt)
     proj.load_state_dict(model_state)
     proj.load_state_dict(copy.deepcopy(proj.state_dict()))
     proj_opt.load_state_dict(opt_state)
-    _train(ref, ref_opt, batches[3:])
-    _train(proj, proj_opt, batches[3:])
+    _train(ref, ref_opt, rest)
+    _train(proj, proj_opt, rest)
     assert _equal_weights(ref, proj)
 
 
