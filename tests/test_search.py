@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import signmask
-from signmask import _interpolate
+from signmask import _interpolate, _recipes
 
 from _util import assert_same, snapshot, tiny
 
@@ -764,3 +764,97 @@ def test_an_unhashable_method_name_is_a_value_error():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"unknown search method \['imp'\]; valid methods"):
         signmask.apply(model, ["imp"], 0.5, optimizer=opt)
+
+
+def test_a_ddp_rank_takes_rank_0s_masks_and_its_weights_follow_before_a_forward(monkeypatch):
+    # One process standing in for rank 1: the broadcast delivers rank 0's (different) masks.
+    def broadcast(tensor, src):
+        tensor.copy_((torch.arange(tensor.numel()) % 3 == 0).view_as(tensor))
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    model, opt, _, search = setup("lrr")
+    search.start_round()
+    _step(model, opt, 2)
+    search.finish_round()
+    for layer in (model.conv1, model.conv2):
+        rank0 = (torch.arange(layer.weight_mask.numel()) % 3 == 0).view_as(layer.weight_mask)
+        assert torch.equal(layer.weight_mask, rank0)
+        assert torch.equal(layer.weight, layer.weight_orig * rank0)
+
+
+def test_a_rewind_to_round_0s_last_step_restarts_from_the_schedule_after_it():
+    # The per-step scheduler steps after round 0's last optimizer step: only finish_round sees it.
+    model, opt, sched, search = setup("imp", rewind=f"{STEPS}it")
+    search.start_round()
+    train(model, opt, search, sched)
+    search.finish_round()
+    assert (sched.last_epoch, opt.param_groups[0]["lr"]) == (STEPS, 0.05 * 0.5 ** (STEPS // 2))
+
+
+def test_omp_rewinds_to_init_and_prunes_the_classifier_by_default():
+    model, opt, sched, search = setup("omp")
+    init = weights(model)
+    search.start_round()
+    train(model, opt, search, sched)
+    search.finish_round()
+    now = weights(model)
+    assert all(torch.equal(now[k], init[k]) for k in init)
+    assert hasattr(model.fc, "weight_mask") and search.config.classifier is True
+
+
+def test_a_recipe_needs_a_non_empty_string_name():
+    for name in ("", None, 3):
+        with pytest.raises(ValueError, match="a recipe needs a non-empty str name"):
+            _recipes.Recipe(name, rewind=None)
+
+
+@pytest.mark.parametrize("edit", ["extra key", "reshaped"])
+def test_a_saved_rewind_snapshot_that_does_not_fit_the_model_is_refused_untouched(edit):
+    model, opt, sched, search = setup("imp")
+    state = search.state_dict()
+    rewind = dict(state["rewind_weights"])
+    if edit == "extra key":
+        rewind["conv3.weight"] = torch.zeros(1)
+    else:
+        rewind["bn1.weight"] = torch.zeros(7)
+    state["rewind_weights"] = rewind
+    fresh_model, _, _, fresh = setup("imp", seed=3)
+    before = snapshot(fresh_model)
+    with pytest.raises(ValueError, match="the saved rewind snapshot does not match the model"):
+        fresh.load_state_dict(state)
+    assert_same(before, snapshot(fresh_model))
+    assert (fresh.round, fresh.step, fresh.history) == (0, 0, [])
+
+
+def test_resuming_a_finished_search_releases_the_optimizer_and_the_norms():
+    model, opt, sched, search = setup("aws", rounds=1)
+    for _ in search:
+        train(model, opt, search, sched)
+    model2, opt2, _, search2 = setup("aws", seed=3, rounds=1)
+    search2.load_state_dict(search.state_dict())
+    assert search2.done and search2.ticket == search.ticket
+    assert not _interpolate.interpolated(model2)
+    _step(model2, opt2)  # fine-tuning on after the search: its step hooks are gone
+
+
+def test_a_round_without_steps_warns_on_rank_0_only(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: None)
+    model, opt, _, search = setup("lrr")
+    search.start_round()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        search.finish_round()
+
+
+def test_the_ticket_records_the_search_seed_and_empty_rate_and_rewind_for_lrr():
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    search = signmask.apply(model, "lrr", 0.6, optimizer=opt, seed=7, rounds=1, progress=False)
+    for _ in search:
+        train(model, opt, search)
+    meta = search.ticket.metadata
+    assert (meta["seed"], meta["rate"], meta["rewind"], meta["rounds"]) == ("7", "", "", "1")

@@ -1,10 +1,14 @@
 """Which tensors signmask works on, and their names: meta tensors and name collisions refused."""
 
+import collections
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import signmask
+from signmask import _targets
 from _util import assert_same, snapshot, tiny
 
 
@@ -102,3 +106,60 @@ def test_two_norms_with_one_canonical_name_are_refused_too():
     with pytest.raises(ValueError, match=r"module.bn.weight and bn.weight are different tensors"):
         signmask.prune(model, 0.5)
     assert_same(before, snapshot(model))
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_nested_wrappers_are_unwrapped_and_their_prefixes_stripped():
+    # torch.compile(DataParallel(model)) names every tensor "_orig_mod.module.<name>".
+    model = tiny()
+    wrapped = torch.compile(nn.DataParallel(model))
+    assert _targets.unwrap(wrapped) is model
+    keys = list(wrapped.state_dict())
+    assert all(k.startswith("_orig_mod.module.") for k in keys)
+    assert [_targets.canonical(k) for k in keys] == list(model.state_dict())
+
+
+def _linears(*names):
+    torch.manual_seed(0)
+    return nn.Sequential(collections.OrderedDict((n, nn.Linear(4, 4)) for n in names))
+
+
+def test_without_timm_metadata_the_last_linear_is_the_classifier():
+    model = _linears("stem", "body", "head")
+    assert list(_targets.select(model, classifier=False)) == ["stem.weight", "body.weight"]
+
+
+def test_a_pretrained_cfg_classifier_name_marks_the_head_even_when_not_last():
+    model = _linears("stem", "head", "proj")
+    model.pretrained_cfg = {"classifier": "head"}  # one name, not a list of characters
+    assert list(_targets.select(model, classifier=False)) == ["stem.weight", "proj.weight"]
+
+
+class _SequentialHead(nn.Module):
+    """get_classifier() returns a container: every conv/linear inside it is the head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    def get_classifier(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_every_layer_inside_a_container_classifier_stays_dense():
+    assert list(_targets.select(_SequentialHead(), classifier=False)) == ["body.weight"]
+
+
+def test_excluding_a_computed_weight_is_accepted_and_silences_its_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(_targets.select(model, exclude="1")) == ["0.weight", "2.weight"]

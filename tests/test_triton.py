@@ -412,3 +412,63 @@ def test_bf16_output_rounds_ties_to_even():
     mask = torch.ones(2, 2, dtype=torch.bool)
     got = _triton.masked_weight(orig, mask, None, torch.bfloat16)
     assert torch.equal(got, orig.to(torch.bfloat16))
+
+
+# ---------------------------------- _triton_linear: behaviour pinned by mutation testing
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # row 1: inf * 0, as in torch
+def test_masked_linear_keeps_an_inf_in_its_own_row():
+    # x[1, 0] sits right after row 0's last feature: a K tile read past K would multiply it by
+    # the masked-off weight 0 (inf * 0 = nan) into row 0
+    x = torch.tensor([[1.0, 2, 3], [float("inf"), 1, 1]], device=DEVICE)
+    orig, mask, _ = _case((4, 3), torch.float32, "contiguous", False, False)
+    got = _triton_linear.masked_linear(x, orig, mask)
+    ref = F.linear(x, _reparam.masked_weight(orig, mask, None))
+    assert torch.isfinite(got[0]).all() and torch.allclose(got[0], ref[0], rtol=1e-6, atol=1e-6)
+
+
+def test_masked_linear_under_autocast_rounds_the_bias_to_bf16_first_as_f_linear():
+    # exact products; bias 1 + 2^-8 + 2^-10 is not a bf16: rounded first (to 1 + 2^-7), then
+    # 2^-8 added gives a tie that rounds to 1 + 2^-6; added unrounded it would give 1 + 2^-7
+    x = torch.ones(1, 1, device=DEVICE)
+    orig = torch.tensor([[2.0**-8], [0.0]], device=DEVICE)
+    mask = torch.ones(2, 1, dtype=torch.bool, device=DEVICE)
+    bias = torch.full((2,), 1 + 2.0**-8 + 2.0**-10, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = _triton_linear.masked_linear(x, orig, mask, bias=bias)
+        ref = F.linear(x, orig, bias)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+    assert got.float().tolist() == [[1 + 2.0**-6, 1 + 2.0**-7]]
+
+
+def test_masked_linear_compiles_with_its_bias():
+    orig, mask, sign = _case((4, 3), torch.float32, "contiguous", True, False)
+    x, bias = torch.randn(2, 3, device=DEVICE), torch.randn(4, device=DEVICE)
+
+    def f(x, o, b):
+        return _triton_linear.masked_linear(x, o, mask, sign, b)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    ref = F.linear(x, _reparam.masked_weight(orig, mask, sign), bias)
+    assert torch.allclose(compiled(x, orig, bias), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fp32_products_are_ieee_only_at_the_highest_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _triton_linear._precision(torch.float32) == "ieee"
+        assert _triton_linear._precision(torch.bfloat16) == "tf32"  # 16-bit: the MMA units
+        torch.set_float32_matmul_precision("high")
+        assert _triton_linear._precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_gpu_autotuning_tries_only_the_tiles_made_for_the_precision(monkeypatch):
+    monkeypatch.setattr(_triton, "INTERPRETED", False)
+    configs = _triton_linear._GPU_CONFIGS
+    assert _triton_linear._by_precision(configs, {}, PRECISION="ieee") == _triton_linear._IEEE_CONFIGS
+    assert _triton_linear._by_precision(configs, {}, PRECISION="tf32") == _triton_linear._MMA_CONFIGS
