@@ -105,3 +105,19 @@ def test_the_cached_sign_table_is_a_normal_tensor_when_first_built_in_inference_
         assert not first.is_inference() and _bits._table(torch.device("cpu"), True) is first
     finally:
         _bits._table.cache_clear()
+
+
+def test_compiled_sign_lookups_build_their_table_without_the_cache(monkeypatch):
+    # Dynamo ignores lru_cache wrappers (it warns and traces the body), so compiled code must
+    # build the table itself and never reach the cached one.
+    def cached(device, factors):
+        raise AssertionError("the lru_cache'd table was used while compiling")
+
+    monkeypatch.setattr(_bits, "_table", cached)
+    negative = torch.tensor([True, False, True, True, False, False, True, False, True]).view(3, 3)
+    packed = _bits.pack_signs(negative)
+    torch._dynamo.reset()
+    bits = torch.compile(lambda p: _bits.sign_bits(p, negative.shape), backend="eager", fullgraph=True)
+    factors = torch.compile(lambda p: _bits.sign_factors(p, negative.shape), backend="eager", fullgraph=True)
+    assert torch.equal(bits(packed), negative.to(torch.int8))
+    assert torch.equal(factors(packed), torch.where(negative, -1, 1).to(torch.int8))

@@ -459,6 +459,38 @@ def test_deeply_nested_manifest_is_unreadable_not_a_crash(saved):
         signmask.load(saved)
 
 
+def test_tickets_with_different_metadata_differ():
+    one = signmask.Ticket({"a": torch.tensor([1, 0])}, metadata={"rounds": "3"})
+    assert one == signmask.Ticket({"a": torch.tensor([1, 0])}, metadata={"rounds": "3"})
+    assert one != signmask.Ticket({"a": torch.tensor([1, 0])}, metadata={"rounds": "4"})
+
+
+def test_a_ticket_of_empty_masks_has_sparsity_zero():
+    # Documented: 0.0 when the masks hold no weights (not 1.0, nor a ZeroDivisionError).
+    t = signmask.Ticket({"a.weight": torch.zeros(0, 3, dtype=torch.int8)})
+    assert t.sparsity == 0.0 and t.layer_sparsity() == {"a.weight": 0.0} and t.kept == t.numel == 0
+
+
+def test_metadata_names_the_model_class_inside_a_wrapper():
+    meta = signmask.extract(torch.nn.DataParallel(signmask.prune(tiny(), 0.5))).metadata
+    assert meta["model_class"] == "TinyNet" and meta["architecture"] == "TinyNet"
+
+
+def test_a_norm_named_metadata_is_refused_before_writing(tmp_path):
+    # safetensors reserves the name for any tensor: a norm so named gave a file load() refuses.
+    ticket = signmask.Ticket({"a.weight": torch.tensor([1, 0, -1])}, norms={"__metadata__": torch.ones(2)})
+    with pytest.raises(ValueError, match="'__metadata__' cannot be saved"):
+        signmask.save(ticket, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_sparsity_is_the_exact_float(tmp_path):
+    # repr() round-trips a float exactly; 1 - 1/3 has 16 significant digits.
+    ticket = signmask.Ticket({"a.weight": torch.tensor([1, 0, 0])})
+    meta, _ = _io.read_raw(signmask.save(ticket, tmp_path / "t.safetensors"))
+    assert float(meta["sparsity"]) == ticket.sparsity == 1 - 1 / 3
+
+
 # ---------------------------------------------------------------- norm tensors (extract(norms=True))
 
 

@@ -163,3 +163,34 @@ def test_large_sign_locked_channels_last_conv_has_the_locked_weights():
     neg = _bits.sign_bits(conv.weight_sign, conv.weight_orig.shape).bool()
     want = torch.where(neg, -conv.weight_orig.abs(), conv.weight_orig.abs()) * conv.weight_mask
     assert torch.equal(conv.weight, want)
+
+
+def test_int8_sign_factors_take_the_chunked_path_like_bool_masks():
+    # The sign-locked forward multiplies by int8 factors in {-1, 0, +1}: they chunk too.
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, requires_grad=True)
+    factor = torch.randint(-1, 2, (4, 4), dtype=torch.int8)
+    out = _maskmul.multiply(x, factor)
+    assert type(out.grad_fn).__name__ == "MulFactorBackward"
+    assert bits_equal(out, x * factor)
+
+
+def test_an_integer_tensor_gets_the_plain_products_promoted_dtype():
+    # Only float tensors chunk: uint8 * int8 promotes to int16, where -1 must not wrap to 255.
+    torch.manual_seed(0)
+    t = torch.arange(1, 13, dtype=torch.uint8).view(3, 4)
+    factor = torch.randint(-1, 2, (3, 4), dtype=torch.int8)
+    got = _maskmul.mul(t, factor)
+    assert got.dtype == torch.int16 and torch.equal(got, t * factor)
+
+
+def test_a_factor_that_broadcasts_gets_the_plain_product():
+    # A (1, 3) mask has the strides of a contiguous (4, 3) tensor, but not its shape: its flat
+    # view must not be paired element by element with t's.
+    torch.manual_seed(0)
+    t = torch.randn(4, 3)
+    mask = torch.tensor([[True, False, True]])
+    assert t.stride() == mask.stride()
+    expected = t * mask.to(torch.uint8)
+    assert bits_equal(_maskmul.mul(t, mask), expected)
+    assert bits_equal(_maskmul.mul_(t.clone(), mask), expected)

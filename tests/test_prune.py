@@ -482,3 +482,46 @@ def test_classifier_false_spares_the_last_linear_not_the_first():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     signmask.prune(net, 0.5, classifier=False)
     assert hasattr(net[0], "weight_mask") and not hasattr(net[2], "weight_mask")
+
+
+def test_an_unhashable_method_name_is_refused_as_unknown():
+    # The registry lookup's TypeError (unhashable key) must become the documented ValueError.
+    net = nn.Linear(4, 4)
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        signmask.prune(net, 0.5, method=["magnitude"])
+    assert_same(before, snapshot(net))
+
+
+def test_a_numpy_integer_amount_is_a_count_as_in_stock_prune():
+    # numbers.Integral but not int: it must still be read as a count, not as a fraction.
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    net = nn.Linear(6, 6)
+    stock = copy.deepcopy(net)
+    signmask.prune(net, np.int64(5))
+    tprune.l1_unstructured(stock, "weight", np.int64(5))
+    assert int((~net.weight_mask).sum()) == 5
+    assert torch.equal(net.weight_mask, stock.weight_mask.bool())
+
+
+def test_a_tied_weight_already_stock_pruned_through_one_user_is_refused_untouched():
+    # The tie is found through weight_orig: module.weight of a pruned tensor is a computed copy.
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    net[1].weight = net[0].weight
+    tprune.l1_unstructured(net[0], "weight", 0.25)
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="share one Parameter"):
+        signmask.prune(net, 0.5, include="0")
+    assert_same(before, snapshot(net))
+
+
+def test_locking_a_negative_zero_weight_locks_it_negative():
+    # The lock reads the sign bit, as extract() does: -0.0 is a kept weight with a negative sign.
+    lin = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[-0.0, 0.0], [-1.0, 2.0]]))
+    signmask.prune(lin, 0, signs="locked")
+    with torch.no_grad():
+        lin.weight_orig.fill_(1.0)  # training moved every weight off zero; the lock gives the sign
+    assert signmask.extract(lin).masks["weight"].tolist() == [[-1, 1], [-1, 1]]

@@ -623,3 +623,15 @@ def test_from_signed_mask_through_stock_prune_keeps_negative_entries():
     torch_prune.custom_from_mask(stock, "weight", signed != 0)
     assert torch.equal(lin.weight_mask.bool(), signed != 0)
     assert torch.equal(lin.weight_mask, stock.weight_mask) and torch.equal(lin.weight, stock.weight)
+
+
+def test_adopting_a_stock_hook_detaches_the_weight_after_a_training_step():
+    # The adopted tensor needs the DetachWeight post-hook too, or deepcopy fails after a backward.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    torch_prune.l1_unstructured(model[0], "weight", 0.25)
+    signmask.prune(model, 0.5)
+    model(torch.randn(2, 3)).sum().backward()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3)
+    assert torch.equal(twin(x), model(x))

@@ -111,3 +111,19 @@ def test_selecting_every_alive_entry_returns_new_tensors():
     assert all(g is not a and torch.equal(g, a) for g, a in zip(got, alive))
     got[0].zero_()
     assert alive[0].tolist() == [True, False, True]
+
+
+def test_signed_scores_are_ranked_by_absolute_value():
+    # The contract says scores are ranked by |score|: the sign bit (even of -0.0) is not in the key.
+    scores = [torch.tensor([-3.0, 2.0, -1.0, -0.0, 0.5])]
+    alive = [torch.ones(5, dtype=torch.bool)]
+    for k in range(6):
+        got = smallest_k(lambda i: scores[i], alive, k)
+        assert torch.equal(got[0], _oracle([scores[0].abs()], alive, k)[0]), k
+
+
+def test_float64_inf_scores_are_refused_in_wide_mode():
+    # 64-bit keys have their own +inf prefix (0x7FF0): an inf weight must not just rank last.
+    scores = torch.tensor([1.0, float("inf"), 2.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        smallest_k(lambda i: scores, [torch.ones(3, dtype=torch.bool)], 1, wide=True)

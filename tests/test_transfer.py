@@ -1,14 +1,17 @@
 """transfer(): the signed mask onto a new random init, exactly; bad tickets change nothing."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
+from torch.nn.utils import prune as tprune
 
 import signmask
-from signmask import _interpolate
+from signmask import _interpolate, _reparam
 from signmask._compat import import_timm
-from _util import assert_same, bits_equal, snapshot, tiny
+from _util import AttnNet, assert_same, bits_equal, snapshot, tiny
 
 timm = import_timm()
 
@@ -306,6 +309,47 @@ def test_a_kept_weight_that_is_exactly_zero_stays_in_the_ticket():
 def test_extract_metadata_overrides_the_defaults():
     net = signmask.prune(nn.Linear(4, 4), 0.5)
     assert signmask.extract(net, metadata={"method": "imp"}).metadata["method"] == "imp"
+
+
+def test_a_ticket_masking_a_bias_is_refused_untouched():
+    # transfer installs masks on conv/linear weights only, as extract() records them.
+    model = nn.Linear(3, 3)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="masks 'bias', which is not a conv/linear weight"):
+        signmask.transfer(signmask.Ticket({"bias": torch.tensor([1, 0, -1])}), model)
+    assert_same(before, snapshot(model))
+
+
+def test_transfer_links_a_weight_its_parent_reads_itself():
+    # MultiheadAttention reads out_proj.weight without calling out_proj: unlinked, that weight
+    # stays the tensor of install time and its weight_orig gets no gradient.
+    torch.manual_seed(0)
+    ticket = signmask.extract(signmask.prune(AttnNet(), 0.5))
+    model = signmask.transfer(ticket, AttnNet())
+    twin = copy.deepcopy(model)
+    signmask.remove(twin)
+    x = torch.randn(2, 3, 8)
+    model(x).sum().backward()
+    twin(x).sum().backward()
+    proj = model.attn.out_proj
+    assert proj.weight_orig.grad is not None
+    assert torch.equal(proj.weight_orig.grad, twin.attn.out_proj.weight.grad * proj.weight_mask)
+
+
+def test_transfer_history_records_the_mask_shape_without_the_mask():
+    # The hook's history must not pin the per-weight signed mask, but still names its shape.
+    lin = signmask.transfer(signmask.Ticket({"weight": torch.tensor([[1, 0, -1], [0, 1, 1]])}), nn.Linear(3, 2))
+    (record,) = _reparam.methods(_reparam.find_hook(lin, "weight")[1])
+    assert record.signed_mask is None and record.shape == (2, 3)
+    assert repr(record) == "FromSignedMask(shape=(2, 3))"
+
+
+def test_extract_refuses_a_stock_pruned_embedding_weight():
+    # Named "weight" but not a conv/linear one: transfer() could not put it back.
+    model = signmask.prune(nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 2)), 0.5)
+    tprune.l1_unstructured(model[0], "weight", 0.5)
+    with pytest.raises(ValueError, match=r"\['0.weight'\] is pruned \(by torch.nn.utils.prune\)"):
+        signmask.extract(model)
 
 
 # ---------------------------------------------- trained norm parameters (the reference's winit_only)

@@ -472,3 +472,63 @@ def test_gpu_autotuning_tries_only_the_tiles_made_for_the_precision(monkeypatch)
     configs = _triton_linear._GPU_CONFIGS
     assert _triton_linear._by_precision(configs, {}, PRECISION="ieee") == _triton_linear._IEEE_CONFIGS
     assert _triton_linear._by_precision(configs, {}, PRECISION="tf32") == _triton_linear._MMA_CONFIGS
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_masked_weight_of_a_non_contiguous_weight_of_more_than_five_dims(locked):
+    # Above _MAX_RANK the kernels walk flat contiguous copies into a contiguous result: a
+    # transposed 6-d weight must be copied first and its result allocated contiguous.
+    orig, mask, sign = _case((2, 3, 1, 2, 3, 2), torch.float32, "transposed", locked, True)
+    assert not orig.is_contiguous()
+    grad = torch.randn(orig.shape).to(DEVICE)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        ref_o, got_o = (orig.detach().clone().requires_grad_() for _ in range(2))
+        ref = _reparam.masked_weight(ref_o, mask, sign).to(out_dtype)
+        got = _triton.masked_weight(got_o, mask, sign, out_dtype)
+        assert got.is_contiguous() and bits_equal(got, ref)
+        ref.backward(grad.to(out_dtype))
+        got.backward(grad.to(out_dtype))
+        assert bits_equal(got_o.grad, ref_o.grad)
+
+
+def test_a_free_mask_lets_orig_be_edited_in_place_before_the_backward():
+    # Only locked signs read orig in the backward; saving it under a free mask too would make an
+    # in-place edit between forward and backward (as the torch path allows) an autograd error.
+    orig, mask, _ = _case((5, 3), torch.float32, "transposed", False, False)
+    grad = torch.randn(5, 3).to(DEVICE)
+    grads = []
+    for fn in (_reparam.masked_weight, _triton.masked_weight):
+        o = orig.detach().clone().requires_grad_()
+        weight = fn(o, mask, None)
+        with torch.no_grad():
+            o.mul_(2.0)
+        weight.backward(grad)
+        grads.append(o.grad)
+    assert bits_equal(grads[0], grads[1])
+
+
+def test_masked_weight_compiles_to_its_out_dtype():
+    # The custom op's fake must report the out_dtype it writes (bf16 here, from fp32 orig).
+    orig, mask, sign = _case((6, 5), torch.float32, "contiguous", True, False)
+
+    def f(o):
+        w = _triton.masked_weight(o, mask, sign, torch.bfloat16)
+        return w, w.dtype == torch.bfloat16
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, traced_bf16 = compiled(orig)
+    assert traced_bf16 and got.dtype == torch.bfloat16
+    assert bits_equal(got, _reparam.masked_weight(orig, mask, sign).to(torch.bfloat16))
+
+
+def test_the_kernel_gradient_keeps_the_strides_of_a_channels_last_orig():
+    # The backward writes into a buffer laid out like orig (empty_strided), not a contiguous one.
+    orig, mask, sign = _case((4, 3, 3, 2), torch.float32, "channels_last", True, False)
+    o = orig.detach().clone().requires_grad_()
+    grad = torch.randn(orig.shape).to(DEVICE)
+    (got,) = torch.autograd.grad(_triton.masked_weight(o, mask, sign), o, grad)
+    assert got.stride() == orig.stride()
+    ref = orig.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(_reparam.masked_weight(ref, mask, sign), ref, grad)
+    assert bits_equal(got, want)
