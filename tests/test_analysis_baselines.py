@@ -241,3 +241,42 @@ def test_verdict_reasons_say_which_way_each_condition_went(kwargs, text):
     v = analysis.verdict(**kwargs)
     assert str(v) == text
     assert v.reasons == tuple(text.split(" (", 1)[1][:-1].split("; "))
+
+
+def test_equal_width_builds_candidates_on_the_device_given():
+    # device="cpu" is for factories that fail on meta: they must really run on the CPU
+    devices = []
+
+    def make(width):
+        model = nn.Linear(10, width)
+        devices.append(model.weight.device.type)
+        return model
+
+    assert analysis.equal_width(make, 44, [3, 4], device="cpu") == 4
+    assert analysis.equal_width(make, 44, [3, 4]) == 4
+    assert devices == ["cpu", "cpu", "meta", "meta"]
+
+
+def test_equal_width_refuses_a_zero_width():
+    # a width is a count of units, >= 1
+    with pytest.raises(ValueError, match="widths entry"):
+        analysis.equal_width(lambda w: nn.Linear(2, w), 10, [0, 1])
+
+
+def test_random_reinit_check_architecture_false_accepts_another_architecture():
+    # check_architecture=False must reach transfer: same tensors, another class name
+    class Renamed(TinyNet):
+        pass
+
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
+    torch.manual_seed(1)
+    with pytest.raises(ValueError, match="architecture"):
+        analysis.random_reinit(ticket, Renamed())
+    model = analysis.random_reinit(ticket, Renamed(), check_architecture=False)
+    assert per_layer(model) == per_layer(ticket)
+
+
+def test_verdict_refuses_a_negative_margin():
+    # margin is a required lead, in [0, 1)
+    with pytest.raises(ValueError, match="margin"):
+        analysis.Verdict(0.93, 0.92, 0.90, margin=-0.01)

@@ -748,3 +748,87 @@ def test_reestimate_bn_restarts_num_batches_tracked():
     model.bn1.num_batches_tracked.fill_(100)
     analysis.reestimate_bn(model, loader)
     assert int(model.bn1.num_batches_tracked) == len(loader) == 3
+
+
+def test_barrier_dataclass_refuses_bool_values():
+    # True is a numbers.Real; an alpha or error given as a bool is a caller's mistake
+    with pytest.raises(TypeError, match="alphas must be real numbers, got bool"):
+        analysis.Barrier((0.0, True), (0.1, 0.2), (0.1, 0.2))
+    with pytest.raises(TypeError, match="errors must be real numbers, got bool"):
+        analysis.Barrier((0.0, 1.0), (0.1, 0.2), (False, 0.2))
+
+
+def test_instability_passes_bn_batches_and_eval_batches_to_barrier():
+    # the limits must reach the barrier of the two trained copies, not only be validated
+    def train(net, seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+    model, test, data = tiny(0), images(1), images(2)
+    copies = [copy.deepcopy(model) for _ in range(2)]
+    for net, seed in zip(copies, (0, 1)):
+        train(net, seed)
+    kwargs = dict(train_loader=data, points=3, bn_batches=1, eval_batches=1)
+    got = analysis.instability(model, train, test, **kwargs)
+    want = analysis.barrier(*copies, test, **kwargs)
+    assert got.losses == want.losses and got.errors == want.errors
+    for limit in ("bn_batches", "eval_batches"):  # the data tells each limit apart
+        assert analysis.barrier(*copies, test, **{**kwargs, limit: None}).losses != want.losses
+
+
+def test_barrier_refuses_nan_running_statistics_before_evaluating():
+    # a diverged run shows in its buffers too, not only in its parameters
+    a, b = pruned_pair()
+    a.bn1.running_mean[0] = math.nan
+    with pytest.raises(ValueError, match="model_a's bn1.running_mean holds NaN"):
+        analysis.barrier(a, b, images(1), train_loader=images(2), points=2)
+
+
+def test_instability_accepts_negative_seeds():
+    # seeds are ints in [-2**63, ...): a negative seed is passed to train as given
+    torch.manual_seed(0)
+    train, calls = sgd_train()
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    analysis.instability(nn.Linear(4, 3), train, data, seeds=(-1, 2), points=2)
+    assert calls == [-1, 2]
+
+
+def test_interpolate_refuses_a_model_b_with_an_extra_tensor():
+    # the layout check runs both ways: a tensor only model_b has is a different architecture
+    a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+    b.register_buffer("extra", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"only in model_a: \[\], only in model_b: \['extra'\]"):
+        analysis.interpolate(a, b, 0.5)
+
+
+def test_interpolate_float64_models_are_blended_without_float32_rounding():
+    # the float64 blend is rounded once, to the model's own dtype
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3).double(), nn.Linear(4, 3).double()
+    mid = analysis.interpolate(a, b, 0.3)
+    assert torch.equal(mid.weight, 0.7 * a.weight.detach() + 0.3 * b.weight.detach())
+    assert torch.equal(mid.bias, 0.7 * a.bias.detach() + 0.3 * b.bias.detach())
+
+
+def test_reestimate_bn_runs_dropout_in_train_mode_and_restores_eval():
+    # statistics are those of training's forward (dropout active), whatever mode the model was in
+    model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(4)).eval()
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)) + 1.0
+    torch.manual_seed(3)
+    analysis.reestimate_bn(model, [x])
+    torch.manual_seed(3)
+    dropped = F.dropout(x, 0.5, training=True).double()
+    torch.testing.assert_close(model[1].running_mean, dropped.mean(0).float())
+    torch.testing.assert_close(model[1].running_var, dropped.var(0, unbiased=True).float())
+    assert not model.training and not model[0].training and not model[1].training
+
+
+def test_evaluate_skips_a_batch_whose_targets_are_all_ignored():
+    # cross_entropy's mean over no target is NaN; such a batch adds nothing to the loss
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    first = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    ignored = (torch.randn(8, 4), torch.full((8,), -100))
+    assert analysis.evaluate(net, [first, ignored]) == analysis.evaluate(net, [first])

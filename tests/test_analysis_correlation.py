@@ -128,3 +128,14 @@ def test_top_fraction_breaks_ties_by_lower_index_in_large_tensors():
     want = torch.zeros(300, dtype=torch.bool)
     want[tied[:50]] = True
     assert torch.equal(analysis._correlation.top_fraction(w, 50), want)
+
+
+def test_correlation_refuses_shared_counts_for_other_names():
+    # an extra name in shared would inflate the overall sum past 1
+    with pytest.raises(ValueError, match="shared"):
+        analysis.Correlation(0.5, {"w": 4}, {"w": 2}, {"w": 1, "x": 2})
+
+
+def test_a_pruned_model_b_is_read_from_its_orig_values():
+    # model_b's masked weight has zeros where the trained values are: R_p reads _orig on both sides
+    assert analysis.weight_correlation(tiny(0), signmask.prune(tiny(0), 0.9), 0.2).overall == 1.0

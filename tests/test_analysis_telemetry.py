@@ -551,3 +551,33 @@ def test_telemetry_refuses_an_empty_list_of_names():
     # tracking nothing would record NaN totals without a word
     with pytest.raises(ValueError, match="names must name at least one tensor"):
         analysis.Telemetry(tiny(0), names=[])
+
+
+def test_noise_on_a_one_element_tensor_adds_nothing():
+    # one init value has no unbiased std: its sigma is 0, not NaN
+    torch.manual_seed(0)
+    model, init = nn.Linear(1, 1), nn.Linear(1, 1)
+    before = model.weight.detach().clone()
+    analysis.perturb(model, "noise", init=init, seed=0, sigma_n=1.0)
+    assert torch.equal(model.weight.detach(), before)
+
+
+def test_noise_reads_a_pruned_inits_orig_values():
+    # the init std is over the raw init values, not over the masked weight's zeros
+    init = signmask.prune(tiny(0), 0.5)
+    mapping = {k: raw(init, k) for k in KEYS}
+    a = analysis.perturb(rewind_point()[0], "noise", init=init, seed=0, sigma_n=1.0)
+    b = analysis.perturb(rewind_point()[0], "noise", init=mapping, seed=0, sigma_n=1.0)
+    assert all(torch.equal(raw(a, k), raw(b, k)) for k in KEYS)
+
+
+def test_shuffle_same_sign_moves_negative_weights_among_negative_positions():
+    # both signs are shuffled, each among its own positions
+    torch.manual_seed(0)
+    model = nn.Linear(20, 10)
+    before = model.weight.detach().clone()
+    analysis.perturb(model, "shuffle_same_sign", seed=0)
+    after = model.weight.detach()
+    for side in (before > 0, before < 0):
+        assert torch.equal(after[side].sort().values, before[side].sort().values)
+        assert not torch.equal(after[side], before[side])  # 100 values: never the identity
