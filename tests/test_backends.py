@@ -798,3 +798,49 @@ def test_set_backend_unhooks_the_optimizer_it_is_given():
         _reparam.find_hook(module, name)[1].__dict__.pop("_optimizer")
     _backends.set_backend(model, "torch", optimizer=opt)
     assert _optimizer_hooks(opt) == []
+
+
+@pytest.mark.parametrize("leave", ["remove", "torch"])
+def test_leaving_projection_removes_its_load_state_dict_hooks_from_the_modules(leave):
+    # forget() must leave no Reproject post-hook behind on the pruned modules.
+    model = _pruned()
+    _backends.set_backend(model, "projection", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    reprojects = lambda: sum(isinstance(fn, _projection.Reproject)  # noqa: E731
+                             for m in model for fn in m._load_state_dict_post_hooks.values())
+    assert reprojects() == len(signmask._targets.pruned(model))
+    if leave == "remove":
+        signmask.remove(model)
+    else:
+        _backends.set_backend(model, "torch")
+    assert reprojects() == 0
+
+
+def test_a_locked_torch_checkpoint_loaded_between_backward_and_step_reflects_the_gradient():
+    # Loading reflects the weights that crossed zero; the pending gradient must be reflected
+    # with them, or the step moves them the wrong way (plain SGD: the torch path's trajectory).
+    _, _, rest, model_state, _ = _locked_torch_checkpoint()
+    ref, proj = _pruned("locked"), _pruned("locked")
+    ref_opt, proj_opt = torch.optim.SGD(ref.parameters(), lr=1.0), torch.optim.SGD(proj.parameters(), lr=1.0)
+    _backends.set_backend(proj, "projection", optimizer=proj_opt)
+    (x, y), = rest[:1]
+    for model, opt in ((ref, ref_opt), (proj, proj_opt)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        model.load_state_dict(model_state)
+        opt.step()
+    assert _equal_weights(ref, proj)
+
+
+def test_reloading_its_own_optimizer_state_after_a_step_changes_nothing():
+    # The reflections of a torch checkpoint loaded before set_backend concern only the optimizer
+    # state of that checkpoint: after a step, a state loaded (here its own) must not be reflected.
+    _, _, rest, model_state, _ = _locked_torch_checkpoint()
+    models = [signmask.load_state_dict(_net(), model_state) for _ in range(2)]
+    opts = [_large_steps(m.parameters()) for m in models]
+    for model, opt in zip(models, opts):
+        _backends.set_backend(model, "projection", optimizer=opt)
+        _train(model, opt, rest[:1])
+    opts[1].load_state_dict(copy.deepcopy(opts[1].state_dict()))
+    for model, opt in zip(models, opts):
+        _train(model, opt, rest[1:])
+    assert _equal_weights(*models)

@@ -670,3 +670,21 @@ def test_is_norm_false_for_convs_linears_and_embeddings_named_norm():
     net = nn.Sequential(LinearNorm(2, 2), nn.LayerNorm(2))
     assert list(interp.attach(net, torch.tensor(0.5))) == ["1"]
     assert "weight" in net[0]._parameters
+
+
+def test_filter_fn_sees_canonical_names_of_a_wrapped_model():
+    # As documented (and as signmask.prune's filter_fn): no "_orig_mod."/"module." prefix.
+    net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    seen = []
+    chosen = interp.attach(torch.compile(nn.DataParallel(net)), torch.tensor(0.5),
+                           filter_fn=lambda m, name: seen.append(name) or True)
+    assert seen == ["1"] and list(chosen) == ["1"]
+
+
+class _NormedLinear(nn.Linear):
+    """A Linear whose class name hints "Norm" and whose weight is a vector (in_features=1)."""
+
+
+def test_a_linear_named_like_a_norm_is_not_a_norm_even_with_vector_weights():
+    # Conv/linear/embedding layers are never norms, whatever their name and shapes.
+    assert not interp.is_norm(_NormedLinear(1, 4))

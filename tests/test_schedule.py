@@ -147,3 +147,17 @@ def test_a_sparsity_that_keeps_no_weight_or_prunes_none_is_refused(rate, rounds)
 def test_a_tiny_sparsity_still_takes_one_pruning_step():
     assert _schedule.prune_count(1e-12, 0.99, None) == 1
     assert _schedule.prune_count(0.5, 0.999999, None) == 1
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_bool_fraction_is_a_type_error_not_a_bound(value):
+    # bool is a numbers.Real (True == 1.0): it must be refused by type, as the docs say.
+    with pytest.raises(TypeError, match="sparsity must be a float in \\(0, 1\\), got bool"):
+        _schedule.check_fraction(value, "sparsity")
+
+
+@pytest.mark.parametrize("spec", [True, False])
+def test_a_bool_rewind_is_not_read_as_a_step(spec):
+    # bool is a numbers.Integral: rewind=True must not mean step 1.
+    with pytest.raises(TypeError, match="rewind must be a str or an int step, got bool"):
+        _schedule.parse_rewind(spec, None)

@@ -862,3 +862,19 @@ def test_the_ticket_records_the_search_seed_and_empty_rate_and_rewind_for_lrr():
         train(model, opt, search)
     meta = search.ticket.metadata
     assert (meta["seed"], meta["rate"], meta["rewind"], meta["rounds"]) == ("7", "", "", "1")
+
+
+def test_a_failure_after_masks_unlinks_the_parents_reading_pruned_weights(monkeypatch):
+    # MultiheadAttention reads out_proj.weight itself: the rollback must take its refresh
+    # hooks off again, along with the masks.
+    def refuse(model, alpha):
+        raise ValueError("norm layer refused")
+
+    monkeypatch.setattr(_interpolate, "attach", refuse)
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="norm layer refused"):
+        signmask.apply(model, "aws", optimizer=opt)
+    assert_same(before, snapshot(model))

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 import signmask
-from _util import assert_same, snapshot, tiny
+from _util import AttnNet, assert_same, snapshot, tiny
 
 
 def test_load_state_dict_restores_masks_and_signs_into_fresh_model():
@@ -243,3 +243,47 @@ def test_load_state_dict_not_strict_warns_about_unexpected_keys_alone():
     state["extra"] = torch.zeros(1)
     with pytest.warns(UserWarning, match=r"left 0 tensors .* skipped 1 keys the model does not have \['extra'\]"):
         signmask.load_state_dict(nn.Linear(4, 4), state, strict=False)
+
+
+def test_a_mis_shaped_unpruned_tensor_is_refused_before_anything_is_copied():
+    # nn.Module.load_state_dict copies the matching keys before it reports a size mismatch.
+    sd = dict(signmask.prune(tiny(0), 0.6).state_dict())
+    sd["fc.bias"] = torch.zeros(3)  # listed last: every other key would be copied first
+    target = tiny(1)
+    before = snapshot(target)
+    with pytest.raises(RuntimeError, match=r"fc.bias: shape \(3,\) in the state_dict, \(5,\) in the model"):
+        signmask.load_state_dict(target, sd)
+    assert_same(before, snapshot(target))
+
+
+class _ChildNamedModuleWithOwnBias(nn.Module):
+    """A child called ``module`` and a root Parameter named like one of the child's."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = nn.Linear(8, 4)
+        self.bias = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return self.module(x) + self.bias
+
+
+def test_a_key_naming_an_entry_of_the_model_is_never_read_as_a_wrapper_prefix():
+    # "module.bias" is the child's bias, not a DDP-prefixed root "bias": both must load as named.
+    torch.manual_seed(0)
+    src = signmask.prune(_ChildNamedModuleWithOwnBias(), 0.5)
+    fresh = signmask.load_state_dict(_ChildNamedModuleWithOwnBias(), src.state_dict())
+    assert fresh.state_dict().keys() == src.state_dict().keys()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
+def test_a_weight_read_by_its_parent_trains_after_load_state_dict():
+    # MultiheadAttention reads out_proj.weight itself: loading must link the parent's refresh,
+    # or that weight is a stale tensor that no gradient reaches.
+    torch.manual_seed(0)
+    src = signmask.prune(AttnNet(), 0.5)
+    fresh = signmask.load_state_dict(AttnNet(), src.state_dict())
+    x = torch.randn(2, 3, 8)
+    for model in (src, fresh):
+        model(x).sum().backward()
+    assert torch.equal(fresh.attn.out_proj.weight_orig.grad, src.attn.out_proj.weight_orig.grad)
