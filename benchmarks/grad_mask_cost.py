@@ -97,11 +97,9 @@ def time_steps(spec, steps: int, warmup: int) -> dict:
 
 def time_passes(spec, rounds: int) -> dict:
     """Median time of one pass over all pruned shapes of ``spec``'s model, per way of masking."""
-    model, _ = train_step.build(spec, "projection", "cpu")
     gen = torch.Generator().manual_seed(2)
-    tensors = [(torch.randn(m.weight_orig.shape, generator=gen),
-                torch.rand(m.weight_orig.shape, generator=gen) >= train_step.AMOUNT)
-               for m in model.modules() if "weight_orig" in m._parameters]
+    tensors = [(torch.randn(shape, generator=gen), torch.rand(shape, generator=gen) >= train_step.AMOUNT)
+               for shape in train_step.prunable_shapes(spec)]
     samples = {name: [] for name in PASSES}
     for r in range(rounds + 1):
         for name, fn in PASSES.items():

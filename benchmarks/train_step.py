@@ -172,14 +172,20 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return _common.unique_bytes(tensors)
 
 
-def prunable_weights(spec: Spec) -> int:
-    """Weights the pruned variants prune (every conv/linear weight, as ``_targets.select`` picks
-    them for ``signmask.prune`` and the stock variant), counted on a model built on the meta
-    device (no storage, nothing to initialize; ``select`` itself refuses meta tensors)."""
+def prunable_shapes(spec: Spec) -> list[torch.Size]:
+    """Shapes of the weights the pruned variants prune (every conv/linear weight, as
+    ``_targets.select`` picks them for ``signmask.prune`` and the stock variant), read from a
+    model built on the meta device (no storage, nothing to initialize; ``select`` itself
+    refuses meta tensors)."""
     with torch.device("meta"):
         model = spec.build()
-    return sum(getattr(module, name).numel() for module, name in _targets.tensor_index(model).values()
-               if isinstance(module, _targets.PRUNABLE_TYPES))
+    return [getattr(module, name).shape for module, name in _targets.tensor_index(model).values()
+            if isinstance(module, _targets.PRUNABLE_TYPES)]
+
+
+def prunable_weights(spec: Spec) -> int:
+    """How many weights the pruned variants prune (see :func:`prunable_shapes`)."""
+    return sum(shape.numel() for shape in prunable_shapes(spec))
 
 
 def variants_for(device: str, wanted: list[str] | None) -> list[str]:

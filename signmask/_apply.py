@@ -114,8 +114,7 @@ def apply(
         )
     if steps_per_round is not None:
         steps_per_round = _schedule.check_count(steps_per_round, "steps_per_round")
-    if classifier is not None and not isinstance(classifier, bool):
-        raise TypeError(f"classifier must be a bool or None, got {type(classifier).__name__} {classifier!r}")
+    classifier = _targets.check_bool(classifier, "classifier", optional=True)
     classifier = recipe.classifier if classifier is None else classifier
     targets = _targets.select(
         model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn

@@ -128,7 +128,8 @@ def project(module, name, optimizer=None, *, odd_only: bool = False, grad: bool 
 
     Returns the int8 factor applied to a sign-locked tensor (-1 where reflected), else None.
     """
-    hook = hook or _reparam.find_hook(module, name)[1]
+    if hook is None:  # not ``or``: a PruningContainer defines __len__
+        hook = _reparam.find_hook(module, name)[1]
     orig, mask, sign = _tensors(module, name)
     with torch.no_grad():
         factor = _project_weight(orig, mask, sign)
@@ -205,10 +206,10 @@ class ProjectStale(_OptimizerHook):
             if getattr(hook, "backend", None) != "projection":
                 continue
             orig, mask, sign = _tensors(module, name)
-            if orig.grad is not None and not getattr(orig.grad, "_signmask_masked", False):
-                mask_grad(hook, orig.grad, mask)  # assigned, not accumulated by a backward
             if getattr(hook, "_projected", None) != _stamp(orig, mask, sign):
-                project(module, name, optimizer, grad=True)
+                project(module, name, optimizer, grad=True)  # masks the gradient too
+            elif orig.grad is not None and not getattr(orig.grad, "_signmask_masked", False):
+                mask_grad(hook, orig.grad, mask)  # assigned, not accumulated by a backward
 
 
 class ProjectStep(_OptimizerHook):

@@ -149,7 +149,7 @@ def load_state_dict(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``state_dict`` not a mapping.
+        TypeError: ``model`` is not an ``nn.Module``, ``state_dict`` not a mapping of str keys.
         ValueError: a masked tensor names no module of ``model`` or has another shape.
         RuntimeError: missing or unexpected keys (with ``strict``), other mismatched shapes, or
             values that are not tensors with data, as ``nn.Module.load_state_dict`` raises.
@@ -166,6 +166,9 @@ def load_state_dict(
     _targets.check_bool(strict, "strict")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    odd = [k for k in state_dict if not isinstance(k, str)]
+    if odd:
+        raise TypeError(f"state_dict keys must be str names, got {type(odd[0]).__name__} {odd[0]!r}")
     if not _interpolate.interpolated(model):
         state_dict = _trained_norms(state_dict)
     state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names

@@ -158,14 +158,16 @@ def check_model(model, arg: str) -> nn.Module:
     return model
 
 
-def check_bool(value, arg: str) -> bool:
-    """Return ``value`` as a bool if it is one (numpy's too); raise ``TypeError`` naming ``arg``
-    otherwise (a string such as ``"no"`` would read as true)."""
+def check_bool(value, arg: str, *, optional: bool = False) -> bool | None:
+    """Return ``value`` as a bool if it is one (numpy's too), or None if ``optional`` allows it;
+    raise ``TypeError`` naming ``arg`` otherwise (a string such as ``"no"`` would read as true)."""
+    if optional and value is None:
+        return None
     if isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
         return bool(value)
     kind = type(value)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    raise TypeError(f"{arg} must be a bool, got {name} {value!r}")
+    raise TypeError(f"{arg} must be a bool{' or None' if optional else ''}, got {name} {value!r}")
 
 
 def select(

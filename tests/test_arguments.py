@@ -80,6 +80,10 @@ def test_numpy_and_tensor_forms_of_the_right_kind_are_taken():
     assert as_float == analysis.evaluate(model, data)
     with pytest.raises(TypeError, match="dense must be a bool, got numpy.float64"):
         signmask.extract(model, dense=np.float64(1.0))
+    net = tiny(1)  # apply takes classifier= as prune does
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    signmask.apply(net, "lrr", 0.5, optimizer=opt, classifier=np.True_, progress=False)
+    assert hasattr(net.fc, "weight_mask")
 
 
 # ---------------------------------- analysis._common: behaviour pinned by mutation testing

@@ -82,15 +82,17 @@ def test_load_state_dict_matches_wrapper_prefixes(wrap, strict):
 
 
 class _ChildNamedModule(nn.Module):
-    """A real child called ``module`` (a wrapper class, timm's ModelEma...): not a DDP prefix."""
+    """A real child called ``module`` (a wrapper class, timm's ModelEma...): not a DDP prefix.
+    ``root`` names its own Parameter; ``"bias"`` is named like one of the child's."""
 
-    def __init__(self):
+    def __init__(self, root: str = "scale"):
         super().__init__()
         self.module = nn.Linear(8, 4)
-        self.scale = nn.Parameter(torch.ones(4))
+        self.root = root
+        self.register_parameter(root, nn.Parameter(torch.randn(4)))
 
     def forward(self, x):
-        return self.module(x) * self.scale
+        return self.module(x) * getattr(self, self.root)
 
 
 def _shared_net():
@@ -256,23 +258,11 @@ def test_a_mis_shaped_unpruned_tensor_is_refused_before_anything_is_copied():
     assert_same(before, snapshot(target))
 
 
-class _ChildNamedModuleWithOwnBias(nn.Module):
-    """A child called ``module`` and a root Parameter named like one of the child's."""
-
-    def __init__(self):
-        super().__init__()
-        self.module = nn.Linear(8, 4)
-        self.bias = nn.Parameter(torch.randn(4))
-
-    def forward(self, x):
-        return self.module(x) + self.bias
-
-
 def test_a_key_naming_an_entry_of_the_model_is_never_read_as_a_wrapper_prefix():
     # "module.bias" is the child's bias, not a DDP-prefixed root "bias": both must load as named.
     torch.manual_seed(0)
-    src = signmask.prune(_ChildNamedModuleWithOwnBias(), 0.5)
-    fresh = signmask.load_state_dict(_ChildNamedModuleWithOwnBias(), src.state_dict())
+    src = signmask.prune(_ChildNamedModule("bias"), 0.5)
+    fresh = signmask.load_state_dict(_ChildNamedModule("bias"), src.state_dict())
     assert fresh.state_dict().keys() == src.state_dict().keys()
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in src.state_dict().items())
 
@@ -287,3 +277,11 @@ def test_a_weight_read_by_its_parent_trains_after_load_state_dict():
     for model in (src, fresh):
         model(x).sum().backward()
     assert torch.equal(fresh.attn.out_proj.weight_orig.grad, src.attn.out_proj.weight_orig.grad)
+
+
+def test_a_state_dict_with_non_str_keys_is_a_type_error_naming_the_key():
+    model = signmask.prune(nn.Linear(4, 4), 0.5)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="state_dict keys must be str names, got int 1"):
+        signmask.load_state_dict(model, {**model.state_dict(), 1: torch.zeros(1)})
+    assert_same(before, snapshot(model))

@@ -19,10 +19,7 @@ from torch import nn
 from .. import _methods, _parents, _reparam
 from .. import _transfer as _transfer_mod
 from .._ticket import Ticket
-from ._common import check_bool, check_int, check_model, check_real
-
-# Accuracy comparisons treat differences within this of the boundary as on it (float noise).
-TOLERANCE = 1e-9
+from ._common import TOLERANCE, check_bool, check_int, check_model, check_real
 
 
 def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,

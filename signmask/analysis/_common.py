@@ -14,6 +14,10 @@ from torch import nn
 from .. import _reparam, _targets
 from .._targets import check_bool, check_model  # noqa: F401  (shared with the core)
 
+# Accuracies and errors are fractions of a test set (0.11 - 0.09 is 0.020000000000000004):
+# within this of a threshold a value counts as on it, so the same counts get one verdict.
+TOLERANCE = 1e-9
+
 
 def check_int(value: Any, arg: str, *, minimum: int) -> int:
     """Return ``value`` if it is an int >= ``minimum`` (bools refused)."""

@@ -18,14 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import check_int, check_iterable, check_model, clone
+from ._common import TOLERANCE, check_int, check_iterable, check_model, clone
 from ._evaluation import LossFn, bn_modules, evaluate, reestimate_bn
 from ._interpolation import plan_blend, write_blend
 
 STABLE_BARRIER = 0.02  # Frankle et al. 2020: stable to SGD noise when the error barrier is < 2%
-# Errors are fractions of a test set (0.11 - 0.09 is 0.020000000000000004): within this of the
-# threshold a barrier counts as on it, so that the same count of errors gets one verdict.
-_TOLERANCE = 1e-9
 
 
 def _as_floats(values: Iterable[Any], what: str) -> tuple[float, ...]:
@@ -89,7 +86,7 @@ class Barrier:
     def stable(self) -> bool:
         """True when ``barrier < 0.02`` (stable to SGD noise, Frankle et al. 2020); a barrier
         within 1e-9 of 0.02 (floating-point rounding of error fractions) is not below it."""
-        return self.barrier < STABLE_BARRIER - _TOLERANCE
+        return self.barrier < STABLE_BARRIER - TOLERANCE
 
 
 def _check_loader(loader: Any, arg: str) -> None:
