@@ -105,7 +105,7 @@ class RefreshChildren:
         for child, name, hook in self._owners(module):
             if isinstance(hook, _reparam.SignMaskHook):
                 # The parent consumes it, maybe outside autocast: in weight_orig's dtype.
-                hook.__dict__.pop("_stacked", None)  # a forward's weight keeps its graph
+                hook.unstack()
                 child.__dict__[name] = hook.apply_mask(child)
             else:
                 hook(child, inputs)

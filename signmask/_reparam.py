@@ -56,6 +56,10 @@ class SignMaskHook(_prune.PruningContainer):
         self._stacked = True
         return super().compute_mask(t, default_mask) == 1
 
+    # Not stacked until compute_mask says so. Read and set as an attribute, never through
+    # __dict__: torch 2.11's dynamo cannot trace ``__dict__.pop`` in a fullgraph forward.
+    _stacked = False
+
     # Key of the signmask._backends backend computing this tensor; set_backend() changes it.
     backend = "torch"
     # Per-process wiring, never copied: the projection backend's stamps and weak references to
@@ -85,13 +89,19 @@ class SignMaskHook(_prune.PruningContainer):
                 f"the pruning of {name}_orig would hide; make the pruning permanent before: "
                 f"signmask.remove(model), or torch.nn.utils.prune.remove(module, {name!r})"
             )
-        self.__dict__.pop("_stacked", None)  # a forward's weight keeps its graph
+        self.unstack()
         module.__dict__[name] = self.apply_mask(module, own_forward=True)
+
+    def unstack(self) -> None:
+        """Clear compute_mask's flag: a forward's weight keeps its graph."""
+        if self._stacked:  # written only when set: a compiled forward just guards on it
+            self._stacked = False
 
     def apply_mask(self, module: nn.Module, *, own_forward: bool = False) -> torch.Tensor:
         """The effective tensor. ``own_forward``: for ``module``'s own forward, the consumer
         whose dtype a backend may write directly (autocast's); else in ``<name>_orig``'s dtype."""
-        if self.__dict__.pop("_stacked", False):
+        if self._stacked:
+            self._stacked = False
             with torch.no_grad():
                 return self.apply_mask(module, own_forward=own_forward)
         name, buffers = self._tensor_name, module._buffers
