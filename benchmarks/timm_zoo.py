@@ -1,4 +1,4 @@
-"""Correctness sweep over timm: one small model per family, pruned vs masked dense, exactly.
+"""Correctness sweep over timm: one small model per family, pruned (free and AWS) vs masked dense.
 
 Not a timing. For every model family of timm (the module that defines the model), the variant
 with the fewest parameters among the likeliest small names (``test_``, ``pico``, ``tiny``,
@@ -19,6 +19,15 @@ runs first) the check compares, relative to the dense magnitude:
     forward's outputs, in eval mode so that batch norm does not normalize the scaling away:
     a module that reads a stale effective weight shows here.
 
+Then the AWS search's training forward, on a fresh copy (:func:`check_aws`): the model is
+pruned with ``signs="locked"`` and its norm layers interpolated with their init
+(``alpha = 0.25``); the pruned weights move at random (across zero too) and so do the norms'
+trained values. The oracle is the dense copy holding ``s * |o| * mask`` (``s``: the sign at the
+lock) and ``lerp(trained, init, alpha)``: (d) train outputs, (e) every ``_orig`` gradient against
+the dense gradient through the chain rule, (f) eval outputs (trained norms). The report counts
+the norm layers interpolated and lists modules left out whose class name says "norm" and that
+own a floating Parameter (a norm ``is_norm`` could have missed).
+
 ``--no-parent-hooks`` is a negative control: it removes signmask's refresh hooks on parent
 modules that read a child's weight directly (BEiT, EVA, Swin-V2 attention read ``qkv.weight``)
 right after pruning; the check must then fail on those models. The full sweep runs this control
@@ -26,7 +35,7 @@ on ``CONTROL_MODELS`` at the end and records it in the notes.
 
 Usage::
 
-    python benchmarks/timm_zoo.py                                   # ~10 min on 1 CPU thread
+    python benchmarks/timm_zoo.py                                   # ~15 min on 1 CPU thread
     python benchmarks/timm_zoo.py --models test_vit resnet18        # a subset
     python benchmarks/timm_zoo.py --models beit_base_patch16_224 --no-parent-hooks --out zoo_ctl
 """
@@ -50,12 +59,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import signmask  # noqa: E402
-from signmask import _parents, _targets  # noqa: E402
+from signmask import _interpolate, _parents, _targets  # noqa: E402
 
 AMOUNT = 0.5
 GRAD_RTOL = 1e-3
 OUT_RTOL = 1e-5  # both sides compute the same products; only summation order may differ
 SCALE = 1.5
+ALPHA = 0.25  # AWS check: the norms' weight on their init values in training forwards
 SIDE = 64
 BATCH = 2
 # Name fragments of small variants, most preferred first; the best few per family are counted.
@@ -256,6 +266,92 @@ def check(model, dense, x, no_parent_hooks: bool) -> dict:
                 scaled_err=scaled_err, failures=failures)
 
 
+def _moved(t: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
+    """``t`` times random factors in [0.5, 1.5] (with random signs if ``flip``): "training"."""
+    factor = 0.5 + torch.rand(t.shape, generator=gen)
+    if flip:
+        factor *= torch.randint(0, 2, t.shape, generator=gen) * 2 - 1
+    return t * factor.to(t.dtype)
+
+
+def check_aws(model, dense, x, no_parent_hooks: bool) -> dict:
+    """The AWS search's training forward: sign-locked masks, norms interpolated with their init.
+
+    ``model`` gets ``signmask.prune(..., signs="locked")`` and every norm layer signmask finds
+    is interpolated with ``alpha = ALPHA``; then every pruned ``<name>_orig`` and every norm's
+    trained ``weight_orig``/``bias_orig`` move at random (pruned weights across zero too). The
+    oracle ``dense`` holds the values the AWS paper defines: ``s * |o| * mask`` with ``s`` the
+    sign at the lock, and ``lerp(trained, init, ALPHA)`` for the norms in training (the trained
+    values in eval). Compared: train outputs, the gradients of every ``_orig`` (the chain rule
+    through ``s * |o|`` and through the lerp, from the dense gradients), eval outputs.
+    """
+    signmask.prune(model, AMOUNT, scope="layer", signs="locked")
+    if no_parent_hooks:
+        for m in model.modules():
+            _parents._unlink(m)
+    pruned = pruned_tensors(model, dense)
+    alpha = torch.tensor(ALPHA)
+    has_norms = any(_interpolate.is_norm(m) for m in model.modules())
+    norms = _interpolate.attach(model, alpha) if has_norms else {}
+    norm_pairs = [(key, mod, t, dense.get_submodule(key)) for key, mod in norms.items()
+                  for t in ("weight", "bias") if t + "_orig" in mod._parameters]
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, mod, name, dmod in pruned:
+            orig, w = getattr(mod, name + "_orig"), getattr(dmod, name)
+            negative = torch.signbit(w)  # the dense copy still holds the values at the lock
+            orig.copy_(_moved(orig, gen, flip=True))
+            w.copy_(torch.where(negative, -orig.abs(), orig.abs()) * getattr(mod, name + "_mask"))
+        for _, mod, t, dmod in norm_pairs:
+            orig = getattr(mod, t + "_orig")
+            orig.copy_(_moved(orig, gen, flip=False) + 0.1)  # + 0.1: a zero init moves too
+            getattr(dmod, t).copy_(torch.lerp(orig, getattr(mod, t + "_init"), ALPHA))
+    out, ref = forward(model, x, True), forward(dense, x, True)
+    out_err = outputs_err(out, ref)
+    sum(t.float().sum() for t in tensors_of(out)).backward()
+    sum(t.float().sum() for t in tensors_of(ref)).backward()
+    expected = []
+    for tensor, mod, name, dmod in pruned:
+        orig, w = getattr(mod, name + "_orig"), getattr(dmod, name)
+        # d(s |o| m)/do = s * sign(o) * m; s * sign(o) is the sign of the dense weight over o.
+        chain = torch.sign(w) * torch.sign(orig) * getattr(mod, name + "_mask")
+        expected.append((tensor, orig, w.grad, chain))
+    for key, mod, t, dmod in norm_pairs:
+        expected.append((f"{key}.{t}", getattr(mod, t + "_orig"), getattr(dmod, t).grad, 1 - ALPHA))
+    failures, grad_err = [], 0.0
+    for tensor, orig, dgrad, chain in expected:
+        want = None if dgrad is None else dgrad * chain
+        if orig.grad is None:
+            if want is not None and want.any():
+                failures.append(dict(tensor=tensor, check="aws grad", error="no gradient"))
+            continue
+        err = rel_err(orig.grad, torch.zeros_like(orig.grad) if want is None else want)
+        grad_err = max(grad_err, err)
+        if err > GRAD_RTOL:
+            failures.append(dict(tensor=tensor, check="aws grad", error=f"rel err {err:.3g}"))
+    with torch.no_grad():
+        for _, mod, t, dmod in norm_pairs:
+            getattr(dmod, t).copy_(getattr(mod, t + "_orig"))
+        eval_err = outputs_err(forward(model, x, False), forward(dense, x, False))
+    for check_name, err in (("aws forward", out_err), ("aws eval forward", eval_err)):
+        if err > OUT_RTOL:
+            failures.insert(0, dict(tensor="<output>", check=check_name, error=f"rel err {err:.3g}"))
+    return dict(norms=len(norms), norm_like_left=norm_like_left(model), aws_out_err=out_err,
+                aws_grad_err=grad_err, aws_eval_err=eval_err, aws_failures=failures)
+
+
+def norm_like_left(model) -> list[str]:
+    """Modules not interpolated whose class says "norm" (any case) and that own a floating
+    Parameter: where a norm layer could have escaped :func:`signmask._interpolate.is_norm`."""
+    left = []
+    for key, mod in model.named_modules():
+        names = [c.__name__.lower() for c in type(mod).__mro__]
+        owns = any(p.is_floating_point() for p in mod.parameters(recurse=False))
+        if owns and any("norm" in n for n in names) and _interpolate._hook(mod)[1] is None:
+            left.append(f"{key} ({type(mod).__name__})")
+    return left
+
+
 def last_line(e: BaseException) -> str:
     return traceback.format_exception_only(type(e), e)[-1].strip()[:300]
 
@@ -272,8 +368,11 @@ def run_one(timm, spec: dict, args) -> dict:
         model, kwargs, x, tried = fit(timm, spec["name"], spec["kwargs"])
         row |= dict(kwargs=kwargs, params=sum(p.numel() for p in model.parameters()),
                     input=list(x.shape[1:]), size_fallbacks=tried)
-        dense = copy.deepcopy(model)
-        row |= check(model, dense, x, args.no_parent_hooks)
+        pristine = copy.deepcopy(model)
+        row |= check(model, copy.deepcopy(pristine), x, args.no_parent_hooks)
+        del model
+        row |= check_aws(copy.deepcopy(pristine), pristine, x, args.no_parent_hooks)
+        row["failures"] += row.pop("aws_failures")
         row["status"] = "fail" if row["failures"] else "ok"
     except Exception as e:  # noqa: BLE001 - record and go on with the next family
         row |= dict(status="error", error=last_line(e))
@@ -304,14 +403,15 @@ def result_cell(r: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| family | model | params | input | pruned (non-zero grad) | result | s |",
-             "|---|---|---:|---|---:|---|---:|"]
+    lines = ["| family | model | params | input | pruned (non-zero grad) | norms | result | s |",
+             "|---|---|---:|---|---:|---:|---|---:|"]
     for r in rows:
         shrunk = " (shrunk)" if any(k in r.get("kwargs", {}) for k in SHRINK) else ""
         params = f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-"
         size = "x".join(map(str, r["input"][1:])) if "input" in r else "-"
         lines.append(f"| {r['family']} | `{r['name']}`{shrunk} | {params} | {size} | "
-                     f"{r.get('pruned', '-')} ({r.get('nonzero_grads', '-')}) | {result_cell(r)} | "
+                     f"{r.get('pruned', '-')} ({r.get('nonzero_grads', '-')}) | {r.get('norms', '-')} | "
+                     f"{result_cell(r)} | "
                      f"{r.get('seconds', '-')} |")
     return "\n".join(lines) + "\n"
 
@@ -337,16 +437,28 @@ def markdown(rows: list[dict], control: list[dict] | None, env: dict, args, seco
         f"differ by more than {OUT_RTOL:g} of the dense magnitude, when any `<name>_orig.grad` "
         f"differs from the dense `grad * mask` by more than {GRAD_RTOL:g}, or when, after every "
         f"weight is scaled by {SCALE} in place, an eval-mode forward differs by more than "
-        f"{OUT_RTOL:g} (stale weights).",
+        f"{OUT_RTOL:g} (stale weights). Then, on a fresh copy, the AWS training forward: "
+        f"`signs=\"locked\"` and every norm layer interpolated with its init (alpha {ALPHA}), "
+        "weights and norms moved at random, against a dense copy holding `s * |o| * mask` and "
+        "`lerp(trained, init, alpha)`: train outputs, every `_orig` gradient (chain rule from the "
+        "dense gradient), eval outputs (trained norms), same tolerances. `norms`: layers "
+        "interpolated.",
         f"- Families: one per timm module, the smallest of the {CANDIDATES} likeliest small names; "
         f"skipped above {args.limit_params:g}M params; ViTs above {SHRINK_ABOVE / 1e6:.0f}M "
         f"shrunk with `{SHRINK}` where accepted.",
         f"- {summary_line(rows)}; wall time {seconds / 60:.1f} min.",
     ]
-    text = (f"# timm zoo: pruned vs masked dense, one small model per family{mode}\n\n"
+    text = (f"# timm zoo: pruned and AWS forwards vs masked dense, one small model per family{mode}\n\n"
             f"{_common.env_markdown(env)}\n" + "\n".join(notes) + "\n")
     if control:
         text += control_notes(control)
+    left = [r for r in rows if r.get("norm_like_left")]
+    text += (f"- Modules left out of the interpolation whose class says \"norm\" and that own a "
+             f"floating Parameter: {len(left)} models" + (":" if left else ".") + "\n")
+    for r in left:
+        names = r["norm_like_left"]
+        text += (f"  - `{r['name']}`: {', '.join(f'`{n}`' for n in names[:3])}"
+                 f"{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}\n")
     bad = [r for r in rows if r["status"] in ("fail", "error")]
     if bad:
         text += "\n## Failures\n\n" + table(bad)
@@ -362,7 +474,9 @@ def sweep(timm, specs: list[dict], args, tag: str = "") -> list[dict]:
         r = run_one(timm, spec, args)
         rows.append(r)
         worst = "" if r["status"] in ("skipped", "error") else (
-            f" out {r['out_err']:.1e} grad {r['grad_err']:.1e} scaled {r['scaled_err']:.1e}")
+            f" out {r['out_err']:.1e} grad {r['grad_err']:.1e} scaled {r['scaled_err']:.1e}"
+            f" | aws out {r['aws_out_err']:.1e} grad {r['aws_grad_err']:.1e} eval {r['aws_eval_err']:.1e}"
+            f" norms {r['norms']}")
         print(f"{tag}[{i}/{len(specs)}] {r['family']:>26} {r['name']:<34} "
               f"{r['status']}{worst} {r.get('seconds', 0)}s"
               + (f"  {r.get('error', '')}" if r["status"] in ("error", "skipped") else "")
@@ -404,7 +518,7 @@ def main() -> None:
         control = sweep(timm, specs_for(timm, list(CONTROL_MODELS)), ctl_args, tag="control ")
     seconds = time.perf_counter() - t0
 
-    setup = dict(amount=AMOUNT, scope="layer", batch=BATCH, side=SIDE, grad_rtol=GRAD_RTOL,
+    setup = dict(amount=AMOUNT, scope="layer", alpha=ALPHA, batch=BATCH, side=SIDE, grad_rtol=GRAD_RTOL,
                  out_rtol=OUT_RTOL, scale=SCALE, limit_params_m=args.limit_params,
                  no_parent_hooks=args.no_parent_hooks, seconds=round(seconds, 1))
     payload = dict(environment=env, setup=setup, summary=summary_line(rows), rows=rows)

@@ -1,0 +1,81 @@
+"""benchmarks/timm_zoo.py: its checks pass on correct models and fail where the forward is wrong.
+
+The sweep itself takes ~15 minutes; here its two checks run on three small timm models, and
+each must also catch a planted fault (a parent reading a stale weight, norms interpolated with
+the wrong weight, a sign lock ignored).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from signmask import _interpolate, _reparam
+from signmask._compat import import_timm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import timm_zoo  # noqa: E402
+
+timm = import_timm()
+SHRUNK = dict(depth=2, embed_dim=64, num_heads=2)
+NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
+def _fitted(name: str, kwargs: dict) -> tuple[torch.nn.Module, torch.Tensor]:
+    model, _, x, _ = timm_zoo.fit(timm, name, kwargs)
+    return model, x
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("test_vit", {}),
+    ("resnet18", {}),
+    ("beit_base_patch16_224", SHRUNK),  # its attention reads qkv.weight itself
+])
+def test_both_checks_pass_and_every_norm_is_interpolated(name, kwargs):
+    model, x = _fitted(name, kwargs)
+    # These families use torch's own norm classes (timm subclasses them): count those.
+    norms = sum(isinstance(m, NORMS) for m in model.modules())
+    row = timm_zoo.check(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
+    aws = timm_zoo.check_aws(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
+    assert row["failures"] == [] and aws["aws_failures"] == []
+    assert aws["norms"] == norms
+    assert aws["norm_like_left"] == []
+    assert row["nonzero_grads"] == row["pruned"] > 0
+
+
+def test_the_aws_check_fails_without_the_parent_refresh():
+    model, x = _fitted("beit_base_patch16_224", SHRUNK)
+    aws = timm_zoo.check_aws(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=True)
+    checks = {f["check"] for f in aws["aws_failures"]}
+    assert {"aws forward", "aws grad"} <= checks
+    # The parents read the stale qkv weights; everything after them differs too.
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"} <= {
+        f["tensor"] for f in aws["aws_failures"] if f["check"] == "aws grad"}
+
+
+def test_the_aws_check_fails_when_norms_take_another_alpha(monkeypatch):
+    model, x = _fitted("test_vit", {})
+    value = _interpolate.NormInterpolation.value
+
+    def off(self, module, name):  # the hooks weigh the init by alpha + 0.01
+        if not module.training:
+            return value(self, module, name)
+        orig, init = module._parameters[name + "_orig"], module._buffers[name + "_init"]
+        return torch.lerp(orig, init, self.alpha + 0.01)
+
+    monkeypatch.setattr(_interpolate.NormInterpolation, "value", off)
+    aws = timm_zoo.check_aws(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
+    assert {"aws forward", "aws grad"} <= {f["check"] for f in aws["aws_failures"]}
+
+
+def test_the_aws_check_fails_when_a_sign_lock_is_ignored(monkeypatch):
+    model, x = _fitted("test_vit", {})
+    free = _reparam.masked_weight
+    monkeypatch.setattr(_reparam, "masked_weight", lambda orig, mask, sign=None: free(orig, mask))
+    aws = timm_zoo.check_aws(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
+    checks = {f["check"] for f in aws["aws_failures"]}
+    assert {"aws forward", "aws grad", "aws eval forward"} <= checks
