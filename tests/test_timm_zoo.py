@@ -79,3 +79,14 @@ def test_the_aws_check_fails_when_a_sign_lock_is_ignored(monkeypatch):
     aws = timm_zoo.check_aws(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
     checks = {f["check"] for f in aws["aws_failures"]}
     assert {"aws forward", "aws grad", "aws eval forward"} <= checks
+
+
+def test_modules_named_like_norms_but_left_out_are_listed():
+    class NormedHead(torch.nn.Module):  # a matrix: no norm layer, so never interpolated
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3, 4))
+
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4), NormedHead(), torch.nn.BatchNorm1d(4, affine=False))
+    _interpolate.attach(model, torch.tensor(0.5))
+    assert timm_zoo.norm_like_left(model) == ["1 (NormedHead)"]
