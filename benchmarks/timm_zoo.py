@@ -1,4 +1,4 @@
-"""Correctness sweep over timm: one small model per family, pruned (free and AWS) vs masked dense.
+"""Correctness sweep over timm: one model per family, pruned (free, AWS, projection) vs masked dense.
 
 Not a timing. For every model family of timm (the module that defines the model), the variant
 with the fewest parameters among the likeliest small names (``test_``, ``pico``, ``tiny``,
@@ -27,6 +27,10 @@ lock) and ``lerp(trained, init, alpha)``: (d) train outputs, (e) every ``_orig``
 the dense gradient through the chain rule, (f) eval outputs (trained norms). The report counts
 the norm layers interpolated and lists modules left out whose class name says "norm" and that
 own a floating Parameter (a norm ``is_norm`` could have missed).
+
+Last, the ``"projection"`` backend against the torch path (:func:`check_projection`): two
+sign-locked copies take two AdamW steps with clipping, one under each backend; (g) every
+effective weight and the eval outputs must agree.
 
 ``--no-parent-hooks`` is a negative control: it removes signmask's refresh hooks on parent
 modules that read a child's weight directly (BEiT, EVA, Swin-V2 attention read ``qkv.weight``)
@@ -59,13 +63,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import signmask  # noqa: E402
-from signmask import _interpolate, _parents, _targets  # noqa: E402
+from signmask import _interpolate, _parents, _reparam, _targets  # noqa: E402
 
 AMOUNT = 0.5
 GRAD_RTOL = 1e-3
 OUT_RTOL = 1e-5  # both sides compute the same products; only summation order may differ
 SCALE = 1.5
 ALPHA = 0.25  # AWS check: the norms' weight on their init values in training forwards
+PROJECTION_STEPS = 2
 SIDE = 64
 BATCH = 2
 # Name fragments of small variants, most preferred first; the best few per family are counted.
@@ -340,6 +345,44 @@ def check_aws(model, dense, x, no_parent_hooks: bool) -> dict:
                 aws_grad_err=grad_err, aws_eval_err=eval_err, aws_failures=failures)
 
 
+def check_projection(model, x, no_parent_hooks: bool) -> dict:
+    """The ``"projection"`` backend against the torch path, from two copies of ``model``.
+
+    Both are pruned with ``signs="locked"`` (the harder case: zero crossings are reflected) and
+    take ``PROJECTION_STEPS`` AdamW steps (weight decay, gradients clipped to norm 1) on the same
+    batch; ``proj`` switches to ``"projection"`` first. Compared after the steps: every
+    effective weight and the eval outputs.
+    """
+    ref, proj = model, copy.deepcopy(model)
+    for m in (ref, proj):
+        signmask.prune(m, AMOUNT, scope="layer", signs="locked")
+        if no_parent_hooks:
+            for sub in m.modules():
+                _parents._unlink(sub)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05) for m in (ref, proj)]
+    signmask.set_backend(proj, "projection", optimizer=opts[1])
+    for _ in range(PROJECTION_STEPS):
+        for m, opt in zip((ref, proj), opts):
+            opt.zero_grad(set_to_none=True)
+            sum(t.float().square().mean() for t in tensors_of(forward(m, x, True))).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+    failures, weight_err = [], 0.0
+    pairs = zip(_targets.pruned(ref).items(), _targets.pruned(proj).values())
+    with torch.no_grad():
+        for (tensor, (ma, na)), (mb, nb) in pairs:
+            a, b = (_reparam.find_hook(m, n)[1].apply_mask(m) for m, n in ((ma, na), (mb, nb)))
+            err = rel_err(b, a)
+            weight_err = max(weight_err, err)
+            if err > OUT_RTOL:
+                failures.append(dict(tensor=tensor, check="projection weight", error=f"rel err {err:.3g}"))
+        out_err = outputs_err(forward(proj, x, False), forward(ref, x, False))
+    if out_err > OUT_RTOL:
+        failures.insert(0, dict(tensor="<output>", check="projection forward",
+                                error=f"rel err {out_err:.3g}"))
+    return dict(proj_weight_err=weight_err, proj_out_err=out_err, proj_failures=failures)
+
+
 def norm_like_left(model) -> list[str]:
     """Modules not interpolated whose class says "norm" (any case) and that own a floating
     Parameter: where a norm layer could have escaped :func:`signmask._interpolate.is_norm`."""
@@ -371,8 +414,9 @@ def run_one(timm, spec: dict, args) -> dict:
         pristine = copy.deepcopy(model)
         row |= check(model, copy.deepcopy(pristine), x, args.no_parent_hooks)
         del model
-        row |= check_aws(copy.deepcopy(pristine), pristine, x, args.no_parent_hooks)
-        row["failures"] += row.pop("aws_failures")
+        row |= check_aws(copy.deepcopy(pristine), copy.deepcopy(pristine), x, args.no_parent_hooks)
+        row |= check_projection(pristine, x, args.no_parent_hooks)
+        row["failures"] += row.pop("aws_failures") + row.pop("proj_failures")
         row["status"] = "fail" if row["failures"] else "ok"
     except Exception as e:  # noqa: BLE001 - record and go on with the next family
         row |= dict(status="error", error=last_line(e))
@@ -442,13 +486,15 @@ def markdown(rows: list[dict], control: list[dict] | None, env: dict, args, seco
         "weights and norms moved at random, against a dense copy holding `s * |o| * mask` and "
         "`lerp(trained, init, alpha)`: train outputs, every `_orig` gradient (chain rule from the "
         "dense gradient), eval outputs (trained norms), same tolerances. `norms`: layers "
-        "interpolated.",
+        "interpolated. Last, `set_backend(\"projection\")` against the torch path: two sign-locked "
+        f"copies, {PROJECTION_STEPS} AdamW steps with clipping each; every effective weight and the "
+        "eval outputs, same tolerance.",
         f"- Families: one per timm module, the smallest of the {CANDIDATES} likeliest small names; "
         f"skipped above {args.limit_params:g}M params; ViTs above {SHRINK_ABOVE / 1e6:.0f}M "
         f"shrunk with `{SHRINK}` where accepted.",
         f"- {summary_line(rows)}; wall time {seconds / 60:.1f} min.",
     ]
-    text = (f"# timm zoo: pruned and AWS forwards vs masked dense, one small model per family{mode}\n\n"
+    text = (f"# timm zoo: pruned, AWS and projection vs masked dense, one small model per family{mode}\n\n"
             f"{_common.env_markdown(env)}\n" + "\n".join(notes) + "\n")
     if control:
         text += control_notes(control)
@@ -476,7 +522,7 @@ def sweep(timm, specs: list[dict], args, tag: str = "") -> list[dict]:
         worst = "" if r["status"] in ("skipped", "error") else (
             f" out {r['out_err']:.1e} grad {r['grad_err']:.1e} scaled {r['scaled_err']:.1e}"
             f" | aws out {r['aws_out_err']:.1e} grad {r['aws_grad_err']:.1e} eval {r['aws_eval_err']:.1e}"
-            f" norms {r['norms']}")
+            f" norms {r['norms']} | proj w {r['proj_weight_err']:.1e} out {r['proj_out_err']:.1e}")
         print(f"{tag}[{i}/{len(specs)}] {r['family']:>26} {r['name']:<34} "
               f"{r['status']}{worst} {r.get('seconds', 0)}s"
               + (f"  {r.get('error', '')}" if r["status"] in ("error", "skipped") else "")
@@ -518,7 +564,8 @@ def main() -> None:
         control = sweep(timm, specs_for(timm, list(CONTROL_MODELS)), ctl_args, tag="control ")
     seconds = time.perf_counter() - t0
 
-    setup = dict(amount=AMOUNT, scope="layer", alpha=ALPHA, batch=BATCH, side=SIDE, grad_rtol=GRAD_RTOL,
+    setup = dict(amount=AMOUNT, scope="layer", alpha=ALPHA, projection_steps=PROJECTION_STEPS,
+                 batch=BATCH, side=SIDE, grad_rtol=GRAD_RTOL,
                  out_rtol=OUT_RTOL, scale=SCALE, limit_params_m=args.limit_params,
                  no_parent_hooks=args.no_parent_hooks, seconds=round(seconds, 1))
     payload = dict(environment=env, setup=setup, summary=summary_line(rows), rows=rows)

@@ -1,8 +1,8 @@
 """benchmarks/timm_zoo.py: its checks pass on correct models and fail where the forward is wrong.
 
-The sweep itself takes ~15 minutes; here its two checks run on three small timm models, and
-each must also catch a planted fault (a parent reading a stale weight, norms interpolated with
-the wrong weight, a sign lock ignored).
+The sweep itself takes minutes; here its three checks run on three small timm models, and each
+must also catch a planted fault (a parent reading a stale weight, norms interpolated with the
+wrong weight, a sign lock ignored, the projection's gradient mask skipped).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from signmask import _interpolate, _reparam
+from signmask import _interpolate, _projection, _reparam
 from signmask._compat import import_timm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -35,13 +35,14 @@ def _fitted(name: str, kwargs: dict) -> tuple[torch.nn.Module, torch.Tensor]:
     ("resnet18", {}),
     ("beit_base_patch16_224", SHRUNK),  # its attention reads qkv.weight itself
 ])
-def test_both_checks_pass_and_every_norm_is_interpolated(name, kwargs):
+def test_the_checks_pass_and_every_norm_is_interpolated(name, kwargs):
     model, x = _fitted(name, kwargs)
     # These families use torch's own norm classes (timm subclasses them): count those.
     norms = sum(isinstance(m, NORMS) for m in model.modules())
     row = timm_zoo.check(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
     aws = timm_zoo.check_aws(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
-    assert row["failures"] == [] and aws["aws_failures"] == []
+    proj = timm_zoo.check_projection(copy.deepcopy(model), x, no_parent_hooks=False)
+    assert row["failures"] == [] and aws["aws_failures"] == [] and proj["proj_failures"] == []
     assert aws["norms"] == norms
     assert aws["norm_like_left"] == []
     assert row["nonzero_grads"] == row["pruned"] > 0
@@ -90,3 +91,11 @@ def test_modules_named_like_norms_but_left_out_are_listed():
     model = torch.nn.Sequential(torch.nn.LayerNorm(4), NormedHead(), torch.nn.BatchNorm1d(4, affine=False))
     _interpolate.attach(model, torch.tensor(0.5))
     assert timm_zoo.norm_like_left(model) == ["1 (NormedHead)"]
+
+
+def test_the_projection_check_fails_when_gradients_are_not_masked(monkeypatch):
+    model, x = _fitted("test_vit", {})
+    monkeypatch.setattr(_projection.MaskGrad, "__call__", lambda self, param: None)
+    monkeypatch.setattr(_projection, "mask_grad", lambda hook, grad, factor: None)
+    proj = timm_zoo.check_projection(model, x, no_parent_hooks=False)
+    assert {"projection forward", "projection weight"} <= {f["check"] for f in proj["proj_failures"]}
