@@ -72,16 +72,14 @@ def _known(optimizer: torch.optim.Optimizer) -> bool:
 def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor | None:
     """Mask ``w`` in place (locked: reflect onto the signs); the int8 factor used, or None.
 
-    Locked: the factor is ``f * mask`` with ``f`` = -1 where ``w``'s sign bit disagrees with the
-    lock, else +1; ``w * f`` has the same values as ``where(neg, -|w|, |w|)`` (a product with -1
-    flips the sign bit like negation), at the cost of byte-wide passes and one float multiply.
-    The same factor reflects (and masks) the state that is odd in the gradient.
+    Locked: the torch path's factor (:func:`signmask._reparam.locked_factors`), so ``w`` takes
+    the values of the effective weight. The same factor reflects (and masks) the state that is
+    odd in the gradient.
     """
     if sign is None:
         _maskmul.mul_(w, mask)
         return None
-    negative = _bits.sign_bits(sign, w.shape)
-    factor = (1 - 2 * (torch.signbit(w).view(torch.int8) ^ negative)) * mask.view(torch.int8)
+    factor = _reparam.locked_factors(w, mask, sign)
     _maskmul.mul_(w, factor)
     return factor
 

@@ -6,7 +6,9 @@ A pruned tensor ``weight`` of a module becomes, exactly as with ``torch.nn.utils
 - ``weight_mask``: a bool buffer, True = kept (binary in prune's sense, 1 byte per weight);
 - ``weight_sign``: only in sign-locked mode, a uint8 buffer with 1 bit per weight (1 = negative);
 - a forward pre-hook, :class:`SignMaskHook`, that sets ``module.weight`` before every forward to
-  ``weight_orig * weight_mask`` or, sign-locked, ``sign * |weight_orig| * weight_mask``.
+  ``weight_orig * weight_mask`` or, sign-locked, ``sign * |weight_orig| * weight_mask`` (computed
+  as ``weight_orig`` times int8 factors, :func:`locked_factors`: a kept weight at exactly 0
+  still gets a gradient).
 
 The hook is a ``PruningContainer``, so stock ``prune.l1_unstructured`` stacked on top is added to
 it (keeping sign locks), and ``prune.remove`` / ``prune.is_pruned`` work unchanged. A forward
@@ -32,10 +34,29 @@ def masked_weight(
     """The effective weight: ``orig * mask``, or ``s * |orig| * mask`` with packed signs ``sign``."""
     if sign is None:
         return _maskmul.multiply(orig, mask)
-    # One int8 factor s * mask in {-1, 0, +1}: |o| * -1 is exactly -|o|, so the values are those
-    # of where(neg, -|o|, |o|) * mask (pruned zeros may differ in sign), for one float multiply.
-    keep = _maskmul.as_int(mask, torch.int8)  # int8 * int8 stays int8
-    return _maskmul.multiply(orig.abs(), _bits.sign_factors(sign, orig.shape) * keep)
+    return _maskmul.multiply(orig, locked_factors(orig, mask, sign))
+
+
+def locked_factors(orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """The int8 factors ``f`` in {-1, 0, +1} with ``orig * f == s * |orig| * mask``: 0 where
+    pruned, -1 where a kept weight's sign bit disagrees with its lock, else +1.
+
+    A product with -1 flips the sign bit exactly, so the values are those of ``s * |orig|``, and
+    the gradient of ``orig`` is ``f`` times the effective weight's: where ``orig`` is 0 it is
+    the derivative of ``|orig|`` on the side of the zero's sign bit, not autograd's 0 for
+    ``abs`` at 0, which would freeze a kept weight at exactly zero (a weight initialized to 0
+    or to an identity) for good. It is also what the projection backend trains.
+    """
+    keep = _int8(mask)
+    flip = _int8(torch.signbit(orig)).bitwise_xor_(_bits.sign_bits(sign, orig.shape))
+    flip.bitwise_and_(keep)
+    return keep - flip - flip
+
+
+def _int8(t: torch.Tensor) -> torch.Tensor:
+    # A bool tensor's int8 view; a copy where a view cannot be traced or compiled (as_int).
+    t = _maskmul.as_int(t, torch.int8)
+    return t if t.dtype == torch.int8 else t.to(torch.int8)
 
 
 class SignMaskHook(_prune.PruningContainer):

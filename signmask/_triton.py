@@ -61,34 +61,37 @@ def _is_negative(S, li, inb):
 
 
 @triton.jit
-def _factor(keep, S, li, inb):
-    """The locked factor ``s * keep`` in ``keep``'s dtype: -1 where kept and negative, else
-    ``keep`` itself. A pruned entry's factor is +0.0 whatever its sign, as the torch path's
-    integer factor: ``-keep`` would be -0.0 and flip the sign of pruned zeros."""
-    return tl.where(_is_negative(S, li, inb) & (keep != 0), -1.0, keep).to(keep.dtype)
+def _locked(o, keep, S, li, inb, CDT: tl.constexpr):
+    """The torch path's locked factors (``_reparam.locked_factors``) in ``CDT``: 0 where pruned
+    (+0.0, as the integer factor converts), -1 where a kept ``o``'s sign bit disagrees with its
+    lock, else +1."""
+    if CDT == tl.float64:
+        negative = o.to(tl.int64, bitcast=True) < 0
+    else:
+        negative = o.to(tl.int32, bitcast=True) < 0
+    flip = (_is_negative(S, li, inb) != negative) & (keep != 0)
+    return tl.where(flip, -1.0, keep).to(CDT)
 
 
 @triton.jit
-def _effective(w, keep, S, li, inb, HAS_SIGN: tl.constexpr):
+def _effective(w, keep, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
     """The effective weight from ``orig`` values ``w`` and their mask ``keep`` (both in the
-    compute dtype): ``w * keep``, or ``|w| * (s * keep)`` with the sign bits of logical positions
-    ``li``. Shared by the masked-weight and fused-Linear kernels."""
+    compute dtype ``CDT``): ``w * keep``, or under locked signs ``w * f`` with the locked
+    factors of logical positions ``li``. Shared by the masked-weight and fused-Linear kernels."""
     if HAS_SIGN:
-        # |w| * -1 is exactly -|w|: the values (signed zeros included) of the torch path.
-        return tl.abs(w) * _factor(keep, S, li, inb)
+        return w * _locked(w, keep, S, li, inb, CDT)
     # A product, not a select, so NaN * 0 and -0.0 come out as in ``orig * mask``.
     return w * keep
 
 
 @triton.jit
 def _effective_grad(g, keep, O, o_off, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
-    """The gradient of ``orig`` from the effective weight's gradient ``g``: ``g * keep``, and
-    under locked signs ``g * (s * keep) * sgn(orig)`` (``orig`` read at ``O + o_off`` only then)."""
+    """The gradient of ``orig`` from the effective weight's gradient ``g``: ``g * keep``, or
+    under locked signs ``g * f``, with the factors of the forward (``orig`` read at
+    ``O + o_off`` only then)."""
     if HAS_SIGN:
-        # d(|o| * f)/do = f * sgn(o), applied in the order autograd applies it.
         o = tl.load(O + o_off, mask=inb, other=0).to(CDT)
-        g = g * _factor(keep, S, li, inb)
-        return g * ((o > 0).to(CDT) - (o < 0).to(CDT))
+        return g * _locked(o, keep, S, li, inb, CDT)
     return g * keep
 
 
@@ -97,7 +100,7 @@ def _fwd_body(O, MK, S, Y, o_off, m_off, y_off, li, inb,
               HAS_SIGN: tl.constexpr, CDT: tl.constexpr, MANUAL_BF16: tl.constexpr):
     w = tl.load(O + o_off, mask=inb, other=0).to(CDT)
     keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
-    w = _effective(w, keep, S, li, inb, HAS_SIGN)
+    w = _effective(w, keep, S, li, inb, HAS_SIGN, CDT)
     tl.store(Y + y_off, _to(w, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
 
 

@@ -97,7 +97,7 @@ def _masked_mm(
         w = tl.load(W + rk[:, None] * sw_k + rn[None, :] * sw_n, mask=w_ok, other=0)
         keep = tl.load(MK + rk[:, None] * sm_k + rn[None, :] * sm_n, mask=w_ok, other=0)
         w = _effective(w.to(tl.float32), keep.to(tl.float32), S,
-                       rk[:, None] * ss_k + rn[None, :] * ss_n, w_ok, HAS_SIGN)
+                       rk[:, None] * ss_k + rn[None, :] * ss_n, w_ok, HAS_SIGN, tl.float32)
         w = _to(w, A.dtype.element_ty, MANUAL_BF16)
         if UPCAST:  # the interpreter multiplies bf16 bit patterns as integers
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)

@@ -844,3 +844,32 @@ def test_reloading_its_own_optimizer_state_after_a_step_changes_nothing():
     for model, opt in zip(models, opts):
         _train(model, opt, rest[1:])
     assert _equal_weights(*models)
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_projection_trains_locked_weights_at_zero_like_the_torch_path(opt):
+    # ConViT initializes attention's v to the identity: half the kept weights are exact zeros.
+    def model():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 6, bias=False), nn.Tanh(), nn.Linear(6, 3))
+        with torch.no_grad():
+            net[0].weight.copy_(torch.eye(6))
+            net[0].weight[1, 2] = -0.0
+        return signmask.prune(net, 0.5, scope="layer", signs="locked")
+
+    ref, proj = model(), model()
+    kept_zeros = ref[0].weight_mask & (ref[0].weight_orig == 0)
+    assert kept_zeros.sum() >= 6
+    ref_opt, proj_opt = OPTIMIZERS[opt](ref.parameters()), OPTIMIZERS[opt](proj.parameters())
+    _backends.set_backend(proj, "projection", optimizer=proj_opt)
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+               for _ in range(4)]
+    for m, o in ((ref, ref_opt), (proj, proj_opt)):
+        for x, y in batches:
+            o.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for a, b in zip(_weights(ref), _weights(proj)):
+        assert torch.equal(a, b)
+    assert _weights(ref)[0][kept_zeros].ne(0).all()  # the kept zeros trained

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import signmask
-from signmask import _methods, _reparam
+from signmask import _bits, _methods, _reparam
 from _util import tiny
 
 LAYERS = (nn.Conv2d, nn.Linear)
@@ -635,3 +635,26 @@ def test_adopting_a_stock_hook_detaches_the_weight_after_a_training_step():
     twin = copy.deepcopy(model)
     x = torch.randn(2, 3)
     assert torch.equal(twin(x), model(x))
+
+
+_SIGNED_ZEROS_AND_MORE = st.sampled_from([0.0, -0.0, 1.5, -2.0]) | st.floats(-4, 4, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(1, 40))
+def test_a_locked_weight_at_zero_still_trains(data, n):
+    # The spec, in float64: w = s * |o| * m; the gradient of o is g * m * s * b, b = -1 where
+    # o's sign bit is set (-0.0 too): the derivative of |o| on the side of its sign bit, so a
+    # kept weight at exactly 0 (an identity or zero init) is never frozen.
+    values = data.draw(st.lists(_SIGNED_ZEROS_AND_MORE, min_size=n, max_size=n))
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    negative = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    g = torch.tensor(data.draw(st.lists(st.floats(-3, 3, width=32), min_size=n, max_size=n)))
+    o = torch.tensor(values, requires_grad=True)
+    w = _reparam.masked_weight(o, keep, _bits.pack_signs(negative))
+    w.backward(g)
+    s, b = 1 - 2 * negative.double(), 1 - 2 * torch.signbit(o.detach()).double()
+    assert torch.equal(w.double(), s * o.detach().double().abs() * keep)
+    assert torch.equal(torch.signbit(w)[keep], negative[keep])  # zeros carry the lock's sign
+    assert torch.equal(o.grad.double(), g.double() * keep * s * b)
+    assert torch.equal(o.grad[keep] != 0, g[keep] != 0)

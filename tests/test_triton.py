@@ -36,9 +36,13 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t
 
 
-def _case(shape, dtype, layout, locked, mask_layout, seed=0):
+def _case(shape, dtype, layout, locked, mask_layout, seed=0, zeros=False):
     gen = torch.Generator().manual_seed(seed)
-    orig = _layout(torch.randn(shape, generator=gen).to(dtype), layout).to(DEVICE)
+    values = torch.randn(shape, generator=gen)
+    if zeros:  # a third exact zeros, half of them -0.0: the locked gradient's special points
+        values[torch.rand(shape, generator=gen) < 1 / 3] = 0.0
+        values[(values == 0) & (torch.rand(shape, generator=gen) < 0.5)] = -0.0
+    orig = _layout(values.to(dtype), layout).to(DEVICE)
     keep = torch.rand(shape, generator=gen) < 0.6
     mask = (_layout(keep, layout) if mask_layout else keep).to(DEVICE)
     sign = _bits.pack_signs(torch.rand(shape, generator=gen) < 0.5).to(DEVICE) if locked else None
@@ -72,6 +76,19 @@ SHAPES = [(7,), (5, 3), (4, 3, 3, 3), (3, 2, 2, 1, 5), (2, 1, 3, 1, 2, 3), (1030
 @pytest.mark.parametrize("shape", SHAPES)
 def test_masked_weight_matches_torch_path(shape, dtype, out_dtype, locked):
     _check_against_torch(*_case(shape, dtype, "contiguous", locked, False), out_dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("dtype,out_dtype", [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float64, torch.float64),
+])
+def test_masked_weight_matches_torch_path_on_signed_zeros(dtype, out_dtype, layout):
+    orig, mask, sign = _case((6, 5, 3), dtype, layout, True, False, seed=3, zeros=True)
+    assert (orig == 0).sum() > 10 and orig.signbit()[orig == 0].any()
+    _check_against_torch(orig, mask, sign, out_dtype)
 
 
 @pytest.mark.parametrize("locked", [False, True])
@@ -154,14 +171,15 @@ def _linear_grads(fn, x, orig, bias, grad, autocast):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("locked,bias,shape", [
-    (False, True, (5, 7, 3)),
-    (True, False, (17, 20, 9)),
-    (True, True, (33, 12, 35)),
+@pytest.mark.parametrize("locked,bias,shape,zeros", [
+    (False, True, (5, 7, 3), False),
+    (True, False, (17, 20, 9), False),
+    (True, True, (33, 12, 35), False),
+    (True, False, (9, 10, 11), True),
 ])
-def test_masked_linear_matches_float64_oracle(shape, locked, bias, bf16):
+def test_masked_linear_matches_float64_oracle(shape, locked, bias, bf16, zeros):
     m, k, n = shape
-    orig, mask, sign = _case((n, k), torch.float32, "contiguous", locked, False, seed=m)
+    orig, mask, sign = _case((n, k), torch.float32, "contiguous", locked, False, seed=m, zeros=zeros)
     x = torch.randn(k, 2, m, device=DEVICE).permute(2, 1, 0)  # [m, 2, k], not contiguous
     b = torch.randn(n, device=DEVICE) if bias else None
     grad = torch.randn(m, 2, n, device=DEVICE)
