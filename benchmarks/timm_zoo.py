@@ -301,10 +301,12 @@ def check_aws(model, dense, x, no_parent_hooks: bool) -> dict:
     norm_pairs = [(key, mod, t, dense.get_submodule(key)) for key, mod in norms.items()
                   for t in ("weight", "bias") if t + "_orig" in mod._parameters]
     gen = torch.Generator().manual_seed(4)
+    locks = {}
     with torch.no_grad():
-        for _, mod, name, dmod in pruned:
+        for tensor, mod, name, dmod in pruned:
             orig, w = getattr(mod, name + "_orig"), getattr(dmod, name)
-            negative = torch.signbit(w)  # the dense copy still holds the values at the lock
+            # The dense copy still holds the values at the lock (exact zeros stay zeros below).
+            negative = locks[tensor] = torch.signbit(w)
             orig.copy_(_moved(orig, gen, flip=True))
             w.copy_(torch.where(negative, -orig.abs(), orig.abs()) * getattr(mod, name + "_mask"))
         for _, mod, t, dmod in norm_pairs:
@@ -318,9 +320,10 @@ def check_aws(model, dense, x, no_parent_hooks: bool) -> dict:
     expected = []
     for tensor, mod, name, dmod in pruned:
         orig, w = getattr(mod, name + "_orig"), getattr(dmod, name)
-        # d(s |o| m)/do = s * sign(o) * m; s * sign(o) is the sign of the dense weight over o.
-        chain = torch.sign(w) * torch.sign(orig) * getattr(mod, name + "_mask")
-        expected.append((tensor, orig, w.grad, chain))
+        # d(s |o| m)/do = s * b * m, b = -1 where o's sign bit is set (at o = 0 too: the
+        # derivative on that side, so that a kept zero trains).
+        s, b = (1 - 2 * t.to(orig.dtype) for t in (locks[tensor], torch.signbit(orig)))
+        expected.append((tensor, orig, w.grad, s * b * getattr(mod, name + "_mask")))
     for key, mod, t, dmod in norm_pairs:
         expected.append((f"{key}.{t}", getattr(mod, t + "_orig"), getattr(dmod, t).grad, 1 - ALPHA))
     failures, grad_err = [], 0.0
