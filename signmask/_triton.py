@@ -61,10 +61,16 @@ def _is_negative(S, li, inb):
 
 
 @triton.jit
+def _factor(keep, S, li, inb):
+    """The locked sign times the mask, in ``keep``'s dtype: -1 where kept and negative, else
+    ``keep`` itself (+0.0 where pruned, as an integer factor converts)."""
+    return tl.where(_is_negative(S, li, inb) & (keep != 0), -1.0, keep).to(keep.dtype)
+
+
+@triton.jit
 def _locked(o, keep, S, li, inb, CDT: tl.constexpr):
-    """The torch path's locked factors (``_reparam.locked_factors``) in ``CDT``: 0 where pruned
-    (+0.0, as the integer factor converts), -1 where a kept ``o``'s sign bit disagrees with its
-    lock, else +1."""
+    """The torch path's locked factors (``_reparam.locked_factors``) in ``CDT``: 0 where pruned,
+    -1 where a kept ``o``'s sign bit disagrees with its lock, else +1."""
     if CDT == tl.float64:
         negative = o.to(tl.int64, bitcast=True) < 0
     else:
@@ -77,7 +83,7 @@ def _locked(o, keep, S, li, inb, CDT: tl.constexpr):
 def _effective(w, keep, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
     """The effective weight from ``orig`` values ``w`` and their mask ``keep`` (both in the
     compute dtype ``CDT``): ``w * keep``, or under locked signs ``w * f`` with the locked
-    factors of logical positions ``li``. Shared by the masked-weight and fused-Linear kernels."""
+    factors of logical positions ``li`` (the torch path's bits, pruned zeros' signs included)."""
     if HAS_SIGN:
         return w * _locked(w, keep, S, li, inb, CDT)
     # A product, not a select, so NaN * 0 and -0.0 come out as in ``orig * mask``.

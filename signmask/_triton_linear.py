@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _triton
-from ._triton import _effective, _effective_grad, _manual_bf16, _to
+from ._triton import _effective_grad, _factor, _manual_bf16, _to
 
 _INTERP_CONFIG = [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP": 4})]
 
@@ -96,8 +96,14 @@ def _masked_mm(
         w_ok = (rk[:, None] < K) & (rn[None, :] < N)
         w = tl.load(W + rk[:, None] * sw_k + rn[None, :] * sw_n, mask=w_ok, other=0)
         keep = tl.load(MK + rk[:, None] * sm_k + rn[None, :] * sm_n, mask=w_ok, other=0)
-        w = _effective(w.to(tl.float32), keep.to(tl.float32), S,
-                       rk[:, None] * ss_k + rn[None, :] * ss_n, w_ok, HAS_SIGN, tl.float32)
+        keep = keep.to(tl.float32)
+        if HAS_SIGN:
+            # |w| * s * keep: the values of _effective's (only the signs of pruned zeros, which
+            # no product in the sum can tell, may differ), in fewer registers in the dot's loop.
+            w = tl.abs(w.to(tl.float32)) * _factor(keep, S, rk[:, None] * ss_k + rn[None, :] * ss_n,
+                                                   w_ok)
+        else:
+            w = w.to(tl.float32) * keep
         w = _to(w, A.dtype.element_ty, MANUAL_BF16)
         if UPCAST:  # the interpreter multiplies bf16 bit patterns as integers
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
