@@ -53,6 +53,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -386,6 +387,56 @@ def check_projection(model, x, no_parent_hooks: bool) -> dict:
     return dict(proj_weight_err=weight_err, proj_out_err=out_err, proj_failures=failures)
 
 
+def check_ticket(model) -> dict:
+    """A ticket's trip to a new init of the same architecture (``signmask.transfer``).
+
+    ``model`` is pruned, its ticket extracted with the biases, a dense classifier's signs and
+    the norms, saved and loaded (it must come back equal), then transferred with ``norms=True``
+    onto a copy whose every parameter was redrawn (new signs and magnitudes). Expected, from
+    the new init and the ticket alone: every pruned tensor holds ``signed mask * |new init|``
+    behind the ticket's mask, every recorded bias or dense weight ``sign * |new init|``, every
+    norm the ticket's values; and the new model's own ticket has the same signed masks.
+    """
+    fresh = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.is_floating_point():
+                p.copy_(_moved(p, gen, flip=True))
+    init = {k: v.detach().clone() for k, v in fresh.named_parameters()}
+    signmask.prune(model, AMOUNT, scope="layer")
+    ticket = signmask.extract(model, biases=True, dense=True, norms=True)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "ticket.safetensors")
+        signmask.save(ticket, path)
+        loaded = signmask.load(path)
+    failures = [] if loaded == ticket else [dict(tensor="<ticket>", check="ticket round trip",
+                                                 error="loaded != saved")]
+    signmask.transfer(loaded, fresh, norms=True)
+    pruned = _targets.pruned(fresh)
+    with torch.no_grad():
+        for key, signed in ticket.masks.items():
+            mod, name = pruned[key]
+            got = _reparam.find_hook(mod, name)[1].apply_mask(mod)
+            want = init[key].abs() * signed.to(init[key].dtype)
+            same_mask = torch.equal(getattr(mod, name + "_mask"), signed != 0)
+            if not (torch.equal(got, want) and same_mask):
+                failures.append(dict(tensor=key, check="transfer", error="weight or mask differs"))
+        params = dict(fresh.named_parameters())
+        for key, sign in ticket.signs.items():
+            if not torch.equal(params[key], init[key].abs() * sign.to(init[key].dtype)):
+                failures.append(dict(tensor=key, check="transfer", error="dense sign differs"))
+        for key, value in ticket.norms.items():
+            if not torch.equal(params[key], value):
+                failures.append(dict(tensor=key, check="transfer", error="norm differs"))
+        again = signmask.extract(fresh).masks
+    if again.keys() != ticket.masks.keys() or any(not torch.equal(again[k], v)
+                                                  for k, v in ticket.masks.items()):
+        failures.append(dict(tensor="<ticket>", check="transfer", error="re-extracted masks differ"))
+    return dict(ticket_tensors=len(ticket.masks) + len(ticket.signs) + len(ticket.norms),
+                ticket_failures=failures)
+
+
 def norm_like_left(model) -> list[str]:
     """Modules not interpolated whose class says "norm" (any case) and that own a floating
     Parameter: where a norm layer could have escaped :func:`signmask._interpolate.is_norm`."""
@@ -418,8 +469,10 @@ def run_one(timm, spec: dict, args) -> dict:
         row |= check(model, copy.deepcopy(pristine), x, args.no_parent_hooks)
         del model
         row |= check_aws(copy.deepcopy(pristine), copy.deepcopy(pristine), x, args.no_parent_hooks)
-        row |= check_projection(pristine, x, args.no_parent_hooks)
-        row["failures"] += row.pop("aws_failures") + row.pop("proj_failures")
+        row |= check_projection(copy.deepcopy(pristine), x, args.no_parent_hooks)
+        row |= check_ticket(pristine)
+        for check_name in ("aws", "proj", "ticket"):
+            row["failures"] += row.pop(f"{check_name}_failures")
         row["status"] = "fail" if row["failures"] else "ok"
     except Exception as e:  # noqa: BLE001 - record and go on with the next family
         row |= dict(status="error", error=last_line(e))

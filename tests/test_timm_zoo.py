@@ -1,8 +1,9 @@
-"""benchmarks/timm_zoo.py: its checks pass on correct models and fail where the forward is wrong.
+"""benchmarks/timm_zoo.py: its checks pass on correct models and fail where signmask goes wrong.
 
-The sweep itself takes minutes; here its three checks run on three small timm models, and each
+The sweep itself takes minutes; here its four checks run on three small timm models, and each
 must also catch a planted fault (a parent reading a stale weight, norms interpolated with the
-wrong weight, a sign lock ignored, the projection's gradient mask skipped).
+wrong weight, a sign lock ignored, the projection's gradient mask skipped, a transfer that
+leaves out the biases' signs or the norms).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import timm_zoo  # noqa: E402
 timm = import_timm()
 SHRUNK = dict(depth=2, embed_dim=64, num_heads=2)
 NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+PRUNED = (torch.nn.Conv2d, torch.nn.Linear)  # all these models' conv/linear layers
 
 
 def _fitted(name: str, kwargs: dict) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -42,7 +44,14 @@ def test_the_checks_pass_and_every_norm_is_interpolated(name, kwargs):
     row = timm_zoo.check(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
     aws = timm_zoo.check_aws(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
     proj = timm_zoo.check_projection(copy.deepcopy(model), x, no_parent_hooks=False)
+    ticket = timm_zoo.check_ticket(copy.deepcopy(model))
     assert row["failures"] == [] and aws["aws_failures"] == [] and proj["proj_failures"] == []
+    assert ticket["ticket_failures"] == []
+    # Every pruned weight, every bias of a pruned layer and every norm tensor went across.
+    biases = sum(m.bias is not None for m in model.modules() if isinstance(m, PRUNED))
+    norm_tensors = sum((m.weight is not None) + (m.bias is not None)
+                       for m in model.modules() if isinstance(m, NORMS))
+    assert ticket["ticket_tensors"] == row["pruned"] + biases + norm_tensors
     assert aws["norms"] == norms
     assert aws["norm_like_left"] == []
     assert row["nonzero_grads"] == row["pruned"] > 0
@@ -99,3 +108,16 @@ def test_the_projection_check_fails_when_gradients_are_not_masked(monkeypatch):
     monkeypatch.setattr(_projection, "mask_grad", lambda hook, grad, factor: None)
     proj = timm_zoo.check_projection(model, x, no_parent_hooks=False)
     assert {"projection forward", "projection weight"} <= {f["check"] for f in proj["proj_failures"]}
+
+
+@pytest.mark.parametrize("left_out, error", [
+    ({"biases": False}, "dense sign differs"),
+    ({"norms": False}, "norm differs"),
+])
+def test_the_ticket_check_fails_when_a_transfer_leaves_something_out(monkeypatch, left_out, error):
+    model, _ = _fitted("test_vit", {})
+    transfer = timm_zoo.signmask.transfer
+    monkeypatch.setattr(timm_zoo.signmask, "transfer",
+                        lambda ticket, fresh, **kw: transfer(ticket, fresh, **(kw | left_out)))
+    failures = timm_zoo.check_ticket(model)["ticket_failures"]
+    assert failures and {f["error"] for f in failures} == {error}
