@@ -1,4 +1,4 @@
-"""Correctness sweep over timm: one model per family, pruned (free, AWS, projection) vs masked dense.
+"""Correctness sweep over timm, one model per family: pruning, AWS, projection, tickets vs oracles.
 
 Not a timing. For every model family of timm (the module that defines the model), the variant
 with the fewest parameters among the likeliest small names (``test_``, ``pico``, ``tiny``,
@@ -28,9 +28,11 @@ the dense gradient through the chain rule, (f) eval outputs (trained norms). The
 the norm layers interpolated and lists modules left out whose class name says "norm" and that
 own a floating Parameter (a norm ``is_norm`` could have missed).
 
-Last, the ``"projection"`` backend against the torch path (:func:`check_projection`): two
+Then the ``"projection"`` backend against the torch path (:func:`check_projection`): two
 sign-locked copies take two AdamW steps with clipping, one under each backend; (g) every
-effective weight and the eval outputs must agree.
+effective weight and the eval outputs must agree. Last, a ticket's trip (:func:`check_ticket`):
+(h) extracted with biases, dense signs and norms, saved and loaded equal, transferred onto a
+redrawn init, where every tensor must hold what the ticket and the new init say.
 
 ``--no-parent-hooks`` is a negative control: it removes signmask's refresh hooks on parent
 modules that read a child's weight directly (BEiT, EVA, Swin-V2 attention read ``qkv.weight``)
@@ -544,13 +546,17 @@ def markdown(rows: list[dict], control: list[dict] | None, env: dict, args, seco
         "dense gradient), eval outputs (trained norms), same tolerances. `norms`: layers "
         "interpolated. Last, `set_backend(\"projection\")` against the torch path: two sign-locked "
         f"copies, {PROJECTION_STEPS} AdamW steps with clipping each; every effective weight and the "
-        "eval outputs, same tolerance.",
+        "eval outputs, same tolerance. Last, the ticket (`extract(biases=True, dense=True, "
+        "norms=True)`) must load back equal from `.safetensors` and, transferred with "
+        "`norms=True` onto a copy whose every parameter was redrawn, give every pruned weight "
+        "`signed mask * |new init|` behind the ticket's mask, every bias `sign * |new init|`, "
+        "every norm the ticket's values (exactly), and the same ticket again.",
         f"- Families: one per timm module, the smallest of the {CANDIDATES} likeliest small names; "
         f"skipped above {args.limit_params:g}M params; ViTs above {SHRINK_ABOVE / 1e6:.0f}M "
         f"shrunk with `{SHRINK}` where accepted.",
         f"- {summary_line(rows)}; wall time {seconds / 60:.1f} min.",
     ]
-    text = (f"# timm zoo: pruned, AWS and projection vs masked dense, one small model per family{mode}\n\n"
+    text = (f"# timm zoo: pruning, AWS, projection and tickets vs oracles, one small model per family{mode}\n\n"
             f"{_common.env_markdown(env)}\n" + "\n".join(notes) + "\n")
     if control:
         text += control_notes(control)
@@ -578,7 +584,8 @@ def sweep(timm, specs: list[dict], args, tag: str = "") -> list[dict]:
         worst = "" if r["status"] in ("skipped", "error") else (
             f" out {r['out_err']:.1e} grad {r['grad_err']:.1e} scaled {r['scaled_err']:.1e}"
             f" | aws out {r['aws_out_err']:.1e} grad {r['aws_grad_err']:.1e} eval {r['aws_eval_err']:.1e}"
-            f" norms {r['norms']} | proj w {r['proj_weight_err']:.1e} out {r['proj_out_err']:.1e}")
+            f" norms {r['norms']} | proj w {r['proj_weight_err']:.1e} out {r['proj_out_err']:.1e}"
+            f" | ticket {r['ticket_tensors']}")
         print(f"{tag}[{i}/{len(specs)}] {r['family']:>26} {r['name']:<34} "
               f"{r['status']}{worst} {r.get('seconds', 0)}s"
               + (f"  {r.get('error', '')}" if r["status"] in ("error", "skipped") else "")
