@@ -414,7 +414,7 @@ def check_ticket(model) -> dict:
         loaded = signmask.load(path)
     failures = [] if loaded == ticket else [dict(tensor="<ticket>", check="ticket round trip",
                                                  error="loaded != saved")]
-    signmask.transfer(loaded, fresh, norms=True)
+    signmask.transfer(loaded, fresh, norms=bool(ticket.norms))  # NFNets have no norm layer
     pruned = _targets.pruned(fresh)
     with torch.no_grad():
         for key, signed in ticket.masks.items():
