@@ -1,4 +1,4 @@
-"""Correctness sweep over timm, one model per family: pruning, AWS, projection, tickets vs oracles.
+"""Correctness sweep over timm, one model per family: pruning, AWS, projection, tickets, search.
 
 Not a timing. For every model family of timm (the module that defines the model), the variant
 with the fewest parameters among the likeliest small names (``test_``, ``pico``, ``tiny``,
@@ -32,7 +32,9 @@ Then the ``"projection"`` backend against the torch path (:func:`check_projectio
 sign-locked copies take two AdamW steps with clipping, one under each backend; (g) every
 effective weight and the eval outputs must agree. Last, a ticket's trip (:func:`check_ticket`):
 (h) extracted with biases, dense signs and norms, saved and loaded equal, transferred onto a
-redrawn init, where every tensor must hold what the ticket and the new init say.
+redrawn init, where every tensor must hold what the ticket and the new init say. And the whole
+AWS search (:func:`check_search`, ``signmask.apply``): (i) a dense and two pruning rounds of two
+steps; the ticket's exact count, the model's masks, no interpolation left, finite outputs.
 
 ``--no-parent-hooks`` is a negative control: it removes signmask's refresh hooks on parent
 modules that read a child's weight directly (BEiT, EVA, Swin-V2 attention read ``qkv.weight``)
@@ -74,6 +76,7 @@ OUT_RTOL = 1e-5  # both sides compute the same products; only summation order ma
 SCALE = 1.5
 ALPHA = 0.25  # AWS check: the norms' weight on their init values in training forwards
 PROJECTION_STEPS = 2
+SEARCH_ROUNDS = 2  # pruning rounds of the AWS search check, after its dense round
 SIDE = 64
 BATCH = 2
 # Name fragments of small variants, most preferred first; the best few per family are counted.
@@ -439,6 +442,35 @@ def check_ticket(model) -> dict:
                 ticket_failures=failures)
 
 
+def check_search(model, x) -> dict:
+    """The AWS search end to end (``signmask.apply``): a dense round and ``SEARCH_ROUNDS``
+    pruning rounds of two SGD steps each on ``x``. The ticket must keep exactly
+    ``round(total * (1 - AMOUNT))`` weights and match the model's masks, no norm layer may stay
+    interpolated, and the eval outputs must be finite."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    search = signmask.apply(model, "aws", AMOUNT, optimizer=opt, rounds=SEARCH_ROUNDS, progress=False)
+    for _ in search:
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            sum(t.float().square().mean() for t in tensors_of(forward(model, x, True))).backward()
+            opt.step()
+    ticket, failures = search.ticket, []
+    if ticket.kept != round(ticket.numel * (1 - AMOUNT)):
+        failures.append(dict(tensor="<ticket>", check="search",
+                             error=f"kept {ticket.kept} of {ticket.numel}"))
+    pruned = _targets.pruned(model)
+    differ = [k for k, v in ticket.masks.items()
+              if not torch.equal(pruned[k][0]._buffers[pruned[k][1] + "_mask"], v != 0)]
+    failures += [dict(tensor=k, check="search", error="mask differs from the ticket's")
+                 for k in differ]
+    if _interpolate.interpolated(model):
+        failures.append(dict(tensor="<model>", check="search", error="norms still interpolated"))
+    with torch.no_grad():
+        if not all(torch.isfinite(t).all() for t in tensors_of(forward(model, x, False))):
+            failures.append(dict(tensor="<output>", check="search", error="not finite"))
+    return dict(search_rounds=len(search), search_failures=failures)
+
+
 def norm_like_left(model) -> list[str]:
     """Modules not interpolated whose class says "norm" (any case) and that own a floating
     Parameter: where a norm layer could have escaped :func:`signmask._interpolate.is_norm`."""
@@ -472,8 +504,9 @@ def run_one(timm, spec: dict, args) -> dict:
         del model
         row |= check_aws(copy.deepcopy(pristine), copy.deepcopy(pristine), x, args.no_parent_hooks)
         row |= check_projection(copy.deepcopy(pristine), x, args.no_parent_hooks)
-        row |= check_ticket(pristine)
-        for check_name in ("aws", "proj", "ticket"):
+        row |= check_ticket(copy.deepcopy(pristine))
+        row |= check_search(pristine, x)
+        for check_name in ("aws", "proj", "ticket", "search"):
             row["failures"] += row.pop(f"{check_name}_failures")
         row["status"] = "fail" if row["failures"] else "ok"
     except Exception as e:  # noqa: BLE001 - record and go on with the next family
@@ -550,7 +583,10 @@ def markdown(rows: list[dict], control: list[dict] | None, env: dict, args, seco
         "norms=True)`) must load back equal from `.safetensors` and, transferred with "
         "`norms=True` onto a copy whose every parameter was redrawn, give every pruned weight "
         "`signed mask * |new init|` behind the ticket's mask, every bias `sign * |new init|`, "
-        "every norm the ticket's values (exactly), and the same ticket again.",
+        "every norm the ticket's values (exactly), and the same ticket again. And "
+        f"`signmask.apply(model, \"aws\", {AMOUNT}, rounds={SEARCH_ROUNDS})` with two SGD steps per "
+        "round: the ticket keeps exactly `round(total * (1 - sparsity))` weights, the model's masks "
+        "are the ticket's, no norm stays interpolated, the eval outputs are finite.",
         f"- Families: one per timm module, the smallest of the {CANDIDATES} likeliest small names; "
         f"skipped above {args.limit_params:g}M params; ViTs above {SHRINK_ABOVE / 1e6:.0f}M "
         f"shrunk with `{SHRINK}` where accepted.",
@@ -585,7 +621,7 @@ def sweep(timm, specs: list[dict], args, tag: str = "") -> list[dict]:
             f" out {r['out_err']:.1e} grad {r['grad_err']:.1e} scaled {r['scaled_err']:.1e}"
             f" | aws out {r['aws_out_err']:.1e} grad {r['aws_grad_err']:.1e} eval {r['aws_eval_err']:.1e}"
             f" norms {r['norms']} | proj w {r['proj_weight_err']:.1e} out {r['proj_out_err']:.1e}"
-            f" | ticket {r['ticket_tensors']}")
+            f" | ticket {r['ticket_tensors']} | search {r['search_rounds']} rounds")
         print(f"{tag}[{i}/{len(specs)}] {r['family']:>26} {r['name']:<34} "
               f"{r['status']}{worst} {r.get('seconds', 0)}s"
               + (f"  {r.get('error', '')}" if r["status"] in ("error", "skipped") else "")

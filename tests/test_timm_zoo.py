@@ -1,9 +1,9 @@
 """benchmarks/timm_zoo.py: its checks pass on correct models and fail where signmask goes wrong.
 
-The sweep itself takes minutes; here its four checks run on three small timm models, and each
+The sweep itself takes minutes; here its five checks run on three small timm models, and each
 must also catch a planted fault (a parent reading a stale weight, norms interpolated with the
 wrong weight, a sign lock ignored, the projection's gradient mask skipped, a transfer that
-leaves out the biases' signs or the norms).
+leaves out the biases' signs or the norms, a search that leaves norms interpolated).
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ def test_the_checks_pass_and_every_norm_is_interpolated(name, kwargs):
     aws = timm_zoo.check_aws(copy.deepcopy(model), copy.deepcopy(model), x, no_parent_hooks=False)
     proj = timm_zoo.check_projection(copy.deepcopy(model), x, no_parent_hooks=False)
     ticket = timm_zoo.check_ticket(copy.deepcopy(model))
+    search = timm_zoo.check_search(copy.deepcopy(model), x)
     assert row["failures"] == [] and aws["aws_failures"] == [] and proj["proj_failures"] == []
-    assert ticket["ticket_failures"] == []
+    assert ticket["ticket_failures"] == [] and search["search_failures"] == []
+    assert search["search_rounds"] == 1 + timm_zoo.SEARCH_ROUNDS
     # Every pruned weight, every bias of a pruned layer and every norm tensor went across.
     biases = sum(m.bias is not None for m in model.modules() if isinstance(m, PRUNED))
     norm_tensors = sum((m.weight is not None) + (m.bias is not None)
@@ -121,3 +123,10 @@ def test_the_ticket_check_fails_when_a_transfer_leaves_something_out(monkeypatch
                         lambda ticket, fresh, **kw: transfer(ticket, fresh, **(kw | left_out)))
     failures = timm_zoo.check_ticket(model)["ticket_failures"]
     assert failures and {f["error"] for f in failures} == {error}
+
+
+def test_the_search_check_fails_when_norms_stay_interpolated(monkeypatch):
+    model, x = _fitted("test_vit", {})
+    monkeypatch.setattr(_interpolate, "detach", lambda model: [])
+    failures = timm_zoo.check_search(model, x)["search_failures"]
+    assert [f["error"] for f in failures] == ["norms still interpolated"]
