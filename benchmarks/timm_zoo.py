@@ -443,12 +443,14 @@ def check_ticket(model) -> dict:
 
 
 def check_search(model, x) -> dict:
-    """The AWS search end to end (``signmask.apply``): a dense round and ``SEARCH_ROUNDS``
-    pruning rounds of two SGD steps each on ``x``. The ticket must keep exactly
+    """The AWS search end to end (``signmask.apply``; LRR where there is no norm layer): a dense
+    round and ``SEARCH_ROUNDS`` pruning rounds of two SGD steps each on ``x``. The ticket must keep exactly
     ``round(total * (1 - AMOUNT))`` weights and match the model's masks, no norm layer may stay
     interpolated, and the eval outputs must be finite."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    search = signmask.apply(model, "aws", AMOUNT, optimizer=opt, rounds=SEARCH_ROUNDS, progress=False)
+    # AWS refuses a model without norm layers (NFNets): it would be LRR.
+    method = "aws" if any(_interpolate.is_norm(m) for m in model.modules()) else "lrr"
+    search = signmask.apply(model, method, AMOUNT, optimizer=opt, rounds=SEARCH_ROUNDS, progress=False)
     for _ in search:
         for _ in range(2):
             opt.zero_grad(set_to_none=True)
@@ -584,7 +586,8 @@ def markdown(rows: list[dict], control: list[dict] | None, env: dict, args, seco
         "`norms=True` onto a copy whose every parameter was redrawn, give every pruned weight "
         "`signed mask * |new init|` behind the ticket's mask, every bias `sign * |new init|`, "
         "every norm the ticket's values (exactly), and the same ticket again. And "
-        f"`signmask.apply(model, \"aws\", {AMOUNT}, rounds={SEARCH_ROUNDS})` with two SGD steps per "
+        f"`signmask.apply(model, \"aws\", {AMOUNT}, rounds={SEARCH_ROUNDS})` (`\"lrr\"` without norm "
+        "layers) with two SGD steps per "
         "round: the ticket keeps exactly `round(total * (1 - sparsity))` weights, the model's masks "
         "are the ticket's, no norm stays interpolated, the eval outputs are finite.",
         f"- Families: one per timm module, the smallest of the {CANDIDATES} likeliest small names; "
