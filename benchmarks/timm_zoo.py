@@ -43,7 +43,7 @@ on ``CONTROL_MODELS`` at the end and records it in the notes.
 
 Usage::
 
-    python benchmarks/timm_zoo.py                                   # ~15 min on 1 CPU thread
+    python benchmarks/timm_zoo.py                                   # ~10 min on 1 CPU thread
     python benchmarks/timm_zoo.py --models test_vit resnet18        # a subset
     python benchmarks/timm_zoo.py --models beit_base_patch16_224 --no-parent-hooks --out zoo_ctl
 """
