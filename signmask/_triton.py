@@ -61,13 +61,6 @@ def _is_negative(S, li, inb):
 
 
 @triton.jit
-def _factor(keep, S, li, inb):
-    """The locked sign times the mask, in ``keep``'s dtype: -1 where kept and negative, else
-    ``keep`` itself (+0.0 where pruned, as an integer factor converts)."""
-    return tl.where(_is_negative(S, li, inb) & (keep != 0), -1.0, keep).to(keep.dtype)
-
-
-@triton.jit
 def _locked(o, keep, S, li, inb, CDT: tl.constexpr):
     """The torch path's locked factors (``_reparam.locked_factors``) in ``CDT``: 0 where pruned,
     -1 where a kept ``o``'s sign bit disagrees with its lock, else +1."""
@@ -93,8 +86,7 @@ def _effective(w, keep, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
 @triton.jit
 def _effective_grad(g, keep, O, o_off, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
     """The gradient of ``orig`` from the effective weight's gradient ``g``: ``g * keep``, or
-    under locked signs ``g * f``, with the factors of the forward (``orig`` read at
-    ``O + o_off`` only then)."""
+    under locked signs ``g * f``, the forward's factors (``orig`` read at ``O + o_off``)."""
     if HAS_SIGN:
         o = tl.load(O + o_off, mask=inb, other=0).to(CDT)
         return g * _locked(o, keep, S, li, inb, CDT)

@@ -22,7 +22,15 @@ import triton
 import triton.language as tl
 
 from . import _triton
-from ._triton import _effective_grad, _factor, _manual_bf16, _to
+from ._triton import _effective_grad, _is_negative, _manual_bf16, _to
+
+
+@triton.jit
+def _factor(keep, S, li, inb):
+    """The locked sign times the mask, in ``keep``'s dtype: -1 where kept and negative, else
+    ``keep`` itself (+0.0 where pruned, as an integer factor converts)."""
+    return tl.where(_is_negative(S, li, inb) & (keep != 0), -1.0, keep).to(keep.dtype)
+
 
 _INTERP_CONFIG = [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP": 4})]
 
