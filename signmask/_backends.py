@@ -212,7 +212,9 @@ def set_backend(
         backend: ``"torch"``: the hook computes ``orig * mask`` with torch ops (compiles
             cleanly); ``"triton"``: one fused Triton kernel forward and one backward (CUDA);
             ``"projection"``: no per-forward work, the masks are applied in place to the
-            weights, the gradients and the optimizer state (exact for elementwise optimizers);
+            weights, the gradients and the optimizer state (exact for elementwise optimizers;
+            a gradient given new values in place after ``backward()``, ``p.grad.add_(noise)``,
+            is not masked again: assign ``p.grad = p.grad + noise`` instead);
             ``"auto"``: ``"triton"`` for CUDA tensors in eager mode when triton is installed,
             else ``"torch"``. The numbers are the same with each, up to floating-point rounding.
         optimizer: the optimizer training ``model``; required by ``"projection"``, which hooks
