@@ -501,13 +501,14 @@ def run_one(timm, spec: dict, args) -> dict:
         model, kwargs, x, tried = fit(timm, spec["name"], spec["kwargs"])
         row |= dict(kwargs=kwargs, params=sum(p.numel() for p in model.parameters()),
                     input=list(x.shape[1:]), size_fallbacks=tried)
-        pristine = copy.deepcopy(model)
-        row |= check(model, copy.deepcopy(pristine), x, args.no_parent_hooks)
-        del model
-        row |= check_aws(copy.deepcopy(pristine), copy.deepcopy(pristine), x, args.no_parent_hooks)
-        row |= check_projection(copy.deepcopy(pristine), x, args.no_parent_hooks)
-        row |= check_ticket(copy.deepcopy(pristine))
-        row |= check_search(pristine, x)
+        def fresh():  # each check prunes a copy of the same built model
+            return copy.deepcopy(model)
+
+        row |= check(fresh(), fresh(), x, args.no_parent_hooks)
+        row |= check_aws(fresh(), fresh(), x, args.no_parent_hooks)
+        row |= check_projection(fresh(), x, args.no_parent_hooks)
+        row |= check_ticket(fresh())
+        row |= check_search(model, x)
         for check_name in ("aws", "proj", "ticket", "search"):
             row["failures"] += row.pop(f"{check_name}_failures")
         row["status"] = "fail" if row["failures"] else "ok"

@@ -113,16 +113,17 @@ class SignMaskHook(_prune.PruningContainer):
         self.unstack()
         module.__dict__[name] = self.apply_mask(module, own_forward=True)
 
-    def unstack(self) -> None:
-        """Clear compute_mask's flag: a forward's weight keeps its graph."""
+    def unstack(self) -> bool:
+        """Clear compute_mask's flag (a forward's weight keeps its graph); whether it was set."""
         if self._stacked:  # written only when set: a compiled forward just guards on it
             self._stacked = False
+            return True
+        return False
 
     def apply_mask(self, module: nn.Module, *, own_forward: bool = False) -> torch.Tensor:
         """The effective tensor. ``own_forward``: for ``module``'s own forward, the consumer
         whose dtype a backend may write directly (autocast's); else in ``<name>_orig``'s dtype."""
-        if self._stacked:
-            self._stacked = False
+        if self.unstack():
             with torch.no_grad():
                 return self.apply_mask(module, own_forward=own_forward)
         name, buffers = self._tensor_name, module._buffers
