@@ -10,15 +10,22 @@ what one pass over the same tensors can cost at best:
   drift, so it trains wrongly; only its time is of use), plus the time spent inside the mask
   pass during the projection steps;
 - one pass over tensors of the model's pruned shapes (gradient-like fp32 values, 90%-sparse
-  random masks): signmask's chunked multiply (``_maskmul.mul_``, what the backend runs), torch's
-  promoted multiply (``t.mul_(mask.view(torch.uint8))``: a float temporary of the whole mask),
-  and a scalar ``t.mul_(1.0)``, the floor of any in-place pass (read and write 4 B per weight;
-  the mask adds 1 B read).
+  random masks): signmask's multiply (``_maskmul.mul_``, what the backend runs: one conversion
+  of the mask into a kept float buffer and one multiply per 4M weights), the same in chunks of
+  256K into a fresh 1 MiB buffer (signmask's path before 2026-12-07, for reference), torch's
+  promoted multiply (``t.mul_(mask.view(torch.uint8))``: a fresh float temporary of the whole
+  mask), and a scalar ``t.mul_(1.0)``, the floor of any in-place pass (read and write 4 B per
+  weight; the mask adds 1 B read).
+
+``--busy N`` keeps N other processes spinning during the whole run, as data-loader workers or
+other jobs do: torch's thread pool then waits for a descheduled thread at every parallel
+region, so the number of ops per pass matters more than their bytes.
 
 Usage::
 
     python benchmarks/grad_mask_cost.py                  # CPU preset models, fused optimizers
     python benchmarks/grad_mask_cost.py --models mlp2048x3@b8 --steps 10
+    python benchmarks/grad_mask_cost.py --busy 1 --out grad_mask_cost_cpu_busy
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
 
 import torch
@@ -38,8 +46,22 @@ import train_step  # noqa: E402
 from signmask import _maskmul, _projection  # noqa: E402
 
 VARIANTS = ("dense", "projection", "projection, no grad mask")
+
+
+def _small_chunks(t: torch.Tensor, mask: torch.Tensor, chunk: int = 1 << 18) -> None:
+    """signmask's CPU multiply before 2026-12-07: 256K-element chunks through a fresh buffer."""
+    flat_t, flat_m = t.view(-1), mask.view(-1).view(torch.uint8)
+    buf = torch.empty(chunk, dtype=t.dtype)
+    for start in range(0, flat_t.numel(), chunk):
+        stop = min(start + chunk, flat_t.numel())
+        floats = buf[: stop - start]
+        floats.copy_(flat_m[start:stop])
+        torch.mul(flat_t[start:stop], floats, out=flat_t[start:stop])
+
+
 PASSES = {
-    "chunked": lambda t, m: _maskmul.mul_(t, m),
+    "signmask": lambda t, m: _maskmul.mul_(t, m),
+    "256K chunks": _small_chunks,
     "promoted": lambda t, m: t.mul_(m.view(torch.uint8)),
     "scalar floor": lambda t, m: t.mul_(1.0),
 }
@@ -117,10 +139,11 @@ def markdown(results: dict, env: dict) -> str:
         "Step: median ms (ratio to dense in the same run). `in mask`: the projection step's time "
         "inside its gradient mask. Passes: median ms of one in-place pass over every pruned "
         "tensor's shape; `floor` is a scalar `mul_(1.0)`. `% of dense` = pass / dense step.\n",
+        f"Other processes spinning during the run (`--busy`): {results['busy']}.\n",
         _common.env_markdown(env),
-        "| model | dense ms | projection | no grad mask | in mask ms | chunked ms | promoted ms "
-        "| floor ms | floor % of dense |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | dense ms | projection | no grad mask | in mask ms | signmask ms | 256K chunks ms "
+        "| promoted ms | floor ms | floor % of dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, res in results["models"].items():
         s, p = res["steps"], res["passes"]
@@ -140,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds of each pass")
+    parser.add_argument("--busy", type=int, default=0, help="spinning processes beside the run")
     parser.add_argument("--out", default="grad_mask_cost_cpu")
     args = parser.parse_args()
     names = [s.name for s in train_step.PRESETS["cpu"]]
@@ -147,8 +171,29 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --models {unknown}; the cpu preset has {names}")
     env = _common.environment("cpu")
-    results = {"environment": env, "amount": train_step.AMOUNT, "fused": True,
+    results = {"environment": env, "amount": train_step.AMOUNT, "fused": True, "busy": args.busy,
                "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "models": {}}
+    with _spinning(args.busy):
+        run_models(args, results)
+    md = markdown(results, env)
+    paths = _common.write_results(args.out, results, md)
+    print(md)
+    print("wrote", *paths)
+
+
+@contextlib.contextmanager
+def _spinning(count: int):
+    """``count`` busy-looping processes for the duration of the block."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
+def run_models(args, results: dict) -> None:
     for spec in train_step.PRESETS["cpu"]:
         if args.models and spec.name not in args.models:
             continue
@@ -157,10 +202,6 @@ def main() -> None:
         results["models"][spec.name] = {"optimizer": spec.optimizer,
                                         "steps": time_steps(spec, args.steps, args.warmup),
                                         "passes": time_passes(spec, args.rounds)}
-    md = markdown(results, env)
-    paths = _common.write_results(args.out, results, md)
-    print(md)
-    print("wrote", *paths)
 
 
 if __name__ == "__main__":

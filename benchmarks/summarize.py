@@ -91,17 +91,22 @@ def hook_lines(res: dict) -> list[str]:
     return lines
 
 
-def grad_mask_lines(res: dict) -> list[str]:
-    lines = ["### CPU: the projection backend's gradient mask against one pass at the floor\n",
-             "| model | projection x dense | without its grad mask | in mask ms | floor pass ms | floor % of dense |",
-             "|---|---:|---:|---:|---:|---:|"]
+def grad_mask_lines(res: dict, stem: str) -> list[str]:
+    busy = res.get("busy", 0)
+    title = "the projection backend's gradient mask against one pass at the floor"
+    lines = [f"### CPU: {title}" + (f", {busy} busy process(es) beside it" if busy else "") + "\n",
+             "| model | projection x dense | without its grad mask | in mask ms | signmask pass ms "
+             "| 256K chunks ms | floor pass ms | floor % of dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in res["models"].items():
-        steps, floor = r["steps"], r["passes"]["scalar floor"]["median_ms"]
-        dense = steps["dense"]["median_ms"]
+        steps, passes = r["steps"], r["passes"]
+        dense, floor = steps["dense"]["median_ms"], passes["scalar floor"]["median_ms"]
         lines.append(f"| {name} | {steps['projection']['ratio_to_dense']:.3f} | "
                      f"{steps['projection, no grad mask']['ratio_to_dense']:.3f} | "
-                     f"{steps['grad_mask_in_step']['median_ms']:.2f} | {floor:.2f} | {100 * floor / dense:.1f} |")
-    lines.append(f"\n(Command: `{res['environment']['command']}`; details: grad_mask_cost_cpu.md)\n")
+                     f"{steps['grad_mask_in_step']['median_ms']:.2f} | "
+                     f"{passes['signmask']['median_ms']:.2f} | {passes['256K chunks']['median_ms']:.2f} | "
+                     f"{floor:.2f} | {100 * floor / dense:.1f} |")
+    lines.append(f"\n(Command: `{res['environment']['command']}`; details: {stem}.md)\n")
     return lines
 
 
@@ -133,9 +138,10 @@ def main() -> None:
         res = _load(stem)
         if res:
             lines += hook_lines(res)
-    res = _load("grad_mask_cost_cpu")
-    if res:
-        lines += grad_mask_lines(res)
+    for stem in ("grad_mask_cost_cpu", "grad_mask_cost_cpu_busy"):
+        res = _load(stem)
+        if res:
+            lines += grad_mask_lines(res, stem)
     res = _load("kernel_resources_sm90")
     if res:
         lines += kernel_lines(res)

@@ -1,25 +1,36 @@
 """Multiplying float tensors by small integer factors (masks, signs), fast on CPU.
 
 A bool mask or an int8 factor in {-1, 0, +1} holds 1 byte per weight. torch multiplies a float
-tensor by it through type promotion, which on CPU first converts the whole factor to a float
-temporary: a full-size allocation (fresh pages for large weights) plus a slow conversion loop,
-2-4x the time of the multiply itself. Here large CPU tensors are converted one chunk at a time
-into a small reused float buffer that stays in cache. The products are the same numbers
-(multiplying by the float of an exact small integer), so every path is bitwise equal to
-``t * factor``.
+tensor by it through type promotion, which on CPU first converts the whole factor to a freshly
+allocated float temporary: for large weights that allocation takes fresh pages from the OS on
+many steps, whose page faults cost as much as the multiply. Here large CPU tensors are converted
+into a float buffer kept between calls, up to ``CHUNK`` elements at a time, and
+multiplied from it. Each conversion and each multiply is one parallel region of torch's thread
+pool, so the chunks are large: on a busy machine (data-loader workers, other jobs) every region
+waits for a descheduled thread, and a pass in many small chunks took 10x longer than in one. The
+products are the same numbers (multiplying by the float of an exact small integer), so every
+path is bitwise equal to ``t * factor``.
 
 Elsewhere the plain torch op runs: CUDA (the conversion happens inside the kernel), small
 tensors, ``torch.compile`` (which fuses it), ``torch.jit.trace``, functorch transforms (``vmap``,
 ``torch.func.grad``), products autograd must record (``create_graph=True``), and layouts without
 a flat view.
 """
-
 from __future__ import annotations
 
 import torch
 
-# 256K elements: a 1 MiB fp32 buffer plus its slices of the operands fit in L2.
-CHUNK = 1 << 18
+# Up to SMALL elements the plain op runs: its temporary (<= 1 MiB in fp32) comes from the heap,
+# and the Python around a chunked multiply would cost as much as the multiply.
+SMALL = 1 << 18
+# Elements converted per region: 4M, so that one conversion and one multiply cover any weight of
+# a ResNet-50 or a ViT-B; the buffer is then at most 16 MiB per thread in fp32.
+CHUNK = 1 << 22
+
+# A cache, not state (no result depends on it): the float buffer of each dtype, grown to the
+# largest chunk met so far. A call takes its buffer out while using it, so a call in another
+# thread, or one re-entered from inside it, makes its own instead of sharing it.
+_buffers: dict[torch.dtype, torch.Tensor] = {}
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor | None:
@@ -40,7 +51,7 @@ def _plain(t: torch.Tensor) -> bool:
     multiply costs as much as the multiply. ``jit.trace`` cannot record the chunked path's
     dtype views (and must not see ``numel()`` compared: it warns), so it is asked first.
     """
-    return torch.jit.is_tracing() or t.device.type != "cpu" or t.numel() <= CHUNK
+    return torch.jit.is_tracing() or t.device.type != "cpu" or t.numel() <= SMALL
 
 
 def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
@@ -69,12 +80,21 @@ def _recorded(t: torch.Tensor) -> bool:
 
 
 def _run(out_flat, t_flat, f_flat) -> None:
-    buf = torch.empty(CHUNK, dtype=t_flat.dtype)
-    for start in range(0, t_flat.numel(), CHUNK):
-        stop = min(start + CHUNK, t_flat.numel())
-        f32 = buf[: stop - start]
-        f32.copy_(f_flat[start:stop])
-        torch.mul(t_flat[start:stop], f32, out=out_flat[start:stop])
+    n, dtype = t_flat.numel(), t_flat.dtype
+    buf = _buffers.pop(dtype, None)  # dict.pop is atomic: no other call can hold it too
+    if buf is None or buf.numel() < min(n, CHUNK):
+        # A normal tensor even under inference_mode: an inference tensor could not be written
+        # in place by a later call outside it.
+        with torch.inference_mode(False):
+            buf = torch.empty(min(n, CHUNK), dtype=dtype)
+    try:
+        for start in range(0, n, CHUNK):
+            stop = min(start + CHUNK, n)
+            floats = buf[: stop - start]
+            floats.copy_(f_flat[start:stop])
+            torch.mul(t_flat[start:stop], floats, out=out_flat[start:stop])
+    finally:
+        _buffers[dtype] = buf
 
 
 def as_int(factor: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:

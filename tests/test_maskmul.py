@@ -1,19 +1,30 @@
 """Chunked CPU multiplies by masks and int8 factors: bitwise equal to the plain torch op."""
 
+import collections
+import threading
+
 import pytest
 import torch
 from torch import nn
 from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import signmask
 from signmask import _bits, _maskmul
 from _util import bits_equal
 
 
+def _chunks(monkeypatch, size: int) -> None:
+    # Tensors above `size` elements take the chunked path, `size` elements per chunk.
+    monkeypatch.setattr(_maskmul, "SMALL", size)
+    monkeypatch.setattr(_maskmul, "CHUNK", size)
+
+
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     # Chunks of 7 elements: every test tensor spans several chunks and a ragged last one.
-    monkeypatch.setattr(_maskmul, "CHUNK", 7)
+    _chunks(monkeypatch, 7)
+    monkeypatch.setattr(_maskmul, "_buffers", {})  # no buffer of another test's
 
 
 def _case(data, dtype):
@@ -84,7 +95,7 @@ def test_multiply_takes_the_custom_function_only_when_chunking():
 
 def _train(backend: str, signs, chunk: int, monkeypatch) -> list[torch.Tensor]:
     """Four SGD steps of a small pruned net; the effective weights after each."""
-    monkeypatch.setattr(_maskmul, "CHUNK", chunk)
+    _chunks(monkeypatch, chunk)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
     signmask.prune(net, 0.6, signs=signs)
@@ -139,8 +150,7 @@ def test_functorch_transforms_and_forward_ad_see_the_plain_product():
         assert bits_equal(fwad.unpack_dual(out).tangent, tangent * mask.to(torch.uint8))
 
 
-def test_projection_masks_a_gradient_built_with_create_graph(monkeypatch):
-    monkeypatch.setattr(_maskmul, "CHUNK", 7)
+def test_projection_masks_a_gradient_built_with_create_graph():
     torch.manual_seed(0)
     net = signmask.prune(torch.nn.Linear(6, 6), 0.5)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -149,6 +159,89 @@ def test_projection_masks_a_gradient_built_with_create_graph(monkeypatch):
     grad = net.weight_orig.grad
     assert grad.requires_grad and grad[net.weight_mask].any()
     assert not grad[~net.weight_mask].any()  # masked, and still part of the graph
+
+
+class _OpCounts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunk, passes", [(7, 5), (30, 1), (64, 1)])
+def test_one_conversion_and_one_multiply_per_chunk(chunk, passes, monkeypatch):
+    # Each op is one parallel region of torch's pool; on a busy machine each region waits for
+    # a descheduled thread, so the number of ops per tensor is what this path keeps small.
+    _chunks(monkeypatch, chunk)
+    monkeypatch.setattr(_maskmul, "SMALL", 7)
+    t, mask = torch.randn(5, 6), torch.rand(5, 6) < 0.5
+    expected = t * mask.to(torch.uint8)
+    with _OpCounts() as ops:
+        _maskmul.mul_(t, mask)
+    assert ops.counts["aten.copy_"] == passes and ops.counts["aten.mul"] == passes
+    assert bits_equal(t, expected)
+
+
+def test_the_buffer_is_kept_between_calls_one_per_dtype():
+    _maskmul.mul(torch.randn(5), torch.ones(5, dtype=torch.bool))  # small: the plain op
+    assert not _maskmul._buffers
+    _maskmul.mul(torch.randn(10), torch.ones(10, dtype=torch.bool))
+    first = _maskmul._buffers[torch.float32]
+    assert first.numel() == 7  # one chunk
+    _maskmul.mul_(torch.randn(20), torch.ones(20, dtype=torch.bool))
+    _maskmul.mul(torch.randn(10, dtype=torch.float64), torch.ones(10, dtype=torch.bool))
+    assert _maskmul._buffers[torch.float32] is first
+    assert _maskmul._buffers[torch.float64].dtype == torch.float64
+
+
+def test_threads_multiplying_at_once_get_their_own_products():
+    gen = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(2000, generator=gen), torch.rand(2000, generator=gen) < 0.5) for _ in range(8)]
+    results = [None] * len(cases)
+
+    def run(i):
+        for _ in range(20):  # the GIL is released inside each op: the threads interleave
+            results[i] = _maskmul.mul(*cases[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for (t, mask), got in zip(cases, results):
+        assert bits_equal(got, t * mask.to(torch.uint8))
+
+
+def test_inference_mode_then_training_reuses_the_buffer():
+    # A buffer made under inference_mode must still be writable outside it (and vice versa).
+    t, mask = torch.randn(30), torch.rand(30) < 0.5
+    expected = t * mask.to(torch.uint8)
+    with torch.inference_mode():
+        assert bits_equal(_maskmul.mul(t, mask), expected)
+    assert bits_equal(_maskmul.mul(t, mask), expected)
+    with torch.inference_mode():
+        assert bits_equal(_maskmul.mul(t, mask), expected)
+
+
+def test_a_multiply_reentered_from_a_subclass_keeps_its_own_buffer():
+    inner_t, inner_mask = torch.randn(30), torch.rand(30) < 0.5
+    inner = []
+
+    class Reentrant(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.mul and not inner:  # between the outer copy_ and its multiply
+                inner.append(_maskmul.mul(inner_t, inner_mask))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    t, mask = torch.randn(30), torch.rand(30) < 0.5
+    _maskmul.mul(t, mask)  # the thread's buffer exists: the outer call takes it
+    got = _maskmul.mul(t.as_subclass(Reentrant), mask)
+    assert inner and bits_equal(inner[0], inner_t * inner_mask.to(torch.uint8))
+    assert bits_equal(got.as_subclass(torch.Tensor), t * mask.to(torch.uint8))
 
 
 # ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
