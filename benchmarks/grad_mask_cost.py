@@ -17,9 +17,12 @@ what one pass over the same tensors can cost at best:
   mask), and a scalar ``t.mul_(1.0)``, the floor of any in-place pass (read and write 4 B per
   weight; the mask adds 1 B read).
 
-``--busy N`` keeps N other processes spinning during the whole run, as data-loader workers or
-other jobs do: torch's thread pool then waits for a descheduled thread at every parallel
-region, so the number of ops per pass matters more than their bytes.
+``--busy N`` keeps N busy-looping processes running beside the whole run, each in a session of
+its own: another job on the machine. Linux's autogroup scheduling shares the CPUs fairly between
+sessions, so this process's threads get fewer cores than torch's thread pool has threads, and
+every parallel region (one per op above torch's grain size) waits for a descheduled thread: the
+number of ops per pass then matters more than their bytes. (Spinning children of the same
+session, as data-loader workers are, slow every variant alike.)
 
 Usage::
 
@@ -163,7 +166,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds of each pass")
-    parser.add_argument("--busy", type=int, default=0, help="spinning processes beside the run")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="busy-looping processes beside the run, each in its own session")
     parser.add_argument("--out", default="grad_mask_cost_cpu")
     args = parser.parse_args()
     names = [s.name for s in train_step.PRESETS["cpu"]]
@@ -183,8 +187,9 @@ def main() -> None:
 
 @contextlib.contextmanager
 def _spinning(count: int):
-    """``count`` busy-looping processes for the duration of the block."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    """``count`` busy-looping processes, each in its own session, for the duration of the block."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+                for _ in range(count)]
     try:
         yield
     finally:
