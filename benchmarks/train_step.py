@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import signmask  # noqa: E402
-from signmask import _backends, _targets  # noqa: E402
+from signmask import _backends, _maskmul, _targets  # noqa: E402
 
 AMOUNT = 0.9
 
@@ -169,6 +169,7 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
         tensors += _common.hook_tensors(module)  # stock prune's flat mask
     for state in optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors += list(_maskmul._buffers.values())  # the CPU multiply's float buffer, kept between steps
     return _common.unique_bytes(tensors)
 
 
