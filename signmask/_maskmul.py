@@ -2,20 +2,21 @@
 
 A bool mask or an int8 factor in {-1, 0, +1} holds 1 byte per weight. torch multiplies a float
 tensor by it through type promotion, which on CPU first converts the whole factor to a freshly
-allocated float temporary: for large weights that allocation takes fresh pages from the OS on
-many steps, whose page faults cost as much as the multiply. Here large CPU tensors are converted
-into a float buffer kept between calls, up to ``CHUNK`` elements at a time, and
-multiplied from it. Each conversion and each multiply is one parallel region of torch's thread
-pool, so the chunks are large: on a busy machine (data-loader workers, other jobs) every region
-waits for a descheduled thread, and a pass in many small chunks took 10x longer than in one. The
-products are the same numbers (multiplying by the float of an exact small integer), so every
-path is bitwise equal to ``t * factor``.
+allocated float temporary; for large weights that allocation often takes fresh pages from the
+OS, and their page faults slow the pass down. Here large CPU tensors are converted into a float
+buffer kept between calls, up to ``CHUNK`` elements at a time, and multiplied from it. Each
+conversion and each multiply is one parallel region of torch's thread pool, so the chunks are
+large: when another job holds a core, every region waits for a descheduled thread, and a pass in
+256K-element chunks took 3-14x longer than one in a single chunk
+(``benchmarks/grad_mask_cost.py --busy 1``). The products are the same numbers (multiplying by
+the float of an exact small integer), so every path is bitwise equal to ``t * factor``.
 
 Elsewhere the plain torch op runs: CUDA (the conversion happens inside the kernel), small
 tensors, ``torch.compile`` (which fuses it), ``torch.jit.trace``, functorch transforms (``vmap``,
 ``torch.func.grad``), products autograd must record (``create_graph=True``), and layouts without
 a flat view.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,7 @@ import torch
 # and the Python around a chunked multiply would cost as much as the multiply.
 SMALL = 1 << 18
 # Elements converted per region: 4M, so that one conversion and one multiply cover any weight of
-# a ResNet-50 or a ViT-B; the buffer is then at most 16 MiB per thread in fp32.
+# a ResNet-50 or a ViT-B; the buffer is then at most 16 MiB in fp32 (32 MiB in fp64).
 CHUNK = 1 << 22
 
 # A cache, not state (no result depends on it): the float buffer of each dtype, grown to the
