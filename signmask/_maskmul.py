@@ -66,12 +66,19 @@ def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
         or t.stride() != factor.stride()
         or torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()  # vmap, grad, jacrev: plain ops batch
+        or _faking()
     ):
         return None
     flat_t, flat_f = _flat(t), _flat(factor)
     if flat_t is None or flat_f is None:
         return None
     return flat_t, flat_f
+
+
+def _faking() -> bool:
+    # FakeTensorMode (torch.export, shape propagation) runs ops on stand-in tensors: a kept
+    # buffer must neither be one of them nor be mixed with them.
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 def _recorded(t: torch.Tensor) -> bool:
@@ -86,8 +93,8 @@ def _run(out_flat, t_flat, f_flat) -> None:
     if buf is None or buf.numel() < min(n, CHUNK):
         # A normal tensor even under inference_mode: an inference tensor could not be written
         # in place by a later call outside it.
-        with torch.inference_mode(False):
-            buf = torch.empty(min(n, CHUNK), dtype=dtype)
+        with torch.inference_mode(False):  # and on the CPU whatever torch.device() says
+            buf = torch.empty(min(n, CHUNK), dtype=dtype, device="cpu")
     try:
         for start in range(0, n, CHUNK):
             stop = min(start + CHUNK, n)

@@ -226,6 +226,26 @@ def test_inference_mode_then_training_reuses_the_buffer():
         assert bits_equal(_maskmul.mul(t, mask), expected)
 
 
+def test_fake_tensors_and_device_contexts_leave_the_buffer_real():
+    # torch.export and shape propagation run the forward on FakeTensors; a later real multiply
+    # must find a real CPU buffer, and a fake one must not meet a real buffer.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    t, mask = torch.randn(30), torch.rand(30) < 0.5
+    expected = t * mask.to(torch.uint8)
+    _maskmul.mul(t, mask)  # a real buffer exists
+    with FakeTensorMode() as mode:
+        fake = _maskmul.mul(mode.from_tensor(t), mode.from_tensor(mask))
+    assert isinstance(fake, FakeTensor) and fake.shape == t.shape
+    _maskmul._buffers.clear()
+    with FakeTensorMode() as mode:
+        _maskmul.mul(mode.from_tensor(t), mode.from_tensor(mask))
+    with torch.device("meta"):
+        assert bits_equal(_maskmul.mul(t, mask), expected)
+    assert bits_equal(_maskmul.mul(t, mask), expected)
+    assert all(type(b) is torch.Tensor and b.device.type == "cpu" for b in _maskmul._buffers.values())
+
+
 def test_a_multiply_reentered_from_a_subclass_keeps_its_own_buffer():
     inner_t, inner_mask = torch.randn(30), torch.rand(30) < 0.5
     inner = []
