@@ -91,6 +91,8 @@ def test_later_steps_keep_their_floor_and_a_step_without_its_floor_is_skipped(mo
 @pytest.mark.parametrize("budget, expected", [(200, 100.0), (70, 55.0)])
 def test_limit_is_the_cap_or_what_the_later_floors_leave(monkeypatch, budget, expected):
     plan = [gpu_session.Step("a", [], cap_s=100, floor_s=10), gpu_session.Step("b", [], cap_s=100, floor_s=5)]
-    now = time.monotonic()
+    # A fixed clock of few significant bits: (now + budget) - now is then exactly budget. The
+    # real monotonic clock's value made it 70.00000000000364 in some runs.
+    now = 1024.0
     monkeypatch.setattr(gpu_session.time, "monotonic", lambda: now)
     assert gpu_session.limit(0, plan, now + budget, reserve_s=10) == expected
