@@ -238,11 +238,26 @@ def forward(model, x, train: bool):
     return model.train(train)(x)
 
 
-def check(model, dense, x, no_parent_hooks: bool) -> dict:
-    signmask.prune(model, AMOUNT, scope="layer")
+def train_backward(model, x) -> None:
+    """Backpropagate a training forward's loss (the mean square of every output tensor)."""
+    sum(t.float().square().mean() for t in tensors_of(forward(model, x, True))).backward()
+
+
+def has_norms(model) -> bool:
+    return any(_interpolate.is_norm(m) for m in model.modules())
+
+
+def prune(model, no_parent_hooks: bool, signs: str | None = None) -> None:
+    """``signmask.prune`` layer-wise; with ``no_parent_hooks`` (the negative control), drop the
+    parent refresh hooks it linked."""
+    signmask.prune(model, AMOUNT, scope="layer", signs=signs)
     if no_parent_hooks:
         for m in model.modules():
             _parents._unlink(m)
+
+
+def check(model, dense, x, no_parent_hooks: bool) -> dict:
+    prune(model, no_parent_hooks)
     pruned = pruned_tensors(model, dense)
     with torch.no_grad():
         for _, mod, name, dmod in pruned:
@@ -296,14 +311,9 @@ def check_aws(model, dense, x, no_parent_hooks: bool) -> dict:
     values in eval). Compared: train outputs, the gradients of every ``_orig`` (the chain rule
     through ``s * |o|`` and through the lerp, from the dense gradients), eval outputs.
     """
-    signmask.prune(model, AMOUNT, scope="layer", signs="locked")
-    if no_parent_hooks:
-        for m in model.modules():
-            _parents._unlink(m)
+    prune(model, no_parent_hooks, signs="locked")
     pruned = pruned_tensors(model, dense)
-    alpha = torch.tensor(ALPHA)
-    has_norms = any(_interpolate.is_norm(m) for m in model.modules())
-    norms = _interpolate.attach(model, alpha) if has_norms else {}
+    norms = _interpolate.attach(model, torch.tensor(ALPHA)) if has_norms(model) else {}
     norm_pairs = [(key, mod, t, dense.get_submodule(key)) for key, mod in norms.items()
                   for t in ("weight", "bias") if t + "_orig" in mod._parameters]
     gen = torch.Generator().manual_seed(4)
@@ -364,16 +374,13 @@ def check_projection(model, x, no_parent_hooks: bool) -> dict:
     """
     ref, proj = model, copy.deepcopy(model)
     for m in (ref, proj):
-        signmask.prune(m, AMOUNT, scope="layer", signs="locked")
-        if no_parent_hooks:
-            for sub in m.modules():
-                _parents._unlink(sub)
+        prune(m, no_parent_hooks, signs="locked")
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05) for m in (ref, proj)]
     signmask.set_backend(proj, "projection", optimizer=opts[1])
     for _ in range(PROJECTION_STEPS):
         for m, opt in zip((ref, proj), opts):
             opt.zero_grad(set_to_none=True)
-            sum(t.float().square().mean() for t in tensors_of(forward(m, x, True))).backward()
+            train_backward(m, x)
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
     failures, weight_err = [], 0.0
@@ -409,7 +416,7 @@ def check_ticket(model) -> dict:
             if p.is_floating_point():
                 p.copy_(_moved(p, gen, flip=True))
     init = {k: v.detach().clone() for k, v in fresh.named_parameters()}
-    signmask.prune(model, AMOUNT, scope="layer")
+    prune(model, no_parent_hooks=False)
     ticket = signmask.extract(model, biases=True, dense=True, norms=True)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "ticket.safetensors")
@@ -444,17 +451,17 @@ def check_ticket(model) -> dict:
 
 def check_search(model, x) -> dict:
     """The AWS search end to end (``signmask.apply``; LRR where there is no norm layer): a dense
-    round and ``SEARCH_ROUNDS`` pruning rounds of two SGD steps each on ``x``. The ticket must keep exactly
-    ``round(total * (1 - AMOUNT))`` weights and match the model's masks, no norm layer may stay
-    interpolated, and the eval outputs must be finite."""
+    round and ``SEARCH_ROUNDS`` pruning rounds of two SGD steps each on ``x``. The ticket must
+    keep exactly ``round(total * (1 - AMOUNT))`` weights and match the model's masks, no norm
+    layer may stay interpolated, and the eval outputs must be finite."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     # AWS refuses a model without norm layers (NFNets): it would be LRR.
-    method = "aws" if any(_interpolate.is_norm(m) for m in model.modules()) else "lrr"
+    method = "aws" if has_norms(model) else "lrr"
     search = signmask.apply(model, method, AMOUNT, optimizer=opt, rounds=SEARCH_ROUNDS, progress=False)
     for _ in search:
         for _ in range(2):
             opt.zero_grad(set_to_none=True)
-            sum(t.float().square().mean() for t in tensors_of(forward(model, x, True))).backward()
+            train_backward(model, x)
             opt.step()
     ticket, failures = search.ticket, []
     if ticket.kept != round(ticket.numel * (1 - AMOUNT)):
@@ -582,7 +589,7 @@ def markdown(rows: list[dict], control: list[dict] | None, env: dict, args, seco
         "dense gradient), eval outputs (trained norms), same tolerances. `norms`: layers "
         "interpolated. Last, `set_backend(\"projection\")` against the torch path: two sign-locked "
         f"copies, {PROJECTION_STEPS} AdamW steps with clipping each; every effective weight and the "
-        "eval outputs, same tolerance. Last, the ticket (`extract(biases=True, dense=True, "
+        "eval outputs, same tolerance. Then the ticket (`extract(biases=True, dense=True, "
         "norms=True)`) must load back equal from `.safetensors` and, transferred with "
         "`norms=True` onto a copy whose every parameter was redrawn, give every pruned weight "
         "`signed mask * |new init|` behind the ticket's mask, every bias `sign * |new init|`, "

@@ -176,7 +176,7 @@ def test_one_conversion_and_one_multiply_per_chunk(chunk, passes, monkeypatch):
     # Each op is one parallel region of torch's pool; on a busy machine each region waits for
     # a descheduled thread, so the number of ops per tensor is what this path keeps small.
     _chunks(monkeypatch, chunk)
-    monkeypatch.setattr(_maskmul, "SMALL", 7)
+    monkeypatch.setattr(_maskmul, "SMALL", 7)  # the 30 elements take the chunked path at any chunk
     t, mask = torch.randn(5, 6), torch.rand(5, 6) < 0.5
     expected = t * mask.to(torch.uint8)
     with _OpCounts() as ops:
