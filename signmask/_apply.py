@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _interpolate, _methods, _parents, _prune, _recipes, _reparam, _schedule, _targets
+from . import _checks, _interpolate, _methods, _parents, _prune, _recipes, _reparam, _schedule, _targets
 from ._search import Search, SearchConfig
 
 
@@ -81,7 +81,7 @@ def apply(
         (3, 0.5)
     """
     recipe = _recipes.get_recipe(method)
-    sparsity = _schedule.check_fraction(sparsity, "sparsity")
+    sparsity = _checks.check_fraction(sparsity, "sparsity")
     if rate is not None and rounds is not None:
         raise ValueError(f"pass rate= or rounds=, not both (got rate={rate!r}, rounds={rounds!r})")
     if recipe.one_shot:
@@ -94,7 +94,7 @@ def apply(
     elif rate is None and rounds is None:
         rate = 0.2
     if rate is not None:
-        rate = _schedule.check_fraction(rate, "rate")
+        rate = _checks.check_fraction(rate, "rate")
     steps = _schedule.prune_count(sparsity, rate, rounds)
     if rewind == "default":
         rewind = recipe.rewind
@@ -106,15 +106,15 @@ def apply(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     seed = _methods.check_seed(seed)
-    _targets.check_bool(progress, "progress")
+    _checks.check_bool(progress, "progress")
     if scheduler is not None and not all(hasattr(scheduler, a) for a in ("state_dict", "load_state_dict")):
         raise TypeError(
             f"scheduler must have state_dict()/load_state_dict() (a torch or timm scheduler), "
             f"got {type(scheduler).__name__}"
         )
     if steps_per_round is not None:
-        steps_per_round = _schedule.check_count(steps_per_round, "steps_per_round")
-    classifier = _targets.check_bool(classifier, "classifier", optional=True)
+        steps_per_round = _checks.check_int(steps_per_round, "steps_per_round", minimum=1)
+    classifier = _checks.check_bool(classifier, "classifier", optional=True)
     classifier = recipe.classifier if classifier is None else classifier
     targets = _targets.select(
         model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn

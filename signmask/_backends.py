@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 
-from . import _reparam, _targets
+from . import _checks, _reparam, _targets
 
 BACKENDS: dict[str, "Backend"] = {}
 
@@ -241,7 +241,7 @@ def set_backend(
         >>> net(torch.ones(1, 4)).shape
         torch.Size([1, 4])
     """
-    _targets.check_model(model, "model")
+    _checks.check_model(model, "model")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     impl = get_backend(backend)

@@ -7,12 +7,12 @@ Each method works with stock prune (``L1Magnitude.apply(module, "weight", amount
 from __future__ import annotations
 
 import numbers
-import operator
 from typing import Callable, Sequence
 
 import torch
 from torch.nn.utils import prune as _prune
 
+from ._checks import check_int
 from ._select import smallest_k
 
 METHODS: dict[str, type["RankedPruning"]] = {}
@@ -23,15 +23,10 @@ _TENSOR_STRIDE = 7919
 
 
 def check_seed(seed, arg: str = "seed") -> int:
-    """Return ``seed`` as an int if it is an integer in [0, 2**64) (bools refused)."""
-    try:  # ints, numpy ints and one-element integer tensors; no bools, floats or strings
-        if isinstance(seed, bool):
-            raise TypeError
-        value = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"{arg} must be an int, got {type(seed).__name__} {seed!r}") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise ValueError(f"{arg} must be in [0, 2**64), got {value}")
+    """Return ``seed`` as an int if it is an integer in [0, 2**64) (see :func:`check_int`)."""
+    value = check_int(seed, arg, minimum=0)
+    if value >= SEED_LIMIT:
+        raise ValueError(f"{arg} must be an int below 2**64, got {value}")
     return value
 
 

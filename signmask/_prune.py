@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _methods, _parents, _reparam, _targets
+from . import _checks, _methods, _parents, _reparam, _targets
 
 _SCOPES = ("global", "layer")
 _SIGN_MODES = ("free", "locked")
@@ -190,7 +190,7 @@ def remove(model: nn.Module) -> nn.Module:
         >>> int((net.weight == 0).sum()), hasattr(net, "weight_mask")
         (4, False)
     """
-    _targets.check_model(model, "model")
+    _checks.check_model(model, "model")
     found = _targets.pruned(model)
     if not found:
         raise ValueError(f"nothing in {type(model).__name__} is pruned; nothing to remove")

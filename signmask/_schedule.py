@@ -6,25 +6,9 @@ import math
 import numbers
 import re
 
+from ._checks import check_int
+
 _REWIND = re.compile(r"^(?:(\d+)ep)?(?:(\d+)it)?$")
-
-
-def check_fraction(value: float, what: str) -> float:
-    """Validate a fraction strictly between 0 and 1 (a sparsity, a pruning rate)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a float in (0, 1), got {type(value).__name__} {value!r}")
-    if not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{what} must be in (0, 1), got {value!r}")
-    return float(value)
-
-
-def check_count(value, arg: str) -> int:
-    """Return ``value`` as an int if it is an integer >= 1 (numpy ints too, bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{arg} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{arg} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def parse_rewind(spec: str | int | None, steps_per_epoch: int | None) -> int | None:
@@ -41,7 +25,7 @@ def parse_rewind(spec: str | int | None, steps_per_epoch: int | None) -> int | N
         150
     """
     if steps_per_epoch is not None:
-        steps_per_epoch = check_count(steps_per_epoch, "steps_per_epoch")
+        steps_per_epoch = check_int(steps_per_epoch, "steps_per_epoch", minimum=1)
     if spec is None:
         return None
     if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
@@ -73,7 +57,7 @@ def prune_count(sparsity: float, rate: float | None, rounds: int | None) -> int:
         8
     """
     if rounds is not None:
-        return check_count(rounds, "rounds")
+        return check_int(rounds, "rounds", minimum=1)
     # The tolerance keeps an exact power (0.36 = 0.6 ** 2) from asking for one more step.
     return max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-rate) - 1e-9))
 

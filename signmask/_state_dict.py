@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import _interpolate, _methods, _parents, _reparam, _targets
+from . import _checks, _interpolate, _methods, _parents, _reparam, _targets
 
 _EXTRA_STATE = "_extra_state"  # nn.Module's key suffix for get_extra_state()
 
@@ -162,8 +162,8 @@ def load_state_dict(
         >>> bool(torch.equal(fresh.weight_mask, sd["weight_mask"]))
         True
     """
-    _targets.check_model(model, "model")
-    _targets.check_bool(strict, "strict")
+    _checks.check_model(model, "model")
+    _checks.check_bool(strict, "strict")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     odd = [k for k in state_dict if not isinstance(k, str)]

@@ -13,6 +13,7 @@ from torch.nn.utils import prune as _prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from . import _reparam
+from ._checks import check_bool, check_model
 
 # Wrappers whose prefixes are not part of a tensor's identity: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -149,25 +150,6 @@ def _as_patterns(arg: str | Iterable[str] | None, what: str) -> list[str] | None
     if not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"{what} must be a glob string or a list of them, got {arg!r}")
     return patterns
-
-
-def check_model(model, arg: str) -> nn.Module:
-    """Return ``model`` if it is an ``nn.Module``; raise ``TypeError`` naming ``arg`` otherwise."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
-    return model
-
-
-def check_bool(value, arg: str, *, optional: bool = False) -> bool | None:
-    """Return ``value`` as a bool if it is one (numpy's too), or None if ``optional`` allows it;
-    raise ``TypeError`` naming ``arg`` otherwise (a string such as ``"no"`` would read as true)."""
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
-        return bool(value)
-    kind = type(value)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    raise TypeError(f"{arg} must be a bool{' or None' if optional else ''}, got {name} {value!r}")
 
 
 def select(

@@ -11,7 +11,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import _interpolate, _reparam, _targets
+from . import _checks, _interpolate, _reparam, _targets
 from ._version import __version__
 
 RESERVED_KEYS = ("format", "format_version", "sparsity", "manifest", "manifest_sha256")
@@ -256,9 +256,9 @@ def extract(
         >>> signmask.extract(net).sparsity
         0.75
     """
-    _targets.check_model(model, "model")
+    _checks.check_model(model, "model")
     for flag, arg in ((biases, "biases"), (dense, "dense"), (norms, "norms")):
-        _targets.check_bool(flag, arg)
+        _checks.check_bool(flag, arg)
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__} {metadata!r}")
     found = _targets.pruned(model)

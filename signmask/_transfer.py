@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from . import _interpolate, _io, _methods, _parents, _prune, _reparam, _targets
+from . import _checks, _interpolate, _io, _methods, _parents, _prune, _reparam, _targets
 from ._ticket import Ticket, architecture
 
 _MODES = ("init", "locked", "keep")
@@ -147,10 +147,10 @@ def transfer(
         True
     """
     _prune._check_choice(signs, _MODES, "signs")
-    _targets.check_model(model, "model")  # before reading a ticket file
+    _checks.check_model(model, "model")  # before reading a ticket file
     for flag, arg in ((biases, "biases"), (dense, "dense"), (norms, "norms"),
                       (check_architecture, "check_architecture")):
-        _targets.check_bool(flag, arg)
+        _checks.check_bool(flag, arg)
     ticket = _resolve(ticket)
     _check_architecture(ticket, model, check_architecture)
     if norms and not ticket.norms:

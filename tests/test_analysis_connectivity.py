@@ -464,18 +464,18 @@ class Unread:
 
 @pytest.mark.parametrize("model_fn, kwargs, error, message", [
     (lambda: nn.Linear(4, 3), dict(loss_fn="cross_entropy"), TypeError, "loss_fn must be callable"),
-    (lambda: nn.Linear(4, 3), dict(eval_batches=0), ValueError, "eval_batches must be >= 1"),
+    (lambda: nn.Linear(4, 3), dict(eval_batches=0), ValueError, "eval_batches must be an int >= 1"),
     (lambda: nn.Linear(4, 3), dict(eval_batches=1.0), TypeError, "eval_batches must be an int"),
     (lambda: nn.Linear(4, 3), dict(eval_batches=True), TypeError, "eval_batches must be an int"),
-    (lambda: tiny(0), dict(train_loader=images(2), bn_batches=0), ValueError, "bn_batches must be >= 1"),
+    (lambda: tiny(0), dict(train_loader=images(2), bn_batches=0), ValueError, "bn_batches must be an int >= 1"),
     (lambda: tiny(0), dict(train_loader=images(2), bn_batches="2"), TypeError, "bn_batches must be an int"),
-    (lambda: nn.Linear(4, 3), dict(bn_batches=-1), ValueError, "bn_batches must be >= 1"),  # no BN: still a bug
+    (lambda: nn.Linear(4, 3), dict(bn_batches=-1), ValueError, "bn_batches must be an int >= 1"),  # no BN: still a bug
     (lambda: tiny(0), dict(train_loader=[]), ValueError, "train_loader must yield at least one batch"),
     (lambda: tiny(0), dict(train_loader=Unread()), ValueError, "train_loader must yield at least one batch"),
     (lambda: tiny(0), dict(train_loader=3), TypeError, "train_loader must be an iterable"),
     (lambda: nn.Linear(4, 3), dict(eval_loader=[]), ValueError, "eval_loader must yield at least one batch"),
     (lambda: nn.Linear(4, 3), dict(eval_loader=None), TypeError, "eval_loader must be an iterable"),
-    (lambda: nn.Linear(4, 3), dict(points=1), ValueError, "points must be >= 2"),
+    (lambda: nn.Linear(4, 3), dict(points=1), ValueError, "points must be an int >= 2"),
     (lambda: nn.Linear(4, 3), dict(seeds=3), TypeError, "seeds must be a pair of ints, got int"),
     (lambda: nn.Linear(4, 3), dict(seeds="ab"), TypeError, "seeds must be a pair of ints, got str"),
     (lambda: nn.Linear(4, 3), dict(seeds=(0, 1, 2)), ValueError, "seeds must be a pair of ints, got 3"),
@@ -509,8 +509,8 @@ class Watched(list):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(loss_fn=None), TypeError, "loss_fn must be callable"),
-    (dict(eval_batches=0), ValueError, "eval_batches must be >= 1"),
-    (dict(bn_batches=0), ValueError, "bn_batches must be >= 1"),
+    (dict(eval_batches=0), ValueError, "eval_batches must be an int >= 1"),
+    (dict(bn_batches=0), ValueError, "bn_batches must be an int >= 1"),
     (dict(train_loader=[]), ValueError, "train_loader must yield at least one batch"),
     (dict(eval_loader=[]), ValueError, "eval_loader must yield at least one batch"),
     (dict(eval_loader=5), TypeError, "eval_loader must be an iterable"),

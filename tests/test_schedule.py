@@ -87,9 +87,9 @@ def test_parse_rewind(spec, spe, step):
         ("", None, ValueError, "cannot read rewind point ''"),
         (-1, None, ValueError, "rewind must be a step >= 0, got -1"),
         (1.5, None, TypeError, "rewind must be a str or an int step, got float 1.5"),
-        ("1ep", 0, ValueError, "steps_per_epoch must be a positive int, got 0"),
-        ("500it", "abc", TypeError, "steps_per_epoch must be a positive int, got str 'abc'"),
-        (None, -3, ValueError, "steps_per_epoch must be a positive int, got -3"),
+        ("1ep", 0, ValueError, "steps_per_epoch must be an int >= 1, got 0"),
+        ("500it", "abc", TypeError, "steps_per_epoch must be an int, got str 'abc'"),
+        (None, -3, ValueError, "steps_per_epoch must be an int >= 1, got -3"),
     ],
 )
 def test_parse_rewind_errors(spec, spe, error, text):
@@ -97,28 +97,10 @@ def test_parse_rewind_errors(spec, spe, error, text):
         _schedule.parse_rewind(spec, spe)
 
 
-@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, math.nan])
-def test_fraction_bounds(value):
-    with pytest.raises(ValueError, match=r"sparsity must be in \(0, 1\)"):
-        _schedule.check_fraction(value, "sparsity")
-
-
-def test_fraction_type():
-    with pytest.raises(TypeError, match="rate must be a float in"):
-        _schedule.check_fraction("0.2", "rate")
-
-
 @pytest.mark.parametrize("rounds, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
 def test_rounds_must_be_positive_int(rounds, error):
-    with pytest.raises(error, match="rounds must be a positive int"):
+    with pytest.raises(error, match="rounds must be an int"):
         _schedule.prune_count(0.5, None, rounds)
-
-
-def test_counts_take_numpy_ints_as_plain_ints():
-    import numpy as np
-
-    assert type(_schedule.check_count(np.int64(3), "rounds")) is int
-    assert _schedule.prune_count(0.5, None, np.int32(2)) == 2
 
 
 def test_parse_rewind_returns_a_plain_int_for_numpy_steps_per_epoch():
@@ -147,13 +129,6 @@ def test_a_sparsity_that_keeps_no_weight_or_prunes_none_is_refused(rate, rounds)
 def test_a_tiny_sparsity_still_takes_one_pruning_step():
     assert _schedule.prune_count(1e-12, 0.99, None) == 1
     assert _schedule.prune_count(0.5, 0.999999, None) == 1
-
-
-@pytest.mark.parametrize("value", [True, False])
-def test_a_bool_fraction_is_a_type_error_not_a_bound(value):
-    # bool is a numbers.Real (True == 1.0): it must be refused by type, as the docs say.
-    with pytest.raises(TypeError, match="sparsity must be a float in \\(0, 1\\), got bool"):
-        _schedule.check_fraction(value, "sparsity")
 
 
 @pytest.mark.parametrize("spec", [True, False])

@@ -4,42 +4,17 @@ from __future__ import annotations
 
 import collections.abc
 import copy
-import math
-import numbers
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .. import _reparam, _targets
-from .._targets import check_bool, check_model  # noqa: F401  (shared with the core)
+from .._checks import check_bool, check_int, check_model, check_real  # noqa: F401  (shared with the core)
 
 # Accuracies and errors are fractions of a test set (0.11 - 0.09 is 0.020000000000000004):
 # within this of a threshold a value counts as on it, so the same counts get one verdict.
 TOLERANCE = 1e-9
-
-
-def check_int(value: Any, arg: str, *, minimum: int) -> int:
-    """Return ``value`` if it is an int >= ``minimum`` (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{arg} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_real(value: Any, arg: str, *, low: float = -math.inf, high: float = math.inf,
-               low_open: bool = False) -> float:
-    """Return ``value`` as a float if it is a finite real in ``[low, high]`` (``(low, high]``
-    with ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{arg} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    below = value <= low if low_open else value < low
-    if not math.isfinite(value) or below or value > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{arg} must be a finite number in {bracket}{low}, {high}], got {value!r}")
-    return value
 
 
 def check_iterable(value: Any, arg: str) -> None:

@@ -1,0 +1,73 @@
+"""Argument checks shared by every public function.
+
+Each returns the value in its canonical type or raises naming the argument, what was expected
+and what was found. Bools are refused where a number is expected (``True`` would read as 1).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any
+
+from torch import nn
+
+
+def check_model(model: Any, arg: str) -> nn.Module:
+    """Return ``model`` if it is an ``nn.Module``; raise ``TypeError`` naming ``arg`` otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{arg} must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def check_bool(value: Any, arg: str, *, optional: bool = False) -> bool | None:
+    """Return ``value`` as a bool if it is one (numpy's too), or None if ``optional`` allows it;
+    raise ``TypeError`` naming ``arg`` otherwise (a string such as ``"no"`` would read as true)."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise TypeError(f"{arg} must be a bool{' or None' if optional else ''}, got {name} {value!r}")
+
+
+def check_int(value: Any, arg: str, *, minimum: int) -> int:
+    """Return ``value`` as an int if it is an integer >= ``minimum``.
+
+    Integers are what ``operator.index`` takes: ints, numpy ints, one-element integer tensors.
+
+    Raises:
+        TypeError: ``value`` is no integer (a float, a string, a bool).
+        ValueError: ``value`` is below ``minimum``.
+    """
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{arg} must be an int >= {minimum}, got {number}")
+    return number
+
+
+def check_real(value: Any, arg: str, *, low: float = -math.inf, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite real in ``[low, high]`` (an end is open
+    with ``low_open`` / ``high_open``)."""
+    opening, closing = "(" if low_open else "[", ")" if high_open else "]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{arg} must be a real number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    below = number <= low if low_open else number < low
+    above = number >= high if high_open else number > high
+    if not math.isfinite(number) or below or above:
+        raise ValueError(f"{arg} must be a finite number in {opening}{low}, {high}{closing}, got {value!r}")
+    return number
+
+
+def check_fraction(value: Any, arg: str) -> float:
+    """Return ``value`` as a float strictly between 0 and 1 (a sparsity, a pruning rate)."""
+    return check_real(value, arg, low=0, high=1, low_open=True, high_open=True)

@@ -1,0 +1,74 @@
+"""The argument checks every public function shares (signmask/_checks.py)."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from signmask import _checks
+
+
+@given(st.integers(min_value=-(2**70), max_value=2**70), st.integers(min_value=-(2**70), max_value=2**70))
+def test_check_int_takes_exactly_the_integers_from_its_minimum(value, minimum):
+    if value >= minimum:
+        assert _checks.check_int(value, "n", minimum=minimum) == value
+    else:
+        with pytest.raises(ValueError, match=f"n must be an int >= {minimum}, got {value}$"):
+            _checks.check_int(value, "n", minimum=minimum)
+
+
+@pytest.mark.parametrize("value", [np.int64(3), np.uint8(3), torch.tensor(3), torch.tensor([3], dtype=torch.int16)])
+def test_check_int_gives_a_plain_int_for_numpy_and_tensor_integers(value):
+    # Plain ints: numpy ints and tensors do not pass torch.load(weights_only=True) or JSON.
+    got = _checks.check_int(value, "rounds", minimum=1)
+    assert type(got) is int and got == 3
+
+
+@pytest.mark.parametrize("value, name", [
+    (True, "bool True"), (False, "bool False"), (np.True_, "bool np.True_"),  # bool would read as 1
+    (2.0, "float 2.0"), ("2", "str '2'"), (None, "NoneType None"), (torch.tensor(2.0), "Tensor tensor(2.)"),
+    (torch.tensor([1, 2]), "Tensor tensor([1, 2])"),
+])
+def test_check_int_refuses_what_is_no_integer_by_name(value, name):
+    with pytest.raises(TypeError, match=f"^points must be an int, got {re.escape(name)}$"):
+        _checks.check_int(value, "points", minimum=0)
+
+
+@pytest.mark.parametrize("low_open, high_open, accepted", [
+    (False, False, [0.0, 0.5, 1.0]), (True, False, [0.5, 1.0]), (False, True, [0.0, 0.5]), (True, True, [0.5]),
+])
+def test_check_real_honours_each_open_end(low_open, high_open, accepted):
+    for value in (0.0, 0.5, 1.0):
+        if value in accepted:
+            assert _checks.check_real(value, "p", low=0, high=1, low_open=low_open, high_open=high_open) == value
+        else:
+            text = f"p must be a finite number in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value}"
+            with pytest.raises(ValueError, match=f"^{re.escape(text)}$"):
+                _checks.check_real(value, "p", low=0, high=1, low_open=low_open, high_open=high_open)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_check_real_refuses_what_is_not_finite_even_unbounded(value):
+    with pytest.raises(ValueError, match="x must be a finite number in"):
+        _checks.check_real(value, "x")
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, math.nan])
+def test_check_fraction_refuses_the_ends_and_beyond(value):
+    with pytest.raises(ValueError, match=r"^sparsity must be a finite number in \(0, 1\), got"):
+        _checks.check_fraction(value, "sparsity")
+
+
+@pytest.mark.parametrize("value, name", [(True, "bool"), (False, "bool"), ("0.2", "str")])
+def test_check_fraction_refuses_a_bool_or_string_by_type(value, name):
+    # bool is a numbers.Real (True == 1.0): refused by its type, not read as a number.
+    with pytest.raises(TypeError, match=f"^rate must be a real number, got {name}"):
+        _checks.check_fraction(value, "rate")
+
+
+def test_check_fraction_gives_a_plain_float():
+    got = _checks.check_fraction(np.float32(0.25), "rate")
+    assert type(got) is float and got == 0.25
