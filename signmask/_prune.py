@@ -52,20 +52,24 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
     return holders
 
 
-def check_untied(targets: Mapping[str, tuple[nn.Module, str]], model: nn.Module) -> None:
+def check_untied(targets: Mapping[str, tuple[nn.Module, str]], model: nn.Module, *,
+                 remedy: str | None = None) -> None:
     """Refuse a target whose Parameter another module (or tensor) of ``model`` also holds.
 
     A mask on one user of a tied Parameter (a head tied to an embedding) would leave the others
     reading it dense, and the projection backend or a transfer would zero it for all of them.
+    ``remedy`` ends the message; by default, the ``exclude=`` that leaves the tied targets out.
     """
     holders = _holders(model)
     for key, (module, name) in targets.items():
         names = holders.get(id(_reparam.original(module, name)), [key])
         others = [n for n in names if n != key]
         if others:
+            # Only conv/linear modules can be excluded (a tied embedding is no target anyway).
+            chosen = [n.rpartition(".")[0] for n in names if n in targets]
             raise ValueError(
                 f"{key} and {others[0]} share one Parameter (tied weights); a mask on one would "
-                "leave the other reading it dense: exclude both (exclude=) or untie them"
+                f"leave the other reading it dense: {remedy or f'pass exclude={chosen!r} or untie them'}"
             )
 
 

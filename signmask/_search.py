@@ -113,7 +113,7 @@ class Search:
     @property
     def sparsity(self) -> float:
         """Current fraction of pruned weights among the searched tensors."""
-        total = sum(m._buffers[n + "_mask"].numel() for m, n in self._targets.values())
+        total = sum(mask.numel() for mask in self._masks("sparsity").values())
         return 1.0 - self._kept() / total
 
     @property
@@ -247,8 +247,21 @@ class Search:
                 "groups before signmask.apply"
             )
 
+    def _masks(self, what: str) -> dict[str, torch.Tensor]:
+        """The searched tensors' masks; a RuntimeError naming one that lost its mask."""
+        masks = {}
+        for key, (module, name) in self._targets.items():
+            masks[key] = module._buffers.get(name + "_mask")
+            if masks[key] is None:
+                raise RuntimeError(
+                    f"{what}: {key} is no longer pruned (signmask.remove or prune.remove ran on "
+                    "it); the search reads its masks to the end: make the pruning permanent "
+                    "after the search"
+                )
+        return masks
+
     def _kept(self) -> int:
-        return sum(int(m._buffers[n + "_mask"].sum()) for m, n in self._targets.values())
+        return sum(int(mask.sum()) for mask in self._masks("the search").values())
 
     def _prune_to(self, kept: int) -> None:
         # A count, not a fraction: (alive - kept) / alive could round to one weight more or less.
@@ -347,7 +360,7 @@ class Search:
             "done": self.done,
             "step": self.step,
             "round_start_step": self.round_start_step,
-            "masks": {k: m._buffers[n + "_mask"].detach().cpu().clone() for k, (m, n) in self._targets.items()},
+            "masks": {k: mask.detach().cpu().clone() for k, mask in self._masks("state_dict()").items()},
             "rewind_weights": self._rewind_weights,
             "restart": self._restart,
             "restart_pending": self._restart_pending,

@@ -80,7 +80,8 @@ def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Ten
                 )
             plan.append((role, key, module, name, target, signed))
     _targets.check_local({key: (m, n) for _, key, m, n, _, _ in plan})
-    _prune.check_untied({key: (m, n) for role, key, m, n, _, _ in plan if role == "mask"}, model)
+    _prune.check_untied({key: (m, n) for role, key, m, n, _, _ in plan if role == "mask"}, model,
+                        remedy="untie them before the transfer")
     return plan
 
 

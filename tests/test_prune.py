@@ -1,8 +1,10 @@
 """signmask.prune / remove: exact counts, selection options, errors."""
 
+import ast
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -380,10 +382,14 @@ def test_a_head_tied_to_an_embedding_is_refused_and_can_be_excluded():
     torch.manual_seed(0)
     model = TiedLM()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="head.weight and embed.weight share one Parameter"):
+    with pytest.raises(ValueError, match="head.weight and embed.weight share one Parameter") as error:
         signmask.prune(model, 0.5)
     assert_same(before, snapshot(model))
-    signmask.prune(model, 0.5, exclude="head")
+    # The advice works as given: only the conv/linear holder is named (excluding the embedding
+    # too would be refused, as it matches no conv/linear module).
+    advice = re.search(r"pass exclude=(\[.*?\])", str(error.value)).group(1)
+    assert advice == "['head']"
+    signmask.prune(model, 0.5, exclude=ast.literal_eval(advice))
     assert set(signmask._targets.pruned(model)) == {"mix.weight"}
 
 

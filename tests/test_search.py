@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from fractions import Fraction
 import warnings
 
@@ -201,6 +202,25 @@ def test_rounds_out_of_order():
     opt.step()
     assert not torch.equal(model.fc.bias, before)
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_a_search_whose_masks_were_removed_says_so():
+    model, opt, sched, search = setup("lrr", sparsity=0.36)
+    rounds = iter(search)
+    next(rounds)
+    train(model, opt, search, sched)
+    signmask.remove(model.conv1)  # mid-search: the next pruning cannot count its weights
+    with pytest.raises(RuntimeError, match=r"^the search: conv1.weight is no longer pruned \(signmask.remove"):
+        next(rounds)
+    model, opt, sched, search = setup("lrr", sparsity=0.36)
+    for _ in search:
+        train(model, opt, search, sched)
+    ticket = search.ticket
+    signmask.remove(model)  # after the search: its ticket stays, its live masks are gone
+    assert search.ticket is ticket
+    for what, read in (("sparsity", lambda: search.sparsity), ("state_dict()", search.state_dict)):
+        with pytest.raises(RuntimeError, match=rf"^{re.escape(what)}: conv1.weight is no longer pruned"):
+            read()
 
 
 @pytest.mark.parametrize(
