@@ -7,6 +7,7 @@ import sys
 import warnings
 from typing import Callable, Iterable, Sequence
 
+import torch
 from torch import nn
 
 from torch.nn.utils import prune as _prune
@@ -79,32 +80,60 @@ def _computed(model: nn.Module, tensor: str = "weight") -> dict[str, nn.Module]:
     }
 
 
-def index_tensor(index: dict, fqn: str, module: nn.Module, tensor: str) -> None:
+def _same_name(key: str, first: str, second: str, owner: str | None) -> ValueError:
+    """The error for two different tensors ``first`` and ``second`` both canonically ``key``;
+    ``owner`` (an argument's name) says which model holds them where several are taken."""
+    where = f"in {owner}, " if owner else ""
+    return ValueError(
+        f"{where}{first} and {second} are different tensors with the same name once "
+        f"the wrapper prefixes {list(_WRAPPER_PREFIXES)} are stripped ({key!r}); signmask "
+        "names tensors that way (tickets, DDP and compiled models): rename one of the modules"
+    )
+
+
+def index_tensor(index: dict, fqn: str, module: nn.Module, tensor: str,
+                 owner: str | None = None) -> None:
     """Add ``module.<tensor>`` to ``index`` under its canonical name as ``(module, tensor, fqn)``,
     refusing a second module there: a wrapper's own ``fc`` beside its ``module.fc`` would
-    otherwise drop out of every verb silently."""
+    otherwise drop out of every verb silently. ``owner`` names the model in the error."""
     key = canonical(f"{fqn}.{tensor}" if fqn else tensor)
     other = index.setdefault(key, (module, tensor, fqn))
     if other[0] is not module:
         first, second = (f"{f}.{tensor}" if f else tensor for f in (other[2], fqn))
-        raise ValueError(
-            f"{first} and {second} are different tensors with the same name once "
-            f"the wrapper prefixes {list(_WRAPPER_PREFIXES)} are stripped ({key!r}); signmask "
-            "names tensors that way (tickets, DDP and compiled models): rename one of the modules"
-        )
+        raise _same_name(key, first, second, owner)
 
 
-def tensor_index(model: nn.Module, tensor: str = "weight") -> dict[str, tuple[nn.Module, str]]:
+def tensor_index(model: nn.Module, tensor: str = "weight", *,
+                 owner: str | None = None) -> dict[str, tuple[nn.Module, str]]:
     """Canonical ``"<module fqn>.<tensor>"`` -> (module, tensor) for every module owning it.
 
     Raises:
-        ValueError: two modules' tensors have the same canonical name.
+        ValueError: two modules' tensors have the same canonical name (``owner``, the
+            argument holding ``model``, is named in the message).
     """
     index: dict = {}
     for fqn, module in model.named_modules():
         if has_tensor(module, tensor):
-            index_tensor(index, fqn, module, tensor)
+            index_tensor(index, fqn, module, tensor, owner)
     return {key: (module, name) for key, (module, name, _) in index.items()}
+
+
+def canonical_tensors(named: Iterable[tuple[str, torch.Tensor]], *,
+                      owner: str | None = None) -> dict[str, torch.Tensor]:
+    """Canonical name -> tensor for qualified ``(name, tensor)`` pairs (``named_parameters()``).
+
+    Raises:
+        ValueError: two different tensors have the same canonical name, as in
+            :func:`index_tensor` (keeping the first would leave the other out unseen).
+    """
+    out: dict = {}
+    qualified: dict = {}
+    for name, t in named:
+        key = canonical(name)
+        if out.setdefault(key, t) is not t:
+            raise _same_name(key, qualified[key], name, owner)
+        qualified.setdefault(key, name)
+    return out
 
 
 def classifier_modules(model: nn.Module) -> set[int]:

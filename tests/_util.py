@@ -33,6 +33,22 @@ class AttnNet(nn.Module):
         return self.fc(self.attn(x, x, x, need_weights=False)[0])
 
 
+class Wrapper(nn.Module):
+    """Its own ``fc`` beside ``module.fc``: the same name once ``module.`` is stripped."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.module = nn.Sequential()
+        self.module.add_module("fc", nn.Linear(4, 4))
+        self.fc = nn.Linear(4, 2)
+        self.bn = nn.BatchNorm1d(4)
+        self.module.add_module("bn", nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        return self.fc(self.bn(self.module(x)))
+
+
 def tiny(seed: int = 0, **kwargs) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet(**kwargs)

@@ -13,7 +13,7 @@ from signmask import analysis
 from signmask._compat import import_timm
 from signmask.analysis._evaluation import bn_modules
 
-from _util import assert_same, snapshot, tiny
+from _util import Wrapper, assert_same, snapshot, tiny
 
 timm = import_timm()
 
@@ -527,6 +527,37 @@ def test_barrier_names_the_bad_argument_before_evaluating(kwargs, error, message
     with pytest.raises(error, match=message):
         analysis.barrier(a, b, args.pop("eval_loader"), **args)
     assert [x.passes for x in loaders] == [0] * len(loaders)  # nothing re-estimated or evaluated
+    assert_same(before_a, snapshot(a))
+    assert_same(before_b, snapshot(b))
+
+
+def norms_only_wrapper(seed):
+    """A ``Wrapper`` whose only clash is ``module.bn`` beside ``bn`` (no conv/linear weight)."""
+    model = Wrapper(seed)
+    del model.fc, model.module.fc
+    model.lin = nn.Linear(4, 4)
+    return model
+
+
+COLLISION = "{}, {}.weight and {}.weight are different tensors with the same name once the wrapper prefixes"
+
+
+@pytest.mark.parametrize("make_a, make_b, message", [
+    (Wrapper, tiny, COLLISION.format("in model_a", "module.fc", "fc")),
+    (tiny, Wrapper, COLLISION.format("in model_b", "module.fc", "fc")),
+    (norms_only_wrapper, norms_only_wrapper, COLLISION.format("in model_a", "module.bn", "bn")),
+])
+def test_interpolate_and_barrier_refuse_two_tensors_with_one_canonical_name(make_a, make_b, message):
+    # A child named "module" beside the model's own fc: both are "fc.weight" once the wrapper
+    # prefix is stripped, and one of them used to stay model_a's at every alpha, silently.
+    a, b = make_a(0), make_b(1)
+    before_a, before_b = snapshot(a), snapshot(b)
+    loaders = [Watched([(torch.randn(8, 4), torch.randint(0, 2, (8,)))]) for _ in range(2)]
+    with pytest.raises(ValueError, match=message):
+        analysis.interpolate(a, b, 1.0)
+    with pytest.raises(ValueError, match=message):
+        analysis.barrier(a, b, loaders[0], train_loader=loaders[1], points=2)
+    assert [x.passes for x in loaders] == [0, 0]
     assert_same(before_a, snapshot(a))
     assert_same(before_b, snapshot(b))
 

@@ -11,7 +11,7 @@ import signmask
 from signmask import analysis
 from signmask.analysis._correlation import top_fraction
 
-from _util import tiny
+from _util import Wrapper, tiny
 
 
 def linear(values):
@@ -139,3 +139,9 @@ def test_correlation_refuses_shared_counts_for_other_names():
 def test_a_pruned_model_b_is_read_from_its_orig_values():
     # model_b's masked weight has zeros where the trained values are: R_p reads _orig on both sides
     assert analysis.weight_correlation(tiny(0), signmask.prune(tiny(0), 0.9), 0.2).overall == 1.0
+
+
+@pytest.mark.parametrize("a, b, arg", [(Wrapper, tiny, "model_a"), (tiny, Wrapper, "model_b")])
+def test_two_weights_with_one_canonical_name_are_refused_naming_the_model(a, b, arg):
+    with pytest.raises(ValueError, match=f"in {arg}, module.fc.weight and fc.weight are different tensors"):
+        analysis.weight_correlation(a(0), b(1), 0.5)

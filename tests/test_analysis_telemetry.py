@@ -13,7 +13,7 @@ import signmask
 from signmask import analysis
 from signmask._compat import import_timm
 
-from _util import assert_same, snapshot, tiny
+from _util import Wrapper, assert_same, snapshot, tiny
 
 timm = import_timm()
 KEYS = ("conv1.weight", "conv2.weight", "fc.weight")
@@ -141,6 +141,16 @@ def test_finish_compares_every_record_with_the_final_weights():
     lean.record(0)
     with pytest.raises(ValueError, match="keep_snapshots"):
         lean.finish()
+
+
+def test_telemetry_refuses_two_weights_with_one_canonical_name_naming_the_model():
+    clash = "in {}, module.fc.weight and fc.weight are different tensors with the same name"
+    with pytest.raises(ValueError, match=clash.format("model")):
+        analysis.Telemetry(Wrapper())
+    rec = analysis.Telemetry(tiny(0), names=["fc.weight"])
+    rec.record(0)
+    with pytest.raises(ValueError, match=clash.format("final")):
+        rec.finish(Wrapper())
 
 
 def test_telemetry_on_a_timm_model_with_layernorm():
@@ -317,6 +327,20 @@ def test_perturb_validates_and_leaves_the_model_alone():
     locked = signmask.prune(tiny(0), 0.5, signs="locked")
     with pytest.raises(ValueError, match="sign-locked"):
         analysis.perturb(locked, "permute_layer", seed=0)
+
+
+def test_perturb_refuses_two_weights_with_one_canonical_name_naming_the_model():
+    clash = "in {}, module.fc.weight and fc.weight are different tensors with the same name"
+    model, init = Wrapper(0), Wrapper(1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=clash.format("model")):
+        analysis.perturb(model, "permute_layer", seed=0)
+    target = tiny(0)
+    before_target = snapshot(target)
+    with pytest.raises(ValueError, match=clash.format("init")):
+        analysis.perturb(target, "init", init=init, names=["fc.weight"])
+    assert_same(before, snapshot(model))
+    assert_same(before_target, snapshot(target))
 
 
 def test_names_restrict_and_custom_kinds_register():

@@ -9,7 +9,7 @@ from torch import nn
 
 import signmask
 from signmask import _targets
-from _util import assert_same, snapshot, tiny
+from _util import Wrapper, assert_same, snapshot, tiny
 
 
 def _meta_net() -> nn.Module:
@@ -61,28 +61,12 @@ def test_a_meta_model_pruned_by_stock_prune_is_refused_by_extract():
         signmask.extract(model)
 
 
-class _Wrapper(nn.Module):
-    """Its own ``fc`` beside ``module.fc``: the same name once ``module.`` is stripped."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.module = nn.Sequential()
-        self.module.add_module("fc", nn.Linear(4, 4))
-        self.fc = nn.Linear(4, 2)
-        self.bn = nn.BatchNorm1d(4)
-        self.module.add_module("bn", nn.BatchNorm1d(4))
-
-    def forward(self, x):
-        return self.fc(self.bn(self.module(x)))
-
-
 COLLISION = r"module.fc.weight and fc.weight are different tensors with the same name .* \('fc.weight'\)"
 
 
 @pytest.mark.parametrize("verb", ["prune", "extract", "transfer"])
 def test_two_tensors_with_one_canonical_name_are_refused_untouched(verb):
-    model = _Wrapper()
+    model = Wrapper()
     if verb == "extract":  # stock prune has no canonical names: both get pruned
         for layer in (model.module.fc, model.fc):
             torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.5)
@@ -99,7 +83,7 @@ def test_two_tensors_with_one_canonical_name_are_refused_untouched(verb):
 
 def test_two_norms_with_one_canonical_name_are_refused_too():
     # Tickets name norm tensors the same way (extract(norms=True)), so any such pair is refused.
-    model = _Wrapper()
+    model = Wrapper()
     del model.fc, model.module.fc
     model.lin = nn.Linear(4, 4)
     before = snapshot(model)

@@ -33,7 +33,7 @@ def weights(
     """
     found = {
         key: pair
-        for key, pair in _targets.tensor_index(model, "weight").items()
+        for key, pair in _targets.tensor_index(model, "weight", owner=arg).items()
         if isinstance(pair[0], _targets.PRUNABLE_TYPES)
     }
     if not found:

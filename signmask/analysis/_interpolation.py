@@ -12,12 +12,11 @@ from .._reparam import refresh
 from ._common import check_model, check_real, clone
 
 
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Canonical name -> live tensor for every parameter and buffer (non-persistent included)."""
-    out = {}
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        out.setdefault(_targets.canonical(name), t)
-    return out
+def _tensors(model: nn.Module, arg: str) -> dict[str, torch.Tensor]:
+    """Canonical name -> live tensor for every parameter and buffer (non-persistent included);
+    two tensors of one canonical name are refused, naming ``arg``."""
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    return _targets.canonical_tensors(named, owner=arg)
 
 
 def _differences(key: str, a: torch.Tensor, b: torch.Tensor, pruned: dict) -> int:
@@ -38,7 +37,7 @@ def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
     Masks and the kept entries' sign locks (``"keep"``) must be equal in both models; integer
     buffers (``num_batches_tracked``) are kept from ``model_a``.
     """
-    ta, tb = _tensors(model_a), _tensors(model_b)
+    ta, tb = _tensors(model_a, "model_a"), _tensors(model_b, "model_b")
     only_a, only_b = [k for k in ta if k not in tb], [k for k in tb if k not in ta]
     if only_a or only_b:
         raise ValueError(
@@ -87,7 +86,8 @@ def _blend(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 def write_blend(target: nn.Module, model_a: nn.Module, model_b: nn.Module, alpha: float,
                 plan: dict[str, str]) -> None:
     """Write the blend at ``alpha`` into ``target`` (a copy of ``model_a``), as ``plan`` says."""
-    ta, tb, tt = _tensors(model_a), _tensors(model_b), _tensors(target)
+    ta, tb = _tensors(model_a, "model_a"), _tensors(model_b, "model_b")
+    tt = _tensors(target, "target")
     owners = {}
     for key, (module, name) in _targets.pruned(target).items():
         owners[f"{key}_orig"] = (module, name)
@@ -127,8 +127,10 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Modu
 
     Raises:
         TypeError: a model is not an ``nn.Module`` or ``alpha`` is not a real number.
-        ValueError: ``alpha`` outside [0, 1]; the models' tensors differ in names, shapes or
-            dtypes, or a mask or sign lock differs (the first differing tensor is named).
+        ValueError: ``alpha`` outside [0, 1]; two tensors of one model have the same name once
+            the ``module.`` / ``_orig_mod.`` wrapper prefixes are stripped (both are named); the
+            models' tensors differ in names, shapes or dtypes, or a mask or sign lock differs (the
+            first differing tensor is named).
 
     Example:
         >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
