@@ -145,3 +145,12 @@ def test_a_pruned_model_b_is_read_from_its_orig_values():
 def test_two_weights_with_one_canonical_name_are_refused_naming_the_model(a, b, arg):
     with pytest.raises(ValueError, match=f"in {arg}, module.fc.weight and fc.weight are different tensors"):
         analysis.weight_correlation(a(0), b(1), 0.5)
+
+
+@pytest.mark.parametrize("one_shot", [lambda names: (n for n in names), iter])
+def test_names_may_be_a_one_shot_iterator(one_shot):
+    # model_a's and model_b's lookups both need the names: they are read once, not once per model
+    a, b, names = tiny(0), tiny(1), ["fc.weight", "conv1.weight"]
+    got = analysis.weight_correlation(a, b, 0.3, names=one_shot(names))
+    assert got == analysis.weight_correlation(a, b, 0.3, names=names)
+    assert got.numel == {"fc.weight": 30, "conv1.weight": 162}

@@ -23,14 +23,32 @@ def check_iterable(value: Any, arg: str) -> None:
         raise TypeError(f"{arg} must be an iterable of batches, got {type(value).__name__}")
 
 
+def tensor_names(names: Iterable[str] | None) -> list[str] | None:
+    """``names`` read once into a list (None stays None), so that a generator serves every model
+    it is looked up in; a single str is one name.
+
+    Raises:
+        TypeError: ``names`` is not an iterable of names.
+    """
+    if names is None:
+        return None
+    if isinstance(names, str):
+        return [names]
+    if not isinstance(names, collections.abc.Iterable):
+        raise TypeError(f"names must be an iterable of tensor names, got {type(names).__name__} {names!r}")
+    return list(names)
+
+
 def weights(
     model: nn.Module, names: Iterable[str] | None = None, *, arg: str = "model"
 ) -> dict[str, tuple[nn.Module, str]]:
     """Canonical name -> (module, "weight") for every conv/linear weight of ``model``.
 
     ``names`` (canonical tensor names such as ``"layer1.0.conv1.weight"``) restricts and orders
-    the result; an unknown name raises ``ValueError`` listing some valid ones.
+    the result; an unknown name raises ``ValueError`` listing some valid ones. A caller looking
+    the same names up in several models passes them through :func:`tensor_names` first.
     """
+    chosen = tensor_names(names)
     found = {
         key: pair
         for key, pair in _targets.tensor_index(model, "weight", owner=arg).items()
@@ -38,11 +56,8 @@ def weights(
     }
     if not found:
         raise ValueError(f"{arg} ({type(model).__name__}) has no conv/linear weight")
-    if names is not None and not isinstance(names, (str, collections.abc.Iterable)):
-        raise TypeError(f"names must be an iterable of tensor names, got {type(names).__name__} {names!r}")
-    if names is None:
+    if chosen is None:
         return found
-    chosen = [names] if isinstance(names, str) else list(names)
     if not chosen:
         raise ValueError("names must name at least one tensor")
     unknown = [n for n in chosen if n not in found]

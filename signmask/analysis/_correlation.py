@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import _reparam
-from ._common import check_model, check_real, same_names, weights
+from ._common import check_model, check_real, same_names, tensor_names, weights
 
 
 def top_fraction(weight: torch.Tensor, k: int) -> torch.Tensor:
@@ -133,6 +133,7 @@ def weight_correlation(model_a: nn.Module, model_b: nn.Module, p: float, *,
     check_model(model_a, "model_a")
     check_model(model_b, "model_b")
     p = check_real(p, "p", low=0.0, high=1.0, low_open=True)
+    names = tensor_names(names)  # a generator would be empty for model_b
     found_a, found_b = weights(model_a, names, arg="model_a"), weights(model_b, names, arg="model_b")
     same_names(found_a, found_b, "model_a's weights", "model_b's weights")
     pairs = {}
