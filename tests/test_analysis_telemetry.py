@@ -382,6 +382,29 @@ def test_noise_of_tensor_i_is_drawn_from_seed_plus_7919_i_and_scaled_by_unbiased
         torch.testing.assert_close(net[i].weight.detach(), want, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("names", [["conv2.weight"], ["fc.weight", "conv2.weight"],
+                                   ["conv2.weight", "conv1.weight"]])
+def test_a_tensors_draw_does_not_depend_on_which_names_are_listed(names):
+    # tensor i in model order draws from seed + 7919 * i, whichever subset and order names gives
+    model, _ = rewind_point()
+    full = analysis.perturb(copy.deepcopy(model), "permute_layer", seed=3)
+    part = analysis.perturb(copy.deepcopy(model), "permute_layer", seed=3, names=names)
+    for key in KEYS:
+        assert torch.equal(raw(part, key), raw(full if key in names else model, key)), key
+
+
+def test_noise_of_a_listed_tensor_is_drawn_from_its_seed_in_model_order():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3))
+    init = copy.deepcopy(net)
+    before = [net[0].weight.detach().clone(), net[1].weight.detach().clone()]
+    analysis.perturb(net, "noise", init=init, seed=5, sigma_n=0.5, names=["1.weight"])
+    draw = torch.randn((3, 3), generator=torch.Generator().manual_seed(5 + 7919 * 1), dtype=torch.float64)
+    sigma = float(init[1].weight.detach().double().std())
+    assert torch.equal(net[1].weight.detach(), before[1] + (0.5 * sigma * draw).float())
+    assert torch.equal(net[0].weight.detach(), before[0])
+
+
 def test_shuffle_same_sign_keeps_kept_zeros_in_place():
     # P07: exact zeros are neither positive nor negative: they stay where they are
     for seed in range(5):

@@ -211,10 +211,13 @@ def _check_init(key: str, ref: object, param: torch.Tensor) -> torch.Tensor:
 
 def _inputs(spec: Perturbation, targets: Mapping[str, tuple[nn.Module, str]],
             inits: Mapping[str, torch.Tensor] | None, seed: int | None,
-            sigma_n: float | None) -> list[PerturbationInput]:
-    """One validated :class:`PerturbationInput` per tensor; raise before anything is changed."""
+            sigma_n: float | None, order: Mapping[str, int]) -> list[PerturbationInput]:
+    """One validated :class:`PerturbationInput` per tensor; raise before anything is changed.
+
+    ``order`` gives each tensor's index in model order, which seeds its generator."""
     out = []
-    for index, (key, (module, name)) in enumerate(targets.items()):
+    for key, (module, name) in targets.items():
+        index = order[key]
         if _reparam.is_sign_locked(module, name):
             raise ValueError(f"{key} is sign-locked; perturb() needs tensors with free signs")
         param = _reparam.original(module, name)
@@ -248,8 +251,9 @@ def perturb(
     ``"noise"`` (plus Gaussian noise of std ``sigma_n`` times the tensor's init std). In a
     pruned model only kept weights take part, so the mask and the pruned zeros are unchanged.
     Arguments a kind does not use are ignored, so one call fits a loop over all kinds. Tensor
-    ``i`` (in model order) draws from a CPU generator seeded with ``seed + 7919 * i`` (mod
-    2**64), so a seed gives the same result on every device.
+    ``i`` (in model order, among all its conv/linear weights, whatever ``names`` lists) draws
+    from a CPU generator seeded with ``seed + 7919 * i`` (mod 2**64), so a seed gives a tensor
+    the same result on every device and with any ``names``.
 
     Args:
         model: the model holding the rewind-point weights (pruned or dense, not sign-locked).
@@ -277,6 +281,8 @@ def perturb(
     check_model(model, "model")
     spec = get_perturbation(kind)
     targets = weights(model, names)
+    # seeds follow model order, so a tensor's draw does not depend on which names are listed
+    order = {key: i for i, key in enumerate(weights(model))}
     if spec.random:
         if seed is None:
             raise ValueError(f"kind={kind!r} is random: pass seed=")
@@ -286,7 +292,7 @@ def perturb(
             raise ValueError(f"kind={kind!r} needs sigma_n= (the noise std in units of the init std)")
         sigma_n = check_real(sigma_n, "sigma_n", low=0.0)
     inits = _init_values(init, kind, targets) if spec.needs_init else None
-    layers = _inputs(spec, targets, inits, seed, sigma_n)
+    layers = _inputs(spec, targets, inits, seed, sigma_n, order)
     new = [spec.fn(layer) for layer in layers]  # everything computed before anything is written
     for layer, values in zip(layers, new):
         if not isinstance(values, torch.Tensor) or values.shape != layer.weight.shape:
