@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import signmask
 from signmask import analysis
@@ -651,6 +652,20 @@ def test_evaluate_refuses_mismatched_spatial_shapes():
     model = _Fixed(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="do not match class-index targets"):
         analysis.evaluate(model, [(torch.zeros(2), torch.zeros(2, 4, 5, dtype=torch.long))])
+
+
+def test_evaluate_and_barrier_refuse_unbatched_samples_with_the_shape_error():
+    # DataLoader(batch_size=None) yields single samples: logits (C,) and 0-d targets
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    samples = TensorDataset(torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    loader = DataLoader(samples, batch_size=None)
+    message = r"logits of shape \(3,\) do not match class-index targets of shape \(\).*unbatched"
+    with pytest.raises(ValueError, match=message):
+        analysis.evaluate(net, loader)
+    with pytest.raises(ValueError, match=message):
+        analysis.barrier(net, net, loader, points=2)
+    assert net.training
 
 
 def test_evaluate_takes_the_class_axis_1_for_dense_predictions():

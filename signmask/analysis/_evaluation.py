@@ -194,7 +194,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
         TypeError: bad arguments or batches, a model returning no tensor, a loss that is not a
             scalar.
         ValueError: ``batches < 1``, an empty loader (or one whose targets are all negative), or
-            logits and targets of mismatched shapes.
+            logits and targets of mismatched shapes (unbatched samples, with 0-d targets,
+            included).
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -237,11 +238,14 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
 def _logits(logits, targets: torch.Tensor) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"model must return a logits tensor (N, C, ...), returned {type(logits).__name__}")
-    if logits.dim() != targets.dim() + 1 or logits.shape[0] != targets.shape[0] \
-            or logits.shape[2:] != targets.shape[1:]:
+    # a 0-d target has no batch axis to compare (logits (C,) pass the dim test): refuse it first
+    if targets.dim() == 0 or logits.dim() != targets.dim() + 1 \
+            or logits.shape[0] != targets.shape[0] or logits.shape[2:] != targets.shape[1:]:
+        unbatched = "; a 0-d target is an unbatched sample: batch the loader" \
+            if targets.dim() == 0 else ""
         raise ValueError(
             f"logits of shape {tuple(logits.shape)} do not match class-index targets "
-            f"of shape {tuple(targets.shape)} (expected logits (N, C, ...))"
+            f"of shape {tuple(targets.shape)} (expected logits (N, C, ...)){unbatched}"
         )
     return logits
 
