@@ -532,6 +532,38 @@ def test_barrier_names_the_bad_argument_before_evaluating(kwargs, error, message
     assert_same(before_b, snapshot(b))
 
 
+class NoLength:
+    """An iterable of batches without a length (an IterableDataset's DataLoader)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("bad, batches, error, message", [
+    ("train_loader", [{"x": torch.zeros(8, 4)}], TypeError, "must yield a tensor or .* got dict"),
+    ("eval_loader", [{"x": torch.zeros(8, 4)}], TypeError, "must yield a tensor or .* got dict"),
+    ("eval_loader", [torch.zeros(8, 4)], TypeError, r"must yield \(inputs, targets\) pairs"),
+    ("train_loader", NoLength([]), ValueError, "yielded no batch"),
+])
+def test_barrier_names_the_loader_whose_batches_it_cannot_use(bad, batches, error, message):
+    # found only once the loader is read; the error must say which of the two it was
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    good = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    loaders = {"eval_loader": good, "train_loader": good, bad: batches}
+    before = snapshot(model)
+    with pytest.raises(error, match=f"^{bad} {message}"):
+        analysis.barrier(model, model, loaders["eval_loader"], train_loader=loaders["train_loader"],
+                         points=2)
+    assert_same(before, snapshot(model))
+    public = analysis.reestimate_bn if bad == "train_loader" else analysis.evaluate
+    with pytest.raises(error, match=f"^loader {message}"):
+        public(model, batches)
+
+
 def norms_only_wrapper(seed):
     """A ``Wrapper`` whose only clash is ``module.bn`` beside ``bn`` (no conv/linear weight)."""
     model = Wrapper(seed)

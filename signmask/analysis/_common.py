@@ -115,11 +115,16 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def split_batch(batch: Any, *, need_target: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(inputs, targets)`` of a loader's batch: a tensor, or a tuple/list ``(inputs, targets, ...)``."""
+def split_batch(batch: Any, *, need_target: bool,
+                arg: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(inputs, targets)`` of a loader's batch: a tensor, or a tuple/list ``(inputs, targets, ...)``.
+
+    Raises:
+        TypeError: any other batch; the message names ``arg``, the loader that yielded it.
+    """
     if isinstance(batch, torch.Tensor):
         if need_target:
-            raise TypeError("the loader must yield (inputs, targets) pairs, got a single tensor")
+            raise TypeError(f"{arg} must yield (inputs, targets) pairs, got a single tensor")
         return batch, None
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         if len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
@@ -127,6 +132,6 @@ def split_batch(batch: Any, *, need_target: bool) -> tuple[torch.Tensor, torch.T
         if not need_target:
             return batch[0], None
     raise TypeError(
-        "the loader must yield a tensor or (inputs, targets, ...) tuples of tensors, got "
+        f"{arg} must yield a tensor or (inputs, targets, ...) tuples of tensors, got "
         f"{type(batch).__name__}"
     )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import TOLERANCE, check_int, check_iterable, check_model, clone
-from ._evaluation import LossFn, bn_modules, evaluate, reestimate_bn
+from ._evaluation import LossFn, bn_modules, evaluate_named, reestimate_bn_named
 from ._interpolation import plan_blend, write_blend
 
 STABLE_BARRIER = 0.02  # Frankle et al. 2020: stable to SGD noise when the error barrier is < 2%
@@ -200,7 +200,8 @@ def barrier(
             ``loss_fn`` that is not callable, ``bn_batches`` or ``eval_batches`` not an int >= 1,
             a loader that is not iterable, is a one-shot iterator (a generator) or has length 0,
             or BatchNorm layers without ``train_loader``; all checked before any evaluation,
-            each error naming its argument.
+            each error naming its argument. A loader found to yield batches of another kind
+            (dicts) or none is named too (``train_loader`` or ``eval_loader``).
 
     Example:
         >>> import torch
@@ -220,9 +221,9 @@ def barrier(
     losses, errors = [], []
     for alpha in alphas:
         write_blend(work, model_a, model_b, alpha, plan)
-        if has_bn:
-            reestimate_bn(work, train_loader, batches=bn_batches)
-        loss, error = evaluate(work, eval_loader, loss_fn=loss_fn, batches=eval_batches)
+        if has_bn:  # the loaders' own names in errors: two are in play here
+            reestimate_bn_named(work, train_loader, bn_batches, "train_loader")
+        loss, error = evaluate_named(work, eval_loader, loss_fn, eval_batches, "eval_loader")
         losses.append(loss)
         errors.append(error)
     return Barrier(tuple(alphas), tuple(losses), tuple(errors))

@@ -115,8 +115,14 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
         >>> net[0].running_mean.tolist(), net.training
         ([1.0, 2.0], True)
     """
+    return reestimate_bn_named(model, loader, batches, "loader")
+
+
+def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
+                        arg: str) -> nn.Module:
+    """:func:`reestimate_bn`, its errors naming the loader ``arg`` (``barrier``'s train_loader)."""
     check_model(model, "model")
-    check_iterable(loader, "loader")
+    check_iterable(loader, arg)
     if batches is not None:
         batches = check_int(batches, "batches", minimum=1)
     layers = bn_modules(model)
@@ -141,11 +147,11 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
         seen = 0
         with torch.no_grad():
             for batch in _limit(loader, batches):
-                inputs, _ = split_batch(batch, need_target=False)
+                inputs, _ = split_batch(batch, need_target=False, arg=arg)
                 model(inputs.to(device))
                 seen += 1
         if seen == 0:
-            raise ValueError("loader yielded no batch; cannot re-estimate BatchNorm statistics")
+            raise ValueError(f"{arg} yielded no batch; cannot re-estimate BatchNorm statistics")
     except BaseException:
         with torch.no_grad():
             for m, _, buffers in saved:
@@ -204,8 +210,14 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
         >>> evaluate(net, [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))]).error
         0.5
     """
+    return evaluate_named(model, loader, loss_fn, batches, "loader")
+
+
+def evaluate_named(model: nn.Module, loader: Iterable, loss_fn: LossFn, batches: int | None,
+                   arg: str) -> Evaluation:
+    """:func:`evaluate`, its errors naming the loader ``arg`` (``barrier``'s eval_loader)."""
     check_model(model, "model")
-    check_iterable(loader, "loader")
+    check_iterable(loader, arg)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if batches is not None:
@@ -217,7 +229,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
         model.eval()
         with torch.no_grad():
             for batch in _limit(loader, batches):
-                inputs, targets = split_batch(batch, need_target=True)
+                inputs, targets = split_batch(batch, need_target=True, arg=arg)
                 logits = _logits(model(inputs.to(device)), targets)
                 targets, seen = targets.to(logits.device), seen + 1
                 counted = targets >= 0
@@ -231,7 +243,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
             m.training = training
     if count == 0:
         what = "only negative (ignored) targets" if seen else "no batch"
-        raise ValueError(f"loader yielded {what}; nothing to evaluate")
+        raise ValueError(f"{arg} yielded {what}; nothing to evaluate")
     return Evaluation(total_loss / count, wrong / count)
 
 
