@@ -130,3 +130,20 @@ def test_plot_creates_missing_folders_as_save_does(tmp_path):
     path = tmp_path / "figs" / "deep" / "lmc.png"
     assert analysis.plot_interpolation({"a": BARRIER}, path) == path
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_telemetry_waits_for_finish_to_cover_records_added_after_it(tmp_path, monkeypatch):
+    rec = telemetry()
+    with torch.no_grad():
+        rec.model.fc.weight.add_(0.1)
+    rec.record(3)
+    with pytest.raises(ValueError, match=r"dist_final is unknown at steps \[3\], recorded after the last finish"):
+        analysis.plot_telemetry(rec, tmp_path / "t.png")
+    assert os.listdir(tmp_path) == []
+    rec.finish()
+    figures = []
+    monkeypatch.setattr(_plots, "_write", lambda fig, path, fmt: figures.append(fig) or path)
+    analysis.plot_telemetry(rec, tmp_path / "t.png")
+    dist = figures[0].axes[1].get_lines()
+    assert [line.get_label() for line in dist] == ["to init", "to final"]
+    assert list(dist[1].get_ydata()) == rec.series("dist_final")

@@ -153,6 +153,28 @@ def test_telemetry_refuses_two_weights_with_one_canonical_name_naming_the_model(
         rec.finish(Wrapper())
 
 
+def test_records_after_finish_have_final_distances_once_finish_runs_again():
+    # training may go on after finish(): later records wait for the next finish(), and series()
+    # names them instead of claiming that finish() never ran
+    model = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    rec = analysis.Telemetry(model)
+    rec.record(0)
+    rec.finish()
+    with torch.no_grad():
+        model.weight.fill_(2.0)  # 9 weights moved by 1: distance 3
+    rec.record(1)
+    assert rec.records[1].total.dist_final is None and rec.records[1].total.cos_final is None
+    for metric in ("dist_final", "cos_final"):
+        with pytest.raises(ValueError, match=rf"{metric} is unknown at steps \[1\], recorded after the "
+                                             r"last finish\(\): call finish\(\) again"):
+            rec.series(metric, "weight")
+    assert rec.series("dist_init") == [0.0, 3.0]
+    rec.finish()
+    assert rec.series("dist_final") == [3.0, 0.0] and rec.series("cos_final") == [1.0, 1.0]
+
+
 def test_telemetry_on_a_timm_model_with_layernorm():
     model = timm.create_model("test_convnext", pretrained=False, num_classes=5)
     rec = analysis.Telemetry(model)

@@ -164,7 +164,8 @@ def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
 def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str | None = None) -> Path:
     """Plot a :class:`Telemetry`'s sign changes, distances and cosine similarities over steps.
 
-    Distances and similarities to the final weights appear once :meth:`Telemetry.finish` ran.
+    Distances and similarities to the final weights appear once :meth:`Telemetry.finish` ran;
+    records added after it must wait for ``finish`` to run again (until then, ValueError).
 
     Args:
         telemetry: a recorder with at least one record.
@@ -175,8 +176,8 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
         ``path`` as a ``pathlib.Path``.
 
     Raises:
-        TypeError / ValueError: not a ``Telemetry``, no records, an unknown layer, or a bad
-            path. NotADirectoryError: a folder above ``path`` is a file (missing folders are
+        TypeError / ValueError: not a ``Telemetry``, no records, an unknown layer, records
+            added after the last ``finish``, or a bad path. NotADirectoryError: a folder above ``path`` is a file (missing folders are
             created). ImportError: matplotlib is not installed.
     """
     if not isinstance(telemetry, Telemetry):
@@ -186,7 +187,8 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
     series = {"sign_changed": telemetry.series("sign_changed", layer),
               "dist_init": telemetry.series("dist_init", layer),
               "cos_init": telemetry.series("cos_init", layer)}
-    if telemetry.records[0].total.dist_final is not None:
+    # any record with final distances means finish() ran: series() refuses a partial curve
+    if any(r.total.dist_final is not None for r in telemetry.records):
         series["dist_final"] = telemetry.series("dist_final", layer)
         series["cos_final"] = telemetry.series("cos_final", layer)
     path, fmt = _check_path(path)

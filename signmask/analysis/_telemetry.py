@@ -37,7 +37,8 @@ class Stats:
         sign_changed: fraction in [0, 1] of counted weights whose sign differs from init.
         dist_init: L2 distance to init, >= 0.
         cos_init: cosine similarity to init, in [-1, 1] (NaN when a side is all zero).
-        dist_final, cos_final: the same to the final weights, None until ``finish()``.
+        dist_final, cos_final: the same to the final weights, None until ``finish()`` (runs
+            again, for a record added after it).
 
     Example:
         >>> Stats(0.0, 0.0, 1.0)
@@ -121,6 +122,10 @@ class Telemetry:
     distance and cosine similarity to the final weights. Weights are compared as the forward
     uses them (masked, sign-locked) and only where the mask keeps them; sums run in float64.
 
+    Training may go on after :meth:`finish`: records added later have no final distances
+    (``None``) until ``finish`` runs again, which compares every record with the weights then;
+    meanwhile :meth:`series` of a final metric raises, naming those records' steps.
+
     Memory: one CPU copy of the tracked weights for the init, and one more per record (plus a
     1-byte mask per pruned weight) unless ``keep_snapshots=False`` (then no ``finish``); use
     ``every=k`` to keep one record per k steps.
@@ -154,6 +159,7 @@ class Telemetry:
         self._init = {k: w for k, (w, _) in self._read(model, self._targets).items()}
         self._snapshots: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []
         self._records: list[Record] = []
+        self._finished = False
 
     @staticmethod
     def _read(model: nn.Module, targets: Mapping[str, tuple[nn.Module, str]]
@@ -209,7 +215,8 @@ class Telemetry:
     def finish(self, final: nn.Module | None = None) -> tuple[Record, ...]:
         """Add the distance and cosine similarity to the final weights to every record.
 
-        Entries count where both the record's and the final mask keep them.
+        Entries count where both the record's and the final mask keep them. It may run again
+        (after more records): every record is then compared with the new final weights.
 
         Args:
             final: the trained model (default: the tracked model as it is now).
@@ -244,6 +251,7 @@ class Telemetry:
             updated.append(Record(rec.step, layers, dataclasses.replace(
                 rec.total, dist_final=total.distance(), cos_final=total.cosine())))
         self._records = updated
+        self._finished = True
         return self.records
 
     def series(self, metric: str, layer: str | None = None) -> list[float]:
@@ -258,14 +266,20 @@ class Telemetry:
             One value per record, in step order.
 
         Raises:
-            ValueError: unknown ``metric`` or ``layer``, or a final metric before :meth:`finish`.
+            ValueError: unknown ``metric`` or ``layer``, or a final metric before :meth:`finish`
+                or while records added after the last ``finish`` lack it.
         """
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; valid: {list(METRICS)}")
         if layer is not None and layer not in self._targets:
             raise ValueError(f"unknown layer {layer!r}; tracked: {list(self._targets)[:5]}")
         values = [getattr(r.total if layer is None else r.layers[layer], metric) for r in self._records]
-        if any(v is None for v in values):
+        missing = [r.step for r, v in zip(self._records, values) if v is None]
+        if missing and not self._finished:
             raise ValueError(f"{metric} is known only after finish()")
+        if missing:
+            raise ValueError(f"{metric} is unknown at steps {missing[:5]}, recorded after the last "
+                             "finish(): call finish() again to compare every record with the final "
+                             "weights")
         return values
 
