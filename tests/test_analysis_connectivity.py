@@ -392,6 +392,13 @@ def test_barrier_dataclass_validates():
     assert analysis.Barrier((0.0, 0.5, 1.0), (1.0, 1.0, 1.0), (0.1, 0.119, 0.1)).stable
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_barrier_dataclass_refuses_losses_that_are_not_finite(bad):
+    # an infinite loss made loss_barrier NaN (inf - inf), or infinite, against its ">= 0"
+    with pytest.raises(ValueError, match=r"losses must be finite \(no NaN or inf\), got \((-?inf|nan), 1\.0\)"):
+        analysis.Barrier((0.0, 1.0), (bad, 1.0), (0.0, 0.0))
+
+
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
 def test_barrier_on_timm_models(name):
     kwargs = {"img_size": 32} if "vit" in name else {}
@@ -910,3 +917,10 @@ def test_evaluate_skips_a_batch_whose_targets_are_all_ignored():
     first = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
     ignored = (torch.randn(8, 4), torch.full((8,), -100))
     assert analysis.evaluate(net, [first, ignored]) == analysis.evaluate(net, [first])
+
+
+def test_barrier_refuses_a_path_with_an_infinite_loss():
+    # logit -inf for the target class: cross_entropy is inf at every point
+    model = _Fixed(torch.tensor([[0.0, -math.inf]]))
+    with pytest.raises(ValueError, match=r"losses must be finite .* got \(inf, inf\)"):
+        analysis.barrier(model, model, [(torch.zeros(1), torch.tensor([1]))], points=2)

@@ -31,8 +31,8 @@ def _as_floats(values: Iterable[Any], what: str) -> tuple[float, ...]:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(f"{what} must be real numbers, got {type(v).__name__} {v!r}")
         out.append(float(v))
-    if any(math.isnan(v) for v in out):
-        raise ValueError(f"{what} contain NaN: {tuple(out)}")
+    if not all(math.isfinite(v) for v in out):  # an inf loss would make loss_barrier NaN
+        raise ValueError(f"{what} must be finite (no NaN or inf), got {tuple(out)}")
     return tuple(out)
 
 
@@ -45,11 +45,12 @@ class Barrier:
 
     Args:
         alphas: the interpolation coefficients, strictly increasing from 0.0 to 1.0.
-        losses: mean loss at each alpha (no NaN).
+        losses: mean loss at each alpha, finite (no NaN or inf).
         errors: error rate in [0, 1] at each alpha.
 
     Raises:
-        ValueError: fewer than 2 points, lengths differ, bad grid, NaN, errors outside [0, 1].
+        ValueError: fewer than 2 points, lengths differ, bad grid, a NaN or infinite value (the
+            field is named), errors outside [0, 1].
 
     Example:
         >>> b = Barrier((0.0, 0.5, 1.0), (0.3, 0.9, 0.5), (0.1, 0.25, 0.2))
@@ -201,7 +202,9 @@ def barrier(
             a loader that is not iterable, is a one-shot iterator (a generator) or has length 0,
             or BatchNorm layers without ``train_loader``; all checked before any evaluation,
             each error naming its argument. A loader found to yield batches of another kind
-            (dicts) or none is named too (``train_loader`` or ``eval_loader``).
+            (dicts) or none is named too (``train_loader`` or ``eval_loader``). A path with a
+            NaN or infinite loss (the target class given a logit of -inf) is refused, as
+            :class:`Barrier` refuses it.
 
     Example:
         >>> import torch
