@@ -80,7 +80,8 @@ def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike)
 
     Args:
         barriers: label -> :class:`Barrier` (from :func:`barrier` or :func:`instability`).
-        path: the file to write (``.png``, ``.pdf``, ``.svg``, ``.jpg``); its folder must exist.
+        path: the file to write (``.png``, ``.pdf``, ``.svg``, ``.jpg``); missing folders are
+            created.
 
     Returns:
         ``path`` as a ``pathlib.Path``.
@@ -134,7 +135,8 @@ def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
 
     Args:
         curves: label -> ``[(sparsity, accuracy), ...]``, both fractions in [0, 1].
-        path: the file to write; its folder must exist.
+        path: the file to write (``.png``, ``.pdf``, ``.svg``, ``.jpg``); missing folders are
+            created.
 
     Returns:
         ``path`` as a ``pathlib.Path``.
@@ -169,7 +171,8 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
 
     Args:
         telemetry: a recorder with at least one record.
-        path: the file to write; its folder must exist.
+        path: the file to write (``.png``, ``.pdf``, ``.svg``, ``.jpg``); missing folders are
+            created.
         layer: one tracked tensor's name (default: all tracked tensors together).
 
     Returns:
