@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _targets
 from ._reparam import DetachWeight, original, rename
 from ._targets import FilterFn, canonical, has_tensor
 
@@ -178,8 +179,9 @@ def attach(
 
     Raises:
         TypeError: ``alpha`` is not a floating-point tensor.
-        ValueError: ``alpha`` is not 0-dim, no norm layer is selected, or a selected layer is
-            already interpolated/reparametrized or not materialized; the model is left untouched.
+        ValueError: ``alpha`` is not 0-dim, no norm layer is selected, a selected layer is
+            already interpolated/reparametrized or not materialized, or two norm layers have one
+            canonical name (``bn`` beside ``module.bn``); the model is left untouched.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
@@ -196,27 +198,29 @@ def attach(
         raise TypeError(f"alpha must be a floating-point torch.Tensor, got {alpha!r}")
     if alpha.dim() != 0:
         raise ValueError(f"alpha must be a 0-dim tensor, got shape {tuple(alpha.shape)}")
-    chosen: dict[str, tuple[nn.Module, tuple[str, ...]]] = {}
+    chosen: dict[str, tuple[nn.Module, tuple[str, ...], str]] = {}
     for fqn, module in model.named_modules():
         name = canonical(fqn)
-        if name in chosen or not is_norm(module):
+        if not is_norm(module):
             continue
+        if name in chosen:  # another module: named_modules() yields each module once
+            raise _targets.same_name_error(name, chosen[name][2], fqn, None)
         if filter_fn is not None and not filter_fn(module, name):
             continue
-        chosen[name] = (module, _check(module, name))
+        chosen[name] = (module, _check(module, name), fqn)
     if not chosen:
         raise ValueError(f"no norm layer with affine parameters to interpolate in "
                          f"{type(model).__name__} (filter_fn={filter_fn})")
     done = []
     try:
-        for module, names in chosen.values():
+        for module, names, _ in chosen.values():
             done.append(module)
             _install(module, names, alpha)
     except BaseException:
         for module in done:
             _uninstall(module)
         raise
-    return {name: module for name, (module, _) in chosen.items()}
+    return {name: module for name, (module, _, _) in chosen.items()}
 
 
 def interpolated(model: nn.Module) -> dict[str, nn.Module]:

@@ -17,14 +17,19 @@ _NOT_WEIGHTS = ("_mask", "_sign", "_init")
 
 def weight_keys(model: nn.Module) -> dict[str, torch.Tensor]:
     """Canonical state_dict key -> live tensor for every parameter and persistent buffer that
-    training changes (masks, sign locks and norm-init buffers left out)."""
+    training changes (masks, sign locks and norm-init buffers left out).
+
+    Raises:
+        ValueError: two of them have the same canonical name (see :func:`signmask._targets.canonical_tensors`).
+    """
     state = model.state_dict(keep_vars=True)
-    out = {}
+    kept = []
     for key, tensor in state.items():
         suffix = next((s for s in _NOT_WEIGHTS if key.endswith(s)), None)
         if suffix is None or key[: -len(suffix)] + "_orig" not in state:
-            out[_targets.canonical(key)] = tensor
-    return out
+            kept.append((key, tensor))
+    # Refused, not overwritten: a rewind would restore one of two same-named tensors only.
+    return _targets.canonical_tensors(kept, owner="model")
 
 
 def take_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -80,7 +80,7 @@ def _computed(model: nn.Module, tensor: str = "weight") -> dict[str, nn.Module]:
     }
 
 
-def _same_name(key: str, first: str, second: str, owner: str | None) -> ValueError:
+def same_name_error(key: str, first: str, second: str, owner: str | None) -> ValueError:
     """The error for two different tensors ``first`` and ``second`` both canonically ``key``;
     ``owner`` (an argument's name) says which model holds them where several are taken."""
     where = f"in {owner}, " if owner else ""
@@ -100,7 +100,7 @@ def index_tensor(index: dict, fqn: str, module: nn.Module, tensor: str,
     other = index.setdefault(key, (module, tensor, fqn))
     if other[0] is not module:
         first, second = (f"{f}.{tensor}" if f else tensor for f in (other[2], fqn))
-        raise _same_name(key, first, second, owner)
+        raise same_name_error(key, first, second, owner)
 
 
 def tensor_index(model: nn.Module, tensor: str = "weight", *,
@@ -131,7 +131,7 @@ def canonical_tensors(named: Iterable[tuple[str, torch.Tensor]], *,
     for name, t in named:
         key = canonical(name)
         if out.setdefault(key, t) is not t:
-            raise _same_name(key, qualified[key], name, owner)
+            raise same_name_error(key, qualified[key], name, owner)
         qualified.setdefault(key, name)
     return out
 

@@ -23,7 +23,7 @@ from torch.nn.utils import prune as torch_prune
 from signmask import _interpolate as interp
 from signmask._compat import import_timm
 
-from _util import assert_same, snapshot
+from _util import Wrapper, assert_same, snapshot
 
 timm = import_timm()
 L = timm.layers
@@ -688,3 +688,13 @@ class _NormedLinear(nn.Linear):
 def test_a_linear_named_like_a_norm_is_not_a_norm_even_with_vector_weights():
     # Conv/linear/embedding layers are never norms, whatever their name and shapes.
     assert not interp.is_norm(_NormedLinear(1, 4))
+
+
+def test_two_norm_layers_of_one_canonical_name_are_refused_not_one_skipped():
+    # ``bn`` beside ``module.bn``: the second used to be left out of the interpolation unseen.
+    model = Wrapper()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^module.bn and bn are different tensors with the same name"):
+        interp.attach(model, torch.tensor(0.5))
+    assert_same(before, snapshot(model))
+    assert not interp.interpolated(model)

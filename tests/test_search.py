@@ -280,11 +280,26 @@ def _mlp():
     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
 
 
+class _StatisticsOfOneName(nn.Module):
+    """Two BatchNorms without affine parameters named alike once ``module.`` is stripped: only
+    their running statistics collide, which a rewind used to restore for one of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False))
+        self.add_module("1", nn.BatchNorm1d(4, affine=False))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(getattr(self, "1")(self.module(x)))
+
+
 @pytest.mark.parametrize(
     "make, method, text",
     [
         (_mlp, "aws", "Sequential has none with affine parameters; .* use method='lrr'"),
         (lambda: signmask.prune(tiny(), 0.5), "imp", "already pruned; apply"),
+        (_StatisticsOfOneName, "imp", r"in model, module.1.running_mean and 1.running_mean are different tensors"),
     ],
 )
 def test_models_apply_cannot_serve_are_left_untouched(make, method, text):
