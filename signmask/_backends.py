@@ -48,16 +48,14 @@ def register_backend(name: str) -> Callable[[type], type]:
 
 
 def get_backend(name: str) -> "Backend":
-    """The registered backend ``name``; unknown names raise ``ValueError`` listing valid keys.
+    """The registered backend ``name``; unknown names raise ``ValueError`` (no str:
+    ``TypeError``) listing the valid keys.
 
     Example:
         >>> get_backend("torch").name
         'torch'
     """
-    try:
-        return BACKENDS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown backend {name!r}; valid backends: {sorted(BACKENDS)}") from None
+    return BACKENDS[_checks.check_key(name, BACKENDS, "backend", "backend")]
 
 
 class Backend:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
 
@@ -71,3 +71,18 @@ def check_real(value: Any, arg: str, *, low: float = -math.inf, high: float = ma
 def check_fraction(value: Any, arg: str) -> float:
     """Return ``value`` as a float strictly between 0 and 1 (a sparsity, a pruning rate)."""
     return check_real(value, arg, low=0, high=1, low_open=True, high_open=True)
+
+
+def check_key(key: Any, valid: Iterable[str], arg: str, what: str) -> str:
+    """Return ``key`` if it is one of the names ``valid`` (a registry's keys, a fixed choice).
+
+    Raises:
+        TypeError: ``key`` is no str (``None``, a list).
+        ValueError: an unknown name. Both messages list the valid names.
+    """
+    names = sorted(valid)
+    if not isinstance(key, str):
+        raise TypeError(f"{arg} must be a str, one of {names}, got {type(key).__name__} {key!r}")
+    if key not in names:
+        raise ValueError(f"unknown {what} {key!r}; valid: {names}")
+    return key

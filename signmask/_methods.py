@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch.nn.utils import prune as _prune
 
-from ._checks import check_int
+from ._checks import check_int, check_key
 from ._select import smallest_k
 
 METHODS: dict[str, type["RankedPruning"]] = {}
@@ -47,13 +47,9 @@ def register_method(name: str) -> Callable[[type], type]:
 
 
 def get_method(name: str) -> type["RankedPruning"]:
-    """Look up a registered method; unknown names raise ``ValueError`` listing the valid ones."""
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown pruning method {name!r}; valid methods: {sorted(METHODS)}"
-        ) from None
+    """Look up a registered method; unknown names raise ``ValueError`` (no str: ``TypeError``)
+    listing the valid ones."""
+    return METHODS[check_key(name, METHODS, "method", "pruning method")]
 
 
 def check_amount(amount: float | int) -> float | int:

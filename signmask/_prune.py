@@ -15,12 +15,6 @@ _SCOPES = ("global", "layer")
 _SIGN_MODES = ("free", "locked")
 
 
-def _check_choice(value, valid: tuple[str, ...], what: str) -> str:
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid: {list(valid)}")
-    return value
-
-
 def check_prunable(key: str, module: nn.Module, name: str, *, signs: str | None) -> None:
     """Refuse a tensor whose current pruning state conflicts with the request."""
     _reparam.check_names_free(key, module, name)
@@ -128,9 +122,9 @@ def prune(
     """
     amount = _methods.check_amount(amount)
     method_cls = _methods.get_method(method)
-    _check_choice(scope, _SCOPES, "scope")
+    _checks.check_key(scope, _SCOPES, "scope", "scope")
     if signs is not None:
-        _check_choice(signs, _SIGN_MODES, "signs")
+        _checks.check_key(signs, _SIGN_MODES, "signs", "sign mode")
     if seed is not None and "seed" not in inspect.signature(method_cls).parameters:
         raise ValueError(f"seed= is not an option of method={method!r}: it is deterministic")
     ranker = method_cls(amount) if seed is None else method_cls(amount, seed=seed)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+
+from ._checks import check_key
+
 RECIPES: dict[str, "Recipe"] = {}
 
 
@@ -38,11 +41,9 @@ def register_recipe(recipe: Recipe) -> Recipe:
 
 
 def get_recipe(name: str) -> Recipe:
-    """Look up a recipe; an unknown name raises ``ValueError`` listing the valid ones."""
-    try:
-        return RECIPES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown search method {name!r}; valid methods: {sorted(RECIPES)}") from None
+    """Look up a recipe; an unknown name raises ``ValueError`` (one that is no str,
+    ``TypeError``) listing the valid ones."""
+    return RECIPES[check_key(name, RECIPES, "method", "search method")]
 
 
 register_recipe(Recipe(

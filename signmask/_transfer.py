@@ -147,7 +147,7 @@ def transfer(
         >>> bool((signmask.extract(new).masks["weight"] == ticket.masks["weight"]).all())
         True
     """
-    _prune._check_choice(signs, _MODES, "signs")
+    _checks.check_key(signs, _MODES, "signs", "sign mode")
     _checks.check_model(model, "model")  # before reading a ticket file
     for flag, arg in ((biases, "biases"), (dense, "dense"), (norms, "norms"),
                       (check_architecture, "check_architecture")):

@@ -326,7 +326,7 @@ def test_noise_leaves_pruned_weights_at_zero():
 def test_perturb_validates_and_leaves_the_model_alone():
     model, init = rewind_point()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"valid kinds: \['init', 'init_magnitudes'"):
+    with pytest.raises(ValueError, match=r"valid: \['init', 'init_magnitudes'"):
         analysis.perturb(model, "flip")
     with pytest.raises(ValueError, match="seed="):
         analysis.perturb(model, "permute_layer")

@@ -90,8 +90,11 @@ OPTIMIZERS = {
 def test_registry_lists_valid_keys():
     with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*'auto'.*'projection'.*'torch'"):
         _backends.get_backend("cuda")
-    with pytest.raises(ValueError, match="valid backends"):
+    with pytest.raises(ValueError, match=r"; valid: \['auto', "):
         _backends.set_backend(_pruned(), "fast")
+    for wrong in (None, 3):  # the README's rule: a value of the wrong kind is a TypeError
+        with pytest.raises(TypeError, match=rf"^backend must be a str, one of \['auto', .*\], got {type(wrong).__name__}"):
+            _backends.set_backend(_pruned(), wrong)
     assert {"auto", "torch", "triton", "projection"} <= set(_backends.BACKENDS)
 
 

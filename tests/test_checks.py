@@ -72,3 +72,16 @@ def test_check_fraction_refuses_a_bool_or_string_by_type(value, name):
 def test_check_fraction_gives_a_plain_float():
     got = _checks.check_fraction(np.float32(0.25), "rate")
     assert type(got) is float and got == 0.25
+
+
+@given(st.one_of(st.text(max_size=4), st.none(), st.integers(), st.lists(st.text(max_size=2), max_size=2)))
+def test_check_key_takes_exactly_the_valid_names(key):
+    valid = {"b": 1, "a": 2, "": 3}
+    if isinstance(key, str) and key in valid:
+        assert _checks.check_key(key, valid, "kind", "thing") == key
+    elif isinstance(key, str):
+        with pytest.raises(ValueError, match=f"^unknown thing {re.escape(repr(key))}; valid: \\['', 'a', 'b'\\]$"):
+            _checks.check_key(key, valid, "kind", "thing")
+    else:  # no str: its kind is wrong, whatever its value (an unhashable list included)
+        with pytest.raises(TypeError, match=r"^kind must be a str, one of \['', 'a', 'b'\], got "):
+            _checks.check_key(key, valid, "kind", "thing")

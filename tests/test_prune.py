@@ -167,9 +167,10 @@ def test_compiled_and_wrapped_models_use_canonical_names():
         (dict(amount=31, scope="layer"), "amount=31 weights to prune, but 'fc.weight' have only 30 left unpruned"),
         (dict(amount="0.5"), "amount must be a float in [0, 1] or an int count, got str"),
         (dict(amount=True), "amount must be a float in [0, 1] or an int count, got bool"),
-        (dict(amount=0.5, method="lamp"), "valid methods: ['magnitude', 'random']"),
+        (dict(amount=0.5, method="lamp"), "unknown pruning method 'lamp'; valid: ['magnitude', 'random']"),
         (dict(amount=0.5, scope="block"), "valid: ['global', 'layer']"),
-        (dict(amount=0.5, signs="init"), "valid: ['free', 'locked']"),
+        (dict(amount=0.5, signs="init"), "unknown sign mode 'init'; valid: ['free', 'locked']"),
+        (dict(amount=0.5, scope=None), "scope must be a str, one of ['global', 'layer'], got NoneType None"),
         (dict(amount=0.5, include="layer9.*"),
          "include pattern 'layer9.*' matches no conv/linear module; module names look like ['conv1', 'conv2', 'fc']"),
         (dict(amount=0.5, exclude="*", classifier=True), "nothing to prune in TinyNet"),
@@ -490,11 +491,11 @@ def test_classifier_false_spares_the_last_linear_not_the_first():
     assert hasattr(net[0], "weight_mask") and not hasattr(net[2], "weight_mask")
 
 
-def test_an_unhashable_method_name_is_refused_as_unknown():
-    # The registry lookup's TypeError (unhashable key) must become the documented ValueError.
+def test_an_unhashable_method_name_is_refused_by_its_kind():
+    # The registry lookup's own TypeError (unhashable key) must become the listing one.
     net = nn.Linear(4, 4)
     before = snapshot(net)
-    with pytest.raises(ValueError, match="unknown pruning method"):
+    with pytest.raises(TypeError, match=r"^method must be a str, one of \['magnitude', 'random'\], got list"):
         signmask.prune(net, 0.5, method=["magnitude"])
     assert_same(before, snapshot(net))
 

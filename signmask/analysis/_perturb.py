@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import _methods, _reparam
+from .._checks import check_key
 from ._common import check_model, check_real, weights
 
 
@@ -92,13 +93,9 @@ def register_perturbation(name: str, *, needs_init: bool = False, random: bool =
 
 
 def get_perturbation(kind: str) -> Perturbation:
-    """Look up a kind; an unknown one raises ``ValueError`` listing the valid kinds."""
-    try:
-        return PERTURBATIONS[kind]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown perturbation kind {kind!r}; valid kinds: {sorted(PERTURBATIONS)}"
-        ) from None
+    """Look up a kind; an unknown one raises ``ValueError`` (no str: ``TypeError``) listing the
+    valid kinds."""
+    return PERTURBATIONS[check_key(kind, PERTURBATIONS, "kind", "perturbation kind")]
 
 
 def _permute_rows(values: torch.Tensor, keep: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import _reparam
+from .._checks import check_key
 from ._common import check_bool, check_int, check_model, effective, weights
 
 METRICS = ("sign_changed", "dist_init", "cos_init", "dist_final", "cos_final")
@@ -269,8 +270,7 @@ class Telemetry:
             ValueError: unknown ``metric`` or ``layer``, or a final metric before :meth:`finish`
                 or while records added after the last ``finish`` lack it.
         """
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; valid: {list(METRICS)}")
+        check_key(metric, METRICS, "metric", "metric")
         if layer is not None and layer not in self._targets:
             raise ValueError(f"unknown layer {layer!r}; tracked: {list(self._targets)[:5]}")
         values = [getattr(r.total if layer is None else r.layers[layer], metric) for r in self._records]
