@@ -6,12 +6,14 @@ stays under 2 bits per weight once it holds more than a few thousand weights. A 
 tensors (``extract(norms=True)``) are stored as they are, in their own float dtype. The string
 metadata holds the ticket's own metadata plus reserved keys: ``format``, ``format_version``,
 ``sparsity``, ``manifest`` (per tensor: role, shape, kept and negative counts, sha256 of the
-bytes) and ``manifest_sha256`` (of the manifest's content, as sorted JSON; files written before
-it was added load without that check). ``load`` checks them all, so truncated or edited files
-fail loudly.
+bytes), ``manifest_sha256`` (of the manifest's content, as sorted JSON) and ``metadata_sha256``
+(of every other metadata entry, as sorted JSON with the manifest by its content). ``load``
+checks them all, so truncated or edited files fail loudly: an edit of any metadata entry, the
+ticket's own (``architecture``...) included.
 
-``save`` writes format version 2; ``load`` also reads version 1, which held four 2-bit codes per
-byte (same manifest).
+``save`` writes format version 3. ``load`` also reads version 2 (the same codes, no
+``metadata_sha256``; its first files had no ``manifest_sha256`` either) and version 1, which
+held four 2-bit codes per byte (same manifest).
 """
 
 from __future__ import annotations
@@ -29,21 +31,25 @@ from . import _bits
 from ._ticket import RESERVED_KEYS, Ticket
 
 FORMAT = "signmask.ticket"
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 
 
 class _Codec(NamedTuple):
-    """How one format version stores codes: ``pack(codes) -> bytes``, ``unpack(bytes, n)``."""
+    """How one format version stores codes: ``pack(codes) -> bytes``, ``unpack(bytes, n)``;
+    ``sealed``: its files carry a ``metadata_sha256`` (a file without one was edited)."""
 
     per_byte: int
     pack: Callable[[torch.Tensor], torch.Tensor]
     unpack: Callable[[torch.Tensor, int], torch.Tensor]
+    sealed: bool = False
 
 
+_TERNARY = (_bits.TERNARY_PER_BYTE, _bits.pack_ternary, _bits.unpack_ternary)
 # Every version load() reads; save() writes FORMAT_VERSION (tests write the others).
 _CODECS = {
     "1": _Codec(4, lambda codes: _bits.pack(codes, 2), lambda raw, n: _bits.unpack(raw, n, 2)),
-    "2": _Codec(_bits.TERNARY_PER_BYTE, _bits.pack_ternary, _bits.unpack_ternary),
+    "2": _Codec(*_TERNARY),
+    "3": _Codec(*_TERNARY, sealed=True),
 }
 
 
@@ -74,9 +80,17 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _canonical(manifest: dict) -> bytes:
-    """The manifest as hashed: its content, whatever whitespace or key order a tool wrote."""
-    return json.dumps(manifest, sort_keys=True).encode()
+def _canonical(content: dict) -> bytes:
+    """A manifest or metadata as hashed: its content, whatever whitespace or key order a tool wrote."""
+    return json.dumps(content, sort_keys=True).encode()
+
+
+def _metadata_sha256(meta: dict[str, str], manifest: dict) -> str:
+    """The checksum of every metadata entry but ``metadata_sha256`` itself, the manifest by its
+    content (as ``manifest_sha256`` hashes it)."""
+    rest = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    rest["manifest"] = manifest
+    return _sha256(_canonical(rest))
 
 
 def _sha256(data: bytes) -> str:
@@ -139,6 +153,7 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
         manifest=text.decode(),
         manifest_sha256=_sha256(text),
     )
+    meta["metadata_sha256"] = _metadata_sha256(meta, manifest)
     make_folder(path)
     return write_atomic(path, st_save(tensors, metadata=meta))
 
@@ -222,7 +237,7 @@ def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) 
     numel = 1
     for d in shape:
         numel *= d
-    per_byte, _, unpack = _CODECS[version]
+    per_byte, unpack = _CODECS[version].per_byte, _CODECS[version].unpack
     expected = -(-numel // per_byte)
     if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() != expected:
         raise ValueError(
@@ -255,15 +270,33 @@ def _decode_norm(path: Path, name: str, raw: torch.Tensor, info: dict) -> torch.
     return raw
 
 
+def _check_checksums(path: Path, meta: dict[str, str], manifest: dict, version: str) -> None:
+    """Refuse edited metadata or manifest. Files of versions 1 and 2 may lack the checksums
+    (older signmask versions wrote none); one that has them is checked whatever its version, as
+    the version itself may be what was edited."""
+    digest = meta.get("metadata_sha256")
+    if digest is None and _CODECS[version].sealed:
+        raise ValueError(
+            f"{path}: ticket of format version {version!r} lacks its metadata checksum "
+            "'metadata_sha256' (edited or corrupted file)"
+        )
+    if digest is not None and digest != _metadata_sha256(meta, manifest):
+        raise ValueError(f"{path}: ticket metadata does not match its checksum (edited or corrupted file)")
+    digest = meta.get("manifest_sha256")
+    if digest is not None and digest != _sha256(_canonical(manifest)):
+        raise ValueError(f"{path}: ticket manifest does not match its checksum (edited or corrupted file)")
+
+
 def load(path: str | os.PathLike) -> Ticket:
-    """Read a ticket written by :func:`save` (format version 2) or by an older signmask (version 1).
+    """Read a ticket written by :func:`save` (format version 3) or by an older signmask
+    (versions 1 and 2).
 
     Raises:
         TypeError: ``path`` is not a path.
         FileNotFoundError: no such file.
         ValueError: not a safetensors file, truncated or corrupted, not a signmask ticket, an
-            unsupported format version, missing or extra tensors, or values outside {-1, 0, +1};
-            the message names the file and the tensor.
+            unsupported format version, edited metadata (any entry), missing or extra tensors,
+            or values outside {-1, 0, +1}; the message names the file and the tensor.
     """
     path = Path(check_path(path))
     meta, raw = read_raw(path)
@@ -281,9 +314,7 @@ def load(path: str | os.PathLike) -> Ticket:
         raise ValueError(f"{path}: ticket manifest is missing or unreadable: {e!r}") from None
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: ticket manifest should be a JSON object, found {type(manifest).__name__}")
-    digest = meta.get("manifest_sha256")  # absent from older files of format version 1 and 2
-    if digest is not None and digest != _sha256(_canonical(manifest)):
-        raise ValueError(f"{path}: ticket manifest does not match its checksum (edited or corrupted file)")
+    _check_checksums(path, meta, manifest, version)
     missing, extra = sorted(set(manifest) - set(raw)), sorted(set(raw) - set(manifest))
     if missing or extra:
         raise ValueError(f"{path}: tensors missing from the file: {missing}; unexpected: {extra}")

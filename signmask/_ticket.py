@@ -14,7 +14,9 @@ from torch import nn
 from . import _checks, _interpolate, _reparam, _targets
 from ._version import __version__
 
-RESERVED_KEYS = ("format", "format_version", "sparsity", "manifest", "manifest_sha256")
+RESERVED_KEYS = (
+    "format", "format_version", "sparsity", "manifest", "manifest_sha256", "metadata_sha256",
+)
 
 
 def _check_dense(name: str, t, what: str) -> None:

@@ -1,4 +1,4 @@
-"""Ticket files: bit-exact round trips (format versions 1 and 2), size, metadata, and every kind of bad file."""
+"""Ticket files: bit-exact round trips (format versions 1, 2 and 3), size, metadata, and every kind of bad file."""
 
 import hashlib
 import json
@@ -10,10 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
+from torch import nn
 
 import signmask
 from signmask import _io
-from _util import bits_equal, tiny
+from _util import assert_same, bits_equal, snapshot, tiny
 
 
 NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -67,6 +68,23 @@ def _save_v1(ticket: signmask.Ticket, path: Path) -> Path:
     return path
 
 
+def _save_v2(ticket: signmask.Ticket, path: Path, manifest_sha256: bool = True) -> Path:
+    """Write ``ticket`` as signmask wrote format version 2: five ternary codes per byte, a
+    ``manifest_sha256`` (absent from the first version 2 files) and no metadata checksum."""
+    tensors, manifest = {}, {}
+    for role, group in (("mask", ticket.masks), ("sign", ticket.signs)):
+        for name, signed in group.items():
+            tensors[name], manifest[name] = _io._entry(role, signed, version="2")
+    for name, values in ticket.norms.items():
+        tensors[name], manifest[name] = _io._norm_entry(values)
+    text = json.dumps(manifest, sort_keys=True)
+    meta = dict(ticket.metadata, format="signmask.ticket", format_version="2", sparsity=repr(ticket.sparsity), manifest=text)
+    if manifest_sha256:
+        meta["manifest_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
 @settings(max_examples=30, deadline=None)
 @given(ticket=tickets(norms=False))  # version 1 had no norm tensors
 def test_version_1_file_loads_bit_exactly(tmp_path_factory, ticket):
@@ -92,7 +110,7 @@ def test_metadata_of_an_extracted_ticket(tmp_path):
     ticket = signmask.extract(model, metadata={"rounds": "3"})
     path = signmask.save(ticket, tmp_path / "t.safetensors")
     meta, _ = _io.read_raw(path)
-    assert meta["format"] == "signmask.ticket" and meta["format_version"] == "2"
+    assert meta["format"] == "signmask.ticket" and meta["format_version"] == "3"
     assert meta["method"] == "magnitude" and meta["architecture"] == "TinyNet" and meta["rounds"] == "3"
     assert float(meta["sparsity"]) == ticket.sparsity
     versions = json.loads(meta["versions"])
@@ -167,16 +185,34 @@ def saved(tmp_path):
     return signmask.save(_small_ticket(), tmp_path / "t.safetensors")
 
 
-@pytest.fixture(params=["1", "2"])
+@pytest.fixture(params=["1", "2", "3"])
 def saved_any(request, tmp_path):
     """The small ticket written in each format version that load() reads."""
     path = tmp_path / "t.safetensors"
-    return _save_v1(_small_ticket(), path) if request.param == "1" else signmask.save(_small_ticket(), path)
+    write = {"1": _save_v1, "2": _save_v2, "3": signmask.save}[request.param]
+    return write(_small_ticket(), path)
 
 
-def _rewrite(path: Path, tensors=None, meta_update=None, drop=()):
+def _reseal(meta: dict) -> None:
+    """Recompute the metadata checksum of a file that has one, as a careful forger would:
+    sha256 of every other metadata entry as sorted JSON, the manifest by its content."""
+    if "metadata_sha256" not in meta:
+        return
+    rest = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    try:
+        rest["manifest"] = json.loads(rest["manifest"])
+    except (ValueError, RecursionError):
+        pass  # unreadable: load() refuses it before it looks at the checksum
+    meta["metadata_sha256"] = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _rewrite(path: Path, tensors=None, meta_update=None, drop=(), reseal=True):
+    """Rewrite ``path`` with edited tensors or metadata; ``reseal``: with the metadata
+    checksum recomputed, so that only the deeper checks can catch the edit."""
     meta, raw = _io.read_raw(path)
     meta.update(meta_update or {})
+    if reseal:
+        _reseal(meta)
     raw.update(tensors or {})
     for k in drop:
         raw.pop(k)
@@ -271,11 +307,91 @@ def test_a_file_name_of_255_bytes_saves(tmp_path):
     assert os.listdir(tmp_path) == [path.name]
 
 
-def test_file_without_manifest_checksum_still_loads(saved):
+@pytest.mark.parametrize("manifest_sha256", [True, False])
+def test_version_2_files_without_metadata_checksum_still_load(tmp_path, manifest_sha256):
+    ticket = signmask.Ticket(_norm_ticket().masks, {"a.bias": torch.tensor([-1])}, {"architecture": "Net"}, _norm_ticket().norms)
+    path = _save_v2(ticket, tmp_path / "t.safetensors", manifest_sha256=manifest_sha256)
+    assert signmask.load(path) == ticket
+
+
+def _labelled_ticket() -> signmask.Ticket:
+    """A ticket with an entry of every kind: a mask, a dense sign, a norm and user metadata."""
+    return signmask.Ticket({"a.weight": torch.tensor([[1, 0, -1, 1, 0]])}, {"a.bias": torch.tensor([-1])},
+                           {"architecture": "Net"}, {"bn.weight": torch.tensor([0.5])})
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update({"`rchitecture": m.pop("architecture")}),  # one flipped bit of the key
+        lambda m: m.update(architecture="Other"),
+        lambda m: m.pop("architecture"),
+        lambda m: m.update(rounds="3"),
+        lambda m: m.update(sparsity="0.25"),
+        lambda m: m.update(format_version="2"),  # the same codes as version 3
+        lambda m: m.pop("manifest_sha256"),
+    ],
+    ids=["key renamed", "value changed", "entry dropped", "entry added", "sparsity", "version", "manifest_sha256"],
+)
+def test_every_metadata_entry_is_under_the_checksum(tmp_path, edit):
+    path = signmask.save(_labelled_ticket(), tmp_path / "t.safetensors")
+    meta, raw = _io.read_raw(path)
+    edit(meta)
+    save_file(raw, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="t.safetensors: ticket metadata does not match its checksum"):
+        signmask.load(path)
+
+
+def test_metadata_checksum_is_sha256_of_the_other_entries_as_sorted_json(tmp_path):
+    meta, _ = _io.read_raw(signmask.save(_labelled_ticket(), tmp_path / "t.safetensors"))
+    forged = dict(meta, metadata_sha256="0" * 64)
+    _reseal(forged)
+    assert forged == meta
+
+
+def test_a_version_3_file_without_its_metadata_checksum_is_refused(saved):
     meta, raw = _io.read_raw(saved)
-    del meta["manifest_sha256"]
+    del meta["metadata_sha256"]
     save_file(raw, str(saved), metadata=meta)
-    assert signmask.load(saved) == _small_ticket()
+    with pytest.raises(ValueError, match="t.safetensors: ticket of format version '3' lacks its metadata checksum"):
+        signmask.load(saved)
+
+
+def test_a_flipped_bit_in_a_metadata_key_does_not_switch_off_the_architecture_check(tmp_path):
+    class Other(nn.Module):  # another architecture with the ticket's tensors
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn = nn.Linear(5, 1), nn.BatchNorm1d(1)
+
+    path = signmask.save(_labelled_ticket(), tmp_path / "t.safetensors")
+    data = bytearray(path.read_bytes())
+    data[data.index(b'"architecture"') + 1] ^= 0x01  # 'a' -> '`'
+    path.write_bytes(bytes(data))
+    model = Other()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="t.safetensors: ticket metadata does not match its checksum"):
+        signmask.transfer(path, model)
+    assert_same(before, snapshot(model))
+
+
+def test_every_bit_flip_of_a_ticket_file_is_refused_or_harmless(tmp_path):
+    ticket = _labelled_ticket()
+    path = signmask.save(ticket, tmp_path / "t.safetensors")
+    good = path.read_bytes()
+    silent = []
+    for i in range(len(good)):
+        for bit in range(8):
+            data = bytearray(good)
+            data[i] ^= 1 << bit
+            path.write_bytes(bytes(data))
+            try:
+                loaded = signmask.load(path)
+            except ValueError as e:
+                assert str(path) in str(e)
+                continue
+            if loaded != ticket:  # metadata included
+                silent.append((i, bit, good[max(i - 12, 0) : i + 12]))
+    assert silent == []
 
 
 @pytest.mark.parametrize(
@@ -329,7 +445,7 @@ def test_tensor_named_like_the_safetensors_header_is_refused(tmp_path):
 
 def test_unsupported_version(saved):
     _rewrite(saved, meta_update={"format_version": "99"})
-    with pytest.raises(ValueError, match=r"format version '99' is not supported \(this signmask reads versions 1, 2\)"):
+    with pytest.raises(ValueError, match=r"format version '99' is not supported \(this signmask reads versions 1, 2, 3\)"):
         signmask.load(saved)
 
 
@@ -368,7 +484,7 @@ def test_non_zero_padding_is_refused(saved_any):
 
 def test_wrong_byte_count_for_shape(saved_any):
     version = _io.read_raw(saved_any)[0]["format_version"]
-    expected = {"1": 2, "2": 1}[version]  # ceil(5 / 4), ceil(5 / 5)
+    expected = {"1": 2, "2": 1, "3": 1}[version]  # ceil(5 / 4), ceil(5 / 5)
     _rewrite(saved_any, tensors={"a.weight": torch.zeros(5, dtype=torch.uint8)})
     with pytest.raises(ValueError, match=rf"'a.weight' should be {expected} uint8 bytes for shape \[1, 5\]"):
         signmask.load(saved_any)
@@ -384,6 +500,7 @@ def test_wrong_byte_count_for_shape(saved_any):
         ({"a": torch.tensor([1])}, {"a": torch.tensor([1])}, {}, "both as masks and as dense signs"),
         ({}, {}, {}, "at least one masked tensor"),
         ({"a": torch.tensor([1])}, {}, {"format": "x"}, "reserved"),
+        ({"a": torch.tensor([1])}, {}, {"metadata_sha256": "x"}, r"keys \['metadata_sha256'\] are reserved"),
         ({"a": torch.tensor([1])}, {}, {"n": 3}, "must map str to str"),
         (None, {}, {}, "masks must be a mapping of tensor names to tensors, got NoneType"),
         ({"a": torch.tensor([1])}, None, {}, "signs must be a mapping"),
