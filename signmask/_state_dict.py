@@ -15,11 +15,18 @@ _EXTRA_STATE = "_extra_state"  # nn.Module's key suffix for get_extra_state()
 
 
 def _without_data(value) -> str | None:
-    """What ``value`` is when it is not a tensor holding data (for the error), else None."""
+    """What ``value`` is when it is not a tensor holding data that torch's ``copy_`` reads (for
+    the error), else None. torch finds out only while copying, after the keys before it."""
     if not isinstance(value, torch.Tensor):
         return type(value).__name__
     if _targets.is_dtensor(value):
         return f"a DTensor (a sharded state dict): {_targets.GATHER_FIRST}"
+    if value.is_nested:  # before the layout: a nested tensor may be "strided" too
+        return "a nested tensor"
+    if value.layout != torch.strided:
+        return f"a {str(value.layout).removeprefix('torch.')} tensor"
+    if value.is_quantized:
+        return f"a quantized tensor ({value.dtype}; dequantize() it first)"
     return "a meta tensor" if value.is_meta else None
 
 
@@ -45,6 +52,20 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
             )
     if problems:
         raise RuntimeError("cannot load the state_dict: " + "; ".join(problems))
+
+
+def _take_values(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each tensor of ``model``'s state with a copy of its values, for :func:`_put_values`."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
+    with torch.no_grad():
+        return [(t, t.detach().clone()) for t in tensors.values()]
+
+
+def _put_values(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy the values :func:`_take_values` saved back into the same tensor objects."""
+    with torch.no_grad():
+        for tensor, values in saved:
+            tensor.copy_(values)
 
 
 def _trained_norms(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
@@ -152,8 +173,11 @@ def load_state_dict(
         TypeError: ``model`` is not an ``nn.Module``, ``state_dict`` not a mapping of str keys.
         ValueError: a masked tensor names no module of ``model`` or has another shape.
         RuntimeError: missing or unexpected keys (with ``strict``), other mismatched shapes, or
-            values that are not tensors with data, as ``nn.Module.load_state_dict`` raises.
-        The model is left untouched in every case.
+            values that are not tensors with data that torch can copy (a sparse, quantized,
+            nested or meta tensor), as ``nn.Module.load_state_dict`` raises.
+        The model is left untouched in every case, an error raised by a module's own loading
+        code (``set_extra_state``, a load hook) included: a copy of the model's tensors, held
+        while it loads (the model's memory again), puts their values back.
 
     Example:
         >>> import torch, signmask
@@ -198,20 +222,24 @@ def load_state_dict(
         locked = key[: -len("_mask")] + "_sign" in state_dict
         plan[key[: -len("_mask")]] = (module, tensor, mask, locked)
     _targets.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _targets.GATHER_FIRST)
+    # torch copies module by module, and a module's own loading code (set_extra_state, a
+    # _load_from_state_dict or hook) can still raise midway: the copies put every value back.
+    saved = _take_values(model)
     installed = []
-    with torch.no_grad():
-        for module, tensor, mask, locked in plan.values():
-            if _reparam.find_hook(module, tensor)[1] is None:
-                keep = mask.to(_reparam.original(module, tensor).device) != 0
-                negative = torch.zeros_like(keep) if locked else None
-                _reparam.install(module, tensor, keep, _methods.FromSignedMask(keep), negative=negative)
-                installed.append((module, tensor))
     try:
+        with torch.no_grad():
+            for module, tensor, mask, locked in plan.values():
+                if _reparam.find_hook(module, tensor)[1] is None:
+                    keep = mask.to(_reparam.original(module, tensor).device) != 0
+                    negative = torch.zeros_like(keep) if locked else None
+                    _reparam.install(module, tensor, keep, _methods.FromSignedMask(keep), negative=negative)
+                    installed.append((module, tensor))
         _check_keys(model.state_dict(), state_dict, strict=strict)
         skipped = model.load_state_dict(state_dict, strict=strict)
-    except Exception:
-        for module, tensor in installed:
+    except BaseException:
+        for module, tensor in reversed(installed):
             _reparam.uninstall(module, tensor)
+        _put_values(saved)
         raise
     if skipped.missing_keys or skipped.unexpected_keys:
         warnings.warn(

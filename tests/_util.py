@@ -1,5 +1,7 @@
 """Small seeded models and helpers shared by the tests."""
 
+import copy
+
 import torch
 from torch import nn
 
@@ -55,9 +57,10 @@ def tiny(seed: int = 0, **kwargs) -> TinyNet:
 
 
 def snapshot(model: nn.Module):
-    """Everything a failed call must leave untouched: tensors, parameter objects, hooks."""
+    """Everything a failed call must leave untouched: tensors (and extra state), parameter
+    objects, hooks."""
     return (
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in model.state_dict().items()},
         [(n, id(p)) for n, p in model.named_parameters()],
         [(n, list(m._forward_pre_hooks.values()), list(m._forward_hooks.values())) for n, m in model.named_modules()],
     )
@@ -67,7 +70,7 @@ def assert_same(before, after):
     sd0, params0, hooks0 = before
     sd1, params1, hooks1 = after
     assert sd0.keys() == sd1.keys()
-    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert all(torch.equal(sd0[k], sd1[k]) if isinstance(sd0[k], torch.Tensor) else sd0[k] == sd1[k] for k in sd0)
     assert params0 == params1
     assert hooks0 == hooks1
 

@@ -54,6 +54,53 @@ def test_load_state_dict_refuses_values_without_data_before_copying(value):
     assert_same(before, snapshot(target))
 
 
+@pytest.mark.parametrize(
+    "make, found",
+    [
+        (lambda t: t.to_sparse(), "a sparse_coo tensor"),
+        (lambda t: t.to_sparse_csr(), "a sparse_csr tensor"),
+        (lambda t: t.to_mkldnn(), "a _mkldnn tensor"),
+        (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.quint8), "a quantized tensor"),
+        (lambda t: torch.nested.nested_tensor(list(t)), "a nested tensor"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::UserWarning")  # sparse CSR and nested tensors are in beta
+def test_load_state_dict_refuses_tensors_torch_cannot_copy_before_copying(make, found):
+    # torch's copy_ refuses these after it copied the keys before them; the mask too.
+    sd = dict(signmask.prune(tiny(0), 0.6).state_dict())
+    target = tiny(1)
+    before = snapshot(target)
+    for key in ("fc.weight_orig", "fc.weight_mask"):  # fc is the last module: listed last
+        bad = dict(sd, **{key: make(sd[key].float())})
+        with pytest.raises(RuntimeError, match=f"{key}: expected a tensor with data in the state_dict, found {found}"):
+            signmask.load_state_dict(target, bad)
+        assert_same(before, snapshot(target))
+
+
+class FailingExtra(nn.Linear):
+    """A module whose own loading code raises, after torch copied the modules before it."""
+
+    def get_extra_state(self):
+        return {"version": 2}
+
+    def set_extra_state(self, state):
+        raise ValueError(f"cannot read extra state {state}")
+
+
+@pytest.mark.parametrize("pruned", [["0"], ["0", "2"]])  # "2": its mask is installed, then raises
+def test_a_module_whose_own_loading_code_raises_leaves_the_model_untouched(pruned):
+    torch.manual_seed(0)
+    source = signmask.prune(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), FailingExtra(4, 4)), 0.5, include=pruned)
+    source[1].running_mean.fill_(3.0)
+    target = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), FailingExtra(4, 4))
+    signmask.prune(target, 0.25, include="0")  # a mask torch overwrites in place too
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"cannot read extra state \{'version': 2\}"):
+        signmask.load_state_dict(target, source.state_dict())
+    assert_same(before, snapshot(target))
+    assert torch.equal(target[0].weight, target[0].weight_orig * target[0].weight_mask)
+
+
 def test_load_state_dict_refuses_a_state_dict_that_is_not_a_mapping():
     target = tiny(1)
     with pytest.raises(TypeError, match="state_dict must be a mapping of names to tensors, got NoneType"):
