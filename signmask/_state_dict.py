@@ -54,9 +54,24 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
         raise RuntimeError("cannot load the state_dict: " + "; ".join(problems))
 
 
+def _check_initialized(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a lazy tensor that ``state_dict`` loads into (as itself or pruned): torch would
+    materialize it, which no rollback can undo, and installing a mask needs its shape first."""
+    for fqn, module in model.named_modules(remove_duplicate=False):  # a shared module: every name
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            key = f"{fqn}.{name}" if fqn else name
+            if key in state_dict or key + "_orig" in state_dict:
+                _targets.check_initialized(key, module, tensor, "loading a state dict into it")
+
+
 def _take_values(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each tensor of ``model``'s state with a copy of its values, for :func:`_put_values`."""
-    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
+    """Each tensor of ``model``'s state with a copy of its values, for :func:`_put_values`
+    (a lazy one has none, and :func:`_check_initialized` made sure nothing loads into it)."""
+    tensors = {
+        id(t): t
+        for t in model.state_dict(keep_vars=True).values()
+        if isinstance(t, torch.Tensor) and not nn.parameter.is_lazy(t)
+    }
     with torch.no_grad():
         return [(t, t.detach().clone()) for t in tensors.values()]
 
@@ -171,7 +186,8 @@ def load_state_dict(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``state_dict`` not a mapping of str keys.
-        ValueError: a masked tensor names no module of ``model`` or has another shape.
+        ValueError: a masked tensor names no module of ``model`` or has another shape, or the
+            state dict loads into a lazy layer that has no shape yet (run a forward pass first).
         RuntimeError: missing or unexpected keys (with ``strict``), other mismatched shapes, or
             values that are not tensors with data that torch can copy (a sparse, quantized,
             nested or meta tensor), as ``nn.Module.load_state_dict`` raises.
@@ -196,6 +212,7 @@ def load_state_dict(
     if not _interpolate.interpolated(model):
         state_dict = _trained_norms(state_dict)
     state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names
+    _check_initialized(model, state_dict)
     modules = dict(model.named_modules(remove_duplicate=False))  # a shared module: every name
     plan = {}  # pruned tensor's key -> (module, tensor, mask, locked)
     for key, mask in state_dict.items():

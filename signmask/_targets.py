@@ -165,6 +165,18 @@ def classifier_modules(model: nn.Module) -> set[int]:
     return ids
 
 
+def check_initialized(key: str, module: nn.Module, tensor, doing: str) -> None:
+    """Refuse ``tensor`` (``module``'s ``key``) while it is an uninitialized lazy parameter or
+    buffer (an ``nn.LazyLinear`` before its first forward): it has no shape or values yet, and
+    torch's own error when one is read names no tensor. ``doing`` ends the message."""
+    if nn.parameter.is_lazy(tensor):
+        kind = "buffer" if isinstance(tensor, nn.parameter.UninitializedBuffer) else "parameter"
+        raise ValueError(
+            f"{key} is an uninitialized lazy {kind} ({type(module).__name__}); run one forward "
+            f"pass to give it a shape before {doing}"
+        )
+
+
 def _matches(fqn: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
 
@@ -253,11 +265,7 @@ def select(
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
-        if isinstance(module._parameters.get(tensor), nn.parameter.UninitializedParameter):
-            raise ValueError(
-                f"{key} is an uninitialized lazy parameter ({type(module).__name__}); run one "
-                "forward pass to give it a shape before pruning"
-            )
+        check_initialized(key, module, module._parameters.get(tensor), "pruning")
         chosen[key] = (module, tensor)
     if not chosen:
         raise ValueError(

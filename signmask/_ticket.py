@@ -250,7 +250,7 @@ def extract(
             a mapping.
         ValueError: nothing in ``model`` is pruned, or something other than a conv/linear weight
             is (a bias or an embedding, by stock prune); a kept (or recorded dense) weight is
-            NaN or infinite.
+            NaN or infinite; a layer to record is lazy and has no shape yet.
 
     Example:
         >>> import torch, signmask
@@ -279,6 +279,7 @@ def extract(
     if dense:
         for key, (module, name) in _targets.tensor_index(model).items():
             if key not in masks and isinstance(module, _targets.PRUNABLE_TYPES):
+                _targets.check_initialized(key, module, getattr(module, name), "extracting its signs")
                 signs[key] = _dense_signs(key, getattr(module, name))
                 layers[key] = (module, name)
     if biases:
@@ -312,4 +313,6 @@ def _norm_params(model: nn.Module) -> dict[str, torch.Tensor]:
         for name in ("weight", "bias"):
             if _targets.has_tensor(module, name):
                 _targets.index_tensor(index, fqn, module, name)
+    for key, (m, n, _) in index.items():
+        _targets.check_initialized(key, m, _reparam.original(m, n), "extracting its norms")
     return {key: _reparam.original(m, n).detach().to("cpu", copy=True) for key, (m, n, _) in index.items()}

@@ -54,6 +54,7 @@ def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Ten
         for key, signed in group.items():
             module, name = index[key]
             target = _reparam.original(module, name)
+            _targets.check_initialized(key, module, target, "transferring a ticket onto it")
             if tuple(target.shape) != tuple(signed.shape):
                 raise ValueError(
                     f"ticket tensor {key!r} has shape {tuple(signed.shape)}, the model's has "
@@ -135,9 +136,9 @@ def transfer(
         TypeError: ``model`` is not an ``nn.Module`` (whatever ``check_architecture`` says),
             ``ticket`` is neither a Ticket nor a path, or a flag is not a bool.
         ValueError: unknown ``signs``, another architecture, ticket tensors missing from the model,
-            a shape mismatch, an already-pruned tensor, ``norms`` with a ticket that has none,
-            or a ticket norm tensor that is not a norm layer's in the model. Nothing is changed
-            then.
+            a shape mismatch, an already-pruned tensor, a lazy layer with no shape yet, ``norms``
+            with a ticket that has none, or a ticket norm tensor that is not a norm layer's in
+            the model. Nothing is changed then.
 
     Example:
         >>> import torch, signmask

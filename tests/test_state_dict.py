@@ -101,6 +101,33 @@ def test_a_module_whose_own_loading_code_raises_leaves_the_model_untouched(prune
     assert torch.equal(target[0].weight, target[0].weight_orig * target[0].weight_mask)
 
 
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_lazy_layer_the_state_dict_loads_into_is_refused_by_name_untouched(pruned):
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    if pruned:
+        signmask.prune(source, 0.5)
+    model = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 2))
+    head = {k: v.clone() for k, v in model[1].state_dict().items()}
+    with pytest.raises(ValueError, match=r"^0.weight is an uninitialized lazy parameter \(LazyLinear\); run one "
+                                         "forward pass to give it a shape before loading a state dict into it$"):
+        signmask.load_state_dict(model, source.state_dict())
+    assert nn.parameter.is_lazy(model[0].weight) and not signmask._targets.pruned(model)
+    assert all(torch.equal(v, model[1].state_dict()[k]) for k, v in head.items())
+    model(torch.randn(1, 3))  # the forward pass gives it its shape
+    signmask.load_state_dict(model, source.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+def test_a_lazy_layer_the_state_dict_does_not_name_stays_lazy():
+    torch.manual_seed(0)
+    source = signmask.prune(nn.Sequential(nn.Linear(3, 4)), 0.5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    with pytest.warns(UserWarning, match=r"left 2 tensors .* \['1.weight', '1.bias'\]"):
+        signmask.load_state_dict(model, source.state_dict(), strict=False)
+    assert torch.equal(model[0].weight, source[0].weight) and nn.parameter.is_lazy(model[1].weight)
+
+
 def test_load_state_dict_refuses_a_state_dict_that_is_not_a_mapping():
     target = tiny(1)
     with pytest.raises(TypeError, match="state_dict must be a mapping of names to tensors, got NoneType"):

@@ -474,3 +474,27 @@ def test_the_pruning_history_holds_no_per_weight_tensor(verb):
     records = signmask._reparam.methods(signmask._reparam.find_hook(fresh, "weight")[1])
     assert records and all(getattr(m, "signed_mask", None) is None for m in records)
     assert len(pickle.dumps(fresh)) <= len(pickle.dumps(dense)) + 512
+
+
+def test_transfer_onto_a_lazy_layer_is_refused_by_name_untouched():
+    torch.manual_seed(0)
+    ticket = signmask.extract(signmask.prune(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), 0.5), biases=True)
+    model = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 2))
+    head = {k: v.clone() for k, v in model[1].state_dict().items()}
+    with pytest.raises(ValueError, match=r"^0.weight is an uninitialized lazy parameter \(LazyLinear\); run one "
+                                         "forward pass to give it a shape before transferring a ticket onto it$"):
+        signmask.transfer(ticket, model)
+    assert nn.parameter.is_lazy(model[0].weight) and not signmask._targets.pruned(model)
+    assert all(torch.equal(v, model[1].state_dict()[k]) for k, v in head.items())
+
+
+def test_extract_with_a_lazy_layer_to_record_is_refused_by_name():
+    model = signmask.prune(nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2)), 0.5, include="0")
+    with pytest.raises(ValueError, match=r"^1.weight is an uninitialized lazy parameter \(LazyLinear\); run one "
+                                         "forward pass to give it a shape before extracting its signs$"):
+        signmask.extract(model, dense=True)
+    assert list(signmask.extract(model).masks) == ["0.weight"]  # without dense it reads no lazy layer
+    model = signmask.prune(nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d()), 0.5)
+    with pytest.raises(ValueError, match=r"^1.weight is an uninitialized lazy parameter \(LazyBatchNorm1d\); run "
+                                         "one forward pass to give it a shape before extracting its norms$"):
+        signmask.extract(model, norms=True)
