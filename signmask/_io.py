@@ -18,6 +18,7 @@ held four 2-bit codes per byte (same manifest).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -110,6 +111,16 @@ def check_path(path) -> str | os.PathLike:
     return path
 
 
+def check_file_path(path) -> Path:
+    """``path`` as a ``Path`` to write a file to (:func:`check_path`'s ``TypeError``); raise
+    ``ValueError`` if it names a folder: it ends in a separator, ``.`` or ``..``, which ``Path``
+    would drop or keep (``"runs/"`` becomes ``"runs"``, and a file of that name would be written)."""
+    text = os.fspath(check_path(path))
+    if os.path.basename(text) in ("", ".", ".."):
+        raise ValueError(f"path {text!r} names a folder, not a file; give the file's name too")
+    return Path(text)
+
+
 def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     """Write ``ticket`` to ``path`` as ``.safetensors``, atomically (temp file + rename).
 
@@ -119,8 +130,12 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     Raises:
         TypeError: ``ticket`` is not a :class:`Ticket`, ``path`` not a path.
         ValueError: the ticket's tensors were edited into invalid values after construction, or
-            one is named ``__metadata__``.
-        NotADirectoryError: a folder above ``path`` is a file (missing folders are created).
+            one is named ``__metadata__``; ``path`` names a folder (it ends in a separator).
+        NotADirectoryError: a folder above ``path`` is a file (missing folders are created,
+            those of a symlink's target too).
+        IsADirectoryError: ``path`` is an existing folder.
+        OSError: the write failed (``PermissionError`` in a read-only folder...); the message
+            names ``path``, and no file is left behind.
 
     Example:
         >>> import os, tempfile, torch, signmask
@@ -134,10 +149,9 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     if not isinstance(ticket, Ticket):
         raise TypeError(f"save() takes a signmask.Ticket, got {type(ticket).__name__}")
     ticket = ticket._checked()
-    check_path(path)
+    path = check_file_path(path)
     if "__metadata__" in {**ticket.masks, **ticket.signs, **ticket.norms}:
         raise ValueError("a tensor named '__metadata__' cannot be saved: safetensors reserves the name")
-    path = Path(path)
     tensors, manifest = {}, {}
     for role, group in (("mask", ticket.masks), ("sign", ticket.signs)):
         for name, signed in group.items():
@@ -159,22 +173,54 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
 
 
 def make_folder(path: Path) -> None:
-    """Create the missing folders above ``path``; raise ``NotADirectoryError`` naming the one
-    that is a file instead."""
-    blocking = next((p for p in path.parents if p.exists()), None)
+    """Create the missing folders above ``path``, a symlink's followed to those of its target
+    (where :func:`write_atomic` writes); raise ``NotADirectoryError`` naming the one that is a
+    file instead, and other ``OSError`` naming ``path``."""
+    real = Path(os.path.realpath(path))
+    blocking = next((p for p in real.parents if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise NotADirectoryError(
-            f"cannot create the folder {str(path.parent)!r} of path: {str(blocking)!r} is not a folder"
+            f"cannot create the folder {str(real.parent)!r} of path: {str(blocking)!r} is not a folder"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _about(e, path, f"cannot create its folder {str(real.parent)!r}: ") from e
+
+
+def _about(error: OSError, path: str | os.PathLike, context: str = "") -> OSError:
+    """``error`` as the same error about the user's ``path``: a message naming our temp file
+    would leave them guessing. One without an errno is not an OS report; it stays as it is."""
+    if error.errno is None:
+        return error
+    return OSError(error.errno, context + (error.strerror or os.strerror(error.errno)), os.fspath(path))
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder, fsync and ``os.replace``:
     readers see the old file or the new one, never a partial one. A symlink is followed, as
-    ``open()`` would: its target is replaced and the link stays."""
+    ``open()`` would: its target is replaced and the link stays.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+        OSError: the write failed; the message names ``path`` (not the temp file), and no file is
+            left behind.
+    """
     given = Path(path)
     path = Path(os.path.realpath(given))
+    if path.is_dir():  # os.replace would say so only about the temp file
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(given))
+    try:
+        _replace_with(path, data)
+    except OSError as e:
+        error = _about(e, given)
+        if error is e:
+            raise
+        raise error from e
+    return given
+
+
+def _replace_with(path: Path, data: bytes) -> None:
     # The temp name stays within NAME_MAX (255 bytes) whatever the length of the file's own.
     stem = path.name.encode()[:100].decode(errors="ignore")
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent)
@@ -189,7 +235,6 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return given
 
 
 def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -110,6 +110,8 @@ def test_bad_inputs_raise(tmp_path):
         analysis.plot_telemetry(telemetry(), png, layer="nope")
     with pytest.raises(ValueError, match="must end in one of"):
         analysis.plot_interpolation({"a": BARRIER}, tmp_path / "x.txt")
+    with pytest.raises(ValueError, match="names a folder, not a file"):
+        analysis.plot_interpolation({"a": BARRIER}, str(tmp_path / "x.png") + os.sep)
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(NotADirectoryError, match="file' is not a folder"):
         analysis.plot_interpolation({"a": BARRIER}, tmp_path / "file" / "x.png")

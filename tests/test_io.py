@@ -1,9 +1,11 @@
 """Ticket files: bit-exact round trips (format versions 1, 2 and 3), size, metadata, and every kind of bad file."""
 
+import errno
 import hashlib
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -178,6 +180,53 @@ def test_save_creates_missing_folders_and_names_a_file_in_the_way(tmp_path):
     with pytest.raises(NotADirectoryError, match="'.*f' is not a folder"):
         signmask.save(_small_ticket(), tmp_path / "f" / "g" / "t.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["a", "f"] and (tmp_path / "f").read_bytes() == b"x"
+
+
+def test_save_onto_a_folder_names_the_given_path_and_leaves_it(tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"Is a directory: '{tmp_path / 'adir'}'$"):
+        signmask.save(_small_ticket(), tmp_path / "adir")
+    assert os.listdir(tmp_path) == ["adir"] and os.listdir(tmp_path / "adir") == []
+
+
+@pytest.mark.parametrize("fail", ["mkstemp", "replace"])
+def test_save_errors_name_the_given_path_not_the_temp_file(tmp_path, monkeypatch, fail):
+    # As in a read-only folder (which root, running these tests, can write into anyway).
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".t.safetensors.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile if fail == "mkstemp" else os, fail, refused)
+    with pytest.raises(PermissionError, match=rf"^\[Errno 13\] Permission denied: '{tmp_path / 't.safetensors'}'$"):
+        signmask.save(_small_ticket(), tmp_path / "t.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_save_cannot_create_is_reported_with_the_given_path(tmp_path, monkeypatch):
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    path = tmp_path / "sub" / "t.safetensors"
+    message = rf"^\[Errno 13\] cannot create its folder '{tmp_path / 'sub'}': Permission denied: '{path}'$"
+    with pytest.raises(PermissionError, match=message):
+        signmask.save(_small_ticket(), path)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("end", [os.sep, os.sep + ".", os.sep + "..", ""])
+def test_a_path_naming_a_folder_is_refused_before_anything_is_written(tmp_path, end):
+    given = str(tmp_path / "newfolder") + end if end else "."
+    with pytest.raises(ValueError, match="names a folder, not a file"):
+        signmask.save(_small_ticket(), given)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_through_a_symlink_to_a_missing_folder_creates_it(tmp_path):
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(tmp_path / "store" / "runs" / "real.safetensors")
+    assert signmask.save(_small_ticket(), link) == link
+    assert link.is_symlink() and signmask.load(tmp_path / "store" / "runs" / "real.safetensors") == _small_ticket()
+    assert os.listdir(tmp_path / "store" / "runs") == ["real.safetensors"]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .._io import check_path, make_folder, write_atomic
+from .._io import check_file_path, make_folder, write_atomic
 from ._connectivity import Barrier
 from ._telemetry import Telemetry
 
@@ -23,7 +23,7 @@ _FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 
 
 def _check_path(path: str | os.PathLike) -> tuple[Path, str]:
-    path = Path(check_path(path))
+    path = check_file_path(path)
     fmt = path.suffix[1:].lower()
     if fmt not in _FORMATS:
         raise ValueError(f"path must end in one of {['.' + f for f in _FORMATS]}, got {str(path)!r}")
@@ -89,7 +89,8 @@ def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike)
     Raises:
         TypeError / ValueError: an empty mapping, a non-str label, a value that is no
             ``Barrier``, or a bad path. NotADirectoryError: a folder above ``path`` is a file
-            (missing folders are created). ImportError: matplotlib is not installed.
+            (missing folders are created); IsADirectoryError: ``path`` is a folder.
+            ImportError: matplotlib is not installed.
 
     Example:
         >>> import tempfile, os
@@ -144,7 +145,8 @@ def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
     Raises:
         TypeError / ValueError: an empty mapping or curve, a non-str label, a value outside
             [0, 1], or a bad path. NotADirectoryError: a folder above ``path`` is a file
-            (missing folders are created). ImportError: matplotlib is not installed.
+            (missing folders are created); IsADirectoryError: ``path`` is a folder.
+            ImportError: matplotlib is not installed.
 
     Example:
         >>> import tempfile, os
@@ -180,8 +182,9 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
 
     Raises:
         TypeError / ValueError: not a ``Telemetry``, no records, an unknown layer, records
-            added after the last ``finish``, or a bad path. NotADirectoryError: a folder above ``path`` is a file (missing folders are
-            created). ImportError: matplotlib is not installed.
+            added after the last ``finish``, or a bad path. NotADirectoryError: a folder above
+            ``path`` is a file (missing folders are created); IsADirectoryError: ``path`` is a
+            folder. ImportError: matplotlib is not installed.
     """
     if not isinstance(telemetry, Telemetry):
         raise TypeError(f"telemetry must be a Telemetry, got {type(telemetry).__name__}")
