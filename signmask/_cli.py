@@ -8,19 +8,26 @@ import json
 import sys
 from typing import Sequence
 
-from . import _io
+from . import _io, _ticket
 
 
 def _table(ticket) -> list[str]:
     rows = [("tensor", "shape", "kept", "sparsity", "% negative")]
-    for name, m in list(ticket.masks.items()) + [(k + " (dense sign)", v) for k, v in ticket.signs.items()]:
+    # The ticket's own rule (0.0 for an empty tensor), which the header's total follows too.
+    sparsity = ticket.layer_sparsity()
+    entries = [(name, m, sparsity[name]) for name, m in ticket.masks.items()]
+    entries += [
+        (k + " (dense sign)", v, _ticket.fraction_pruned(int(v.count_nonzero()), v.numel()))
+        for k, v in ticket.signs.items()
+    ]
+    for name, m, pruned in entries:
         kept = int(m.count_nonzero())
         neg = int((m < 0).sum())
         rows.append((
             name,
             "x".join(map(str, m.shape)) or "scalar",
             f"{kept}/{m.numel()}",
-            f"{1 - kept / max(m.numel(), 1):.4f}",
+            f"{pruned:.4f}",
             f"{100 * neg / kept:.1f}" if kept else "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -137,11 +137,11 @@ class Ticket:
     @property
     def sparsity(self) -> float:
         """Fraction of masked weights that are pruned (0.0 when the masks hold no weights)."""
-        return _fraction_pruned(self.kept, self.numel)
+        return fraction_pruned(self.kept, self.numel)
 
     def layer_sparsity(self) -> dict[str, float]:
         """Per-tensor fraction of pruned weights (0.0 for an empty tensor)."""
-        return {k: _fraction_pruned(int(m.count_nonzero()), m.numel()) for k, m in self.masks.items()}
+        return {k: fraction_pruned(int(m.count_nonzero()), m.numel()) for k, m in self.masks.items()}
 
     def _checked(self) -> "Ticket":
         """This ticket validated again, as the constructor does: its dicts stay editable after
@@ -166,7 +166,8 @@ class Ticket:
         )
 
 
-def _fraction_pruned(kept: int, numel: int) -> float:
+def fraction_pruned(kept: int, numel: int) -> float:
+    """The fraction of ``numel`` weights not kept: 0.0 when there are none (nothing is pruned)."""
     return 1.0 - kept / numel if numel else 0.0
 
 

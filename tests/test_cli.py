@@ -56,12 +56,14 @@ def test_inspect_missing_file_exits_1_with_a_message(tmp_path, capsys):
     assert err.startswith("error: ") and "nope.safetensors" in err
 
 
-def test_inspect_table_shows_an_empty_tensor_as_fully_sparse(tmp_path):
-    # C04: 0-element tensors must not divide by zero
-    t = signmask.Ticket({"a.weight": torch.tensor([1, 0, -1, 1]), "e.weight": torch.zeros(0, 3, dtype=torch.int8)})
-    text = _cli.inspect(str(signmask.save(t, tmp_path / "t.safetensors")))
-    row = next(line for line in text.splitlines() if line.startswith("e.weight"))
-    assert row.split() == ["e.weight", "0x3", "0/0", "1.0000", "-"]
+def test_inspect_table_shows_an_empty_tensor_with_sparsity_0_as_layer_sparsity_does(tmp_path):
+    # C04: 0-element tensors must not divide by zero; and Ticket.layer_sparsity() documents 0.0
+    t = signmask.Ticket({"a.weight": torch.tensor([1, 0, -1, 1]), "e.weight": torch.zeros(0, 3, dtype=torch.int8)},
+                        {"e.bias": torch.zeros(0, dtype=torch.int8)})
+    assert t.layer_sparsity()["e.weight"] == 0.0
+    lines = _cli.inspect(str(signmask.save(t, tmp_path / "t.safetensors"))).splitlines()
+    assert next(line for line in lines if line.startswith("e.weight")).split() == ["e.weight", "0x3", "0/0", "0.0000", "-"]
+    assert lines[-1].split() == ["e.bias", "(dense", "sign)", "0", "0/0", "0.0000", "-"]
 
 
 def test_inspect_lists_metadata_keys_sorted(tmp_path):
