@@ -237,7 +237,8 @@ def extract(
     Args:
         model: a model pruned by signmask or by ``torch.nn.utils.prune``.
         biases: also record the signs of the biases (dense) of the layers recorded: the pruned
-            ones and, with ``dense``, the unpruned ones.
+            ones and, with ``dense``, the unpruned ones. A bias that is no Parameter (a buffer,
+            or computed by ``nn.utils.parametrize``) is left out, as ``transfer`` writes none.
         dense: also record the signs of conv/linear weights that are not pruned (the classifier
             when it was kept dense), as the AWS reference code transfers them.
         norms: also record the trained affine parameters of every norm layer (BatchNorm,
@@ -285,9 +286,11 @@ def extract(
                 layers[key] = (module, name)
     if biases:
         for key, (module, name) in layers.items():
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                signs[key[: -len(name)] + "bias"] = _dense_signs(key[: -len(name)] + "bias", bias)
+            # transfer's rule: a bias that is no Parameter (a buffer, a parametrization's
+            # output) is not a tensor it can write, and a ticket must transfer onto its own
+            # architecture.
+            if _targets.has_tensor(module, "bias"):
+                signs[key[: -len(name)] + "bias"] = _dense_signs(key[: -len(name)] + "bias", module.bias)
     recorded = _norm_params(model) if norms else {}
     methods = []
     for module, name in found.values():

@@ -498,3 +498,34 @@ def test_extract_with_a_lazy_layer_to_record_is_refused_by_name():
     with pytest.raises(ValueError, match=r"^1.weight is an uninitialized lazy parameter \(LazyBatchNorm1d\); run "
                                          "one forward pass to give it a shape before extracting its norms$"):
         signmask.extract(model, norms=True)
+
+
+class _Abs(nn.Module):
+    def forward(self, x):
+        return x.abs()
+
+
+def _with_bias_not_a_parameter(kind: str, seed: int) -> nn.Sequential:
+    """Two Linear layers; the first one's bias is a buffer or computed by a parametrization."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    if kind == "buffer":  # a frozen bias
+        bias = model[0].bias.detach().clone()
+        del model[0]._parameters["bias"]
+        model[0].register_buffer("bias", bias)
+    else:
+        torch.nn.utils.parametrize.register_parametrization(model[0], "bias", _Abs())
+    return model
+
+
+@pytest.mark.parametrize("kind", ["buffer", "parametrize"])
+def test_a_ticket_with_biases_transfers_onto_its_own_architecture_when_a_bias_is_no_parameter(kind):
+    ticket = signmask.extract(signmask.prune(_with_bias_not_a_parameter(kind, 0), 0.5), biases=True)
+    assert list(ticket.signs) == ["1.bias"]  # transfer writes Parameters only, as prune prunes them
+    fresh = _with_bias_not_a_parameter(kind, 1)
+    bias0, bias1 = fresh[0].bias.detach().clone(), fresh[1].bias.detach().clone()
+    signmask.transfer(ticket, fresh)
+    masks = signmask.extract(fresh).masks
+    assert masks.keys() == ticket.masks.keys() and all(torch.equal(masks[k], m) for k, m in ticket.masks.items())
+    assert torch.equal(fresh[1].bias, bias1.abs() * ticket.signs["1.bias"])
+    assert torch.equal(fresh[0].bias, bias0)  # not the ticket's: it records no sign for it
