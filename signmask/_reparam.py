@@ -234,18 +234,28 @@ def original(module: nn.Module, name: str) -> nn.Parameter:
 
 def check_names_free(key: str, module: nn.Module, name: str) -> None:
     """Refuse an unpruned ``module.<name>`` whose module already has an attribute that
-    :func:`install` would add (``<name>_orig``, ``_mask``, ``_sign``): registering it would fail
-    half-way through a model, or a Parameter of that name would silently replace the weight."""
+    :func:`install` would add (``<name>_orig``, ``_mask``, ``_sign``), its own or its class's (a
+    method, a property): registering it would fail half-way through a model, or a Parameter of
+    that name would silently replace the weight."""
     if find_hook(module, name)[1] is not None:
         return  # pruned: those are its own
     slots = (module.__dict__, module._parameters, module._buffers, module._modules)
-    taken = [name + s for s in ("_orig", "_mask", "_sign") if any(name + s in d for d in slots)]
-    if taken:
+    for attr in (name + s for s in ("_orig", "_mask", "_sign")):
+        owner = _defining_class(module, attr)
+        if owner is None and not any(attr in d for d in slots):
+            continue
         role = {"_orig": "the original weight", "_mask": "its mask", "_sign": "its locked signs"}
+        where = "" if owner is None else f" (of its class {owner.__name__})"
         raise ValueError(
-            f"{key}: {type(module).__name__} already has an attribute {taken[0]!r}, the name "
-            f"pruning gives {role[taken[0][len(name):]]}; rename that attribute to prune this tensor"
+            f"{key}: {type(module).__name__} already has an attribute {attr!r}{where}, the name "
+            f"pruning gives {role[attr[len(name):]]}; rename that attribute to prune this tensor"
         )
+
+
+def _defining_class(module: nn.Module, attr: str) -> type | None:
+    """The class of ``module`` that defines ``attr`` (read from the class dicts: a property is
+    not run), leaving out ``nn.Module`` itself, whose names every module has."""
+    return next((c for c in type(module).__mro__ if c not in nn.Module.__mro__ and attr in vars(c)), None)
 
 
 def install(

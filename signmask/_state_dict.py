@@ -249,8 +249,8 @@ def load_state_dict(
                 if _reparam.find_hook(module, tensor)[1] is None:
                     keep = mask.to(_reparam.original(module, tensor).device) != 0
                     negative = torch.zeros_like(keep) if locked else None
+                    installed.append((module, tensor))  # before: uninstall undoes a partial one
                     _reparam.install(module, tensor, keep, _methods.FromSignedMask(keep), negative=negative)
-                    installed.append((module, tensor))
         _check_keys(model.state_dict(), state_dict, strict=strict)
         skipped = model.load_state_dict(state_dict, strict=strict)
     except BaseException:

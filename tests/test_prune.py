@@ -412,12 +412,40 @@ class _OwnsAWeightSign(nn.Linear):
         self.register_buffer("weight_sign", torch.ones(2, dtype=torch.uint8))
 
 
+class _HasAMaskMethod(nn.Linear):
+    def __init__(self):
+        super().__init__(4, 4)
+
+    def weight_mask(self):  # a helper of some quantization or sparsity mix-in
+        return None
+
+
+class _HasAnOrigProperty(nn.Linear):
+    def __init__(self):
+        super().__init__(4, 4)
+
+    @property
+    def weight_orig(self):
+        raise AssertionError("the check must not run a property")
+
+
+class _BaseWithASign(nn.Linear):
+    weight_sign = None  # a class constant, inherited
+
+
+class _InheritsASign(_BaseWithASign):
+    def __init__(self):
+        super().__init__(4, 4)
+
+
 @pytest.mark.parametrize("layer, taken", [(_KeepsAMaskAttribute, "weight_mask"), (_OwnsAWeightOrig, "weight_orig"),
-                                          (_OwnsAWeightSign, "weight_sign")])
+                                          (_OwnsAWeightSign, "weight_sign"), (_HasAMaskMethod, "weight_mask"),
+                                          (_HasAnOrigProperty, "weight_orig"), (_InheritsASign, "weight_sign")])
 @pytest.mark.parametrize("verb", ["prune", "transfer", "load_state_dict"])
 def test_a_module_already_using_a_name_pruning_adds_is_refused_untouched(layer, taken, verb):
     # prune failed half-way (the layers before pruned, this one without a weight), or a
-    # Parameter called weight_orig silently took the weight's place.
+    # Parameter called weight_orig silently took the weight's place. Class attributes (a
+    # method, a property, an inherited constant) too: register_buffer refused them half-way.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), layer())
     source = signmask.prune(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), 0.5)
@@ -430,8 +458,18 @@ def test_a_module_already_using_a_name_pruning_adds_is_refused_untouched(layer, 
         else:
             signmask.load_state_dict(model, source.state_dict(), strict=False)
     assert_same(before, snapshot(model))
-    if taken == "weight_mask":  # a plain attribute: not in the snapshot
+    if layer is _KeepsAMaskAttribute:  # a plain attribute: not in the snapshot
         assert model[1].__dict__["weight_mask"] is None
+
+
+@pytest.mark.parametrize("layer", [_HasAMaskMethod, _HasAnOrigProperty, _InheritsASign])
+def test_a_class_attribute_named_like_pruning_is_named_with_its_class(layer):
+    model = nn.Sequential(layer())
+    owner = "_BaseWithASign" if layer is _InheritsASign else layer.__name__
+    with pytest.raises(ValueError, match=rf"^0.weight: {layer.__name__} already has an attribute '\w+' \(of its class "
+                                         rf"{owner}\), the name pruning gives"):
+        signmask.prune(model, 0.5)
+    assert not signmask._targets.pruned(model) and "weight" in model[0]._parameters
 
 
 # ------------------------------------------------------------ FSDP2 (sharded parameters)

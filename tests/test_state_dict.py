@@ -128,6 +128,27 @@ def test_a_lazy_layer_the_state_dict_does_not_name_stays_lazy():
     assert torch.equal(model[0].weight, source[0].weight) and nn.parameter.is_lazy(model[1].weight)
 
 
+def test_a_failure_while_installing_the_masks_uninstalls_them_all(monkeypatch):
+    # Here the second install raises after it reparametrized its tensor.
+    install, calls = signmask._reparam.install, []
+
+    def failing(module, name, *args, **kwargs):
+        install(module, name, *args, **kwargs)
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("install failed")
+
+    source = signmask.prune(tiny(0), 0.6)
+    target = tiny(1)
+    before = snapshot(target)
+    monkeypatch.setattr(signmask._reparam, "install", failing)
+    with pytest.raises(RuntimeError, match="install failed"):
+        signmask.load_state_dict(target, source.state_dict())
+    assert len(calls) == 2
+    assert_same(before, snapshot(target))
+    assert not signmask._targets.pruned(target) and all(m.weight is m._parameters["weight"] for m in (target.conv1, target.conv2))
+
+
 def test_load_state_dict_refuses_a_state_dict_that_is_not_a_mapping():
     target = tiny(1)
     with pytest.raises(TypeError, match="state_dict must be a mapping of names to tensors, got NoneType"):
