@@ -66,14 +66,15 @@ def _check_initialized(model: nn.Module, state_dict: Mapping[str, torch.Tensor])
 
 def _take_values(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each tensor of ``model``'s state with a copy of its values, for :func:`_put_values`
-    (a lazy one has none, and :func:`_check_initialized` made sure nothing loads into it)."""
+    (a lazy one has none, and :func:`_check_initialized` made sure nothing loads into it).
+    The copies live in host memory: a model filling its GPU must still load."""
     tensors = {
         id(t): t
         for t in model.state_dict(keep_vars=True).values()
         if isinstance(t, torch.Tensor) and not nn.parameter.is_lazy(t)
     }
     with torch.no_grad():
-        return [(t, t.detach().clone()) for t in tensors.values()]
+        return [(t, t.detach().to("cpu", copy=True)) for t in tensors.values()]
 
 
 def _put_values(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -193,7 +194,7 @@ def load_state_dict(
             nested or meta tensor), as ``nn.Module.load_state_dict`` raises.
         The model is left untouched in every case, an error raised by a module's own loading
         code (``set_extra_state``, a load hook) included: a copy of the model's tensors, held
-        while it loads (the model's memory again), puts their values back.
+        in host memory while it loads, puts their values back.
 
     Example:
         >>> import torch, signmask
