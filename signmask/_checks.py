@@ -26,11 +26,17 @@ def check_bool(value: Any, arg: str, *, optional: bool = False) -> bool | None:
     raise ``TypeError`` naming ``arg`` otherwise (a string such as ``"no"`` would read as true)."""
     if optional and value is None:
         return None
-    if isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+    if _is_bool(value):
         return bool(value)
     kind = type(value)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     raise TypeError(f"{arg} must be a bool{' or None' if optional else ''}, got {name} {value!r}")
+
+
+def _is_bool(value: Any) -> bool:
+    # numpy's bool without importing numpy; older numpy lets operator.index take it as 0 or 1.
+    kind = type(value)
+    return isinstance(value, bool) or kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
 
 
 def check_int(value: Any, arg: str, *, minimum: int) -> int:
@@ -43,7 +49,7 @@ def check_int(value: Any, arg: str, *, minimum: int) -> int:
         ValueError: ``value`` is below ``minimum``.
     """
     try:
-        if isinstance(value, bool):
+        if _is_bool(value):
             raise TypeError
         number = operator.index(value)
     except TypeError:

@@ -27,13 +27,14 @@ def test_check_int_gives_a_plain_int_for_numpy_and_tensor_integers(value):
     assert type(got) is int and got == 3
 
 
-@pytest.mark.parametrize("value, name", [
-    (True, "bool True"), (False, "bool False"), (np.True_, "bool np.True_"),  # bool would read as 1
-    (2.0, "float 2.0"), ("2", "str '2'"), (None, "NoneType None"), (torch.tensor(2.0), "Tensor tensor(2.)"),
-    (torch.tensor([1, 2]), "Tensor tensor([1, 2])"),
+@pytest.mark.parametrize("value", [
+    True, False, np.True_,  # bool would read as 1
+    2.0, "2", None, torch.tensor(2.0), torch.tensor([1, 2]),
 ])
-def test_check_int_refuses_what_is_no_integer_by_name(value, name):
-    with pytest.raises(TypeError, match=f"^points must be an int, got {re.escape(name)}$"):
+def test_check_int_refuses_what_is_no_integer_by_name(value):
+    # The value as Python shows it (numpy >= 2 shows np.True_ as "np.True_", older as "True").
+    text = f"points must be an int, got {type(value).__name__} {value!r}"
+    with pytest.raises(TypeError, match=f"^{re.escape(text)}$"):
         _checks.check_int(value, "points", minimum=0)
 
 
