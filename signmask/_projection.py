@@ -19,7 +19,11 @@ RAdam, Adamax, Adagrad, Adadelta, RMSprop, Rprop) leave an entry at 0 when its w
 and state are 0. Sign-locked tensors: ``w = s * |o|`` trains like ``o`` up to a reflection; when
 a weight crosses zero it is mirrored back and its first-moment state (``momentum_buffer``,
 ``exp_avg``, ``grad_avg``, ``prev``) is negated, which keeps the trajectories equal (the second
-moments are even in the gradient). Refused: ``LBFGS``, ``SparseAdam``, ``Adafactor`` (factored
+moments are even in the gradient). One exception: a sign-locked kept weight that a step lands on
+exactly 0.0 (rare in fp32, less so in 16-bit weights). The torch path's ``weight_orig`` then
+becomes +0.0 from whichever side it came (``x - x`` is +0.0), which may change its frame
+against the lock without a reflection of its momentum; projection keeps the effective weight's
+frame, so the two train that weight differently from the next step on (both sign-locked). Refused: ``LBFGS``, ``SparseAdam``, ``Adafactor`` (factored
 second moments) and ``Muon`` (orthogonalized updates), whose updates mix entries. Other optimizer
 classes (subclasses included) get a warning and the full re-projection after each step;
 layer-wise-norm optimizers such as LAMB or LARS are then not exact.
@@ -223,6 +227,7 @@ class ProjectStep(_OptimizerHook):
             if getattr(hook, "backend", None) != "projection":
                 continue
             hook.__dict__.pop("_reflected", None)  # a state loaded after a step is another's
+            hook.__dict__.pop("_loaded", None)
             orig, mask, sign = _tensors(module, name)
             # A mask changed since the state was last masked (signmask.prune again): the
             # forward re-projected the weights, but stale momentum just moved new zeros.
@@ -247,15 +252,21 @@ class StateLoaded(_OptimizerHook):
             if hook is None:
                 continue
             hook.__dict__.pop("_state_masks", None)
-            reflected = hook.__dict__.pop("_reflected", None)
-            if reflected is not None:  # the weights of this checkpoint were reflected on loading
-                orig = module._parameters[name + "_orig"]
-                flip = 1 - 2 * _bits.sign_bits(reflected, orig.shape).view(torch.int8)
-                state = optimizer.state.get(orig, {})
-                with torch.no_grad():
-                    for key in ZERO_PRESERVING.get(type(optimizer).__name__, ()):
-                        if _per_weight(state.get(key), orig):
-                            _maskmul.mul_(state[key], flip)
+            # Kept, not popped: the same state loaded again needs the same reflection.
+            _flip_state(optimizer, module._parameters[name + "_orig"], hook.__dict__.get("_reflected"))
+
+
+def _flip_state(optimizer, orig, where: torch.Tensor | None) -> None:
+    """Negate ``orig``'s optimizer state odd in the gradient at the packed positions ``where``
+    (a second call undoes the first)."""
+    if where is None or optimizer is None:
+        return
+    flip = 1 - 2 * _bits.sign_bits(where, orig.shape).view(torch.int8)
+    state = optimizer.state.get(orig, {})
+    with torch.no_grad():
+        for key in ZERO_PRESERVING.get(type(optimizer).__name__, ()):
+            if _per_weight(state.get(key), orig):
+                _maskmul.mul_(state[key], flip)
 
 
 def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None:
@@ -310,20 +321,37 @@ class Reproject:
         if getattr(hook, "backend", None) == "projection":
             ref = hook.__dict__.get("_optimizer")
             optimizer = ref() if ref is not None else None
-            _remember_reflection(hook, project(module, self.name, optimizer, grad=optimizer is not None))
+            orig = module._parameters[self.name + "_orig"]
+            # The state was reflected with the weights these values replace: undone first, then
+            # reflected where these were (a state loaded before them goes with them).
+            _flip_state(optimizer, orig, hook.__dict__.get("_reflected"))
+            factor = project(module, self.name, optimizer, grad=optimizer is not None)
+            _flip_state(optimizer, orig, _remember_reflection(hook, factor, loaded=True))
 
 
-def _remember_reflection(hook, factor) -> None:
-    """Where a sign-locked tensor's weights were just reflected (a torch-path checkpoint's), an
-    optimizer state of the same run loaded next must be reflected too: :class:`StateLoaded`
-    does it. Cleared by the next step."""
+def _remember_reflection(hook, factor, *, loaded: bool = False) -> torch.Tensor | None:
+    """Remember where a sign-locked tensor's weights were just reflected (``factor < 0``): the
+    optimizer state that goes with them was reflected there (:func:`project`), and a state of the
+    same run loaded next must be too (:class:`StateLoaded`). Cleared by the next step.
+
+    At :meth:`ProjectionBackend.attach` these are the weights of the moment. ``loaded``: the
+    values of a checkpoint replace them, so the reflections at ``attach`` no longer apply, but
+    those of earlier loads since the last step still do: a checkpoint loaded again after its
+    reflected copy (nothing left to reflect) is the same checkpoint.
+
+    Returns the packed positions reflected before and not now, which the state still needs.
+    """
     if factor is None:
-        return
-    reflected = factor < 0
-    before = hook.__dict__.get("_reflected")
+        return None
+    now = factor < 0
+    before = hook.__dict__.get("_reflected") if hook.__dict__.get("_loaded") else None
+    extra = None
     if before is not None:
-        reflected |= _bits.sign_bits(before, reflected.shape).view(torch.bool)
-    hook._reflected = _bits.pack_signs(reflected)
+        earlier = _bits.sign_bits(before, now.shape).view(torch.bool)
+        extra = _bits.pack_signs(earlier & ~now)
+        now |= earlier
+    hook._reflected, hook._loaded = _bits.pack_signs(now), loaded
+    return extra
 
 
 def _unhook_module(module, name: str) -> None:

@@ -85,7 +85,7 @@ class SignMaskHook(_prune.PruningContainer):
     backend = "torch"
     # Per-process wiring, never copied: the projection backend's stamps and weak references to
     # its optimizer and Parameter, and the stock-stacking flag (see compute_mask).
-    _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_reflected", "_stacked")
+    _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_reflected", "_loaded", "_stacked")
 
     def __getstate__(self) -> dict:
         # A deepcopy or pickle carries none of the projection backend's gradient and optimizer

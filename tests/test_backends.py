@@ -390,6 +390,53 @@ def test_projection_resumes_a_sign_locked_torch_checkpoint_loaded_after_set_back
     assert _equal_weights(ref, proj)
 
 
+def _crossed(model) -> int:
+    """How many kept weight_orig entries disagree with their sign locks (set_backend reflects them)."""
+    return sum(int(((torch.signbit(m.weight_orig) != _bits.sign_bits(m.weight_sign, m.weight_orig.shape).bool())
+                    & m.weight_mask).sum()) for m in model if hasattr(m, "weight_mask"))
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_a_checkpoint_loaded_after_set_backend_drops_the_reflections_set_backend_made(model_first):
+    # Rewinding: the run trained on past its checkpoint, switched to projection (reflecting the
+    # weights of that moment), then loaded the checkpoint. Those reflections belong to weights
+    # the checkpoint replaces: they reached its momentum too (0.28 off after 6 steps).
+    ref, ref_opt, rest, model_state, opt_state = _locked_torch_checkpoint()
+    proj, proj_opt = copy.deepcopy((ref, ref_opt))
+    _train(proj, proj_opt, _batches(9)[6:])
+    assert _crossed(proj) > 0
+    _backends.set_backend(proj, "projection", optimizer=proj_opt)
+    if model_first:
+        proj.load_state_dict(model_state)
+        proj_opt.load_state_dict(opt_state)
+    else:
+        proj_opt.load_state_dict(opt_state)
+        proj.load_state_dict(model_state)
+    _train(ref, ref_opt, rest)
+    _train(proj, proj_opt, rest)
+    assert _equal_weights(ref, proj)
+
+
+def test_a_projection_checkpoint_loads_its_momentum_unreflected():
+    # Its weights are reflected already: loading it reflects nothing, whatever set_backend
+    # reflected in the model it is loaded into.
+    a = _pruned("locked")
+    a_opt = _large_steps(a.parameters())
+    _backends.set_backend(a, "projection", optimizer=a_opt)
+    _train(a, a_opt, _batches(2))
+    model_state, opt_state = copy.deepcopy(a.state_dict()), copy.deepcopy(a_opt.state_dict())
+    b = _pruned("locked")
+    with torch.no_grad():
+        b[0].weight_orig.neg_()  # disagrees with its locks: set_backend reflects it
+    assert _crossed(b) > 0
+    b_opt = _large_steps(b.parameters())
+    _backends.set_backend(b, "projection", optimizer=b_opt)
+    b.load_state_dict(model_state)
+    b_opt.load_state_dict(opt_state)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(a_opt.state[pa]["momentum_buffer"], b_opt.state[pb]["momentum_buffer"])
+
+
 @pytest.mark.parametrize("signs", [None, "locked"])
 def test_pruning_again_between_backward_and_step_keeps_projection_exact(signs):
     # The forward-time re-projection masked the state, so the step hook trusted it, while the
