@@ -197,7 +197,28 @@ def _signmask_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
                 f"{key} is pruned by a stock torch.nn.utils.prune hook; adopt it first with "
                 f"signmask.prune(model, 0.0, include={key.rpartition('.')[0]!r})"
             )
+        _check_layout(key, module, name)
     return targets
+
+
+def _check_layout(key: str, module: nn.Module, name: str) -> None:
+    """Refuse a mask or sign buffer edited out of the layout every backend reads (a float mask
+    assigned by hand, one moved to another device): found midway, the backend would already
+    have changed the tensors before it."""
+    orig = module._parameters[name + "_orig"]
+    wanted = {name + "_mask": (torch.bool, tuple(orig.shape)),
+              name + "_sign": (torch.uint8, (-(-orig.numel() // 8),))}  # packed, 1 bit per weight
+    for buffer, (dtype, shape) in wanted.items():
+        t = module._buffers.get(buffer)
+        if t is None and buffer.endswith("_sign"):
+            continue  # a free tensor
+        found = (t.dtype, tuple(t.shape), t.device) if isinstance(t, torch.Tensor) else None
+        if found != (dtype, shape, orig.device):
+            what = f"{found[0]} of shape {found[1]} on {found[2]}" if found else type(t).__name__
+            raise ValueError(
+                f"{key.removesuffix(name)}{buffer} must be {dtype} of shape {shape} on "
+                f"{orig.device}, beside its weight (as signmask.prune makes it), found {what}"
+            )
 
 
 def set_backend(
@@ -225,7 +246,8 @@ def set_backend(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``"triton"`` with a tensor of a dtype its
             kernels do not compute (not fp32/bf16/fp16/fp64).
-        ValueError: unknown backend, nothing pruned, a stock prune hook, ``"projection"``
+        ValueError: unknown backend, nothing pruned, a stock prune hook, a mask or sign buffer
+            of another dtype, shape or device than signmask makes, ``"projection"``
             without an optimizer, with one it cannot serve exactly or that does not train every
             pruned tensor, or with a frozen tensor.
         ImportError: ``"triton"`` without triton installed.

@@ -6,6 +6,7 @@ gradient clipping), ``"auto"`` on CPU must be the torch path.
 """
 
 import copy
+import re
 import io
 import warnings
 
@@ -923,3 +924,32 @@ def test_projection_trains_locked_weights_at_zero_like_the_torch_path(opt):
     for a, b in zip(_weights(ref), _weights(proj)):
         assert torch.equal(a, b)
     assert _weights(ref)[0][kept_zeros].ne(0).all()  # the kept zeros trained
+
+
+@pytest.mark.parametrize("backend", ["torch", "projection", "auto"])
+@pytest.mark.parametrize("edit, found", [
+    (lambda m: setattr(m[1], "weight_mask", m[1].weight_mask.float()), "torch.float32 of shape (2, 3) on cpu"),
+    (lambda m: setattr(m[1], "weight_mask", m[1].weight_mask.to("meta")), "torch.bool of shape (2, 3) on meta"),
+    (lambda m: setattr(m[1], "weight_mask", m[1].weight_mask.t()), "torch.bool of shape (3, 2) on cpu"),
+])
+def test_set_backend_refuses_a_mask_edited_out_of_its_layout_before_any_change(backend, edit, found):
+    # Found midway, a float mask failed in the Triton kernel and a meta one in the projection
+    # after the tensors before it were switched (and, under projection, rewritten).
+    model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.5, signs="locked")
+    with torch.no_grad():
+        model[0].weight_orig.neg_()  # disagrees with its locks: projection would reflect it
+    edit(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in model.parameters()]  # (a meta mask has no values)
+    with pytest.raises(ValueError, match=re.escape(f"1.weight_mask must be torch.bool of shape (2, 3) on cpu, beside its weight (as signmask.prune makes it), found {found}")):
+        _backends.set_backend(model, backend, optimizer=opt)
+    assert all(bits_equal(a, b) for a, b in zip(before, model.parameters()))
+    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert not _optimizer_hooks(opt) and not model[0].weight_orig._post_accumulate_grad_hooks
+
+
+def test_set_backend_refuses_a_sign_buffer_of_another_dtype_by_name():
+    model = signmask.prune(nn.Linear(4, 3), 0.5, signs="locked")
+    model.weight_sign = model.weight_sign.to(torch.int32)
+    with pytest.raises(ValueError, match=re.escape("weight_sign must be torch.uint8 of shape (2,) on cpu")):
+        _backends.set_backend(model, "torch")
