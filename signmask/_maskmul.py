@@ -131,8 +131,13 @@ def mul(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _product(t, factor, inplace=False)
 
 
+def _integer_view(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    # Only beside floats: an int8 or bool t times a uint8 factor would promote to another dtype.
+    return as_int(factor) if t.is_floating_point() or t.is_complex() else factor
+
+
 def _product(t: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.Tensor:
-    factor = as_int(factor)
+    factor = _integer_view(t, factor)
     views = None if _plain(t) or _recorded(t) else _chunked(t, factor)
     if views is None:
         return t.mul_(factor) if inplace else t * factor
@@ -179,7 +184,7 @@ def multiply(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         tensor([1., 0.])
     """
     # As an integer view first: torch's CPU kernels promote bool ~3x slower than uint8.
-    factor = as_int(factor)
+    factor = _integer_view(t, factor)
     if _plain(t):  # no autograd.Function overhead where the plain op runs anyway
         return t * factor
     with torch.no_grad():  # the flat views feed out= kernels only: no autograd nodes for them

@@ -307,3 +307,16 @@ def test_a_factor_that_broadcasts_gets_the_plain_product():
     expected = t * mask.to(torch.uint8)
     assert bits_equal(_maskmul.mul(t, mask), expected)
     assert bits_equal(_maskmul.mul_(t.clone(), mask), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int8, torch.uint8, torch.int32, torch.float16,
+                                   torch.bfloat16, torch.float32, torch.float64, torch.complex64])
+def test_products_keep_the_dtype_of_t_as_the_plain_op_does(dtype):
+    # A bool mask seen as uint8 promoted an int8 weight to int16 (and a bool one to uint8):
+    # a pruned int8 Parameter became int16 after signmask.remove.
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(5, 7, generator=g) * 4).to(dtype)
+    mask = torch.rand(5, 7, generator=g) > 0.5
+    expected = t * mask
+    for got in (_maskmul.mul(t, mask), _maskmul.multiply(t, mask), _maskmul.mul_(t.clone(), mask)):
+        assert got.dtype == dtype and torch.equal(got, expected)
