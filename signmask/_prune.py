@@ -16,8 +16,9 @@ _SIGN_MODES = ("free", "locked")
 
 
 def check_prunable(key: str, module: nn.Module, name: str, *, signs: str | None) -> None:
-    """Refuse a tensor whose current pruning state conflicts with the request."""
+    """Refuse a tensor whose current pruning state or dtype conflicts with the request."""
     _reparam.check_names_free(key, module, name)
+    _reparam.check_dtype(key, _reparam.original(module, name), locked=signs == "locked")
     _, hook = _reparam.find_hook(module, name)
     if hook is None:
         return
@@ -107,7 +108,8 @@ def prune(
 
     Raises:
         TypeError: ``model`` not a module, ``amount`` not a number, or an option of the wrong
-            type (``classifier``, ``include``/``exclude``, ``filter_fn``, ``seed``).
+            type (``classifier``, ``include``/``exclude``, ``filter_fn``, ``seed``); a weight
+            of an 8-bit float dtype, or a complex one with ``signs="locked"``.
         ValueError: ``amount`` outside [0, 1] (a float) or above the weights left (an int),
             unknown method/scope/signs, ``seed`` for a method without one or outside
             [0, 2**64), nothing to prune, tied weights, or a conflicting earlier pruning.

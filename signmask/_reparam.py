@@ -232,6 +232,22 @@ def original(module: nn.Module, name: str) -> nn.Parameter:
     return params[name + "_orig"] if name + "_orig" in params else params[name]
 
 
+def check_dtype(key: str, weight: torch.Tensor, *, locked: bool) -> None:
+    """Refuse a weight that cannot be masked (an 8-bit float: torch multiplies none of them by
+    a mask) or, with ``locked``, sign-locked (a complex one has no sign bit), before any change.
+
+    Raises:
+        TypeError: naming ``key`` and its dtype.
+    """
+    if weight.is_floating_point() and weight.element_size() == 1:
+        raise TypeError(
+            f"{key} is {weight.dtype}: torch multiplies no 8-bit float by a mask; prune the "
+            "model in a wider dtype and cast it afterwards"
+        )
+    if locked and weight.is_complex():
+        raise TypeError(f"{key} is {weight.dtype}: a sign lock needs real weights")
+
+
 def check_names_free(key: str, module: nn.Module, name: str) -> None:
     """Refuse an unpruned ``module.<name>`` whose module already has an attribute that
     :func:`install` would add (``<name>_orig``, ``_mask``, ``_sign``), its own or its class's (a

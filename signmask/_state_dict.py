@@ -186,7 +186,8 @@ def load_state_dict(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``state_dict`` not a mapping of str keys.
+        TypeError: ``model`` is not an ``nn.Module``, ``state_dict`` not a mapping of str keys,
+            or a masked weight of ``model`` is an 8-bit float (or complex and sign-locked).
         ValueError: a masked tensor names no module of ``model`` or has another shape, or the
             state dict loads into a lazy layer that has no shape yet (run a forward pass first).
         RuntimeError: missing or unexpected keys (with ``strict``), other mismatched shapes, or
@@ -238,6 +239,7 @@ def load_state_dict(
             raise ValueError(f"state_dict {key!r} is not a binary mask: it holds {values}")
         _reparam.check_names_free(f"{owner}.{tensor}" if owner else tensor, module, tensor)
         locked = key[: -len("_mask")] + "_sign" in state_dict
+        _reparam.check_dtype(key[: -len("_mask")], _reparam.original(module, tensor), locked=locked)
         plan[key[: -len("_mask")]] = (module, tensor, mask, locked)
     _targets.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _targets.GATHER_FIRST)
     # torch copies module by module, and a module's own loading code (set_extra_state, a

@@ -134,7 +134,8 @@ def transfer(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (whatever ``check_architecture`` says),
-            ``ticket`` is neither a Ticket nor a path, or a flag is not a bool.
+            ``ticket`` is neither a Ticket nor a path, a flag is not a bool, or a masked weight
+            is an 8-bit float (or complex, with ``signs="locked"``).
         ValueError: unknown ``signs``, another architecture, ticket tensors missing from the model,
             a shape mismatch, an already-pruned tensor, a lazy layer with no shape yet, ``norms``
             with a ticket that has none, or a ticket norm tensor that is not a norm layer's in
@@ -164,6 +165,9 @@ def transfer(
     if signs != "keep":  # "keep" writes no sign, so a bias or dense head need not even match
         groups["sign"] = {k: v for k, v in ticket.signs.items() if _wanted(k, ticket, biases, dense)}
     plan = _plan(ticket, model, groups)
+    for role, key, _, _, target, _ in plan:
+        if role == "mask":
+            _reparam.check_dtype(key, target, locked=signs == "locked")
     with torch.no_grad():
         for role, key, module, name, target, signed in plan:
             if role == "norm":

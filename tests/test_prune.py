@@ -570,3 +570,21 @@ def test_locking_a_negative_zero_weight_locks_it_negative():
     with torch.no_grad():
         lin.weight_orig.fill_(1.0)  # training moved every weight off zero; the lock gives the sign
     assert signmask.extract(lin).masks["weight"].tolist() == [[-1, 1], [-1, 1]]
+
+
+@pytest.mark.parametrize("dtype, signs, message", [
+    (torch.complex64, "locked", "1.weight is torch.complex64: a sign lock needs real weights"),
+    (torch.float8_e4m3fn, None, "1.weight is torch.float8_e4m3fn: torch multiplies no 8-bit float by a mask"),
+])
+def test_a_weight_that_cannot_be_masked_is_refused_before_any_change(dtype, signs, message):
+    # Found by torch midway: layer 0 was pruned (and locked) before layer 1 failed.
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(4, 3))
+    model[1].weight = nn.Parameter(torch.randn(3, 4).to(dtype), requires_grad=dtype.is_complex)
+    keys = list(model.state_dict())
+    with pytest.raises(TypeError, match=re.escape(message)):
+        signmask.prune(model, 0.5, signs=signs)
+    assert list(model.state_dict()) == keys
+    ticket = signmask.extract(signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(4, 3)), 0.5))
+    with pytest.raises(TypeError, match=re.escape(message)):
+        signmask.transfer(ticket, model, signs=signs or "init")
+    assert list(model.state_dict()) == keys
