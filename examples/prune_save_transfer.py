@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(0 if main() else 1)  # a failed check fails the run

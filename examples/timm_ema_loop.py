@@ -60,7 +60,8 @@ def train_one_epoch(model: nn.Module, ema, loader: DataLoader, opt: torch.optim.
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", default=bool(os.environ.get("SIGNMASK_EXAMPLES_QUICK")),
+    quick = os.environ.get("SIGNMASK_EXAMPLES_QUICK", "0") not in ("", "0")  # "0" is off
+    p.add_argument("--quick", action="store_true", default=quick,
                    help="a seconds-long run on synthetic data (also: env SIGNMASK_EXAMPLES_QUICK=1)")
     p.add_argument("--data", default=None, help="CIFAR-10 .npz or 'synthetic' (default: CIFAR-10 if found)")
     p.add_argument("--out", default="out/timm_ema", help="output folder")

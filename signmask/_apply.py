@@ -66,8 +66,9 @@ def apply(
             either for OMP); more rounds than weights; a sparsity that prunes nothing; a rewind
             point for LRR/AWS or an unreadable one (an ``"ep"`` point without
             ``steps_per_epoch``); a seed outside [0, 2**64); nothing to prune; a model already
-            pruned; an optimizer that trains none of the pruned tensors.
-        The model is left untouched in every case.
+            pruned; an optimizer that trains none of the pruned tensors; ``"aws"`` (the
+            default) on a model without norm layers with affine parameters (use ``"lrr"``).
+        TypeError also for a method that is no str. The model is left untouched in every case.
 
     Example:
         >>> import torch, signmask

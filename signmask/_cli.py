@@ -69,7 +69,11 @@ def inspect(path: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m signmask", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m signmask",
+        description="inspect TICKET prints a ticket's metadata and per-layer table; demo runs Find A "
+        "Winning Sign on real MNIST digits (needs pip install 'signmask[demo]').",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_inspect = sub.add_parser("inspect", help="print a ticket's metadata and per-layer table")
     p_inspect.add_argument("ticket", help="path of a .safetensors ticket")
@@ -91,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         print(text)
+        sys.stdout.flush()  # a full disk shows only here
     except BrokenPipeError:  # `... | head` closed the pipe; not an error
         sys.stdout = None
+    except OSError as e:
+        print(f"error: cannot write the table: {e}", file=sys.stderr)
+        sys.stdout = None  # the interpreter's own flush at exit would fail again
+        return 1
     return 0

@@ -382,12 +382,28 @@ def settings(args: argparse.Namespace) -> Settings:
     return dataclasses.replace(s, **{k: v for k, v in given.items() if v is not None})
 
 
+def schedule_problem(s: Settings) -> str | None:
+    """Why the searches of ``s`` cannot run (a sparsity that prunes no weight of the network or
+    keeps none, rounded), or None: ``signmask.apply`` checks it on a throwaway network."""
+    model = build_model(s, s.seed)
+    try:
+        signmask.apply(model, "lrr", s.sparsity, optimizer=torch.optim.SGD(model.parameters(), lr=s.lr),
+                       rate=s.rate, progress=False).close()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     missing = missing_packages(args.data)
     if missing:
         print(f"error: the demo needs {', '.join(missing)}: pip install 'signmask[demo]'", file=sys.stderr)
         return 1
     s = settings(args)
+    problem = schedule_problem(s)
+    if problem:  # argparse checked (0, 1) only; this found out after the dense training
+        print(f"error: --sparsity {args.sparsity}: {problem}", file=sys.stderr)
+        return 2
     try:  # before minutes of training: the folder must take files
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.out) / ".signmask-write-test", b"").unlink()

@@ -342,6 +342,13 @@ def load(path: str | os.PathLike) -> Ticket:
         ValueError: not a safetensors file, truncated or corrupted, not a signmask ticket, an
             unsupported format version, edited metadata (any entry), missing or extra tensors,
             or values outside {-1, 0, +1}; the message names the file and the tensor.
+
+    Example:
+        >>> import os, tempfile, torch, signmask
+        >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+        >>> _ = signmask.save(signmask.Ticket({"fc.weight": torch.tensor([[1, 0, -1]])}), path)
+        >>> load(path).masks["fc.weight"].tolist()
+        [[1, 0, -1]]
     """
     path = Path(check_path(path))
     meta, raw = read_raw(path)

@@ -66,9 +66,10 @@ def kept_schedule(total: int, sparsity: float, rate: float | None, rounds: int) 
     """Weights kept after each pruning step: ``round(total * (1 - rate) ** i)``, the last exactly
     ``round(total * (1 - sparsity))``. Every step prunes at least one weight.
 
-    With ``rate=None`` (the user fixed ``rounds``) the steps share the pruning evenly; a count
-    that rounding would repeat is lowered by one (raised where the later steps need the room),
-    and more rounds than weights to prune are refused. With a ``rate``, a step whose rounded
+    With ``rate=None`` (the user fixed ``rounds``) each step prunes the same fraction of the
+    weights left, ``1 - (1 - sparsity) ** (1 / rounds)``; a count that rounding would repeat is
+    lowered by one (raised where the later steps need the room), and more rounds than weights
+    to prune are refused. With a ``rate``, a step whose rounded
     count is not below the previous one (or ``total``) is dropped: small models get fewer rounds.
 
     Raises:

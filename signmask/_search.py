@@ -69,6 +69,24 @@ class Search:
 
     The explicit steps :meth:`start_round` / :meth:`finish_round` do the same for loops that cannot
     be wrapped in a ``for``. :meth:`state_dict` / :meth:`load_state_dict` make it resumable.
+
+    Attributes: ``round`` (0 is dense), ``step`` (optimizer steps so far), ``start_step`` and
+    ``round_step`` (where a resumed loop goes on), ``sparsity``, ``done``, ``history`` (one
+    record per round: sparsity, steps and what :meth:`report` got), ``len(search)`` (rounds).
+
+    Example:
+        >>> import torch, signmask
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> search = signmask.apply(net, "lrr", 0.5, optimizer=opt, rounds=2, classifier=True,
+        ...                         progress=False)
+        >>> for r in search:                      # round 0 dense, then one per pruning
+        ...     opt.zero_grad()
+        ...     net(torch.randn(4, 8)).square().mean().backward()
+        ...     opt.step()
+        ...     search.report(loss=0.0)
+        >>> len(search), search.done, search.ticket.kept, search.ticket.numel
+        (3, True, 40, 80)
     """
 
     def __init__(self, model, optimizer, scheduler, config, *, targets, kept, progress, steps_per_round):

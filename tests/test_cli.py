@@ -1,8 +1,10 @@
 """python -m signmask inspect."""
 
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import signmask
@@ -125,3 +127,14 @@ def test_inspect_into_a_closed_pipe_returns_0(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # restored after the test
     monkeypatch.setattr(_cli, "print", closed, raising=False)
     assert _cli.main(["inspect", str(path)]) == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_inspect_onto_a_full_disk_says_so_in_one_line(tmp_path):
+    # Only BrokenPipeError was caught: the write error of a full disk ended in a traceback.
+    path = signmask.save(signmask.Ticket({"a.weight": torch.tensor([1, 0])}), tmp_path / "t.safetensors")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "signmask", "inspect", str(path)], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == "error: cannot write the table: [Errno 28] No space left on device\n"

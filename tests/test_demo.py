@@ -84,6 +84,15 @@ def test_bad_demo_arguments_exit_2_with_message(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("sparsity, message", [("1e-9", "prunes no weight"), ("0.99999999", "keeps no weight")])
+def test_a_sparsity_the_network_cannot_take_exits_2_before_training(sparsity, message, monkeypatch, capsys, tmp_path):
+    # It passed argparse's (0, 1) and failed with a traceback after the dense training.
+    monkeypatch.setattr(_demo, "run", lambda *a: pytest.fail("training started"))
+    assert _cli.main(["demo", "--quick", "--sparsity", sparsity, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --sparsity {float(sparsity)}: sparsity={float(sparsity)} ") and message in err
+
+
 def test_missing_demo_packages_exit_1_with_install_hint(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(_demo, "missing_packages", lambda data: ["mlxtend"])
     assert _cli.main(["demo", "--quick", "--out", str(tmp_path / "o")]) == 1
