@@ -369,16 +369,16 @@ def _locked_torch_checkpoint():
     return ref, ref_opt, batches[3:], *states
 
 
-@pytest.mark.parametrize("model_first", [True, False])
-def test_projection_resumes_a_sign_locked_torch_checkpoint_loaded_after_set_backend(model_first):
-    # Large steps: kept weight_orig entries cross zero on the torch path. Loading reflects them
-    # onto their locks, and their momentum must be reflected with them, whichever loads first.
-    ref, ref_opt, rest, model_state, opt_state = _locked_torch_checkpoint()
-    crossed = sum(int((torch.signbit(m.weight_orig) != _bits.sign_bits(m.weight_sign, m.weight_orig.shape).bool()).sum())
-                  for m in ref if hasattr(m, "weight_mask"))
-    assert crossed > 0
-    proj = _pruned("locked")
-    proj_opt = _large_steps(proj.parameters())
+def _crossed(model) -> int:
+    """How many kept weight_orig entries disagree with their sign locks (set_backend reflects them)."""
+    return sum(int(((torch.signbit(m.weight_orig) != _bits.sign_bits(m.weight_sign, m.weight_orig.shape).bool())
+                    & m.weight_mask).sum()) for m in model if hasattr(m, "weight_mask"))
+
+
+def _resume_under_projection(proj, proj_opt, checkpoint, model_first: bool) -> None:
+    """set_backend(proj, "projection"), then load ``checkpoint`` (model, optimizer states) in
+    the order given."""
+    model_state, opt_state = checkpoint
     _backends.set_backend(proj, "projection", optimizer=proj_opt)
     if model_first:
         proj.load_state_dict(model_state)
@@ -386,15 +386,20 @@ def test_projection_resumes_a_sign_locked_torch_checkpoint_loaded_after_set_back
     else:
         proj_opt.load_state_dict(opt_state)
         proj.load_state_dict(model_state)
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_projection_resumes_a_sign_locked_torch_checkpoint_loaded_after_set_backend(model_first):
+    # Large steps: kept weight_orig entries cross zero on the torch path. Loading reflects them
+    # onto their locks, and their momentum must be reflected with them, whichever loads first.
+    ref, ref_opt, rest, model_state, opt_state = _locked_torch_checkpoint()
+    assert _crossed(ref) > 0
+    proj = _pruned("locked")
+    proj_opt = _large_steps(proj.parameters())
+    _resume_under_projection(proj, proj_opt, (model_state, opt_state), model_first)
     _train(ref, ref_opt, rest)
     _train(proj, proj_opt, rest)
     assert _equal_weights(ref, proj)
-
-
-def _crossed(model) -> int:
-    """How many kept weight_orig entries disagree with their sign locks (set_backend reflects them)."""
-    return sum(int(((torch.signbit(m.weight_orig) != _bits.sign_bits(m.weight_sign, m.weight_orig.shape).bool())
-                    & m.weight_mask).sum()) for m in model if hasattr(m, "weight_mask"))
 
 
 @pytest.mark.parametrize("model_first", [True, False])
@@ -406,13 +411,7 @@ def test_a_checkpoint_loaded_after_set_backend_drops_the_reflections_set_backend
     proj, proj_opt = copy.deepcopy((ref, ref_opt))
     _train(proj, proj_opt, _batches(9)[6:])
     assert _crossed(proj) > 0
-    _backends.set_backend(proj, "projection", optimizer=proj_opt)
-    if model_first:
-        proj.load_state_dict(model_state)
-        proj_opt.load_state_dict(opt_state)
-    else:
-        proj_opt.load_state_dict(opt_state)
-        proj.load_state_dict(model_state)
+    _resume_under_projection(proj, proj_opt, (model_state, opt_state), model_first)
     _train(ref, ref_opt, rest)
     _train(proj, proj_opt, rest)
     assert _equal_weights(ref, proj)
