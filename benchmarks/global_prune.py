@@ -152,6 +152,10 @@ def main() -> None:
         res["methods"][method] = _common.run_child(cmd)
         r = res["methods"][method]
         print(f"{method:9s} {r['median_ms']:8.0f} ms  peak extra {r['peak_extra_mib']} MiB", flush=True)
+        if len(res["methods"]) < len(METHODS):  # a run stopped at a time limit keeps this one
+            partial = f"# Global pruning: partial run ({', '.join(res['methods'])} only)\n\n" \
+                + _common.env_markdown(env)
+            _common.write_results(args.out or f"global_prune_{args.device}", {**res, "complete": False}, partial)
     sm, st = res["methods"]["signmask"], res["methods"]["stock"]
     res["time_ratio"] = sm["median_ms"] / st["median_ms"]
     res["peak_memory_ratio"] = sm["peak_extra_mib"] / st["peak_extra_mib"]

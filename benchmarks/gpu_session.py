@@ -20,7 +20,7 @@ step, so a command killed from outside still returns what was done.
 Usage (the device tool's command; pass the commit, since the copy it runs in has no ``.git``)::
 
     SIGNMASK_GIT_COMMIT=$(git rev-parse HEAD) \\
-        python benchmarks/gpu_session.py --budget 510 --out "$OUT"       # timeout_s 570
+        python3 benchmarks/gpu_session.py --budget 510 --out "$OUT"      # timeout_s 570
     python benchmarks/gpu_session.py --dry --budget 400                  # here: CPU, interpreter
 """
 
@@ -82,9 +82,12 @@ def steps(dry: bool, xdist: bool) -> list[Step]:
         Step("tests", tests, 120, 40),
         Step("train_step", bench("train_step", "--preset", "gpu", "--steps", "20", "--warmup", "3"),
              210, 90),
-        Step("global_prune", bench("global_prune", "--device", "cuda", "--repeats", "5"), 45, 20),
-        Step("hook_overhead", bench("hook_overhead", "--device", "cuda"), 45, 20),
-        Step("kernels", bench("kernels"), 180, 40),
+        Step("global_prune", bench("global_prune", "--device", "cuda", "--repeats", "5"), 60, 25),
+        # 8 variants x 3 phases: 18 rounds of 10 calls keep it well inside its cap (it writes
+        # after every round anyway).
+        Step("hook_overhead", bench("hook_overhead", "--device", "cuda", "--rounds", "15",
+                                    "--warmup", "3", "--inner", "10"), 45, 20),
+        Step("kernels", bench("kernels"), 150, 40),
         Step("summarize", bench("summarize"), 20, 5),
     ]
 

@@ -66,19 +66,27 @@ def phases(model, optimizer, x):
     return dict(zip(PHASES, (forward, fwd_bwd, step)))
 
 
-def measure(variants: list[str], args) -> dict:
+def measure(variants: list[str], args, report=None) -> dict:
+    """Medians (in us, despite the keys) per (variant, phase); ``report(stats, rounds)`` after
+    every timed round, so that a run stopped at a time limit keeps what it measured."""
     x = torch.randn(args.batch, args.width, device=args.device)
     runs = {v: phases(*build(v, args.layers, args.width, args.device), x) for v in variants}
     samples = {(v, p): [] for v in variants for p in PHASES}
+    stats = {}
     for round_ in range(args.warmup + args.rounds):
-        for v in variants:  # interleaved: drift on the host hits every variant alike
+        # interleaved, in a rotating order: drift on the host and order effects hit all alike
+        for v in variants[round_ % len(variants):] + variants[: round_ % len(variants)]:
             for p, fn in runs[v].items():
                 with _common.Timer(args.device) as t:
                     for _ in range(args.inner):
                         fn()
                 if round_ >= args.warmup:
                     samples[(v, p)].append(t.ms * 1e3 / args.inner)
-    return {key: _common.summary(s) for key, s in samples.items()}  # in us, despite the keys
+        if round_ >= args.warmup:
+            stats = {key: _common.summary(s) for key, s in samples.items()}
+            if report is not None:
+                report(stats, round_ + 1 - args.warmup)
+    return stats
 
 
 def table(stats: dict, variants: list[str], layers: int) -> tuple[list[dict], str]:
@@ -119,19 +127,23 @@ def main() -> None:
     variants = ["dense", "stock", "torch", "torch-locked", "projection", "projection-locked"]
     if args.device == "cuda":
         variants[2:2] = ["triton", "triton-locked"]
-    stats = measure(variants, args)
-    rows, md = table(stats, variants, args.layers)
     env = _common.environment(args.device)
     env["signmask_from"] = os.path.dirname(signmask.__file__)
     keys = ("device", "threads", "layers", "width", "batch", "rounds", "warmup", "inner")
     setup = {k: getattr(args, k) for k in keys} | {"amount": AMOUNT}
-    header = (f"# Host cost per pruned layer: {args.layers} x Linear({args.width}, {args.width}), "
-              f"batch {args.batch}, {AMOUNT:.0%} sparse ({args.device})\n\n{_common.env_markdown(env)}\n"
-              f"Medians of {args.rounds} rounds x {args.inner} calls after {args.warmup} warm-up "
-              "rounds; us/layer = (variant - dense) / layers.\n\n")
     stem = args.out or f"hook_overhead_{args.device}"
-    paths = _common.write_results(stem, {"environment": env, "setup": setup, "rows": rows},
-                                  header + md)
+
+    def write(stats: dict, rounds: int) -> tuple:
+        rows, md = table(stats, variants, args.layers)
+        header = (f"# Host cost per pruned layer: {args.layers} x Linear({args.width}, {args.width}), "
+                  f"batch {args.batch}, {AMOUNT:.0%} sparse ({args.device})\n\n{_common.env_markdown(env)}\n"
+                  f"Medians of {rounds} rounds x {args.inner} calls after {args.warmup} warm-up "
+                  "rounds; us/layer = (variant - dense) / layers.\n\n")
+        result = {"environment": env, "setup": setup, "rows": rows, "rounds_done": rounds,
+                  "complete": rounds == args.rounds}
+        return md, _common.write_results(stem, result, header + md)
+
+    md, paths = write(measure(variants, args, report=write), args.rounds)
     print(md)
     print("wrote", *paths)
 

@@ -10,7 +10,9 @@
    the fused Triton kernel, over token counts from weight-bound (8) to compute-bound (8192).
 
 Every timed function is first checked against the torch path on fresh random inputs (bitwise
-for the masked weight, relative error for the matmuls). Medians via ``triton.testing.do_bench``.
+for the masked weight, relative error for the matmuls). Masked weights: medians of device time
+(``triton.testing.do_bench``); masked linears: medians of 10 back-to-back calls between two
+events, host time included (:func:`bench_loop`).
 
 Usage::
 
@@ -39,17 +41,45 @@ from signmask import _bits, _reparam, _triton, _triton_linear  # noqa: E402
 
 
 def bench(fn, device: str) -> float:
-    """Median milliseconds of ``fn()``."""
+    """Median milliseconds of ``fn()`` on the device (``do_bench``: the L2 cache flushed before
+    each call, only the call between the events: device time, host time hidden)."""
     if device == "cuda":
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return _host_timed(fn, calls=1, rounds=2)
+
+
+def bench_loop(fn, device: str, calls: int = 10, rounds: int = 15) -> float:
+    """Median milliseconds per call of ``calls`` back-to-back calls between two events, as a
+    training step issues them: the host's time (Python, autograd, hooks) counts wherever the
+    device would wait for it. Small-token matmuls take tens of microseconds on the device, less
+    than their host work; ``do_bench`` would hide part of that behind its cache flush."""
+    if device != "cuda":
+        return _host_timed(fn, calls=1, rounds=2)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def _host_timed(fn, calls: int, rounds: int) -> float:
     fn()
     times = []
-    for _ in range(2):
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e3 / calls)
     return statistics.median(times)
 
 
@@ -95,17 +125,20 @@ def min_bytes(numel: int, locked: bool, out_dtype, backward: bool, mask: int = 1
     return fwd + (bwd if backward else 0)
 
 
-def masked_weight_rows(device: str, dry: bool, ceil: dict) -> list[dict]:
+def masked_weight_rows(device: str, dry: bool, ceil: dict, rows: list[dict], save) -> None:
+    """Append the masked-weight rows to ``rows``, calling ``save()`` after each shape."""
     shapes = [((64, 48), False), ((8, 6, 3, 3), True)] if dry else [
         ((4096, 4096), False), ((3072, 768), False), ((512, 512, 3, 3), True)]
-    rows = []
     for shape, channels_last in shapes:
         for locked in (False, True):
             for out_dtype in (torch.float32, torch.bfloat16):
                 orig, mask, sign = weight_case(shape, locked, channels_last, device)
                 impls = weight_impls(orig, mask, sign, out_dtype)
                 ref = impls["torch"]().detach()
-                grad = torch.randn(ref.shape, device=device).to(out_dtype)
+                # In the weight's layout, as a channels_last conv's backward hands it back: a
+                # contiguous one would time the strided kernel, which training never runs.
+                layout = torch.channels_last if channels_last else torch.contiguous_format
+                grad = torch.randn(ref.shape, device=device).to(out_dtype).contiguous(memory_format=layout)
                 for name, fn in impls.items():
                     got = fn()
                     if not torch.equal(got, ref):
@@ -124,7 +157,7 @@ def masked_weight_rows(device: str, dry: bool, ceil: dict) -> list[dict]:
                     print(f"  masked_weight {shape} cl={channels_last} locked={locked} "
                           f"{row['out']:8s} {name:7s} fwd {fwd:.4f} ms ({row['fwd_of_copy']:.0%} of copy)  "
                           f"fwd+bwd {both:.4f} ms", flush=True)
-    return rows
+        save()
 
 
 def linear_impls(orig, mask, sign, bias):
@@ -168,7 +201,7 @@ def masked_linear_rows(device: str, dry: bool, rows: list[dict], save) -> None:
                         errs = [rel(g, r) for g, r in zip(run(fn), ref)]
                         if max(errs) > 2e-2:
                             raise AssertionError(f"{name} linear differs from the torch path: {errs}")
-                    ms = bench(lambda: run(fn), device)
+                    ms = bench_loop(lambda: run(fn), device)
                     rows.append({"out_in": [n_out, k_in], "tokens": m, "locked": locked,
                                  "impl": name, "fwd_bwd_ms": ms})
                 base = next(r["fwd_bwd_ms"] for r in rows[-len(impls):] if r["impl"] == "dense")
@@ -187,7 +220,8 @@ def markdown(res: dict, env: dict) -> str:
     for r in res["masked_weight"]:
         lines.append(f"| {r['shape']} | {r['channels_last']} | {r['locked']} | {r['out']} | {r['impl']} | "
                      f"{r['fwd_ms']:.4f} | {r['fwd_of_copy']:.0%} | {r['fwd_bwd_ms']:.4f} | {r['fwd_bwd_of_copy']:.0%} |")
-    lines += ["\n## masked linear, forward+backward under bf16 autocast (x dense)\n",
+    lines += ["\n## masked linear, forward+backward under bf16 autocast (x dense; 10 back-to-back calls "
+              "between two events, host time included)\n",
               "| out x in | tokens | locked | dense ms | hook-torch | hook-triton | fused |",
               "|---|---:|---|---:|---:|---:|---:|"]
     groups: dict = {}
@@ -214,10 +248,10 @@ def main() -> None:
     print(f"ceilings: {ceil}", flush=True)
     stem = args.out or ("kernels_dry" if args.dry else "kernels_cuda")
     res = {"environment": env, "ceilings": ceil, "complete": False,
-           "masked_weight": masked_weight_rows(device, args.dry, ceil), "masked_linear": []}
+           "masked_weight": [], "masked_linear": []}
     # Written as it goes: a run stopped at a time limit (gpu_session.py) keeps what it did.
     save = lambda: _common.write_results(stem, res, markdown(res, env))  # noqa: E731
-    save()
+    masked_weight_rows(device, args.dry, ceil, res["masked_weight"], save)
     masked_linear_rows(device, args.dry, res["masked_linear"], save)
     res["complete"] = True
     print("wrote", *save())

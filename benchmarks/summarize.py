@@ -27,7 +27,8 @@ def _load(stem: str) -> dict | None:
 
 def train_table(res: dict, title: str) -> list[str]:
     models = res["models"]
-    variants = list(next(iter(models.values()))["variants"])
+    # Every variant any model has, in order: a failed one is missing from that model only.
+    variants = list(dict.fromkeys(k for m in models.values() for k in m["variants"]))
     device = "cuda" if res["preset"] == "gpu" else "cpu"
     env = res["environment"]
     where = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores)"
@@ -41,20 +42,26 @@ def train_table(res: dict, title: str) -> list[str]:
         for k in variants:
             if k == "dense":
                 continue
+            if k not in v or "dense" not in v:
+                cells.append("failed" if k in m.get("errors", {}) else "-")
+                continue
             ratio = v[k]["ratio_to_dense"]
             mark = "" if ratio <= GOAL_STEP[device] else " ✗"
             cells.append(f"{ratio:.3f}{mark}")
         fused = ", fused" if m["spec"].get("fused") else ""
+        dense = f"{v['dense']['median_ms']:.1f}" if "dense" in v else "failed"
         lines.append(f"| {name} (b{m['spec']['batch']}, {m['spec']['optimizer']}{fused}) | "
-                     f"{v['dense']['median_ms']:.1f} | " + " | ".join(cells) + " |")
+                     f"{dense} | " + " | ".join(cells) + " |")
     if any("peak_mib" in x for m in models.values() for x in m["variants"].values()):
         lines += ["", "Peak memory, MiB (resident + one step's peak extra):\n",
                   "| model | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
         for name, m in models.items():
             lines.append(f"| {name} | " + " | ".join(
-                str(m["variants"][k].get("peak_mib", "-")) for k in variants) + " |")
+                str(m["variants"].get(k, {}).get("peak_mib", "-")) for k in variants) + " |")
     # Written model by model: a run stopped at a time limit says so (older files lack the key).
     cut = " The run stopped before its last model." if res.get("complete") is False else ""
+    failed = [f"{name} {k}" for name, m in models.items() for k in m.get("errors", {})]
+    cut += f" Failed (see the results file): {', '.join(failed)}." if failed else ""
     lines.append(f"\n(✗: above the {GOAL_STEP[device]}x goal. Command: `{env['command']}`){cut}\n")
     return lines
 
@@ -87,7 +94,9 @@ def hook_lines(res: dict) -> list[str]:
     for row in res["rows"]:
         cells = [f"{row[k]['us_per_layer_over_dense']:+.1f}" for k in ("forward", "fwd+bwd", "step")]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    lines.append(f"\n(over dense, medians. Command: `{env['command']}`)\n")
+    cut = (f" Stopped after {res['rounds_done']} of {setup['rounds']} rounds."
+           if res.get("complete") is False else "")
+    lines.append(f"\n(over dense, medians. Command: `{env['command']}`){cut}\n")
     return lines
 
 
@@ -132,7 +141,10 @@ def main() -> None:
         lines += train_table(res, title) if res else [f"### {title}: not measured yet\n"]
     for stem in ("global_prune_cuda", "global_prune_cpu"):
         res = _load(stem)
-        if res:
+        if res and res.get("complete") is False:  # stopped at its limit after one method
+            lines.append(f"### Global pruning ({res['device']}): partial run, "
+                         f"{', '.join(res['methods'])} only\n")
+        elif res:
             lines += prune_lines(res)
     for stem in ("hook_overhead_cuda", "hook_overhead_cpu"):
         res = _load(stem)

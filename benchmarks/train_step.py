@@ -185,8 +185,15 @@ def prunable_shapes(spec: Spec) -> list[torch.Size]:
 
 
 def prunable_weights(spec: Spec) -> int:
-    """How many weights the pruned variants prune (see :func:`prunable_shapes`)."""
-    return sum(shape.numel() for shape in prunable_shapes(spec))
+    """How many weights the pruned variants prune (see :func:`prunable_shapes`); counted on a
+    CPU build where a model cannot be built on the meta device (older timm's drop-path rates
+    call ``.item()``)."""
+    try:
+        return sum(shape.numel() for shape in prunable_shapes(spec))
+    except (RuntimeError, NotImplementedError):
+        model = spec.build()
+        return sum(getattr(m, n).numel() for m, n in _targets.tensor_index(model).values()
+                   if isinstance(m, _targets.PRUNABLE_TYPES))
 
 
 def variants_for(device: str, wanted: list[str] | None) -> list[str]:
@@ -196,27 +203,42 @@ def variants_for(device: str, wanted: list[str] | None) -> list[str]:
     return [v for v in names if wanted is None or v in wanted]
 
 
-def time_model(spec: Spec, variants: list[str], device: str, args) -> dict:
-    """Interleaved timing of all variants of ``spec`` in this process."""
-    built = {v: build(spec, v, device) for v in variants}
+def time_model(spec: Spec, variants: list[str], device: str, args, errors: dict) -> dict:
+    """Interleaved timing of all variants of ``spec`` in this process. A variant that raises
+    (building, stepping or measuring) is recorded in ``errors`` and left out from then on: one
+    failing backend must not cost the others' numbers in a single GPU lease."""
+    built = {}
+    for v in variants:
+        try:
+            built[v] = build(spec, v, device)
+        except Exception as e:  # noqa: BLE001 - recorded and reported, the run goes on
+            errors[v] = f"build: {e!r}"
     data = batches(spec, device)
-    samples: dict[str, list[float]] = {v: [] for v in variants}
+    samples: dict[str, list[float]] = {v: [] for v in built}
     first_loss = {}
     for r in range(args.warmup + args.steps):
-        order = variants[r % len(variants):] + variants[: r % len(variants)]
-        for v in order:
+        alive = list(built)
+        for v in alive[r % len(alive):] + alive[: r % len(alive)] if alive else []:
             model, opt = built[v]
             x, y = data[r % len(data)]
-            with _common.Timer(device) as t:
-                loss = train_step(model, opt, x, y, args.amp_dtype)
+            try:
+                with _common.Timer(device) as t:
+                    loss = train_step(model, opt, x, y, args.amp_dtype)
+            except Exception as e:  # noqa: BLE001
+                errors[v] = f"step {r}: {e!r}"
+                del built[v], samples[v]
+                continue
             if r == 0:
                 first_loss[v] = float(loss)
             if r >= args.warmup:
                 samples[v].append(t.ms)
-    out = {v: {**_common.summary(samples[v]), "first_loss": first_loss[v]} for v in variants}
+    out = {v: {**_common.summary(samples[v]), "first_loss": first_loss[v]} for v in built}
     if device == "cuda" or args.preset == "dry":  # in-process, as on the GPU
-        for v in variants:
-            out[v].update(measure_memory(*built[v], data[0], device, args.amp_dtype))
+        for v in list(out):
+            try:
+                out[v].update(measure_memory(*built[v], data[0], device, args.amp_dtype))
+            except Exception as e:  # noqa: BLE001
+                errors[v] = f"memory: {e!r}"
     return out
 
 
@@ -262,6 +284,8 @@ def markdown(results: dict, env: dict, args) -> str:
                 f"{r['ratio_to_dense']:.3f} | {r.get('peak_mib', '-')} | {r.get('resident_mib', '-')} | "
                 f"{r.get('step_extra_mib', '-')} |"
             )
+        for what, message in res.get("errors", {}).items():
+            lines.append(f"\n**{what} failed:** `{message}`")
     return "\n".join(lines) + "\n"
 
 
@@ -296,12 +320,19 @@ def main() -> None:
     variants = variants_for(device, args.variants)
     results = {"environment": env, "amount": AMOUNT, "preset": args.preset,
                "autocast": str(args.amp_dtype), "steps": args.steps, "warmup": args.warmup,
-               "auto_backend_resolves_to": "triton" if device == "cuda" else "torch", "models": {}}
+               "auto_backend_resolves_to": _backends.AutoBackend.resolve(torch.zeros(1, device=device)),
+               "models": {}}
     for spec in specs:
         print(f"[{spec.name}] timing {variants}", flush=True)
-        res = time_model(spec, variants, device, args)
+        errors: dict[str, str] = {}
+        try:
+            res = time_model(spec, variants, device, args, errors)
+        except Exception as e:  # noqa: BLE001 - the next models still get measured
+            res, errors["model"] = {}, repr(e)
+        for what, message in errors.items():
+            print(f"  {what} FAILED: {message}", flush=True)
         if args.preset == "cpu" and not args.no_memory:
-            for v in variants:
+            for v in res:
                 cmd = [os.path.abspath(__file__), "--preset", args.preset, "--optimizer",
                        args.optimizer, "--child", spec.name, v] + ["--fused"] * args.fused
                 res[v].update(_common.run_child(cmd))
@@ -316,6 +347,7 @@ def main() -> None:
                      "channels_last": spec.channels_last,
                      "weights": weights},
             "variants": res,
+            "errors": errors,
         }
         # After every model: a run stopped at a time limit (gpu_session.py) keeps what it did.
         env["loadavg_at_end"] = list(os.getloadavg())
