@@ -12,11 +12,14 @@ A pruned tensor ``weight`` of a module becomes, exactly as with ``torch.nn.utils
 
 The hook is a ``PruningContainer``, so stock ``prune.l1_unstructured`` stacked on top is added to
 it (keeping sign locks), and ``prune.remove`` / ``prune.is_pruned`` work unchanged. A forward
-post-hook, :class:`DetachWeight`, replaces ``module.weight`` by a detached alias after the
-forward, so ``copy.deepcopy`` and pickling work after training steps (pytorch#37322).
+post-hook, :class:`DetachWeight`, replaces ``module.weight`` by a detached alias once backward
+has gone through it (a penalty on ``module.weight`` still trains), so ``copy.deepcopy`` and
+pickling work after training steps (pytorch#37322).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -85,7 +88,8 @@ class SignMaskHook(_prune.PruningContainer):
     backend = "torch"
     # Per-process wiring, never copied: the projection backend's stamps and weak references to
     # its optimizer and Parameter, and the stock-stacking flag (see compute_mask).
-    _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_reflected", "_loaded", "_stacked")
+    _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_reflected", "_loaded", "_stacked",
+                  "_outside")
 
     def __getstate__(self) -> dict:
         # A deepcopy or pickle carries none of the projection backend's gradient and optimizer
@@ -111,6 +115,10 @@ class SignMaskHook(_prune.PruningContainer):
                 f"signmask.remove(model), or torch.nn.utils.prune.remove(module, {name!r})"
             )
         self.unstack()
+        if torch._C._are_functorch_transforms_active():
+            # vmap / grad / functional_call: this forward's weight dies with the transform;
+            # DetachWeight puts back the alias of the last ordinary forward (deepcopy, pickle).
+            self._outside = module.__dict__.get(name)
         module.__dict__[name] = self.apply_mask(module, own_forward=True)
 
     def unstack(self) -> bool:
@@ -160,17 +168,26 @@ class SignMaskHook(_prune.PruningContainer):
 
 
 class DetachWeight:
-    """Forward post-hook: keep ``module.<name>`` as a detached alias between forwards.
+    """Forward post-hook: keep ``module.<name>`` detachable between forwards.
 
     After a grad-enabled forward the effective weight is a non-leaf tensor, which
-    ``copy.deepcopy`` refuses. Autograd keeps its own reference, so detaching the attribute
-    changes nothing for backward. Read ``<name>_orig`` to differentiate through the weight.
+    ``copy.deepcopy`` refuses. It stays in the graph until backward reaches it, so that a
+    penalty written on ``module.<name>`` after the forward trains as with stock prune; then it
+    is replaced by a detached alias (:func:`detach_weight`). Under ``torch.func`` transforms the
+    forward's weight is a wrapper that dies with the transform: the alias from before it is put
+    back.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
+        if torch._C._are_functorch_transforms_active():
+            hook = find_hook(module, self.name)[1]
+            outside = hook.__dict__.pop("_outside", None) if hook is not None else None
+            if outside is not None:
+                module.__dict__[self.name] = outside
+                return
         detach_weight(module, self.name)
 
     def __repr__(self) -> str:
@@ -178,14 +195,33 @@ class DetachWeight:
 
 
 def detach_weight(module: nn.Module, name: str) -> None:
-    """Replace ``module.<name>`` by a detached alias if a grad-enabled forward computed it."""
+    """Detach ``module.<name>`` once backward has gone through it, if a grad-enabled forward
+    computed it (at once where no backward hook can be set: compiling, transforms)."""
     weight = module.__dict__.get(name)
     # Cheapest test first: under no_grad (evaluation) there is nothing to detach.
     if weight is None or not weight.requires_grad:
         return
     if torch.jit.is_tracing():
         return  # a detach would be recorded, and jit.trace's re-trace check then fails
-    module.__dict__[name] = weight.detach()
+    # In this order: dynamo can trace neither a grad_fn nor a hook's registration.
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or weight.grad_fn is None:
+        module.__dict__[name] = weight.detach()
+        return
+    weight.register_hook(_DetachOnBackward(module, name, weight))
+
+
+class _DetachOnBackward:
+    """Tensor hook on a forward's effective weight: when backward reaches it, detach
+    ``module.<name>`` if it still holds that weight. Weak references: the graph must not keep
+    the module alive."""
+
+    def __init__(self, module: nn.Module, name: str, weight: torch.Tensor) -> None:
+        self.module, self.name, self.weight = weakref.ref(module), name, weakref.ref(weight)
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        module, weight = self.module(), self.weight()
+        if module is not None and weight is not None and module.__dict__.get(self.name) is weight:
+            module.__dict__[self.name] = weight.detach()
 
 
 def rename(params: dict, old: str, new: str) -> None:

@@ -165,6 +165,46 @@ def test_deepcopy_and_pickle_after_backward(signs, clone):
     assert torch.equal(eval_out(copy.deepcopy(twin), x), eval_out(twin, x))
 
 
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_a_penalty_on_the_weight_after_the_forward_trains_as_with_stock_prune(signs):
+    # The weight used to be detached right after the forward: an L2 penalty written on
+    # module.weight (stock prune's layout) then gave weight_orig no gradient at all.
+    torch.manual_seed(0)
+    model = signmask.prune(nn.Linear(6, 5), 0.5, signs=signs)
+    with torch.no_grad():
+        model.weight_orig.mul_(torch.where(torch.rand(5, 6) < 0.3, -1.0, 1.0))  # some against their locks
+    x = torch.randn(3, 6, dtype=torch.float64)
+    out = model.double()(x)
+    (out.sum() + (model.weight ** 2).sum()).backward()
+    orig, mask = model.weight_orig.detach(), model.weight_mask
+    factor = _reparam.locked_factors(orig, mask, model.weight_sign) if signs else mask.double()
+    effective = orig * factor
+    expected = (torch.ones(3, 5, dtype=torch.float64).T @ x + 2 * effective) * factor
+    assert torch.allclose(model.weight_orig.grad, expected, rtol=0, atol=1e-12)
+    assert model.weight.grad_fn is None  # backward has been through it: detached for deepcopy
+    copy.deepcopy(model)
+
+
+def test_deepcopy_and_pickle_after_torch_func_transforms():
+    # A forward under grad / vmap / functional_call left a functorch wrapper as module.weight,
+    # dead once the transform returned: deepcopy and torch.save failed until the next forward.
+    from torch.func import functional_call, grad, vmap
+
+    model = signmask.prune(small_net(0), 0.5, signs="locked")
+    x = inputs()
+    model(x).sum().backward()
+    before = {m: m.weight for m in layers(model)}
+    model.eval()  # BatchNorm's running statistics cannot be updated inside a grad transform
+    params = dict(model.named_parameters())
+    grad(lambda p: functional_call(model, p, (x,)).sum())(params)
+    vmap(lambda xi: model(xi.unsqueeze(0)))(x)
+    for m in layers(model):
+        assert m.weight is before[m]  # the alias of the last ordinary forward
+    twin = copy.deepcopy(model)
+    assert torch.equal(eval_out(twin, x), eval_out(model, x))
+    torch.save(model, io.BytesIO())
+
+
 # ----------------------------------------------------------------------------------------------
 # state_dict round trip
 
