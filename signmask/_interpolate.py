@@ -85,7 +85,9 @@ class NormInterpolation:
 
     def value(self, module: nn.Module, name: str) -> torch.Tensor:
         """Return the tensor ``module.<name>`` stands for in ``module``'s current mode."""
-        orig = module._parameters[name + "_orig"]
+        orig = module._parameters.get(name + "_orig")
+        if orig is None:  # parametrized since: computed, as stock prune reads it
+            orig = getattr(module, name + "_orig")
         if not module.training:
             # A view, not the Parameter: setattr would register a Parameter again, and eval-mode
             # training (frozen BN statistics) still needs gradients to reach `orig`.

@@ -135,7 +135,9 @@ class SignMaskHook(_prune.PruningContainer):
             with torch.no_grad():
                 return self.apply_mask(module, own_forward=own_forward)
         name, buffers = self._tensor_name, module._buffers
-        orig, mask = module._parameters[name + "_orig"], buffers[name + "_mask"]
+        orig, mask = module._parameters.get(name + "_orig"), buffers[name + "_mask"]
+        if orig is None:  # parametrized since (weight_norm on weight_orig): computed, as stock reads it
+            orig = getattr(module, name + "_orig")
         sign = buffers.get(name + "_sign")
         if self.backend == "torch":
             return masked_weight(orig, mask, sign)
@@ -265,7 +267,17 @@ def current_mask(module: nn.Module, name: str) -> torch.Tensor | None:
 def original(module: nn.Module, name: str) -> nn.Parameter:
     """The trainable Parameter behind ``module.<name>``, pruned or not."""
     params = module._parameters
-    return params[name + "_orig"] if name + "_orig" in params else params[name]
+    if name + "_orig" in params:
+        return params[name + "_orig"]
+    if name in params:
+        return params[name]
+    if name + "_orig" in getattr(module, "parametrizations", {}):  # weight_norm on weight_orig
+        raise ValueError(
+            f"{type(module).__name__}.{name}_orig is computed by a parametrization, not a "
+            f"Parameter: undo it first (torch.nn.utils.parametrize.remove_parametrizations"
+            f"(module, {name + '_orig'!r}))"
+        )
+    raise KeyError(name)
 
 
 def check_dtype(key: str, weight: torch.Tensor, *, locked: bool) -> None:

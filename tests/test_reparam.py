@@ -698,3 +698,31 @@ def test_a_locked_weight_at_zero_still_trains(data, n):
     assert torch.equal(torch.signbit(w)[keep], negative[keep])  # zeros carry the lock's sign
     assert torch.equal(o.grad.double(), g.double() * keep * s * b)
     assert torch.equal(o.grad[keep] != 0, g[keep] != 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_parametrization_added_on_weight_orig_after_pruning_works_as_with_stock_prune(backend):
+    # weight_norm on the trained tensor moves weight_orig into the parametrization: the hook
+    # read module._parameters["weight_orig"] and every forward raised a bare KeyError.
+    from torch.nn.utils import parametrizations
+
+    stock, ours = nn.Linear(4, 4), nn.Linear(4, 4)
+    ours.load_state_dict(stock.state_dict())
+    torch_prune.l1_unstructured(stock, "weight", 0.5)
+    signmask.prune(ours, 0.5)
+    signmask.set_backend(ours, backend)
+    assert torch.equal(stock.weight_mask.bool(), ours.weight_mask)
+    for m in (stock, ours):
+        parametrizations.weight_norm(m, "weight_orig")
+    x = torch.randn(3, 4)
+    a, b = stock(x), ours(x)
+    assert torch.equal(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    for name in ("original0", "original1"):
+        assert torch.equal(getattr(stock.parametrizations.weight_orig, name).grad,
+                           getattr(ours.parametrizations.weight_orig, name).grad)
+    for verb in (signmask.extract, signmask.remove):  # they need the Parameter itself
+        with pytest.raises(ValueError, match=r"ParametrizedLinear.weight_orig is computed by a parametrization"):
+            verb(ours)
+    assert torch.equal(ours(x), b)
