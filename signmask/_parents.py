@@ -32,10 +32,13 @@ _CHAIN = re.compile(r"\bself((?:\.[A-Za-z_]\w*)+)")
 # self.<method>(...), a call that may lead to a helper reading a child's weight
 _CALL = re.compile(r"\bself\.([A-Za-z_]\w*)\s*\(")
 
-# Attributes that read a tensor's metadata, not its values: `self.proj.weight.dtype` needs no
-# fresh weight.
+# Attributes that read a tensor's metadata, not its values: `self.proj.weight.shape` needs no
+# fresh weight. But `module.to()` converts Parameters and buffers, not the weight a forward
+# left behind: reads of these (timm's XCiT casts its input to `token_projection.weight.dtype`
+# before calling it) need one as much as value reads do.
 _METADATA = frozenset({"dtype", "device", "shape", "size", "ndim", "dim", "numel", "is_cuda",
                        "requires_grad", "layout", "is_floating_point", "element_size"})
+_CHANGED_BY_TO = frozenset({"dtype", "device", "is_cuda", "is_floating_point", "element_size"})
 
 # Forwards whose direct reads sit on a fast path that torch skips while any submodule has hooks,
 # as a pruned one always does: linking them would only compute their weights twice.
@@ -44,20 +47,25 @@ _FAST_PATH_ONLY = (nn.TransformerEncoderLayer.forward,)
 
 def _sources(cls: type) -> list[str]:
     """The source of ``cls.forward`` and of the methods of ``cls`` it calls (``self._attn(x)``),
-    transitively: a helper may read the child's weight for it."""
+    transitively: a helper may read the child's weight for it. Each method as every class of
+    the MRO defines it: an override calling ``super().forward(...)`` reads what its base reads
+    (a base not called costs a second computation of the weight, never a stale one)."""
     sources, todo, seen = [], ["forward"], set()
     while todo:
         name = todo.pop()
-        fn = inspect.getattr_static(cls, name, None)
-        if name in seen or not inspect.isfunction(fn):  # submodules, builtins, properties
+        if name in seen:
             continue
         seen.add(name)
-        try:
-            source = inspect.getsource(fn)
-        except (OSError, TypeError):  # classes defined in a REPL
-            continue
-        sources.append(source)
-        todo.extend(_CALL.findall(source))
+        for klass in cls.__mro__:
+            fn = klass.__dict__.get(name)
+            if klass is nn.Module or not inspect.isfunction(fn):  # builtins, properties, submodules
+                continue
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):  # classes defined in a REPL
+                continue
+            sources.append(source)
+            todo.extend(_CALL.findall(source))
     return sources
 
 
@@ -71,9 +79,10 @@ def _reads(cls: type) -> frozenset[str]:
     for source in _sources(cls):
         for chain in _CHAIN.findall(source):  # ".a.b.c" -> "a.b", "a.b.c": any may be a tensor
             parts = chain[1:].split(".")
-            # Up to the first metadata attribute, which the prefix before it only describes.
+            # Up to the first metadata attribute, which the prefix before it only describes;
+            # with it where `.to()` changes what it says.
             meta = next((i for i, part in enumerate(parts) if part in _METADATA), None)
-            last = len(parts) if meta is None else meta - 1
+            last = len(parts) if meta is None else meta - (parts[meta] not in _CHANGED_BY_TO)
             reads.update(".".join(parts[:n]) for n in range(2, last + 1))
     return frozenset(reads)
 

@@ -142,11 +142,18 @@ def test_a_child_shared_by_two_parents_is_refreshed_from_both():
 
 
 class MetadataReader(nn.Module):
-    """Reads its child's weight only for its dtype, then calls the child."""
+    """Reads its child's weight only for its shape, then calls the child."""
 
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x[..., : self.proj.weight.shape[1]])
+
+
+class DtypeReader(MetadataReader):
+    """Casts its input to its child's weight dtype first (timm's XCiT positional encoding)."""
 
     def forward(self, x):
         return self.proj(x.to(self.proj.weight.dtype))
@@ -156,6 +163,20 @@ def test_metadata_reads_do_not_link():
     assert _parents._reads(MetadataReader) == frozenset()
     model = signmask.prune(MetadataReader(), 0.5)
     assert _links(model) == []
+
+
+def test_a_dtype_read_links_so_that_it_follows_to():
+    # .to() converts weight_orig, not the weight the last forward left: the first forward
+    # after .to(float64) cast the input to float32 and failed on the float64 bias.
+    assert _parents._reads(DtypeReader) == frozenset({"proj.weight"})
+    torch.manual_seed(0)
+    model = signmask.prune(DtypeReader(), 0.5)
+    model(torch.randn(2, 4))
+    model.to(torch.float64)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    dense = nn.Linear(4, 4).double()
+    dense.load_state_dict({"weight": model.proj.weight_orig * model.proj.weight_mask, "bias": model.proj.bias})
+    assert torch.equal(model(x), dense(x))
 
 
 class HelperReader(nn.Module):
@@ -197,3 +218,28 @@ def test_a_stock_pruned_weight_read_by_its_parent_follows_weight_orig():
     net(torch.randn(1, 3, 8))
     out = net.attn.out_proj
     assert torch.equal(out.weight, out.weight_orig * out.weight_mask)
+
+
+class SubclassedAttention(nn.MultiheadAttention):
+    """An override calling ``super().forward``: the reads are in the base's source."""
+
+    def forward(self, q, k, v, **kwargs):
+        return super().forward(q, k, v, **kwargs)
+
+
+def test_reads_of_a_base_forward_called_through_super_are_found():
+    # Only the most derived forward was read: out_proj.weight stayed the tensor of the moment
+    # the mask went in (no gradient, 3.4e4 off a dense model after an in-place edit).
+    assert "out_proj.weight" in _parents._reads(SubclassedAttention)
+    torch.manual_seed(0)
+    model = signmask.prune(SubclassedAttention(8, 2), 0.5, include="out_proj")
+    with torch.no_grad():
+        model.out_proj.weight_orig.mul_(3.0)
+    x = torch.randn(5, 1, 8)
+    out = model(x, x, x, need_weights=False)[0]
+    dense = nn.MultiheadAttention(8, 2)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("out_proj.weight")}
+    dense.load_state_dict({**state, "out_proj.weight": model.out_proj.weight_orig * model.out_proj.weight_mask})
+    assert torch.allclose(out, dense(x, x, x, need_weights=False)[0], atol=1e-6)
+    out.sum().backward()
+    assert model.out_proj.weight_orig.grad is not None
