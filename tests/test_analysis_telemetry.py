@@ -650,3 +650,27 @@ def test_shuffle_same_sign_moves_negative_weights_among_negative_positions():
     for side in (before > 0, before < 0):
         assert torch.equal(after[side].sort().values, before[side].sort().values)
         assert not torch.equal(after[side], before[side])  # 100 values: never the identity
+
+
+def test_noise_on_a_transferred_ticket_is_scaled_by_its_kept_init_values():
+    # transfer() writes 0 into the pruned entries of the new init: their std shrank sigma by
+    # ~sqrt(density) (3.1x at 90% sparsity). A rewound IMP init, dense-valued, keeps all of them.
+    torch.manual_seed(0)
+    ticket = signmask.extract(signmask.prune(nn.Linear(40, 30), 0.9))
+    init = signmask.transfer(ticket, nn.Linear(40, 30))
+    net = copy.deepcopy(init)
+    before = net.weight_orig.detach().clone()
+    analysis.perturb(net, "noise", init=init, seed=2, sigma_n=1.0)
+    kept = init.weight_mask
+    draw = torch.randn(30, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sigma = init.weight_orig.detach()[kept].double().std()
+    want = before + (sigma * draw).float()
+    torch.testing.assert_close(net.weight_orig.detach()[kept], want[kept], rtol=0, atol=1e-7)
+    dense_valued = copy.deepcopy(init)
+    with torch.no_grad():  # an IMP rewind point: every entry holds an init value
+        dense_valued.weight_orig[~kept] = torch.randn(int((~kept).sum()))
+    again = copy.deepcopy(init)
+    analysis.perturb(again, "noise", init=dense_valued, seed=2, sigma_n=1.0)
+    sigma_all = dense_valued.weight_orig.detach().double().std()
+    torch.testing.assert_close(again.weight_orig.detach()[kept], (before + (sigma_all * draw).float())[kept],
+                               rtol=0, atol=1e-7)

@@ -105,7 +105,12 @@ def weight_correlation(model_a: nn.Module, model_b: nn.Module, p: float, *,
     """Compute the weight correlation R_p of two networks of the same architecture.
 
     Every conv/linear weight (or the tensors ``names`` lists) is compared; a pruned tensor is
-    read from its ``<name>_orig`` Parameter (the raw trained values, masks ignored). Each layer
+    read from its ``<name>_orig`` Parameter (the raw trained values, masks ignored), which is
+    what Liu et al. compare: dense trajectories. Its pruned entries hold what the history left
+    there (the torch path: the values of the moment they were pruned; the projection backend and
+    ``transfer``: zeros), so R_p of sparse networks depends on it: compare copies made dense
+    with the masks applied (``signmask.remove``) to rank the weights the networks compute with.
+    Each layer
     keeps its ``k_l = round(p * N_l)`` largest ``|w|``, ties broken by the lower flat
     (row-major) index, ``-0.0`` and ``0.0`` tied. ``R_p`` = shared top entries / ``sum_l k_l``:
     Liu et al. divide by ``p * sum_l N_l``, the same whenever every ``p * N_l`` is an integer;

@@ -3,7 +3,8 @@
 :func:`perturb` rewrites the conv/linear weights of a model that holds the weights of rewind
 step k, in place, by one registered kind (listed in its docstring; Frankle's figure 6 shuffles
 by sign both within the layer and within each filter, hence the two ``shuffle_same_sign``
-kinds; ``noise``'s init std is the unbiased std of the tensor's init values).
+kinds; ``noise``'s init std is the unbiased std of the tensor's init values, of its kept
+entries where the init holds zeros at every pruned one: a transferred ticket's).
 
 In a pruned model only kept weights take part (permutations move kept values among kept
 positions) and pruned entries of ``<name>_orig`` are left as they were, so the pruned weights
@@ -179,7 +180,13 @@ def _shuffle_same_sign_filter(layer: PerturbationInput) -> torch.Tensor:
 
 @register_perturbation("noise", needs_init=True, random=True, needs_sigma=True)
 def _noise(layer: PerturbationInput) -> torch.Tensor:
-    sigma = float(layer.init.double().std()) if layer.init.numel() > 1 else 0.0
+    values = layer.init
+    if not layer.keep.all() and not values[~layer.keep].any():
+        # Zeros at every pruned entry (a transferred ticket, the projection backend) carry no
+        # init values: they would shrink sigma by ~sqrt(density). The kept ones are a sample of
+        # the init distribution there (a transfer's mask does not depend on the new values).
+        values = values[layer.keep]
+    sigma = float(values.double().std()) if values.numel() > 1 else 0.0
     draw = torch.randn(layer.weight.shape, generator=layer.generator, dtype=torch.float64)
     return layer.weight + (layer.sigma_n * sigma * draw).to(layer.weight.device, layer.weight.dtype)
 
@@ -245,7 +252,8 @@ def perturb(
     ``"permute_filter"`` (within each output channel: dim 0, dim 1 of ConvTranspose);
     ``"shuffle_same_sign"`` (positive weights among positive positions, negative among negative,
     zeros stay) and ``"shuffle_same_sign_filter"`` (the same within each output channel);
-    ``"noise"`` (plus Gaussian noise of std ``sigma_n`` times the tensor's init std). In a
+    ``"noise"`` (plus Gaussian noise of std ``sigma_n`` times the tensor's init std: of all its
+    init values, or of the kept ones where every pruned one is 0, as after a transfer). In a
     pruned model only kept weights take part, so the mask and the pruned zeros are unchanged.
     Arguments a kind does not use are ignored, so one call fits a loop over all kinds. Tensor
     ``i`` (in model order, among all its conv/linear weights, whatever ``names`` lists) draws

@@ -35,7 +35,8 @@ class Stats:
     """Movement of one tensor (or of all tracked tensors) at one step.
 
     Args:
-        sign_changed: fraction in [0, 1] of counted weights whose sign differs from init.
+        sign_changed: fraction in [0, 1] of counted weights whose sign differs from init
+            (``torch.sign``: a weight initialized to exactly 0 counts once it moves).
         dist_init: L2 distance to init, >= 0.
         cos_init: cosine similarity to init, in [-1, 1] (NaN when a side is all zero).
         dist_final, cos_final: the same to the final weights, None until ``finish()`` (runs
