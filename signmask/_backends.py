@@ -205,7 +205,7 @@ def _check_layout(key: str, module: nn.Module, name: str) -> None:
     """Refuse a mask or sign buffer edited out of the layout every backend reads (a float mask
     assigned by hand, one moved to another device): found midway, the backend would already
     have changed the tensors before it."""
-    orig = module._parameters[name + "_orig"]
+    orig = _reparam.original(module, name)  # names a parametrized weight_orig
     wanted = {name + "_mask": (torch.bool, tuple(orig.shape)),
               name + "_sign": (torch.uint8, (-(-orig.numel() // 8),))}  # packed, 1 bit per weight
     for buffer, (dtype, shape) in wanted.items():

@@ -11,6 +11,7 @@ import numbers
 import operator
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
 
@@ -34,9 +35,11 @@ def check_bool(value: Any, arg: str, *, optional: bool = False) -> bool | None:
 
 
 def _is_bool(value: Any) -> bool:
-    # numpy's bool without importing numpy; older numpy lets operator.index take it as 0 or 1.
+    # numpy's bool without importing numpy; older numpy lets operator.index take it as 0 or 1,
+    # as torch does a bool tensor.
     kind = type(value)
-    return isinstance(value, bool) or kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+    return (isinstance(value, bool) or kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+            or isinstance(value, torch.Tensor) and value.dtype == torch.bool)
 
 
 def check_int(value: Any, arg: str, *, minimum: int) -> int:

@@ -11,7 +11,7 @@ tensor ``weight`` of a norm module becomes, as with ``torch.nn.utils.prune``:
   ``torch.lerp(weight_orig, weight_init, alpha)`` in training mode and to a (differentiable,
   non-Parameter) alias of ``weight_orig`` in eval mode. Running statistics are left alone;
 - a :class:`~signmask._reparam.DetachWeight` post-hook, so ``copy.deepcopy`` works after a
-  training step (pytorch#37322), while a penalty on ``module.weight`` still trains.
+  grad-enabled forward (pytorch#37322), while a penalty on ``module.weight`` still trains.
 
 ``alpha`` is a 0-dim float tensor owned by the caller, who updates it in place (``fill_``,
 ``copy_``); the hooks only hold a reference to it, so keep it on the parameters' device and
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import _targets
-from ._reparam import DetachWeight, original, rename
+from ._reparam import DetachWeight, original, rename, stash_outside
 from ._targets import FilterFn, canonical, has_tensor
 
 _TENSORS = ("weight", "bias")
@@ -105,6 +105,7 @@ class NormInterpolation:
 
     def __call__(self, module: nn.Module, inputs) -> None:
         for name in self.names:
+            stash_outside(module, name)
             setattr(module, name, self.value(module, name))
 
     def __repr__(self) -> str:

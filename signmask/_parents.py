@@ -11,7 +11,10 @@ gets no gradient and ignores later masks and steps, silently, as with stock
 :func:`link` finds those reads in the source of each parent's ``forward`` and of the methods it
 calls on ``self`` (a ``self.<path>.<name>`` expression naming a pruned tensor below it), and
 gives the parent a forward pre-hook that recomputes them (:class:`RefreshChildren`) and a
-post-hook that detaches them again. Reads that the source does not spell out that way (through
+post-hook that makes them copyable again. Methods are read as every class of the MRO defines
+them (an override calling ``super().forward`` reads what its base reads). Reads of a tensor's
+metadata (``.shape``) need no fresh weight, except ``.dtype`` and ``.device``, which ``.to()``
+changes on ``weight_orig`` but not on the weight the last forward left. Reads that the source does not spell out that way (through
 ``getattr``, or a function that takes the module) are not found. Where the parent reads the
 tensor only in a branch it does not take, the weight is computed twice per forward: once more
 than needed, never stale.
@@ -58,8 +61,8 @@ def _sources(cls: type) -> list[str]:
         seen.add(name)
         for klass in cls.__mro__:
             fn = klass.__dict__.get(name)
-            if klass is nn.Module or not inspect.isfunction(fn):  # builtins, properties, submodules
-                continue
+            if klass is nn.Module or not inspect.isfunction(fn) or fn in _FAST_PATH_ONLY:
+                continue  # builtins, properties, submodules; a fast path's reads (see above)
             try:
                 source = inspect.getsource(fn)
             except (OSError, TypeError):  # classes defined in a REPL
@@ -112,6 +115,7 @@ class RefreshChildren:
 
     def __call__(self, module: nn.Module, inputs) -> None:
         for child, name, hook in self._owners(module):
+            _reparam.stash_outside(child, name)
             if isinstance(hook, _reparam.SignMaskHook):
                 # The parent consumes it, maybe outside autocast: in weight_orig's dtype.
                 hook.unstack()

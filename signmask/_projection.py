@@ -266,7 +266,10 @@ def _flip_state(optimizer, orig, where: torch.Tensor | None) -> None:
     with torch.no_grad():
         for key in ZERO_PRESERVING.get(type(optimizer).__name__, ()):
             if _per_weight(state.get(key), orig):
-                _maskmul.mul_(state[key], flip)
+                # A new tensor: a loaded state shares its tensors with the caller's checkpoint
+                # (load_state_dict keeps them where dtype and device match), which a flip in
+                # place would edit, and a second load of it then flip back.
+                state[key] = _maskmul.mul(state[key], flip)
 
 
 def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None:

@@ -12,14 +12,12 @@ A pruned tensor ``weight`` of a module becomes, exactly as with ``torch.nn.utils
 
 The hook is a ``PruningContainer``, so stock ``prune.l1_unstructured`` stacked on top is added to
 it (keeping sign locks), and ``prune.remove`` / ``prune.is_pruned`` work unchanged. A forward
-post-hook, :class:`DetachWeight`, replaces ``module.weight`` by a detached alias once backward
-has gone through it (a penalty on ``module.weight`` still trains), so ``copy.deepcopy`` and
-pickling work after training steps (pytorch#37322).
+post-hook, :class:`DetachWeight`, keeps ``module.weight`` in the autograd graph (a penalty on
+it trains ``weight_orig``) as an alias that ``copy.deepcopy`` and pickling copy as a plain
+tensor (pytorch#37322: a non-leaf refuses them).
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from torch import nn
@@ -88,8 +86,7 @@ class SignMaskHook(_prune.PruningContainer):
     backend = "torch"
     # Per-process wiring, never copied: the projection backend's stamps and weak references to
     # its optimizer and Parameter, and the stock-stacking flag (see compute_mask).
-    _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_reflected", "_loaded", "_stacked",
-                  "_outside")
+    _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_reflected", "_loaded", "_stacked")
 
     def __getstate__(self) -> dict:
         # A deepcopy or pickle carries none of the projection backend's gradient and optimizer
@@ -115,10 +112,7 @@ class SignMaskHook(_prune.PruningContainer):
                 f"signmask.remove(model), or torch.nn.utils.prune.remove(module, {name!r})"
             )
         self.unstack()
-        if torch._C._are_functorch_transforms_active():
-            # vmap / grad / functional_call: this forward's weight dies with the transform;
-            # DetachWeight puts back the alias of the last ordinary forward (deepcopy, pickle).
-            self._outside = module.__dict__.get(name)
+        stash_outside(module, name)
         module.__dict__[name] = self.apply_mask(module, own_forward=True)
 
     def unstack(self) -> bool:
@@ -170,60 +164,66 @@ class SignMaskHook(_prune.PruningContainer):
 
 
 class DetachWeight:
-    """Forward post-hook: keep ``module.<name>`` detachable between forwards.
-
-    After a grad-enabled forward the effective weight is a non-leaf tensor, which
-    ``copy.deepcopy`` refuses. It stays in the graph until backward reaches it, so that a
-    penalty written on ``module.<name>`` after the forward trains as with stock prune; then it
-    is replaced by a detached alias (:func:`detach_weight`). Under ``torch.func`` transforms the
-    forward's weight is a wrapper that dies with the transform: the alias from before it is put
-    back.
-    """
+    """Forward post-hook: keep ``module.<name>`` copyable between forwards (:func:`detach_weight`)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
-        if torch._C._are_functorch_transforms_active():
-            hook = find_hook(module, self.name)[1]
-            outside = hook.__dict__.pop("_outside", None) if hook is not None else None
-            if outside is not None:
-                module.__dict__[self.name] = outside
-                return
         detach_weight(module, self.name)
 
     def __repr__(self) -> str:
         return f"DetachWeight({self.name!r})"
 
 
+class _Weight(torch.Tensor):
+    """A forward's effective weight as ``module.<name>`` keeps it: still in the autograd graph,
+    so that a penalty written on it after the forward trains ``<name>_orig`` (as with stock
+    prune), but copied and pickled as the plain tensor of its values. A non-leaf tensor refuses
+    ``copy.deepcopy`` (pytorch#37322), and a detached one would give such a penalty no gradient.
+    Operations see a plain tensor (no ``__torch_function__`` overhead)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __deepcopy__(self, memo) -> torch.Tensor:
+        return self.detach().as_subclass(torch.Tensor).clone()
+
+    def __reduce_ex__(self, protocol):
+        return self.detach().as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+_OUTSIDE = "_signmask_outside"  # module.__dict__ key: aliases set aside during a torch.func transform
+
+
+def stash_outside(module: nn.Module, name: str) -> None:
+    """Before a pre-hook sets ``module.<name>`` under a ``torch.func`` transform (``grad``,
+    ``vmap``): set the current alias aside, for :func:`detach_weight` to put back. The weight
+    such a forward computes is a wrapper that dies with the transform."""
+    if torch._C._are_functorch_transforms_active():
+        module.__dict__.setdefault(_OUTSIDE, {})[name] = module.__dict__.get(name)
+
+
 def detach_weight(module: nn.Module, name: str) -> None:
-    """Detach ``module.<name>`` once backward has gone through it, if a grad-enabled forward
-    computed it (at once where no backward hook can be set: compiling, transforms)."""
+    """Make ``module.<name>``, as a grad-enabled forward left it, copyable: a :class:`_Weight`
+    alias (a detached one where none can be made: compiling; under a transform, the alias set
+    aside by :func:`stash_outside`)."""
     weight = module.__dict__.get(name)
-    # Cheapest test first: under no_grad (evaluation) there is nothing to detach.
-    if weight is None or not weight.requires_grad:
+    if weight is None:
         return
-    if torch.jit.is_tracing():
-        return  # a detach would be recorded, and jit.trace's re-trace check then fails
-    # In this order: dynamo can trace neither a grad_fn nor a hook's registration.
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or weight.grad_fn is None:
+    if torch._C._are_functorch_transforms_active():  # a wrapper, with or without grad
+        aside = module.__dict__.get(_OUTSIDE, {})
+        outside = aside.pop(name, None)
+        if not aside:
+            module.__dict__.pop(_OUTSIDE, None)
+        module.__dict__[name] = outside if outside is not None else weight.detach()
+        return
+    # Under no_grad (evaluation) there is nothing to do.
+    if not weight.requires_grad or torch.jit.is_tracing():  # jit.trace would record an alias
+        return
+    if torch.compiler.is_compiling():  # dynamo traces no subclass made here
         module.__dict__[name] = weight.detach()
-        return
-    weight.register_hook(_DetachOnBackward(module, name, weight))
-
-
-class _DetachOnBackward:
-    """Tensor hook on a forward's effective weight: when backward reaches it, detach
-    ``module.<name>`` if it still holds that weight. Weak references: the graph must not keep
-    the module alive."""
-
-    def __init__(self, module: nn.Module, name: str, weight: torch.Tensor) -> None:
-        self.module, self.name, self.weight = weakref.ref(module), name, weakref.ref(weight)
-
-    def __call__(self, grad: torch.Tensor) -> None:
-        module, weight = self.module(), self.weight()
-        if module is not None and weight is not None and module.__dict__.get(self.name) is weight:
-            module.__dict__[self.name] = weight.detach()
+    elif type(weight) is not _Weight:
+        module.__dict__[name] = weight.as_subclass(_Weight)
 
 
 def rename(params: dict, old: str, new: str) -> None:

@@ -193,9 +193,10 @@ def load_state_dict(
         RuntimeError: missing or unexpected keys (with ``strict``), other mismatched shapes, or
             values that are not tensors with data that torch can copy (a sparse, quantized,
             nested or meta tensor), as ``nn.Module.load_state_dict`` raises.
-        The model is left untouched in every case, an error raised by a module's own loading
-        code (``set_extra_state``, a load hook) included: a copy of the model's tensors, held
-        in host memory while it loads, puts their values back.
+        The model's tensors are left untouched in every case, an error raised by a module's
+        own loading code (``set_extra_state``, a load hook) included: a copy of them, held in
+        host memory while it loads, puts their values back. Python state that an earlier
+        module's ``set_extra_state`` set is not undone.
 
     Example:
         >>> import torch, signmask

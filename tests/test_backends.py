@@ -417,6 +417,22 @@ def test_a_checkpoint_loaded_after_set_backend_drops_the_reflections_set_backend
     assert _equal_weights(ref, proj)
 
 
+def test_loading_the_same_optimizer_state_twice_reflects_it_once_and_leaves_it_alone():
+    # load_state_dict keeps the caller's tensors where dtype and device match: the reflection
+    # negated the checkpoint's own momentum in place, and a second load flipped it back.
+    ref, ref_opt, rest, model_state, opt_state = _locked_torch_checkpoint()
+    kept = copy.deepcopy(opt_state)
+    proj = _pruned("locked")
+    proj_opt = _large_steps(proj.parameters())
+    _resume_under_projection(proj, proj_opt, (model_state, opt_state), model_first=True)
+    proj_opt.load_state_dict(opt_state)
+    assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+               for a, b in zip(opt_state["state"].values(), kept["state"].values()))
+    _train(ref, ref_opt, rest)
+    _train(proj, proj_opt, rest)
+    assert _equal_weights(ref, proj)
+
+
 def test_a_projection_checkpoint_loads_its_momentum_unreflected():
     # Its weights are reflected already: loading it reflects nothing, whatever set_backend
     # reflected in the model it is loaded into.

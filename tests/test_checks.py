@@ -29,7 +29,7 @@ def test_check_int_gives_a_plain_int_for_numpy_and_tensor_integers(value):
 
 @pytest.mark.parametrize("value", [
     True, False, np.True_,  # bool would read as 1
-    2.0, "2", None, torch.tensor(2.0), torch.tensor([1, 2]),
+    2.0, "2", None, torch.tensor(2.0), torch.tensor([1, 2]), torch.tensor(True),
 ])
 def test_check_int_refuses_what_is_no_integer_by_name(value):
     # The value as Python shows it (numpy >= 2 shows np.True_ as "np.True_", older as "True").

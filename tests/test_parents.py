@@ -243,3 +243,14 @@ def test_reads_of_a_base_forward_called_through_super_are_found():
     assert torch.allclose(out, dense(x, x, x, need_weights=False)[0], atol=1e-6)
     out.sum().backward()
     assert model.out_proj.weight_orig.grad is not None
+
+
+class SubclassedEncoderLayer(nn.TransformerEncoderLayer):
+    def forward(self, src, *args, **kwargs):
+        return super().forward(src, *args, **kwargs)
+
+
+def test_a_fast_path_base_read_through_super_is_not_linked():
+    # Its reads sit on the fast path torch skips while a submodule has hooks: linking them
+    # would compute out_proj's weight three times a forward for nothing.
+    assert _parents._reads(SubclassedEncoderLayer) == frozenset()

@@ -181,8 +181,31 @@ def test_a_penalty_on_the_weight_after_the_forward_trains_as_with_stock_prune(si
     effective = orig * factor
     expected = (torch.ones(3, 5, dtype=torch.float64).T @ x + 2 * effective) * factor
     assert torch.allclose(model.weight_orig.grad, expected, rtol=0, atol=1e-12)
-    assert model.weight.grad_fn is None  # backward has been through it: detached for deepcopy
-    copy.deepcopy(model)
+    twin = copy.deepcopy(model)  # the weight is still in the graph; the copy holds its values
+    assert type(twin.weight) is torch.Tensor and torch.equal(twin.weight, model.weight.detach())
+    assert not twin.weight.requires_grad
+
+
+@pytest.mark.parametrize("after", ["forward only", "grad of the input", "backward to one layer"])
+def test_deepcopy_and_pickle_whatever_reached_the_weights(after):
+    # A grad-enabled forward leaves each weight in the graph (for penalties written on it):
+    # copies must work even where no backward reached it (validation without no_grad, a
+    # model copied by an EMA right after a forward).
+    model = signmask.prune(small_net(0), 0.5, signs="locked")
+    x = inputs().requires_grad_()
+    out = model(x)
+    if after == "grad of the input":
+        torch.autograd.grad(out.sum(), x)
+    elif after == "backward to one layer":
+        out.sum().backward(inputs=[layers(model)[-1].weight_orig])
+    assert all(m.weight.requires_grad for m in layers(model))
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(eval_out(twin, x.detach()), eval_out(model, x.detach()))
+        assert all(type(m.weight) is torch.Tensor for m in layers(twin))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.equal(eval_out(torch.load(buffer, weights_only=False), x.detach()), eval_out(model, x.detach()))
 
 
 def test_deepcopy_and_pickle_after_torch_func_transforms():
@@ -722,7 +745,8 @@ def test_a_parametrization_added_on_weight_orig_after_pruning_works_as_with_stoc
     for name in ("original0", "original1"):
         assert torch.equal(getattr(stock.parametrizations.weight_orig, name).grad,
                            getattr(ours.parametrizations.weight_orig, name).grad)
-    for verb in (signmask.extract, signmask.remove):  # they need the Parameter itself
+    for verb in (signmask.extract, signmask.remove, lambda m: signmask.set_backend(m, "torch")):
+        # they need the Parameter itself
         with pytest.raises(ValueError, match=r"ParametrizedLinear.weight_orig is computed by a parametrization"):
             verb(ours)
     assert torch.equal(ours(x), b)
