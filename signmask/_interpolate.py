@@ -11,7 +11,8 @@ tensor ``weight`` of a norm module becomes, as with ``torch.nn.utils.prune``:
   ``torch.lerp(weight_orig, weight_init, alpha)`` in training mode and to a (differentiable,
   non-Parameter) alias of ``weight_orig`` in eval mode. Running statistics are left alone;
 - a :class:`~signmask._reparam.DetachWeight` post-hook, so ``copy.deepcopy`` works after a
-  grad-enabled forward (pytorch#37322), while a penalty on ``module.weight`` still trains.
+  grad-enabled forward (pytorch#37322); a penalty on ``module.weight`` after the forward then
+  gets no gradient (write it on the lerp of ``weight_orig`` and ``weight_init``).
 
 ``alpha`` is a 0-dim float tensor owned by the caller, who updates it in place (``fill_``,
 ``copy_``); the hooks only hold a reference to it, so keep it on the parameters' device and

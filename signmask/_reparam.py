@@ -12,9 +12,8 @@ A pruned tensor ``weight`` of a module becomes, exactly as with ``torch.nn.utils
 
 The hook is a ``PruningContainer``, so stock ``prune.l1_unstructured`` stacked on top is added to
 it (keeping sign locks), and ``prune.remove`` / ``prune.is_pruned`` work unchanged. A forward
-post-hook, :class:`DetachWeight`, keeps ``module.weight`` in the autograd graph (a penalty on
-it trains ``weight_orig``) as an alias that ``copy.deepcopy`` and pickling copy as a plain
-tensor (pytorch#37322: a non-leaf refuses them).
+post-hook, :class:`DetachWeight`, replaces ``module.weight`` by a detached alias after the
+forward, so ``copy.deepcopy`` and pickling work after training steps (pytorch#37322).
 """
 
 from __future__ import annotations
@@ -164,7 +163,13 @@ class SignMaskHook(_prune.PruningContainer):
 
 
 class DetachWeight:
-    """Forward post-hook: keep ``module.<name>`` copyable between forwards (:func:`detach_weight`)."""
+    """Forward post-hook: keep ``module.<name>`` as a detached alias between forwards.
+
+    After a grad-enabled forward the effective weight is a non-leaf tensor, which
+    ``copy.deepcopy`` refuses (pytorch#37322). Autograd keeps its own reference, so detaching the
+    attribute changes nothing for backward; but a penalty written on ``module.<name>`` after the
+    forward gets no gradient: write it on ``<name>_orig * <name>_mask`` (see README).
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -174,22 +179,6 @@ class DetachWeight:
 
     def __repr__(self) -> str:
         return f"DetachWeight({self.name!r})"
-
-
-class _Weight(torch.Tensor):
-    """A forward's effective weight as ``module.<name>`` keeps it: still in the autograd graph,
-    so that a penalty written on it after the forward trains ``<name>_orig`` (as with stock
-    prune), but copied and pickled as the plain tensor of its values. A non-leaf tensor refuses
-    ``copy.deepcopy`` (pytorch#37322), and a detached one would give such a penalty no gradient.
-    Operations see a plain tensor (no ``__torch_function__`` overhead)."""
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    def __deepcopy__(self, memo) -> torch.Tensor:
-        return self.detach().as_subclass(torch.Tensor).clone()
-
-    def __reduce_ex__(self, protocol):
-        return self.detach().as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
 
 _OUTSIDE = "_signmask_outside"  # module.__dict__ key: aliases set aside during a torch.func transform
@@ -204,9 +193,8 @@ def stash_outside(module: nn.Module, name: str) -> None:
 
 
 def detach_weight(module: nn.Module, name: str) -> None:
-    """Make ``module.<name>``, as a grad-enabled forward left it, copyable: a :class:`_Weight`
-    alias (a detached one where none can be made: compiling; under a transform, the alias set
-    aside by :func:`stash_outside`)."""
+    """Replace ``module.<name>`` by a detached alias if a grad-enabled forward computed it; under
+    a ``torch.func`` transform, by the alias :func:`stash_outside` set aside."""
     weight = module.__dict__.get(name)
     if weight is None:
         return
@@ -217,13 +205,10 @@ def detach_weight(module: nn.Module, name: str) -> None:
             module.__dict__.pop(_OUTSIDE, None)
         module.__dict__[name] = outside if outside is not None else weight.detach()
         return
-    # Under no_grad (evaluation) there is nothing to do.
-    if not weight.requires_grad or torch.jit.is_tracing():  # jit.trace would record an alias
+    # Under no_grad (evaluation) there is nothing to detach.
+    if not weight.requires_grad or torch.jit.is_tracing():  # jit.trace would record a detach
         return
-    if torch.compiler.is_compiling():  # dynamo traces no subclass made here
-        module.__dict__[name] = weight.detach()
-    elif type(weight) is not _Weight:
-        module.__dict__[name] = weight.as_subclass(_Weight)
+    module.__dict__[name] = weight.detach()
 
 
 def rename(params: dict, old: str, new: str) -> None:

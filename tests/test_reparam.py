@@ -165,32 +165,26 @@ def test_deepcopy_and_pickle_after_backward(signs, clone):
     assert torch.equal(eval_out(copy.deepcopy(twin), x), eval_out(twin, x))
 
 
-@pytest.mark.parametrize("signs", [None, "locked"])
-def test_a_penalty_on_the_weight_after_the_forward_trains_as_with_stock_prune(signs):
-    # The weight used to be detached right after the forward: an L2 penalty written on
-    # module.weight (stock prune's layout) then gave weight_orig no gradient at all.
+def test_a_penalty_on_weight_orig_times_the_mask_trains_as_stock_prunes_on_its_weight():
+    # module.weight is detached after the forward (copies must work), so the README sends
+    # penalties to weight_orig * weight_mask: the same gradient as stock prune's module.weight.
     torch.manual_seed(0)
-    model = signmask.prune(nn.Linear(6, 5), 0.5, signs=signs)
-    with torch.no_grad():
-        model.weight_orig.mul_(torch.where(torch.rand(5, 6) < 0.3, -1.0, 1.0))  # some against their locks
+    stock, ours = nn.Linear(6, 5).double(), nn.Linear(6, 5).double()
+    ours.load_state_dict(stock.state_dict())
+    torch_prune.l1_unstructured(stock, "weight", 0.5)
+    signmask.prune(ours, 0.5)
     x = torch.randn(3, 6, dtype=torch.float64)
-    out = model.double()(x)
-    (out.sum() + (model.weight ** 2).sum()).backward()
-    orig, mask = model.weight_orig.detach(), model.weight_mask
-    factor = _reparam.locked_factors(orig, mask, model.weight_sign) if signs else mask.double()
-    effective = orig * factor
-    expected = (torch.ones(3, 5, dtype=torch.float64).T @ x + 2 * effective) * factor
-    assert torch.allclose(model.weight_orig.grad, expected, rtol=0, atol=1e-12)
-    twin = copy.deepcopy(model)  # the weight is still in the graph; the copy holds its values
-    assert type(twin.weight) is torch.Tensor and torch.equal(twin.weight, model.weight.detach())
-    assert not twin.weight.requires_grad
+    stock(x), ours(x)
+    assert not ours.weight.requires_grad and stock.weight.requires_grad
+    (stock.weight ** 2).sum().backward()
+    (_reparam.masked_weight(ours.weight_orig, ours.weight_mask) ** 2).sum().backward()
+    assert torch.equal(stock.weight_orig.grad, ours.weight_orig.grad)
 
 
 @pytest.mark.parametrize("after", ["forward only", "grad of the input", "backward to one layer"])
 def test_deepcopy_and_pickle_whatever_reached_the_weights(after):
-    # A grad-enabled forward leaves each weight in the graph (for penalties written on it):
-    # copies must work even where no backward reached it (validation without no_grad, a
-    # model copied by an EMA right after a forward).
+    # Copies must work whether or not a backward reached the weights (validation without
+    # no_grad, a model copied by an EMA right after a forward).
     model = signmask.prune(small_net(0), 0.5, signs="locked")
     x = inputs().requires_grad_()
     out = model(x)
@@ -198,7 +192,7 @@ def test_deepcopy_and_pickle_whatever_reached_the_weights(after):
         torch.autograd.grad(out.sum(), x)
     elif after == "backward to one layer":
         out.sum().backward(inputs=[layers(model)[-1].weight_orig])
-    assert all(m.weight.requires_grad for m in layers(model))
+    assert not any(m.weight.requires_grad for m in layers(model))  # detached: copyable
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert torch.equal(eval_out(twin, x.detach()), eval_out(model, x.detach()))
         assert all(type(m.weight) is torch.Tensor for m in layers(twin))
