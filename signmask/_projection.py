@@ -19,11 +19,9 @@ RAdam, Adamax, Adagrad, Adadelta, RMSprop, Rprop) leave an entry at 0 when its w
 and state are 0. Sign-locked tensors: ``w = s * |o|`` trains like ``o`` up to a reflection; when
 a weight crosses zero it is mirrored back and its first-moment state (``momentum_buffer``,
 ``exp_avg``, ``grad_avg``, ``prev``) is negated, which keeps the trajectories equal (the second
-moments are even in the gradient). One exception: a sign-locked kept weight that a step lands on
-exactly 0.0 (rare in fp32, less so in 16-bit weights). The torch path's ``weight_orig`` then
-becomes +0.0 from whichever side it came (``x - x`` is +0.0), which may change its frame
-against the lock without a reflection of its momentum; projection keeps the effective weight's
-frame, so the two train that weight differently from the next step on (both sign-locked). Refused: ``LBFGS``, ``SparseAdam``, ``Adafactor`` (factored
+moments are even in the gradient). One exception: a locked kept weight that a step lands on
+exactly 0.0 (rare but in 16-bit weights): the torch path's ``weight_orig`` turns +0.0 from
+either side, changing its frame without reflecting its momentum, so the two part. Refused: ``LBFGS``, ``SparseAdam``, ``Adafactor`` (factored
 second moments) and ``Muon`` (orthogonalized updates), whose updates mix entries. Other optimizer
 classes (subclasses included) get a warning and the full re-projection after each step;
 layer-wise-norm optimizers such as LAMB or LARS are then not exact.
@@ -266,9 +264,7 @@ def _flip_state(optimizer, orig, where: torch.Tensor | None) -> None:
     with torch.no_grad():
         for key in ZERO_PRESERVING.get(type(optimizer).__name__, ()):
             if _per_weight(state.get(key), orig):
-                # A new tensor: a loaded state shares its tensors with the caller's checkpoint
-                # (load_state_dict keeps them where dtype and device match), which a flip in
-                # place would edit, and a second load of it then flip back.
+                # Not in place: a loaded state shares tensors with the caller's checkpoint.
                 state[key] = _maskmul.mul(state[key], flip)
 
 
@@ -333,15 +329,10 @@ class Reproject:
 
 
 def _remember_reflection(hook, factor, *, loaded: bool = False) -> torch.Tensor | None:
-    """Remember where a sign-locked tensor's weights were just reflected (``factor < 0``): the
-    optimizer state that goes with them was reflected there (:func:`project`), and a state of the
-    same run loaded next must be too (:class:`StateLoaded`). Cleared by the next step.
-
-    At :meth:`ProjectionBackend.attach` these are the weights of the moment. ``loaded``: the
-    values of a checkpoint replace them, so the reflections at ``attach`` no longer apply, but
-    those of earlier loads since the last step still do: a checkpoint loaded again after its
-    reflected copy (nothing left to reflect) is the same checkpoint.
-
+    """Remember where a sign-locked tensor's weights were just reflected (``factor < 0``), for
+    the state of the same run loaded next (:class:`StateLoaded`); cleared by the next step.
+    ``loaded``: a checkpoint's values replaced the weights, so the reflections made at ``attach``
+    go, but earlier loads' stay (its reflected copy loaded again reflects nothing more).
     Returns the packed positions reflected before and not now, which the state still needs.
     """
     if factor is None:

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import _interpolate, _io, _methods, _prune, _recipes, _reparam, _snapshot
+from . import _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume, _snapshot
 from ._ticket import Ticket, extract
 
 STATE_VERSION = 1
@@ -403,17 +403,18 @@ class Search:
             raise ValueError(f"not a signmask search state (version {STATE_VERSION} expected, found {found!r})")
         self._check_open("load_state_dict")
         self.config.check_same(state["config"])
-        mine = {k: tuple(m._buffers[n + "_mask"].shape) for k, (m, n) in self._targets.items()}
+        mine = {k: tuple(mask.shape) for k, mask in self._masks("load_state_dict()").items()}
         theirs = {k: tuple(v.shape) for k, v in state["masks"].items()}
         if mine != theirs:
             diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
             raise ValueError(f"cannot resume: the saved search masked other tensors than this model has: {diff}")
         if state["rewind_weights"] is not None:
             _snapshot.check_same_keys(_snapshot.weight_keys(self.model), state["rewind_weights"], "the saved rewind snapshot")
-        ticket = self._check_state(state)  # everything, before the first write
+        # everything, before the first write
+        ticket = _resume.check_state(state, self._generator.get_state(), self._alpha is not None)
         with torch.no_grad():
-            for k, (m, n) in self._targets.items():
-                m._buffers[n + "_mask"].copy_(state["masks"][k] != 0)
+            for k, mask in self._masks("load_state_dict()").items():
+                mask.copy_(state["masks"][k] != 0)
         for key in ("round", "in_round", "step", "round_start_step"):
             setattr(self, key, state[key])
         self._rewind_weights, self._restart = state["rewind_weights"], state["restart"]
@@ -428,44 +429,6 @@ class Search:
             self.in_round, self.done = False, True
         elif self.in_round:
             self._open_bar()
-
-
-    def _check_state(self, state: dict[str, Any]) -> Ticket | None:
-        """Raise ``ValueError`` for a state :meth:`load_state_dict` cannot apply whole (an edited
-        or corrupted checkpoint); the ticket of a finished search."""
-        def bad(key: str, expected: str) -> ValueError:
-            value = state.get(key)
-            return ValueError(f"cannot resume: state[{key!r}] should be {expected}, found {type(value).__name__} {value!r:.60}")
-
-        for key in ("round", "step", "round_start_step"):
-            if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
-                raise bad(key, "an int >= 0")
-        for key in ("in_round", "done", "restart_pending"):
-            if not isinstance(state.get(key), bool):
-                raise bad(key, "a bool")
-        for key, mask in state["masks"].items():
-            if not isinstance(mask, torch.Tensor) or not _reparam.is_binary(mask):
-                raise ValueError(f"cannot resume: state['masks'][{key!r}] is not a 0/1 mask")
-        generator = state.get("generator")
-        mine = self._generator.get_state()
-        if not isinstance(generator, torch.Tensor) or generator.dtype != mine.dtype or generator.shape != mine.shape:
-            raise bad("generator", f"a torch.Generator state ({mine.dtype}, {tuple(mine.shape)})")
-        alpha = state.get("alpha")
-        if self._alpha is not None and not (isinstance(alpha, float) and 0.0 <= alpha <= 1.0):
-            raise bad("alpha", "a float in [0, 1]")
-        restart = state.get("restart")
-        if not (isinstance(restart, dict) and {"param_groups", "scheduler"} <= restart.keys()):
-            raise bad("restart", "the optimizer and scheduler snapshot (a dict)")
-        if not (isinstance(state.get("history"), list) and all(isinstance(h, dict) for h in state["history"])):
-            raise bad("history", "a list of dicts")
-        if not state["done"]:
-            return None
-        if not isinstance(state.get("ticket"), dict):
-            raise bad("ticket", "the finished search's ticket (a dict)")
-        try:
-            return Ticket(**state["ticket"])
-        except TypeError as e:
-            raise ValueError(f"cannot resume: state['ticket'] is not a ticket: {e}") from None
 
 
 def _log_line(method: str, record: dict[str, Any]) -> str:

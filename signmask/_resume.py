@@ -1,0 +1,54 @@
+"""Validating a saved lottery-search state before :meth:`signmask.Search.load_state_dict`
+applies any of it (an edited or corrupted checkpoint must change nothing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _reparam
+from ._ticket import Ticket
+
+
+def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolating: bool) -> Ticket | None:
+    """Raise ``ValueError`` for a state the search cannot apply whole; the ticket of a finished
+    search, else None.
+
+    Args:
+        state: :meth:`signmask.Search.state_dict`'s output, version and config already checked.
+        generator_state: the resuming search's own AWS generator state (dtype and shape to match).
+        interpolating: whether the search interpolates norms (then ``alpha`` must be a float).
+    """
+    def bad(key: str, expected: str) -> ValueError:
+        value = state.get(key)
+        return ValueError(f"cannot resume: state[{key!r}] should be {expected}, found {type(value).__name__} {value!r:.60}")
+
+    for key in ("round", "step", "round_start_step"):
+        if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
+            raise bad(key, "an int >= 0")
+    for key in ("in_round", "done", "restart_pending"):
+        if not isinstance(state.get(key), bool):
+            raise bad(key, "a bool")
+    for key, mask in state["masks"].items():
+        if not isinstance(mask, torch.Tensor) or not _reparam.is_binary(mask):
+            raise ValueError(f"cannot resume: state['masks'][{key!r}] is not a 0/1 mask")
+    generator, mine = state.get("generator"), generator_state
+    if not isinstance(generator, torch.Tensor) or generator.dtype != mine.dtype or generator.shape != mine.shape:
+        raise bad("generator", f"a torch.Generator state ({mine.dtype}, {tuple(mine.shape)})")
+    alpha = state.get("alpha")
+    if interpolating and not (isinstance(alpha, float) and 0.0 <= alpha <= 1.0):
+        raise bad("alpha", "a float in [0, 1]")
+    restart = state.get("restart")
+    if not (isinstance(restart, dict) and {"param_groups", "scheduler"} <= restart.keys()):
+        raise bad("restart", "the optimizer and scheduler snapshot (a dict)")
+    if not (isinstance(state.get("history"), list) and all(isinstance(h, dict) for h in state["history"])):
+        raise bad("history", "a list of dicts")
+    if not state["done"]:
+        return None
+    if not isinstance(state.get("ticket"), dict):
+        raise bad("ticket", "the finished search's ticket (a dict)")
+    try:
+        return Ticket(**state["ticket"])
+    except TypeError as e:
+        raise ValueError(f"cannot resume: state['ticket'] is not a ticket: {e}") from None

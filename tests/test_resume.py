@@ -1,0 +1,39 @@
+"""Checking a saved search state before anything of it is applied (signmask/_resume.py)."""
+
+import pytest
+import torch
+
+import signmask
+from signmask import _resume
+from _util import tiny
+
+
+def _state(method="aws"):
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    search = signmask.apply(model, method, 0.5, optimizer=opt, progress=False)
+    return search, search.state_dict()
+
+
+def test_a_state_as_saved_passes_and_a_running_search_has_no_ticket():
+    search, state = _state()
+    assert _resume.check_state(state, search._generator.get_state(), True) is None
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("alpha", 1.5, "state['alpha'] should be a float in [0, 1], found float 1.5"),
+    ("step", True, "state['step'] should be an int >= 0, found bool True"),
+    ("generator", torch.zeros(3), "state['generator'] should be a torch.Generator state"),
+    ("history", [1], "state['history'] should be a list of dicts"),
+])
+def test_each_entry_is_checked_by_kind(key, value, message):
+    search, state = _state()
+    state[key] = value
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        _resume.check_state(state, search._generator.get_state(), True)
+
+
+def test_alpha_is_not_checked_where_nothing_is_interpolated():
+    search, state = _state("lrr")
+    state["alpha"] = None
+    assert _resume.check_state(state, search._generator.get_state(), False) is None
