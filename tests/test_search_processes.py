@@ -38,6 +38,7 @@ def test_sigkill_mid_round_then_resume_gives_identical_ticket(tmp_path):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
+    proc.stdout.close(), proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "ticket.safetensors").exists()
     state = torch.load(killed / "ckpt.pt", weights_only=True)["search"]
