@@ -87,11 +87,11 @@ def check_key(key: Any, valid: Iterable[str], arg: str, what: str) -> str:
 
     Raises:
         TypeError: ``key`` is no str (``None``, a list).
-        ValueError: an unknown name. Both messages list the valid names.
+        ValueError: an unknown name. Both messages name ``arg`` and list the valid names.
     """
     names = sorted(valid)
     if not isinstance(key, str):
         raise TypeError(f"{arg} must be a str, one of {names}, got {type(key).__name__} {key!r}")
     if key not in names:
-        raise ValueError(f"unknown {what} {key!r}; valid: {names}")
+        raise ValueError(f"{arg}={key!r} is not a known {what}; valid: {names}")
     return key

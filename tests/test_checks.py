@@ -81,7 +81,8 @@ def test_check_key_takes_exactly_the_valid_names(key):
     if isinstance(key, str) and key in valid:
         assert _checks.check_key(key, valid, "kind", "thing") == key
     elif isinstance(key, str):
-        with pytest.raises(ValueError, match=f"^unknown thing {re.escape(repr(key))}; valid: \\['', 'a', 'b'\\]$"):
+        expected = f"^kind={re.escape(repr(key))} is not a known thing; valid: \\['', 'a', 'b'\\]$"
+        with pytest.raises(ValueError, match=expected):
             _checks.check_key(key, valid, "kind", "thing")
     else:  # no str: its kind is wrong, whatever its value (an unhashable list included)
         with pytest.raises(TypeError, match=r"^kind must be a str, one of \['', 'a', 'b'\], got "):

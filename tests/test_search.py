@@ -226,7 +226,8 @@ def test_a_search_whose_masks_were_removed_says_so():
 @pytest.mark.parametrize(
     "kwargs, error, text",
     [
-        ({"method": "sgd"}, ValueError, "unknown search method 'sgd'; valid: ['aws', 'imp', 'lrr', 'omp']"),
+        ({"method": "sgd"}, ValueError,
+         "method='sgd' is not a known search method; valid: ['aws', 'imp', 'lrr', 'omp']"),
         ({"sparsity": 0.0}, ValueError, "sparsity must be a finite number in (0, 1), got 0.0"),
         ({"sparsity": 1.0}, ValueError, "sparsity must be a finite number in (0, 1), got 1.0"),
         ({"rate": 1.0}, ValueError, "rate must be a finite number in (0, 1), got 1.0"),

@@ -136,7 +136,8 @@ class Other(nn.Module):
         (lambda: Other(), dict(check_architecture=False), "are not in Other"),
         (lambda: tiny(1, width=4), {}, r"'conv1.weight' has shape \(6, 3, 3, 3\), the model's has \(4, 3, 3, 3\)"),
         (lambda: signmask.prune(tiny(1), 0.1, include="fc"), {}, "fc.weight is already pruned"),
-        (lambda: tiny(1), dict(signs="free"), r"unknown sign mode 'free'; valid: \['init', 'keep', 'locked'\]"),
+        (lambda: tiny(1), dict(signs="free"),
+         r"signs='free' is not a known sign mode; valid: \['init', 'keep', 'locked'\]"),
     ],
 )
 def test_bad_transfers_leave_the_model_untouched(make, kwargs, message):
