@@ -124,8 +124,13 @@ def check_file_path(path) -> Path:
 def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     """Write ``ticket`` to ``path`` as ``.safetensors``, atomically (temp file + rename).
 
+    Args:
+        ticket: the :class:`Ticket` to write (validated again: its dicts stay editable).
+        path: the file to write (a ``str`` or ``os.PathLike``); an existing file is replaced
+            (a symlink's target), and missing folders above it are created.
+
     Returns:
-        The path written.
+        The path written, as a ``pathlib.Path``.
 
     Raises:
         TypeError: ``ticket`` is not a :class:`Ticket`, ``path`` not a path.
@@ -147,7 +152,7 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     from safetensors.torch import save as st_save
 
     if not isinstance(ticket, Ticket):
-        raise TypeError(f"save() takes a signmask.Ticket, got {type(ticket).__name__}")
+        raise TypeError(f"save() takes a signmask.Ticket as ticket, got {type(ticket).__name__}")
     ticket = ticket._checked()
     path = check_file_path(path)
     if "__metadata__" in {**ticket.masks, **ticket.signs, **ticket.norms}:
@@ -336,10 +341,17 @@ def load(path: str | os.PathLike) -> Ticket:
     """Read a ticket written by :func:`save` (format version 3) or by an older signmask
     (versions 1 and 2).
 
+    Args:
+        path: the ``.safetensors`` file (a ``str`` or ``os.PathLike``).
+
+    Returns:
+        The :class:`Ticket`, its checksums verified; its metadata holds the ticket's own
+        entries, without the file format's reserved keys.
+
     Raises:
         TypeError: ``path`` is not a path.
         FileNotFoundError: no such file.
-        ValueError: not a safetensors file, truncated or corrupted, not a signmask ticket, an
+        ValueError: a folder, not a safetensors file, truncated or corrupted, not a signmask ticket, an
             unsupported format version, edited metadata (any entry), missing or extra tensors,
             or values outside {-1, 0, +1}; the message names the file and the tensor.
 
@@ -347,7 +359,7 @@ def load(path: str | os.PathLike) -> Ticket:
         >>> import os, tempfile, torch, signmask
         >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
         >>> _ = signmask.save(signmask.Ticket({"fc.weight": torch.tensor([[1, 0, -1]])}), path)
-        >>> load(path).masks["fc.weight"].tolist()
+        >>> signmask.load(path).masks["fc.weight"].tolist()
         [[1, 0, -1]]
     """
     path = Path(check_path(path))

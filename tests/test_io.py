@@ -164,7 +164,7 @@ def test_saved_file_gets_umask_permissions_not_mkstemps(tmp_path):
 
 
 def test_save_refuses_non_tickets(tmp_path):
-    with pytest.raises(TypeError, match="save\\(\\) takes a signmask.Ticket, got dict"):
+    with pytest.raises(TypeError, match="save\\(\\) takes a signmask.Ticket as ticket, got dict"):
         signmask.save({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
