@@ -11,6 +11,24 @@ from . import _reparam
 from ._ticket import Ticket
 
 
+def check_entries(state: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming what a state of the right version lacks for the checks that
+    read it before :func:`check_state` (a ``KeyError`` would name no checkpoint)."""
+    missing = sorted({"config", "masks", "rewind_weights"} - state.keys())
+    if missing:
+        raise ValueError(f"cannot resume: the search state has no {missing} (an edited or corrupted "
+                         "checkpoint?)")
+    for key in ("config", "masks"):
+        if not isinstance(state[key], dict):
+            value = state[key]
+            raise ValueError(f"cannot resume: state[{key!r}] should be a dict, found "
+                             f"{type(value).__name__} {value!r:.60}")
+    for key, mask in state["masks"].items():
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"cannot resume: state['masks'][{key!r}] should be a tensor, found "
+                             f"{type(mask).__name__}")
+
+
 def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolating: bool) -> Ticket | None:
     """Raise ``ValueError`` for a state the search cannot apply whole; the ticket of a finished
     search, else None.

@@ -392,16 +392,21 @@ class Search:
         """Resume from :meth:`state_dict`. Call it right after :func:`signmask.apply` on the fresh
         model and optimizer, then load the model's, optimizer's and scheduler's own state_dicts.
 
+        Args:
+            state: what :meth:`state_dict` returned (after a ``torch.save`` / ``torch.load``
+                round trip, ``weights_only=True`` included).
+
         Raises:
             ValueError: another version, another search configuration, a model whose masked
-                tensors differ (names or shapes), or an entry of the wrong kind (an edited or
-                corrupted checkpoint). Nothing is changed then.
+                tensors differ (names or shapes), or an entry missing or of the wrong kind (an
+                edited or corrupted checkpoint). Nothing is changed then.
             RuntimeError: the search was closed or is done.
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             found = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a signmask search state (version {STATE_VERSION} expected, found {found!r})")
         self._check_open("load_state_dict")
+        _resume.check_entries(state)
         self.config.check_same(state["config"])
         mine = {k: tuple(mask.shape) for k, mask in self._masks("load_state_dict()").items()}
         theirs = {k: tuple(v.shape) for k, v in state["masks"].items()}

@@ -37,3 +37,19 @@ def test_alpha_is_not_checked_where_nothing_is_interpolated():
     search, state = _state("lrr")
     state["alpha"] = None
     assert _resume.check_state(state, search._generator.get_state(), False) is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda state: state.pop("config"), "the search state has no ['config']"),
+    (lambda state: state.update(masks=[1]), "state['masks'] should be a dict, found list"),
+    (lambda state: state["masks"].update({"conv1.weight": [1]}),
+     "state['masks']['conv1.weight'] should be a tensor, found list"),
+])
+def test_a_state_missing_entries_is_refused_by_name_and_changes_nothing(edit, message):
+    search, state = _state()
+    before = {k: v.clone() for k, v in search.model.state_dict().items()}
+    edit(state)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        search.load_state_dict(state)
+    after = search.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and search.round == 0
