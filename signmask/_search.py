@@ -6,6 +6,7 @@ import dataclasses
 import numbers
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -120,6 +121,8 @@ class Search:
         return self.config.prune_steps + 1
 
     def __iter__(self) -> Iterator[int]:
+        """Yield each round's index: the body of the loop trains that round, then the search
+        prunes, rewinds and restarts (:meth:`start_round` / :meth:`finish_round` around it)."""
         while not self.done:
             if not self.in_round:
                 self.start_round()
@@ -150,10 +153,26 @@ class Search:
         return self.step - self.round_start_step if self.in_round else 0
 
     def start_round(self) -> int:
-        """Begin the next training round; returns its index.
+        """Begin the next training round (for loops that cannot be a ``for`` over the search).
+
+        Returns:
+            The round's index (0 is the dense round).
 
         Raises:
-            RuntimeError: a round is already running, or the search is done.
+            RuntimeError: a round is already running, or the search is done or closed.
+
+        Example:
+            >>> import torch, signmask
+            >>> net = torch.nn.Linear(4, 4)
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> search = signmask.apply(net, "lrr", 0.5, optimizer=opt, rounds=1,
+            ...                         classifier=True, progress=False)
+            >>> while not search.done:
+            ...     r = search.start_round()
+            ...     opt.zero_grad(); net(torch.ones(2, 4)).sum().backward(); opt.step()
+            ...     search.finish_round()
+            >>> r, search.sparsity
+            (1, 0.5)
         """
         self._check_open("start_round")
         if self.in_round:
@@ -167,11 +186,26 @@ class Search:
     def report(self, **metrics: float) -> None:
         """Record the user's metrics (``accuracy=0.93``) for the current round's log line.
 
+        Args:
+            metrics: name -> real number, kept in ``history[-1]`` as floats.
+
         Raises:
             RuntimeError: no round is running (its line is printed already).
             TypeError: a metric is not a real number.
             ValueError: a metric is named like the search's own records (``round``,
                 ``sparsity``, ``steps``).
+
+        Example:
+            >>> import torch, signmask
+            >>> net = torch.nn.Linear(4, 4)
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> search = signmask.apply(net, "lrr", 0.5, optimizer=opt, rounds=1,
+            ...                         classifier=True, progress=False)
+            >>> search.start_round()
+            0
+            >>> search.report(acc=0.75)
+            >>> search.history[-1]
+            {'round': 0, 'sparsity': 0.0, 'acc': 0.75}
         """
         if not self.in_round:  # a finished round's line is printed already
             raise RuntimeError(
@@ -190,9 +224,23 @@ class Search:
         """End the current round: prune, rewind and restart, or after the last round, make the ticket.
 
         Raises:
-            RuntimeError: no round is running.
+            RuntimeError: no round is running, or the search is done or closed.
             ValueError: the rewind point lies beyond the training done in round 0 (nothing changes;
-                train on and call again).
+                train on and call again); the optimizer's parameter groups changed since
+                :func:`signmask.apply`.
+
+        Example:
+            >>> import torch, signmask
+            >>> net = torch.nn.Linear(4, 4)
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> search = signmask.apply(net, "lrr", 0.5, optimizer=opt, rounds=1,
+            ...                         classifier=True, progress=False)
+            >>> search.start_round()
+            0
+            >>> opt.zero_grad(); net(torch.ones(2, 4)).sum().backward(); opt.step()
+            >>> search.finish_round()  # prunes to the target; round 1 trains at it
+            >>> search.sparsity, search.done
+            (0.5, False)
         """
         self._check_open("finish_round")
         if not self.in_round:
@@ -235,11 +283,30 @@ class Search:
             )
         return self._ticket
 
-    def save(self, path: str | os.PathLike) -> os.PathLike:
+    def save(self, path: str | os.PathLike) -> Path:
         """Save :attr:`ticket` atomically as ``.safetensors`` (see :func:`signmask.save`).
+
+        Args:
+            path: the file to write; missing folders above it are created.
+
+        Returns:
+            The path written, as a ``pathlib.Path``.
 
         Raises:
             RuntimeError: the search has not finished its last round (no ticket yet).
+            TypeError / ValueError / OSError: a bad ``path``, as :func:`signmask.save` raises.
+
+        Example:
+            >>> import os, tempfile, torch, signmask
+            >>> net = torch.nn.Linear(4, 4)
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> search = signmask.apply(net, "lrr", 0.5, optimizer=opt, rounds=1,
+            ...                         classifier=True, progress=False)
+            >>> for r in search:
+            ...     opt.zero_grad(); net(torch.ones(2, 4)).sum().backward(); opt.step()
+            >>> path = search.save(os.path.join(tempfile.mkdtemp(), "lrr.safetensors"))
+            >>> signmask.load(path).metadata["method"]
+            'lrr'
         """
         return _io.save(self.ticket, path)
 
@@ -307,6 +374,20 @@ class Search:
         Args:
             copies: copies of the model made after :func:`apply` (``ModelEmaV3(model).module``):
                 their norm interpolation comes off too. Callable again after the search ended.
+
+        Raises:
+            TypeError: a copy is not an ``nn.Module`` (nothing is removed then).
+
+        Example:
+            >>> import copy, torch, signmask
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> search = signmask.apply(net, "aws", 0.5, optimizer=opt, classifier=True,
+            ...                         progress=False)
+            >>> ema = copy.deepcopy(net)
+            >>> search.close(ema)  # abandon the search: hooks and interpolation come off
+            >>> type(ema[1].weight).__name__, search.sparsity
+            ('Parameter', 0.0)
         """
         for copy in copies:
             if not isinstance(copy, nn.Module):
@@ -369,6 +450,29 @@ class Search:
         when done).
 
         Save it beside the model's, optimizer's and scheduler's own state_dicts.
+
+        Returns:
+            A dict of plain tensors, numbers, strings, lists and dicts, which ``torch.load``
+            reads back with ``weights_only=True``.
+
+        Raises:
+            RuntimeError: a searched tensor is no longer pruned (``signmask.remove`` ran).
+
+        Example:
+            >>> import io, torch, signmask
+            >>> net = torch.nn.Linear(4, 4)
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> search = signmask.apply(net, "lrr", 0.5, optimizer=opt, rounds=1,
+            ...                         classifier=True, progress=False)
+            >>> buf = io.BytesIO()
+            >>> torch.save(search.state_dict(), buf); _ = buf.seek(0)
+            >>> fresh = torch.nn.Linear(4, 4)
+            >>> opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1)
+            >>> resumed = signmask.apply(fresh, "lrr", 0.5, optimizer=opt2, rounds=1,
+            ...                          classifier=True, progress=False)
+            >>> resumed.load_state_dict(torch.load(buf, weights_only=True))
+            >>> resumed.round, resumed.step
+            (0, 0)
         """
         return {
             "version": STATE_VERSION,
