@@ -67,7 +67,9 @@ def apply(
             point for LRR/AWS or an unreadable one (an ``"ep"`` point without
             ``steps_per_epoch``); a seed outside [0, 2**64); nothing to prune; a model already
             pruned; an optimizer that trains none of the pruned tensors; ``"aws"`` (the
-            default) on a model without norm layers with affine parameters (use ``"lrr"``).
+            default) on a model without norm layers with affine parameters (use ``"lrr"``);
+            a weight on the meta device or sharded (a DTensor); norm layers already interpolated
+            by another search.
         TypeError also for a method that is no str. The model is left untouched in every case.
 
     Example:

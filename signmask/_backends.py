@@ -244,12 +244,14 @@ def set_backend(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``; ``"triton"`` with a tensor of a dtype its
-            kernels do not compute (not fp32/bf16/fp16/fp64).
+        TypeError: ``model`` is not an ``nn.Module``, ``backend`` not a str, ``optimizer`` not
+            a ``torch.optim.Optimizer``; ``"triton"`` with a tensor of a dtype its kernels do
+            not compute (not fp32/bf16/fp16/fp64).
         ValueError: unknown backend, nothing pruned, a stock prune hook, a mask or sign buffer
             of another dtype, shape or device than signmask makes, ``"projection"``
             without an optimizer, with one it cannot serve exactly or that does not train every
-            pruned tensor, or with a frozen tensor.
+            pruned tensor, or with a frozen tensor; a weight on the meta device or sharded (a
+            DTensor).
         ImportError: ``"triton"`` without triton installed.
         RuntimeError: ``"triton"`` with CPU tensors (unless ``TRITON_INTERPRET=1``).
         The model is left untouched in every case.

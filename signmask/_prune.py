@@ -112,7 +112,8 @@ def prune(
             of an 8-bit float dtype, or a complex one with ``signs="locked"``.
         ValueError: ``amount`` outside [0, 1] (a float) or above the weights left (an int),
             unknown method/scope/signs, ``seed`` for a method without one or outside
-            [0, 2**64), nothing to prune, tied weights, or a conflicting earlier pruning.
+            [0, 2**64), nothing to prune, tied weights, a conflicting earlier pruning, or a
+            weight on the meta device or sharded (a DTensor).
         The model is left untouched in every case.
 
     Example:
@@ -179,9 +180,16 @@ def remove(model: nn.Module) -> nn.Module:
     Each ``weight`` becomes a plain Parameter (the same object as ``weight_orig``) holding the
     effective values: zeros where pruned, locked signs applied.
 
+    Args:
+        model: a model pruned by signmask or by ``torch.nn.utils.prune``.
+
+    Returns:
+        ``model``, with no pruned tensor left.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: nothing in ``model`` is pruned.
+        ValueError: nothing in ``model`` is pruned, or a pruned weight is on the meta device
+            or sharded (a DTensor; gather it first). Nothing is changed then.
 
     Example:
         >>> import torch, signmask

@@ -189,7 +189,8 @@ def load_state_dict(
         TypeError: ``model`` is not an ``nn.Module``, ``state_dict`` not a mapping of str keys,
             or a masked weight of ``model`` is an 8-bit float (or complex and sign-locked).
         ValueError: a masked tensor names no module of ``model`` or has another shape, or the
-            state dict loads into a lazy layer that has no shape yet (run a forward pass first).
+            state dict loads into a lazy layer that has no shape yet (run a forward pass first),
+            a masked tensor of ``model`` is sharded (a DTensor), or a mask is not binary.
         RuntimeError: missing or unexpected keys (with ``strict``), other mismatched shapes, or
             values that are not tensors with data that torch can copy (a sparse, quantized,
             nested or meta tensor), as ``nn.Module.load_state_dict`` raises.

@@ -245,14 +245,22 @@ def extract(
             LayerNorm, GroupNorm, timm's norms; their running statistics are not recorded),
             which ``transfer`` then copies onto the new init. Under AWS's interpolation these
             are the trained values (``weight_orig``), not the interpolated ones.
-        metadata: extra strings stored in the ticket (method, rounds...).
+        metadata: extra strings stored in the ticket (method, rounds...); they override the
+            recorded ``method``, ``architecture``, ``model_class`` and ``versions``.
+
+    Returns:
+        A :class:`Ticket`: the signed masks, the dense signs asked for, the norm parameters
+        with ``norms``, and metadata (``method``, ``architecture``, ``model_class``,
+        ``versions``, then ``metadata``).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, a flag is not a bool, ``metadata`` is not
             a mapping.
         ValueError: nothing in ``model`` is pruned, or something other than a conv/linear weight
             is (a bias or an embedding, by stock prune); a kept (or recorded dense) weight is
-            NaN or infinite; a layer to record is lazy and has no shape yet.
+            NaN or infinite; a layer to record is lazy and has no shape yet; a pruned weight is
+            on the meta device or sharded (a DTensor). ``metadata`` that is not ``str -> str``
+            or uses a reserved key raises as :class:`Ticket` does.
 
     Example:
         >>> import torch, signmask

@@ -138,8 +138,12 @@ def transfer(
             is an 8-bit float (or complex, with ``signs="locked"``).
         ValueError: unknown ``signs``, another architecture, ticket tensors missing from the model,
             a shape mismatch, an already-pruned tensor, a lazy layer with no shape yet, ``norms``
-            with a ticket that has none, or a ticket norm tensor that is not a norm layer's in
-            the model. Nothing is changed then.
+            with a ticket that has none, a ticket norm tensor that is not a norm layer's in
+            the model, a ticket mask on a tensor that is not a conv/linear weight, a masked
+            weight tied to another module's (shared Parameter), or a weight on the meta device
+            or sharded (a DTensor). Nothing is changed then.
+        FileNotFoundError: ``ticket`` is the path of no file (and ``load``'s errors for a
+            file that is no valid ticket).
 
     Example:
         >>> import torch, signmask
