@@ -140,7 +140,12 @@ class Ticket:
         return fraction_pruned(self.kept, self.numel)
 
     def layer_sparsity(self) -> dict[str, float]:
-        """Per-tensor fraction of pruned weights (0.0 for an empty tensor)."""
+        """Return each masked tensor's fraction of pruned weights (0.0 for an empty tensor).
+
+        Example:
+            >>> Ticket({"a": torch.tensor([1, 0]), "b": torch.tensor([-1, 1])}).layer_sparsity()
+            {'a': 0.5, 'b': 0.0}
+        """
         return {k: fraction_pruned(int(m.count_nonzero()), m.numel()) for k, m in self.masks.items()}
 
     def _checked(self) -> "Ticket":

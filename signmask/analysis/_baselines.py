@@ -119,6 +119,9 @@ def count_params(model: nn.Module) -> int:
     Returns:
         The number of parameters the pruned network really has.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
     Example:
         >>> import signmask
         >>> count_params(signmask.prune(torch.nn.Linear(10, 10), 0.5))  # 50 weights + 10 biases

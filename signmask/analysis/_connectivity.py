@@ -49,6 +49,7 @@ class Barrier:
         errors: error rate in [0, 1] at each alpha.
 
     Raises:
+        TypeError: a value that is not a real number (the field is named).
         ValueError: fewer than 2 points, lengths differ, bad grid, a NaN or infinite value (the
             field is named), errors outside [0, 1].
 

@@ -172,7 +172,19 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
 
 # ------------------------------------------------------------------------------ evaluate
 class Evaluation(NamedTuple):
-    """Mean loss and error rate (fraction misclassified, in [0, 1]) over a loader."""
+    """Mean loss and error rate (fraction misclassified, in [0, 1]) over a loader.
+
+    Returned by :func:`evaluate`; a ``NamedTuple``, so ``loss, error = evaluate(...)`` works.
+
+    Args:
+        loss: the mean of ``loss_fn`` over the counted targets.
+        error: the fraction of counted targets whose top-1 class is wrong.
+
+    Example:
+        >>> loss, error = Evaluation(0.25, 0.1)
+        >>> error
+        0.1
+    """
 
     loss: float
     error: float

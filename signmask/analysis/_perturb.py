@@ -53,7 +53,21 @@ class PerturbationInput:
 
 @dataclasses.dataclass(frozen=True)
 class Perturbation:
-    """A registered kind: ``fn(layer) -> new values`` (only kept entries are used)."""
+    """A registered kind: ``fn(layer) -> new values`` (only kept entries are used).
+
+    Made by :func:`register_perturbation`; ``PERTURBATIONS`` maps each name to one.
+
+    Args:
+        name: the kind's key for :func:`perturb`.
+        fn: ``fn(layer: PerturbationInput) -> Tensor`` of the weight's shape.
+        needs_init, random, needs_sigma: whether :func:`perturb` requires ``init=``, ``seed=``
+            (and passes a seeded generator) or ``sigma_n=``.
+
+    Example:
+        >>> spec = PERTURBATIONS["noise"]
+        >>> spec.needs_init, spec.random, spec.needs_sigma
+        (True, True, True)
+    """
 
     name: str
     fn: Callable[[PerturbationInput], torch.Tensor]
@@ -74,6 +88,13 @@ def register_perturbation(name: str, *, needs_init: bool = False, random: bool =
         needs_init: :func:`perturb` then requires ``init=``.
         random: :func:`perturb` then requires ``seed=`` and passes a seeded generator.
         needs_sigma: :func:`perturb` then requires ``sigma_n=``.
+
+    Returns:
+        A decorator that registers ``fn`` (replacing a kind of the same name) and returns it
+        unchanged.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty str.
 
     Example:
         >>> @register_perturbation("zero_kept")

@@ -185,6 +185,18 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
             added after the last ``finish``, or a bad path. NotADirectoryError: a folder above
             ``path`` is a file (missing folders are created); IsADirectoryError: ``path`` is a
             folder. ImportError: matplotlib is not installed.
+
+    Example:
+        >>> import tempfile, os, torch
+        >>> net = torch.nn.Linear(4, 4)
+        >>> rec = Telemetry(net)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.mul_(-1)
+        >>> rec.record(1), len(rec.finish())
+        (True, 1)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     plot_telemetry(rec, os.path.join(d, "early.png")).name
+        'early.png'
     """
     if not isinstance(telemetry, Telemetry):
         raise TypeError(f"telemetry must be a Telemetry, got {type(telemetry).__name__}")

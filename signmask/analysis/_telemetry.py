@@ -42,6 +42,9 @@ class Stats:
         dist_final, cos_final: the same to the final weights, None until ``finish()`` (runs
             again, for a record added after it).
 
+    Raises:
+        ValueError: a value outside its range (NaN passes: a diverged weight).
+
     Example:
         >>> Stats(0.0, 0.0, 1.0)
         Stats(sign_changed=0.0, dist_init=0.0, cos_init=1.0, dist_final=None, cos_final=None)
@@ -68,7 +71,21 @@ class Stats:
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """The :class:`Stats` of every tracked tensor (``layers``) and of all together (``total``)."""
+    """The :class:`Stats` of every tracked tensor (``layers``) and of all together (``total``).
+
+    Args:
+        step: the training step recorded.
+        layers: canonical tensor name -> its :class:`Stats`.
+        total: the :class:`Stats` of all tracked tensors together.
+
+    Example:
+        >>> rec = Telemetry(torch.nn.Linear(2, 2))
+        >>> rec.record(0)
+        True
+        >>> r = rec.records[0]
+        >>> r.step, list(r.layers), r.total.sign_changed
+        (0, ['weight'], 0.0)
+    """
 
     step: int
     layers: Mapping[str, Stats]
@@ -194,6 +211,11 @@ class Telemetry:
 
         Raises:
             TypeError / ValueError: ``step`` is not an int, negative, or not increasing.
+
+        Example:
+            >>> rec = Telemetry(torch.nn.Linear(2, 2), every=10)
+            >>> rec.record(5), rec.record(10), rec.steps
+            (False, True, (10,))
         """
         step = check_int(step, "step", minimum=0)
         if self._records and step <= self._records[-1].step:
@@ -227,7 +249,16 @@ class Telemetry:
             The updated records.
 
         Raises:
+            TypeError: ``final`` is not an ``nn.Module``.
             ValueError: ``keep_snapshots=False``, or ``final``'s tensors differ from the tracked ones.
+
+        Example:
+            >>> net = torch.nn.Linear(4, 4)
+            >>> rec = Telemetry(net)
+            >>> rec.record(0)
+            True
+            >>> rec.finish()[0].total.dist_final  # nothing moved yet
+            0.0
         """
         if not self.keep_snapshots:
             raise ValueError(
@@ -268,8 +299,19 @@ class Telemetry:
             One value per record, in step order.
 
         Raises:
+            TypeError: ``metric`` is not a str.
             ValueError: unknown ``metric`` or ``layer``, or a final metric before :meth:`finish`
                 or while records added after the last ``finish`` lack it.
+
+        Example:
+            >>> net = torch.nn.Linear(4, 4)
+            >>> rec = Telemetry(net)
+            >>> for step in range(3):
+            ...     with torch.no_grad():
+            ...         _ = net.weight.mul_(-1)
+            ...     _ = rec.record(step)
+            >>> rec.series("sign_changed")
+            [1.0, 0.0, 1.0]
         """
         check_key(metric, METRICS, "metric", "metric")
         if layer is not None and layer not in self._targets:
