@@ -117,6 +117,12 @@ def _linear_launches() -> None:
                 gy = torch.randn(16, 24, generator=g).to(dtype)
                 _triton_linear._mm(gy, orig, mask_u8, s, None, transposed=False)
                 _triton_linear._grad_weight(gy, x, orig, mask_u8, s)
+        # 64-bit offsets: a meta weight whose rows lie 2**26 elements apart (bf16, signs locked).
+        huge = torch.empty_strided((24, 32), (2**26, 1), dtype=torch.bfloat16, device="meta")
+        x, gy = torch.randn(16, 32).bfloat16(), torch.randn(16, 24).bfloat16()
+        for transposed, a in ((True, x), (False, gy)):
+            _triton_linear._mm(a, huge, mask_u8, sign, None, transposed=transposed)
+        _triton_linear._grad_weight(gy, x, huge, mask_u8, sign)
     finally:
         torch.set_float32_matmul_precision(before)
 

@@ -16,6 +16,8 @@ is used. With ``TRITON_INTERPRET=1`` set before this import, kernels run on CPU 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -275,6 +277,18 @@ def _span(t: torch.Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
+def on_device(t: torch.Tensor):
+    """A context that makes ``t``'s CUDA device the current one while a kernel is launched.
+
+    Triton launches on the current device and its current stream, whatever device the tensors
+    are on: a weight on ``cuda:1`` while ``cuda:0`` is current (model parallelism, a
+    ``device_map``, DDP without ``set_device``) would be read from the wrong device.
+    """
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _launch(kernels, tensors: list[torch.Tensor], sign, out: torch.Tensor, cdt) -> torch.Tensor:
     """Run an elementwise kernel (flat or strided) over ``tensors``, then ``sign``, into ``out``."""
     n = out.numel()
@@ -292,14 +306,16 @@ def _launch(kernels, tensors: list[torch.Tensor], sign, out: torch.Tensor, cdt) 
                 MANUAL_BF16=_manual_bf16(out.dtype), BLOCK=_BLOCK)
     grid = ((n + _BLOCK - 1) // _BLOCK,)  # not triton.cdiv: a host call costs ~7 us
     sign_arg = sign if sign is not None else tensors[-1]
-    if mode == 0 or (mode == 1 and sign is None):
-        flat_kernel[grid](*tensors, sign_arg, out_flat, n, **meta)
-    else:
-        # 8 warps (4 elements per thread): with 4, the backward with locked signs and any
-        # strides held 8 elements' worth of five index vectors and spilled (kernel_resources.py)
-        strided_kernel[grid](*tensors, sign_arg, out_flat, n, *sizes[1:],
-                             *[v for st in strides for v in st], SAME=mode == 1, num_warps=8,
-                             **meta)
+    with on_device(out):
+        if mode == 0 or (mode == 1 and sign is None):
+            flat_kernel[grid](*tensors, sign_arg, out_flat, n, **meta)
+        else:
+            # 8 warps (4 elements per thread): with 4, the backward with locked signs and any
+            # strides held 8 elements' worth of five index vectors and spilled
+            # (kernel_resources.py)
+            strided_kernel[grid](*tensors, sign_arg, out_flat, n, *sizes[1:],
+                                 *[v for st in strides for v in st], SAME=mode == 1,
+                                 num_warps=8, **meta)
     return out
 
 

@@ -9,8 +9,8 @@ sign), bias)`` without ever writing the effective weight:
   so the gradient of ``weight_orig`` is written once, already masked.
 
 Under autocast the matmuls run in the autocast dtype (inputs cast like ``F.linear``'s), with fp32
-accumulation; fp32 products follow ``torch.get_float32_matmul_precision`` (``"highest"`` =
-IEEE fp32, otherwise tf32). Kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` on CPU.
+accumulation; fp32 products use tf32 exactly where cuBLAS would (``torch.backends.cuda.matmul
+.fp32_precision``, or the legacy ``torch.get_float32_matmul_precision``), else IEEE fp32. Kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` on CPU.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _by_precision(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, I64: tl.constexpr):
     # Grouped ordering: neighbouring programs share A rows, for L2 reuse. (No tl.cdiv, tl.zeros:
     # library @jit functions break the interpreter when triton was imported before
     # TRITON_INTERPRET was set.)
@@ -80,25 +80,32 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
     size_m = tl.minimum(grid_m - first_m, GROUP)
     pid_m = first_m + (pid % (GROUP * grid_n)) % size_m
     pid_n = (pid % (GROUP * grid_n)) // size_m
-    return pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
+    rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
+    if I64:  # then every offset built from them is 64-bit (see _wide)
+        rm, rn = rm.to(tl.int64), rn.to(tl.int64)
+    return rm, rn
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_SIGN", "PRECISION"],
+# Keyed on the token count's bucket (TOKENS, a power of two), not on the count itself: a new
+# key re-times every config (~0.1 s each on a GPU), and token counts vary from step to step.
+@triton.autotune(configs=_configs(), key=["TOKENS", "N", "K", "HAS_SIGN", "PRECISION"],
                  prune_configs_by={"early_config_prune": _by_precision})
 @triton.jit
 def _masked_mm(
     A, W, MK, S, BIAS, C, M, N, K,
-    sa_m, sa_k, sw_k, sw_n, sm_k, sm_n, ss_k, ss_n, sc_m, sc_n,
+    sa_m, sa_k, sw_k, sw_n, sm_k, sm_n, ss_k, ss_n, sc_m, sc_n, TOKENS,
     HAS_SIGN: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    MANUAL_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
 ):
     """C[M, N] = A[M, K] @ Weff(k, n), Weff read from W / mask MK / sign bits S by strides."""
-    rm, rn = _tile_ids(M, N, BM, BN, GROUP)
+    rm, rn = _tile_ids(M, N, BM, BN, GROUP, I64)
     rm64 = rm.to(tl.int64)
     acc = tl.full((BM, BN), 0.0, tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
+        if I64:
+            rk = rk.to(tl.int64)
         a_ok = (rm[:, None] < M) & (rk[None, :] < K)
         a = tl.load(A + rm64[:, None] * sa_m + rk[None, :] * sa_k, mask=a_ok, other=0)
         w_ok = (rk[:, None] < K) & (rn[None, :] < N)
@@ -124,18 +131,18 @@ def _masked_mm(
     tl.store(C + rm64[:, None] * sc_m + rn[None, :] * sc_n, out, mask=c_ok)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_SIGN", "PRECISION"],
+@triton.autotune(configs=_configs(), key=["M", "N", "TOKENS", "HAS_SIGN", "PRECISION"],
                  prune_configs_by={"early_config_prune": _by_precision})
 @triton.jit
 def _masked_grad_mm(
     A, B, O, MK, S, C, M, N, K,
-    sa_m, sa_k, sb_k, sb_n, so_m, so_n, sm_m, sm_n, ss_m, ss_n, sc_m, sc_n,
+    sa_m, sa_k, sb_k, sb_n, so_m, so_n, sm_m, sm_n, ss_m, ss_n, sc_m, sc_n, TOKENS,
     HAS_SIGN: tl.constexpr, UPCAST: tl.constexpr, MANUAL_BF16: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, I64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
 ):
     """C[M, N] = (A[M, K] @ B[K, N]) * mask (* s * sgn(O)): the gradient of ``weight_orig``."""
-    rm, rn = _tile_ids(M, N, BM, BN, GROUP)
+    rm, rn = _tile_ids(M, N, BM, BN, GROUP, I64)
     acc = tl.full((BM, BN), 0.0, tl.float32)
     for k0 in range(0, K, BK):
         rk = (k0 + tl.arange(0, BK)).to(tl.int64)
@@ -156,10 +163,34 @@ def _masked_grad_mm(
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # Only fp32 operands have a choice (IEEE or tf32); 16-bit operands always use the MMA units.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+    """``"tf32"`` where cuBLAS (``F.linear``) would use tf32 for ``dtype`` operands, else
+    ``"ieee"``. Only fp32 has a choice; 16-bit operands always use the MMA units."""
+    if dtype != torch.float32:
+        return "tf32"
+    # torch >= 2.9: what cuBLAS reads, set by the new API (torch.backends[.cuda.matmul]
+    # .fp32_precision) and by the legacy setters alike; after a new-API setting,
+    # get_float32_matmul_precision() raises ("mix of the legacy and new APIs").
+    new = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if new is not None:
+        return "tf32" if new == "tf32" else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+# The largest BM/BN/BK of any config: lanes past a tile's edge compute offsets too.
+_TILE_MAX = 256
+
+
+def _wide(tensors, sign_stride: int) -> bool:
+    """Whether an element offset of the GEMM's tiles (or a sign bit's index, whose row stride is
+    ``sign_stride``) may pass int32: then the kernels compute offsets in int64."""
+    steps = [abs(st) for t in tensors for st in t.stride()] + [sign_stride]
+    reach = max(_triton._span(t) for t in tensors) + _TILE_MAX * max(steps)
+    numel = max(t.numel() for t in tensors)
+    return max(reach, numel + _TILE_MAX * sign_stride) > _triton._I32_MAX
+
+
+def _bucket(tokens: int) -> int:
+    return triton.next_power_of_2(max(tokens, 1))
 
 
 def _grid(M: int, N: int):
@@ -180,29 +211,32 @@ def _mm(a, orig, mask_u8, sign, bias, *, transposed: bool) -> torch.Tensor:
     else:
         K, N, wk, wn, mk, mn, sk, sn = n_out, k_in, 0, 1, 0, 1, k_in, 1
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    _masked_mm[_grid(M, N)](
-        a, orig, mask_u8, sign if sign is not None else mask_u8, bias if bias is not None else a,
-        c, M, N, K, a.stride(0), a.stride(1), orig.stride(wk), orig.stride(wn),
-        mask_u8.stride(mk), mask_u8.stride(mn), sk, sn, c.stride(0), c.stride(1),
-        HAS_SIGN=sign is not None, HAS_BIAS=bias is not None, UPCAST=_upcast(a.dtype),
-        MANUAL_BF16=_manual_bf16(a.dtype),
-        PRECISION=_precision(a.dtype),
-    )
+    with _triton.on_device(c):
+        _masked_mm[_grid(M, N)](
+            a, orig, mask_u8, sign if sign is not None else mask_u8,
+            bias if bias is not None else a, c, M, N, K, a.stride(0), a.stride(1),
+            orig.stride(wk), orig.stride(wn), mask_u8.stride(mk), mask_u8.stride(mn), sk, sn,
+            c.stride(0), c.stride(1), _bucket(M),
+            HAS_SIGN=sign is not None, HAS_BIAS=bias is not None, UPCAST=_upcast(a.dtype),
+            MANUAL_BF16=_manual_bf16(a.dtype), PRECISION=_precision(a.dtype),
+            I64=_wide((a, orig, mask_u8, c), k_in),
+        )
     return c
 
 
 def _grad_weight(gy, x, orig, mask_u8, sign) -> torch.Tensor:
     n_out, k_in = orig.shape
     c = torch.empty_like(orig)
-    _masked_grad_mm[_grid(n_out, k_in)](
-        gy.t(), x, orig, mask_u8, sign if sign is not None else mask_u8, c,
-        n_out, k_in, gy.shape[0], gy.stride(1), gy.stride(0), x.stride(0), x.stride(1),
-        orig.stride(0), orig.stride(1), mask_u8.stride(0), mask_u8.stride(1), k_in, 1,
-        c.stride(0), c.stride(1),
-        HAS_SIGN=sign is not None, UPCAST=_upcast(gy.dtype),
-        MANUAL_BF16=_manual_bf16(c.dtype),
-        PRECISION=_precision(gy.dtype),
-    )
+    with _triton.on_device(c):
+        _masked_grad_mm[_grid(n_out, k_in)](
+            gy.t(), x, orig, mask_u8, sign if sign is not None else mask_u8, c,
+            n_out, k_in, gy.shape[0], gy.stride(1), gy.stride(0), x.stride(0), x.stride(1),
+            orig.stride(0), orig.stride(1), mask_u8.stride(0), mask_u8.stride(1), k_in, 1,
+            c.stride(0), c.stride(1), _bucket(gy.shape[0]),
+            HAS_SIGN=sign is not None, UPCAST=_upcast(gy.dtype),
+            MANUAL_BF16=_manual_bf16(c.dtype), PRECISION=_precision(gy.dtype),
+            I64=_wide((gy, x, orig, mask_u8, c), k_in),
+        )
     return c
 
 

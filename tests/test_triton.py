@@ -6,7 +6,9 @@ sets it before any test module loads. Sizes stay small: the interpreter runs num
 triton and numpy are part of the ``test`` extra, so these tests never skip.
 """
 
+import contextlib
 import copy
+import math
 import re
 
 import pytest
@@ -550,3 +552,141 @@ def test_the_kernel_gradient_keeps_the_strides_of_a_channels_last_orig():
     ref = orig.detach().clone().requires_grad_()
     (want,) = torch.autograd.grad(_reparam.masked_weight(ref, mask, sign), ref, grad)
     assert bits_equal(got, want)
+
+
+
+def _set_new_api(matmul, matmul_value, global_value):
+    matmul.fp32_precision = matmul_value  # "none": inherit torch.backends.fp32_precision
+    torch.backends.fp32_precision = global_value
+
+
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9")
+@pytest.mark.parametrize("setting,expected", [
+    (lambda: None, "ieee"),
+    (lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+    (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True), "tf32"),
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"), "tf32"),
+    (lambda: _set_new_api(torch.backends.cuda.matmul, "none", "tf32"), "tf32"),  # inherited
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"), "ieee"),
+])
+def test_fp32_products_follow_what_cublas_reads(setting, expected):
+    # torch >= 2.9's API included: after it, torch.get_float32_matmul_precision() raises.
+    new = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    legacy = torch.get_float32_matmul_precision()
+    try:
+        setting()
+        assert _triton_linear._precision(torch.float32) == expected
+    finally:  # the legacy setter writes the new API's value too: it goes first
+        torch.set_float32_matmul_precision(legacy)
+        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = new
+    assert torch.backends.cuda.matmul.fp32_precision == new[1]
+
+
+def test_kernels_launch_on_the_device_of_their_tensors(monkeypatch):
+    # Triton launches on the *current* CUDA device. Stand-ins: fake tensors on cuda:1 (no GPU
+    # needed), a current device that torch.cuda.device switches, kernels that record it.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    current = [0]
+
+    class Device(contextlib.AbstractContextManager):
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            self.before, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    launched = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((self.name, current[0]))
+
+    for module, names in ((_triton, ("_masked_weight_fwd_flat", "_masked_weight_bwd_flat",
+                                     "_masked_weight_fwd", "_masked_weight_bwd")),
+                          (_triton_linear, ("_masked_mm", "_masked_grad_mm"))):
+        for name in names:
+            monkeypatch.setattr(module, name, Kernel(name))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        orig = torch.randn(6, 4, device="cuda:1")
+        mask = torch.ones(6, 4, dtype=torch.bool, device="cuda:1")
+        sign = torch.zeros(3, dtype=torch.uint8, device="cuda:1")
+        for s in (None, sign):  # flat and strided kernels
+            w = _triton.masked_weight_forward(orig, mask, s, torch.float32)
+            _triton.masked_weight_backward(torch.ones_like(w), orig, mask, s)
+        x, gy = torch.randn(8, 4, device="cuda:1"), torch.randn(8, 6, device="cuda:1")
+        mask_u8, _ = _triton._prepare(orig, mask, None)
+        _triton_linear._mm(x, orig, mask_u8, None, None, transposed=True)
+        _triton_linear._mm(gy, orig, mask_u8, None, None, transposed=False)
+        _triton_linear._grad_weight(gy, x, orig, mask_u8, None)
+    assert len(launched) == 7 and {name for name, _ in launched} >= {"_masked_mm", "_masked_grad_mm"}
+    assert all(device == 1 for _, device in launched), launched
+    assert current == [0]  # and back to the caller's device
+
+
+def test_fused_linear_offsets_turn_64_bit_where_int32_would_wrap():
+    def wide(shape, strides=None, k_in=None):
+        t = torch.empty_strided(shape, strides or _contiguous(shape), device="meta")
+        return _triton_linear._wide([t], k_in if k_in is not None else shape[-1])
+
+    def _contiguous(shape):
+        return [math.prod(shape[i + 1:]) for i in range(len(shape))]
+
+    limit = 2**31 - 1 - 256 * 8192  # the room left for the lanes past a tile's edge
+    assert not wide((limit // 8192, 8192))
+    assert wide((limit // 8192 + 1, 8192))  # a [262400, 8192] weight is far over
+    assert wide((3, 16), (2**30 + 16, 1))  # few elements, a wide stride
+    assert not wide((3, 16), (2**20, 1))
+    assert wide((2, 2**30 + 1), k_in=1)  # the sign index runs over numel
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_fused_linear_with_64_bit_offsets_equals_the_32_bit_one(locked, monkeypatch):
+    orig, mask, sign = _case((20, 12), torch.float32, "transposed", locked, False, seed=3)
+    x = torch.randn(12, 9, device=DEVICE).t()
+    grad = torch.randn(9, 20, device=DEVICE)
+
+    def run():
+        o, xx = orig.clone().requires_grad_(), x.clone().requires_grad_()
+        y = _triton_linear.masked_linear(xx, o, mask, sign)
+        y.backward(grad)
+        return y, xx.grad, o.grad
+
+    narrow = run()
+    calls = []
+    monkeypatch.setattr(_triton_linear, "_wide", lambda *a: calls.append(a) or True)
+    for got, ref in zip(run(), narrow):
+        assert bits_equal(got, ref)
+    assert len(calls) == 3  # forward, grad-input and grad-weight all asked
+
+
+def test_fused_linear_autotunes_once_per_token_count_bucket(monkeypatch):
+    # On a GPU every new autotune key times every config (~0.1 s each): keys must not follow
+    # each token count. Two stand-in configs make the interpreter's autotuner tune.
+    import triton
+
+    configs = [triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP": g}) for g in (1, 2)]
+    timed = []
+    for name in ("_masked_mm", "_masked_grad_mm"):
+        real = getattr(_triton_linear, name)
+        tuner = triton.autotune(configs=configs, key=real.keys)(real.fn)
+        tuner._bench = lambda *args, config, name=name, **kw: timed.append(name) or [1.0, 1.0, 1.0]
+        monkeypatch.setattr(_triton_linear, name, tuner)
+    orig, mask, _ = _case((8, 16), torch.float32, "contiguous", False, False)
+    counts = []
+    for tokens in (9, 12, 16, 17, 9):  # buckets 16, 16, 16, 32, 16
+        x = torch.randn(tokens, 16, device=DEVICE, requires_grad=True)
+        o = orig.clone().requires_grad_()
+        _triton_linear.masked_linear(x, o, mask).sum().backward()
+        counts.append(len(timed))
+    # Forward and grad-input share _masked_mm's key (N and K swap): 2 keys x 2 configs; the
+    # grad-weight kernel 1 key x 2 configs. Then nothing until the next bucket.
+    assert counts == [6, 6, 6, 12, 12], counts

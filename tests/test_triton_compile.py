@@ -70,15 +70,15 @@ def test_every_path_of_the_launchers_is_compiled(kernels):
                     expected.add((f"_masked_weight_bwd{suffix}", sign, same, False, w, out, w))
     assert elementwise == expected
 
-    gemms = {(r["kernel"], *_flags(r, "HAS_SIGN", "PRECISION"), r["pointers"]["A"])
+    gemms = {(r["kernel"], *_flags(r, "HAS_SIGN", "PRECISION", "I64"), r["pointers"]["A"])
              for r in kernels if "mm" in r["kernel"]}
     assert gemms == {
-        (kernel, sign, precision, dtype)
+        (kernel, sign, precision, False, dtype)
         for kernel in ("_masked_mm", "_masked_grad_mm")
         for sign in (False, True)
         for precision, dtype in (("tf32", "*bf16"), ("tf32", "*fp16"), ("tf32", "*fp32"),
                                  ("ieee", "*fp32"))
-    }
+    } | {(kernel, True, "tf32", True, "*bf16") for kernel in ("_masked_mm", "_masked_grad_mm")}
 
 
 def test_ieee_fp32_gets_its_own_tiles(kernels):
