@@ -59,6 +59,7 @@ def is_norm(module: nn.Module) -> bool:
         True for the layers :func:`attach` selects (before ``filter_fn``).
 
     Example:
+        >>> from torch import nn
         >>> is_norm(nn.BatchNorm2d(3)), is_norm(nn.BatchNorm2d(3, affine=False))
         (True, False)
         >>> is_norm(nn.Conv2d(3, 3, 1))
@@ -188,6 +189,8 @@ def attach(
             canonical name (``bn`` beside ``module.bn``); the model is left untouched.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
         >>> alpha = torch.tensor(0.0)
         >>> list(attach(net, alpha))
@@ -231,6 +234,7 @@ def interpolated(model: nn.Module) -> dict[str, nn.Module]:
     """Return canonical module name -> module for every layer carrying the interpolation.
 
     Example:
+        >>> from torch import nn
         >>> net = nn.Sequential(nn.BatchNorm1d(2))
         >>> interpolated(net)
         {}
@@ -253,6 +257,8 @@ def detach(model: nn.Module) -> list[str]:
         The canonical names of the modules restored, in model order.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
         >>> net = nn.Sequential(nn.GroupNorm(1, 2))
         >>> _ = attach(net, torch.tensor(0.3))
         >>> detach(net)

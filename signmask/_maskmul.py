@@ -119,6 +119,7 @@ def mul_(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Multiply ``t`` in place by ``factor`` (bool, or small integers, the same shape); ``t``.
 
     Example:
+        >>> import torch
         >>> w = torch.tensor([1.5, -2.0, 3.0])
         >>> mul_(w, torch.tensor([True, False, True]))
         tensor([1.5000, -0.0000, 3.0000])
@@ -178,6 +179,7 @@ def multiply(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``t * factor`` with autograd, taking the chunked path where it applies.
 
     Example:
+        >>> import torch
         >>> o = torch.ones(2, requires_grad=True)
         >>> multiply(o, torch.tensor([1, 0], dtype=torch.int8)).sum().backward()
         >>> o.grad
