@@ -88,8 +88,8 @@ class Ticket:
             ``str -> str`` or uses a reserved key.
 
     Example:
-        >>> import torch
-        >>> t = Ticket({"fc.weight": torch.tensor([[1, 0], [-1, 0]])})
+        >>> import torch, signmask
+        >>> t = signmask.Ticket({"fc.weight": torch.tensor([[1, 0], [-1, 0]])})
         >>> t.sparsity, t.kept
         (0.5, 2)
     """
@@ -143,7 +143,9 @@ class Ticket:
         """Return each masked tensor's fraction of pruned weights (0.0 for an empty tensor).
 
         Example:
-            >>> Ticket({"a": torch.tensor([1, 0]), "b": torch.tensor([-1, 1])}).layer_sparsity()
+            >>> import torch, signmask
+            >>> t = signmask.Ticket({"a": torch.tensor([1, 0]), "b": torch.tensor([-1, 1])})
+            >>> t.layer_sparsity()
             {'a': 0.5, 'b': 0.0}
         """
         return {k: fraction_pruned(int(m.count_nonzero()), m.numel()) for k, m in self.masks.items()}

@@ -41,9 +41,10 @@ def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,
             another architecture...); ``model`` is then untouched.
 
     Example:
-        >>> import signmask
+        >>> import torch, signmask
+        >>> from signmask import analysis
         >>> ticket = signmask.extract(signmask.prune(torch.nn.Linear(4, 4), 0.5))
-        >>> new = random_reinit(ticket, torch.nn.Linear(4, 4))
+        >>> new = analysis.random_reinit(ticket, torch.nn.Linear(4, 4))
         >>> int(new.weight_mask.sum())
         8
     """
@@ -81,9 +82,10 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
         FileNotFoundError: ``ticket`` is a path to no file.
 
     Example:
-        >>> import signmask
+        >>> import torch, signmask
+        >>> from signmask import analysis
         >>> ticket = signmask.extract(signmask.prune(torch.nn.Linear(10, 10), 0.9))
-        >>> int(random_prune(ticket, torch.nn.Linear(10, 10), seed=0).weight_mask.sum())
+        >>> int(analysis.random_prune(ticket, torch.nn.Linear(10, 10), seed=0).weight_mask.sum())
         10
     """
     seed = _methods.check_seed(seed)
@@ -123,8 +125,10 @@ def count_params(model: nn.Module) -> int:
         TypeError: ``model`` is not an ``nn.Module``.
 
     Example:
-        >>> import signmask
-        >>> count_params(signmask.prune(torch.nn.Linear(10, 10), 0.5))  # 50 weights + 10 biases
+        >>> import torch, signmask
+        >>> from signmask import analysis
+        >>> net = signmask.prune(torch.nn.Linear(10, 10), 0.5)
+        >>> analysis.count_params(net)  # 50 weights + 10 biases
         60
     """
     check_model(model, "model")
@@ -164,7 +168,10 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
         ValueError: ``target_params < 1`` or no widths.
 
     Example:
-        >>> equal_width(lambda w: torch.nn.Linear(10, w), 45, range(1, 10))  # 11 params per unit
+        >>> import torch
+        >>> from signmask import analysis
+        >>> make = lambda w: torch.nn.Linear(10, w)  # 11 params per unit of width
+        >>> analysis.equal_width(make, 45, range(1, 10))
         4
     """
     if not callable(make_model):
@@ -227,11 +234,12 @@ class Verdict:
         TypeError / ValueError: a value is not a real number in range.
 
     Example:
+        >>> from signmask.analysis import Verdict
         >>> Verdict(0.93, 0.92, 0.90).prize
         'jackpot'
         >>> Verdict(0.93, 0.92, 0.90, well_trained_acc=0.94).prize
         'secondary prize'
-        >>> Verdict(0.917, 0.920, 0.905, well_trained_acc=0.921).prize  # drops of 0.3 and 0.4 points
+        >>> Verdict(0.917, 0.920, 0.905, well_trained_acc=0.921).prize  # drops: 0.3 and 0.4 points
         'jackpot'
     """
 
@@ -333,11 +341,12 @@ def verdict(ticket_acc: float, dense_acc: float, reinit_acc: float, *, margin: f
             outside [0, 1).
 
     Example:
-        >>> verdict(0.93, 0.92, 0.90).prize
+        >>> from signmask import analysis
+        >>> analysis.verdict(0.93, 0.92, 0.90).prize
         'jackpot'
-        >>> verdict(0.92, 0.92, 0.918).prize  # matches dense, but not clearly above its reinit
+        >>> analysis.verdict(0.92, 0.92, 0.918).prize  # matches dense, not clearly above its reinit
         'no prize'
-        >>> verdict(0.93, 0.92, 0.90, well_trained_acc=0.94).prize
+        >>> analysis.verdict(0.93, 0.92, 0.90, well_trained_acc=0.94).prize
         'secondary prize'
     """
     return Verdict(ticket_acc, dense_acc, reinit_acc, margin, well_trained_acc, small_dense_acc, similar)

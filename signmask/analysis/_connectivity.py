@@ -54,6 +54,7 @@ class Barrier:
             field is named), errors outside [0, 1].
 
     Example:
+        >>> from signmask.analysis import Barrier
         >>> b = Barrier((0.0, 0.5, 1.0), (0.3, 0.9, 0.5), (0.1, 0.25, 0.2))
         >>> round(b.barrier, 4), round(b.loss_barrier, 4), b.stable
         (0.1, 0.5, False)
@@ -209,9 +210,10 @@ def barrier(
 
     Example:
         >>> import torch
+        >>> from signmask import analysis
         >>> torch.manual_seed(0) and None
         >>> net, data = torch.nn.Linear(4, 3), [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
-        >>> barrier(net, net, data, points=3).barrier
+        >>> analysis.barrier(net, net, data, points=3).barrier
         0.0
     """
     points, has_bn = _check_path_args(model_a, eval_loader, train_loader, points, loss_fn,
@@ -270,13 +272,14 @@ def instability(
 
     Example:
         >>> import torch
+        >>> from signmask import analysis
         >>> def train(net, seed):  # a stand-in for a real training loop
         ...     torch.manual_seed(seed)
         ...     with torch.no_grad():
         ...         net.weight.add_(0.01 * torch.randn_like(net.weight))
         >>> torch.manual_seed(0) and None
         >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
-        >>> instability(torch.nn.Linear(4, 3), train, data, points=3).alphas
+        >>> analysis.instability(torch.nn.Linear(4, 3), train, data, points=3).alphas
         (0.0, 0.5, 1.0)
     """
     if not callable(train):

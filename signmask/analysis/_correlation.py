@@ -35,6 +35,7 @@ def top_fraction(weight: torch.Tensor, k: int) -> torch.Tensor:
         A bool tensor with exactly ``k`` True entries.
 
     Example:
+        >>> import torch
         >>> top_fraction(torch.tensor([1.0, -3.0, 3.0, 0.5]), 2).tolist()
         [False, True, True, False]
     """
@@ -64,6 +65,7 @@ class Correlation:
             ``shared`` is outside ``[0, kept]``, or no layer keeps any weight.
 
     Example:
+        >>> from signmask.analysis import Correlation
         >>> c = Correlation(0.5, {"w": 4}, {"w": 2}, {"w": 1})
         >>> c.overall, c.layers
         (0.5, {'w': 0.5})
@@ -131,8 +133,10 @@ def weight_correlation(model_a: nn.Module, model_b: nn.Module, p: float, *,
             inf, or no layer keeps a weight at this ``p``.
 
     Example:
+        >>> import torch
+        >>> from signmask import analysis
         >>> net = torch.nn.Linear(10, 10)
-        >>> weight_correlation(net, net, 0.1).overall
+        >>> analysis.weight_correlation(net, net, 0.1).overall
         1.0
     """
     check_model(model_a, "model_a")

@@ -25,6 +25,7 @@ def bn_modules(model: nn.Module) -> list[nn.Module]:
     running variance)... (not ``FrozenBatchNorm2d``, which has no momentum).
 
     Example:
+        >>> from torch import nn
         >>> len(bn_modules(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))))
         1
     """
@@ -110,8 +111,10 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
             too) the running statistics, momenta and modes are restored.
 
     Example:
+        >>> import torch
+        >>> from signmask import analysis
         >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
-        >>> _ = reestimate_bn(net, [torch.tensor([[0.0, 1.0], [2.0, 3.0]])])
+        >>> _ = analysis.reestimate_bn(net, [torch.tensor([[0.0, 1.0], [2.0, 3.0]])])
         >>> net[0].running_mean.tolist(), net.training
         ([1.0, 2.0], True)
     """
@@ -181,6 +184,7 @@ class Evaluation(NamedTuple):
         error: the fraction of counted targets whose top-1 class is wrong.
 
     Example:
+        >>> from signmask.analysis import Evaluation
         >>> loss, error = Evaluation(0.25, 0.1)
         >>> error
         0.1
@@ -216,10 +220,13 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
             included).
 
     Example:
+        >>> import torch
+        >>> from signmask import analysis
         >>> net = torch.nn.Linear(2, 2)
         >>> with torch.no_grad():
         ...     _ = net.weight.copy_(torch.eye(2)); _ = net.bias.zero_()
-        >>> evaluate(net, [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))]).error
+        >>> data = [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))]
+        >>> analysis.evaluate(net, data).error
         0.5
     """
     return evaluate_named(model, loader, loss_fn, batches, "loader")

@@ -133,8 +133,10 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Modu
             first differing tensor is named).
 
     Example:
+        >>> import torch
+        >>> from signmask import analysis
         >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-        >>> mid = interpolate(a, b, 0.5)
+        >>> mid = analysis.interpolate(a, b, 0.5)
         >>> bool(torch.allclose(mid.weight, (a.weight + b.weight) / 2))
         True
     """

@@ -64,7 +64,8 @@ class Perturbation:
             (and passes a seeded generator) or ``sigma_n=``.
 
     Example:
-        >>> spec = PERTURBATIONS["noise"]
+        >>> from signmask import analysis
+        >>> spec = analysis.PERTURBATIONS["noise"]
         >>> spec.needs_init, spec.random, spec.needs_sigma
         (True, True, True)
     """
@@ -97,12 +98,14 @@ def register_perturbation(name: str, *, needs_init: bool = False, random: bool =
         TypeError: ``name`` is not a non-empty str.
 
     Example:
-        >>> @register_perturbation("zero_kept")
+        >>> import torch
+        >>> from signmask import analysis
+        >>> @analysis.register_perturbation("zero_kept")
         ... def _zero(layer):
         ...     return torch.zeros_like(layer.weight)
-        >>> "zero_kept" in PERTURBATIONS
+        >>> "zero_kept" in analysis.PERTURBATIONS
         True
-        >>> del PERTURBATIONS["zero_kept"]
+        >>> del analysis.PERTURBATIONS["zero_kept"]
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
@@ -298,9 +301,11 @@ def perturb(
             mismatched init shapes, or a sign-locked tensor. ``model`` is then untouched.
 
     Example:
+        >>> import torch
+        >>> from signmask import analysis
         >>> net = torch.nn.Linear(3, 2)
         >>> before = sorted(net.weight.flatten().tolist())
-        >>> _ = perturb(net, "permute_layer", seed=0)
+        >>> _ = analysis.perturb(net, "permute_layer", seed=0)
         >>> sorted(net.weight.flatten().tolist()) == before
         True
     """

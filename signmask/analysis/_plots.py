@@ -94,9 +94,10 @@ def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike)
 
     Example:
         >>> import tempfile, os
-        >>> b = Barrier((0.0, 0.5, 1.0), (0.2, 0.6, 0.2), (0.1, 0.3, 0.1))
+        >>> from signmask import analysis
+        >>> b = analysis.Barrier((0.0, 0.5, 1.0), (0.2, 0.6, 0.2), (0.1, 0.3, 0.1))
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     plot_interpolation({"IMP": b}, os.path.join(d, "lmc.png")).name
+        ...     analysis.plot_interpolation({"IMP": b}, os.path.join(d, "lmc.png")).name
         'lmc.png'
     """
     _check_mapping(barriers, "barriers")
@@ -150,8 +151,10 @@ def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
 
     Example:
         >>> import tempfile, os
+        >>> from signmask import analysis
+        >>> curves = {"IMP": [(0.0, 0.9), (0.8, 0.88)]}  # label -> [(sparsity, accuracy), ...]
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     plot_sparsity_accuracy({"IMP": [(0.0, 0.9), (0.8, 0.88)]}, os.path.join(d, "s.png")).name
+        ...     analysis.plot_sparsity_accuracy(curves, os.path.join(d, "s.png")).name
         's.png'
     """
     _check_mapping(curves, "curves")
@@ -188,14 +191,15 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
 
     Example:
         >>> import tempfile, os, torch
+        >>> from signmask import analysis
         >>> net = torch.nn.Linear(4, 4)
-        >>> rec = Telemetry(net)
+        >>> rec = analysis.Telemetry(net)
         >>> with torch.no_grad():
         ...     _ = net.weight.mul_(-1)
         >>> rec.record(1), len(rec.finish())
         (True, 1)
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     plot_telemetry(rec, os.path.join(d, "early.png")).name
+        ...     analysis.plot_telemetry(rec, os.path.join(d, "early.png")).name
         'early.png'
     """
     if not isinstance(telemetry, Telemetry):

@@ -46,6 +46,7 @@ class Stats:
         ValueError: a value outside its range (NaN passes: a diverged weight).
 
     Example:
+        >>> from signmask.analysis import Stats
         >>> Stats(0.0, 0.0, 1.0)
         Stats(sign_changed=0.0, dist_init=0.0, cos_init=1.0, dist_final=None, cos_final=None)
     """
@@ -79,6 +80,8 @@ class Record:
         total: the :class:`Stats` of all tracked tensors together.
 
     Example:
+        >>> import torch
+        >>> from signmask.analysis import Telemetry
         >>> rec = Telemetry(torch.nn.Linear(2, 2))
         >>> rec.record(0)
         True
@@ -159,6 +162,8 @@ class Telemetry:
         TypeError / ValueError: bad ``model``, ``every < 1``, or unknown ``names``.
 
     Example:
+        >>> import torch
+        >>> from signmask.analysis import Telemetry
         >>> net = torch.nn.Linear(4, 4)
         >>> rec = Telemetry(net)
         >>> with torch.no_grad():
@@ -213,6 +218,8 @@ class Telemetry:
             TypeError / ValueError: ``step`` is not an int, negative, or not increasing.
 
         Example:
+            >>> import torch
+            >>> from signmask.analysis import Telemetry
             >>> rec = Telemetry(torch.nn.Linear(2, 2), every=10)
             >>> rec.record(5), rec.record(10), rec.steps
             (False, True, (10,))
@@ -253,6 +260,8 @@ class Telemetry:
             ValueError: ``keep_snapshots=False``, or ``final``'s tensors differ from the tracked ones.
 
         Example:
+            >>> import torch
+            >>> from signmask.analysis import Telemetry
             >>> net = torch.nn.Linear(4, 4)
             >>> rec = Telemetry(net)
             >>> rec.record(0)
@@ -304,6 +313,8 @@ class Telemetry:
                 or while records added after the last ``finish`` lack it.
 
         Example:
+            >>> import torch
+            >>> from signmask.analysis import Telemetry
             >>> net = torch.nn.Linear(4, 4)
             >>> rec = Telemetry(net)
             >>> for step in range(3):
