@@ -145,8 +145,9 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     Example:
         >>> import os, tempfile, torch, signmask
         >>> t = signmask.Ticket({"fc.weight": torch.tensor([[1, 0, -1, 1]])})
-        >>> p = signmask.save(t, os.path.join(tempfile.mkdtemp(), "t.safetensors"))
-        >>> signmask.load(p) == t
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = signmask.save(t, os.path.join(d, "t.safetensors"))
+        ...     signmask.load(p) == t
         True
     """
     from safetensors.torch import save as st_save
@@ -357,9 +358,10 @@ def load(path: str | os.PathLike) -> Ticket:
 
     Example:
         >>> import os, tempfile, torch, signmask
-        >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
-        >>> _ = signmask.save(signmask.Ticket({"fc.weight": torch.tensor([[1, 0, -1]])}), path)
-        >>> signmask.load(path).masks["fc.weight"].tolist()
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = os.path.join(d, "t.safetensors")
+        ...     _ = signmask.save(signmask.Ticket({"fc.weight": torch.tensor([[1, 0, -1]])}), path)
+        ...     signmask.load(path).masks["fc.weight"].tolist()
         [[1, 0, -1]]
     """
     path = Path(check_path(path))

@@ -304,8 +304,9 @@ class Search:
             ...                         classifier=True, progress=False)
             >>> for r in search:
             ...     opt.zero_grad(); net(torch.ones(2, 4)).sum().backward(); opt.step()
-            >>> path = search.save(os.path.join(tempfile.mkdtemp(), "lrr.safetensors"))
-            >>> signmask.load(path).metadata["method"]
+            >>> with tempfile.TemporaryDirectory() as d:
+            ...     path = search.save(os.path.join(d, "lrr.safetensors"))
+            ...     signmask.load(path).metadata["method"]
             'lrr'
         """
         return _io.save(self.ticket, path)
