@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from . import _reparam
+from . import _reparam, _snapshot
 from ._ticket import Ticket
 
 
@@ -27,6 +27,18 @@ def check_entries(state: dict[str, Any]) -> None:
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"cannot resume: state['masks'][{key!r}] should be a tensor, found "
                              f"{type(mask).__name__}")
+
+
+def check_model(state: dict[str, Any], model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` when the saved search masked other tensors (names or shapes) than
+    ``masks``, the resuming search's, or its rewind snapshot names other weights than ``model``'s."""
+    mine = {k: tuple(mask.shape) for k, mask in masks.items()}
+    theirs = {k: tuple(v.shape) for k, v in state["masks"].items()}
+    if mine != theirs:
+        diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
+        raise ValueError(f"cannot resume: the saved search masked other tensors than this model has: {diff}")
+    if state["rewind_weights"] is not None:
+        _snapshot.check_same_keys(_snapshot.weight_keys(model), state["rewind_weights"], "the saved rewind snapshot")
 
 
 def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolating: bool) -> Ticket | None:

@@ -513,13 +513,7 @@ class Search:
         self._check_open("load_state_dict")
         _resume.check_entries(state)
         self.config.check_same(state["config"])
-        mine = {k: tuple(mask.shape) for k, mask in self._masks("load_state_dict()").items()}
-        theirs = {k: tuple(v.shape) for k, v in state["masks"].items()}
-        if mine != theirs:
-            diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
-            raise ValueError(f"cannot resume: the saved search masked other tensors than this model has: {diff}")
-        if state["rewind_weights"] is not None:
-            _snapshot.check_same_keys(_snapshot.weight_keys(self.model), state["rewind_weights"], "the saved rewind snapshot")
+        _resume.check_model(state, self.model, self._masks("load_state_dict()"))
         # everything, before the first write
         ticket = _resume.check_state(state, self._generator.get_state(), self._alpha is not None)
         with torch.no_grad():
