@@ -375,6 +375,16 @@ class ProjectionBackend(Backend):
                 "backend='projection' needs optimizer=, the torch.optim.Optimizer training the "
                 f"model, got {type(optimizer).__name__}"
             )
+        hooks = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                 "_optimizer_load_state_dict_post_hooks")
+        if not all(isinstance(getattr(optimizer, h, None), dict) for h in hooks):
+            # Checked before anything is masked: attach() would fail halfway otherwise.
+            raise ValueError(
+                f"backend='projection' hooks into the optimizer's steps and state loading, but "
+                f"{type(optimizer).__name__} lacks torch.optim.Optimizer's hook registries (it "
+                "skips Optimizer.__init__, as wrappers such as timm's Lookahead do); use "
+                "backend='auto', 'torch' or 'triton'"
+            )
         why = REFUSED.get(type(optimizer).__name__)
         if why is not None:
             raise ValueError(
@@ -399,8 +409,10 @@ class ProjectionBackend(Backend):
             warnings.warn(
                 f"backend='projection' with {type(optimizer).__name__}: signmask knows it exact "
                 f"only for elementwise optimizers ({', '.join(ZERO_PRESERVING)}); weights and "
-                "state are re-masked after every step, but layer-wise-norm updates (LAMB, LARS) "
-                "or state odd in the gradient under sign locks will differ",
+                "state are re-masked after every step, but updates that read a whole "
+                "parameter's norm (LAMB, LARS) see its pruned entries as 0 here and as their "
+                "last values on the torch path, and state odd in the gradient under sign locks "
+                "is not reflected: results will differ from the torch path",
                 UserWarning,
                 stacklevel=3,
             )

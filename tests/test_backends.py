@@ -718,6 +718,25 @@ def test_projection_refuses_frozen_tensors_and_foreign_optimizers_before_any_cha
     assert not model[0].weight_orig._post_accumulate_grad_hooks
 
 
+def test_projection_refuses_an_optimizer_wrapper_without_hooks_before_any_change():
+    # timm's Lookahead skips Optimizer.__init__: no state-loading hook registry. attach() used
+    # to mask weight_orig and hook gradients before it failed on that, with an AttributeError.
+    from signmask._compat import import_timm
+
+    import_timm()  # first: it makes timm importable where torchvision's ops fail to load
+    from timm.optim import Lookahead
+
+    model = _pruned()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="Lookahead lacks torch.optim.Optimizer's hook regis"):
+        _backends.set_backend(model, "projection", optimizer=opt)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert not model[0].weight_orig._post_accumulate_grad_hooks
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
 def test_projection_model_deepcopies_after_in_place_edits():
     model = _pruned("locked")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
