@@ -23,8 +23,11 @@ moments are even in the gradient). One exception: a locked kept weight that a st
 exactly 0.0 (rare but in 16-bit weights): the torch path's ``weight_orig`` turns +0.0 from
 either side, changing its frame without reflecting its momentum, so the two part. Refused: ``LBFGS``, ``SparseAdam``, ``Adafactor`` (factored
 second moments) and ``Muon`` (orthogonalized updates), whose updates mix entries. Other optimizer
-classes (subclasses included) get a warning and the full re-projection after each step;
-layer-wise-norm optimizers such as LAMB or LARS are then not exact.
+classes (subclasses included) get a warning and the full re-projection after each step; an
+optimizer without ``Optimizer``'s hook registries (timm's ``Lookahead``) is refused. Whatever
+reads a whole parameter's norm (LAMB/LARS trust ratios, adaptive gradient clipping) sees the
+pruned entries as 0 here (the masked network's norm) and as their last values on the torch
+path: there the backends differ.
 
 Unlike the reparametrization, the values of pruned entries of ``weight_orig`` are lost (zeroed).
 A mask changed later (``signmask.prune`` again, stock prune stacked on top) or weights edited in
