@@ -113,12 +113,19 @@ class RankedPruning(_prune.BasePruningMethod):
 
         ``index_offset`` numbers the tensors for :meth:`scores` (layer-wise calls differ by it).
         """
-        alive = [m == 1 for m in default_masks]
+        # A bool mask is used as it is (``== 1`` would copy it through int64); nothing here
+        # writes to it.
+        alive = [m if m.dtype == torch.bool else m == 1 for m in default_masks]
         where = repr(names[0]) if names is not None and len(names) == 1 else "the selected tensors"
-        k = count_to_prune(self.amount, sum(int(a.sum().item()) for a in alive), where)
+        k = count_to_prune(self.amount, sum(int(a.count_nonzero()) for a in alive), where)
         wide = any(t.dtype == torch.float64 for t in tensors)  # L1 scores keep the weights' dtype
         drop = smallest_k(lambda i: self.scores(tensors[i], index_offset + i), alive, k, names, wide=wide)
-        return [m.masked_fill(d, 0) for m, d in zip(default_masks, drop)]
+        del alive
+        out = []
+        for i, m in enumerate(default_masks):  # each selection freed once applied
+            out.append(m.masked_fill(drop[i], 0))
+            drop[i] = None
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(amount={self.amount})"

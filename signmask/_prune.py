@@ -157,14 +157,16 @@ def prune_targets(
         current = _reparam.current_mask(m, n)
         masks.append(torch.ones_like(w, dtype=torch.bool) if current is None else current)
     if scope == "global":
-        new_masks = ranker.compute_masks(weights, masks, names)
+        new_masks = list(ranker.compute_masks(weights, masks, names))
     else:
         new_masks = [
             ranker.compute_masks([w], [m], [k], index_offset=i)[0]
             for i, (w, m, k) in enumerate(zip(weights, masks, names))
         ]
+    del masks  # the all-ones masks of tensors pruned for the first time: 1 byte per weight
     with torch.no_grad():
-        for (module, name), keep in zip(targets.values(), new_masks):
+        for i, (module, name) in enumerate(targets.values()):
+            keep, new_masks[i] = new_masks[i], None  # installed (copied): freed at the next one
             negative = None
             if signs == "locked" and not _reparam.is_sign_locked(module, name):
                 # From the live Parameter: module.<name> is only refreshed by a forward.

@@ -244,9 +244,15 @@ def is_binary(mask: torch.Tensor) -> bool:
 
 
 def current_mask(module: nn.Module, name: str) -> torch.Tensor | None:
-    """The bool keep-mask of ``module.<name>``, or None when it is not pruned."""
+    """The bool keep-mask of ``module.<name>``, or None when it is not pruned.
+
+    A bool mask (signmask's) is returned as it is, not copied: callers must not write to it.
+    A float mask (stock prune's) is compared, giving a new tensor.
+    """
     mask = module._buffers.get(name + "_mask")
-    return None if mask is None else mask == 1
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask == 1
 
 
 def original(module: nn.Module, name: str) -> nn.Parameter:

@@ -347,7 +347,8 @@ class Search:
         return masks
 
     def _kept(self) -> int:
-        return sum(int(mask.sum()) for mask in self._masks("the search").values())
+        # count_nonzero, not sum(): that would copy a bool mask to int64 (the masks are binary).
+        return sum(int(mask.count_nonzero()) for mask in self._masks("the search").values())
 
     def _prune_to(self, kept: int) -> None:
         # A count, not a fraction: (alive - kept) / alive could round to one weight more or less.

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 _BINS = 1 << 16
+_CHUNK = 1 << 20  # entries per slice in prefix_end: bounds its int64 index temporaries
 _LOW = _BINS - 1
 _DEAD = _BINS  # extra bin for entries that are already pruned
 # Key width -> (key dtype, high 16 bits of +inf: NaN and inf sort at or above it).
@@ -35,6 +36,23 @@ def _kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device)).item())
     below = int(cum[b - 1].item()) if b > 0 else 0
     return b, k - below
+
+
+def prefix_end(flags: torch.Tensor, n: int) -> int:
+    """Length of the shortest prefix of ``flags`` (bool, flat order) holding ``n >= 1`` True
+    entries; there must be at least ``n``.
+
+    Counted slice by slice: a cumsum or ``nonzero`` over the whole tensor would cost 8-16 bytes
+    per entry in int64.
+    """
+    flat = flags.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        found = int(part.count_nonzero())
+        if found >= n:
+            return start + int(part.nonzero()[n - 1]) + 1
+        n -= found
+    raise ValueError(f"fewer than {n} True entries")  # callers count first: never reached
 
 
 def smallest_k(
@@ -61,7 +79,7 @@ def smallest_k(
         One bool tensor per input, True where the entry is selected; exactly ``k`` in total.
     """
     names = list(names) if names is not None else [f"#{i}" for i in range(len(alive))]
-    total = sum(int(a.sum().item()) for a in alive)
+    total = sum(int(a.count_nonzero()) for a in alive)  # a.sum() would copy a to int64
     if not 0 <= k <= total:
         raise ValueError(f"cannot select {k} of {total} alive entries")
     if k == 0:
@@ -78,6 +96,7 @@ def smallest_k(
         if counts[nonfinite:_DEAD].any():
             raise ValueError(f"scores of tensor {names[i]!r} contain NaN or inf; cannot rank them")
         hist += counts
+        del hi  # before the next tensor's keys exist: one tensor's temporaries at a time
     prefix, left = _kth_bin(hist, k)
     for level in range(1, levels):  # the next 16 bits, among entries whose higher bits match
         shift = width - 16 * (level + 1)
@@ -86,6 +105,7 @@ def smallest_k(
             key = _key(scores(i), width)
             digits = key[a & ((key >> (shift + 16)) == prefix)] >> shift & _LOW
             hist += torch.bincount(digits.to(device), minlength=_BINS + 1)
+            del key, digits
         digit, left = _kth_bin(hist, left)
         prefix = prefix << 16 | digit
     threshold, ties_left = prefix, left
@@ -95,11 +115,13 @@ def smallest_k(
         chosen = a & (bits < threshold)
         if ties_left:
             tie = a & (bits == threshold)
-            n_tie = int(tie.sum().item())
-            if n_tie <= ties_left:
-                chosen |= tie
-            else:
-                chosen |= tie & (tie.reshape(-1).cumsum(0).view_as(tie) <= ties_left)
+            n_tie = int(tie.count_nonzero())
+            if n_tie > ties_left:  # only the first ties_left ties in flat order
+                flat = tie.reshape(-1)  # a view, or a row-major copy of a strided tie
+                flat[prefix_end(flat, ties_left) :] = False
+                tie = flat.view(tie.shape)
+            chosen |= tie
+            del tie
             ties_left -= min(n_tie, ties_left)
         selected.append(chosen)
     return selected

@@ -674,3 +674,17 @@ def test_noise_on_a_transferred_ticket_is_scaled_by_its_kept_init_values():
     sigma_all = dense_valued.weight_orig.detach().double().std()
     torch.testing.assert_close(again.weight_orig.detach()[kept], (before + (sigma_all * draw).float())[kept],
                                rtol=0, atol=1e-7)
+
+
+def test_a_custom_kind_writing_to_its_keep_mask_leaves_the_models_mask_alone(_custom_kind):
+    # current_mask hands out a bool mask buffer itself (no copy); perturb passes a copy on
+    def fn(layer):
+        layer.keep.fill_(False)
+        return layer.weight
+
+    analysis.register_perturbation(_custom_kind)(fn)
+    torch.manual_seed(0)
+    net = signmask.prune(nn.Linear(4, 3), 0.5)
+    mask = net.weight_mask.clone()
+    analysis.perturb(net, _custom_kind)
+    assert torch.equal(net.weight_mask, mask)

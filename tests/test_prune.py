@@ -590,3 +590,42 @@ def test_a_weight_that_cannot_be_masked_is_refused_before_any_change(dtype, sign
     with pytest.raises(TypeError, match=re.escape(message)):
         signmask.transfer(ticket, model, signs=signs or "init")
     assert list(model.state_dict()) == keys
+
+
+def _stable_sort_masks(weights, masks, amount):
+    """Oracle: prune round(amount * alive) alive entries of smallest |w|, ties by tensor order
+    then row-major index (a stable sort of the concatenated magnitudes, the dead ones last)."""
+    keys = torch.cat([torch.where(m, w.detach().double().abs(), torch.inf).reshape(-1)
+                      for w, m in zip(weights, masks)])
+    alive = int(sum(m.count_nonzero() for m in masks))
+    keep = torch.cat([m.reshape(-1) for m in masks])
+    keep[torch.argsort(keys, stable=True)[: round(amount * alive)]] = False
+    return [k.view(w.shape) for k, w in zip(keep.split([w.numel() for w in weights]), weights)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rounds_on_tied_and_channels_last_weights_match_a_stable_sort(dtype):
+    # Bool masks enter the selection as they are (no copy), strided ones included; ties (few
+    # distinct magnitudes) are cut by position over several rounds.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 5)).to(dtype)
+    model[0].to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.weight.copy_(torch.randint(-3, 4, m.weight.shape) * 0.25)
+    weights = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    for amount in (0.3, 0.5, 0.25):
+        signmask.prune(model, amount)
+        masks = _stable_sort_masks(weights, masks, amount)
+        for m, want in zip((model[0], model[2]), masks):
+            assert torch.equal(m.weight_mask, want)
+
+
+def test_strided_bool_default_masks_rank_in_row_major_order_and_stay_unchanged():
+    w = (torch.randint(0, 3, (6, 5)) * 0.5).t()  # few magnitudes: ties, in a transposed tensor
+    mask = (torch.rand(6, 5) < 0.8).t()
+    before = mask.clone()
+    got = _methods.L1Magnitude(0.5).compute_masks([w], [mask])[0]
+    want = _stable_sort_masks([w.contiguous()], [mask.contiguous()], 0.5)[0]
+    assert torch.equal(got, want) and torch.equal(mask, before)

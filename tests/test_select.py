@@ -1,9 +1,12 @@
 """Exact k-smallest selection against a sorting oracle."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from signmask import _select
 from signmask._select import smallest_k
 
 
@@ -127,3 +130,78 @@ def test_float64_inf_scores_are_refused_in_wide_mode():
     scores = torch.tensor([1.0, float("inf"), 2.0], dtype=torch.float64)
     with pytest.raises(ValueError, match="NaN or inf"):
         smallest_k(lambda i: scores, [torch.ones(3, dtype=torch.bool)], 1, wide=True)
+
+
+# ------------------------------------ the tie cut, counted slice by slice (no full-size cumsum)
+
+
+def _cumsum_cut(flags, n):
+    """The cut smallest_k used to make: the True entries whose running count is at most n."""
+    return flags & (flags.reshape(-1).cumsum(0).view_as(flags) <= n)
+
+
+@settings(max_examples=200, deadline=None)
+@given(flags=st.lists(st.booleans(), min_size=1, max_size=60), data=st.data(),
+       chunk=st.sampled_from([1, 2, 3, 7, 1 << 20]))
+def test_prefix_end_cuts_where_the_running_count_reaches_n(flags, data, chunk):
+    t = torch.tensor(flags)
+    if not t.any():
+        return
+    n = data.draw(st.integers(1, int(t.count_nonzero())))
+    with mock.patch.object(_select, "_CHUNK", chunk):
+        end = _select.prefix_end(t, n)
+    cut = t.clone()
+    cut[end:] = False
+    assert torch.equal(cut, _cumsum_cut(t, n))
+    assert t[end - 1]  # the shortest such prefix: it ends on the n-th True
+
+
+# Few distinct magnitudes (both signs, a subnormal) force many exact ties in either dtype.
+TIED = [0.0, -0.0, 2.0**-130, 0.5, -0.5, 1.0, -1.0, 3.0]
+
+
+@st.composite
+def tied_problems(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    scores, alive = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        rows, cols = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+        vals = draw(st.lists(st.sampled_from(TIED), min_size=rows * cols, max_size=rows * cols))
+        s = torch.tensor(vals).view(rows, cols).to(dtype)
+        a = torch.tensor(draw(st.lists(st.booleans(), min_size=rows * cols, max_size=rows * cols)))
+        a = a.view(rows, cols)
+        if draw(st.booleans()):  # strided (transposed) tensors rank in row-major order too
+            s, a = s.t(), a.t()
+        scores.append(s)
+        alive.append(a)
+    total = int(sum(a.count_nonzero() for a in alive))
+    return scores, alive, draw(st.integers(0, total)), draw(st.sampled_from([1, 3, 1 << 20]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(tied_problems())
+def test_heavy_ties_in_fp32_and_bf16_select_like_a_stable_sort(problem):
+    scores, alive, k, chunk = problem
+    with mock.patch.object(_select, "_CHUNK", chunk):
+        got = smallest_k(lambda i: scores[i], alive, k)
+    want = _oracle([s.float().abs() for s in scores], alive, k)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_ties_spanning_many_slices_select_like_a_stable_sort():
+    # bf16 has few distinct magnitudes: millions of entries tie, across several 2**20-entry slices.
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randn(shape, generator=gen).bfloat16() for shape in ((1500, 1500), (3, 2**20))]
+    scores[1][:, : 2**19] = 0.5  # one value tied 1.5M times
+    alive = [torch.rand(s.shape, generator=gen) < 0.9 for s in scores]
+    keys = torch.cat([torch.where(a, s.double().abs(), torch.inf).reshape(-1)
+                      for s, a in zip(scores, alive)])
+    sizes = [s.numel() for s in scores]
+    bound = int((keys < 0.5).count_nonzero())  # entries ranked before the tied 0.5s
+    for k in (bound + 1, bound + 700_000, bound + 1_400_000, 3_000_000):
+        want = torch.zeros(keys.numel(), dtype=torch.bool)
+        want[torch.argsort(keys, stable=True)[:k]] = True
+        got = smallest_k(lambda i: scores[i], alive, k)
+        for g, w in zip(got, want.split(sizes)):
+            assert torch.equal(g.reshape(-1), w)

@@ -251,7 +251,8 @@ def _inputs(spec: Perturbation, targets: Mapping[str, tuple[nn.Module, str]],
         param = _reparam.original(module, name)
         ref = None if inits is None else _check_init(key, inits[key], param)
         keep = _reparam.current_mask(module, name)
-        keep = torch.ones_like(param, dtype=torch.bool) if keep is None else keep
+        # A copy: current_mask may return the live buffer, and a perturbation may write to it.
+        keep = torch.ones_like(param, dtype=torch.bool) if keep is None else keep.clone()
         gen = torch.Generator().manual_seed(_methods.tensor_seed(seed, index)) if spec.random else None
         filter_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
         out.append(PerturbationInput(key, param.detach().clone(), keep, ref, gen, sigma_n, filter_dim,
