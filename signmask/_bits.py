@@ -150,9 +150,11 @@ def _table(device: torch.device, factors: bool) -> torch.Tensor:
 
 def signed_to_codes(signed: torch.Tensor) -> torch.Tensor:
     """Map int8 values {0, +1, -1} to ticket codes {0, 1, 2}."""
-    return torch.where(signed < 0, CODE_NEG, signed.to(torch.int64)).to(torch.uint8)
+    signed = signed.to(torch.int8)  # in int8 throughout: int64 would cost 8 bytes per weight
+    return torch.where(signed < 0, CODE_NEG, signed).view(torch.uint8)
 
 
 def codes_to_signed(codes: torch.Tensor) -> torch.Tensor:
     """Map ticket codes {0, 1, 2} back to int8 {0, +1, -1} (``CODE_INVALID`` must be rejected first)."""
-    return torch.where(codes == CODE_NEG, -1, codes.to(torch.int64)).to(torch.int8)
+    codes = codes.to(torch.uint8)  # codes < 128: the same values viewed as int8
+    return torch.where(codes == CODE_NEG, -1, codes.view(torch.int8))

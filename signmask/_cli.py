@@ -22,7 +22,7 @@ def _table(ticket) -> list[str]:
     ]
     for name, m, pruned in entries:
         kept = int(m.count_nonzero())
-        neg = int((m < 0).sum())
+        neg = int((m < 0).count_nonzero())
         rows.append((
             name,
             "x".join(map(str, m.shape)) or "scalar",

@@ -60,7 +60,7 @@ def _entry(role: str, signed: torch.Tensor, version: str = FORMAT_VERSION) -> tu
         "role": role,
         "shape": list(signed.shape),
         "kept": int(signed.count_nonzero()),
-        "negative": int((signed < 0).sum()),
+        "negative": int((signed < 0).count_nonzero()),  # sum() would copy to int64
         "sha256": _sha256(packed.numpy().tobytes()),
     }
     return packed, info
@@ -303,7 +303,8 @@ def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) 
     if codes[numel:].any():
         raise ValueError(f"{path}: tensor {name!r} has non-zero padding (corrupted file)")
     signed = _bits.codes_to_signed(codes[:numel]).view(shape)
-    if int(signed.count_nonzero()) != info.get("kept") or int((signed < 0).sum()) != info.get("negative"):
+    negative = int((signed < 0).count_nonzero())
+    if int(signed.count_nonzero()) != info.get("kept") or negative != info.get("negative"):
         raise ValueError(f"{path}: tensor {name!r} does not match its kept/negative counts")
     return signed
 

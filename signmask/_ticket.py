@@ -222,8 +222,10 @@ def _kept_signs(key: str, module: nn.Module, name: str) -> torch.Tensor:
         weight = hook.apply_mask(module)
         keep = _reparam.current_mask(module, name)
         _check_finite(key, weight, keep)
-        signed = torch.where(torch.signbit(weight), -1, 1).to(torch.int8)
-        return (signed * keep).to("cpu")
+        # 1 - 2 * signbit in int8, in place: torch.where(..., -1, 1) would be int64.
+        signed = torch.signbit(weight).to(torch.int8).mul_(-2).add_(1)
+        del weight
+        return signed.mul_(keep).to("cpu")
 
 
 def _dense_signs(key: str, values: torch.Tensor) -> torch.Tensor:

@@ -121,3 +121,26 @@ def test_compiled_sign_lookups_build_their_table_without_the_cache(monkeypatch):
     factors = torch.compile(lambda p: _bits.sign_factors(p, negative.shape), backend="eager", fullgraph=True)
     assert torch.equal(bits(packed), negative.to(torch.int8))
     assert torch.equal(factors(packed), torch.where(negative, -1, 1).to(torch.int8))
+
+
+def _old_signed_to_codes(signed):  # the previous implementation, through int64
+    return torch.where(signed < 0, _bits.CODE_NEG, signed.to(torch.int64)).to(torch.uint8)
+
+
+def _old_codes_to_signed(codes):
+    return torch.where(codes == _bits.CODE_NEG, -1, codes.to(torch.int64)).to(torch.int8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(vals=st.lists(st.sampled_from([-1, 0, 1]), min_size=0, max_size=60), data=st.data())
+def test_signed_codes_in_int8_equal_the_int64_mapping(vals, data):
+    signed = torch.tensor(vals, dtype=torch.int8)
+    if len(vals) % 6 == 0 and data.draw(st.booleans()):
+        signed = signed.view(6, -1).t()  # strided input maps entry by entry too
+    for given_dtype in (torch.int8, torch.int64):
+        codes = _bits.signed_to_codes(signed.to(given_dtype))
+        want = _old_signed_to_codes(signed.to(given_dtype))
+        assert codes.dtype == torch.uint8 and torch.equal(codes, want)
+        back = _bits.codes_to_signed(codes)
+        assert back.dtype == torch.int8 and torch.equal(back, _old_codes_to_signed(codes))
+        assert torch.equal(back, signed)

@@ -755,3 +755,29 @@ def test_norm_tensor_holding_nan_in_a_file_names_the_file(saved_norms):
     _edit_manifest(saved_norms, lambda m: m["bn.weight"].update(sha256=digest), tensors={"bn.weight": forged})
     with pytest.raises(ValueError, match=f"{saved_norms}: norm tensor 'bn.weight' holds NaN"):
         signmask.load(saved_norms)
+
+
+def _payload(path):
+    """Header (as parsed: safetensors orders metadata keys by hash) and the tensor bytes."""
+    data = Path(path).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+@settings(max_examples=30, deadline=None)
+@given(ticket=tickets())
+def test_files_and_loaded_tickets_equal_the_int64_codecs(tmp_path_factory, ticket):
+    # the codes mapping and counts run in int8 / count_nonzero; files stay as they were written
+    from test_bits import _old_codes_to_signed, _old_signed_to_codes
+
+    folder = tmp_path_factory.mktemp("codecs")
+    signmask.save(ticket, folder / "new.safetensors")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_io._bits, "signed_to_codes", _old_signed_to_codes)
+        mp.setattr(_io._bits, "codes_to_signed", _old_codes_to_signed)
+        signmask.save(ticket, folder / "old.safetensors")
+        old = signmask.load(folder / "old.safetensors")
+    assert _payload(folder / "new.safetensors") == _payload(folder / "old.safetensors")
+    new = signmask.load(folder / "new.safetensors")
+    assert new == old == ticket
+    assert all(m.dtype == torch.int8 for m in [*new.masks.values(), *new.signs.values()])

@@ -530,3 +530,23 @@ def test_a_ticket_with_biases_transfers_onto_its_own_architecture_when_a_bias_is
     assert masks.keys() == ticket.masks.keys() and all(torch.equal(masks[k], m) for k, m in ticket.masks.items())
     assert torch.equal(fresh[1].bias, bias1.abs() * ticket.signs["1.bias"])
     assert torch.equal(fresh[0].bias, bias0)  # not the ticket's: it records no sign for it
+
+
+@settings(max_examples=40, deadline=None)
+@given(vals=st.lists(st.sampled_from([-0.0, 0.0, -1e-45, 1e-45, -2.5, 2.5, -1e30, 7.0]),
+                     min_size=6, max_size=6),
+       keep=st.lists(st.booleans(), min_size=6, max_size=6),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+       locked=st.booleans())
+def test_extract_equals_the_int64_sign_formula_on_signed_zeros_and_subnormals(vals, keep, dtype,
+                                                                             locked):
+    # the signs are made in int8 (1 - 2 * signbit); the previous torch.where(..., -1, 1) was int64
+    net = nn.Linear(3, 2, bias=False).to(dtype)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor(vals).view(2, 3))
+    tprune.custom_from_mask(net, "weight", torch.tensor(keep).view(2, 3))
+    signmask.prune(net, 0, signs="locked" if locked else None)
+    weight = _reparam.find_hook(net, "weight")[1].apply_mask(net)
+    want = torch.where(torch.signbit(weight), -1, 1).to(torch.int8) * (net.weight_mask == 1)
+    got = signmask.extract(net).masks["weight"]
+    assert got.dtype == torch.int8 and torch.equal(got, want)
