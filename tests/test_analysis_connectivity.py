@@ -14,7 +14,7 @@ from signmask import analysis
 from signmask._compat import import_timm
 from signmask.analysis._evaluation import bn_modules
 
-from _util import Wrapper, assert_same, snapshot, tiny
+from _util import Wrapper, assert_same, bits_equal, snapshot, tiny
 
 timm = import_timm()
 
@@ -924,3 +924,53 @@ def test_barrier_refuses_a_path_with_an_infinite_loss():
     model = _Fixed(torch.tensor([[0.0, -math.inf]]))
     with pytest.raises(ValueError, match=r"losses must be finite .* got \(inf, inf\)"):
         analysis.barrier(model, model, [(torch.zeros(1), torch.tensor([1]))], points=2)
+
+
+def _reference_blend(a, b, alpha):
+    """The whole-tensor float64 blend interpolate computed before it went slice by slice."""
+    if alpha in (0.0, 1.0):
+        return (a if alpha == 0.0 else b).detach().to(a.device, a.dtype, copy=True)
+    return ((1.0 - alpha) * a.detach().double() + alpha * b.detach().double()).to(a.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("signs", ["free", "locked"])
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_interpolate_in_slices_equals_the_whole_tensor_float64_blend(dtype, signs, chunk,
+                                                                    monkeypatch):
+    from signmask import _bits
+    from signmask.analysis import _interpolation
+
+    monkeypatch.setattr(_interpolation, "_CHUNK", chunk)
+
+    def net(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 3))
+        m = m.to(dtype)
+        m[0].to(memory_format=torch.channels_last)  # strided: sliced by rows, not flat
+        return m
+
+    a = signmask.prune(net(0), 0.4, signs=signs)
+    b = copy.deepcopy(a)  # same masks and locks, other values
+    with torch.no_grad():
+        for p, q in zip(b.parameters(), net(1).parameters()):
+            p.copy_(q)
+        a[3].bias[0] = math.inf  # infinities (and the NaN of inf - inf) blend entry by entry
+        b[3].bias[:2] = -math.inf
+        b[1].running_var.mul_(3.0)
+    plan = _interpolation.plan_blend(a, b)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    for alpha in (0.0, 0.3, 0.5, 1.0):
+        out = analysis.interpolate(a, b, alpha).state_dict()
+        for key, how in plan.items():
+            if how == "blend":
+                want = _reference_blend(sd_a[key], sd_b[key], alpha)
+            elif how == "magnitude":
+                sign = sd_a[key[: -len("_orig")] + "_sign"]
+                bits = _bits.sign_bits(sign, sd_a[key].shape).bool()
+                magnitude = _reference_blend(sd_a[key].abs(), sd_b[key].abs(), alpha)
+                want = torch.where(bits, -magnitude, magnitude)
+            else:
+                want = sd_a[key]
+            assert bits_equal(out[key], want), (key, alpha)
+    assert plan["0.weight_orig"] == ("magnitude" if signs == "locked" else "blend")

@@ -23,12 +23,12 @@ def _differences(key: str, a: torch.Tensor, b: torch.Tensor, pruned: dict) -> in
     """How many entries of a mask, or kept entries of a packed sign lock, differ."""
     b = b.to(a.device)
     if not key.endswith("_sign"):  # bool (signmask) or float (stock prune) masks: compare keeps
-        return int(((a != 0) != (b != 0)).sum())
+        return int(((a != 0) != (b != 0)).count_nonzero())  # sum() would copy to int64
     module, name = pruned[key[: -len("_sign")]]
     shape = module._parameters[name + "_orig"].shape
     keep = module._buffers[name + "_mask"] == 1
     bits_a, bits_b = _bits.sign_bits(a, shape), _bits.sign_bits(b, shape)
-    return int(((bits_a != bits_b) & keep).sum())
+    return int(((bits_a != bits_b) & keep).count_nonzero())
 
 
 def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
@@ -74,13 +74,41 @@ def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
     return plan
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``(1 - alpha) * a + alpha * b`` computed in float64, rounded once to ``a``'s dtype; the
-    endpoints are ``a`` and ``b`` themselves (``0 * inf`` would make them NaN)."""
-    if alpha in (0.0, 1.0):
-        return (a if alpha == 0.0 else b).detach().to(a.device, a.dtype, copy=True)
-    a64, b64 = a.detach().double(), b.detach().to(a.device).double()
-    return ((1.0 - alpha) * a64 + alpha * b64).to(a.dtype)
+_CHUNK = 1 << 20  # entries blended at a time: float64 temporaries of a few MiB, not ~40 B/entry
+
+
+def _slices(*tensors: torch.Tensor):
+    """Matching slices of same-shape tensors, about ``_CHUNK`` entries each: flat ones where
+    all are contiguous, else blocks of leading-dim rows (every entry is computed on its own, so
+    how they are grouped changes no value)."""
+    if all(t.is_contiguous() for t in tensors):
+        tensors = tuple(t.view(-1) for t in tensors)
+    if tensors[0].dim() == 0:
+        yield tensors
+        return
+    rows = max(1, _CHUNK // max(1, tensors[0][:1].numel()))
+    for start in range(0, tensors[0].shape[0], rows):
+        yield tuple(t[start : start + rows] for t in tensors)
+
+
+def _blend_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
+                negative: torch.Tensor | None = None) -> None:
+    """Write ``(1 - alpha) * a + alpha * b`` into ``out``, computed in float64 and rounded once
+    to ``out``'s dtype, slice by slice; the endpoints are ``a`` and ``b`` themselves (``0 * inf``
+    would make them NaN). With ``negative`` (sign bits, int8): the blend of ``|a|`` and ``|b|``,
+    negated where the bit is 1."""
+    parts = (out, a, b) if negative is None else (out, a, b, negative)
+    for o, x, y, *bits in _slices(*parts):
+        x, y = x.detach(), y.detach()
+        if bits:
+            x, y = x.abs(), y.abs()
+        if alpha in (0.0, 1.0):
+            o.copy_(x if alpha == 0.0 else y)
+        else:  # copies (copy=True): a float64 x or y would otherwise be scaled in place
+            x64 = x.to(torch.float64, copy=True).mul_(1.0 - alpha)
+            o.copy_(x64.add_(y.to(x.device, torch.float64, copy=True).mul_(alpha)))
+        if bits:  # negated after rounding, as the magnitudes were before
+            o.copy_(torch.where(bits[0].bool(), -o, o))
 
 
 def write_blend(target: nn.Module, model_a: nn.Module, model_b: nn.Module, alpha: float,
@@ -96,12 +124,11 @@ def write_blend(target: nn.Module, model_a: nn.Module, model_b: nn.Module, alpha
             if how == "keep":
                 tt[key].copy_(ta[key])
             elif how == "blend":
-                tt[key].copy_(_blend(ta[key], tb[key], alpha))
+                _blend_into(tt[key], ta[key], tb[key], alpha)
             else:  # sign-locked: locked sign times the blended magnitudes
                 module, name = owners[key]
                 bits = _bits.sign_bits(module._buffers[name + "_sign"], tt[key].shape)
-                magnitude = _blend(ta[key].abs(), tb[key].abs(), alpha)
-                tt[key].copy_(torch.where(bits.bool(), -magnitude, magnitude))
+                _blend_into(tt[key], ta[key], tb[key], alpha, negative=bits)
         for module, name in owners.values():
             refresh(module, name)
 
