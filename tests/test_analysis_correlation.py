@@ -1,6 +1,7 @@
 """signmask.analysis.weight_correlation: R_p of Liu et al. 2021."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import signmask
-from signmask import analysis
+from signmask import _select, analysis
 from signmask.analysis._correlation import top_fraction
 
 from _util import Wrapper, tiny
@@ -154,3 +155,36 @@ def test_names_may_be_a_one_shot_iterator(one_shot):
     got = analysis.weight_correlation(a, b, 0.3, names=one_shot(names))
     assert got == analysis.weight_correlation(a, b, 0.3, names=names)
     assert got.numel == {"fc.weight": 30, "conv1.weight": 162}
+
+
+def _argsort_marks(weight, k):
+    """The previous top_fraction: a stable descending sort of |w|, the first k marked."""
+    flat = weight.detach().reshape(-1).abs()
+    marked = torch.zeros(flat.shape, dtype=torch.bool)
+    marked[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+    return marked.view(weight.shape)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 6), cols=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       transpose=st.booleans(), chunk=st.sampled_from([1, 3, 1 << 20]))
+def test_top_fraction_marks_what_a_stable_argsort_marks_with_heavy_ties(data, rows, cols, dtype,
+                                                                       transpose, chunk):
+    # few magnitudes, both zeros and a subnormal: most entries tie with others
+    vals = data.draw(st.lists(st.sampled_from([0.0, -0.0, 1e-40, 0.5, -0.5, 2.0, -2.0, 3.0]),
+                              min_size=rows * cols, max_size=rows * cols))
+    w = torch.tensor(vals).view(rows, cols).to(dtype)
+    w = w.t() if transpose else w  # strided: ranked in row-major order of its shape
+    k = data.draw(st.integers(0, w.numel()))
+    with mock.patch.object(_select, "_CHUNK", chunk):
+        got = top_fraction(w, k)
+    assert got.shape == w.shape and torch.equal(got, _argsort_marks(w, k))
+
+
+def test_top_fraction_cuts_ties_spanning_many_slices_like_a_stable_argsort():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 2**20, generator=gen).bfloat16()  # few magnitudes: millions of ties
+    w[1] = -0.25
+    for k in (1, 2**20, 2**20 + 5, 2 * 2**20 + 12345, 3 * 2**20):
+        assert torch.equal(top_fraction(w, k), _argsort_marks(w, k)), k

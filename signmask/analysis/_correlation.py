@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import _reparam
+from .._select import prefix_end
 from ._common import check_model, check_real, same_names, tensor_names, weights
 
 
@@ -40,10 +41,16 @@ def top_fraction(weight: torch.Tensor, k: int) -> torch.Tensor:
         [False, True, True, False]
     """
     flat = weight.detach().reshape(-1).abs()
-    order = torch.argsort(flat, descending=True, stable=True)[:k]
-    marked = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-    marked[order] = True
-    return marked.view(weight.shape)
+    if k == 0:
+        return torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    # The k-th largest |w| and a positional cut among the entries equal to it: the marks of a
+    # stable descending sort, without sorting (an argsort holds ~25 bytes per entry).
+    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+    marked = flat > threshold
+    tie = flat == threshold
+    del flat
+    tie[prefix_end(tie, k - int(marked.count_nonzero())) :] = False  # the threshold: >= 1 tie
+    return marked.logical_or_(tie).view(weight.shape)
 
 
 @dataclasses.dataclass(frozen=True)
