@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
 import itertools
 import json
 import sys
@@ -191,13 +193,27 @@ def architecture(model: nn.Module) -> str:
 
 
 def library_versions() -> str:
-    """JSON of the versions of the libraries a ticket was made with (timm only if imported)."""
+    """JSON of the versions of the libraries a ticket was made with (timm only if imported).
+
+    safetensors, a dependency, is always named, from its installed metadata: read from
+    ``sys.modules`` it appeared only after a ``save`` or ``load``, and two extracts of one model
+    differed. timm is never imported here (signmask does not need it).
+    """
     versions = {"signmask": __version__, "torch": torch.__version__}
-    for lib in ("timm", "safetensors"):
-        mod = sys.modules.get(lib)
-        if mod is not None:
-            versions[lib] = str(getattr(mod, "__version__", "unknown"))
+    timm = sys.modules.get("timm")
+    if timm is not None:
+        versions["timm"] = str(getattr(timm, "__version__", "unknown"))
+    versions["safetensors"] = _installed_version("safetensors")
     return json.dumps(versions, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_version(dist: str) -> str:
+    # Cached: the lookup scans sys.path, and the installed version does not change in a process.
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:  # vendored without its metadata
+        return "unknown"
 
 
 def _check_finite(key: str, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
