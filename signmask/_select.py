@@ -45,13 +45,13 @@ def prefix_end(flags: torch.Tensor, n: int) -> int:
     Counted slice by slice: a cumsum or ``nonzero`` over the whole tensor would cost 8-16 bytes
     per entry in int64.
     """
-    flat = flags.reshape(-1)
+    flat, left = flags.reshape(-1), n
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start : start + _CHUNK]
         found = int(part.count_nonzero())
-        if found >= n:
-            return start + int(part.nonzero()[n - 1]) + 1
-        n -= found
+        if found >= left:
+            return start + int(part.nonzero()[left - 1]) + 1
+        left -= found
     raise ValueError(f"fewer than {n} True entries")  # callers count first: never reached
 
 

@@ -90,7 +90,7 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, I64
 # key re-times every config (~0.1 s each on a GPU), and token counts vary from step to step.
 @triton.autotune(configs=_configs(), key=["TOKENS", "N", "K", "HAS_SIGN", "PRECISION"],
                  prune_configs_by={"early_config_prune": _by_precision})
-@triton.jit
+@triton.jit(do_not_specialize=["TOKENS"])  # a key only: no binary per its value's divisibility
 def _masked_mm(
     A, W, MK, S, BIAS, C, M, N, K,
     sa_m, sa_k, sw_k, sw_n, sm_k, sm_n, ss_k, ss_n, sc_m, sc_n, TOKENS,
@@ -133,7 +133,7 @@ def _masked_mm(
 
 @triton.autotune(configs=_configs(), key=["M", "N", "TOKENS", "HAS_SIGN", "PRECISION"],
                  prune_configs_by={"early_config_prune": _by_precision})
-@triton.jit
+@triton.jit(do_not_specialize=["TOKENS"])
 def _masked_grad_mm(
     A, B, O, MK, S, C, M, N, K,
     sa_m, sa_k, sb_k, sb_n, so_m, so_n, sm_m, sm_n, ss_m, ss_n, sc_m, sc_n, TOKENS,

@@ -205,3 +205,10 @@ def test_ties_spanning_many_slices_select_like_a_stable_sort():
         got = smallest_k(lambda i: scores[i], alive, k)
         for g, w in zip(got, want.split(sizes)):
             assert torch.equal(g.reshape(-1), w)
+
+
+def test_prefix_end_names_the_count_asked_for_when_short():
+    flags = torch.tensor([True, False, True, True])
+    assert _select.prefix_end(flags, 3) == 4
+    with pytest.raises(ValueError, match="fewer than 5 True entries"):
+        _select.prefix_end(flags, 5)
