@@ -136,6 +136,7 @@ def apply(
             UserWarning,
             stacklevel=2,
         )
+    _targets.warn_vanishing_eps(targets, optimizer, stacklevel=2)
     already = sorted(k for k, (m, n) in targets.items() if _reparam.find_hook(m, n)[1] is not None)
     if already:
         raise ValueError(f"{already[:3]} are already pruned; apply() starts from an unpruned model")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import _targets
-from ._reparam import DetachWeight, original, rename, stash_outside
+from ._reparam import add_detach, drop_detach, original, rename, stash_outside
 from ._targets import FilterFn, canonical, has_tensor
 
 _TENSORS = ("weight", "bias")
@@ -147,7 +147,7 @@ def _install(module: nn.Module, names: tuple[str, ...], alpha: torch.Tensor) -> 
     hook = NormInterpolation(names, alpha)
     module.register_forward_pre_hook(hook)
     for t in names:
-        module.register_forward_hook(DetachWeight(t))
+        add_detach(module, t)
     # `module.weight` must exist between forwards too, as it did before.
     with torch.no_grad():
         hook(module, ())
@@ -158,9 +158,7 @@ def _uninstall(module: nn.Module) -> None:
     names = hook.names if hook is not None else _TENSORS
     if key is not None:
         del module._forward_pre_hooks[key]
-    for k, h in list(module._forward_hooks.items()):
-        if isinstance(h, DetachWeight) and h.name in names:
-            del module._forward_hooks[k]
+    drop_detach(module, names)
     for t in names:
         module.__dict__.pop(t, None)
         module._buffers.pop(t + "_init", None)

@@ -147,6 +147,7 @@ def _unlink(module: nn.Module) -> None:
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
         for key in [k for k, h in hooks.items() if isinstance(h, RefreshChildren)]:
             del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
 
 
 def link(model: nn.Module) -> None:
@@ -163,5 +164,5 @@ def link(model: nn.Module) -> None:
         _unlink(parent)
         if paths:
             parent.register_forward_pre_hook(RefreshChildren(paths))
-            parent.register_forward_hook(DetachChildren(paths))
+            parent.register_forward_hook(DetachChildren(paths), always_call=True)  # see add_detach
 

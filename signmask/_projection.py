@@ -408,6 +408,7 @@ class ProjectionBackend(Backend):
                 f"does not train {outside[:3]}{' ...' if len(outside) > 3 else ''}; set the "
                 "backend per submodule, each with the optimizer training it"
             )
+        _targets.warn_vanishing_eps(targets, optimizer, stacklevel=3)
         if not _known(optimizer):
             warnings.warn(
                 f"backend='projection' with {type(optimizer).__name__}: signmask knows it exact "

@@ -153,9 +153,7 @@ class SignMaskHook(_prune.PruningContainer):
         rename(module._parameters, name + "_orig", name)
         for suffix in ("_mask", "_sign"):
             module._buffers.pop(name + suffix, None)
-        for key, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, DetachWeight) and hook.name == name:
-                del module._forward_hooks[key]
+        drop_detach(module, (name,))
 
     def __repr__(self) -> str:
         methods = ", ".join(repr(m) for m in self._pruning_methods)
@@ -179,6 +177,21 @@ class DetachWeight:
 
     def __repr__(self) -> str:
         return f"DetachWeight({self.name!r})"
+
+
+def add_detach(module: nn.Module, name: str) -> None:
+    """Register :class:`DetachWeight` for ``module.<name>``, run even when the forward raises:
+    a forward that fails after the pre-hook (inputs of the wrong dtype) would otherwise leave
+    a non-leaf weight behind, and ``copy.deepcopy`` refusing it until the next forward."""
+    module.register_forward_hook(DetachWeight(name), always_call=True)
+
+
+def drop_detach(module: nn.Module, names) -> None:
+    """Unregister the :class:`DetachWeight` hooks of ``names`` on ``module``."""
+    for key, hook in list(module._forward_hooks.items()):
+        if isinstance(hook, DetachWeight) and hook.name in names:
+            del module._forward_hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
 
 
 _OUTSIDE = "_signmask_outside"  # module.__dict__ key: aliases set aside during a torch.func transform
@@ -334,7 +347,7 @@ def install(
         module.register_buffer(name + "_mask", keep.clone())
         hook = SignMaskHook(name, method)
         module.register_forward_pre_hook(hook)
-        module.register_forward_hook(DetachWeight(name))
+        add_detach(module, name)
     elif isinstance(hook, SignMaskHook):
         module._buffers[name + "_mask"].copy_(keep)
         method._tensor_name = name
@@ -345,7 +358,7 @@ def install(
         module._buffers[name + "_mask"] = keep.clone()
         new_hook = SignMaskHook(name, *methods(hook), method)
         module.register_forward_pre_hook(new_hook)
-        module.register_forward_hook(DetachWeight(name))
+        add_detach(module, name)
         hook = new_hook
     if negative is not None:
         module._buffers[name + "_sign"] = _bits.pack_signs(negative)
@@ -370,9 +383,7 @@ def uninstall(module: nn.Module, name: str) -> None:
     key, hook = find_hook(module, name)
     if key is not None:
         del module._forward_pre_hooks[key]
-    for k, h in list(module._forward_hooks.items()):
-        if isinstance(h, DetachWeight) and h.name == name:
-            del module._forward_hooks[k]
+    drop_detach(module, (name,))
     module.__dict__.pop(name, None)
     for suffix in ("_mask", "_sign"):
         module._buffers.pop(name + suffix, None)

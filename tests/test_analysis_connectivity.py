@@ -974,3 +974,20 @@ def test_interpolate_in_slices_equals_the_whole_tensor_float64_blend(dtype, sign
                 want = sd_a[key]
             assert bits_equal(out[key], want), (key, alpha)
     assert plan["0.weight_orig"] == ("magnitude" if signs == "locked" else "blend")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reestimate_bn_of_16_bit_statistics_rounds_the_float64_average_once(dtype):
+    # torch's in-place 16-bit update by (batch - running) / k stalls once that is under half an
+    # ulp; the documented value is the mean of the per-batch means and unbiased variances.
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).to(dtype)
+    batches = [(torch.randn(4, 3, 2, 2) * 2 + 5).to(dtype) for _ in range(200)]
+    analysis.reestimate_bn(bn, batches)
+    xs = torch.stack([b.double() for b in batches])  # [k, n, c, h, w]
+    mean = xs.mean((1, 3, 4)).mean(0)
+    var = xs.var((1, 3, 4), correction=1).mean(0)
+    assert torch.equal(bn.running_mean, mean.to(dtype))
+    assert torch.equal(bn.running_var, var.to(dtype))
+    assert bn.running_mean.dtype == dtype and int(bn.num_batches_tracked) == 200
+    assert bn.momentum == 0.1  # restored

@@ -744,3 +744,30 @@ def test_a_parametrization_added_on_weight_orig_after_pruning_works_as_with_stoc
         with pytest.raises(ValueError, match=r"ParametrizedLinear.weight_orig is computed by a parametrization"):
             verb(ours)
     assert torch.equal(ours(x), b)
+
+
+@pytest.mark.parametrize("kind", ["layer", "norm", "parent"])
+def test_a_forward_that_raises_leaves_the_model_deepcopyable(kind):
+    # The pre-hook has set a non-leaf weight when the forward fails (inputs of another dtype);
+    # the post-hook that detaches it must run anyway, or deepcopy refuses until the next forward.
+    import copy
+
+    from signmask import _interpolate
+
+    if kind == "parent":  # out_proj's weight is read by its parent, not by its own forward
+        model = nn.MultiheadAttention(4, 2)
+        signmask.prune(model, 0.5)
+        x = (torch.randn(3, 1, 4, dtype=torch.float64),) * 3
+        child = model.out_proj
+    elif kind == "layer":
+        model = child = signmask.prune(nn.Linear(4, 4), 0.5)
+        x = (torch.randn(2, 4, dtype=torch.float64),)
+    else:
+        model = child = nn.BatchNorm1d(4)
+        _interpolate.attach(model, torch.tensor(0.5))
+        x = (torch.randn(2, 5),)  # 5 features: its running statistics hold 4
+    with pytest.raises(RuntimeError):
+        model(*x)
+    assert child.weight.is_leaf and not child.weight.requires_grad
+    twin = copy.deepcopy(model)
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))

@@ -147,3 +147,36 @@ def test_excluding_a_computed_weight_is_accepted_and_silences_its_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(_targets.select(model, exclude="1")) == ["0.weight", "2.weight"]
+
+
+def test_an_eps_that_rounds_to_zero_in_the_weights_dtype_is_warned_about():
+    import warnings
+
+    def half_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).half()
+
+    model = half_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # eps=1e-8: 0 in fp16
+    with pytest.warns(UserWarning, match=r"AdamW\(eps=1e-08\) trains 0.weight in torch.float16"):
+        signmask.apply(model, "lrr", 0.5, optimizer=opt, progress=False)
+    # What it warns of: one step of the masked model turns its outputs NaN.
+    model = signmask.prune(half_model(), 0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 8).half()
+    model(x).float().sum().backward()
+    opt.step()
+    assert model(x).isnan().all()
+
+    pruned = signmask.prune(half_model(), 0.5)
+    with pytest.warns(UserWarning, match="rounds to 0"):
+        signmask.set_backend(pruned, "projection",
+                             optimizer=torch.optim.Adam(pruned.parameters()))
+    for model, opt in (
+        (half_model(), lambda p: torch.optim.AdamW(p, eps=1e-6)),  # representable in fp16
+        (half_model().bfloat16(), lambda p: torch.optim.AdamW(p)),  # 1e-8 is a bf16 number
+        (half_model(), lambda p: torch.optim.SGD(p, lr=0.1)),  # no eps
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            signmask.apply(model, "lrr", 0.5, optimizer=opt(model.parameters()), progress=False)
