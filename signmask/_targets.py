@@ -136,11 +136,32 @@ def canonical_tensors(named: Iterable[tuple[str, torch.Tensor]], *,
     return out
 
 
+def _warn_raw_projections(model: nn.Module, inc, exc) -> None:
+    """Warn of ``nn.MultiheadAttention`` layers in scope: their q/k/v projection is a raw
+    Parameter (``in_proj_weight``, or ``q/k/v_proj_weight``), which is not pruned; only their
+    ``out_proj`` is (torchvision's ViT, ``nn.Transformer``)."""
+    raw = sorted(
+        n for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        and (inc is None or _matches(n, inc)) and not (exc and _matches(n, exc))
+    )
+    if raw:
+        warnings.warn(
+            f"{len(raw)} nn.MultiheadAttention layer(s) keep their q/k/v projection in a raw "
+            f"Parameter (in_proj_weight), which signmask does not prune; only their out_proj "
+            f"(an nn.Linear) is: {raw[:3]}",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def classifier_modules(model: nn.Module) -> set[int]:
     """ids of the conv/linear modules forming the classifier head.
 
     Uses timm's ``get_classifier()`` (one module or a tuple, as in distilled DeiT), then
-    ``pretrained_cfg["classifier"]``, then the last ``nn.Linear`` of the model.
+    ``pretrained_cfg["classifier"]``, then the last ``nn.Linear`` registered in the model; a
+    model with no ``nn.Linear`` either (SqueezeNet's 1x1-conv head) gets its last conv, with a
+    warning naming it.
     """
     heads: list[nn.Module] = []
     root = unwrap(model)
@@ -158,6 +179,17 @@ def classifier_modules(model: nn.Module) -> set[int]:
     if not heads:
         linears = [m for m in root.modules() if isinstance(m, nn.Linear)]
         heads = linears[-1:]
+    if not heads:
+        convs = [(n, m) for n, m in root.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+        if convs:
+            warnings.warn(
+                f"classifier=False: {type(root).__name__} has no timm get_classifier() and no "
+                f"nn.Linear, so its last conv, {convs[-1][0]!r}, is taken as the classifier "
+                "head and left dense; if that is wrong, pass classifier=True with exclude=",
+                UserWarning,
+                stacklevel=4,
+            )
+            heads = [convs[-1][1]]
     ids = set()
     for head in heads:
         if isinstance(head, nn.Module):
@@ -254,6 +286,7 @@ def select(
             UserWarning,
             stacklevel=3,
         )
+    _warn_raw_projections(model, inc, exc)
     chosen = {}
     for key, (module, tensor) in candidates.items():
         fqn = key[: -len(".weight")]

@@ -192,6 +192,14 @@ def architecture(model: nn.Module) -> str:
     return str(cfg.get("architecture") or type(root).__name__)
 
 
+def layer_count(model: nn.Module) -> int:
+    """The number of conv/linear weights in ``model``, pruned or not: recorded beside the
+    architecture, whose name alone (a class name outside timm: ``ResNet``) does not tell a
+    torchvision resnet18 from a resnet34."""
+    index = _targets.tensor_index(model)
+    return sum(isinstance(module, _targets.PRUNABLE_TYPES) for module, _ in index.values())
+
+
 def library_versions() -> str:
     """JSON of the versions of the libraries a ticket was made with (timm only if imported).
 
@@ -271,11 +279,11 @@ def extract(
             which ``transfer`` then copies onto the new init. Under AWS's interpolation these
             are the trained values (``weight_orig``), not the interpolated ones.
         metadata: extra strings stored in the ticket (method, rounds...); they override the
-            recorded ``method``, ``architecture``, ``model_class`` and ``versions``.
+            recorded ``method``, ``architecture``, ``model_class``, ``layers`` and ``versions``.
 
     Returns:
         A :class:`Ticket`: the signed masks, the dense signs asked for, the norm parameters
-        with ``norms``, and metadata (``method``, ``architecture``, ``model_class``,
+        with ``norms``, and metadata (``method``, ``architecture``, ``model_class``, ``layers``,
         ``versions``, then ``metadata``).
 
     Raises:
@@ -335,6 +343,7 @@ def extract(
         "method": "+".join(methods),
         "architecture": architecture(model),
         "model_class": type(_targets.unwrap(model)).__qualname__,
+        "layers": str(layer_count(model)),
         "versions": library_versions(),
     }
     meta.update(metadata or {})

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _checks, _interpolate, _io, _methods, _parents, _prune, _reparam, _targets
-from ._ticket import Ticket, architecture
+from ._ticket import Ticket, architecture, layer_count
 
 _MODES = ("init", "locked", "keep")
 
@@ -35,6 +35,13 @@ def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None
         raise ValueError(
             f"ticket was made for architecture {want!r}, the model is {have!r} "
             "(pass check_architecture=False to skip this check)"
+        )
+    layers = ticket.metadata.get("layers")  # tickets before 2026-12-07 do not record it
+    if layers is not None and layers != str(layer_count(model)):
+        raise ValueError(
+            f"ticket was made for a {want} with {layers} conv/linear layers, the model has "
+            f"{layer_count(model)} (another depth?) (pass check_architecture=False to skip this "
+            "check)"
         )
 
 

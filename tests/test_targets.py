@@ -180,3 +180,24 @@ def test_an_eps_that_rounds_to_zero_in_the_weights_dtype_is_warned_about():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             signmask.apply(model, "lrr", 0.5, optimizer=opt(model.parameters()), progress=False)
+
+
+def test_classifier_false_on_a_model_without_linear_layers_keeps_its_last_conv_dense():
+    # SqueezeNet's head is a 1x1 conv: no timm get_classifier(), no nn.Linear to fall back on.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1))
+    with pytest.warns(UserWarning, match="its last conv, '2', is taken as the classifier head"):
+        signmask.prune(model, 0.5, classifier=False)
+    assert set(_targets.pruned(model)) == {"0.weight"}
+
+
+def test_multihead_attention_in_scope_warns_that_its_qkv_projection_stays_dense():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.add_module("attn", nn.MultiheadAttention(4, 2))
+    with pytest.warns(UserWarning, match=r"1 nn.MultiheadAttention .*in_proj_weight.*\['attn'\]"):
+        signmask.prune(model, 0.5)
+    assert set(_targets.pruned(model)) == {"0.weight", "attn.out_proj.weight"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # out of scope: nothing to warn of
+        signmask.prune(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2)), 0.5,
+                       exclude="1*")

@@ -485,7 +485,8 @@ def test_resnet_ticket_onto_vit_is_refused(tmp_path):
 
 
 def test_partly_matching_ticket_is_refused_atomically():
-    """A deeper ViT's ticket matches the shallower ViT's first blocks, then misses one."""
+    """A deeper ViT's ticket matches the shallower ViT's first blocks, then misses one: refused
+    by the recorded depth, and without that check by the missing tensors."""
     deep = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES,
         img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3,
@@ -495,19 +496,23 @@ def test_partly_matching_ticket_is_refused_atomically():
     assert ticket.metadata["architecture"] == "vit_tiny_patch16_224"
     shallow = create(family("vit_tiny_patch16_224"), 1)  # depth=2
     before, params = snapshot(shallow), dict(shallow.named_parameters())
+    with pytest.raises(ValueError, match="with 14 conv/linear layers, the model has 10"):
+        signmask.transfer(ticket, shallow)  # the depth recorded beside the architecture
     with pytest.raises(ValueError, match=r"blocks\.2\."):
-        signmask.transfer(ticket, shallow)
+        signmask.transfer(ticket, shallow, check_architecture=False)
     assert_untouched(shallow, before, params)
     # The other way round every ticket tensor exists and fits: it works.
     shallow_ticket = signmask.extract(signmask.prune(copy.deepcopy(shallow), 0.5))
     deep_before = snapshot(deep)
     with pytest.raises(ValueError, match="already pruned"):
-        signmask.transfer(shallow_ticket, deep)  # deep is pruned already: refused, untouched
+        signmask.transfer(shallow_ticket, deep, check_architecture=False)  # pruned: refused
     assert_same_state(deep_before, deep)
     fresh_deep = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES,
         img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3,
     )
-    signmask.transfer(shallow_ticket, fresh_deep)
+    with pytest.raises(ValueError, match="another depth"):
+        signmask.transfer(shallow_ticket, fresh_deep)
+    signmask.transfer(shallow_ticket, fresh_deep, check_architecture=False)
     assert set(_targets.pruned(fresh_deep)) == set(shallow_ticket.masks)
     assert not any(k.startswith("blocks.2.") for k in _targets.pruned(fresh_deep))

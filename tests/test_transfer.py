@@ -550,3 +550,26 @@ def test_extract_equals_the_int64_sign_formula_on_signed_zeros_and_subnormals(va
     want = torch.where(torch.signbit(weight), -1, 1).to(torch.int8) * (net.weight_mask == 1)
     got = signmask.extract(net).masks["weight"]
     assert got.dtype == torch.int8 and torch.equal(got, want)
+
+
+def test_a_ticket_of_another_depth_is_refused_where_the_class_name_is_all_there_is():
+    # Outside timm the architecture is the class name: torchvision's resnet18 and resnet34 are
+    # both "ResNet". The ticket also records how many conv/linear layers its model had.
+    class Net(nn.Module):
+        def __init__(self, depth):
+            super().__init__()
+            self.body = nn.Sequential(*[nn.Linear(6, 6) for _ in range(depth)])
+            self.head = nn.Linear(6, 2)
+
+    torch.manual_seed(0)
+    ticket = signmask.extract(signmask.prune(Net(2), 0.5))
+    assert ticket.metadata["architecture"] == "Net" and ticket.metadata["layers"] == "3"
+    deeper = Net(3)
+    before = {k: v.clone() for k, v in deeper.state_dict().items()}
+    with pytest.raises(ValueError, match="a Net with 3 conv/linear layers, the model has 4"):
+        signmask.transfer(ticket, deeper)
+    assert all(torch.equal(before[k], v) for k, v in deeper.state_dict().items())
+    signmask.transfer(ticket, deeper, check_architecture=False)  # on request: every tensor fits
+    older = signmask.Ticket(ticket.masks, ticket.signs,
+                            {k: v for k, v in ticket.metadata.items() if k != "layers"})
+    signmask.transfer(older, Net(3))  # tickets saved before the count: the class name only
