@@ -13,11 +13,13 @@ from . import _targets
 # Reparametrization buffers are not weights: masks move on, norm inits and signs never change.
 # They sit beside an ``<name>_orig`` Parameter; a user's own ``scale_init`` does not.
 _NOT_WEIGHTS = ("_mask", "_sign", "_init")
+_EXTRA_STATE = "_extra_state"  # torch's key suffix for get_extra_state()
 
 
 def weight_keys(model: nn.Module) -> dict[str, torch.Tensor]:
     """Canonical state_dict key -> live tensor for every parameter and persistent buffer that
-    training changes (masks, sign locks and norm-init buffers left out).
+    training changes (masks, sign locks and norm-init buffers left out). A module's extra state
+    (``get_extra_state``, any object, a fresh one at each call) is no weight: not rewound.
 
     Raises:
         ValueError: two of them have the same canonical name (see :func:`signmask._targets.canonical_tensors`).
@@ -25,6 +27,8 @@ def weight_keys(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict(keep_vars=True)
     kept = []
     for key, tensor in state.items():
+        if key.rpartition(".")[2] == _EXTRA_STATE:
+            continue
         suffix = next((s for s in _NOT_WEIGHTS if key.endswith(s)), None)
         if suffix is None or key[: -len(suffix)] + "_orig" not in state:
             kept.append((key, tensor))

@@ -34,3 +34,44 @@ def test_weight_keys_leave_out_exactly_the_reparametrization_buffers():
     }
     assert ours <= sd.keys() and {"scale_init", "seen_mask", "flip_sign"} <= keys
     assert keys == {signmask._targets.canonical(k) for k in sd if k not in ours}
+
+
+
+def test_imp_rewinds_a_model_with_extra_state_and_leaves_that_state_alone():
+    # get_extra_state() returns any object, a fresh one per call: no tensor to copy into. It
+    # used to be snapshotted as a weight (AttributeError: 'dict' object has no attribute 'detach').
+    class Counting(torch.nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+        def get_extra_state(self):
+            return {"calls": self.calls}
+
+        def set_extra_state(self, state):
+            self.calls = state["calls"]
+
+    for rewind, at in (("init", 0), ("2it", 2)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(Counting(4, 4), torch.nn.Linear(4, 2))
+        assert "0._extra_state" in model.state_dict()
+        assert "0._extra_state" not in _snapshot.weight_keys(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        search = signmask.apply(model, "imp", 0.5, optimizer=opt, rate=0.5, rewind=rewind,
+                                classifier=True, progress=False)
+        seen = {}
+        for _ in search:
+            if search.round == 1:
+                break
+            for step in range(4):
+                if step == at:
+                    seen = {k: v.clone() for k, v in _snapshot.weight_keys(model).items()}
+                opt.zero_grad()
+                model(torch.ones(2, 4)).sum().backward()
+                opt.step()
+        live = _snapshot.weight_keys(model)
+        assert live.keys() == seen.keys()
+        assert all(torch.equal(live[k], seen[k]) for k in live)  # rewound exactly
+        assert model[0].calls == 4  # its extra state went on counting: not rewound
