@@ -1,14 +1,18 @@
-"""Validating a saved lottery-search state before :meth:`signmask.Search.load_state_dict`
-applies any of it (an edited or corrupted checkpoint must change nothing)."""
+"""Saving and resuming a lottery search: :meth:`signmask.Search.state_dict` and
+:meth:`~signmask.Search.load_state_dict`, whose state is validated whole before any of it is
+applied (an edited or corrupted checkpoint must change nothing)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from . import _reparam, _snapshot
 from ._ticket import Ticket
+
+STATE_VERSION = 1
 
 
 def check_entries(state: dict[str, Any]) -> None:
@@ -82,3 +86,55 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
         return Ticket(**state["ticket"])
     except TypeError as e:
         raise ValueError(f"cannot resume: state['ticket'] is not a ticket: {e}") from None
+
+
+
+def state_of(search) -> dict[str, Any]:
+    """What :meth:`signmask.Search.state_dict` returns (see there)."""
+    return {
+        "version": STATE_VERSION,
+        "config": dataclasses.asdict(search.config),
+        "round": search.round,
+        "in_round": search.in_round,
+        "done": search.done,
+        "step": search.step,
+        "round_start_step": search.round_start_step,
+        "masks": {k: mask.detach().cpu().clone() for k, mask in search._masks("state_dict()").items()},
+        "rewind_weights": search._rewind_weights,
+        "restart": search._restart,
+        "restart_pending": search._restart_pending,
+        "generator": search._generator.get_state(),
+        "alpha": None if search._alpha is None else float(search._alpha),
+        "history": [dict(h) for h in search.history],
+        "ticket": None if search._ticket is None else dataclasses.asdict(search._ticket),
+    }
+
+
+def restore(search, state: dict[str, Any]) -> None:
+    """:meth:`signmask.Search.load_state_dict`'s work: check ``state`` whole, then apply it."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        found = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"not a signmask search state (version {STATE_VERSION} expected, found {found!r})")
+    search._check_open("load_state_dict")
+    check_entries(state)
+    search.config.check_same(state["config"])
+    check_model(state, search.model, search._masks("load_state_dict()"))
+    # everything, before the first write
+    ticket = check_state(state, search._generator.get_state(), search._alpha is not None)
+    with torch.no_grad():
+        for k, mask in search._masks("load_state_dict()").items():
+            mask.copy_(state["masks"][k] != 0)
+    for key in ("round", "in_round", "step", "round_start_step"):
+        setattr(search, key, state[key])
+    search._rewind_weights, search._restart = state["rewind_weights"], state["restart"]
+    search._restart_pending = state["restart_pending"]
+    search._generator.set_state(state["generator"])
+    if search._alpha is not None:
+        search._alpha.fill_(state["alpha"])
+    search.history = [dict(h) for h in state["history"]]
+    if state["done"]:
+        search._ticket = ticket
+        search.close()
+        search.in_round, search.done = False, True
+    elif search.in_round:
+        search._open_bar()

@@ -15,7 +15,6 @@ from torch import nn
 from . import _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume, _snapshot
 from ._ticket import Ticket, extract
 
-STATE_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,23 +475,7 @@ class Search:
             >>> resumed.round, resumed.step
             (0, 0)
         """
-        return {
-            "version": STATE_VERSION,
-            "config": dataclasses.asdict(self.config),
-            "round": self.round,
-            "in_round": self.in_round,
-            "done": self.done,
-            "step": self.step,
-            "round_start_step": self.round_start_step,
-            "masks": {k: mask.detach().cpu().clone() for k, mask in self._masks("state_dict()").items()},
-            "rewind_weights": self._rewind_weights,
-            "restart": self._restart,
-            "restart_pending": self._restart_pending,
-            "generator": self._generator.get_state(),
-            "alpha": None if self._alpha is None else float(self._alpha),
-            "history": [dict(h) for h in self.history],
-            "ticket": None if self._ticket is None else dataclasses.asdict(self._ticket),
-        }
+        return _resume.state_of(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`. Call it right after :func:`signmask.apply` on the fresh
@@ -508,33 +491,7 @@ class Search:
                 edited or corrupted checkpoint). Nothing is changed then.
             RuntimeError: the search was closed or is done.
         """
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            found = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a signmask search state (version {STATE_VERSION} expected, found {found!r})")
-        self._check_open("load_state_dict")
-        _resume.check_entries(state)
-        self.config.check_same(state["config"])
-        _resume.check_model(state, self.model, self._masks("load_state_dict()"))
-        # everything, before the first write
-        ticket = _resume.check_state(state, self._generator.get_state(), self._alpha is not None)
-        with torch.no_grad():
-            for k, mask in self._masks("load_state_dict()").items():
-                mask.copy_(state["masks"][k] != 0)
-        for key in ("round", "in_round", "step", "round_start_step"):
-            setattr(self, key, state[key])
-        self._rewind_weights, self._restart = state["rewind_weights"], state["restart"]
-        self._restart_pending = state["restart_pending"]
-        self._generator.set_state(state["generator"])
-        if self._alpha is not None:
-            self._alpha.fill_(state["alpha"])
-        self.history = [dict(h) for h in state["history"]]
-        if state["done"]:
-            self._ticket = ticket
-            self.close()
-            self.in_round, self.done = False, True
-        elif self.in_round:
-            self._open_bar()
-
+        _resume.restore(self, state)
 
 def _log_line(method: str, record: dict[str, Any]) -> str:
     extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("round", "sparsity", "steps"))
