@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import _reparam, _snapshot
+from . import _reparam, _snapshot, _targets
 from ._ticket import Ticket
 
 STATE_VERSION = 1
@@ -110,6 +110,16 @@ def state_of(search) -> dict[str, Any]:
     }
 
 
+def _without_extra_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without modules' extra state in its rewind snapshot, which searches saved
+    before 2026-12-07 took as weights (a shallow copy: the caller's dict is not edited)."""
+    rewind = state["rewind_weights"]
+    if not isinstance(rewind, dict):
+        return state
+    kept = {k: v for k, v in rewind.items() if k.rpartition(".")[2] != _targets.EXTRA_STATE}
+    return state if len(kept) == len(rewind) else {**state, "rewind_weights": kept}
+
+
 def restore(search, state: dict[str, Any]) -> None:
     """:meth:`signmask.Search.load_state_dict`'s work: check ``state`` whole, then apply it."""
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -117,6 +127,7 @@ def restore(search, state: dict[str, Any]) -> None:
         raise ValueError(f"not a signmask search state (version {STATE_VERSION} expected, found {found!r})")
     search._check_open("load_state_dict")
     check_entries(state)
+    state = _without_extra_state(state)
     search.config.check_same(state["config"])
     check_model(state, search.model, search._masks("load_state_dict()"))
     # everything, before the first write

@@ -13,7 +13,6 @@ from . import _targets
 # Reparametrization buffers are not weights: masks move on, norm inits and signs never change.
 # They sit beside an ``<name>_orig`` Parameter; a user's own ``scale_init`` does not.
 _NOT_WEIGHTS = ("_mask", "_sign", "_init")
-_EXTRA_STATE = "_extra_state"  # torch's key suffix for get_extra_state()
 
 
 def weight_keys(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -27,7 +26,7 @@ def weight_keys(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict(keep_vars=True)
     kept = []
     for key, tensor in state.items():
-        if key.rpartition(".")[2] == _EXTRA_STATE:
+        if key.rpartition(".")[2] == _targets.EXTRA_STATE:
             continue
         suffix = next((s for s in _NOT_WEIGHTS if key.endswith(s)), None)
         if suffix is None or key[: -len(suffix)] + "_orig" not in state:

@@ -11,8 +11,6 @@ from torch import nn
 
 from . import _checks, _interpolate, _methods, _parents, _reparam, _targets
 
-_EXTRA_STATE = "_extra_state"  # nn.Module's key suffix for get_extra_state()
-
 
 def _without_data(value) -> str | None:
     """What ``value`` is when it is not a tensor holding data that torch's ``copy_`` reads (for
@@ -41,7 +39,7 @@ def _check_keys(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tenso
         if unexpected:
             problems.append(f"unexpected keys {unexpected[:5]}")
     for key in sorted(own.keys() & given.keys()):
-        if key.endswith(_EXTRA_STATE):  # any object, handed to the module's set_extra_state
+        if key.endswith(_targets.EXTRA_STATE):  # any object, handed to the module's set_extra_state
             continue
         value, found = given[key], _without_data(given[key])
         if found is not None:
@@ -114,7 +112,7 @@ def _owns(module: nn.Module, leaf: str) -> bool:
     """Whether ``module``'s own state dict (pruned or not) can hold the entry ``leaf``."""
     if leaf in module._parameters or leaf in module._buffers:
         return True
-    if leaf == _EXTRA_STATE:
+    if leaf == _targets.EXTRA_STATE:
         return type(module).get_extra_state is not nn.Module.get_extra_state
     base, _, suffix = leaf.rpartition("_")
     return suffix in ("orig", "mask", "sign") and _targets.has_tensor(module, base)

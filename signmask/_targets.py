@@ -32,6 +32,9 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
 FilterFn = Callable[[nn.Module, str], bool]
 
 
+EXTRA_STATE = "_extra_state"  # nn.Module's state_dict key suffix for get_extra_state()
+
+
 def canonical(name: str) -> str:
     """Strip leading wrapper prefixes (``module.``, ``_orig_mod.``) from a qualified name."""
     changed = True
@@ -141,9 +144,9 @@ def _warn_raw_projections(model: nn.Module, inc, exc) -> None:
     Parameter (``in_proj_weight``, or ``q/k/v_proj_weight``), which is not pruned; only their
     ``out_proj`` is (torchvision's ViT, ``nn.Transformer``)."""
     raw = sorted(
-        n for n, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        and (inc is None or _matches(n, inc)) and not (exc and _matches(n, exc))
+        n for n in (canonical(n) for n, m in model.named_modules()
+                    if isinstance(m, nn.MultiheadAttention))
+        if (inc is None or _matches(n, inc)) and not (exc and _matches(n, exc))
     )
     if raw:
         warnings.warn(
@@ -156,14 +159,20 @@ def _warn_raw_projections(model: nn.Module, inc, exc) -> None:
 
 
 def classifier_modules(model: nn.Module) -> set[int]:
-    """ids of the conv/linear modules forming the classifier head.
+    """ids of the conv/linear modules forming the classifier head (see :func:`_heads`)."""
+    return _heads(model)[0]
+
+
+def _heads(model: nn.Module) -> tuple[set[int], str | None]:
+    """ids of the conv/linear modules forming the classifier head, and the canonical name of
+    that head where it is a guess: the last conv of a model without ``nn.Linear``.
 
     Uses timm's ``get_classifier()`` (one module or a tuple, as in distilled DeiT), then
-    ``pretrained_cfg["classifier"]``, then the last ``nn.Linear`` registered in the model; a
-    model with no ``nn.Linear`` either (SqueezeNet's 1x1-conv head) gets its last conv, with a
-    warning naming it.
+    ``pretrained_cfg["classifier"]``, then the last ``nn.Linear`` registered in the model, then
+    (SqueezeNet's 1x1-conv head) its last conv.
     """
     heads: list[nn.Module] = []
+    guess = None
     root = unwrap(model)
     getter = getattr(root, "get_classifier", None)
     if callable(getter):
@@ -182,19 +191,12 @@ def classifier_modules(model: nn.Module) -> set[int]:
     if not heads:
         convs = [(n, m) for n, m in root.named_modules() if isinstance(m, PRUNABLE_TYPES)]
         if convs:
-            warnings.warn(
-                f"classifier=False: {type(root).__name__} has no timm get_classifier() and no "
-                f"nn.Linear, so its last conv, {convs[-1][0]!r}, is taken as the classifier "
-                "head and left dense; if that is wrong, pass classifier=True with exclude=",
-                UserWarning,
-                stacklevel=4,
-            )
-            heads = [convs[-1][1]]
+            guess, heads = canonical(convs[-1][0]), [convs[-1][1]]
     ids = set()
     for head in heads:
         if isinstance(head, nn.Module):
             ids.update(id(m) for m in head.modules() if isinstance(m, PRUNABLE_TYPES))
-    return ids
+    return ids, guess
 
 
 def check_initialized(key: str, module: nn.Module, tensor, doing: str) -> None:
@@ -253,7 +255,7 @@ def select(
             f"{type(filter_fn).__name__} {filter_fn!r}"
         )
     check_bool(classifier, "classifier")
-    heads = set() if classifier else classifier_modules(model)
+    heads, guess = (set(), None) if classifier else _heads(model)
     candidates = {
         key: (module, tensor)
         for key, (module, tensor) in tensor_index(model).items()
@@ -288,15 +290,25 @@ def select(
         )
     _warn_raw_projections(model, inc, exc)
     chosen = {}
+
+    def in_scope(module: nn.Module, fqn: str) -> bool:
+        return ((inc is None or _matches(fqn, inc)) and not (exc is not None and _matches(fqn, exc))
+                and (filter_fn is None or bool(filter_fn(module, fqn))))
+
     for key, (module, tensor) in candidates.items():
         fqn = key[: -len(".weight")]
         if id(module) in heads:
+            if guess == fqn and in_scope(module, fqn):  # a guessed head the scope would prune
+                warnings.warn(
+                    f"classifier=False: {type(unwrap(model)).__name__} has no timm "
+                    f"get_classifier() and no nn.Linear, so its last conv, {fqn!r}, is taken as "
+                    "the classifier head and left dense; if that is wrong, pass classifier=True "
+                    "with exclude=",
+                    UserWarning,
+                    stacklevel=3,
+                )
             continue
-        if inc is not None and not _matches(fqn, inc):
-            continue
-        if exc is not None and _matches(fqn, exc):
-            continue
-        if filter_fn is not None and not filter_fn(module, fqn):
+        if not in_scope(module, fqn):
             continue
         check_initialized(key, module, module._parameters.get(tensor), "pruning")
         chosen[key] = (module, tensor)

@@ -39,9 +39,9 @@ def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None
     layers = ticket.metadata.get("layers")  # tickets before 2026-12-07 do not record it
     if layers is not None and layers != str(layer_count(model)):
         raise ValueError(
-            f"ticket was made for a {want} with {layers} conv/linear layers, the model has "
-            f"{layer_count(model)} (another depth?) (pass check_architecture=False to skip this "
-            "check)"
+            f"ticket was made for a {want} with {layers} conv/linear layers outside its "
+            f"classifier head, the model has {layer_count(model)} (another depth?) (pass "
+            "check_architecture=False to skip this check)"
         )
 
 

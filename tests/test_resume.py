@@ -53,3 +53,29 @@ def test_a_state_missing_entries_is_refused_by_name_and_changes_nothing(edit, me
         search.load_state_dict(state)
     after = search.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and search.round == 0
+
+
+def test_a_state_whose_rewind_snapshot_holds_extra_state_still_resumes():
+    # Searches saved before 2026-12-07 kept a module's tensor extra state in their rewind
+    # snapshot; it is no weight now, and such a state must still load.
+    class WithExtra(torch.nn.Linear):
+        def get_extra_state(self):
+            return torch.zeros(1)
+
+        def set_extra_state(self, state):
+            pass
+
+    def start():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(WithExtra(4, 4), torch.nn.Linear(4, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, signmask.apply(model, "imp", 0.5, optimizer=opt, classifier=True,
+                                     progress=False)
+
+    _, search = start()
+    state = search.state_dict()
+    old = {**state, "rewind_weights": {**state["rewind_weights"], "0._extra_state": torch.zeros(1)}}
+    model, resumed = start()
+    resumed.load_state_dict(old)
+    assert "0._extra_state" in old["rewind_weights"]  # the caller's dict is not edited
+    assert resumed._rewind_weights.keys() == state["rewind_weights"].keys()

@@ -189,6 +189,10 @@ def test_classifier_false_on_a_model_without_linear_layers_keeps_its_last_conv_d
     with pytest.warns(UserWarning, match="its last conv, '2', is taken as the classifier head"):
         signmask.prune(model, 0.5, classifier=False)
     assert set(_targets.pruned(model)) == {"0.weight"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the guessed head is out of scope anyway: no warning
+        conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1))
+        signmask.prune(conv, 0.5, classifier=False, exclude="2")
 
 
 def test_multihead_attention_in_scope_warns_that_its_qkv_projection_stays_dense():
@@ -201,3 +205,5 @@ def test_multihead_attention_in_scope_warns_that_its_qkv_projection_stays_dense(
         warnings.simplefilter("error")  # out of scope: nothing to warn of
         signmask.prune(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2)), 0.5,
                        exclude="1*")
+        wrapped = nn.DataParallel(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2)))
+        signmask.prune(wrapped, 0.5, exclude="1*")  # patterns match canonical names

@@ -57,22 +57,23 @@ class _CumulativeMomentum:
 
 
 class _ExactStats:
-    """Forward pre-hook of a BatchNorm with 16-bit running statistics: the batch means and
-    unbiased variances summed in float64, torch's own update switched off (momentum 0) and the
-    averages written once at the end (:meth:`write`). torch's in-place update of a bf16 buffer
-    by ``(batch - running) / k`` loses every batch once that is under half an ulp: 15% off the
-    mean after 200 batches."""
+    """Forward pre- and post-hook of a BatchNorm with 16-bit running statistics. Before each
+    call, momentum 1, so that torch writes that batch's own statistics (synced ones under
+    SyncBatchNorm, whatever the layer's forward does to its input); after it, they are summed
+    in float64, and :meth:`write` sets their average at the end, rounded once. torch's in-place
+    16-bit update by ``(batch - running) / k`` loses every batch once that is under half an
+    ulp: 15% off the mean after 200 bf16 batches."""
 
     def __init__(self) -> None:
         self.calls, self.sums = 0, None
 
-    def __call__(self, module: nn.Module, inputs) -> None:
-        x = inputs[0].detach().double()
-        dims = [d for d in range(x.dim()) if d != 1]  # every dimension but the channels
-        stats = torch.stack([x.mean(dims), x.var(dims, correction=1)])
+    def before(self, module: nn.Module, inputs) -> None:
+        module.momentum = 1.0
+
+    def after(self, module: nn.Module, inputs, output) -> None:
+        stats = torch.stack([module.running_mean.double(), module.running_var.double()])
         self.sums = stats if self.sums is None else self.sums + stats
         self.calls += 1
-        module.momentum = 0.0
 
     def write(self, module: nn.Module) -> None:
         if self.calls:
@@ -179,10 +180,12 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
         model.train()
         for m in layers:
             m.training = True  # a model may keep its norms frozen in its own train()
-            hook = _ExactStats() if _exact(m) else _CumulativeMomentum()
-            if isinstance(hook, _ExactStats):
-                exact[m] = hook
-            counters.append(m.register_forward_pre_hook(hook))
+            if _exact(m):
+                exact[m] = hook = _ExactStats()
+                counters.append(m.register_forward_pre_hook(hook.before))
+                counters.append(m.register_forward_hook(hook.after))
+            else:
+                counters.append(m.register_forward_pre_hook(_CumulativeMomentum()))
         seen = 0
         with torch.no_grad():
             for batch in _limit(loader, batches):
