@@ -116,7 +116,8 @@ def _without_extra_state(state: dict[str, Any]) -> dict[str, Any]:
     rewind = state["rewind_weights"]
     if not isinstance(rewind, dict):
         return state
-    kept = {k: v for k, v in rewind.items() if k.rpartition(".")[2] != _targets.EXTRA_STATE}
+    kept = {k: v for k, v in rewind.items()
+            if not (isinstance(k, str) and k.rpartition(".")[2] == _targets.EXTRA_STATE)}
     return state if len(kept) == len(rewind) else {**state, "rewind_weights": kept}
 
 

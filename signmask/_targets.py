@@ -159,11 +159,11 @@ def _warn_raw_projections(model: nn.Module, inc, exc) -> None:
 
 
 def classifier_modules(model: nn.Module) -> set[int]:
-    """ids of the conv/linear modules forming the classifier head (see :func:`_heads`)."""
-    return _heads(model)[0]
+    """ids of the conv/linear modules forming the classifier head (see :func:`find_heads`)."""
+    return find_heads(model)[0]
 
 
-def _heads(model: nn.Module) -> tuple[set[int], str | None]:
+def find_heads(model: nn.Module) -> tuple[set[int], str | None]:
     """ids of the conv/linear modules forming the classifier head, and the canonical name of
     that head where it is a guess: the last conv of a model without ``nn.Linear``.
 
@@ -255,7 +255,7 @@ def select(
             f"{type(filter_fn).__name__} {filter_fn!r}"
         )
     check_bool(classifier, "classifier")
-    heads, guess = (set(), None) if classifier else _heads(model)
+    heads, guess = (set(), None) if classifier else find_heads(model)
     candidates = {
         key: (module, tensor)
         for key, (module, tensor) in tensor_index(model).items()

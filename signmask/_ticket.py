@@ -198,7 +198,9 @@ def layer_count(model: nn.Module) -> int:
     ``ResNet``) does not tell a torchvision resnet18 from a resnet34. The head is left out so
     that a backbone's ticket still fits a model built with another head or none
     (``num_classes=0``)."""
-    heads = _targets.classifier_modules(model)
+    heads, guess = _targets.find_heads(model)
+    if guess is not None:  # a model without nn.Linear (a headless backbone): no head to leave out
+        heads = set()
     index = _targets.tensor_index(model)
     return sum(isinstance(m, _targets.PRUNABLE_TYPES) and id(m) not in heads
                for m, _ in index.values())

@@ -1017,3 +1017,18 @@ def test_reestimate_bn_16_bit_reads_the_statistics_the_layer_computes():
     analysis.reestimate_bn(net, batches)
     want = torch.stack([b.double() for b in batches]).mean((0, 1, 2))
     assert ((net.bn.running_mean.double() - want).abs() <= 0.1).all(), net.bn.running_mean
+
+
+def test_reestimate_bn_16_bit_survives_an_overflowing_batch_and_cancelling_means():
+    # fp16: one batch's variance (1.8e5) is past fp16's range; it must not poison the others.
+    bn = nn.BatchNorm1d(1).half()
+    big = torch.tensor([[-300.0], [300.0], [0.0]]).half()  # unbiased variance 90000
+    small = torch.tensor([[-1.0], [1.0], [0.0]]).half()  # 1
+    analysis.reestimate_bn(bn, [big] + [small] * 9)
+    assert torch.isfinite(bn.running_var).all() and abs(float(bn.running_var) - 9000.9) < 10
+    # bf16: means that cancel; the average is far smaller than each batch's mean.
+    bn = nn.BatchNorm1d(1).bfloat16()
+    a = torch.tensor([[1.0], [1.0234375]]).bfloat16()  # bf16 numbers; their mean is not one
+    analysis.reestimate_bn(bn, [a, -torch.ones(2, 1).bfloat16()])
+    want = (1.01171875 - 1) / 2  # each batch's mean rounded to bf16 first gave 0.0078125
+    assert abs(float(bn.running_mean) - want) <= want * torch.finfo(torch.bfloat16).eps

@@ -574,3 +574,6 @@ def test_a_ticket_of_another_depth_is_refused_where_the_class_name_is_all_there_
     older = signmask.Ticket(ticket.masks, ticket.signs,
                             {k: v for k, v in ticket.metadata.items() if k != "layers"})
     signmask.transfer(older, Net(3))  # tickets saved before the count: the class name only
+    headless = Net(2)
+    headless.head = nn.Identity()
+    signmask.transfer(ticket, headless)  # fewer layers: the same backbone, without its head

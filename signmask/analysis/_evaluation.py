@@ -56,36 +56,31 @@ class _CumulativeMomentum:
         module.momentum = 1.0 / self.calls
 
 
-class _ExactStats:
-    """Forward pre- and post-hook of a BatchNorm with 16-bit running statistics. Before each
-    call, momentum 1, so that torch writes that batch's own statistics (synced ones under
-    SyncBatchNorm, whatever the layer's forward does to its input); after it, they are summed
-    in float64, and :meth:`write` sets their average at the end, rounded once. torch's in-place
-    16-bit update by ``(batch - running) / k`` loses every batch once that is under half an
-    ulp: 15% off the mean after 200 bf16 batches."""
+def _upcast(layer: nn.Module) -> torch.dtype | None:
+    """Make a torch BatchNorm whose parameters and buffers all hold one 16-bit dtype float32
+    for the pass, and return that dtype (None for any other layer, left as it is).
 
-    def __init__(self) -> None:
-        self.calls, self.sums = 0, None
-
-    def before(self, module: nn.Module, inputs) -> None:
-        module.momentum = 1.0
-
-    def after(self, module: nn.Module, inputs, output) -> None:
-        stats = torch.stack([module.running_mean.double(), module.running_var.double()])
-        self.sums = stats if self.sums is None else self.sums + stats
-        self.calls += 1
-
-    def write(self, module: nn.Module) -> None:
-        if self.calls:
-            mean, var = self.sums / self.calls
-            module.running_mean.copy_(mean)  # rounded once, to the buffer's dtype
-            module.running_var.copy_(var)
+    torch's in-place 16-bit average by ``(batch - running) / k`` loses every batch once that
+    is under half an ulp (15% off the mean after 200 bf16 batches). In float32 the average is
+    exact to far below a 16-bit ulp, and rounds once when the layer goes back. ``F.batch_norm``
+    takes 16-bit inputs with float32 parameters and statistics and still returns the input's
+    dtype, so the layers after it see what they would.
+    """
+    if not isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return None
+    tensors = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    if len(dtypes) != 1 or next(iter(dtypes)).itemsize >= 4:
+        return None
+    layer.float()  # Parameter objects stay (their .data changes): optimizers keep them
+    return dtypes.pop()
 
 
-def _exact(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a torch BatchNorm (or subclass) with 16-bit running statistics."""
-    return (isinstance(layer, nn.modules.batchnorm._BatchNorm)
-            and layer.running_mean is not None and layer.running_mean.dtype.itemsize < 4)
+def _downcast(upcast: dict) -> None:
+    """Return the layers :func:`_upcast` made float32 to their dtypes (their statistics
+    rounded once); idempotent."""
+    for m, dtype in upcast.items():
+        m.to(dtype)
 
 
 def _reset(layer: nn.Module) -> None:
@@ -122,9 +117,10 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     train mode even where the model's ``train()`` keeps them frozen), each layer's ``momentum``
     set to ``1 / k`` before its ``k``-th call: the cumulative average of torch's
     ``momentum=None`` (with batches of equal size, the mean of the per-batch means and unbiased
-    variances), which InstanceNorm and EvoNorm do not offer themselves. BatchNorms with 16-bit
-    statistics sum them in float64 instead and round once at the end (torch's 16-bit in-place
-    average stalls: 15% off after 200 bf16 batches). The momenta and every module's train/eval
+    variances), which InstanceNorm and EvoNorm do not offer themselves. BatchNorms holding a 16-bit
+    dtype run the pass in float32 (their outputs keep the input's dtype) and round their
+    statistics once at the end: torch's 16-bit in-place average stalls (15% off after 200
+    bf16 batches). The momenta and every module's train/eval
     flag are restored.
     A model without such layers is returned at once, without reading ``loader``. Norm layers under
     AWS's interpolation use their trained parameters (``a = 0``) during the pass, so the
@@ -170,22 +166,20 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
     modes = [(m, m.training) for m in model.modules()]
     device = device_of(model)
     mixed = _interpolation_hooks(model)
-    counters, exact = [], {}
+    counters, upcast = [], {}
     try:
         for hook in mixed:
             hook.alpha = torch.zeros_like(hook.alpha)  # the hook's own: the caller's a stays
         with torch.no_grad():
             for m in layers:
                 _reset(m)
+                dtype = _upcast(m)
+                if dtype is not None:
+                    upcast[m] = dtype
         model.train()
         for m in layers:
             m.training = True  # a model may keep its norms frozen in its own train()
-            if _exact(m):
-                exact[m] = hook = _ExactStats()
-                counters.append(m.register_forward_pre_hook(hook.before))
-                counters.append(m.register_forward_hook(hook.after))
-            else:
-                counters.append(m.register_forward_pre_hook(_CumulativeMomentum()))
+            counters.append(m.register_forward_pre_hook(_CumulativeMomentum()))
         seen = 0
         with torch.no_grad():
             for batch in _limit(loader, batches):
@@ -194,10 +188,9 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
                 seen += 1
         if seen == 0:
             raise ValueError(f"{arg} yielded no batch; cannot re-estimate BatchNorm statistics")
-        with torch.no_grad():
-            for m, hook in exact.items():
-                hook.write(m)
+        _downcast(upcast)
     except BaseException:
+        _downcast(upcast)
         with torch.no_grad():
             for m, _, buffers in saved:
                 for k, b in buffers.items():
