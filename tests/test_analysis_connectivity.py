@@ -1032,3 +1032,15 @@ def test_reestimate_bn_16_bit_survives_an_overflowing_batch_and_cancelling_means
     analysis.reestimate_bn(bn, [a, -torch.ones(2, 1).bfloat16()])
     want = (1.01171875 - 1) / 2  # each batch's mean rounded to bf16 first gave 0.0078125
     assert abs(float(bn.running_mean) - want) <= want * torch.finfo(torch.bfloat16).eps
+
+
+
+def test_reestimate_bn_16_bit_leaves_an_interpolated_norm_weight_in_its_dtype():
+    from signmask import _interpolate
+
+    bn = nn.BatchNorm1d(3).bfloat16()
+    _interpolate.attach(bn, torch.tensor(0.5))
+    before = bn.weight.clone()
+    analysis.reestimate_bn(bn, [torch.randn(4, 3).bfloat16()])
+    assert bn.weight.dtype == torch.bfloat16 and torch.equal(bn.weight, before)
+    assert bn.weight_orig.dtype == bn.running_mean.dtype == torch.bfloat16

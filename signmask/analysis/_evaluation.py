@@ -83,6 +83,16 @@ def _downcast(upcast: dict) -> None:
         m.to(dtype)
 
 
+def _refresh_norms(upcast: dict) -> None:
+    """Recompute the weights of AWS-interpolated layers among ``upcast``: the pass left them
+    float32 (a read before the next forward would see that dtype)."""
+    with torch.no_grad():
+        for m in upcast:
+            for hook in list(m._forward_pre_hooks.values()):
+                if isinstance(hook, NormInterpolation):
+                    hook(m, ())
+
+
 def _reset(layer: nn.Module) -> None:
     if callable(getattr(layer, "reset_running_stats", None)):
         layer.reset_running_stats()
@@ -201,6 +211,7 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
             handle.remove()
         for hook, alpha in mixed.items():
             hook.alpha = alpha
+        _refresh_norms(upcast)
         for m, momentum, _ in saved:
             m.momentum = momentum
         for m, training in modes:
