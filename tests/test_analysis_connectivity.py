@@ -1044,3 +1044,16 @@ def test_reestimate_bn_16_bit_leaves_an_interpolated_norm_weight_in_its_dtype():
     analysis.reestimate_bn(bn, [torch.randn(4, 3).bfloat16()])
     assert bn.weight.dtype == torch.bfloat16 and torch.equal(bn.weight, before)
     assert bn.weight_orig.dtype == bn.running_mean.dtype == torch.bfloat16
+
+
+
+def test_reestimate_bn_16_bit_keeps_the_parameter_objects_under_overwrite_on_conversion():
+    bn = nn.BatchNorm1d(3).bfloat16()
+    params = list(bn.parameters())
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        analysis.reestimate_bn(bn, [torch.randn(4, 3).bfloat16()])
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert all(a is b for a, b in zip(bn.parameters(), params))
+    assert all(p.dtype == torch.bfloat16 for p in bn.parameters())

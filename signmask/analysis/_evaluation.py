@@ -68,19 +68,30 @@ def _upcast(layer: nn.Module) -> torch.dtype | None:
     """
     if not isinstance(layer, nn.modules.batchnorm._BatchNorm):
         return None
-    tensors = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
-    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    dtypes = {t.dtype for t in _floats(layer)}
     if len(dtypes) != 1 or next(iter(dtypes)).itemsize >= 4:
         return None
-    layer.float()  # Parameter objects stay (their .data changes): optimizers keep them
+    _convert(layer, torch.float32)
     return dtypes.pop()
+
+
+def _floats(layer: nn.Module) -> list[torch.Tensor]:
+    return [t for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False))
+            if t.is_floating_point()]
+
+
+def _convert(layer: nn.Module, dtype: torch.dtype) -> None:
+    # Through .data, not layer.to(): the Parameter and buffer objects stay whatever
+    # torch.__future__ says about conversions (an optimizer holding them keeps them).
+    for t in _floats(layer):
+        t.data = t.data.to(dtype)
 
 
 def _downcast(upcast: dict) -> None:
     """Return the layers :func:`_upcast` made float32 to their dtypes (their statistics
     rounded once); idempotent."""
     for m, dtype in upcast.items():
-        m.to(dtype)
+        _convert(m, dtype)
 
 
 def _refresh_norms(upcast: dict) -> None:
