@@ -176,8 +176,11 @@ def find_heads(model: nn.Module) -> tuple[set[int], str | None]:
     root = unwrap(model)
     getter = getattr(root, "get_classifier", None)
     if callable(getter):
-        found = getter()
-        heads = list(found) if isinstance(found, (tuple, list)) else [found]
+        try:
+            found = getter()
+        except Exception:  # noqa: BLE001 -- timm's efficientvit with num_classes=0 raises
+            found = None
+        heads = list(found) if isinstance(found, (tuple, list)) else [found] if found else []
     if not heads:
         names = (getattr(root, "pretrained_cfg", None) or {}).get("classifier")
         for n in [names] if isinstance(names, str) else list(names or ()):

@@ -193,17 +193,11 @@ def architecture(model: nn.Module) -> str:
 
 
 def layer_count(model: nn.Module) -> int:
-    """The number of conv/linear weights in ``model`` outside its classifier head, pruned or
-    not: recorded beside the architecture, whose name alone (a class name outside timm:
-    ``ResNet``) does not tell a torchvision resnet18 from a resnet34. The head is left out so
-    that a backbone's ticket still fits a model built with another head or none
-    (``num_classes=0``)."""
-    heads, guess = _targets.find_heads(model)
-    if guess is not None:  # a model without nn.Linear (a headless backbone): no head to leave out
-        heads = set()
+    """The number of conv/linear weights in ``model``, pruned or not: recorded beside the
+    architecture, whose name alone (a class name outside timm: ``ResNet``) does not tell a
+    torchvision resnet18 from a resnet34."""
     index = _targets.tensor_index(model)
-    return sum(isinstance(m, _targets.PRUNABLE_TYPES) and id(m) not in heads
-               for m, _ in index.values())
+    return sum(isinstance(m, _targets.PRUNABLE_TYPES) for m, _ in index.values())
 
 
 def library_versions() -> str:

@@ -36,14 +36,18 @@ def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None
             f"ticket was made for architecture {want!r}, the model is {have!r} "
             "(pass check_architecture=False to skip this check)"
         )
-    # One-sided: a model with fewer layers misses ticket tensors (refused by name later), or is
-    # the same backbone without its head; one with more is a deeper network of the same name.
+    # One-sided, and heads aside: a model with fewer layers misses ticket tensors (refused by
+    # name later) or is the same backbone without its head; one with more layers outside its
+    # head than the ticket's model had in all is a deeper network of the same name.
     layers = ticket.metadata.get("layers", "")  # tickets before 2026-12-07 do not record it
-    if layers.isdigit() and layer_count(model) > int(layers):
+    if not layers.isdigit():
+        return
+    body = layer_count(model) - len(_targets.classifier_modules(model))
+    if body > int(layers):
         raise ValueError(
-            f"ticket was made for a {want} with {layers} conv/linear layers outside its "
-            f"classifier head, the model has {layer_count(model)} (a deeper one?) (pass "
-            "check_architecture=False to skip this check)"
+            f"ticket was made for a {want} with {layers} conv/linear layers, the model has "
+            f"{body} outside its classifier head (a deeper one?) (pass check_architecture=False "
+            "to skip this check)"
         )
 
 

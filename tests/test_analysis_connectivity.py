@@ -1057,3 +1057,26 @@ def test_reestimate_bn_16_bit_keeps_the_parameter_objects_under_overwrite_on_con
         torch.__future__.set_overwrite_module_params_on_conversion(False)
     assert all(a is b for a, b in zip(bn.parameters(), params))
     assert all(p.dtype == torch.bfloat16 for p in bn.parameters())
+
+
+@pytest.mark.parametrize("case", ["parametrized", "tied", "stock_pruned"])
+def test_reestimate_bn_16_bit_leaves_entangled_layers_in_their_dtype(case):
+    # Converting one of these alone to float32 would mix dtypes: it keeps torch's own pass.
+    from torch.nn.utils import parametrize, prune as stock
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    b1, b2 = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    if case == "parametrized":
+        parametrize.register_parametrization(b1, "weight", Double())
+    elif case == "tied":
+        b2.weight = b1.weight
+    else:
+        stock.l1_unstructured(b1, "weight", amount=1)
+    net = nn.Sequential(b1, b2).bfloat16()
+    analysis.reestimate_bn(net, [torch.randn(4, 3).bfloat16()])
+    assert all(t.dtype == torch.bfloat16 for t in (*net.parameters(), *net.buffers())
+               if t.is_floating_point())
+    assert b1.weight.dtype == torch.bfloat16

@@ -563,11 +563,11 @@ def test_a_ticket_of_another_depth_is_refused_where_the_class_name_is_all_there_
 
     torch.manual_seed(0)
     ticket = signmask.extract(signmask.prune(Net(2), 0.5, classifier=False))
-    assert ticket.metadata["architecture"] == "Net" and ticket.metadata["layers"] == "2"
-    signmask.transfer(ticket, Net(2, classes=7))  # the head is not counted: another task fits
-    deeper = Net(3)
+    assert ticket.metadata["architecture"] == "Net" and ticket.metadata["layers"] == "3"
+    signmask.transfer(ticket, Net(2, classes=7))  # another head: another task fits
+    deeper = Net(4)  # one layer deeper passes as a deeper head might: two do not
     before = {k: v.clone() for k, v in deeper.state_dict().items()}
-    with pytest.raises(ValueError, match="a Net with 2 conv/linear layers .*, the model has 3"):
+    with pytest.raises(ValueError, match="a Net with 3 conv/linear layers, the model has 4 out"):
         signmask.transfer(ticket, deeper)
     assert all(torch.equal(before[k], v) for k, v in deeper.state_dict().items())
     signmask.transfer(ticket, deeper, check_architecture=False)  # on request: every tensor fits
@@ -577,3 +577,31 @@ def test_a_ticket_of_another_depth_is_refused_where_the_class_name_is_all_there_
     headless = Net(2)
     headless.head = nn.Identity()
     signmask.transfer(ticket, headless)  # fewer layers: the same backbone, without its head
+
+
+def test_the_depth_check_accepts_a_backbone_with_another_head_or_none():
+    # A feature extractor's ticket (head replaced by Identity) onto the model with its head,
+    # and a ticket onto a model whose head became an MLP: neither is a deeper network.
+    class Net(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+            self.head = head
+
+    torch.manual_seed(0)
+    headless = signmask.extract(signmask.prune(Net(nn.Identity()), 0.5, classifier=True))
+    signmask.transfer(headless, Net(nn.Linear(6, 2)))
+    ticket = signmask.extract(signmask.prune(Net(nn.Linear(6, 2)), 0.5, classifier=False))
+    signmask.transfer(ticket, Net(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))))
+
+
+def test_extract_and_transfer_survive_a_get_classifier_that_raises():
+    # timm's efficientvit with num_classes=0 raises from get_classifier(): the head is then
+    # found as for any model.
+    class Net(nn.Sequential):
+        def get_classifier(self):
+            raise AttributeError("'Identity' object has no attribute 'linear'")
+
+    torch.manual_seed(0)
+    ticket = signmask.extract(signmask.prune(Net(nn.Linear(4, 4), nn.Linear(4, 2)), 0.5))
+    signmask.transfer(ticket, Net(nn.Linear(4, 4), nn.Linear(4, 2)))

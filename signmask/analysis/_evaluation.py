@@ -56,7 +56,7 @@ class _CumulativeMomentum:
         module.momentum = 1.0 / self.calls
 
 
-def _upcast(layer: nn.Module) -> torch.dtype | None:
+def _upcast(layer: nn.Module, shared: set[int]) -> torch.dtype | None:
     """Make a torch BatchNorm whose parameters and buffers all hold one 16-bit dtype float32
     for the pass, and return that dtype (None for any other layer, left as it is).
 
@@ -66,13 +66,31 @@ def _upcast(layer: nn.Module) -> torch.dtype | None:
     takes 16-bit inputs with float32 parameters and statistics and still returns the input's
     dtype, so the layers after it see what they would.
     """
-    if not isinstance(layer, nn.modules.batchnorm._BatchNorm):
+    if not isinstance(layer, nn.modules.batchnorm._BatchNorm) or _entangled(layer, shared):
         return None
     dtypes = {t.dtype for t in _floats(layer)}
     if len(dtypes) != 1 or next(iter(dtypes)).itemsize >= 4:
         return None
     _convert(layer, torch.float32)
     return dtypes.pop()
+
+
+def _entangled(layer: nn.Module, shared: set[int]) -> bool:
+    """Whether converting ``layer`` alone could leave it or others with mixed dtypes: a tensor
+    it shares with another module (ids in ``shared``), a parametrized tensor, or a forward
+    pre-hook other than AWS's interpolation (stock prune's would keep a float32 weight)."""
+    return (nn.utils.parametrize.is_parametrized(layer)
+            or any(id(t) in shared for t in _floats(layer))
+            or any(not isinstance(h, NormInterpolation) for h in layer._forward_pre_hooks.values()))
+
+
+def _shared(model: nn.Module) -> set[int]:
+    """ids of the parameters and buffers that more than one module of ``model`` holds."""
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+            seen[id(t)] = seen.get(id(t), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
 
 
 def _floats(layer: nn.Module) -> list[torch.Tensor]:
@@ -191,10 +209,11 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
     try:
         for hook in mixed:
             hook.alpha = torch.zeros_like(hook.alpha)  # the hook's own: the caller's a stays
+        shared = _shared(model)
         with torch.no_grad():
             for m in layers:
                 _reset(m)
-                dtype = _upcast(m)
+                dtype = _upcast(m, shared)
                 if dtype is not None:
                     upcast[m] = dtype
         model.train()
