@@ -146,7 +146,7 @@ def _warn_raw_projections(model: nn.Module, inc, exc) -> None:
     raw = sorted(
         n for n in (canonical(n) for n, m in model.named_modules()
                     if isinstance(m, nn.MultiheadAttention))
-        if (inc is None or _matches(n, inc)) and not (exc and _matches(n, exc))
+        if _in_patterns(n, inc, exc)
     )
     if raw:
         warnings.warn(
@@ -212,6 +212,11 @@ def check_initialized(key: str, module: nn.Module, tensor, doing: str) -> None:
             f"{key} is an uninitialized lazy {kind} ({type(module).__name__}); run one forward "
             f"pass to give it a shape before {doing}"
         )
+
+
+def _in_patterns(fqn: str, inc: Sequence[str] | None, exc: Sequence[str] | None) -> bool:
+    """Whether ``fqn`` matches ``include=`` (when given) and not ``exclude=``."""
+    return (inc is None or _matches(fqn, inc)) and not (exc and _matches(fqn, exc))
 
 
 def _matches(fqn: str, patterns: Sequence[str]) -> bool:
@@ -282,7 +287,7 @@ def select(
                     f"{sorted(k[: -len('.weight')] for k in candidates)[:3]}"
                 )
     skipped = sorted(
-        n for n in computed if (inc is None or _matches(n, inc)) and not (exc and _matches(n, exc))
+        n for n in computed if _in_patterns(n, inc, exc)
     )
     if skipped:
         warnings.warn(
@@ -295,8 +300,7 @@ def select(
     chosen = {}
 
     def in_scope(module: nn.Module, fqn: str) -> bool:
-        return ((inc is None or _matches(fqn, inc)) and not (exc is not None and _matches(fqn, exc))
-                and (filter_fn is None or bool(filter_fn(module, fqn))))
+        return _in_patterns(fqn, inc, exc) and (filter_fn is None or bool(filter_fn(module, fqn)))
 
     for key, (module, tensor) in candidates.items():
         fqn = key[: -len(".weight")]
@@ -372,11 +376,12 @@ def warn_vanishing_eps(targets: dict[str, tuple[nn.Module, str]], optimizer, sta
     held = {id(_reparam.original(m, n)): key for key, (m, n) in targets.items()}
     for group in optimizer.param_groups:
         eps = group.get("eps")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or group.get("fused"):
+        if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0
+                or group.get("fused")):
             continue
         for p in group["params"]:
             key = held.get(id(p))
-            if key is None or not p.is_floating_point() or eps <= 0:
+            if key is None or not p.is_floating_point():
                 continue
             if torch.tensor(eps, dtype=p.dtype) == 0:
                 warnings.warn(

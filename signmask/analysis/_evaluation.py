@@ -156,11 +156,10 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     train mode even where the model's ``train()`` keeps them frozen), each layer's ``momentum``
     set to ``1 / k`` before its ``k``-th call: the cumulative average of torch's
     ``momentum=None`` (with batches of equal size, the mean of the per-batch means and unbiased
-    variances), which InstanceNorm and EvoNorm do not offer themselves. BatchNorms holding a 16-bit
-    dtype run the pass in float32 (their outputs keep the input's dtype) and round their
-    statistics once at the end: torch's 16-bit in-place average stalls (15% off after 200
-    bf16 batches). The momenta and every module's train/eval
-    flag are restored.
+    variances), which InstanceNorm and EvoNorm do not offer themselves. BatchNorms holding a
+    16-bit dtype run the pass in float32 (their outputs keep the input's dtype) and round their
+    statistics once at the end: torch's 16-bit in-place average stalls (15% off after 200 bf16
+    batches). The momenta and every module's train/eval flag are restored.
     A model without such layers is returned at once, without reading ``loader``. Norm layers under
     AWS's interpolation use their trained parameters (``a = 0``) during the pass, so the
     statistics are those of the network as evaluated.
