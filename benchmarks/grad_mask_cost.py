@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import train_step  # noqa: E402
 
-from signmask import _maskmul, _projection  # noqa: E402
+from signmask import _maskmul, _projection_ops  # noqa: E402
 
 VARIANTS = ("dense", "projection", "projection, no grad mask")
 
@@ -74,18 +74,18 @@ PASSES = {
 def _grad_mask(mode: str, spent: list[float]):
     """Run the projection's gradient mask as ``mode`` says: ``"timed"`` (summing its time into
     ``spent``) or ``"off"``; the real function is back on exit."""
-    real = _projection.mask_grad
+    real = _projection_ops.mask_grad
 
     def timed(*args):
         with _common.Timer("cpu") as t:
             real(*args)
         spent.append(t.ms)
 
-    _projection.mask_grad = timed if mode == "timed" else (lambda *args: None)
+    _projection_ops.mask_grad = timed if mode == "timed" else (lambda *args: None)
     try:
         yield
     finally:
-        _projection.mask_grad = real
+        _projection_ops.mask_grad = real
 
 
 def _step(model, optimizer, x, y) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -9,7 +10,29 @@ import torch
 from torch import nn
 
 from . import _checks, _interpolate, _methods, _parents, _prune, _recipes, _reparam, _schedule, _targets
-from ._search import Search, SearchConfig
+from ._search import Search
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Everything that defines a search; a resumed search must match it field by field."""
+
+    method: str
+    sparsity: float
+    rate: float | None
+    prune_steps: int
+    rewind: str | int | None
+    rewind_step: int | None
+    classifier: bool
+    seed: int
+
+    def check_same(self, other: dict) -> None:
+        for field, mine in dataclasses.asdict(self).items():
+            if other.get(field) != mine:
+                raise ValueError(
+                    f"cannot resume: the saved search has {field}={other.get(field)!r}, "
+                    f"this one {field}={mine!r}"
+                )
 
 
 def apply(

@@ -9,7 +9,7 @@ only aliases ``module.weight`` to it, no kernel runs. The invariant is kept by:
    post-accumulate-grad hook), so gradient clipping sees the reparametrization's gradients; a
    gradient assigned to ``.grad`` instead (``torch.autograd.grad``) is masked before the step;
 3. after every ``optimizer.step()``: sign-locked weights that crossed zero are reflected back (on
-   CPU only those, at their indices: :func:`reflect`); for optimizers not known to be
+   CPU only those, at their indices: ``_projection_ops.reflect``); for optimizers not known to be
    zero-preserving, weights and state are masked again.
 
 **When it is exact.** For elementwise optimizers and a fixed mask it gives the same effective
@@ -45,128 +45,9 @@ import weakref
 
 import torch
 
-from . import _bits, _maskmul, _reparam, _targets
+from . import _projection_ops as ops
+from . import _reparam, _targets
 from ._backends import Backend, Targets, register_backend
-
-# Optimizer class -> state keys that are odd in the gradient (negated under a reflection).
-ZERO_PRESERVING: dict[str, tuple[str, ...]] = {
-    "SGD": ("momentum_buffer",),
-    "Adam": ("exp_avg",),
-    "AdamW": ("exp_avg",),
-    "NAdam": ("exp_avg",),
-    "RAdam": ("exp_avg",),
-    "Adamax": ("exp_avg",),
-    "Adagrad": (),
-    "Adadelta": (),
-    "RMSprop": ("momentum_buffer", "grad_avg"),
-    "Rprop": ("prev",),
-}
-REFUSED: dict[str, str] = {
-    "LBFGS": "its line search and curvature pairs mix all entries",
-    "SparseAdam": "it needs sparse gradients",
-    "Adafactor": "its factored second moments mix the entries of a row and a column",
-    "Muon": "its orthogonalized updates mix all entries of a matrix",
-}
-
-
-def _known(optimizer: torch.optim.Optimizer) -> bool:
-    cls = type(optimizer)
-    return cls.__module__.startswith("torch.optim") and cls.__name__ in ZERO_PRESERVING
-
-
-def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor | None:
-    """Mask ``w`` in place (locked: reflect onto the signs); the int8 factor used, or None.
-
-    Locked: the torch path's factor (:func:`signmask._reparam.locked_factors`), so ``w`` takes
-    the values of the effective weight. The same factor reflects (and masks) the state that is
-    odd in the gradient.
-    """
-    if sign is None:
-        _maskmul.mul_(w, mask)
-        return None
-    factor = _reparam.locked_factors(w, mask, sign)
-    _maskmul.mul_(w, factor)
-    return factor
-
-
-def _per_weight(value, param) -> bool:
-    """Whether an optimizer state entry holds one value per weight of ``param`` (not a step
-    counter, a factored statistic, or None)."""
-    return isinstance(value, torch.Tensor) and value.shape == param.shape
-
-
-def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...], odd_only: bool) -> None:
-    for key, value in state.items():
-        if not _per_weight(value, param):
-            continue
-        if key in odd and factor is not None:
-            _maskmul.mul_(value, factor)
-        elif not odd_only:
-            _maskmul.mul_(value, mask)
-
-
-def _stamp(orig, mask, sign) -> tuple:
-    # data_ptr: ``orig.data = t`` (vector_to_parameters) swaps the storage, not the version.
-    return (orig._version, orig.data_ptr(), *_mask_stamp(mask, sign))
-
-
-def _mask_stamp(mask, sign) -> tuple:
-    # The identity too: stock prune stacked on top registers a new mask tensor at version 0.
-    return (id(mask), mask._version) + ((None,) if sign is None else (id(sign), sign._version))
-
-
-def _tensors(module, name):
-    buffers = module._buffers
-    return module._parameters[name + "_orig"], buffers[name + "_mask"], buffers.get(name + "_sign")
-
-
-def project(module, name, optimizer=None, *, odd_only: bool = False, grad: bool = False, hook=None):
-    """Project ``module.<name>_orig`` (and its optimizer state) onto its mask and signs.
-
-    ``odd_only``: after a zero-preserving step only sign reflections can be due, so only the
-    state odd in the gradient is touched (the rest is still 0 at pruned entries).
-    ``grad``: reflect ``.grad`` too (before a step, it is odd in the gradient like momentum).
-    ``hook``: the tensor's pruning hook, when the caller has it (stock prune stacking on top
-    computes the weight while the hook is off the module).
-
-    Returns the int8 factor applied to a sign-locked tensor (-1 where reflected), else None.
-    """
-    if hook is None:  # not ``or``: a PruningContainer defines __len__
-        hook = _reparam.find_hook(module, name)[1]
-    orig, mask, sign = _tensors(module, name)
-    with torch.no_grad():
-        factor = _project_weight(orig, mask, sign)
-        if grad and orig.grad is not None:  # reflected with the weights, masked in any case
-            mask_grad(hook, orig.grad, mask if factor is None else factor)
-        if optimizer is not None:
-            odd = ZERO_PRESERVING.get(type(optimizer).__name__, ())
-            _project_state(optimizer.state.get(orig, {}), orig, mask, factor, odd, odd_only)
-            if not odd_only:  # the state now follows these masks
-                hook._state_masks = _mask_stamp(mask, sign)
-    hook._projected = _stamp(orig, mask, sign)
-    return factor
-
-
-def reflect(module, name, optimizer) -> None:
-    """Mirror back the kept weights of a sign-locked tensor that crossed zero in the last step.
-
-    Only after a zero-preserving optimizer's step, whose pruned entries are still 0: then the
-    full :func:`project` changes just the kept weights whose sign bit disagrees with the lock
-    (and their state odd in the gradient), by negation. Doing only that, at their indices, gives
-    the same bits for a few byte-wide passes instead of two float passes per tensor. CPU only:
-    ``nonzero`` would make a CUDA step wait for the device.
-    """
-    hook = _reparam.find_hook(module, name)[1]
-    orig, mask, sign = _tensors(module, name)
-    with torch.no_grad():
-        negative = _bits.sign_bits(sign, orig.shape).view(torch.bool)
-        where = torch.nonzero((torch.signbit(orig) != negative) & mask, as_tuple=True)
-        if where[0].numel():
-            state = optimizer.state.get(orig, {})
-            odd = [state.get(k) for k in ZERO_PRESERVING[type(optimizer).__name__]]
-            for t in [orig, *(v for v in odd if _per_weight(v, orig))]:
-                t.index_put_(where, -t[where])
-    hook._projected = _stamp(orig, mask, sign)
 
 
 class MaskGrad:
@@ -178,17 +59,7 @@ class MaskGrad:
     def __call__(self, param: torch.Tensor) -> None:
         hook = _reparam.find_hook(self.module, self.name)[1]
         if getattr(hook, "backend", None) == "projection" and param.grad is not None:
-            mask_grad(hook, param.grad, self.module._buffers[self.name + "_mask"])
-
-
-def mask_grad(hook, grad: torch.Tensor, factor: torch.Tensor) -> None:
-    """Multiply ``grad`` in place by ``factor`` (the mask, or a locked tensor's signed one) and
-    mark the tensor as masked. A mark on the tensor, not its id or address: a gradient assigned
-    to ``.grad`` (torch.autograd.grad, per-sample or DP pipelines) is a new object, though it
-    may reuse a freed one's id and memory. In-place scaling (clipping) keeps zeros zero; values
-    written into a masked gradient in place (noise added to ``.grad``) are not masked again."""
-    _maskmul.mul_(grad, factor)
-    grad._signmask_masked = True
+            ops.mask_grad(hook, param.grad, self.module._buffers[self.name + "_mask"])
 
 
 class _OptimizerHook:
@@ -208,11 +79,11 @@ class ProjectStale(_OptimizerHook):
             hook = _reparam.find_hook(module, name)[1]
             if getattr(hook, "backend", None) != "projection":
                 continue
-            orig, mask, sign = _tensors(module, name)
-            if getattr(hook, "_projected", None) != _stamp(orig, mask, sign):
-                project(module, name, optimizer, grad=True)  # masks the gradient too
+            orig, mask, sign = ops.tensors(module, name)
+            if getattr(hook, "_projected", None) != ops.stamp(orig, mask, sign):
+                ops.project(module, name, optimizer, grad=True)  # masks the gradient too
             elif orig.grad is not None and not getattr(orig.grad, "_signmask_masked", False):
-                mask_grad(hook, orig.grad, mask)  # assigned, not accumulated by a backward
+                ops.mask_grad(hook, orig.grad, mask)  # assigned, not accumulated by a backward
 
 
 class ProjectStep(_OptimizerHook):
@@ -229,18 +100,18 @@ class ProjectStep(_OptimizerHook):
                 continue
             hook.__dict__.pop("_reflected", None)  # a state loaded after a step is another's
             hook.__dict__.pop("_loaded", None)
-            orig, mask, sign = _tensors(module, name)
+            orig, mask, sign = ops.tensors(module, name)
             # A mask changed since the state was last masked (signmask.prune again): the
             # forward re-projected the weights, but stale momentum just moved new zeros.
-            if self.full or getattr(hook, "_state_masks", None) != _mask_stamp(mask, sign):
-                project(module, name, optimizer)
+            if self.full or getattr(hook, "_state_masks", None) != ops.mask_stamp(mask, sign):
+                ops.project(module, name, optimizer)
             elif sign is not None:
                 if orig.device.type == "cpu":
-                    reflect(module, name, optimizer)
+                    ops.reflect(module, name, optimizer)
                 else:
-                    project(module, name, optimizer, odd_only=True)
+                    ops.project(module, name, optimizer, odd_only=True)
             else:  # zero-preserving update: still projected, nothing to do
-                hook._projected = _stamp(orig, mask, sign)
+                hook._projected = ops.stamp(orig, mask, sign)
 
 
 class StateLoaded(_OptimizerHook):
@@ -254,21 +125,7 @@ class StateLoaded(_OptimizerHook):
                 continue
             hook.__dict__.pop("_state_masks", None)
             # Kept, not popped: the same state loaded again needs the same reflection.
-            _flip_state(optimizer, module._parameters[name + "_orig"], hook.__dict__.get("_reflected"))
-
-
-def _flip_state(optimizer, orig, where: torch.Tensor | None) -> None:
-    """Negate ``orig``'s optimizer state odd in the gradient at the packed positions ``where``
-    (a second call undoes the first)."""
-    if where is None or optimizer is None:
-        return
-    flip = 1 - 2 * _bits.sign_bits(where, orig.shape).view(torch.int8)
-    state = optimizer.state.get(orig, {})
-    with torch.no_grad():
-        for key in ZERO_PRESERVING.get(type(optimizer).__name__, ()):
-            if _per_weight(state.get(key), orig):
-                # Not in place: a loaded state shares tensors with the caller's checkpoint.
-                state[key] = _maskmul.mul(state[key], flip)
+            ops.flip_state(optimizer, module._parameters[name + "_orig"], hook.__dict__.get("_reflected"))
 
 
 def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None:
@@ -326,29 +183,9 @@ class Reproject:
             orig = module._parameters[self.name + "_orig"]
             # The state was reflected with the weights these values replace: undone first, then
             # reflected where these were (a state loaded before them goes with them).
-            _flip_state(optimizer, orig, hook.__dict__.get("_reflected"))
-            factor = project(module, self.name, optimizer, grad=optimizer is not None)
-            _flip_state(optimizer, orig, _remember_reflection(hook, factor, loaded=True))
-
-
-def _remember_reflection(hook, factor, *, loaded: bool = False) -> torch.Tensor | None:
-    """Remember where a sign-locked tensor's weights were just reflected (``factor < 0``), for
-    the state of the same run loaded next (:class:`StateLoaded`); cleared by the next step.
-    ``loaded``: a checkpoint's values replaced the weights, so the reflections made at ``attach``
-    go, but earlier loads' stay (its reflected copy loaded again reflects nothing more).
-    Returns the packed positions reflected before and not now, which the state still needs.
-    """
-    if factor is None:
-        return None
-    now = factor < 0
-    before = hook.__dict__.get("_reflected") if hook.__dict__.get("_loaded") else None
-    extra = None
-    if before is not None:
-        earlier = _bits.sign_bits(before, now.shape).view(torch.bool)
-        extra = _bits.pack_signs(earlier & ~now)
-        now |= earlier
-    hook._reflected, hook._loaded = _bits.pack_signs(now), loaded
-    return extra
+            ops.flip_state(optimizer, orig, hook.__dict__.get("_reflected"))
+            factor = ops.project(module, self.name, optimizer, grad=optimizer is not None)
+            ops.flip_state(optimizer, orig, ops.remember_reflection(hook, factor, loaded=True))
 
 
 def _unhook_module(module, name: str) -> None:
@@ -388,7 +225,7 @@ class ProjectionBackend(Backend):
                 "skips Optimizer.__init__, as wrappers such as timm's Lookahead do); use "
                 "backend='auto', 'torch' or 'triton'"
             )
-        why = REFUSED.get(type(optimizer).__name__)
+        why = ops.REFUSED.get(type(optimizer).__name__)
         if why is not None:
             raise ValueError(
                 f"backend='projection' is not exact with {type(optimizer).__name__}: {why}; "
@@ -409,10 +246,10 @@ class ProjectionBackend(Backend):
                 "backend per submodule, each with the optimizer training it"
             )
         _targets.warn_vanishing_eps(targets, optimizer, stacklevel=3)
-        if not _known(optimizer):
+        if not ops.known(optimizer):
             warnings.warn(
                 f"backend='projection' with {type(optimizer).__name__}: signmask knows it exact "
-                f"only for elementwise optimizers ({', '.join(ZERO_PRESERVING)}); weights and "
+                f"only for elementwise optimizers ({', '.join(ops.ZERO_PRESERVING)}); weights and "
                 "state are re-masked after every step, but updates that read a whole "
                 "parameter's norm (LAMB, LARS) see its pruned entries as 0 here and as their "
                 "last values on the torch path, and state odd in the gradient under sign locks "
@@ -428,14 +265,14 @@ class ProjectionBackend(Backend):
         _hook_grads(targets)
         for module, name in targets.values():
             hook = _reparam.find_hook(module, name)[1]
-            _remember_reflection(hook, project(module, name, optimizer))
+            ops.remember_reflection(hook, ops.project(module, name, optimizer))
             # Weakly: remove() and other backends unhook it without being handed the optimizer.
             hook._optimizer = weakref.ref(optimizer)
             # Its id, not a weakref: torch.utils.swap_tensors (.to(), load_state_dict under
             # torch.__future__.set_swap_module_params_on_conversion) refuses weakref'd tensors.
             hook._param = id(module._parameters[name + "_orig"])
         optimizer.register_step_pre_hook(ProjectStale(targets))
-        optimizer.register_step_post_hook(ProjectStep(targets, full=not _known(optimizer)))
+        optimizer.register_step_post_hook(ProjectStep(targets, full=not ops.known(optimizer)))
         optimizer.register_load_state_dict_post_hook(StateLoaded(targets))
 
     def weight(self, hook, module, orig, mask, sign, own_forward):
@@ -446,15 +283,15 @@ class ProjectionBackend(Backend):
         # Version counters cannot be traced; compiled forwards trust the step hook (and
         # install(), which runs eagerly) to have projected.
         compiling = torch.compiler.is_compiling()
-        if not compiling and getattr(hook, "_projected", None) != _stamp(orig, mask, sign):
+        if not compiling and getattr(hook, "_projected", None) != ops.stamp(orig, mask, sign):
             # With the optimizer it was projected for where its state can be due: a new mask
             # (signmask.prune between backward and step), or sign-locked weights to reflect
             # with their momentum (a torch-path checkpoint loaded since). Weights edited in place
             # under an unchanged free mask need no state pass.
             ref = hook.__dict__.get("_optimizer")
-            same_mask = hook.__dict__.get("_state_masks") == _mask_stamp(mask, sign)
+            same_mask = hook.__dict__.get("_state_masks") == ops.mask_stamp(mask, sign)
             optimizer = None if ref is None or (sign is None and same_mask) else ref()
-            project(module, hook._tensor_name, optimizer, grad=optimizer is not None,
+            ops.project(module, hook._tensor_name, optimizer, grad=optimizer is not None,
                     odd_only=same_mask, hook=hook)
         # An alias, not the Parameter itself: setattr of a Parameter would register ``weight``.
         # Without grad a detached one: a view made under no_grad breaks deepcopy once its base

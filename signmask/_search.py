@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 import os
 import warnings
@@ -12,49 +11,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume, _snapshot
+from . import _distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume, _snapshot
+from ._progress import OWN_RECORDS, RoundBar
 from ._ticket import Ticket, extract
-
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchConfig:
-    """Everything that defines a search; a resumed search must match it field by field."""
-
-    method: str
-    sparsity: float
-    rate: float | None
-    prune_steps: int
-    rewind: str | int | None
-    rewind_step: int | None
-    classifier: bool
-    seed: int
-
-    def check_same(self, other: dict) -> None:
-        for field, mine in dataclasses.asdict(self).items():
-            if other.get(field) != mine:
-                raise ValueError(
-                    f"cannot resume: the saved search has {field}={other.get(field)!r}, "
-                    f"this one {field}={mine!r}"
-                )
-
-
-def _rank0() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _broadcast_masks(targets: dict[str, tuple[nn.Module, str]]) -> None:
-    """Make every rank hold rank 0's masks (ranks computing different masks is a known DDP bug)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    for module, name in targets.values():
-        mask = module._buffers[name + "_mask"]
-        as_bytes = mask.to(torch.uint8)
-        dist.broadcast(as_bytes, src=0)
-        mask.copy_(as_bytes.bool())
-        _reparam.refresh(module, name)  # module.<name> read before the next forward sees it
 
 
 class Search:
@@ -94,12 +53,12 @@ class Search:
         self.config, self.kept_schedule = config, kept
         recipe = _recipes.get_recipe(config.method)
         self._targets = targets
-        self.progress, self.steps_per_round = progress, steps_per_round
+        self.steps_per_round = steps_per_round
         self.round, self.step, self.round_start_step = 0, 0, 0
         self.in_round, self.done = False, False
         self.history: list[dict[str, Any]] = []
         self._ticket: Ticket | None = None
-        self._bar = None
+        self._bar = RoundBar(progress)
         self._rewind_weights = _snapshot.take_weights(model) if config.rewind_step == 0 else None
         self._restart = _snapshot.take_schedule(optimizer, scheduler)
         self._restart_pending = config.rewind_step not in (None, 0)
@@ -211,7 +170,7 @@ class Search:
                 "report(): no round is running; call it inside `for r in search:` or between "
                 "start_round() and finish_round()"
             )
-        own = sorted(set(metrics) & {"round", "sparsity", "steps"})
+        own = sorted(set(metrics) & set(OWN_RECORDS))
         if own:
             raise ValueError(f"report(): {own} are the search's own records; name the metrics otherwise")
         for k, v in metrics.items():
@@ -253,7 +212,7 @@ class Search:
         if self.round < self.config.prune_steps:
             self._check_restartable()
         self.history[-1]["steps"] = self.round_step
-        if self.round_step == 0 and _rank0():  # one warning, not one per DDP rank
+        if self.round_step == 0 and _distributed.rank0():  # one warning, not one per DDP rank
             warnings.warn(
                 f"round {self.round} took no optimizer step (a rewind point at or past the end of "
                 "the user's loop?); its pruning ranks untrained weights",
@@ -352,7 +311,7 @@ class Search:
     def _prune_to(self, kept: int) -> None:
         # A count, not a fraction: (alive - kept) / alive could round to one weight more or less.
         _prune.prune_targets(self.model, self._targets, _methods.L1Magnitude(self._kept() - kept))
-        _broadcast_masks(self._targets)
+        _distributed.broadcast_masks(self._targets)
 
     def _finish_search(self) -> None:
         c = self.config
@@ -412,8 +371,7 @@ class Search:
         if self.step == self.config.rewind_step and self._rewind_weights is None:
             self._rewind_weights = _snapshot.take_weights(self.model)
         self._draw_alpha()
-        if self._bar is not None:
-            self._bar.update(1)
+        self._bar.update()
 
     def _capture_schedule(self) -> None:
         # The schedule a rewind to step k restarts from is the one the user's loop set after
@@ -428,21 +386,12 @@ class Search:
             self._alpha.fill_(torch.rand((), generator=self._generator).item())
 
     def _open_bar(self) -> None:
-        if not (self.progress and _rank0()):
-            return
-        from tqdm.auto import tqdm
-
-        desc = f"{self.config.method} round {self.round}/{self.config.prune_steps} ({self.sparsity:.1%} sparse)"
-        self._bar = tqdm(total=self.steps_per_round, initial=self.round_step, desc=desc, unit="step", leave=False)
+        c = self.config
+        desc = f"{c.method} round {self.round}/{c.prune_steps} ({self.sparsity:.1%} sparse)"
+        self._bar.open(desc, self.steps_per_round, self.round_step)
 
     def _close_bar(self) -> None:
-        if self._bar is None:
-            return
-        from tqdm.auto import tqdm
-
-        self._bar.close()
-        self._bar = None
-        tqdm.write(_log_line(self.config.method, self.history[-1]))
+        self._bar.close(self.config.method, self.history)
 
     # --------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
@@ -492,7 +441,3 @@ class Search:
             RuntimeError: the search was closed or is done.
         """
         _resume.restore(self, state)
-
-def _log_line(method: str, record: dict[str, Any]) -> str:
-    extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("round", "sparsity", "steps"))
-    return f"{method} round {record['round']}: sparsity {record['sparsity']:.2%}, {record.get('steps', 0)} steps {extras}".rstrip()

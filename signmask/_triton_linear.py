@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _triton
-from ._triton import _effective_grad, _is_negative, _manual_bf16, _to
+from ._triton_kernels import _effective_grad, _is_negative, _manual_bf16, _to
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import signmask
-from signmask import _backends, _bits, _projection, _reparam
+from signmask import _backends, _bits, _projection, _projection_ops, _reparam
 from _util import bits_equal
 
 
@@ -202,8 +202,8 @@ def test_projection_locked_index_reflection_equals_the_full_odd_state_pass(monke
     runs = []
     for cuda_path in (False, True):
         if cuda_path:
-            monkeypatch.setattr(_projection, "reflect",
-                                lambda m, n, opt: _projection.project(m, n, opt, odd_only=True))
+            monkeypatch.setattr(_projection_ops, "reflect",
+                                lambda m, n, opt: _projection_ops.project(m, n, opt, odd_only=True))
         model = _pruned("locked")
         opt = torch.optim.Adam(model.parameters(), lr=0.5)
         _backends.set_backend(model, "projection", optimizer=opt)
@@ -221,7 +221,7 @@ def test_reflect_skips_state_entries_that_are_not_per_weight_tensors():
     opt.state[conv.weight_orig]["momentum_buffer"] = None  # as SGD without momentum may store
     with torch.no_grad():
         conv.weight_orig.neg_()  # every kept weight now disagrees with its lock
-    _projection.reflect(conv, "weight", opt)
+    _projection_ops.reflect(conv, "weight", opt)
     negative = _bits.sign_bits(conv.weight_sign, conv.weight_orig.shape).bool()
     kept = conv.weight_mask
     assert torch.equal(torch.signbit(conv.weight_orig)[kept], negative[kept])
@@ -494,7 +494,7 @@ def test_weights_edited_in_place_under_a_free_mask_need_no_state_pass(monkeypatc
     _backends.set_backend(model, "projection", optimizer=opt)
     _train(model, opt, _batches(1))
     calls = []
-    monkeypatch.setattr(_projection, "_project_state", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(_projection_ops, "_project_state", lambda *a, **k: calls.append(a))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.999)  # decoupled decay by hand: the next forward re-masks the weights only

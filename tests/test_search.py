@@ -765,7 +765,7 @@ def test_a_search_resumed_mid_round_reopens_its_progress_bar_at_the_round_step(c
     state = search.state_dict()
     model2, opt2, _, search2 = setup("lrr", progress=True, steps_per_round=4)
     search2.load_state_dict(state)
-    assert search2._bar is not None and search2._bar.n == 3
+    assert search2._bar.bar is not None and search2._bar.bar.n == 3
     _step(model2, opt2)
     search2.finish_round()
     assert "lrr round 0: sparsity 0.00%, 4 steps" in capsys.readouterr().out
@@ -776,7 +776,7 @@ def test_progress_bar_advances_once_per_optimizer_step():
     model, opt, _, search = setup("lrr", progress=True, steps_per_round=5)
     search.start_round()
     _step(model, opt, 3)
-    assert search._bar.n == 3
+    assert search._bar.bar.n == 3
     search.close()
 
 

@@ -1,0 +1,46 @@
+"""A search's console output: a tqdm bar over each round's steps, then one log line per round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _distributed
+
+# The search's own records; every other key of a round's record is a metric the user reported.
+OWN_RECORDS = ("round", "sparsity", "steps")
+
+
+class RoundBar:
+    """The bar of the round running now (on rank 0 only, and only if ``enabled``)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def open(self, desc: str, total: int | None, initial: int) -> None:
+        if not (self.enabled and _distributed.rank0()):
+            return
+        from tqdm.auto import tqdm  # not at import: tqdm is needed only when a bar is shown
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self, method: str, history: list[dict[str, Any]]) -> None:
+        """Close the bar, if one is open, and print the round's line (``history[-1]``) under it."""
+        if self.bar is None:
+            return
+        from tqdm.auto import tqdm
+
+        self.bar.close()
+        self.bar = None
+        tqdm.write(log_line(method, history[-1]))
+
+
+def log_line(method: str, record: dict[str, Any]) -> str:
+    """``aws round 2: sparsity 36.00%, 500 steps acc=0.91``: one round's record as a line."""
+    extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in OWN_RECORDS)
+    line = f"{method} round {record['round']}: sparsity {record['sparsity']:.2%}, {record.get('steps', 0)} steps"
+    return f"{line} {extras}".rstrip()
