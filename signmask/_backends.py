@@ -282,19 +282,4 @@ def set_backend(
     return model
 
 
-def backends_of(model: nn.Module) -> dict[str, str]:
-    """Canonical tensor name -> backend key for every pruned tensor of ``model``.
-
-    Example:
-        >>> import torch, signmask
-        >>> backends_of(signmask.prune(torch.nn.Linear(4, 4), 0.5))
-        {'weight': 'torch'}
-    """
-    out = {}
-    for key, (module, name) in _targets.pruned(model).items():
-        hook = _reparam.find_hook(module, name)[1]
-        out[key] = getattr(hook, "backend", "torch")
-    return out
-
-
 from . import _projection  # noqa: E402  (registers "projection"; last: it subclasses Backend)

@@ -106,46 +106,28 @@ def sign_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     On little-endian hosts this is one gather from a 256-entry table whose int64 entries hold a
     byte's 8 bits as 8 bytes: about 3x faster than :func:`unpack`'s shifts on CPU.
     """
-    return _lookup(packed, shape, factors=False)
-
-
-def sign_factors(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The locked signs as int8 factors of ``shape``: -1 where negative, +1 elsewhere.
-
-    Equal to ``1 - 2 * sign_bits(packed, shape)``, in one gather instead of three ops: the
-    sign-locked forward multiplies by it.
-    """
-    return _lookup(packed, shape, factors=True)
-
-
-def _lookup(packed: torch.Tensor, shape: torch.Size, factors: bool) -> torch.Tensor:
     numel = math.prod(shape)
     if sys.byteorder != "little" or torch.jit.is_tracing():
         # shifts, not the table's reinterpreted bytes: jit.trace cannot record view(dtype)
-        bits = unpack(packed, numel, 1).view(shape).to(torch.int8)
-        return 1 - 2 * bits if factors else bits
+        return unpack(packed, numel, 1).view(shape).to(torch.int8)
     dev = packed.device
-    compiling = torch.compiler.is_compiling()
-    table = _make_table(dev, factors) if compiling else _table(dev, factors)
+    table = _make_table(dev) if torch.compiler.is_compiling() else _table(dev)
     values = torch.take(table, packed.reshape(-1).long()).view(torch.int8)
     return values[:numel].view(shape)
 
 
-def _make_table(device: torch.device, factors: bool) -> torch.Tensor:
-    """256 int64 entries, each holding a byte's 8 bits (or their factors 1 - 2 * bit) as 8
-    int8 values in little-endian order."""
+def _make_table(device: torch.device) -> torch.Tensor:
+    """256 int64 entries, each holding a byte's 8 bits as 8 int8 values in little-endian order."""
     table = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
-    if factors:
-        table = 1 - 2 * table
     return table.to(torch.int8).view(torch.int64).view(-1)
 
 
 @functools.lru_cache(maxsize=None)
-def _table(device: torch.device, factors: bool) -> torch.Tensor:
+def _table(device: torch.device) -> torch.Tensor:
     # A constant built once per device: rebuilding it cost ~40% of sign_bits on small tensors
     # (5 kernel launches per forward on CUDA). Outside inference mode, so autograd may use it.
     with torch.inference_mode(False), torch.no_grad():
-        return _make_table(device, factors)
+        return _make_table(device)
 
 
 def signed_to_codes(signed: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ def check_model(model: Any, arg: str) -> nn.Module:
 
 
 def check_bool(value: Any, arg: str, *, optional: bool = False) -> bool | None:
-    """Return ``value`` as a bool if it is one (numpy's too), or None if ``optional`` allows it;
-    raise ``TypeError`` naming ``arg`` otherwise (a string such as ``"no"`` would read as true)."""
+    """Return ``value`` as a bool if it is one (numpy's, or a one-element bool tensor), or None
+    if ``optional`` allows it; raise ``TypeError`` naming ``arg`` otherwise (a string such as
+    ``"no"`` would read as true, a tensor of several bools has no truth value)."""
     if optional and value is None:
         return None
     if _is_bool(value):
@@ -36,10 +37,10 @@ def check_bool(value: Any, arg: str, *, optional: bool = False) -> bool | None:
 
 def _is_bool(value: Any) -> bool:
     # numpy's bool without importing numpy; older numpy lets operator.index take it as 0 or 1,
-    # as torch does a bool tensor.
+    # as torch does a one-element bool tensor (one element only: bool() of more raises).
     kind = type(value)
     return (isinstance(value, bool) or kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
-            or isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+            or isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.numel() == 1)
 
 
 def check_int(value: Any, arg: str, *, minimum: int) -> int:

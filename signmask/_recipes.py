@@ -19,7 +19,6 @@ class Recipe:
         interpolate_norms: AWS's normalization interpolation during the search.
         one_shot: prune to the target in a single step (OMP).
         classifier: prune the classifier head by default (open_lth ResNets do; AWS does not).
-        summary: one line for error messages and docs.
     """
 
     name: str
@@ -27,7 +26,6 @@ class Recipe:
     interpolate_norms: bool = False
     one_shot: bool = False
     classifier: bool = False
-    summary: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -46,19 +44,11 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[check_key(name, RECIPES, "method", "search method")]
 
 
-register_recipe(Recipe(
-    "imp", rewind="init", classifier=True,
-    summary="iterative magnitude pruning, weights rewound each round (Frankle & Carbin; open_lth)",
-))
-register_recipe(Recipe(
-    "lrr", rewind=None,
-    summary="learning-rate rewinding: no weight rewind, optimizer and LR schedule restarted",
-))
-register_recipe(Recipe(
-    "aws", rewind=None, interpolate_norms=True,
-    summary="LRR with normalization-layer interpolation (Find A Winning Sign)",
-))
-register_recipe(Recipe(
-    "omp", rewind="init", one_shot=True, classifier=True,
-    summary="one-shot magnitude pruning of the trained dense network, then rewind",
-))
+# Iterative magnitude pruning, weights rewound each round (Frankle & Carbin; open_lth).
+register_recipe(Recipe("imp", rewind="init", classifier=True))
+# Learning-rate rewinding: no weight rewind, the optimizer and LR schedule restarted.
+register_recipe(Recipe("lrr", rewind=None))
+# LRR with normalization-layer interpolation (Find A Winning Sign).
+register_recipe(Recipe("aws", rewind=None, interpolate_norms=True))
+# One-shot magnitude pruning of the trained dense network, then rewind.
+register_recipe(Recipe("omp", rewind="init", one_shot=True, classifier=True))

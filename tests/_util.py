@@ -89,3 +89,13 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     a, b = a[~nan], b[~nan]
     return torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+
+
+def backends_of(model: nn.Module) -> dict:
+    """Canonical tensor name -> backend key for every pruned tensor of ``model``."""
+    from signmask import _reparam, _targets
+
+    out = {}
+    for key, (module, name) in _targets.pruned(model).items():
+        out[key] = getattr(_reparam.find_hook(module, name)[1], "backend", "torch")
+    return out

@@ -16,7 +16,7 @@ from torch import nn
 
 import signmask
 from signmask import _backends, _bits, _projection, _projection_ops, _reparam
-from _util import bits_equal
+from _util import backends_of, bits_equal
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -102,10 +102,10 @@ def test_registry_lists_valid_keys():
 
 def test_default_backend_is_torch_and_reported():
     model = _pruned()
-    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert set(backends_of(model).values()) == {"torch"}
     assert _reparam.SignMaskHook.backend == "torch"
     _backends.set_backend(model, "auto")
-    assert set(_backends.backends_of(model).values()) == {"auto"}
+    assert set(backends_of(model).values()) == {"auto"}
 
 
 def test_set_backend_refuses_bad_input():
@@ -121,7 +121,7 @@ def test_set_backend_refuses_bad_input():
     with pytest.raises(ValueError, match="not exact with LBFGS"):
         _backends.set_backend(model, "projection", optimizer=torch.optim.LBFGS(model.parameters()))
     # Nothing changed on refusal.
-    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert set(backends_of(model).values()) == {"torch"}
 
 
 @pytest.mark.parametrize("signs", [None, "locked"])
@@ -315,8 +315,8 @@ def test_a_copy_of_a_projection_model_trains_on_the_torch_path(signs):
     _train(ref, ref_opt, batches[:2])
     _train(proj, proj_opt, batches[:2])
     twins = [copy.deepcopy(ref), copy.deepcopy(proj), torch.load(_saved(proj), weights_only=False)]
-    assert set(_backends.backends_of(twins[1]).values()) == {"torch"}
-    assert set(_backends.backends_of(twins[2]).values()) == {"torch"}
+    assert set(backends_of(twins[1]).values()) == {"torch"}
+    assert set(backends_of(twins[2]).values()) == {"torch"}
     for twin in twins:  # the copies have no projection hooks: they must mask by themselves
         _train(twin, torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9), batches[2:])
     for a, b, c in zip(*map(_weights, twins)):
@@ -577,7 +577,7 @@ def test_projection_model_pickles_and_switches_back():
     assert not any(isinstance(h, _projection.ProjectStep) for h in opt._optimizer_step_post_hooks.values())
     assert _mask_grad_hooks(model) == 0
     _train(model, opt, _batches(3)[2:])
-    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert set(backends_of(model).values()) == {"torch"}
     ref = _pruned("locked")  # the torch path all along
     _train(ref, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), _batches(3))
     assert all(torch.equal(w, e) for w, e in zip(_weights(model), _weights(ref)))
@@ -601,7 +601,7 @@ def test_a_submodule_leaving_projection_keeps_the_rest_of_the_model_projected():
     _backends.set_backend(proj[4], "torch", optimizer=proj_opt)
     served = {(id(m), n) for fn in _optimizer_hooks(proj_opt) for m, n in fn.targets}
     assert served == {(id(proj[0]), "weight"), (id(proj[2]), "weight")}
-    assert _backends.backends_of(proj) == {"0.weight": "projection", "2.weight": "projection", "4.weight": "torch"}
+    assert backends_of(proj) == {"0.weight": "projection", "2.weight": "projection", "4.weight": "torch"}
     _train(ref, ref_opt, batches[2:])
     _train(proj, proj_opt, batches[2:])
     for a, b in zip(_weights(ref), _weights(proj)):
@@ -714,7 +714,7 @@ def test_projection_refuses_frozen_tensors_and_foreign_optimizers_before_any_cha
     with pytest.raises(ValueError, match=r"does not train \['0.weight', '2.weight'\]"):
         _backends.set_backend(model, "projection", optimizer=other)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert set(backends_of(model).values()) == {"torch"}
     assert not model[0].weight_orig._post_accumulate_grad_hooks
 
 
@@ -732,7 +732,7 @@ def test_projection_refuses_an_optimizer_wrapper_without_hooks_before_any_change
     with pytest.raises(ValueError, match="Lookahead lacks torch.optim.Optimizer's hook regis"):
         _backends.set_backend(model, "projection", optimizer=opt)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert set(backends_of(model).values()) == {"torch"}
     assert not model[0].weight_orig._post_accumulate_grad_hooks
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
@@ -865,7 +865,7 @@ def test_set_backend_refuses_an_optimizer_that_is_not_one_before_any_change():
     _backends.set_backend(model, "projection", optimizer=opt)
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or None, got str"):
         _backends.set_backend(model, "torch", optimizer="adam")
-    assert set(_backends.backends_of(model).values()) == {"projection"}
+    assert set(backends_of(model).values()) == {"projection"}
     assert len(_optimizer_hooks(opt)) == 3
 
 
@@ -979,7 +979,7 @@ def test_set_backend_refuses_a_mask_edited_out_of_its_layout_before_any_change(b
     with pytest.raises(ValueError, match=re.escape(f"1.weight_mask must be torch.bool of shape (2, 3) on cpu, beside its weight (as signmask.prune makes it), found {found}")):
         _backends.set_backend(model, backend, optimizer=opt)
     assert all(bits_equal(a, b) for a, b in zip(before, model.parameters()))
-    assert set(_backends.backends_of(model).values()) == {"torch"}
+    assert set(backends_of(model).values()) == {"torch"}
     assert not _optimizer_hooks(opt) and not model[0].weight_orig._post_accumulate_grad_hooks
 
 

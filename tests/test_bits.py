@@ -77,15 +77,12 @@ def test_every_ternary_byte_above_242_unpacks_as_invalid_codes():
 
 @settings(max_examples=100, deadline=None)
 @given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), data=st.data())
-def test_sign_bits_and_factors_equal_the_packed_negatives(shape, data):
+def test_sign_bits_equal_the_packed_negatives(shape, data):
     numel = int(torch.tensor(shape).prod())
     negative = torch.tensor(data.draw(st.lists(st.booleans(), min_size=numel, max_size=numel))).view(shape)
     bits = _bits.sign_bits(_bits.pack_signs(negative), torch.Size(shape))
     assert bits.dtype == torch.int8 and bits.shape == negative.shape
     assert torch.equal(bits, negative.to(torch.int8))
-    factors = _bits.sign_factors(_bits.pack_signs(negative), torch.Size(shape))
-    assert factors.dtype == torch.int8 and factors.shape == negative.shape
-    assert torch.equal(factors, torch.where(negative, -1, 1).to(torch.int8))
 
 
 def test_signed_codes_round_trip():
@@ -101,8 +98,8 @@ def test_the_cached_sign_table_is_a_normal_tensor_when_first_built_in_inference_
     _bits._table.cache_clear()
     try:
         with torch.inference_mode():
-            first = _bits._table(torch.device("cpu"), True)
-        assert not first.is_inference() and _bits._table(torch.device("cpu"), True) is first
+            first = _bits._table(torch.device("cpu"))
+        assert not first.is_inference() and _bits._table(torch.device("cpu")) is first
     finally:
         _bits._table.cache_clear()
 
@@ -110,7 +107,7 @@ def test_the_cached_sign_table_is_a_normal_tensor_when_first_built_in_inference_
 def test_compiled_sign_lookups_build_their_table_without_the_cache(monkeypatch):
     # Dynamo ignores lru_cache wrappers (it warns and traces the body), so compiled code must
     # build the table itself and never reach the cached one.
-    def cached(device, factors):
+    def cached(device):
         raise AssertionError("the lru_cache'd table was used while compiling")
 
     monkeypatch.setattr(_bits, "_table", cached)
@@ -118,9 +115,7 @@ def test_compiled_sign_lookups_build_their_table_without_the_cache(monkeypatch):
     packed = _bits.pack_signs(negative)
     torch._dynamo.reset()
     bits = torch.compile(lambda p: _bits.sign_bits(p, negative.shape), backend="eager", fullgraph=True)
-    factors = torch.compile(lambda p: _bits.sign_factors(p, negative.shape), backend="eager", fullgraph=True)
     assert torch.equal(bits(packed), negative.to(torch.int8))
-    assert torch.equal(factors(packed), torch.where(negative, -1, 1).to(torch.int8))
 
 
 def _old_signed_to_codes(signed):  # the previous implementation, through int64

@@ -87,3 +87,17 @@ def test_check_key_takes_exactly_the_valid_names(key):
     else:  # no str: its kind is wrong, whatever its value (an unhashable list included)
         with pytest.raises(TypeError, match=r"^kind must be a str, one of \['', 'a', 'b'\], got "):
             _checks.check_key(key, valid, "kind", "thing")
+
+
+@pytest.mark.parametrize("value", [True, np.False_, torch.tensor(True), torch.tensor([False])])
+def test_check_bool_takes_python_numpy_and_one_element_tensor_bools(value):
+    got = _checks.check_bool(value, "dense")
+    assert type(got) is bool and got == bool(value)
+
+
+@pytest.mark.parametrize("value", [torch.tensor([True, False]), torch.zeros(0, dtype=torch.bool), torch.tensor(1)])
+def test_check_bool_refuses_a_tensor_of_other_than_one_bool_by_type(value):
+    # bool() of several elements raises RuntimeError; of an int tensor it reads 1 as True.
+    text = f"biases must be a bool, got torch.Tensor {value!r}"
+    with pytest.raises(TypeError, match=f"^{re.escape(text)}$"):
+        _checks.check_bool(value, "biases")
