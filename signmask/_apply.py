@@ -108,30 +108,12 @@ def apply(
     """
     recipe = _recipes.get_recipe(method)
     sparsity = _checks.check_fraction(sparsity, "sparsity")
-    if rate is not None and rounds is not None:
-        raise ValueError(f"pass rate= or rounds=, not both (got rate={rate!r}, rounds={rounds!r})")
-    if recipe.one_shot:
-        if rate is not None or rounds not in (None, 1):
-            raise ValueError(
-                f"method='{method}' prunes once; rate=/rounds= do not apply "
-                f"(got rate={rate!r}, rounds={rounds!r})"
-            )
-        rounds = 1
-    elif rate is None and rounds is None:
-        rate = 0.2
-    if rate is not None:
-        rate = _checks.check_fraction(rate, "rate")
+    rate, rounds = _rate_or_rounds(recipe, rate, rounds)
     steps = _schedule.prune_count(sparsity, rate, rounds)
-    if rewind == "default":
-        rewind = recipe.rewind
-    elif rewind is not None and recipe.rewind is None:
-        raise ValueError(f"method='{method}' does not rewind weights; rewind={rewind!r} applies to imp/omp")
-    rewind_step = _schedule.parse_rewind(rewind, steps_per_epoch)
-    if rewind is not None and not isinstance(rewind, str):
-        rewind = rewind_step  # a numpy int as a plain int: the state must load with weights_only
+    rewind, rewind_step = _rewind_point(recipe, rewind, steps_per_epoch)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    seed = _methods.check_seed(seed)
+    seed = _checks.check_seed(seed)
     _checks.check_bool(progress, "progress")
     if scheduler is not None and not all(hasattr(scheduler, a) for a in ("state_dict", "load_state_dict")):
         raise TypeError(
@@ -145,31 +127,8 @@ def apply(
     targets = _targets.select(
         model, classifier=classifier, include=include, exclude=exclude, filter_fn=filter_fn
     )
-    untrained = _targets.untrained(targets, optimizer)
-    if len(untrained) == len(targets):
-        raise ValueError(
-            f"optimizer trains none of the tensors to prune ({sorted(targets)[:3]} ...); pass "
-            "the optimizer training this model"
-        )
-    if untrained:
-        warnings.warn(
-            f"optimizer does not train {untrained[:5]}{' ...' if len(untrained) > 5 else ''} "
-            f"({len(untrained)} of the {len(targets)} tensors to prune): the search ranks them by "
-            "magnitudes that never train; exclude them (exclude=) to keep them dense",
-            UserWarning,
-            stacklevel=2,
-        )
-    _targets.warn_vanishing_eps(targets, optimizer, stacklevel=2)
-    already = sorted(k for k, (m, n) in targets.items() if _reparam.find_hook(m, n)[1] is not None)
-    if already:
-        raise ValueError(f"{already[:3]} are already pruned; apply() starts from an unpruned model")
-    if recipe.interpolate_norms and _interpolate.interpolated(model):
-        raise ValueError("the model's norm layers are already interpolated (another search is attached)")
-    if recipe.interpolate_norms and not any(_interpolate.is_norm(m) for m in model.modules()):
-        raise ValueError(
-            f"method='aws' interpolates normalization layers, and {type(model).__name__} has none "
-            "with affine parameters; without them AWS is LRR: use method='lrr'"
-        )
+    _check_trained(targets, optimizer)
+    _check_fresh(model, targets, recipe)
     total = sum(_reparam.original(m, n).numel() for m, n in targets.values())
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
     steps = len(kept)  # steps that would prune nothing are dropped
@@ -185,3 +144,64 @@ def apply(
             _reparam.uninstall(module, name)
         _parents.link(model)
         raise
+
+
+def _rate_or_rounds(recipe: _recipes.Recipe, rate, rounds) -> tuple:
+    """The checked ``rate`` (default 0.2) or ``rounds`` (OMP: one, and no rate)."""
+    if rate is not None and rounds is not None:
+        raise ValueError(f"pass rate= or rounds=, not both (got rate={rate!r}, rounds={rounds!r})")
+    if recipe.one_shot:
+        if rate is not None or rounds not in (None, 1):
+            raise ValueError(
+                f"method='{recipe.name}' prunes once; rate=/rounds= do not apply "
+                f"(got rate={rate!r}, rounds={rounds!r})"
+            )
+        return None, 1
+    if rate is None and rounds is None:
+        rate = 0.2
+    return (None if rate is None else _checks.check_fraction(rate, "rate")), rounds
+
+
+def _rewind_point(recipe: _recipes.Recipe, rewind, steps_per_epoch) -> tuple:
+    """The rewind point as given (the recipe's for ``"default"``) and its optimizer step."""
+    if rewind == "default":
+        rewind = recipe.rewind
+    elif rewind is not None and recipe.rewind is None:
+        raise ValueError(f"method='{recipe.name}' does not rewind weights; rewind={rewind!r} applies to imp/omp")
+    rewind_step = _schedule.parse_rewind(rewind, steps_per_epoch)
+    if rewind is not None and not isinstance(rewind, str):
+        rewind = rewind_step  # a numpy int as a plain int: the state must load with weights_only
+    return rewind, rewind_step
+
+
+def _check_trained(targets, optimizer) -> None:
+    """Refuse an optimizer training none of ``targets``; warn about those it leaves out."""
+    untrained = _targets.untrained(targets, optimizer)
+    if len(untrained) == len(targets):
+        raise ValueError(
+            f"optimizer trains none of the tensors to prune ({sorted(targets)[:3]} ...); pass "
+            "the optimizer training this model"
+        )
+    if untrained:
+        warnings.warn(
+            f"optimizer does not train {untrained[:5]}{' ...' if len(untrained) > 5 else ''} "
+            f"({len(untrained)} of the {len(targets)} tensors to prune): the search ranks them by "
+            "magnitudes that never train; exclude them (exclude=) to keep them dense",
+            UserWarning,
+            stacklevel=3,  # the caller of apply()
+        )
+    _targets.warn_vanishing_eps(targets, optimizer, stacklevel=3)
+
+
+def _check_fresh(model: nn.Module, targets, recipe: _recipes.Recipe) -> None:
+    """Refuse a model already pruned or interpolated, and AWS on a model without norm layers."""
+    already = sorted(k for k, (m, n) in targets.items() if _reparam.find_hook(m, n)[1] is not None)
+    if already:
+        raise ValueError(f"{already[:3]} are already pruned; apply() starts from an unpruned model")
+    if recipe.interpolate_norms and _interpolate.interpolated(model):
+        raise ValueError("the model's norm layers are already interpolated (another search is attached)")
+    if recipe.interpolate_norms and not any(_interpolate.is_norm(m) for m in model.modules()):
+        raise ValueError(
+            f"method='aws' interpolates normalization layers, and {type(model).__name__} has none "
+            "with affine parameters; without them AWS is LRR: use method='lrr'"
+        )

@@ -63,6 +63,18 @@ def check_int(value: Any, arg: str, *, minimum: int) -> int:
     return number
 
 
+# torch.Generator.manual_seed takes [0, 2**64); per-tensor seeds wrap around inside it.
+SEED_LIMIT = 2**64
+
+
+def check_seed(seed: Any, arg: str = "seed") -> int:
+    """Return ``seed`` as an int if it is an integer in [0, 2**64) (see :func:`check_int`)."""
+    value = check_int(seed, arg, minimum=0)
+    if value >= SEED_LIMIT:
+        raise ValueError(f"{arg} must be an int below 2**64, got {value}")
+    return value
+
+
 def check_real(value: Any, arg: str, *, low: float = -math.inf, high: float = math.inf,
                low_open: bool = False, high_open: bool = False) -> float:
     """Return ``value`` as a float if it is a finite real in ``[low, high]`` (an end is open

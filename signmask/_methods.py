@@ -12,22 +12,12 @@ from typing import Callable, Sequence
 import torch
 from torch.nn.utils import prune as _prune
 
-from ._checks import check_int, check_key
+from ._checks import SEED_LIMIT, check_key, check_seed
 from ._select import smallest_k
 
 METHODS: dict[str, type["RankedPruning"]] = {}
 
-# torch.Generator.manual_seed takes [0, 2**64); per-tensor seeds wrap around inside it.
-SEED_LIMIT = 2**64
 _TENSOR_STRIDE = 7919
-
-
-def check_seed(seed, arg: str = "seed") -> int:
-    """Return ``seed`` as an int if it is an integer in [0, 2**64) (see :func:`check_int`)."""
-    value = check_int(seed, arg, minimum=0)
-    if value >= SEED_LIMIT:
-        raise ValueError(f"{arg} must be an int below 2**64, got {value}")
-    return value
 
 
 def tensor_seed(seed: int, index: int) -> int:

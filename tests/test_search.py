@@ -269,8 +269,9 @@ def test_bad_input_leaves_model_untouched(kwargs, error, text):
 def test_tensors_the_optimizer_does_not_train_are_named_in_a_warning():
     model = tiny()
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("conv1")], lr=0.1)
-    with pytest.warns(UserWarning, match=r"optimizer does not train \['conv1.weight'\] \(1 of the 3 tensors"):
+    with pytest.warns(UserWarning, match=r"optimizer does not train \['conv1.weight'\] \(1 of the 3 tensors") as got:
         signmask.apply(model, "imp", 0.5, optimizer=opt, classifier=True, progress=False)
+    assert [w.filename for w in got] == [__file__]  # points at the caller of apply()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = tiny()

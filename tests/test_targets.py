@@ -158,8 +158,9 @@ def test_an_eps_that_rounds_to_zero_in_the_weights_dtype_is_warned_about():
 
     model = half_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # eps=1e-8: 0 in fp16
-    with pytest.warns(UserWarning, match=r"AdamW\(eps=1e-08\) trains 0.weight in torch.float16"):
+    with pytest.warns(UserWarning, match=r"AdamW\(eps=1e-08\) trains 0.weight in torch.float16") as got:
         signmask.apply(model, "lrr", 0.5, optimizer=opt, progress=False)
+    assert {w.filename for w in got} == {__file__}  # the caller of apply(), not signmask's code
     # What it warns of: one step of the masked model turns its outputs NaN.
     model = signmask.prune(half_model(), 0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -169,9 +170,10 @@ def test_an_eps_that_rounds_to_zero_in_the_weights_dtype_is_warned_about():
     assert model(x).isnan().all()
 
     pruned = signmask.prune(half_model(), 0.5)
-    with pytest.warns(UserWarning, match="rounds to 0"):
+    with pytest.warns(UserWarning, match="rounds to 0") as got:
         signmask.set_backend(pruned, "projection",
                              optimizer=torch.optim.Adam(pruned.parameters()))
+    assert {w.filename for w in got} == {__file__}
     for model, opt in (
         (half_model(), lambda p: torch.optim.AdamW(p, eps=1e-6)),  # representable in fp16
         (half_model().bfloat16(), lambda p: torch.optim.AdamW(p)),  # 1e-8 is a bf16 number
