@@ -215,12 +215,33 @@ def load_state_dict(
         state_dict = _trained_norms(state_dict)
     state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names
     _check_initialized(model, state_dict)
+    plan = _mask_plan(model, state_dict)
+    _targets.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _targets.GATHER_FIRST)
+    skipped = _install_and_load(model, plan, state_dict, strict)
+    if skipped.missing_keys or skipped.unexpected_keys:
+        warnings.warn(
+            f"load_state_dict(strict=False) left {len(skipped.missing_keys)} tensors of the model "
+            f"as they were (missing keys {skipped.missing_keys[:5]}) and skipped "
+            f"{len(skipped.unexpected_keys)} keys the model does not have {skipped.unexpected_keys[:5]}",
+            UserWarning,
+            stacklevel=2,
+        )
+    for module, tensor, _, _ in plan.values():
+        _reparam.refresh(module, tensor)
+    _parents.link(model)
+    return model
+
+
+def _mask_plan(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Pruned tensor's key -> ``(module, tensor name, mask, locked)`` for every ``<name>_mask``
+    of ``state_dict`` with its ``<name>_orig``, each checked against ``model``."""
     modules = dict(model.named_modules(remove_duplicate=False))  # a shared module: every name
-    plan = {}  # pruned tensor's key -> (module, tensor, mask, locked)
+    plan = {}
     for key, mask in state_dict.items():
-        if not key.endswith("_mask") or key[: -len("_mask")] + "_orig" not in state_dict:
+        base = key[: -len("_mask")]
+        if not key.endswith("_mask") or base + "_orig" not in state_dict:
             continue
-        owner, _, tensor = key[: -len("_mask")].rpartition(".")
+        owner, _, tensor = base.rpartition(".")
         module = modules.get(owner)
         if module is None or not _targets.has_tensor(module, tensor):
             raise ValueError(f"state_dict masks {key!r}, but the model has no tensor {owner}.{tensor}")
@@ -238,10 +259,16 @@ def load_state_dict(
             values = sorted({float(v) for v in mask.unique()[:6].tolist()})
             raise ValueError(f"state_dict {key!r} is not a binary mask: it holds {values}")
         _reparam.check_names_free(f"{owner}.{tensor}" if owner else tensor, module, tensor)
-        locked = key[: -len("_mask")] + "_sign" in state_dict
-        _reparam.check_dtype(key[: -len("_mask")], _reparam.original(module, tensor), locked=locked)
-        plan[key[: -len("_mask")]] = (module, tensor, mask, locked)
-    _targets.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _targets.GATHER_FIRST)
+        locked = base + "_sign" in state_dict
+        _reparam.check_dtype(base, _reparam.original(module, tensor), locked=locked)
+        plan[base] = (module, tensor, mask, locked)
+    return plan
+
+
+def _install_and_load(model: nn.Module, plan: dict, state_dict, strict: bool):
+    """Install the ``plan``'s masks where ``model`` has none yet and load ``state_dict``; on any
+    error, uninstall them and put every value of ``model`` back. Returns torch's missing and
+    unexpected keys."""
     # torch copies module by module, and a module's own loading code (set_extra_state, a
     # _load_from_state_dict or hook) can still raise midway: the copies put every value back.
     saved = _take_values(model)
@@ -261,15 +288,4 @@ def load_state_dict(
             _reparam.uninstall(module, tensor)
         _put_values(saved)
         raise
-    if skipped.missing_keys or skipped.unexpected_keys:
-        warnings.warn(
-            f"load_state_dict(strict=False) left {len(skipped.missing_keys)} tensors of the model "
-            f"as they were (missing keys {skipped.missing_keys[:5]}) and skipped "
-            f"{len(skipped.unexpected_keys)} keys the model does not have {skipped.unexpected_keys[:5]}",
-            UserWarning,
-            stacklevel=2,
-        )
-    for module, tensor, _, _ in plan.values():
-        _reparam.refresh(module, tensor)
-    _parents.link(model)
-    return model
+    return skipped
