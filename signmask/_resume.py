@@ -33,7 +33,7 @@ def check_entries(state: dict[str, Any]) -> None:
                              f"{type(mask).__name__}")
 
 
-def check_model(state: dict[str, Any], model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+def check_fits(state: dict[str, Any], model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Raise ``ValueError`` when the saved search masked other tensors (names or shapes) than
     ``masks``, the resuming search's, or its rewind snapshot names other weights than ``model``'s."""
     mine = {k: tuple(mask.shape) for k, mask in masks.items()}
@@ -42,7 +42,7 @@ def check_model(state: dict[str, Any], model: torch.nn.Module, masks: dict[str, 
         diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
         raise ValueError(f"cannot resume: the saved search masked other tensors than this model has: {diff}")
     if state["rewind_weights"] is not None:
-        _snapshot.check_same_keys(_snapshot.weight_keys(model), state["rewind_weights"], "the saved rewind snapshot")
+        _snapshot.check_same_keys(_snapshot.live_weights(model), state["rewind_weights"], "the saved rewind snapshot")
 
 
 def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolating: bool) -> Ticket | None:
@@ -130,7 +130,7 @@ def restore(search, state: dict[str, Any]) -> None:
     check_entries(state)
     state = _without_extra_state(state)
     search.config.check_same(state["config"])
-    check_model(state, search.model, search._masks("load_state_dict()"))
+    check_fits(state, search.model, search._masks("load_state_dict()"))
     # everything, before the first write
     ticket = check_state(state, search._generator.get_state(), search._alpha is not None)
     with torch.no_grad():

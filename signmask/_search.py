@@ -280,7 +280,7 @@ class Search:
         """Raise before pruning if the rewind or the restart cannot be applied to the model and
         optimizer as they are now (a parameter group added mid-search, a module replaced)."""
         if self._rewind_weights is not None:
-            live = _snapshot.weight_keys(self.model)
+            live = _snapshot.live_weights(self.model)
             _snapshot.check_same_keys(live, self._rewind_weights, "the rewind snapshot")
         then = [len(g["params"]) for g in self._restart["param_groups"]]
         now = [len(g["params"]) for g in self.optimizer.param_groups]

@@ -15,7 +15,7 @@ from . import _targets
 _NOT_WEIGHTS = ("_mask", "_sign", "_init")
 
 
-def weight_keys(model: nn.Module) -> dict[str, torch.Tensor]:
+def live_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Canonical state_dict key -> live tensor for every parameter and persistent buffer that
     training changes (masks, sign locks and norm-init buffers left out). A module's extra state
     (``get_extra_state``, any object, a fresh one at each call) is no weight: not rewound.
@@ -38,12 +38,12 @@ def weight_keys(model: nn.Module) -> dict[str, torch.Tensor]:
 def take_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the model's weights and running statistics."""
     with torch.no_grad():
-        return {k: t.detach().clone() for k, t in weight_keys(model).items()}
+        return {k: t.detach().clone() for k, t in live_weights(model).items()}
 
 
 def put_weights(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
     """Copy ``snapshot`` into the model in place (Parameter objects stay; optimizers keep them)."""
-    live = weight_keys(model)
+    live = live_weights(model)
     check_same_keys(live, snapshot, "the rewind snapshot")
     with torch.no_grad():
         for k, t in live.items():

@@ -10,7 +10,7 @@ from torch import nn
 
 import signmask
 from signmask import _select, analysis
-from signmask.analysis._correlation import top_fraction
+from signmask.analysis._correlation import top_k_mask
 
 from _util import Wrapper, tiny
 
@@ -66,8 +66,8 @@ def test_agrees_with_liu_normalization_when_p_times_n_is_whole():
 
 
 def test_ties_break_by_lower_flat_index():
-    assert top_fraction(torch.tensor([1.0, -1.0, 1.0, 0.5]), 2).tolist() == [True, True, False, False]
-    assert top_fraction(torch.tensor([[0.0, -0.0], [0.0, 2.0]]), 2).tolist() == [[True, False], [False, True]]
+    assert top_k_mask(torch.tensor([1.0, -1.0, 1.0, 0.5]), 2).tolist() == [True, True, False, False]
+    assert top_k_mask(torch.tensor([[0.0, -0.0], [0.0, 2.0]]), 2).tolist() == [[True, False], [False, True]]
     a = linear(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
     b = linear(torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
     assert analysis.weight_correlation(a, b, 0.5).overall == 0.0  # a keeps entries 0, 1; b keeps 2, 3
@@ -120,7 +120,7 @@ def test_validation():
 # ---------------------------------- analysis._correlation: behaviour pinned by mutation testing
 
 
-def test_top_fraction_breaks_ties_by_lower_index_in_large_tensors():
+def test_top_k_mask_breaks_ties_by_lower_index_in_large_tensors():
     # K01: argsort without stable=True reorders ties once a tensor has ~100+ entries
     w = torch.zeros(300)
     w[::3] = 1.0
@@ -128,7 +128,7 @@ def test_top_fraction_breaks_ties_by_lower_index_in_large_tensors():
     tied = [i for i in range(300) if i % 3 != 2]
     want = torch.zeros(300, dtype=torch.bool)
     want[tied[:50]] = True
-    assert torch.equal(analysis._correlation.top_fraction(w, 50), want)
+    assert torch.equal(analysis._correlation.top_k_mask(w, 50), want)
 
 
 def test_correlation_refuses_shared_counts_for_other_names():
@@ -158,7 +158,7 @@ def test_names_may_be_a_one_shot_iterator(one_shot):
 
 
 def _argsort_marks(weight, k):
-    """The previous top_fraction: a stable descending sort of |w|, the first k marked."""
+    """The previous top_k_mask: a stable descending sort of |w|, the first k marked."""
     flat = weight.detach().reshape(-1).abs()
     marked = torch.zeros(flat.shape, dtype=torch.bool)
     marked[torch.argsort(flat, descending=True, stable=True)[:k]] = True
@@ -169,7 +169,7 @@ def _argsort_marks(weight, k):
 @given(data=st.data(), rows=st.integers(1, 6), cols=st.integers(1, 6),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
        transpose=st.booleans(), chunk=st.sampled_from([1, 3, 1 << 20]))
-def test_top_fraction_marks_what_a_stable_argsort_marks_with_heavy_ties(data, rows, cols, dtype,
+def test_top_k_mask_marks_what_a_stable_argsort_marks_with_heavy_ties(data, rows, cols, dtype,
                                                                        transpose, chunk):
     # few magnitudes, both zeros and a subnormal: most entries tie with others
     vals = data.draw(st.lists(st.sampled_from([0.0, -0.0, 1e-40, 0.5, -0.5, 2.0, -2.0, 3.0]),
@@ -178,13 +178,13 @@ def test_top_fraction_marks_what_a_stable_argsort_marks_with_heavy_ties(data, ro
     w = w.t() if transpose else w  # strided: ranked in row-major order of its shape
     k = data.draw(st.integers(0, w.numel()))
     with mock.patch.object(_select, "_CHUNK", chunk):
-        got = top_fraction(w, k)
+        got = top_k_mask(w, k)
     assert got.shape == w.shape and torch.equal(got, _argsort_marks(w, k))
 
 
-def test_top_fraction_cuts_ties_spanning_many_slices_like_a_stable_argsort():
+def test_top_k_mask_cuts_ties_spanning_many_slices_like_a_stable_argsort():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(3, 2**20, generator=gen).bfloat16()  # few magnitudes: millions of ties
     w[1] = -0.25
     for k in (1, 2**20, 2**20 + 5, 2 * 2**20 + 12345, 3 * 2**20):
-        assert torch.equal(top_fraction(w, k), _argsort_marks(w, k)), k
+        assert torch.equal(top_k_mask(w, k), _argsort_marks(w, k)), k

@@ -21,11 +21,11 @@ class Scaled(torch.nn.Module):
         return self.net(x) * self.scale_init.mean()
 
 
-def test_weight_keys_leave_out_exactly_the_reparametrization_buffers():
+def test_live_weights_leave_out_exactly_the_reparametrization_buffers():
     model = Scaled()
     signmask.prune(model, 0.5, signs="locked")
     _interpolate.attach(model, torch.zeros(()))
-    keys = set(_snapshot.weight_keys(model))
+    keys = set(_snapshot.live_weights(model))
     sd = model.state_dict()
     ours = {
         "net.bn1.weight_init", "net.bn1.bias_init", "net.bn2.weight_init", "net.bn2.bias_init",
@@ -57,7 +57,7 @@ def test_imp_rewinds_a_model_with_extra_state_and_leaves_that_state_alone():
         torch.manual_seed(0)
         model = torch.nn.Sequential(Counting(4, 4), torch.nn.Linear(4, 2))
         assert "0._extra_state" in model.state_dict()
-        assert "0._extra_state" not in _snapshot.weight_keys(model)
+        assert "0._extra_state" not in _snapshot.live_weights(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         search = signmask.apply(model, "imp", 0.5, optimizer=opt, rate=0.5, rewind=rewind,
                                 classifier=True, progress=False)
@@ -67,11 +67,11 @@ def test_imp_rewinds_a_model_with_extra_state_and_leaves_that_state_alone():
                 break
             for step in range(4):
                 if step == at:
-                    seen = {k: v.clone() for k, v in _snapshot.weight_keys(model).items()}
+                    seen = {k: v.clone() for k, v in _snapshot.live_weights(model).items()}
                 opt.zero_grad()
                 model(torch.ones(2, 4)).sum().backward()
                 opt.step()
-        live = _snapshot.weight_keys(model)
+        live = _snapshot.live_weights(model)
         assert live.keys() == seen.keys()
         assert all(torch.equal(live[k], seen[k]) for k in live)  # rewound exactly
         assert model[0].calls == 4  # its extra state went on counting: not rewound

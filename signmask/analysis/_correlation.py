@@ -22,7 +22,7 @@ from .._select import prefix_end
 from ._common import check_model, check_real, same_names, tensor_names, weights
 
 
-def top_fraction(weight: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_mask(weight: torch.Tensor, k: int) -> torch.Tensor:
     """Mark the ``k`` largest-magnitude entries of ``weight`` (a bool tensor of its shape).
 
     Ties in ``|w|`` are broken by position: the lower flat (row-major) index ranks first, so
@@ -37,7 +37,7 @@ def top_fraction(weight: torch.Tensor, k: int) -> torch.Tensor:
 
     Example:
         >>> import torch
-        >>> top_fraction(torch.tensor([1.0, -3.0, 3.0, 0.5]), 2).tolist()
+        >>> top_k_mask(torch.tensor([1.0, -3.0, 3.0, 0.5]), 2).tolist()
         [False, True, True, False]
     """
     flat = weight.detach().reshape(-1).abs()
@@ -168,6 +168,6 @@ def weight_correlation(model_a: nn.Module, model_b: nn.Module, p: float, *,
     for key, (wa, wb) in pairs.items():
         numel[key] = wa.numel()
         kept[key] = round(p * wa.numel())
-        both = top_fraction(wa, kept[key]) & top_fraction(wb, kept[key]).to(wa.device)
+        both = top_k_mask(wa, kept[key]) & top_k_mask(wb, kept[key]).to(wa.device)
         shared[key] = int(both.sum())
     return Correlation(p, numel, kept, shared)
