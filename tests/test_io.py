@@ -19,6 +19,9 @@ from torch import nn
 import signmask
 from signmask import _io
 from _util import assert_same, bits_equal, snapshot, tiny
+# At the top: imported inside a @given test, test_bits' own @given tests fail hypothesis'
+# nested-given health check (when this file runs without test_bits collected first).
+from test_bits import _old_codes_to_signed, _old_signed_to_codes
 
 
 NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -770,8 +773,6 @@ def _payload(path):
 @given(ticket=tickets())
 def test_files_and_loaded_tickets_equal_the_int64_codecs(tmp_path_factory, ticket):
     # the codes mapping and counts run in int8 / count_nonzero; files stay as they were written
-    from test_bits import _old_codes_to_signed, _old_signed_to_codes
-
     folder = tmp_path_factory.mktemp("codecs")
     signmask.save(ticket, folder / "new.safetensors")
     with pytest.MonkeyPatch.context() as mp:
