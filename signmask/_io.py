@@ -22,6 +22,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -127,7 +128,8 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     Args:
         ticket: the :class:`Ticket` to write (validated again: its dicts stay editable).
         path: the file to write (a ``str`` or ``os.PathLike``); an existing file is replaced
-            (a symlink's target), and missing folders above it are created.
+            (a symlink's target), and missing folders above it are created. A device or a pipe
+            (``/dev/null``, a FIFO) is written into, as ``torch.save`` does.
 
     Returns:
         The path written, as a ``pathlib.Path``.
@@ -205,7 +207,9 @@ def _about(error: OSError, path: str | os.PathLike, context: str = "") -> OSErro
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder, fsync and ``os.replace``:
     readers see the old file or the new one, never a partial one. A symlink is followed, as
-    ``open()`` would: its target is replaced and the link stays.
+    ``open()`` would: its target is replaced and the link stays. A device or a pipe
+    (``/dev/null``, a FIFO) is written into, as ``open()`` and ``torch.save`` do: a rename would
+    put a regular file in its place.
 
     Raises:
         IsADirectoryError: ``path`` is a folder.
@@ -213,9 +217,17 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
             left behind.
     """
     given = Path(path)
-    path = Path(os.path.realpath(given))
-    if path.is_dir():  # os.replace would say so only about the temp file
+    try:
+        found = given.stat()  # through symlinks, as open() goes; other errors name ``path``
+    except FileNotFoundError:
+        found = None  # a new file, or a dangling symlink's target
+    if found is not None and stat.S_ISDIR(found.st_mode):  # os.replace would name the temp file
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(given))
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        with open(given, "wb") as f:  # its errors name ``path``
+            f.write(data)
+        return given
+    path = Path(os.path.realpath(given))
     try:
         _replace_with(path, data)
     except OSError as e:

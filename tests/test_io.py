@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 import types
@@ -232,6 +233,30 @@ def test_save_through_a_symlink_to_a_missing_folder_creates_it(tmp_path):
     assert signmask.save(_small_ticket(), link) == link
     assert link.is_symlink() and signmask.load(tmp_path / "store" / "runs" / "real.safetensors") == _small_ticket()
     assert os.listdir(tmp_path / "store" / "runs") == ["real.safetensors"]
+
+
+def test_save_into_a_fifo_writes_through_it_and_keeps_it(tmp_path):
+    # As open() and torch.save write into /dev/null or a pipe: a rename put a regular file there.
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so that open() does not block
+    try:
+        assert signmask.save(_small_ticket(), fifo) == fifo
+        data = os.read(reader, 1 << 16)
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["pipe.safetensors"]
+    (tmp_path / "copy.safetensors").write_bytes(data)
+    assert signmask.load(tmp_path / "copy.safetensors") == _small_ticket()
+
+
+def test_save_through_a_symlink_loop_is_refused_and_keeps_the_link(tmp_path):
+    # open() refuses it (ELOOP); the rename replaced the link with a regular file.
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    with pytest.raises(OSError, match=rf"^\[Errno {errno.ELOOP}\] .*: '{loop}'$"):
+        signmask.save(_small_ticket(), loop)
+    assert loop.is_symlink() and os.readlink(loop) == str(loop) and os.listdir(tmp_path) == ["loop.safetensors"]
 
 
 @pytest.fixture
