@@ -141,8 +141,8 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
         NotADirectoryError: a folder above ``path`` is a file (missing folders are created,
             those of a symlink's target too).
         IsADirectoryError: ``path`` is an existing folder.
-        OSError: the write failed (``PermissionError`` in a read-only folder...); the message
-            names ``path``, and no file is left behind.
+        OSError: the write failed (``PermissionError`` in a read-only folder or onto a
+            read-only file...); the message names ``path``, and no file is left behind.
 
     Example:
         >>> import os, tempfile, torch, signmask
@@ -213,6 +213,8 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
     Raises:
         IsADirectoryError: ``path`` is a folder.
+        PermissionError: ``path`` is a file this process may not write (read-only), which
+            ``open()`` refuses too; it is left as it is.
         OSError: the write failed; the message names ``path`` (not the temp file), and no file is
             left behind.
     """
@@ -227,6 +229,10 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
         with open(given, "wb") as f:  # its errors name ``path``
             f.write(data)
         return given
+    effective = os.access in os.supports_effective_ids  # open() checks the effective user
+    if found is not None and not os.access(given, os.W_OK, effective_ids=effective):
+        # open() refuses a file its user may not write; the rename needs the folder's permission only
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(given))
     path = Path(os.path.realpath(given))
     try:
         _replace_with(path, data)

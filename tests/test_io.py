@@ -259,6 +259,19 @@ def test_save_through_a_symlink_loop_is_refused_and_keeps_the_link(tmp_path):
     assert loop.is_symlink() and os.readlink(loop) == str(loop) and os.listdir(tmp_path) == ["loop.safetensors"]
 
 
+def test_save_onto_a_read_only_file_is_refused_and_leaves_it(tmp_path, monkeypatch):
+    # open() and torch.save refuse it; the rename needed only the folder's permission.
+    path = signmask.save(signmask.Ticket({"a.weight": torch.tensor([1, 0, -1])}), tmp_path / "t.safetensors")
+    path.chmod(0o444)
+    before = path.read_bytes()
+    if os.geteuid() == 0:  # root may write any file: stand in for another user
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: not mode & os.W_OK or bool(os.stat(p).st_mode & 0o222))
+    with pytest.raises(PermissionError, match=rf"^\[Errno 13\] Permission denied: '{path}'$"):
+        signmask.save(_small_ticket(), path)
+    assert path.read_bytes() == before and path.stat().st_mode & 0o777 == 0o444
+    assert os.listdir(tmp_path) == ["t.safetensors"]
+
+
 @pytest.fixture
 def saved(tmp_path):
     return signmask.save(_small_ticket(), tmp_path / "t.safetensors")
