@@ -35,14 +35,24 @@ def check_entries(state: dict[str, Any]) -> None:
 
 def check_fits(state: dict[str, Any], model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Raise ``ValueError`` when the saved search masked other tensors (names or shapes) than
-    ``masks``, the resuming search's, or its rewind snapshot names other weights than ``model``'s."""
+    ``masks``, the resuming search's, or its rewind snapshot is no dict of tensors or names other
+    weights than ``model``'s."""
     mine = {k: tuple(mask.shape) for k, mask in masks.items()}
     theirs = {k: tuple(v.shape) for k, v in state["masks"].items()}
     if mine != theirs:
         diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
         raise ValueError(f"cannot resume: the saved search masked other tensors than this model has: {diff}")
-    if state["rewind_weights"] is not None:
-        _snapshot.check_same_keys(_snapshot.live_weights(model), state["rewind_weights"], "the saved rewind snapshot")
+    rewind = state["rewind_weights"]
+    if rewind is None:
+        return
+    if not isinstance(rewind, dict):
+        raise ValueError(f"cannot resume: state['rewind_weights'] should be None or a dict of tensors, "
+                         f"found {type(rewind).__name__} {rewind!r:.60}")
+    for key, value in rewind.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"cannot resume: state['rewind_weights'][{key!r}] should be a tensor, found "
+                             f"{type(value).__name__}")
+    _snapshot.check_same_keys(_snapshot.live_weights(model), rewind, "the saved rewind snapshot")
 
 
 def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolating: bool) -> Ticket | None:
@@ -76,6 +86,12 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
     restart = state.get("restart")
     if not (isinstance(restart, dict) and {"param_groups", "scheduler"} <= restart.keys()):
         raise bad("restart", "the optimizer and scheduler snapshot (a dict)")
+    groups, scheduler = restart["param_groups"], restart["scheduler"]
+    # Read at the end of the round: a bad one would raise after the round had trained.
+    if not (isinstance(groups, list) and (scheduler is None or isinstance(scheduler, dict))
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise bad("restart", "the optimizer and scheduler snapshot (param_groups: a list of dicts with "
+                  "'params'; scheduler: None or a dict)")
     if not (isinstance(state.get("history"), list) and all(isinstance(h, dict) for h in state["history"])):
         raise bad("history", "a list of dicts")
     if not state["done"]:

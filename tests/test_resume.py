@@ -1,5 +1,7 @@
 """Checking a saved search state before anything of it is applied (signmask/_resume.py)."""
 
+import re
+
 import pytest
 import torch
 
@@ -50,6 +52,29 @@ def test_a_state_missing_entries_is_refused_by_name_and_changes_nothing(edit, me
     before = {k: v.clone() for k, v in search.model.state_dict().items()}
     edit(state)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        search.load_state_dict(state)
+    after = search.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and search.round == 0
+
+
+@pytest.mark.parametrize("method, edit, message", [
+    # were AttributeError: 'list' object has no attribute 'keys' / 'str' object has no attribute 'shape'
+    ("imp", lambda state: state.update(rewind_weights=[1, 2]),
+     "state['rewind_weights'] should be None or a dict of tensors, found list [1, 2]"),
+    ("imp", lambda state: state["rewind_weights"].update({"conv1.weight_orig": "x"}),
+     "state['rewind_weights']['conv1.weight_orig'] should be a tensor, found str"),
+    # read when the round ends: were a TypeError after the round had trained
+    ("aws", lambda state: state["restart"].update(param_groups=[1]),
+     "state['restart'] should be the optimizer and scheduler snapshot (param_groups: a list of dicts "
+     "with 'params'; scheduler: None or a dict), found dict {'param_groups': [1], 'scheduler': None}"),
+    ("aws", lambda state: state["restart"].update(scheduler="x"),
+     "state['restart'] should be the optimizer and scheduler snapshot (param_groups: a list of dicts"),
+])
+def test_a_rewind_or_restart_snapshot_of_the_wrong_kind_is_refused_before_any_change(method, edit, message):
+    search, state = _state(method)
+    before = {k: v.clone() for k, v in search.model.state_dict().items()}
+    edit(state)
+    with pytest.raises(ValueError, match="^cannot resume: " + re.escape(message)):
         search.load_state_dict(state)
     after = search.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and search.round == 0
