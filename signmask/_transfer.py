@@ -40,7 +40,7 @@ def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None
     # name later) or is the same backbone without its head; one with more layers outside its
     # head than the ticket's model had in all is a deeper network of the same name.
     layers = ticket.metadata.get("layers", "")  # tickets before 2026-12-07 do not record it
-    if not layers.isdigit():
+    if not (layers.isascii() and layers.isdigit()):  # "²" is a digit that int() refuses
         return
     body = layer_count(model) - len(_targets.classifier_modules(model))
     if body > int(layers):

@@ -579,6 +579,16 @@ def test_a_ticket_of_another_depth_is_refused_where_the_class_name_is_all_there_
     signmask.transfer(ticket, headless)  # fewer layers: the same backbone, without its head
 
 
+@pytest.mark.parametrize("layers", ["²", "x", " 3", "-1", ""])
+def test_a_layers_entry_that_is_no_count_is_free_text_and_skips_the_depth_check(layers):
+    # metadata is free-form: "²" passed str.isdigit() and raised int()'s own ValueError
+    model = signmask.prune(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), 0.5, classifier=True)
+    ticket = signmask.extract(model, metadata={"layers": layers})
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    assert signmask.transfer(ticket, fresh) is fresh
+    assert torch.equal(signmask.extract(fresh).masks["0.weight"], ticket.masks["0.weight"])
+
+
 def test_the_depth_check_accepts_a_backbone_with_another_head_or_none():
     # A feature extractor's ticket (head replaced by Identity) onto the model with its head,
     # and a ticket onto a model whose head became an MLP: neither is a deeper network.
