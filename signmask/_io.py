@@ -389,9 +389,12 @@ def load(path: str | os.PathLike) -> Ticket:
         raise ValueError(f"{path}: not a signmask ticket (metadata 'format' is {meta.get('format')!r})")
     version = meta.get("format_version")
     if version not in _CODECS:
+        newer = isinstance(version, str) and version.isascii() and version.isdigit()
+        newer = newer and int(version) > int(FORMAT_VERSION)
         raise ValueError(
             f"{path}: ticket format version {version!r} is not supported "
             f"(this signmask reads versions {', '.join(_CODECS)})"
+            + ("; a newer signmask wrote it: upgrade signmask to read it" if newer else "")
         )
     try:
         manifest = json.loads(meta["manifest"])

@@ -141,6 +141,9 @@ def restore(search, state: dict[str, Any]) -> None:
     """:meth:`signmask.Search.load_state_dict`'s work: check ``state`` whole, then apply it."""
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         found = state.get("version") if isinstance(state, dict) else type(state).__name__
+        if type(found) is int and found > STATE_VERSION:
+            raise ValueError(f"the search state is of version {found}, saved by a newer signmask; this one "
+                             f"resumes version {STATE_VERSION}: upgrade signmask to resume it")
         raise ValueError(f"not a signmask search state (version {STATE_VERSION} expected, found {found!r})")
     search._check_open("load_state_dict")
     check_entries(state)

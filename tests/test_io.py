@@ -537,7 +537,12 @@ def test_tensor_named_like_the_safetensors_header_is_refused(tmp_path):
 
 def test_unsupported_version(saved):
     _rewrite(saved, meta_update={"format_version": "99"})
-    with pytest.raises(ValueError, match=r"format version '99' is not supported \(this signmask reads versions 1, 2, 3\)"):
+    with pytest.raises(ValueError, match=r"format version '99' is not supported \(this signmask reads versions 1, "
+                       r"2, 3\); a newer signmask wrote it: upgrade signmask to read it$"):
+        signmask.load(saved)
+    _rewrite(saved, meta_update={"format_version": "2.x"})  # no newer version: no advice
+    with pytest.raises(ValueError, match=r"format version '2.x' is not supported \(this signmask reads versions 1, "
+                       r"2, 3\)$"):
         signmask.load(saved)
 
 

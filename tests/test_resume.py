@@ -80,6 +80,18 @@ def test_a_rewind_or_restart_snapshot_of_the_wrong_kind_is_refused_before_any_ch
     assert all(torch.equal(before[k], after[k]) for k in before) and search.round == 0
 
 
+def test_a_state_of_a_newer_version_says_to_upgrade():
+    # it said "not a signmask search state"
+    search, state = _state()
+    state["version"] = _resume.STATE_VERSION + 1
+    with pytest.raises(ValueError, match=f"^the search state is of version {_resume.STATE_VERSION + 1}, saved by a "
+                       f"newer signmask; this one resumes version {_resume.STATE_VERSION}: upgrade signmask"):
+        search.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"^not a signmask search state \(version 1 expected, found '2'\)$"):
+        search.load_state_dict({**state, "version": "2"})
+    assert search.round == 0 and not search.done
+
+
 def test_a_state_whose_rewind_snapshot_holds_extra_state_still_resumes():
     # Searches saved before 2026-12-07 kept a module's tensor extra state in their rewind
     # snapshot; it is no weight now, and such a state must still load.
