@@ -22,8 +22,8 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -97,12 +97,6 @@ def _metadata_sha256(meta: dict[str, str], manifest: dict) -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def check_path(path) -> str | os.PathLike:
@@ -245,13 +239,11 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def _replace_with(path: Path, data: bytes) -> None:
-    # The temp name stays within NAME_MAX (255 bytes) whatever the length of the file's own.
-    stem = path.name.encode()[:100].decode(errors="ignore")
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:  # closes fd whatever fails below
-            # mkstemp creates 0600; give the file the permissions a plain open() would.
-            os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+            if path.exists():  # a replaced file keeps its permissions, as one opened for writing
+                os.chmod(tmp, path.stat().st_mode & 0o7777)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -259,6 +251,21 @@ def _replace_with(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _create_beside(path: Path) -> tuple[int, str]:
+    """Create a new hidden temp file in ``path``'s folder, as ``open()`` creates files: mode
+    0o666 less the umask, applied by the OS (``mkstemp`` makes 0600, and reading the umask means
+    setting it, which another thread creating a file meanwhile would pick up)."""
+    # The temp name stays within NAME_MAX (255 bytes) whatever the length of the file's own.
+    stem = path.name.encode()[:100].decode(errors="ignore")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:  # 64 random bits: a name taken already is all but impossible, but harmless
+        tmp = os.path.join(path.parent, f".{stem}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

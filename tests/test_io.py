@@ -7,7 +7,6 @@ import math
 import os
 import stat
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -160,13 +159,29 @@ def test_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path)
     assert [p.name for p in (tmp_path / "store").iterdir()] == ["real.safetensors"]
 
 
-def test_saved_file_gets_umask_permissions_not_mkstemps(tmp_path):
+def test_saved_file_gets_umask_permissions_not_0600(tmp_path):
     old = os.umask(0o022)
     try:
         path = signmask.save(signmask.Ticket({"a.weight": torch.tensor([1])}), tmp_path / "p.safetensors")
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_save_never_sets_the_process_umask(tmp_path, monkeypatch):
+    # Reading the umask means setting it: a file another thread creates meanwhile would get it.
+    def umask(mask):
+        raise AssertionError(f"os.umask({mask:#o}) called")
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", umask)
+        path = signmask.save(signmask.Ticket({"a.weight": torch.tensor([1])}), tmp_path / "p.safetensors")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert os.listdir(tmp_path) == ["p.safetensors"]
 
 
 def test_save_refuses_non_tickets(tmp_path):
@@ -195,13 +210,13 @@ def test_save_onto_a_folder_names_the_given_path_and_leaves_it(tmp_path):
     assert os.listdir(tmp_path) == ["adir"] and os.listdir(tmp_path / "adir") == []
 
 
-@pytest.mark.parametrize("fail", ["mkstemp", "replace"])
+@pytest.mark.parametrize("fail", ["open", "replace"])
 def test_save_errors_name_the_given_path_not_the_temp_file(tmp_path, monkeypatch, fail):
     # As in a read-only folder (which root, running these tests, can write into anyway).
     def refused(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".t.safetensors.x1y2.tmp"))
 
-    monkeypatch.setattr(tempfile if fail == "mkstemp" else os, fail, refused)
+    monkeypatch.setattr(os, fail, refused)  # creating the temp file, or renaming it
     with pytest.raises(PermissionError, match=rf"^\[Errno 13\] Permission denied: '{tmp_path / 't.safetensors'}'$"):
         signmask.save(_small_ticket(), tmp_path / "t.safetensors")
     assert os.listdir(tmp_path) == []
