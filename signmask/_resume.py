@@ -139,8 +139,9 @@ def _without_extra_state(state: dict[str, Any]) -> dict[str, Any]:
 
 def restore(search, state: dict[str, Any]) -> None:
     """:meth:`signmask.Search.load_state_dict`'s work: check ``state`` whole, then apply it."""
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        found = state.get("version") if isinstance(state, dict) else type(state).__name__
+    version = state.get("version") if isinstance(state, dict) else None
+    if type(version) is not int or version != STATE_VERSION:  # True == 1, but is no version
+        found = version if isinstance(state, dict) else type(state).__name__
         if type(found) is int and found > STATE_VERSION:
             raise ValueError(f"the search state is of version {found}, saved by a newer signmask; this one "
                              f"resumes version {STATE_VERSION}: upgrade signmask to resume it")

@@ -89,6 +89,8 @@ def test_a_state_of_a_newer_version_says_to_upgrade():
         search.load_state_dict(state)
     with pytest.raises(ValueError, match=r"^not a signmask search state \(version 1 expected, found '2'\)$"):
         search.load_state_dict({**state, "version": "2"})
+    with pytest.raises(ValueError, match=r"^not a signmask search state \(version 1 expected, found True\)$"):
+        search.load_state_dict({**state, "version": True})  # == 1, but no version number
     assert search.round == 0 and not search.done
 
 
