@@ -190,7 +190,7 @@ def run_child(args: list[str], timeout: float = 900) -> dict:
 def write_results(stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     """Write ``results/<stem>.json`` and ``.md``, each atomically (an interrupted run leaves the
     previous file whole)."""
-    from signmask._io import write_atomic
+    from signmask._files import write_atomic
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"

@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-from signmask._io import write_atomic  # noqa: E402
+from signmask._files import write_atomic  # noqa: E402
 
 GOAL_STEP = {"cuda": 1.02, "cpu": 1.05}
 

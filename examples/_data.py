@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from signmask import analysis
-from signmask._io import write_atomic
+from signmask._files import write_atomic
 
 # The repository's shared data folder, if this checkout has one beside it.
 DEFAULT_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10.npz"

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 
 import signmask
 from signmask import analysis
-from signmask._io import write_atomic
+from signmask._files import write_atomic
 from _data import accuracy, fill_defaults, load_data, write_json  # the examples' data, beside them
 
 def make_model(width: int, seed: int) -> nn.Module:

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 import signmask
 
-from ._io import write_atomic
+from ._files import write_atomic
 from .analysis import barrier, evaluate, reestimate_bn
 
 DATASETS = ("mnist", "digits")

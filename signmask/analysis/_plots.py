@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .._io import check_file_path, make_folder, write_atomic
+from .._files import check_file_path, make_folder, write_atomic
 from ._connectivity import Barrier
 from ._telemetry import Telemetry
 
