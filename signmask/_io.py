@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -58,11 +59,16 @@ def _entry(role: str, signed: torch.Tensor, version: str = FORMAT_VERSION) -> tu
     info = {
         "role": role,
         "shape": list(signed.shape),
-        "kept": int(signed.count_nonzero()),
-        "negative": int((signed < 0).count_nonzero()),  # sum() would copy to int64
+        **_counts(signed),
         "sha256": _sha256(packed.numpy().tobytes()),
     }
     return packed, info
+
+
+def _counts(signed: torch.Tensor) -> dict[str, int]:
+    """The manifest's kept and negative counts of a signed mask (``load`` checks them)."""
+    # count_nonzero: sum() would copy the int8 tensor to int64.
+    return {"kept": int(signed.count_nonzero()), "negative": int((signed < 0).count_nonzero())}
 
 
 def _norm_entry(values: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -197,9 +203,7 @@ def _check_shape(path: Path, name: str, shape) -> list[int]:
 
 def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) -> torch.Tensor:
     shape = _check_shape(path, name, info.get("shape"))
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     per_byte, unpack = _CODECS[version].per_byte, _CODECS[version].unpack
     expected = -(-numel // per_byte)
     if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() != expected:
@@ -215,8 +219,8 @@ def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) 
     if codes[numel:].any():
         raise ValueError(f"{path}: tensor {name!r} has non-zero padding (corrupted file)")
     signed = _bits.codes_to_signed(codes[:numel]).view(shape)
-    negative = int((signed < 0).count_nonzero())
-    if int(signed.count_nonzero()) != info.get("kept") or negative != info.get("negative"):
+    counts = _counts(signed)
+    if counts["kept"] != info.get("kept") or counts["negative"] != info.get("negative"):
         raise ValueError(f"{path}: tensor {name!r} does not match its kept/negative counts")
     return signed
 
