@@ -345,8 +345,7 @@ def install(
     if hook is None:
         rename(module._parameters, name, name + "_orig")
         module.register_buffer(name + "_mask", keep.clone())
-        hook = SignMaskHook(name, method)
-        module.register_forward_pre_hook(hook)
+        module.register_forward_pre_hook(SignMaskHook(name, method))
         add_detach(module, name)
     elif isinstance(hook, SignMaskHook):
         module._buffers[name + "_mask"].copy_(keep)
@@ -356,10 +355,8 @@ def install(
         # A stock prune hook: adopt its history and convert its float mask to bool.
         del module._forward_pre_hooks[key]
         module._buffers[name + "_mask"] = keep.clone()
-        new_hook = SignMaskHook(name, *methods(hook), method)
-        module.register_forward_pre_hook(new_hook)
+        module.register_forward_pre_hook(SignMaskHook(name, *methods(hook), method))
         add_detach(module, name)
-        hook = new_hook
     if negative is not None:
         module._buffers[name + "_sign"] = _bits.pack_signs(negative)
     refresh(module, name)

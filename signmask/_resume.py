@@ -75,7 +75,7 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
         if not isinstance(state.get(key), bool):
             raise bad(key, "a bool")
     for key, mask in state["masks"].items():
-        if not isinstance(mask, torch.Tensor) or not _reparam.is_binary(mask):
+        if not _reparam.is_binary(mask):  # check_entries refused non-tensors
             raise ValueError(f"cannot resume: state['masks'][{key!r}] is not a 0/1 mask")
     generator, mine = state.get("generator"), generator_state
     if not isinstance(generator, torch.Tensor) or generator.dtype != mine.dtype or generator.shape != mine.shape:

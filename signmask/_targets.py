@@ -158,11 +158,6 @@ def _warn_raw_projections(model: nn.Module, inc, exc) -> None:
         )
 
 
-def classifier_modules(model: nn.Module) -> set[int]:
-    """ids of the conv/linear modules forming the classifier head (see :func:`find_heads`)."""
-    return find_heads(model)[0]
-
-
 def find_heads(model: nn.Module) -> tuple[set[int], str | None]:
     """ids of the conv/linear modules forming the classifier head, and the canonical name of
     that head where it is a guess: the last conv of a model without ``nn.Linear``.

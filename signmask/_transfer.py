@@ -42,7 +42,7 @@ def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None
     layers = ticket.metadata.get("layers", "")  # tickets before 2026-12-07 do not record it
     if not (layers.isascii() and layers.isdigit()):  # "²" is a digit that int() refuses
         return
-    body = layer_count(model) - len(_targets.classifier_modules(model))
+    body = layer_count(model) - len(_targets.find_heads(model)[0])
     if body > int(layers):
         raise ValueError(
             f"ticket was made for a {want} with {layers} conv/linear layers, the model has "
