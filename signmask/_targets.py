@@ -94,8 +94,8 @@ def same_name_error(key: str, first: str, second: str, owner: str | None) -> Val
     )
 
 
-def index_tensor(index: dict, fqn: str, module: nn.Module, tensor: str,
-                 owner: str | None = None) -> None:
+def _index_tensor(index: dict, fqn: str, module: nn.Module, tensor: str,
+                  owner: str | None = None) -> None:
     """Add ``module.<tensor>`` to ``index`` under its canonical name as ``(module, tensor, fqn)``,
     refusing a second module there: a wrapper's own ``fc`` beside its ``module.fc`` would
     otherwise drop out of every verb silently. ``owner`` names the model in the error."""
@@ -106,9 +106,10 @@ def index_tensor(index: dict, fqn: str, module: nn.Module, tensor: str,
         raise same_name_error(key, first, second, owner)
 
 
-def tensor_index(model: nn.Module, tensor: str = "weight", *,
-                 owner: str | None = None) -> dict[str, tuple[nn.Module, str]]:
-    """Canonical ``"<module fqn>.<tensor>"`` -> (module, tensor) for every module owning it.
+def canonical_index(model: nn.Module, names_of: Callable[[nn.Module], Iterable[str]], *,
+                    owner: str | None = None) -> dict[str, tuple[nn.Module, str]]:
+    """Map the canonical name of every tensor ``names_of(module)`` names in a module of ``model``
+    to ``(module, name)``: the one index builder, so every verb refuses name clashes alike.
 
     Raises:
         ValueError: two modules' tensors have the same canonical name (``owner``, the
@@ -116,9 +117,21 @@ def tensor_index(model: nn.Module, tensor: str = "weight", *,
     """
     index: dict = {}
     for fqn, module in model.named_modules():
-        if has_tensor(module, tensor):
-            index_tensor(index, fqn, module, tensor, owner)
+        for name in names_of(module):
+            _index_tensor(index, fqn, module, name, owner)
     return {key: (module, name) for key, (module, name, _) in index.items()}
+
+
+def tensor_index(model: nn.Module, tensor: str = "weight", *,
+                 owner: str | None = None) -> dict[str, tuple[nn.Module, str]]:
+    """Return canonical ``"<module fqn>.<tensor>"`` -> (module, tensor) for every module owning it."""
+    return canonical_index(model, lambda m: (tensor,) if has_tensor(m, tensor) else (), owner=owner)
+
+
+def layer_weights(model: nn.Module, *, owner: str | None = None) -> dict[str, tuple[nn.Module, str]]:
+    """Return canonical name -> (module, ``"weight"``) for every conv/linear weight, pruned or not."""
+    return {key: pair for key, pair in tensor_index(model, owner=owner).items()
+            if isinstance(pair[0], PRUNABLE_TYPES)}
 
 
 def canonical_tensors(named: Iterable[tuple[str, torch.Tensor]], *,
@@ -127,7 +140,7 @@ def canonical_tensors(named: Iterable[tuple[str, torch.Tensor]], *,
 
     Raises:
         ValueError: two different tensors have the same canonical name, as in
-            :func:`index_tensor` (keeping the first would leave the other out unseen).
+            :func:`_index_tensor` (keeping the first would leave the other out unseen).
     """
     out: dict = {}
     qualified: dict = {}
@@ -259,11 +272,7 @@ def select(
         )
     check_bool(classifier, "classifier")
     heads, guess = (set(), None) if classifier else find_heads(model)
-    candidates = {
-        key: (module, tensor)
-        for key, (module, tensor) in tensor_index(model).items()
-        if isinstance(module, PRUNABLE_TYPES)
-    }
+    candidates = layer_weights(model)
     computed = _computed(model)
     for patterns, what in ((inc, "include"), (exc, "exclude")):
         for p in patterns or ():
@@ -391,10 +400,10 @@ def warn_vanishing_eps(targets: dict[str, tuple[nn.Module, str]], optimizer, sta
 
 
 def pruned(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Canonical name -> (module, tensor) for every tensor carrying a pruning hook."""
-    out: dict = {}
-    for fqn, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, _prune.BasePruningMethod):
-                index_tensor(out, fqn, module, hook._tensor_name)
-    return {key: (module, name) for key, (module, name, _) in out.items()}
+    """Return canonical name -> (module, tensor) for every tensor carrying a pruning hook."""
+    return canonical_index(model, _hooked_names)
+
+
+def _hooked_names(module: nn.Module) -> list[str]:
+    return [h._tensor_name for h in module._forward_pre_hooks.values()
+            if isinstance(h, _prune.BasePruningMethod)]

@@ -196,8 +196,7 @@ def layer_count(model: nn.Module) -> int:
     """The number of conv/linear weights in ``model``, pruned or not: recorded beside the
     architecture, whose name alone (a class name outside timm: ``ResNet``) does not tell a
     torchvision resnet18 from a resnet34."""
-    index = _targets.tensor_index(model)
-    return sum(isinstance(m, _targets.PRUNABLE_TYPES) for m, _ in index.values())
+    return len(_targets.layer_weights(model))
 
 
 def library_versions() -> str:
@@ -320,8 +319,8 @@ def extract(
     masks = {key: _kept_signs(key, m, n) for key, (m, n) in found.items()}
     signs, layers = {}, dict(found)
     if dense:
-        for key, (module, name) in _targets.tensor_index(model).items():
-            if key not in masks and isinstance(module, _targets.PRUNABLE_TYPES):
+        for key, (module, name) in _targets.layer_weights(model).items():
+            if key not in masks:
                 _targets.check_initialized(key, module, getattr(module, name), "extracting its signs")
                 signs[key] = _dense_signs(key, getattr(module, name))
                 layers[key] = (module, name)
@@ -352,13 +351,13 @@ def extract(
 
 def _norm_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trained affine parameters of ``model``'s norm layers, by canonical name."""
-    index: dict = {}
-    for fqn, module in model.named_modules():
-        if not _interpolate.is_norm(module):
-            continue
-        for name in ("weight", "bias"):
-            if _targets.has_tensor(module, name):
-                _targets.index_tensor(index, fqn, module, name)
-    for key, (m, n, _) in index.items():
+    index = _targets.canonical_index(model, _affine_names)
+    for key, (m, n) in index.items():
         _targets.check_initialized(key, m, _reparam.original(m, n), "extracting its norms")
-    return {key: _reparam.original(m, n).detach().to("cpu", copy=True) for key, (m, n, _) in index.items()}
+    return {key: _reparam.original(m, n).detach().to("cpu", copy=True) for key, (m, n) in index.items()}
+
+
+def _affine_names(module: nn.Module) -> list[str]:
+    if not _interpolate.is_norm(module):
+        return []
+    return [name for name in ("weight", "bias") if _targets.has_tensor(module, name)]

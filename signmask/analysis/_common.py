@@ -49,11 +49,7 @@ def weights(
     the same names up in several models passes them through :func:`tensor_names` first.
     """
     chosen = tensor_names(names)
-    found = {
-        key: pair
-        for key, pair in _targets.tensor_index(model, "weight", owner=arg).items()
-        if isinstance(pair[0], _targets.PRUNABLE_TYPES)
-    }
+    found = _targets.layer_weights(model, owner=arg)
     if not found:
         raise ValueError(f"{arg} ({type(model).__name__}) has no conv/linear weight")
     if chosen is None:
