@@ -188,9 +188,7 @@ class AutoBackend(Backend):
 
 
 def _signmask_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    targets = _targets.pruned(model)
-    if not targets:
-        raise ValueError(f"nothing in {type(model).__name__} is pruned; no backend to set")
+    targets = _targets.require_pruned(model, "no backend to set", fix=_targets.SHARD_AFTER)
     for key, (module, name) in targets.items():
         if not isinstance(_reparam.find_hook(module, name)[1], _reparam.SignMaskHook):
             raise ValueError(
@@ -268,7 +266,6 @@ def set_backend(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     impl = get_backend(backend)
     targets = _signmask_targets(model)
-    _targets.check_local(targets)
     impl.check(targets, optimizer)
     if backend != "projection":
         for module, name in targets.values():

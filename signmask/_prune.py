@@ -201,11 +201,7 @@ def remove(model: nn.Module) -> nn.Module:
         (4, False)
     """
     _checks.check_model(model, "model")
-    found = _targets.pruned(model)
-    if not found:
-        raise ValueError(f"nothing in {type(model).__name__} is pruned; nothing to remove")
-    _targets.check_local(found, _targets.GATHER_FIRST)
-    for module, name in found.values():
+    for module, name in _targets.require_pruned(model, "nothing to remove").values():
         _prune.remove(module, name)
     _parents.link(model)
     return model

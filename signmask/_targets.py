@@ -332,7 +332,7 @@ def select(
     return chosen
 
 
-_SHARD_AFTER = "prune, apply, transfer and set_backend before sharding the model"
+SHARD_AFTER = "prune, apply, transfer and set_backend before sharding the model"
 GATHER_FIRST = (
     "gather a full state dict first (get_model_state_dict(model, options=StateDictOptions("
     "full_state_dict=True))) and load it into an unsharded model with signmask.load_state_dict"
@@ -346,7 +346,7 @@ def is_dtensor(value) -> bool:
     return dtensor is not None and isinstance(value, dtensor)
 
 
-def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = _SHARD_AFTER) -> None:
+def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = SHARD_AFTER) -> None:
     """Refuse targets on the meta device (no values to rank, sign or mask) or whose Parameter is
     a DTensor (sharded by FSDP2's ``fully_shard`` or tensor parallelism): masks are whole local
     tensors, and mixing them with shards fails mid-way. ``fix`` ends the DTensor message."""
@@ -364,6 +364,17 @@ def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = _SHARD_AFT
             f"DTensor (sharded by fully_shard or tensor parallelism); signmask works on local "
             f"tensors: {fix}"
         )
+
+
+def require_pruned(model: nn.Module, missing: str,
+                   fix: str = GATHER_FIRST) -> dict[str, tuple[nn.Module, str]]:
+    """Return :func:`pruned` ``model``'s tensors, refusing a model with none (``missing`` ends
+    that message: what the caller cannot do) or one :func:`check_local` refuses (``fix``)."""
+    found = pruned(model)
+    if not found:
+        raise ValueError(f"nothing in {type(model).__name__} is pruned; {missing}")
+    check_local(found, fix)
+    return found
 
 
 def untrained(targets: dict[str, tuple[nn.Module, str]], optimizer) -> list[str]:

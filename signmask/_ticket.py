@@ -305,10 +305,7 @@ def extract(
         _checks.check_bool(flag, arg)
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__} {metadata!r}")
-    found = _targets.pruned(model)
-    if not found:
-        raise ValueError(f"nothing in {type(model).__name__} is pruned; prune it before extract()")
-    _targets.check_local(found, _targets.GATHER_FIRST)
+    found = _targets.require_pruned(model, "prune it before extract()")
     odd = [k for k, (m, n) in found.items() if n != "weight" or not isinstance(m, _targets.PRUNABLE_TYPES)]
     if odd:
         raise ValueError(
