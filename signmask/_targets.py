@@ -251,7 +251,7 @@ def select(
     exclude: str | Iterable[str] | None = None,
     filter_fn: FilterFn | None = None,
 ) -> dict[str, tuple[nn.Module, str]]:
-    """The ``.weight`` tensors to prune: every conv and linear layer, filtered.
+    """Return the ``.weight`` tensors to prune: every conv and linear layer, filtered.
 
     Globs match the canonical module name (``"layer1.0.conv1"``, ``"blocks.*.attn.qkv"``).
     Biases, norm parameters, embeddings and other raw Parameters are never selected.
@@ -260,69 +260,35 @@ def select(
     ``weight_norm``, ``spectral_norm``) are skipped with a warning.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``include``/``exclude`` is not a glob or
+            a list of them, ``filter_fn`` is not callable, ``classifier`` is not a bool.
         ValueError: an ``include``/``exclude`` pattern matches no conv/linear module, a chosen
             weight is an uninitialized lazy parameter, or nothing is left to prune.
     """
     check_model(model, "model")
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(
-            f"filter_fn must be callable as filter_fn(module, name), got "
-            f"{type(filter_fn).__name__} {filter_fn!r}"
-        )
+    _check_filter_fn(filter_fn)
     check_bool(classifier, "classifier")
     heads, guess = (set(), None) if classifier else find_heads(model)
-    candidates = layer_weights(model)
+    # By module name, which the globs match: "<name>.weight" less its tensor ("" at the root).
+    layers = {key.rpartition(".")[0]: (key, module, tensor)
+              for key, (module, tensor) in layer_weights(model).items()}
     computed = _computed(model)
-    for patterns, what in ((inc, "include"), (exc, "exclude")):
-        for p in patterns or ():
-            if not any(fnmatch.fnmatchcase(k[: -len(".weight")], p) for k in candidates):
-                hit = sorted(n for n in computed if fnmatch.fnmatchcase(n, p))
-                if hit and what == "exclude":  # silences the warning below
-                    continue
-                if hit:
-                    raise ValueError(
-                        f"{what} pattern {p!r} matches only conv/linear modules whose weight is "
-                        f"computed, not a Parameter ({hit[:3]}: parametrize, weight_norm or "
-                        "spectral_norm); signmask cannot prune those"
-                    )
-                raise ValueError(
-                    f"{what} pattern {p!r} matches no conv/linear module; module names look like "
-                    f"{sorted(k[: -len('.weight')] for k in candidates)[:3]}"
-                )
-    skipped = sorted(
-        n for n in computed if _in_patterns(n, inc, exc)
-    )
-    if skipped:
-        warnings.warn(
-            f"signmask skips {len(skipped)} conv/linear module(s) whose weight is computed, not a "
-            f"Parameter (parametrize, weight_norm, spectral_norm): {skipped[:5]}",
-            UserWarning,
-            stacklevel=3,
-        )
+    _check_patterns(inc, exc, layers, computed)
+    _warn_computed(computed, inc, exc)
     _warn_raw_projections(model, inc, exc)
-    chosen = {}
 
     def in_scope(module: nn.Module, fqn: str) -> bool:
         return _in_patterns(fqn, inc, exc) and (filter_fn is None or bool(filter_fn(module, fqn)))
 
-    for key, (module, tensor) in candidates.items():
-        fqn = key[: -len(".weight")]
+    chosen = {}
+    for fqn, (key, module, tensor) in layers.items():
         if id(module) in heads:
             if guess == fqn and in_scope(module, fqn):  # a guessed head the scope would prune
-                warnings.warn(
-                    f"classifier=False: {type(unwrap(model)).__name__} has no timm "
-                    f"get_classifier() and no nn.Linear, so its last conv, {fqn!r}, is taken as "
-                    "the classifier head and left dense; if that is wrong, pass classifier=True "
-                    "with exclude=",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            continue
-        if not in_scope(module, fqn):
-            continue
-        check_initialized(key, module, module._parameters.get(tensor), "pruning")
-        chosen[key] = (module, tensor)
+                _warn_guessed_head(model, fqn)
+        elif in_scope(module, fqn):
+            check_initialized(key, module, module._parameters.get(tensor), "pruning")
+            chosen[key] = (module, tensor)
     if not chosen:
         raise ValueError(
             f"nothing to prune in {type(model).__name__}: no conv/linear weight is left after "
@@ -330,6 +296,62 @@ def select(
         )
     check_local(chosen)
     return chosen
+
+
+def _check_filter_fn(filter_fn) -> None:
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(
+            f"filter_fn must be callable as filter_fn(module, name), got "
+            f"{type(filter_fn).__name__} {filter_fn!r}"
+        )
+
+
+def _check_patterns(inc: list[str] | None, exc: list[str] | None, layers: Iterable[str],
+                    computed: dict[str, nn.Module]) -> None:
+    """Refuse a glob that matches none of the module names ``layers``: a typo would otherwise
+    change what is pruned silently. One matching only ``computed`` weights is refused for
+    ``include`` (they cannot be pruned) and allowed for ``exclude`` (it silences the warning)."""
+    for patterns, what in ((inc, "include"), (exc, "exclude")):
+        for p in patterns or ():
+            if any(fnmatch.fnmatchcase(n, p) for n in layers):
+                continue
+            hit = sorted(n for n in computed if fnmatch.fnmatchcase(n, p))
+            if hit and what == "exclude":
+                continue
+            if hit:
+                raise ValueError(
+                    f"{what} pattern {p!r} matches only conv/linear modules whose weight is "
+                    f"computed, not a Parameter ({hit[:3]}: parametrize, weight_norm or "
+                    "spectral_norm); signmask cannot prune those"
+                )
+            raise ValueError(
+                f"{what} pattern {p!r} matches no conv/linear module; module names look like "
+                f"{sorted(layers)[:3]}"
+            )
+
+
+def _warn_computed(computed: dict[str, nn.Module], inc, exc) -> None:
+    """Warn of the conv/linear modules in scope whose weight is computed: they are skipped."""
+    skipped = sorted(n for n in computed if _in_patterns(n, inc, exc))
+    if skipped:
+        warnings.warn(
+            f"signmask skips {len(skipped)} conv/linear module(s) whose weight is computed, not a "
+            f"Parameter (parametrize, weight_norm, spectral_norm): {skipped[:5]}",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _warn_guessed_head(model: nn.Module, fqn: str) -> None:
+    """Warn that the last conv ``fqn`` is left dense as a head that :func:`find_heads` guessed."""
+    warnings.warn(
+        f"classifier=False: {type(unwrap(model)).__name__} has no timm "
+        f"get_classifier() and no nn.Linear, so its last conv, {fqn!r}, is taken as "
+        "the classifier head and left dense; if that is wrong, pass classifier=True "
+        "with exclude=",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 SHARD_AFTER = "prune, apply, transfer and set_backend before sharding the model"
