@@ -362,14 +362,21 @@ def install(
     refresh(module, name)
 
 
+def effective(module: nn.Module, name: str) -> torch.Tensor:
+    """Return the ``module.<name>`` the forward uses (masked and sign-locked for a pruned
+    tensor), detached."""
+    _, hook = find_hook(module, name)
+    with torch.no_grad():
+        value = getattr(module, name) if hook is None else hook.apply_mask(module)
+    return value.detach()
+
+
 def refresh(module: nn.Module, name: str) -> None:
     """Recompute ``module.<name>`` of a pruned tensor after its mask, signs, backend or
     ``<name>_orig`` changed outside a forward (the next forward would, but a compiled one or a
     read of ``module.<name>`` before it must not see the old value)."""
-    _, hook = find_hook(module, name)
-    if hook is not None:
-        with torch.no_grad():
-            setattr(module, name, hook.apply_mask(module))
+    if find_hook(module, name)[1] is not None:
+        setattr(module, name, effective(module, name))
 
 
 def uninstall(module: nn.Module, name: str) -> None:

@@ -240,15 +240,13 @@ def _kept_signs(key: str, module: nn.Module, name: str) -> torch.Tensor:
     Using the sign bit (not ``torch.sign``) keeps a kept weight that is exactly +-0.0 in the
     mask, so the ticket's sparsity always equals the model's.
     """
-    with torch.no_grad():
-        hook = _reparam.find_hook(module, name)[1]
-        weight = hook.apply_mask(module)
-        keep = _reparam.current_mask(module, name)
-        _check_finite(key, weight, keep)
-        # 1 - 2 * signbit in int8, in place: torch.where(..., -1, 1) would be int64.
-        signed = torch.signbit(weight).to(torch.int8).mul_(-2).add_(1)
-        del weight
-        return signed.mul_(keep).to("cpu")
+    weight = _reparam.effective(module, name)
+    keep = _reparam.current_mask(module, name)
+    _check_finite(key, weight, keep)
+    # 1 - 2 * signbit in int8, in place: torch.where(..., -1, 1) would be int64.
+    signed = torch.signbit(weight).to(torch.int8).mul_(-2).add_(1)
+    del weight
+    return signed.mul_(keep).to("cpu")
 
 
 def _dense_signs(key: str, values: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .. import _reparam, _targets
+from .. import _targets
 from .._checks import check_bool, check_int, check_model, check_real  # noqa: F401  (shared with the core)
 
 # Accuracies and errors are fractions of a test set (0.11 - 0.09 is 0.020000000000000004):
@@ -63,14 +63,6 @@ def weights(
             f"{sorted(found)[:3]}"
         )
     return {n: found[n] for n in chosen}
-
-
-def effective(module: nn.Module, name: str) -> torch.Tensor:
-    """The weight the forward uses (masked and sign-locked for a pruned tensor), detached."""
-    _, hook = _reparam.find_hook(module, name)
-    with torch.no_grad():
-        value = getattr(module, name) if hook is None else hook.apply_mask(module)
-    return value.detach()
 
 
 def same_names(a: Mapping[str, Any], b: Mapping[str, Any], what_a: str, what_b: str) -> None:

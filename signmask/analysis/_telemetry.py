@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import _reparam
 from .._checks import check_key
-from ._common import check_bool, check_int, check_model, effective, weights
+from ._common import check_bool, check_int, check_model, weights
 
 METRICS = ("sign_changed", "dist_init", "cos_init", "dist_final", "cos_final")
 
@@ -191,7 +191,7 @@ class Telemetry:
         out = {}
         for key, (module, name) in targets.items():
             mask = _reparam.current_mask(module, name)
-            out[key] = (effective(module, name).to("cpu", copy=True),
+            out[key] = (_reparam.effective(module, name).to("cpu", copy=True),
                         None if mask is None else mask.to("cpu", copy=True))
         return out
 
