@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import _targets
-from ._reparam import add_detach, drop_detach, original, rename, stash_outside
+from ._reparam import add_detach, original, rename, restore, stash_outside
 from ._targets import FilterFn, canonical, has_tensor
 
 _TENSORS = ("weight", "bias")
@@ -158,12 +158,8 @@ def _uninstall(module: nn.Module) -> None:
     names = hook.names if hook is not None else _TENSORS
     if key is not None:
         del module._forward_pre_hooks[key]
-    drop_detach(module, names)
     for t in names:
-        module.__dict__.pop(t, None)
-        module._buffers.pop(t + "_init", None)
-        if t + "_orig" in module._parameters:
-            rename(module._parameters, t + "_orig", t)
+        restore(module, t, ("_init",))
 
 
 def attach(

@@ -147,13 +147,8 @@ class SignMaskHook(_prune.PruningContainer):
         from ._projection import forget
 
         forget(module, name)  # the projection backend's gradient and optimizer hooks, if any
-        module.__dict__.pop(name, None)
-        param = module._parameters[name + "_orig"]
-        param.data = weight.data
-        rename(module._parameters, name + "_orig", name)
-        for suffix in ("_mask", "_sign"):
-            module._buffers.pop(name + suffix, None)
-        drop_detach(module, (name,))
+        module._parameters[name + "_orig"].data = weight.data
+        restore(module, name, ("_mask", "_sign"))
 
     def __repr__(self) -> str:
         methods = ", ".join(repr(m) for m in self._pruning_methods)
@@ -384,11 +379,19 @@ def uninstall(module: nn.Module, name: str) -> None:
 
     Unlike ``remove`` this does not write the mask into the weights (used to roll back).
     """
-    key, hook = find_hook(module, name)
+    key, _ = find_hook(module, name)
     if key is not None:
         del module._forward_pre_hooks[key]
+    restore(module, name, ("_mask", "_sign"))
+
+
+def restore(module: nn.Module, name: str, buffers: tuple[str, ...]) -> None:
+    """Undo a reparametrization of ``module.<name>``, all but its pre-hook (the caller's): drop
+    its :class:`DetachWeight` hook, its alias and its ``<name><suffix>`` ``buffers``, and give
+    ``<name>_orig`` its name back (the same Parameter, at its old position)."""
     drop_detach(module, (name,))
     module.__dict__.pop(name, None)
-    for suffix in ("_mask", "_sign"):
+    for suffix in buffers:
         module._buffers.pop(name + suffix, None)
-    rename(module._parameters, name + "_orig", name)
+    if name + "_orig" in module._parameters:
+        rename(module._parameters, name + "_orig", name)
