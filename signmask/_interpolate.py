@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import _targets
-from ._reparam import add_detach, original, rename, restore, stash_outside
+from ._reparam import add_detach, check_free, original, rename, restore, stash_outside
 from ._targets import FilterFn, canonical, has_tensor
 
 _TENSORS = ("weight", "bias")
@@ -133,9 +133,9 @@ def _check(module: nn.Module, label: str) -> tuple[str, ...]:
     for t in names:
         if isinstance(params[t], nn.parameter.UninitializedParameter):
             raise ValueError(f"{label}.{t} is not materialized yet; run one forward first")
-        for suffix in ("_orig", "_init"):
-            if hasattr(module, t + suffix):
-                raise ValueError(f"{label} already has an attribute {t + suffix!r}")
+        roles = {t + "_orig": f"interpolation gives the trained {t}",
+                 t + "_init": f"interpolation gives the initial {t}"}
+        check_free(label, module, roles, "interpolate this layer")
     return names
 
 

@@ -302,16 +302,25 @@ def check_names_free(key: str, module: nn.Module, name: str) -> None:
     that name would silently replace the weight."""
     if find_hook(module, name)[1] is not None:
         return  # pruned: those are its own
+    roles = {"_orig": "the original weight", "_mask": "its mask", "_sign": "its locked signs"}
+    roles = {name + suffix: f"pruning gives {role}" for suffix, role in roles.items()}
+    check_free(key, module, roles, "prune this tensor")
+
+
+def check_free(key: str, module: nn.Module, roles: dict[str, str], doing: str) -> None:
+    """Refuse ``module`` (``key`` in the message) when it already has an attribute named in
+    ``roles`` (name -> what a reparametrization gives it), its own or its class's (a method,
+    a property). The class dicts are read, so a property is not run. ``doing`` ends the message.
+    """
     slots = (module.__dict__, module._parameters, module._buffers, module._modules)
-    for attr in (name + s for s in ("_orig", "_mask", "_sign")):
+    for attr, role in roles.items():
         owner = _defining_class(module, attr)
         if owner is None and not any(attr in d for d in slots):
             continue
-        role = {"_orig": "the original weight", "_mask": "its mask", "_sign": "its locked signs"}
         where = "" if owner is None else f" (of its class {owner.__name__})"
         raise ValueError(
             f"{key}: {type(module).__name__} already has an attribute {attr!r}{where}, the name "
-            f"pruning gives {role[attr[len(name):]]}; rename that attribute to prune this tensor"
+            f"{role}; rename that attribute to {doing}"
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -629,10 +630,29 @@ def test_attach_refuses_a_norm_owning_an_attribute_named_like_its_buffers():
     net = nn.Sequential(nn.LayerNorm(4), OddNorm(4))
     net[1].weight_init = "user data"
     before = snapshot(net)
-    with pytest.raises(ValueError, match="^1 already has an attribute 'weight_init'"):
+    message = ("1: OddNorm already has an attribute 'weight_init', the name interpolation gives "
+               "the initial weight; rename that attribute to interpolate this layer")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         interp.attach(net, torch.tensor(0.5))
     assert_same(before, snapshot(net))
     assert net[1].weight_init == "user data" and interp.interpolated(net) == {}
+
+
+def test_attach_refuses_a_colliding_property_without_running_it():
+    # hasattr() ran the property; the class dicts are read instead, as prune's check does
+    calls = []
+
+    class PropNorm(nn.LayerNorm):
+        @property
+        def bias_init(self):
+            calls.append(self)
+            return None
+
+    net = nn.Sequential(PropNorm(4))
+    with pytest.raises(ValueError, match=r"^0: PropNorm already has an attribute 'bias_init' "
+                                         r"\(of its class PropNorm\), the name interpolation gives"):
+        interp.attach(net, torch.tensor(0.5))
+    assert calls == [] and interp.interpolated(net) == {}
 
 
 def test_failure_inside_install_rolls_back_the_partly_installed_layer(monkeypatch):
