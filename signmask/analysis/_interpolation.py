@@ -7,9 +7,8 @@ import itertools
 import torch
 from torch import nn
 
-from .. import _bits, _targets
-from .._reparam import refresh
-from ._common import check_model, check_real, clone
+from .. import _bits, _reparam, _targets
+from ._common import check_model, check_real, clone, same_names
 
 
 def _tensors(model: nn.Module, arg: str) -> dict[str, torch.Tensor]:
@@ -25,8 +24,8 @@ def _differences(key: str, a: torch.Tensor, b: torch.Tensor, pruned: dict) -> in
     if not key.endswith("_sign"):  # bool (signmask) or float (stock prune) masks: compare keeps
         return int(((a != 0) != (b != 0)).count_nonzero())  # sum() would copy to int64
     module, name = pruned[key[: -len("_sign")]]
-    shape = module._parameters[name + "_orig"].shape
-    keep = module._buffers[name + "_mask"] == 1
+    shape = _reparam.original(module, name).shape
+    keep = _reparam.current_mask(module, name)
     bits_a, bits_b = _bits.sign_bits(a, shape), _bits.sign_bits(b, shape)
     return int(((bits_a != bits_b) & keep).count_nonzero())
 
@@ -38,18 +37,13 @@ def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
     buffers (``num_batches_tracked``) are kept from ``model_a``.
     """
     ta, tb = _tensors(model_a, "model_a"), _tensors(model_b, "model_b")
-    only_a, only_b = [k for k in ta if k not in tb], [k for k in tb if k not in ta]
-    if only_a or only_b:
-        raise ValueError(
-            "model_a and model_b have different tensors (same architecture and pruning layout "
-            f"needed): only in model_a: {only_a[:5]}, only in model_b: {only_b[:5]}"
-        )
+    same_names(ta, tb, "model_a", "model_b")
     pruned_a, pruned_b = _targets.pruned(model_a), _targets.pruned(model_b)
     if pruned_a.keys() != pruned_b.keys():
         diff = sorted(pruned_a.keys() ^ pruned_b.keys())
         raise ValueError(f"model_a and model_b prune different tensors: first difference {diff[0]!r}")
     structural = {f"{k}{s}" for k in pruned_a for s in ("_mask", "_sign")}
-    locked = {f"{k}_orig" for k, (m, n) in pruned_a.items() if n + "_sign" in m._buffers}
+    locked = {f"{k}_orig" for k, (m, n) in pruned_a.items() if _reparam.is_sign_locked(m, n)}
     plan = {}
     for key, a in ta.items():
         b = tb[key]
@@ -130,7 +124,7 @@ def write_blend(target: nn.Module, model_a: nn.Module, model_b: nn.Module, alpha
                 bits = _bits.sign_bits(module._buffers[name + "_sign"], tt[key].shape)
                 _blend_into(tt[key], ta[key], tb[key], alpha, negative=bits)
         for module, name in owners.values():
-            refresh(module, name)
+            _reparam.refresh(module, name)
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
