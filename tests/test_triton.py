@@ -20,7 +20,7 @@ from torch import nn
 
 import signmask
 from signmask import _backends, _bits, _reparam, _triton, _triton_linear
-from _util import bits_equal
+from _util import backends_of, bits_equal
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not _triton.INTERPRETED:
@@ -371,10 +371,10 @@ def test_torch_func_and_forward_ad_take_the_torch_path(locked):
 def test_set_backend_triton_refuses_other_dtypes_first():
     model = _model(None)
     model[3].weight_orig.data = model[3].weight_orig.data.to(torch.complex64)
-    before, state = _backends.backends_of(model), copy.deepcopy(model.state_dict())
+    before, state = backends_of(model), copy.deepcopy(model.state_dict())
     with pytest.raises(TypeError, match=r"3.weight is torch.complex64 \(use backend='torch'\)"):
         _backends.set_backend(model, "triton")
-    assert _backends.backends_of(model) == before
+    assert backends_of(model) == before
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
