@@ -134,6 +134,31 @@ class _Sums:
         return self.changed / self.count if self.count else math.nan
 
 
+def _compare(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+             ) -> tuple[dict[str, _Sums], _Sums]:
+    """The sums of each ``(now, reference, keep)`` triple, and of all of them together."""
+    layers, total = {}, _Sums()
+    for key, (x, y, keep) in pairs.items():
+        layers[key] = _Sums().add(x, y, keep)
+        # a fresh _Sums holds exactly this tensor's terms, so merging adds the same numbers
+        # in the same order as a second add() would, without computing them twice
+        total.merge(layers[key])
+    return layers, total
+
+
+def _both(keep: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
+    """The entries two masks both keep (None: a dense tensor, which keeps every entry)."""
+    return keep if other is None else (other if keep is None else keep & other)
+
+
+def _to_init(sums: _Sums) -> Stats:
+    return Stats(sums.fraction(), sums.distance(), sums.cosine())
+
+
+def _with_final(stats: Stats, sums: _Sums) -> Stats:
+    return dataclasses.replace(stats, dist_final=sums.distance(), cos_final=sums.cosine())
+
+
 class Telemetry:
     """Record how the conv/linear weights of ``model`` move away from their init.
 
@@ -230,15 +255,9 @@ class Telemetry:
         if step % self.every:
             return False
         now = self._read(self.model, self._targets)
-        layers, total = {}, _Sums()
-        for key, (w, keep) in now.items():
-            sums = _Sums().add(w, self._init[key], keep)
-            # a fresh _Sums holds exactly this tensor's terms, so merging adds the same numbers
-            # in the same order as a second add() would, without computing them twice
-            total.merge(sums)
-            layers[key] = Stats(sums.fraction(), sums.distance(), sums.cosine())
-        overall = Stats(total.fraction(), total.distance(), total.cosine())
-        self._records.append(Record(step, layers, overall))
+        layers, total = _compare({key: (w, self._init[key], keep) for key, (w, keep) in now.items()})
+        self._records.append(Record(step, {key: _to_init(sums) for key, sums in layers.items()},
+                                    _to_init(total)))
         if self.keep_snapshots:
             self._snapshots.append(now)
         return True
@@ -282,16 +301,14 @@ class Telemetry:
                                  f"{tuple(self._init[key].shape)} when tracked")
         updated = []
         for rec, snap in zip(self._records, self._snapshots):
-            layers, total = {}, _Sums()
+            pairs = {}
             for key, (w, keep) in snap.items():
-                fw, fkeep = last[key]
-                both = keep if fkeep is None else (fkeep if keep is None else keep & fkeep)
-                sums = _Sums().add(w, fw, both)
-                total.merge(sums)
-                layers[key] = dataclasses.replace(rec.layers[key], dist_final=sums.distance(),
-                                                  cos_final=sums.cosine())
-            updated.append(Record(rec.step, layers, dataclasses.replace(
-                rec.total, dist_final=total.distance(), cos_final=total.cosine())))
+                final_w, final_keep = last[key]
+                pairs[key] = (w, final_w, _both(keep, final_keep))
+            layers, total = _compare(pairs)
+            updated.append(Record(rec.step, {key: _with_final(rec.layers[key], sums)
+                                             for key, sums in layers.items()},
+                                  _with_final(rec.total, total)))
         self._records = updated
         self._finished = True
         return self.records
