@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from torch.nn import functional as F
 import signmask
 
 from ._files import write_atomic
-from .analysis import barrier, evaluate, reestimate_bn
+from .analysis import _plots, barrier, evaluate, reestimate_bn
 
 DATASETS = ("mnist", "digits")
 ROWS = (
@@ -232,13 +231,8 @@ def table(rows: list[dict]) -> str:
 
 def plot(results: dict) -> bytes:
     """PNG: test accuracy per search round, the five final accuracies, the error barriers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
-    ax_rounds, ax_bars, ax_lmc = fig.subplots(1, 3)
+    # taller than the analysis plots: the bar chart's tick labels take two lines
+    fig, (ax_rounds, ax_bars, ax_lmc) = _plots._figure(3, height=4.2)
     for method, hist in results["searches"].items():
         pct = [(100 * h["sparsity"], 100 * h["acc"]) for h in hist]
         ax_rounds.plot(*zip(*pct), "o-", label=method.upper())
@@ -258,9 +252,7 @@ def plot(results: dict) -> bytes:
         ax_lmc.plot(curve["alpha"], [100 * e for e in curve["error"]], "o-", label=label)
     ax_lmc.set(xlabel="0 = solution, 1 = new init + its signed mask", ylabel="test error (%)", title="error barrier")
     ax_lmc.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return _plots._render(fig, "png")
 
 
 # --------------------------------------------------------------------------------- main

@@ -272,3 +272,18 @@ def test_choose_threads_uses_one_thread_once_the_load_reaches_1(monkeypatch):
 def test_results_table_has_one_row_per_network():
     rows = [{"label": "a", "accuracy": 0.5, "sparsity": 0.0}, {"label": "b", "accuracy": 0.25, "sparsity": 0.8}]
     assert _demo.table(rows).splitlines()[2:] == ["| a | 50.00% | 0.00% |", "| b | 25.00% | 80.00% |"]
+
+
+def test_plot_leaves_matplotlib_global_backend_alone():
+    # it called matplotlib.use("Agg"), switching the backend of the user's own pyplot figures
+    code = (
+        "import matplotlib\n"
+        "matplotlib.use('pdf')\n"
+        "from signmask import _demo\n"
+        "curve = {'alpha': [0.0, 1.0], 'error': [0.1, 0.2], 'barrier': 0.05}\n"
+        "results = {'settings': {'sparsity': 0.8}, 'rows': [{'accuracy': 0.5}] * 5,\n"
+        "           'searches': {'aws': [{'sparsity': 0.0, 'acc': 0.5}]}, 'barrier': {'aws': curve}}\n"
+        "print(_demo.plot(results)[:4], matplotlib.get_backend())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "b'\\x89PNG' pdf"

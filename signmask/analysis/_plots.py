@@ -40,14 +40,14 @@ def _check_mapping(value: Any, arg: str) -> None:
             raise TypeError(f"{arg} labels must be str, got {type(label).__name__} {label!r}")
 
 
-def _figure(ncols: int, entries: int = 0):
+def _figure(ncols: int, entries: int = 0, *, height: float = 4.0):
     """A figure of ``ncols`` axes, taller by a line per legend entry (legends go below)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
-    fig = Figure(figsize=(5 * ncols, 4 + 0.22 * entries), layout="constrained")
+    fig = Figure(figsize=(5 * ncols, height + 0.22 * entries), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
@@ -68,11 +68,17 @@ def _style(i: int) -> dict:
     return {"color": f"C{i % 10}", "marker": marker, "linestyle": linestyle}
 
 
-def _write(fig, path: Path, fmt: str) -> Path:
+def _render(fig, fmt: str) -> bytes:
+    """The figure as a file of format ``fmt``, in memory: nothing is written if drawing fails."""
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=100)
+    return buf.getvalue()
+
+
+def _write(fig, path: Path, fmt: str) -> Path:
+    data = _render(fig, fmt)
     make_folder(path)  # as signmask.save does
-    return write_atomic(path, buf.getvalue())
+    return write_atomic(path, data)
 
 
 def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike) -> Path:
