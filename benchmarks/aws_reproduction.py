@@ -230,7 +230,7 @@ def make_model(preset: Preset, in_chans: int, seed: int, device: str) -> nn.Modu
 
 
 def accuracy(model: nn.Module, loader) -> float:
-    return 1.0 - analysis.evaluate(model, loader).error
+    return analysis.evaluate(model, loader).accuracy
 
 
 def train_epochs(model: nn.Module, loader: Batches, opt, sched, epochs: int) -> None:

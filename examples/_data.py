@@ -68,7 +68,7 @@ def load_data(path: str, n_train: int, n_test: int, seed: int, size: int = 16) -
 def accuracy(model: nn.Module, loader: DataLoader) -> float:
     """Top-1 test accuracy (``signmask.analysis.evaluate``: eval mode, no gradients, each module's
     train/eval flag restored afterwards)."""
-    return 1.0 - analysis.evaluate(model, loader).error
+    return analysis.evaluate(model, loader).accuracy
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

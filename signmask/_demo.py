@@ -162,7 +162,7 @@ def train(model, opt, sched, data, s: Settings, epochs: int, gen: torch.Generato
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Test accuracy in eval mode; the model's mode is restored."""
-    return 1.0 - evaluate(model, batches(x, y)).error
+    return evaluate(model, batches(x, y)).accuracy
 
 
 def sparsity(model: nn.Module) -> float:

@@ -326,6 +326,17 @@ def test_evaluate_weights_batches_by_size_and_restores_mode():
         analysis.evaluate(net, [])
 
 
+def test_evaluation_accuracy_is_the_fraction_of_targets_right():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    result = analysis.evaluate(net, [(x, y)])
+    with torch.no_grad():
+        right = int((net(x).argmax(1) == y).sum())
+    assert result.accuracy == 1.0 - result.error == pytest.approx(right / 10)
+    assert len(result) == 2  # a property, not a field: `loss, error = evaluate(...)` still unpacks
+
+
 # -------------------------------------------------------------------------------- barrier
 def test_barrier_of_a_network_with_itself_is_exactly_zero():
     model = tiny(0)

@@ -253,6 +253,8 @@ class Evaluation(NamedTuple):
     """Mean loss and error rate (fraction misclassified, in [0, 1]) over a loader.
 
     Returned by :func:`evaluate`; a ``NamedTuple``, so ``loss, error = evaluate(...)`` works.
+    Its ``accuracy`` property is ``1.0 - error``, the fraction of counted targets whose top-1
+    class is right.
 
     Args:
         loss: the mean of ``loss_fn`` over the counted targets.
@@ -263,10 +265,17 @@ class Evaluation(NamedTuple):
         >>> loss, error = Evaluation(0.25, 0.1)
         >>> error
         0.1
+        >>> Evaluation(0.25, 0.25).accuracy
+        0.75
     """
 
     loss: float
     error: float
+
+    @property
+    def accuracy(self) -> float:
+        """``1.0 - error``: the fraction of counted targets whose top-1 class is right."""
+        return 1.0 - self.error
 
 
 def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_entropy,
