@@ -13,16 +13,12 @@ from . import _io, _ticket
 
 def _table(ticket) -> list[str]:
     rows = [("tensor", "shape", "kept", "sparsity", "% negative")]
-    # The ticket's own rule (0.0 for an empty tensor), which the header's total follows too.
-    sparsity = ticket.layer_sparsity()
-    entries = [(name, m, sparsity[name]) for name, m in ticket.masks.items()]
-    entries += [
-        (k + " (dense sign)", v, _ticket.fraction_pruned(int(v.count_nonzero()), v.numel()))
-        for k, v in ticket.signs.items()
-    ]
-    for name, m, pruned in entries:
+    entries = [*ticket.masks.items(), *((k + " (dense sign)", v) for k, v in ticket.signs.items())]
+    for name, m in entries:
         kept = int(m.count_nonzero())
         neg = int((m < 0).count_nonzero())
+        # The ticket's own rule (0.0 for an empty tensor), which the header's total follows too.
+        pruned = _ticket.fraction_pruned(kept, m.numel())
         rows.append((
             name,
             "x".join(map(str, m.shape)) or "scalar",
