@@ -1,4 +1,4 @@
-"""Data, accuracy and results output shared by the examples (not part of what they show).
+"""Options, data, accuracy and results output shared by the examples (not part of what they show).
 
 CIFAR-10 from an ``.npz`` holding ``x_train``, ``y_train``, ``x_test``, ``y_test`` (uint8 HWC
 images), or ``"synthetic"``: a seeded, learnable 10-class image task made on the spot, so nothing
@@ -7,6 +7,7 @@ is downloaded.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -18,10 +19,25 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from signmask import analysis
-from signmask._files import write_atomic
 
 # The repository's shared data folder, if this checkout has one beside it.
 DEFAULT_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10.npz"
+
+
+def base_parser(doc: str, *, out: str, lr: float, seed_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every example takes (described by the first line of ``doc``); an example adds
+    its own, then fills the defaults left at None with :func:`fill_defaults`."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    quick = os.environ.get("SIGNMASK_EXAMPLES_QUICK", "0") not in ("", "0")  # "0" is off
+    p.add_argument("--quick", action="store_true", default=quick,
+                   help="a seconds-long run on synthetic data (also: env SIGNMASK_EXAMPLES_QUICK=1)")
+    p.add_argument("--data", default=None, help="CIFAR-10 .npz or 'synthetic' (default: CIFAR-10 if found)")
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned weights")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    return p
 
 
 def fill_defaults(args, quick: dict, full: dict):
@@ -72,5 +88,10 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    """Write ``obj`` as indented JSON, atomically: an interrupted run leaves the old file whole."""
-    return write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """Write ``obj`` as indented JSON to a temp file renamed over ``path``: an interrupted run
+    leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

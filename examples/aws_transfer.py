@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
-import os
 from pathlib import Path
 
 import torch
@@ -48,8 +46,7 @@ from torch.utils.data import DataLoader
 
 import signmask
 from signmask import analysis
-from signmask._files import write_atomic
-from _data import accuracy, fill_defaults, load_data, write_json  # the examples' data, beside them
+from _data import accuracy, base_parser, fill_defaults, load_data, write_json  # shared helpers, beside them
 
 def make_model(width: int, seed: int) -> nn.Module:
     """A small BatchNorm CNN for 16x16 RGB images and 10 classes, initialized from ``seed``."""
@@ -86,20 +83,12 @@ def retrain(model: nn.Module, loader: DataLoader, test_loader: DataLoader, epoch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    quick = os.environ.get("SIGNMASK_EXAMPLES_QUICK", "0") not in ("", "0")  # "0" is off
-    p.add_argument("--quick", action="store_true", default=quick,
-                   help="a seconds-long run on synthetic data (also: env SIGNMASK_EXAMPLES_QUICK=1)")
-    p.add_argument("--data", default=None, help="CIFAR-10 .npz or 'synthetic' (default: CIFAR-10 if found)")
-    p.add_argument("--out", default="out/aws_transfer", help="output folder")
-    p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned weights")
+    p = base_parser(__doc__, out="out/aws_transfer", lr=0.05,
+                    seed_help="the search's init; the new init uses seed + 1")
     p.add_argument("--rate", type=float, default=None, help="fraction of remaining weights pruned per round")
     p.add_argument("--epochs", type=int, default=None, help="epochs per search round")
     p.add_argument("--retrain-epochs", type=int, default=None, help="epochs of training after the transfer")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0, help="the search's init; the new init uses seed + 1")
     args = p.parse_args(argv)
     return fill_defaults(
         args,
@@ -144,12 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         fresh = make_model(args.width, args.seed + 1)
         signmask.transfer(out / "ticket.safetensors", fresh, signs=signs)  # signmask
         acc = retrain(fresh, train_loader(), test_loader, args.retrain_epochs, args.lr)
-        buffer = io.BytesIO()
-        torch.save(fresh.state_dict(), buffer)
-        write_atomic(out / f"transfer_{signs}.pt", buffer.getvalue())
-        kept = sum(int(b.sum()) for n, b in fresh.named_buffers() if n.endswith("_mask"))
-        total = sum(b.numel() for n, b in fresh.named_buffers() if n.endswith("_mask"))
-        table.append({"model": f"{label} (signs={signs!r})", "sparsity": 1 - kept / total, "acc": acc})
+        torch.save(fresh.state_dict(), out / f"transfer_{signs}.pt")
+        sparsity = signmask.extract(fresh).sparsity  # the ticket's mask, installed by transfer
+        table.append({"model": f"{label} (signs={signs!r})", "sparsity": sparsity, "acc": acc})
 
     print(f"\n{'model':<44} {'sparsity':>8} {'test acc':>8}")
     for row in table:

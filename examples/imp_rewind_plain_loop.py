@@ -30,7 +30,6 @@ and ``results.json`` (per round: sparsity, optimizer steps, test accuracy).
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import signmask
-from _data import accuracy, fill_defaults, load_data, write_json  # the examples' data, beside them
+from _data import accuracy, base_parser, fill_defaults, load_data, write_json  # shared helpers, beside them
 
 def make_model(width: int) -> nn.Module:
     """A small BatchNorm CNN for 16x16 RGB images and 10 classes."""
@@ -65,18 +64,9 @@ def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    quick = os.environ.get("SIGNMASK_EXAMPLES_QUICK", "0") not in ("", "0")  # "0" is off
-    p.add_argument("--quick", action="store_true", default=quick,
-                   help="a seconds-long run on synthetic data (also: env SIGNMASK_EXAMPLES_QUICK=1)")
-    p.add_argument("--data", default=None, help="CIFAR-10 .npz or 'synthetic' (default: CIFAR-10 if found)")
-    p.add_argument("--out", default="out/imp_rewind", help="output folder")
-    p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned weights")
+    p = base_parser(__doc__, out="out/imp_rewind", lr=0.1)
     p.add_argument("--epochs", type=int, default=None, help="epochs per round")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     fill_defaults(
         args,

@@ -30,7 +30,6 @@ accuracy of the model and of its EMA). ``--data`` takes a CIFAR-10 ``.npz`` with
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import signmask
-from _data import accuracy, fill_defaults, load_data, write_json  # the examples' data, beside them
+from _data import accuracy, base_parser, fill_defaults, load_data, write_json  # shared helpers, beside them
 from signmask._compat import import_timm
 
 def train_one_epoch(model: nn.Module, ema, loader: DataLoader, opt: torch.optim.Optimizer,
@@ -59,20 +58,11 @@ def train_one_epoch(model: nn.Module, ema, loader: DataLoader, opt: torch.optim.
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    quick = os.environ.get("SIGNMASK_EXAMPLES_QUICK", "0") not in ("", "0")  # "0" is off
-    p.add_argument("--quick", action="store_true", default=quick,
-                   help="a seconds-long run on synthetic data (also: env SIGNMASK_EXAMPLES_QUICK=1)")
-    p.add_argument("--data", default=None, help="CIFAR-10 .npz or 'synthetic' (default: CIFAR-10 if found)")
-    p.add_argument("--out", default="out/timm_ema", help="output folder")
+    p = base_parser(__doc__, out="out/timm_ema", lr=0.05)
     p.add_argument("--method", default="aws", choices=("aws", "lrr"))
-    p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned conv weights")
     p.add_argument("--rate", type=float, default=None, help="fraction of remaining weights pruned per round")
     p.add_argument("--epochs", type=int, default=None, help="epochs per round (warm-up included)")
-    p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--ema-decay", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     return fill_defaults(
         args,
