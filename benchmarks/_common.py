@@ -20,22 +20,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from signmask._compat import import_timm  # noqa: E402, F401 (the benchmarks call _common.import_timm)
+from signmask._files import write_atomic  # noqa: E402
+
 # SIGNMASK_RESULTS_DIR: elsewhere, for dry runs that must not overwrite the committed results.
 RESULTS = Path(os.environ.get("SIGNMASK_RESULTS_DIR") or ROOT / "benchmarks" / "results")
 # Fixed mmap threshold (128 KiB): glibc otherwise raises it after frees and reuses heap pages.
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-
-
-def import_timm():
-    from signmask._compat import import_timm as _import_timm
-
-    return _import_timm()
 
 
 def environment(device: str) -> dict:
@@ -130,10 +127,8 @@ def summary(samples_ms: list[float]) -> dict:
     }
 
 
-# ------------------------------------------------------------------ CPU memory (Linux /proc)
-
-
 def rss_bytes(field: str = "VmRSS") -> int:
+    """A memory ``field`` of ``/proc/self/status`` (Linux), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -190,8 +185,6 @@ def run_child(args: list[str], timeout: float = 900) -> dict:
 def write_results(stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     """Write ``results/<stem>.json`` and ``.md``, each atomically (an interrupted run leaves the
     previous file whole)."""
-    from signmask._files import write_atomic
-
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
     write_atomic(json_path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())

@@ -76,8 +76,8 @@ def quick(s: Settings) -> Settings:
     return dataclasses.replace(s, epochs=1, round_epochs=1, rate=0.6, width=8, batch=64, points=3, limit=256)
 
 
-# --------------------------------------------------------------------------------- data
 def _stratified_split(y, test_fraction: float, seed: int):
+    """Train and test indices: ``test_fraction`` of each class goes to test, shuffled by ``seed``."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -116,7 +116,6 @@ def load_data(name: str, limit: int | None = None) -> dict[str, torch.Tensor]:
     return {"xtr": x[train], "ytr": y[train], "xte": x[test], "yte": y[test]}
 
 
-# ------------------------------------------------------------------------------- model
 def build_model(s: Settings, seed: int) -> nn.Module:
     """The demo's ResNet (timm), initialized from ``seed``."""
     from ._compat import import_timm
@@ -143,7 +142,6 @@ def steps_per_epoch(data: dict, s: Settings) -> int:
     return math.ceil(len(data["ytr"]) / s.batch)
 
 
-# ---------------------------------------------------------------------------- training
 def train(model, opt, sched, data, s: Settings, epochs: int, gen: torch.Generator, bar=None) -> None:
     """Plain mini-batch training; ``bar`` (tqdm) is advanced once per step."""
     model.train()
@@ -205,8 +203,8 @@ def search_run(method: str, model: nn.Module, data: dict, s: Settings, out: Path
     return accuracy(model, data["xte"], data["yte"]), search.ticket, search.history
 
 
-# ----------------------------------------------------------------------- error barrier
 def batches(x: torch.Tensor, y: torch.Tensor, size: int = 500) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` in batches of ``size``: the loader that evaluation and BN re-estimation read."""
     return list(zip(x.split(size), y.split(size)))
 
 
@@ -221,7 +219,6 @@ def error_barrier(method: str, a: nn.Module, b: nn.Module, data: dict, s: Settin
     return {"alpha": list(curve.alphas), "error": list(curve.errors), "barrier": curve.barrier}
 
 
-# ------------------------------------------------------------------------------ outputs
 def table(rows: list[dict]) -> str:
     """The results as a markdown table."""
     lines = ["| network | test accuracy | sparsity |", "| --- | ---: | ---: |"]
@@ -255,7 +252,6 @@ def plot(results: dict) -> bytes:
     return _plots._render(fig, "png")
 
 
-# --------------------------------------------------------------------------------- main
 def run(s: Settings, out: str | os.PathLike) -> dict:
     """Run the whole demo; write and return the results."""
     start = time.perf_counter()
@@ -288,6 +284,7 @@ def run(s: Settings, out: str | os.PathLike) -> dict:
 
 
 def write_outputs(results: dict, out: Path) -> None:
+    """Write results.json, results.md and demo.png under ``out``; print the markdown."""
     b = results["barrier"]
     md = (
         f"# signmask demo: Find A Winning Sign on {results['settings']['data']}\n\n{table(results['rows'])}\n\n"
@@ -301,7 +298,6 @@ def write_outputs(results: dict, out: Path) -> None:
     print(f"wrote {out}/results.json, results.md, demo.png, aws.safetensors, lrr.safetensors")
 
 
-# ---------------------------------------------------------------------------------- CLI
 def _fraction(text: str) -> float:
     try:
         value = float(text)

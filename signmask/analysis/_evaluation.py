@@ -248,7 +248,6 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
     return model
 
 
-# ------------------------------------------------------------------------------ evaluate
 class Evaluation(NamedTuple):
     """Mean loss and error rate (fraction misclassified, in [0, 1]) over a loader.
 
