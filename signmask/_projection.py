@@ -54,12 +54,18 @@ class MaskGrad:
     """Post-accumulate-grad hook: mask ``weight_orig.grad`` in place (before any clipping)."""
 
     def __init__(self, module, name: str) -> None:
-        self.module, self.name = module, name
+        # The module weakly: torch keeps post-accumulate-grad hooks where the garbage collector
+        # cannot see them, so module -> Parameter -> this hook -> module would be a cycle never
+        # collected, and every model dropped while on this backend would keep its tensors.
+        self.module, self.name = weakref.ref(module), name
 
     def __call__(self, param: torch.Tensor) -> None:
-        hook = _reparam.find_hook(self.module, self.name)[1]
+        module = self.module()
+        if module is None:  # the module is gone, the Parameter lives on elsewhere
+            return
+        hook = _reparam.find_hook(module, self.name)[1]
         if getattr(hook, "backend", None) == "projection" and param.grad is not None:
-            ops.mask_grad(hook, param.grad, self.module._buffers[self.name + "_mask"])
+            ops.mask_grad(hook, param.grad, module._buffers[self.name + "_mask"])
 
 
 class _OptimizerHook:

@@ -6,9 +6,11 @@ gradient clipping), ``"auto"`` on CPU must be the torch path.
 """
 
 import copy
+import gc
 import re
 import io
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -630,6 +632,20 @@ def test_leaving_projection_unhooks_its_optimizer_without_being_given_it(leave):
 def _mask_grad_hooks(model) -> int:
     return sum(isinstance(fn, _projection.MaskGrad) for p in model.parameters()
                for fn in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values())
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_a_model_dropped_on_projection_is_freed(signs):
+    # Its MaskGrad hooks sit on its Parameters, where the garbage collector cannot follow them:
+    # holding their module strongly made every such model (weights, masks, grads) live forever.
+    model = _pruned(signs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    _train(model, opt, _batches(1))
+    refs = [weakref.ref(t) for t in (model, *model.modules(), *model.parameters(), *model.buffers())]
+    del model, opt
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
 
 
 @pytest.mark.parametrize("signs", [None, "locked"])
