@@ -375,6 +375,41 @@ def test_eval_mode_alias_passes_gradients_for_frozen_statistics():
     assert net[1].weight_orig.grad is not None and net[1].weight_orig.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_training_forward_gets_the_same_gradients(reentrant, autocast):
+    # The recomputing backward runs the hooks again, with the alpha of the forward (the search
+    # draws the next one after the step): the same outputs and gradients of the trained norm
+    # parameters (and of the rest), bitwise; module.weight left detached, as after a forward.
+    from torch.utils.checkpoint import checkpoint
+
+    def run(mode):
+        net = small_net()
+        alpha = torch.tensor(0.0)
+        interp.attach(net, alpha)
+        torch.manual_seed(2)
+        perturb(net)
+        net.train()
+        seen = []
+        for step, a in enumerate((0.3, 0.8)):
+            alpha.fill_(a)
+            x = inputs(seed=step).requires_grad_(mode is not None)
+            net.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                if mode is None:
+                    out = net(x)
+                else:
+                    out = checkpoint(net[4:], checkpoint(net[:4], x, use_reentrant=mode), use_reentrant=mode)
+            out.float().square().sum().backward()
+            seen += [out.detach(), *(p.grad.clone() for p in net.parameters())]
+            assert all(m.weight.grad_fn is None and m.bias.grad_fn is None for m in (net[1], net[5]))
+        return seen
+
+    expected, got = run(None), run(reentrant)
+    assert len(expected) == len(got) == 2 * 11  # the output and 10 gradients per step
+    assert all(torch.equal(a, b) and torch.equal(a.signbit(), b.signbit()) for a, b in zip(expected, got))
+
+
 def test_alpha_of_other_dtype_and_module_in_float64():
     net, x = small_net(), inputs()
     net.double()

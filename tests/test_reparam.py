@@ -19,10 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+from torch.utils.checkpoint import checkpoint
 
 import signmask
 from signmask import _bits, _methods, _reparam
-from _util import tiny
+from _util import bits_equal, tiny
 
 LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -373,6 +374,77 @@ def test_torch_compile_fullgraph_follows_mask_changes():
     twin = copy.deepcopy(model)
     with torch.no_grad():
         assert torch.equal(twin(x), model(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# activation checkpointing
+
+
+def _checkpointed(model: nn.Sequential, x: torch.Tensor, reentrant: bool | None) -> torch.Tensor:
+    """``model(x)`` in two checkpointed segments (``reentrant`` None: not checkpointed)."""
+    if reentrant is None:
+        return model(x)
+    return checkpoint(model[3:], checkpoint(model[:3], x, use_reentrant=reentrant), use_reentrant=reentrant)
+
+
+def _hooks(model: nn.Module) -> list:
+    return [(list(m._forward_pre_hooks.values()), list(m._forward_hooks.values())) for m in model.modules()]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_activation_checkpointing_recomputes_the_same_weights(signs, reentrant, autocast):
+    # The backward runs the pre-hooks again to recompute a checkpointed segment (the reentrant
+    # form's first pass runs them without grad): the same outputs, gradients and steps, bitwise,
+    # with sign-locked weights crossing zero; module.weight left detached, no hook added.
+    def run(mode):
+        model = signmask.prune(small_net(), 0.6, signs=signs)
+        hooks = _hooks(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        seen = []
+        for step in range(3):
+            x = inputs(seed=step).requires_grad_(mode is not None)  # reentrant: an input with grad
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = _checkpointed(model, x, mode)
+            out.float().square().sum().backward()
+            seen += [out.detach(), *(p.grad.clone() for p in model.parameters())]
+            opt.step()
+        assert _hooks(model) == hooks
+        assert all(m.weight.grad_fn is None for m in layers(model))
+        copy.deepcopy(model)
+        return seen + list(model.parameters())
+
+    expected, got = run(None), run(reentrant)
+    assert len(expected) == len(got) and all(bits_equal(a, b) for a, b in zip(expected, got))
+
+
+def test_torch_compile_of_a_checkpointed_model():
+    # The pre-hooks set module.weight, a side effect dynamo refuses inside a checkpointed region
+    # (so does stock prune's): without fullgraph it breaks the graph there; with torch's switch to
+    # skip replaying forward side effects in the recomputation (harmless here: the weight is
+    # recomputed from weight_orig inside the graph) the whole model compiles.
+    def run(compiled, fullgraph=False):
+        model = signmask.prune(small_net(), 0.6, signs="locked")
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        torch._dynamo.reset()
+        forward = torch.compile(_checkpointed, backend="aot_eager", fullgraph=fullgraph) if compiled else _checkpointed
+        seen = []
+        for step in range(2):  # the second step: the graph's weights follow weight_orig
+            opt.zero_grad()
+            out = forward(model, inputs(seed=step), False if compiled else None)
+            out.square().sum().backward()
+            seen += [out.detach(), *(p.grad.clone() for p in model.parameters())]
+            opt.step()
+        copy.deepcopy(model)
+        return seen
+
+    expected = run(False)
+    for fullgraph in (False, True):
+        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=fullgraph):
+            got = run(True, fullgraph)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(expected, got))
 
 
 # ----------------------------------------------------------------------------------------------

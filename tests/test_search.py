@@ -527,6 +527,45 @@ def test_timm_optimizer_scheduler_and_ema():
     ema.update(model, step=search.step)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_grad_checkpointing_finds_the_same_ticket(reentrant):
+    # timm's set_grad_checkpointing: the backward recomputes every stage, running the pruning
+    # and norm-interpolation hooks again with the round's alpha. Every gradient, and so the
+    # ticket (masks, signs, trained norms), equals the run without checkpointing, bitwise.
+    from signmask._compat import import_timm
+
+    timm = import_timm()
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    def run(checkpointed):
+        torch.manual_seed(0)
+        model = timm.create_model("resnet10t", pretrained=False, num_classes=5)
+        model.set_grad_checkpointing(checkpointed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        search = signmask.apply(model, "aws", 0.75, optimizer=opt, rounds=2, progress=False)
+        gen = torch.Generator().manual_seed(0)
+        grads = []
+        for r in search:
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(2, 3, 32, 32, generator=gen)).square().mean().backward()
+                grads += [p.grad.clone() for p in model.parameters()]
+                opt.step()
+        return search.ticket, grads
+
+    before = use_reentrant_ckpt()
+    set_reentrant_ckpt(reentrant)
+    try:
+        (a, grads_a), (b, grads_b) = run(False), run(True)
+    finally:
+        set_reentrant_ckpt(before)
+    assert len(grads_a) == len(grads_b) and all(torch.equal(x, y) for x, y in zip(grads_a, grads_b))
+    for field in ("masks", "signs", "norms"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert a.kept == round(a.numel * 0.25) and len(a.norms) > 0
+
+
 @pytest.mark.parametrize("method", ["imp", "aws"])
 def test_compiled_model_follows_masks_and_alpha(method):
     model, opt, sched, search = setup(method, sparsity=0.36)

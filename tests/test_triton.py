@@ -307,6 +307,42 @@ def test_triton_backend_trains_like_torch_backend(signs, autocast):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_triton_backend_under_activation_checkpointing_trains_as_without_it(autocast, reentrant, monkeypatch):
+    # The recomputing backward calls the kernel's Function again (the reentrant form's first pass
+    # without grad, writing the weight in orig's dtype and leaving the cast to autocast): the same
+    # outputs, gradients and steps as the torch path without checkpointing, bitwise.
+    from torch.utils.checkpoint import checkpoint
+
+    launches = []
+    kernel = _triton.masked_weight_forward
+    monkeypatch.setattr(_triton, "masked_weight_forward", lambda *a: launches.append(1) or kernel(*a))
+    ref, model = _model("locked"), _model("locked")
+    _backends.set_backend(model, "triton")
+    launches.clear()  # set_backend's own refresh
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (ref, model)]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = torch.randn(2, 3, 5, 5, generator=gen).to(DEVICE)
+        seen = []
+        for net, opt in zip((ref, model), opts):
+            opt.zero_grad()
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                if net is ref:
+                    out = net(x)
+                else:
+                    h = checkpoint(net[:2], x.clone().requires_grad_(reentrant), use_reentrant=reentrant)
+                    out = checkpoint(net[2:], h, use_reentrant=reentrant)
+            out.float().square().mean().backward()
+            seen.append([out, *(p.grad.clone() for p in net.parameters())])
+            opt.step()
+        assert all(bits_equal(a, b) for a, b in zip(*seen))
+        assert all(bits_equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+        assert all(m.weight.grad_fn is None for m in (model[0], model[3]))
+    assert len(launches) == 2 * 2 * 2  # 2 steps, 2 layers, forward and recomputation
+
+
 def test_triton_backend_remove_keeps_dtype_under_autocast():
     model = _model("locked")
     _backends.set_backend(model, "triton")
