@@ -26,7 +26,8 @@ from ._prune import prune, remove
 from ._state_dict import load_state_dict
 from ._apply import apply
 from ._search import Search
-from ._ticket import Ticket, extract
+from ._extract import extract
+from ._ticket import Ticket
 from ._transfer import transfer
 from ._version import __version__
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from . import _distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume, _snapshot
 from ._progress import OWN_RECORDS, RoundBar
-from ._ticket import Ticket, extract
+from ._extract import extract
+from ._ticket import Ticket
 
 
 class Search:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from . import _checks, _interpolate, _io, _methods, _parents, _prune, _reparam, _targets
-from ._ticket import Ticket, architecture, layer_count
+from ._extract import architecture, layer_count
+from ._ticket import Ticket
 
 _MODES = ("init", "locked", "keep")
 

@@ -1,7 +1,5 @@
 """Density schedules and rewind points: counts against direct arithmetic, errors for bad input."""
 
-import math
-
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
