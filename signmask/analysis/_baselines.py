@@ -16,10 +16,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .. import _checks, _methods, _parents, _reparam
+from .. import _methods, _parents, _reparam
 from .. import _transfer as _transfer_mod
 from .._ticket import Ticket
-from ._common import TOLERANCE, check_bool, check_int, check_model, check_real
+from .._checks import check_bool, check_int, check_model, check_real, check_seed
+from ._common import TOLERANCE
 
 
 def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,
@@ -88,7 +89,7 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
         >>> int(analysis.random_prune(ticket, torch.nn.Linear(10, 10), seed=0).weight_mask.sum())
         10
     """
-    seed = _checks.check_seed(seed)
+    seed = check_seed(seed)
     check_model(model, "model")  # before reading a ticket file
     ticket = _transfer_mod._resolve(ticket, "random_prune")
     # transfer's own check, so the two baselines refuse alike

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from .. import _targets
-from .._checks import check_bool, check_int, check_model, check_real  # noqa: F401  (shared with the core)
 
 # Accuracies and errors are fractions of a test set (0.11 - 0.09 is 0.020000000000000004):
 # within this of a threshold a value counts as on it, so the same counts get one verdict.

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import TOLERANCE, check_int, check_iterable, check_model, clone
+from .._checks import check_int, check_model
+from ._common import TOLERANCE, check_iterable, clone
 from ._evaluation import LossFn, bn_modules, evaluate_named, reestimate_bn_named
 from ._interpolation import plan_blend, write_blend
 

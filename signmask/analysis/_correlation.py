@@ -19,7 +19,8 @@ from torch import nn
 
 from .. import _reparam
 from .._select import prefix_end
-from ._common import check_model, check_real, same_names, tensor_names, weights
+from .._checks import check_model, check_real
+from ._common import same_names, tensor_names, weights
 
 
 def top_k_mask(weight: torch.Tensor, k: int) -> torch.Tensor:

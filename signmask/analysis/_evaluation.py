@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._interpolate import NormInterpolation
-from ._common import check_int, check_iterable, check_model, device_of, split_batch
+from .._checks import check_int, check_model
+from ._common import check_iterable, device_of, split_batch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .. import _bits, _reparam, _targets
-from ._common import check_model, check_real, clone, same_names
+from .._checks import check_model, check_real
+from ._common import clone, same_names
 
 
 def _tensors(model: nn.Module, arg: str) -> dict[str, torch.Tensor]:

@@ -19,9 +19,9 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .. import _checks, _methods, _reparam
-from .._checks import check_key
-from ._common import check_model, check_real, weights
+from .. import _methods, _reparam
+from .._checks import check_key, check_model, check_real, check_seed
+from ._common import weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +318,7 @@ def perturb(
     if spec.random:
         if seed is None:
             raise ValueError(f"kind={kind!r} is random: pass seed=")
-        seed = _checks.check_seed(seed)
+        seed = check_seed(seed)
     if spec.needs_sigma:
         if sigma_n is None:
             raise ValueError(f"kind={kind!r} needs sigma_n= (the noise std in units of the init std)")

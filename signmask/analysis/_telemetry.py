@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .. import _reparam
-from .._checks import check_key
-from ._common import check_bool, check_int, check_model, weights
+from .._checks import check_bool, check_int, check_key, check_model
+from ._common import weights
 
 METRICS = ("sign_changed", "dist_init", "cos_init", "dist_final", "cos_final")
 
