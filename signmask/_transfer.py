@@ -14,7 +14,8 @@ from ._ticket import Ticket
 _MODES = ("init", "locked", "keep")
 
 
-def _resolve(ticket: Ticket | str | os.PathLike, caller: str = "transfer") -> Ticket:
+def resolve(ticket: Ticket | str | os.PathLike, caller: str = "transfer") -> Ticket:
+    """``ticket`` checked, or loaded from its path; ``TypeError`` naming ``caller`` otherwise."""
     if isinstance(ticket, Ticket):
         return ticket._checked()
     if isinstance(ticket, (str, os.PathLike)):
@@ -22,14 +23,14 @@ def _resolve(ticket: Ticket | str | os.PathLike, caller: str = "transfer") -> Ti
     raise TypeError(f"{caller}() takes a Ticket or a path as ticket, got {type(ticket).__name__}")
 
 
-def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None:
-    """When ``enabled``, refuse a model of another architecture than the ticket's.
+def check_same_architecture(ticket: Ticket, model: nn.Module) -> None:
+    """Refuse a model of another architecture than the ticket's, or a deeper one.
 
     A ticket without a recorded architecture matches any model. Shared with
     :func:`signmask.analysis.random_prune`, so both refuse the same models the same way.
     """
     want = ticket.metadata.get("architecture")
-    if not enabled or want is None:
+    if want is None:
         return
     have = architecture(model)
     if want != have:
@@ -52,7 +53,7 @@ def _check_architecture(ticket: Ticket, model: nn.Module, enabled: bool) -> None
         )
 
 
-def _plan(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Tensor]]) -> list:
+def match_tensors(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, torch.Tensor]]) -> list:
     """Match every ticket tensor to a model tensor; raise before anything is changed."""
     index = {}
     for suffix in ("weight", "bias"):
@@ -172,8 +173,9 @@ def transfer(
     for flag, arg in ((biases, "biases"), (dense, "dense"), (norms, "norms"),
                       (check_architecture, "check_architecture")):
         _checks.check_bool(flag, arg)
-    ticket = _resolve(ticket)
-    _check_architecture(ticket, model, check_architecture)
+    ticket = resolve(ticket)
+    if check_architecture:
+        check_same_architecture(ticket, model)
     if norms and not ticket.norms:
         raise ValueError(
             "norms=True, but the ticket recorded no norm parameters (a search records them; "
@@ -182,7 +184,7 @@ def transfer(
     groups = {"mask": ticket.masks, "norm": dict(ticket.norms) if norms else {}}
     if signs != "keep":  # "keep" writes no sign, so a bias or dense head need not even match
         groups["sign"] = {k: v for k, v in ticket.signs.items() if _wanted(k, ticket, biases, dense)}
-    plan = _plan(ticket, model, groups)
+    plan = match_tensors(ticket, model, groups)
     for role, key, _, _, target, _ in plan:
         if role == "mask":
             _reparam.check_dtype(key, target, locked=signs == "locked")

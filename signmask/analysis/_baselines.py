@@ -50,7 +50,7 @@ def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,
         8
     """
     check_model(model, "model")  # before reading a ticket file
-    ticket = _transfer_mod._resolve(ticket, "random_reinit")
+    ticket = _transfer_mod.resolve(ticket, "random_reinit")
     return _transfer_mod.transfer(ticket, model, signs="keep",
                                   check_architecture=check_architecture)
 
@@ -91,10 +91,10 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
     """
     seed = check_seed(seed)
     check_model(model, "model")  # before reading a ticket file
-    ticket = _transfer_mod._resolve(ticket, "random_prune")
-    # transfer's own check, so the two baselines refuse alike
-    _transfer_mod._check_architecture(ticket, model, check_bool(check_architecture, "check_architecture"))
-    plan = _transfer_mod._plan(ticket, model, {"mask": ticket.masks})
+    ticket = _transfer_mod.resolve(ticket, "random_prune")
+    if check_bool(check_architecture, "check_architecture"):  # transfer's own check: refused alike
+        _transfer_mod.check_same_architecture(ticket, model)
+    plan = _transfer_mod.match_tensors(ticket, model, {"mask": ticket.masks})
     masks = []
     for index, (_, key, module, name, target, signed) in enumerate(plan):
         numel, kept = signed.numel(), int(signed.count_nonzero())
