@@ -2,8 +2,8 @@
 
 Every file signmask writes (tickets, plots, the demo's results, benchmark tables) goes through
 :func:`write_atomic`: a temp file in the target's folder, fsync, then ``os.replace``, so a reader
-sees the old file or the new one, never a partial one. Errors name the user's path, never the
-temp file.
+sees the old file or the new one, never a partial one (a device or a pipe is written into, as
+``open()`` does). Errors name the user's path, never the temp file.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     Raises:
         IsADirectoryError: ``path`` is a folder.
         PermissionError: ``path`` is a file this process may not write (read-only), which
-            ``open()`` refuses too; it is left as it is.
+            ``open()`` refuses too; it is left as it is. On a read-only file system, ``open()``'s
+            own ``OSError`` (``EROFS``), the file left as it is too.
         OSError: the write failed; the message names ``path`` (not the temp file), and no file is
             left behind.
     """
@@ -81,10 +82,11 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
         with open(given, "wb") as f:  # its errors name ``path``
             f.write(data)
         return given
-    effective = os.access in os.supports_effective_ids  # open() checks the effective user
-    if found is not None and not os.access(given, os.W_OK, effective_ids=effective):
-        # open() refuses a file its user may not write; the rename needs the folder's permission only
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(given))
+    if found is not None:
+        # open() refuses a file it may not write (read-only, on a read-only file system...),
+        # where the rename needs the folder's permission only: opened for writing as open()
+        # would (not truncated), it raises open()'s own error, naming ``path``.
+        os.close(os.open(str(given), os.O_WRONLY | getattr(os, "O_BINARY", 0)))
     path = Path(os.path.realpath(given))
     try:
         _replace_with(path, data)

@@ -274,17 +274,48 @@ def test_save_through_a_symlink_loop_is_refused_and_keeps_the_link(tmp_path):
     assert loop.is_symlink() and os.readlink(loop) == str(loop) and os.listdir(tmp_path) == ["loop.safetensors"]
 
 
+def _refuse_writes(monkeypatch, error: int, refused) -> None:
+    """Make os.open (and os.access) refuse with ``error`` what the kernel would refuse to open for
+    writing: the paths for which ``refused(path, flags)`` holds."""
+    real_open, real_access = os.open, os.access
+
+    def fake_open(p, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR) and refused(os.fspath(p), flags):
+            raise OSError(error, os.strerror(error), os.fspath(p))
+        return real_open(p, flags, *args, **kwargs)
+
+    def fake_access(p, mode, **kwargs):
+        return not (mode & os.W_OK and refused(os.fspath(p), 0)) and real_access(p, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "access", fake_access)
+
+
 def test_save_onto_a_read_only_file_is_refused_and_leaves_it(tmp_path, monkeypatch):
     # open() and torch.save refuse it; the rename needed only the folder's permission.
     path = signmask.save(signmask.Ticket({"a.weight": torch.tensor([1, 0, -1])}), tmp_path / "t.safetensors")
     path.chmod(0o444)
     before = path.read_bytes()
     if os.geteuid() == 0:  # root may write any file: stand in for another user
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: not mode & os.W_OK or bool(os.stat(p).st_mode & 0o222))
+        _refuse_writes(monkeypatch, errno.EACCES,
+                       lambda p, flags: os.path.exists(p) and not os.stat(p).st_mode & 0o222)
     with pytest.raises(PermissionError, match=rf"^\[Errno 13\] Permission denied: '{path}'$"):
         signmask.save(_small_ticket(), path)
     assert path.read_bytes() == before and path.stat().st_mode & 0o777 == 0o444
     assert os.listdir(tmp_path) == ["t.safetensors"]
+
+
+def test_save_onto_a_file_of_a_read_only_file_system_raises_what_open_raises(tmp_path, monkeypatch):
+    # open() says EROFS, for an existing file as for a new one; an os.access() check turned the
+    # first into PermissionError: [Errno 13] Permission denied.
+    path = signmask.save(signmask.Ticket({"a.weight": torch.tensor([1, 0, -1])}), tmp_path / "t.safetensors")
+    before = path.read_bytes()
+    _refuse_writes(monkeypatch, errno.EROFS, lambda p, flags: os.path.dirname(p) == str(tmp_path))
+    for target in (path, tmp_path / "new.safetensors"):
+        with pytest.raises(OSError, match=rf"^\[Errno {errno.EROFS}\] Read-only file system: '{target}'$") as got:
+            signmask.save(_small_ticket(), target)
+        assert type(got.value) is OSError and got.value.errno == errno.EROFS
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["t.safetensors"]
 
 
 @pytest.fixture
