@@ -55,7 +55,8 @@ def check_fits(state: dict[str, Any], model: torch.nn.Module, masks: dict[str, t
     _snapshot.check_same_keys(_snapshot.live_weights(model), rewind, "the saved rewind snapshot")
 
 
-def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolating: bool) -> Ticket | None:
+def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolating: bool,
+                scheduler_state: Any = None) -> Ticket | None:
     """Raise ``ValueError`` for a state the search cannot apply whole; the ticket of a finished
     search, else None.
 
@@ -63,6 +64,8 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
         state: :meth:`signmask.Search.state_dict`'s output, version and config already checked.
         generator_state: the resuming search's own AWS generator state (dtype and shape to match).
         interpolating: whether the search interpolates norms (then ``alpha`` must be a float).
+        scheduler_state: the resuming search's own scheduler state (None without a scheduler):
+            where it is a dict (torch's and timm's schedulers), the restart's must be one too.
     """
     def bad(key: str, expected: str) -> ValueError:
         value = state.get(key)
@@ -87,11 +90,15 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
     if not (isinstance(restart, dict) and {"param_groups", "scheduler"} <= restart.keys()):
         raise bad("restart", "the optimizer and scheduler snapshot (a dict)")
     groups, scheduler = restart["param_groups"], restart["scheduler"]
-    # Read at the end of the round: a bad one would raise after the round had trained.
-    if not (isinstance(groups, list) and (scheduler is None or isinstance(scheduler, dict))
+    # Read at the end of the round: a bad one would raise after the round had trained. A
+    # scheduler's state is whatever its own state_dict() gives (a duck-typed one's need not be
+    # a dict), and none is loaded into a search without a scheduler.
+    dict_scheduler = isinstance(scheduler_state, dict)
+    scheduler_ok = scheduler is None or not dict_scheduler or isinstance(scheduler, dict)
+    if not (isinstance(groups, list) and scheduler_ok
             and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
         raise bad("restart", "the optimizer and scheduler snapshot (param_groups: a list of dicts with "
-                  "'params'; scheduler: None or a dict)")
+                  f"'params'{'; scheduler: None or a dict' if dict_scheduler else ''})")
     if not (isinstance(state.get("history"), list) and all(isinstance(h, dict) for h in state["history"])):
         raise bad("history", "a list of dicts")
     if not state["done"]:
@@ -152,7 +159,9 @@ def restore(search, state: dict[str, Any]) -> None:
     search.config.check_same(state["config"])
     check_fits(state, search.model, search._masks("load_state_dict()"))
     # everything, before the first write
-    ticket = check_state(state, search._generator.get_state(), search._alpha is not None)
+    scheduler = search.scheduler
+    ticket = check_state(state, search._generator.get_state(), search._alpha is not None,
+                         None if scheduler is None else scheduler.state_dict())
     with torch.no_grad():
         for k, mask in search._masks("load_state_dict()").items():
             mask.copy_(state["masks"][k] != 0)

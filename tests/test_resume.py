@@ -1,5 +1,6 @@
 """Checking a saved search state before anything of it is applied (signmask/_resume.py)."""
 
+import io
 import re
 
 import pytest
@@ -10,11 +11,16 @@ from signmask import _resume
 from _util import tiny
 
 
-def _state(method="aws"):
+def _state(method="aws", scheduler=None):
     model = tiny(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    search = signmask.apply(model, method, 0.5, optimizer=opt, progress=False)
+    sched = None if scheduler is None else scheduler(opt)
+    search = signmask.apply(model, method, 0.5, optimizer=opt, scheduler=sched, progress=False)
     return search, search.state_dict()
+
+
+def _step_lr(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=1)
 
 
 def test_a_state_as_saved_passes_and_a_running_search_has_no_ticket():
@@ -57,27 +63,71 @@ def test_a_state_missing_entries_is_refused_by_name_and_changes_nothing(edit, me
     assert all(torch.equal(before[k], after[k]) for k in before) and search.round == 0
 
 
-@pytest.mark.parametrize("method, edit, message", [
+@pytest.mark.parametrize("method, scheduler, edit, message", [
     # were AttributeError: 'list' object has no attribute 'keys' / 'str' object has no attribute 'shape'
-    ("imp", lambda state: state.update(rewind_weights=[1, 2]),
+    ("imp", None, lambda state: state.update(rewind_weights=[1, 2]),
      "state['rewind_weights'] should be None or a dict of tensors, found list [1, 2]"),
-    ("imp", lambda state: state["rewind_weights"].update({"conv1.weight_orig": "x"}),
+    ("imp", None, lambda state: state["rewind_weights"].update({"conv1.weight_orig": "x"}),
      "state['rewind_weights']['conv1.weight_orig'] should be a tensor, found str"),
     # read when the round ends: were a TypeError after the round had trained
-    ("aws", lambda state: state["restart"].update(param_groups=[1]),
+    ("aws", None, lambda state: state["restart"].update(param_groups=[1]),
      "state['restart'] should be the optimizer and scheduler snapshot (param_groups: a list of dicts "
-     "with 'params'; scheduler: None or a dict), found dict {'param_groups': [1], 'scheduler': None}"),
-    ("aws", lambda state: state["restart"].update(scheduler="x"),
-     "state['restart'] should be the optimizer and scheduler snapshot (param_groups: a list of dicts"),
+     "with 'params'), found dict {'param_groups': [1], 'scheduler': None}"),
+    ("aws", _step_lr, lambda state: state["restart"].update(scheduler="x"),
+     "state['restart'] should be the optimizer and scheduler snapshot (param_groups: a list of dicts "
+     "with 'params'; scheduler: None or a dict), found dict {'param_groups': "),
 ])
-def test_a_rewind_or_restart_snapshot_of_the_wrong_kind_is_refused_before_any_change(method, edit, message):
-    search, state = _state(method)
+def test_a_rewind_or_restart_snapshot_of_the_wrong_kind_is_refused_before_any_change(method, scheduler, edit,
+                                                                                    message):
+    search, state = _state(method, scheduler)
     before = {k: v.clone() for k, v in search.model.state_dict().items()}
     edit(state)
     with pytest.raises(ValueError, match="^cannot resume: " + re.escape(message)):
         search.load_state_dict(state)
     after = search.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and search.round == 0
+
+
+class _TupleScheduler:
+    """A duck-typed scheduler (state_dict()/load_state_dict()) whose state is no dict."""
+
+    def __init__(self, opt):
+        self.opt, self.steps, self.loaded = opt, 0, []
+
+    def step(self):
+        self.steps += 1
+
+    def state_dict(self):
+        return (self.steps, self.opt.param_groups[0]["lr"])
+
+    def load_state_dict(self, state):
+        self.loaded.append(state)
+        self.steps = state[0]
+
+
+def test_a_search_with_a_scheduler_whose_state_is_no_dict_resumes():
+    # apply() takes any scheduler with state_dict()/load_state_dict(); the restart snapshot holds
+    # what its state_dict() gave, and the state the search wrote must load back (it was refused:
+    # "scheduler: None or a dict").
+    def make():
+        model = tiny(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = _TupleScheduler(opt)
+        search = signmask.apply(model, "lrr", 0.5, optimizer=opt, scheduler=sched, rounds=2, progress=False)
+        return model, opt, sched, search
+
+    model, opt, sched, search = make()
+    search.start_round()
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    buffer = io.BytesIO()
+    torch.save(search.state_dict(), buffer)
+    buffer.seek(0)
+    model2, opt2, sched2, search2 = make()
+    search2.load_state_dict(torch.load(buffer, weights_only=True))
+    search2.finish_round()  # restarts the schedule from the snapshot taken at apply()
+    assert search2.round == 1 and sched2.loaded == [(0, 0.1)] and sched2.steps == 0
 
 
 def test_a_state_of_a_newer_version_says_to_upgrade():
