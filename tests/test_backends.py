@@ -676,6 +676,23 @@ def test_a_model_dropped_on_projection_is_freed(signs):
     assert [r for r in refs if r() is not None] == []
 
 
+def test_a_gradient_reaching_a_weight_whose_module_is_gone_is_left_alone():
+    # MaskGrad holds its module weakly: once the module is freed, a backward through its
+    # weight_orig (kept elsewhere) finds no mask to apply and leaves the gradient as computed.
+    model = _pruned("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    orig = model[0].weight_orig
+    assert _mask_grad_hooks(model) == 3
+    module = weakref.ref(model[0])
+    del model, opt
+    gc.collect()
+    assert module() is None
+    scale = torch.arange(1.0, orig.numel() + 1).view(orig.shape)
+    (orig * scale).sum().backward()
+    assert torch.equal(orig.grad, scale) and not hasattr(orig.grad, "_signmask_masked")
+
+
 @pytest.mark.parametrize("signs", [None, "locked"])
 def test_remove_after_projection_leaves_plain_parameters(signs):
     (ref, ref_opt), (proj, proj_opt) = _torch_and_projection(signs)
