@@ -17,8 +17,12 @@ class RoundBar:
         self.enabled = enabled
         self.bar = None
 
+    def shown(self) -> bool:
+        """Whether a bar is shown for a round: ``enabled``, and on rank 0."""
+        return self.enabled and _distributed.rank0()
+
     def open(self, desc: str, total: int | None, initial: int) -> None:
-        if not (self.enabled and _distributed.rank0()):
+        if not self.shown():
             return
         from tqdm.auto import tqdm  # not at import: tqdm is needed only when a bar is shown
 

@@ -387,6 +387,8 @@ class Search:
             self._alpha.fill_(torch.rand((), generator=self._generator).item())
 
     def _open_bar(self) -> None:
+        if not self._bar.shown():  # its description reads every mask: not for nothing
+            return
         c = self.config
         desc = f"{c.method} round {self.round}/{c.prune_steps} ({self.sparsity:.1%} sparse)"
         self._bar.open(desc, self.steps_per_round, self.round_step)

@@ -820,6 +820,21 @@ def test_progress_bar_advances_once_per_optimizer_step():
     search.close()
 
 
+@pytest.mark.parametrize("progress, rank, counts", [(False, 0, 1), (True, 1, 1), (True, 0, 2)])
+def test_a_round_without_a_bar_counts_its_masks_once(monkeypatch, progress, rank, counts):
+    # The bar's description reads the sparsity (every mask counted, a device sync per tensor on
+    # CUDA): only where a bar is shown, as before the bar had a class of its own.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+    model, opt, _, search = setup("lrr", progress=progress)
+    kept = []
+    real = type(search)._kept
+    monkeypatch.setattr(type(search), "_kept", lambda self: kept.append(1) or real(self))
+    search.start_round()  # the history records the sparsity; a bar's description reads it again
+    assert len(kept) == counts
+    search.close()
+
+
 def test_a_round_of_one_step_does_not_warn():
     # S12: only a round without any optimizer step warns
     model, opt, _, search = setup("lrr")
