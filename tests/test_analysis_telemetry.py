@@ -13,7 +13,7 @@ import signmask
 from signmask import analysis
 from signmask._compat import import_timm
 
-from _util import Wrapper, assert_same, snapshot, tiny
+from _util import Wrapper, assert_same, since_timm, snapshot, tiny
 
 timm = import_timm()
 KEYS = ("conv1.weight", "conv2.weight", "fc.weight")
@@ -175,6 +175,7 @@ def test_records_after_finish_have_final_distances_once_finish_runs_again():
     assert rec.series("dist_final") == [3.0, 0.0] and rec.series("cos_final") == [1.0, 1.0]
 
 
+@since_timm("1.0.10", "test_convnext")
 def test_telemetry_on_a_timm_model_with_layernorm():
     model = timm.create_model("test_convnext", pretrained=False, num_classes=5)
     rec = analysis.Telemetry(model)

@@ -19,6 +19,8 @@ from torch import nn
 import signmask
 from signmask import _interpolate
 
+from _util import since_timm
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -69,6 +71,7 @@ def check_ticket(path: Path, numels: dict[str, int], sparsity: float, method: st
     return ticket
 
 
+@since_timm("1.0.10", "test_resnet")
 def test_prune_save_transfer_carries_the_signed_mask(tmp_path, capsys):
     ex = load_example("prune_save_transfer")
     path = tmp_path / "t.safetensors"

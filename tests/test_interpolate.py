@@ -24,7 +24,7 @@ from torch.nn.utils import prune as torch_prune
 from signmask import _interpolate as interp
 from signmask._compat import import_timm
 
-from _util import Wrapper, assert_same, snapshot
+from _util import Wrapper, assert_same, since_timm, snapshot, timm_at_least
 
 timm = import_timm()
 L = timm.layers
@@ -45,6 +45,7 @@ class Case:
     id: str
     make: Callable[[], nn.Module]
     shape: tuple[int, ...]
+    since: str = "1.0.8"  # the timm release that added the layer (pyproject's floor: 1.0.8)
 
 
 TORCH_CASES = [
@@ -80,31 +81,31 @@ TIMM_CASES = [
     Case("timm.GroupNorm", lambda: L.GroupNorm(C, num_groups=2), NCHW),
     Case("timm.GroupNorm1", lambda: L.GroupNorm1(C), NCHW),
     Case("timm.LayerNorm", lambda: L.LayerNorm(C), NLC),
-    Case("timm.LayerNormFp32", lambda: L.LayerNormFp32(C), NLC),
+    Case("timm.LayerNormFp32", lambda: L.LayerNormFp32(C), NLC, "1.0.17"),
     Case("timm.LayerNorm2d", lambda: L.LayerNorm2d(C), NCHW),
-    Case("timm.LayerNorm2dFp32", lambda: L.LayerNorm2dFp32(C), NCHW),
+    Case("timm.LayerNorm2dFp32", lambda: L.LayerNorm2dFp32(C), NCHW, "1.0.17"),
     Case("timm.LayerNormExp2d", lambda: LayerNormExp2d(C), NCHW),
     Case("timm.RmsNorm", lambda: L.RmsNorm(C), NLC),
-    Case("timm.RmsNormFp32", lambda: L.RmsNormFp32(C), NLC),
-    Case("timm.RmsNorm2d", lambda: L.RmsNorm2d(C), NCHW),
-    Case("timm.RmsNorm2dFp32", lambda: L.RmsNorm2dFp32(C), NCHW),
-    Case("timm.SimpleNorm", lambda: L.SimpleNorm(C), NLC),
-    Case("timm.SimpleNormFp32", lambda: L.SimpleNormFp32(C), NLC),
-    Case("timm.SimpleNorm2d", lambda: L.SimpleNorm2d(C), NCHW),
-    Case("timm.SimpleNorm2dFp32", lambda: L.SimpleNorm2dFp32(C), NCHW),
+    Case("timm.RmsNormFp32", lambda: L.RmsNormFp32(C), NLC, "1.0.17"),
+    Case("timm.RmsNorm2d", lambda: L.RmsNorm2d(C), NCHW, "1.0.10"),
+    Case("timm.RmsNorm2dFp32", lambda: L.RmsNorm2dFp32(C), NCHW, "1.0.17"),
+    Case("timm.SimpleNorm", lambda: L.SimpleNorm(C), NLC, "1.0.13"),
+    Case("timm.SimpleNormFp32", lambda: L.SimpleNormFp32(C), NLC, "1.0.17"),
+    Case("timm.SimpleNorm2d", lambda: L.SimpleNorm2d(C), NCHW, "1.0.13"),
+    Case("timm.SimpleNorm2dFp32", lambda: L.SimpleNorm2dFp32(C), NCHW, "1.0.17"),
     # timm/layers/norm_act.py
     Case("timm.BatchNormAct2d", lambda: L.BatchNormAct2d(C), NCHW),
     Case("timm.SyncBatchNormAct", lambda: L.SyncBatchNormAct(C), NCHW),
     Case("timm.GroupNormAct", lambda: L.GroupNormAct(C, num_groups=2), NCHW),
     Case("timm.GroupNorm1Act", lambda: L.GroupNorm1Act(C), NCHW),
     Case("timm.LayerNormAct", lambda: L.LayerNormAct(C), NLC),
-    Case("timm.LayerNormActFp32", lambda: L.LayerNormActFp32(C), NLC),
+    Case("timm.LayerNormActFp32", lambda: L.LayerNormActFp32(C), NLC, "1.0.17"),
     Case("timm.LayerNormAct2d", lambda: L.LayerNormAct2d(C), NCHW),
-    Case("timm.LayerNormAct2dFp32", lambda: L.LayerNormAct2dFp32(C), NCHW),
-    Case("timm.RmsNormAct", lambda: L.RmsNormAct(C), NLC),
-    Case("timm.RmsNormActFp32", lambda: L.RmsNormActFp32(C), NLC),
-    Case("timm.RmsNormAct2d", lambda: L.RmsNormAct2d(C), NCHW),
-    Case("timm.RmsNormAct2dFp32", lambda: L.RmsNormAct2dFp32(C), NCHW),
+    Case("timm.LayerNormAct2dFp32", lambda: L.LayerNormAct2dFp32(C), NCHW, "1.0.17"),
+    Case("timm.RmsNormAct", lambda: L.RmsNormAct(C), NLC, "1.0.17"),
+    Case("timm.RmsNormActFp32", lambda: L.RmsNormActFp32(C), NLC, "1.0.17"),
+    Case("timm.RmsNormAct2d", lambda: L.RmsNormAct2d(C), NCHW, "1.0.17"),
+    Case("timm.RmsNormAct2dFp32", lambda: L.RmsNormAct2dFp32(C), NCHW, "1.0.17"),
     # timm/layers/evo_norm.py (B0/S0 also own `v`, which is not interpolated)
     Case("timm.EvoNorm2dB0", lambda: L.EvoNorm2dB0(C), NCHW),
     Case("timm.EvoNorm2dB1", lambda: L.EvoNorm2dB1(C), NCHW),
@@ -126,9 +127,14 @@ TIMM_CASES = [
     Case("timm.LayerNormNoBias", lambda: LayerNormNoBias(C), NLC),
 ]
 CASES = TORCH_CASES + TIMM_CASES
+# Each case, skipped on a timm older than its layer.
+CASE_PARAMS = [pytest.param(c, id=c.id, marks=since_timm(c.since, c.id)) for c in CASES]
 
-# Every class above, and timm's InplaceAbn (its forward needs the inplace_abn extension).
-NORM_CLASSES = tuple({type(c.make()) for c in CASES} | {L.InplaceAbn}) + (
+# Every class above that this timm has, and timm's InplaceAbn (its forward needs the inplace_abn
+# extension).
+NORM_CLASSES = tuple(
+    {type(c.make()) for c in CASES if timm_at_least(c.since)} | {L.InplaceAbn}
+) + (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
     nn.InstanceNorm3d,  # what the lazy layers become
 )
@@ -168,7 +174,7 @@ def set_affine(module: nn.Module, values: dict[str, torch.Tensor], suffix: str =
             module.get_submodule(fqn)._parameters[t + suffix].copy_(v)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_norm_layer_against_float64_oracle(case):
     module, x = build(case)
     norms = {n: m for n, m in module.named_modules() if is_expected_norm(m)}
@@ -239,7 +245,7 @@ def test_norm_layer_against_float64_oracle(case):
 # is_norm
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_is_norm_for_every_norm_type(case):
     assert interp.is_norm(case.make())
 
@@ -562,14 +568,17 @@ TIMM_MODELS = [
     ("mobilenetv3_small_050", {}, 32),
     ("regnetx_002", {}, 32),
     ("levit_128s", {"img_size": 64}, 64),
-    ("test_efficientnet_evos", {}, 32),
-    ("test_efficientnet_gn", {}, 32),
-    ("test_efficientnet_ln", {}, 32),
-    ("test_vit4", {}, 32),
+    ("test_efficientnet_evos", {}, 32, "1.0.10"),
+    ("test_efficientnet_gn", {}, 32, "1.0.10"),
+    ("test_efficientnet_ln", {}, 32, "1.0.10"),
+    ("test_vit4", {}, 32, "1.0.13"),
 ]
 
 
-@pytest.mark.parametrize("name,kwargs,size", TIMM_MODELS, ids=[m[0] for m in TIMM_MODELS])
+@pytest.mark.parametrize("name,kwargs,size", [
+    pytest.param(*m[:3], id=m[0], marks=since_timm(m[3], m[0]) if len(m) > 3 else ())
+    for m in TIMM_MODELS
+])
 def test_timm_model(name, kwargs, size):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
@@ -596,6 +605,7 @@ def test_timm_model(name, kwargs, size):
         assert torch.equal(model(x), never(x))
 
 
+@since_timm("1.0.10", "test_nfnet")
 def test_timm_norm_free_model_has_nothing_to_interpolate():
     model = timm.create_model("test_nfnet", pretrained=False, num_classes=5)
     with pytest.raises(ValueError, match="no norm layer"):

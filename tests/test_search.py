@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import signmask
 from signmask import _interpolate, _recipes
 
-from _util import assert_same, snapshot, tiny
+from _util import assert_same, since_timm, snapshot, tiny
 
 STEPS = 4
 
@@ -527,6 +527,7 @@ def test_timm_optimizer_scheduler_and_ema():
     ema.update(model, step=search.step)
 
 
+@since_timm("1.0.13", "timm.layers.set_reentrant_ckpt")
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_grad_checkpointing_finds_the_same_ticket(reentrant):
     # timm's set_grad_checkpointing: the backward recomputes every stage, running the pruning

@@ -21,6 +21,8 @@ import signmask
 from signmask import _reparam, _targets
 from signmask._compat import import_timm
 
+from _util import since_timm
+
 timm = import_timm()
 
 # The layer types whose ``.weight`` signmask must select, spelled out independently.
@@ -57,6 +59,7 @@ class Family:
     grouped: bool = False  # has other grouped convolutions
     norms: bool = True  # has normalization layers
     extra_params: tuple[str, ...] = field(default=())  # non-weight params it must own
+    since: str = "1.0.8"  # the timm release that added the model (pyproject's floor: 1.0.8)
 
 
 FAMILIES = [
@@ -107,11 +110,12 @@ FAMILIES = [
         ("head.fc",),
         depthwise=True,
         extra_params=("relative_position_bias_table",),
+        since="1.0.31",
     ),
     # NFNet: weight-standardized ScaledStdConv2d (an nn.Conv2d subclass with a `gain`), no norms.
     Family(
         "test_nfnet", {}, "stem.conv1", ("head.fc",), grouped=True, norms=False,
-        extra_params=("gain",),
+        extra_params=("gain",), since="1.0.10",
     ),
     # LeViT: conv/linear + BatchNorm wrappers, attention biases, two heads like distilled DeiT.
     Family(
@@ -122,7 +126,8 @@ FAMILIES = [
         extra_params=("attention_biases",),
     ),
 ]
-IDS = [f.name for f in FAMILIES]
+# Each family, skipped on a timm older than its model.
+PARAMS = [pytest.param(f, id=f.name, marks=since_timm(f.since, f.name)) for f in FAMILIES]
 NUM_CLASSES = 7
 
 
@@ -194,7 +199,7 @@ def assert_same_state(before: dict[str, torch.Tensor], model: nn.Module) -> None
 # selection
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+@pytest.mark.parametrize("family", PARAMS)
 def test_default_selection_is_every_conv_and_linear_weight(family):
     model = create(family, 0)
     expected = expected_selection(model)
@@ -239,7 +244,7 @@ def test_default_selection_is_every_conv_and_linear_weight(family):
     assert len(selected) < len(params)
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+@pytest.mark.parametrize("family", PARAMS)
 def test_classifier_false_drops_exactly_the_heads(family):
     model = create(family, 0)
     heads = {f"{h}.weight" for h in family.heads}
@@ -273,7 +278,7 @@ def check_magnitude_order(weights, masks) -> None:
     assert pruned_max <= kept_min
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+@pytest.mark.parametrize("family", PARAMS)
 def test_prune_twice_leaves_exact_counts(family):
     model = create(family, 0)
     names = sorted(expected_selection(model))
@@ -328,7 +333,7 @@ def perturb_everything_but(model: nn.Module, keep: set[str], seed: int) -> None:
                 t.mul_(torch.where(torch.rand(t.shape, generator=gen) < 0.5, -1.0, 1.0))
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+@pytest.mark.parametrize("family", PARAMS)
 def test_ticket_round_trip_onto_new_init(family, tmp_path):
     source = create(family, 0)
     heads = {f"{h}.weight" for h in family.heads}

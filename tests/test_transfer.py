@@ -11,7 +11,7 @@ from torch.nn.utils import prune as tprune
 import signmask
 from signmask import _interpolate, _reparam
 from signmask._compat import import_timm
-from _util import AttnNet, assert_same, bits_equal, snapshot, tiny
+from _util import AttnNet, assert_same, bits_equal, since_timm, snapshot, tiny
 
 timm = import_timm()
 
@@ -443,7 +443,12 @@ def test_norms_survive_save_load_and_transfer_bit_exactly(tmp_path_factory, seed
     assert all(bits_equal(fresh.get_parameter(k).detach(), ticket.norms[k]) for k in NORMS)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "test_efficientnet_evos", "test_vit4"])
+@pytest.mark.parametrize("name", [
+    "resnet18",
+    "convnext_atto",
+    pytest.param("test_efficientnet_evos", marks=since_timm("1.0.10", "test_efficientnet_evos")),
+    pytest.param("test_vit4", marks=since_timm("1.0.13", "test_vit4")),
+])
 def test_norms_of_timm_models_are_recorded_and_transferred(name):
     # BatchNorm2d, LayerNorm2d, EvoNorm and LayerNorm: every affine tensor of every norm layer.
     torch.manual_seed(0)
