@@ -44,7 +44,9 @@ def train(model, opt, search, sched=None, steps=STEPS):
             sched.step()
 
 
-def setup(method="imp", sparsity=0.6, seed=0, **kw):
+def make_search(method="imp", sparsity=0.6, seed=0, **kw):
+    # Not named `setup`: pytest 8.0 (nose support, removed in 8.1) would run a module-level
+    # `setup` before the module's tests, with the module as `method`.
     model = tiny(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
@@ -72,7 +74,7 @@ def expected_masks(model, old, kept):
 
 @pytest.mark.parametrize("method", ["imp", "lrr", "aws", "omp"])
 def test_each_round_prunes_the_smallest_survivors(method):
-    model, opt, sched, search = setup(method, classifier=True)
+    model, opt, sched, search = make_search(method, classifier=True)
     total = sum(m.numel() for m in masks(model).values())
     assert all(m.all() for m in masks(model).values())  # all-ones masks from the start
     kept = []
@@ -95,7 +97,7 @@ def test_each_round_prunes_the_smallest_survivors(method):
 
 
 def test_break_leaves_the_round_open():
-    model, opt, sched, search = setup("lrr")
+    model, opt, sched, search = make_search("lrr")
     for r in search:
         train(model, opt, search, sched)
         break
@@ -106,7 +108,7 @@ def test_break_leaves_the_round_open():
 
 
 def test_imp_rewinds_to_init_and_restarts_optimizer_and_schedule():
-    model, opt, sched, search = setup("imp")
+    model, opt, sched, search = make_search("imp")
     init = weights(model)
     lr0 = opt.param_groups[0]["lr"]
     for r in search:
@@ -120,7 +122,7 @@ def test_imp_rewinds_to_init_and_restarts_optimizer_and_schedule():
 
 @pytest.mark.parametrize("rewind, spe, at", [("3it", None, 3), ("1ep", 2, 2), ("1ep1it", 2, 3)])
 def test_imp_rewinds_to_step_k(rewind, spe, at):
-    model, opt, sched, search = setup("imp", rewind=rewind, steps_per_epoch=spe)
+    model, opt, sched, search = make_search("imp", rewind=rewind, steps_per_epoch=spe)
     seen = {}
 
     def record(optimizer, args, kwargs):
@@ -143,7 +145,7 @@ def test_imp_rewinds_to_step_k(rewind, spe, at):
 
 
 def test_lrr_keeps_weights_and_resets_momentum():
-    model, opt, sched, search = setup("lrr")
+    model, opt, sched, search = make_search("lrr")
     for r in search:
         if r > 0:
             now = weights(model)
@@ -154,7 +156,7 @@ def test_lrr_keeps_weights_and_resets_momentum():
 
 
 def test_a_numpy_rewind_step_keeps_the_state_loadable_with_weights_only():
-    model, opt, sched, search = setup("imp", rewind=np.int64(3))
+    model, opt, sched, search = make_search("imp", rewind=np.int64(3))
     assert type(search.config.rewind) is int and search.config.rewind == 3
     for _ in search:
         train(model, opt, search, sched)
@@ -166,7 +168,7 @@ def test_a_numpy_rewind_step_keeps_the_state_loadable_with_weights_only():
 
 
 def test_rewind_later_than_training_is_refused_without_loss():
-    model, opt, sched, search = setup("imp", rewind="10it")
+    model, opt, sched, search = make_search("imp", rewind="10it")
     search.start_round()
     train(model, opt, search, sched)
     before = snapshot(model)
@@ -180,7 +182,7 @@ def test_rewind_later_than_training_is_refused_without_loss():
 
 
 def test_rounds_out_of_order():
-    model, opt, sched, search = setup("lrr", sparsity=0.36)
+    model, opt, sched, search = make_search("lrr", sparsity=0.36)
     with pytest.raises(RuntimeError, match="round 0 has not started; call start_round"):
         search.finish_round()
     x, y = batch(0)
@@ -205,14 +207,14 @@ def test_rounds_out_of_order():
 
 
 def test_a_search_whose_masks_were_removed_says_so():
-    model, opt, sched, search = setup("lrr", sparsity=0.36)
+    model, opt, sched, search = make_search("lrr", sparsity=0.36)
     rounds = iter(search)
     next(rounds)
     train(model, opt, search, sched)
     signmask.remove(model.conv1)  # mid-search: the next pruning cannot count its weights
     with pytest.raises(RuntimeError, match=r"^the search: conv1.weight is no longer pruned \(signmask.remove"):
         next(rounds)
-    model, opt, sched, search = setup("lrr", sparsity=0.36)
+    model, opt, sched, search = make_search("lrr", sparsity=0.36)
     for _ in search:
         train(model, opt, search, sched)
     ticket = search.ticket
@@ -329,7 +331,7 @@ def test_failure_after_masks_rolls_back(monkeypatch):
 
 
 def test_ticket_is_signed_mask_with_metadata(tmp_path):
-    model, opt, sched, search = setup("imp", rate=0.5, rewind="2it")
+    model, opt, sched, search = make_search("imp", rate=0.5, rewind="2it")
     for _ in search:
         train(model, opt, search, sched)
     ticket = search.ticket
@@ -345,7 +347,7 @@ def test_ticket_is_signed_mask_with_metadata(tmp_path):
 
 
 def test_aws_ticket_records_the_trained_norm_parameters_not_the_interpolated_ones():
-    model, opt, sched, search = setup("aws", sparsity=0.36)
+    model, opt, sched, search = make_search("aws", sparsity=0.36)
     for _ in search:
         train(model, opt, search, sched)
         if not search.done:
@@ -359,7 +361,7 @@ def test_aws_ticket_records_the_trained_norm_parameters_not_the_interpolated_one
 
 
 def test_aws_interpolates_norms_during_search_only():
-    model, opt, sched, search = setup("aws", sparsity=0.36)
+    model, opt, sched, search = make_search("aws", sparsity=0.36)
     init_gamma = model.bn1.weight_init.clone()
     used = []
     for r in search:
@@ -386,12 +388,12 @@ def test_aws_interpolates_norms_during_search_only():
 def test_a_checkpoint_between_rounds_resumes_at_the_next_rounds_first_step():
     # The explicit API's natural checkpoint is right after finish_round(): round and start_step
     # name the next round then, so round_step must be its 0 steps, not the last round's.
-    model, opt, sched, search = setup("imp", rewind="2it")
+    model, opt, sched, search = make_search("imp", rewind="2it")
     search.start_round()
     train(model, opt, search, sched)
     search.finish_round()
     assert (search.round, search.in_round, search.start_step, search.round_step) == (1, False, 2, 0)
-    fresh = setup("imp", seed=5, rewind="2it")[3]
+    fresh = make_search("imp", seed=5, rewind="2it")[3]
     fresh.load_state_dict(search.state_dict())
     assert (fresh.round, fresh.start_step, fresh.round_step) == (1, 2, 0)
     fresh.start_round()
@@ -411,7 +413,7 @@ def test_a_checkpoint_between_rounds_resumes_at_the_next_rounds_first_step():
 ])
 def test_a_malformed_search_state_is_refused_before_anything_changes(key, value, message):
     # The masks and counters were loaded, then the generator (or history...) raised.
-    model, opt, sched, search = setup("aws")
+    model, opt, sched, search = make_search("aws")
     for _ in search:
         train(model, opt, search, sched)
         if search.round == 1:
@@ -422,7 +424,7 @@ def test_a_malformed_search_state_is_refused_before_anything_changes(key, value,
         state["masks"] = {k: v.float() * 2 for k, v in state["masks"].items()}
     else:
         state[key] = value
-    fresh_model, _, _, fresh = setup("aws", seed=3)
+    fresh_model, _, _, fresh = make_search("aws", seed=3)
     before = snapshot(fresh_model)
     with pytest.raises(ValueError, match=message):
         fresh.load_state_dict(state)
@@ -433,7 +435,7 @@ def test_a_malformed_search_state_is_refused_before_anything_changes(key, value,
 def run_to_end(method, checkpoint_at=None, **kw):
     """Train a full search; with ``checkpoint_at``, resume from a state saved at that step in a
     fresh model, optimizer, scheduler and search (as a new process would)."""
-    model, opt, sched, search = setup(method, **kw)
+    model, opt, sched, search = make_search(method, **kw)
     saved = None
     for _ in search:
         for _ in range(search.round_step, STEPS):
@@ -446,7 +448,7 @@ def run_to_end(method, checkpoint_at=None, **kw):
     if saved is None:
         return search.ticket, search.history, None
     ck = torch.load(io.BytesIO(saved), weights_only=False)
-    model, opt, sched, search = setup(method, seed=99, **kw)  # another init: all must come from ck
+    model, opt, sched, search = make_search(method, seed=99, **kw)  # another init: all must come from ck
     search.load_state_dict(ck["search"])
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
@@ -472,7 +474,7 @@ def test_resume_from_any_step_is_bit_identical(method, at):
 
 
 def test_resume_refuses_another_model_or_config():
-    _, _, _, search = setup("aws")
+    _, _, _, search = make_search("aws")
     state = search.state_dict()
     model = tiny(width=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -481,7 +483,7 @@ def test_resume_refuses_another_model_or_config():
     with pytest.raises(ValueError, match="masked other tensors than this model has"):
         other.load_state_dict(state)
     assert_same(before, snapshot(model))
-    _, _, _, other = setup("aws", sparsity=0.7)
+    _, _, _, other = make_search("aws", sparsity=0.7)
     with pytest.raises(ValueError, match="saved search has sparsity=0.6, this one sparsity=0.7"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="not a signmask search state"):
@@ -569,7 +571,7 @@ def test_grad_checkpointing_finds_the_same_ticket(reentrant):
 
 @pytest.mark.parametrize("method", ["imp", "aws"])
 def test_compiled_model_follows_masks_and_alpha(method):
-    model, opt, sched, search = setup(method, sparsity=0.36)
+    model, opt, sched, search = make_search(method, sparsity=0.36)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     eager = []
     for r in search:
@@ -585,7 +587,7 @@ def test_compiled_model_follows_masks_and_alpha(method):
 
 
 def test_close_abandons_the_search():
-    model, opt, sched, search = setup("aws")
+    model, opt, sched, search = make_search("aws")
     search.start_round()
     train(model, opt, search, sched)
     search.close()
@@ -597,7 +599,7 @@ def test_close_abandons_the_search():
 
 
 def test_iterating_a_search_closed_mid_round_raises_before_the_loop_body():
-    model, opt, sched, search = setup("lrr")
+    model, opt, sched, search = make_search("lrr")
     search.start_round()
     search.close()
     with pytest.raises(RuntimeError, match=r"iterating\(\): the search was closed"):
@@ -605,7 +607,7 @@ def test_iterating_a_search_closed_mid_round_raises_before_the_loop_body():
 
 
 def test_a_parameter_group_added_mid_search_is_refused_before_pruning():
-    model, opt, sched, search = setup("imp")
+    model, opt, sched, search = make_search("imp")
     search.start_round()
     train(model, opt, search, sched)
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
@@ -619,7 +621,7 @@ def test_a_parameter_group_added_mid_search_is_refused_before_pruning():
 @pytest.mark.parametrize("signs", [None, "locked"])
 def test_a_rewind_reprojects_the_projection_backend_without_a_forward(signs):
     # A compiled forward skips the projection's version check: the rewind must re-project.
-    model, opt, sched, search = setup("imp")
+    model, opt, sched, search = make_search("imp")
     if signs:
         signmask.prune(model, 0.0, signs="locked")
     signmask.set_backend(model, "projection", optimizer=opt)
@@ -633,7 +635,7 @@ def test_a_rewind_reprojects_the_projection_backend_without_a_forward(signs):
 
 
 def test_progress_log_line_per_round_on_rank0_only(capsys, monkeypatch):
-    model, opt, sched, search = setup("lrr", sparsity=0.36, progress=True, steps_per_round=STEPS)
+    model, opt, sched, search = make_search("lrr", sparsity=0.36, progress=True, steps_per_round=STEPS)
     for r in search:
         train(model, opt, search, sched)
         search.report(acc=0.25 * (r + 1))
@@ -649,7 +651,7 @@ def test_progress_log_line_per_round_on_rank0_only(capsys, monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: None)
-    model, opt, sched, search = setup("lrr", sparsity=0.36, progress=True)
+    model, opt, sched, search = make_search("lrr", sparsity=0.36, progress=True)
     for r in search:
         train(model, opt, search, sched)
     captured = capsys.readouterr()
@@ -657,7 +659,7 @@ def test_progress_log_line_per_round_on_rank0_only(capsys, monkeypatch):
 
 
 def test_report_and_close_refuse_bad_arguments():
-    model, opt, sched, search = setup("lrr")
+    model, opt, sched, search = make_search("lrr")
     search.start_round()
     with pytest.raises(TypeError, match="report\\(\\): metric 'acc' must be a number, got str 'high'"):
         search.report(acc="high")
@@ -701,7 +703,7 @@ def _step(model, opt, n=1):
 
 
 def test_a_search_state_dict_is_a_snapshot_not_a_view_of_the_masks():
-    model, opt, _, search = setup("imp")
+    model, opt, _, search = make_search("imp")
     search.start_round()
     _step(model, opt, 2)
     state = search.state_dict()
@@ -711,14 +713,14 @@ def test_a_search_state_dict_is_a_snapshot_not_a_view_of_the_masks():
 
 
 def test_a_search_resumed_mid_round_uses_the_saved_interpolation_coefficient():
-    model, opt, _, search = setup("aws")
+    model, opt, _, search = make_search("aws")
     search.start_round()
     torch.manual_seed(1)
     _step(model, opt, 3)
     state, weights = search.state_dict(), model.state_dict()
     x = torch.randn(4, 3, 6, 6)
     want = model(x)
-    model2, _, _, search2 = setup("aws", seed=99)
+    model2, _, _, search2 = make_search("aws", seed=99)
     search2.load_state_dict(state)
     model2.load_state_dict(weights)
     assert torch.equal(model2(x), want)
@@ -737,13 +739,13 @@ def test_len_of_a_search_counts_only_the_steps_that_prune():
 
 
 def test_apply_honours_classifier_false():
-    model, _, _, _ = setup("imp", classifier=False)
+    model, _, _, _ = make_search("imp", classifier=False)
     assert hasattr(model.conv1, "weight_mask") and not hasattr(model.fc, "weight_mask")
 
 
 def test_report_refuses_bools_and_the_sparsity_record():
     # S02 (bool accepted as a number), S16 ("sparsity" not protected)
-    model, opt, _, search = setup("lrr")
+    model, opt, _, search = make_search("lrr")
     search.start_round()
     with pytest.raises(TypeError, match="metric 'ok' must be a number, got bool True"):
         search.report(ok=True)
@@ -754,7 +756,7 @@ def test_report_refuses_bools_and_the_sparsity_record():
 
 def test_report_stores_plain_floats_so_the_history_is_json():
     # S03: numpy / Fraction metrics are stored as float
-    model, opt, _, search = setup("lrr")
+    model, opt, _, search = make_search("lrr")
     search.start_round()
     search.report(acc=np.float32(0.5), loss=Fraction(1, 4), n=3)
     h = search.history[-1]
@@ -764,7 +766,7 @@ def test_report_stores_plain_floats_so_the_history_is_json():
 
 def test_a_parameter_group_added_in_the_last_round_does_not_block_the_ticket():
     # S04: the restart check applies only before a pruning step, not after the last round
-    model, opt, _, search = setup("lrr", rounds=1)
+    model, opt, _, search = make_search("lrr", rounds=1)
     search.start_round()
     _step(model, opt)
     search.finish_round()
@@ -777,7 +779,7 @@ def test_a_parameter_group_added_in_the_last_round_does_not_block_the_ticket():
 
 def test_search_state_dict_history_is_a_copy():
     # S07: a state taken mid-round must not change with later reports
-    model, opt, _, search = setup("lrr")
+    model, opt, _, search = make_search("lrr")
     search.start_round()
     _step(model, opt)
     state = search.state_dict()
@@ -787,11 +789,11 @@ def test_search_state_dict_history_is_a_copy():
 
 def test_load_state_dict_does_not_alias_the_callers_history():
     # S08: loading then reporting must leave the loaded state as it was
-    model, opt, _, search = setup("lrr")
+    model, opt, _, search = make_search("lrr")
     search.start_round()
     _step(model, opt)
     state = search.state_dict()
-    model2, opt2, _, search2 = setup("lrr")
+    model2, opt2, _, search2 = make_search("lrr")
     search2.load_state_dict(state)
     search2.report(acc=0.5)
     assert state["history"] == [{"round": 0, "sparsity": 0.0}]
@@ -800,11 +802,11 @@ def test_load_state_dict_does_not_alias_the_callers_history():
 
 def test_a_search_resumed_mid_round_reopens_its_progress_bar_at_the_round_step(capsys):
     # S10 (bar not reopened after load_state_dict: no log line), S11 (bar restarts at 0)
-    model, opt, _, search = setup("lrr", steps_per_round=4)
+    model, opt, _, search = make_search("lrr", steps_per_round=4)
     search.start_round()
     _step(model, opt, 3)
     state = search.state_dict()
-    model2, opt2, _, search2 = setup("lrr", progress=True, steps_per_round=4)
+    model2, opt2, _, search2 = make_search("lrr", progress=True, steps_per_round=4)
     search2.load_state_dict(state)
     assert search2._bar.bar is not None and search2._bar.bar.n == 3
     _step(model2, opt2)
@@ -814,7 +816,7 @@ def test_a_search_resumed_mid_round_reopens_its_progress_bar_at_the_round_step(c
 
 def test_progress_bar_advances_once_per_optimizer_step():
     # S13: the bar is updated after every step
-    model, opt, _, search = setup("lrr", progress=True, steps_per_round=5)
+    model, opt, _, search = make_search("lrr", progress=True, steps_per_round=5)
     search.start_round()
     _step(model, opt, 3)
     assert search._bar.bar.n == 3
@@ -838,7 +840,7 @@ def test_a_round_without_a_bar_counts_its_masks_once(monkeypatch, progress, rank
 
 def test_a_round_of_one_step_does_not_warn():
     # S12: only a round without any optimizer step warns
-    model, opt, _, search = setup("lrr")
+    model, opt, _, search = make_search("lrr")
     search.start_round()
     _step(model, opt, 1)
     with warnings.catch_warnings():
@@ -849,7 +851,7 @@ def test_a_round_of_one_step_does_not_warn():
 @pytest.mark.parametrize("method", ["lrr", "aws"])
 def test_lrr_and_aws_leave_the_classifier_dense_by_default(method):
     # R01 (aws classifier=True), R02 (lrr classifier=True)
-    model, opt, _, search = setup(method)
+    model, opt, _, search = make_search(method)
     assert hasattr(model.conv2, "weight_mask") and not hasattr(model.fc, "weight_mask")
     assert search.config.classifier is False
 
@@ -873,7 +875,7 @@ def test_a_ddp_rank_takes_rank_0s_masks_and_its_weights_follow_before_a_forward(
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
-    model, opt, _, search = setup("lrr")
+    model, opt, _, search = make_search("lrr")
     search.start_round()
     _step(model, opt, 2)
     search.finish_round()
@@ -885,7 +887,7 @@ def test_a_ddp_rank_takes_rank_0s_masks_and_its_weights_follow_before_a_forward(
 
 def test_a_rewind_to_round_0s_last_step_restarts_from_the_schedule_after_it():
     # The per-step scheduler steps after round 0's last optimizer step: only finish_round sees it.
-    model, opt, sched, search = setup("imp", rewind=f"{STEPS}it")
+    model, opt, sched, search = make_search("imp", rewind=f"{STEPS}it")
     search.start_round()
     train(model, opt, search, sched)
     search.finish_round()
@@ -893,7 +895,7 @@ def test_a_rewind_to_round_0s_last_step_restarts_from_the_schedule_after_it():
 
 
 def test_omp_rewinds_to_init_and_prunes_the_classifier_by_default():
-    model, opt, sched, search = setup("omp")
+    model, opt, sched, search = make_search("omp")
     init = weights(model)
     search.start_round()
     train(model, opt, search, sched)
@@ -911,7 +913,7 @@ def test_a_recipe_needs_a_non_empty_string_name():
 
 @pytest.mark.parametrize("edit", ["extra key", "reshaped"])
 def test_a_saved_rewind_snapshot_that_does_not_fit_the_model_is_refused_untouched(edit):
-    model, opt, sched, search = setup("imp")
+    model, opt, sched, search = make_search("imp")
     state = search.state_dict()
     rewind = dict(state["rewind_weights"])
     if edit == "extra key":
@@ -919,7 +921,7 @@ def test_a_saved_rewind_snapshot_that_does_not_fit_the_model_is_refused_untouche
     else:
         rewind["bn1.weight"] = torch.zeros(7)
     state["rewind_weights"] = rewind
-    fresh_model, _, _, fresh = setup("imp", seed=3)
+    fresh_model, _, _, fresh = make_search("imp", seed=3)
     before = snapshot(fresh_model)
     with pytest.raises(ValueError, match="the saved rewind snapshot does not match the model"):
         fresh.load_state_dict(state)
@@ -928,10 +930,10 @@ def test_a_saved_rewind_snapshot_that_does_not_fit_the_model_is_refused_untouche
 
 
 def test_resuming_a_finished_search_releases_the_optimizer_and_the_norms():
-    model, opt, sched, search = setup("aws", rounds=1)
+    model, opt, sched, search = make_search("aws", rounds=1)
     for _ in search:
         train(model, opt, search, sched)
-    model2, opt2, _, search2 = setup("aws", seed=3, rounds=1)
+    model2, opt2, _, search2 = make_search("aws", seed=3, rounds=1)
     search2.load_state_dict(search.state_dict())
     assert search2.done and search2.ticket == search.ticket
     assert not _interpolate.interpolated(model2)
@@ -942,7 +944,7 @@ def test_a_round_without_steps_warns_on_rank_0_only(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: None)
-    model, opt, _, search = setup("lrr")
+    model, opt, _, search = make_search("lrr")
     search.start_round()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
