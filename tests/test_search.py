@@ -829,7 +829,7 @@ def test_a_round_without_a_bar_counts_its_masks_once(monkeypatch, progress, rank
     # CUDA): only where a bar is shown, as before the bar had a class of its own.
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
-    model, opt, _, search = setup("lrr", progress=progress)
+    model, opt, _, search = make_search("lrr", progress=progress)
     kept = []
     real = type(search)._kept
     monkeypatch.setattr(type(search), "_kept", lambda self: kept.append(1) or real(self))
