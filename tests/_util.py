@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import signmask
+
 
 class TinyNet(nn.Module):
     """A small conv net with BatchNorm, a bias-free conv and a classifier (``fc``)."""
@@ -55,6 +57,30 @@ class Wrapper(nn.Module):
 def tiny(seed: int = 0, **kwargs) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet(**kwargs)
+
+
+def train_tiny(model, steps=20):
+    """Train a TinyNet ``steps`` SGD steps on one fixed random batch (seed 0), then run one forward."""
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        model(x)
+
+
+# TinyNet's norm parameters (its affine BatchNorm tensors).
+TINY_NORMS = ("bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias")
+
+
+def trained_ticket(**kwargs):
+    """A pruned TinyNet trained 5 steps, and its ticket with norms (more ``extract`` options in ``kwargs``)."""
+    model = signmask.prune(tiny(0), 0.5)
+    train_tiny(model, steps=5)  # moves the norm parameters off their init (1, 0)
+    return model, signmask.extract(model, norms=True, **kwargs)
 
 
 def snapshot(model: nn.Module):

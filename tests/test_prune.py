@@ -270,25 +270,6 @@ def test_model_functions_refuse_non_modules(fn):
         fn("model")
 
 
-@pytest.mark.parametrize("stock", ["l1", "global", "stacked"])
-def test_extract_reads_models_pruned_by_stock_prune(stock):
-    model = tiny(0)
-    if stock == "global":
-        tprune.global_unstructured([(model.conv2, "weight"), (model.fc, "weight")], tprune.L1Unstructured, amount=0.5)
-    else:
-        tprune.l1_unstructured(model.conv2, "weight", 0.5)
-        tprune.l1_unstructured(model.fc, "weight", 0.5)
-        if stock == "stacked":
-            tprune.l1_unstructured(model.fc, "weight", 0.5)
-    ticket = signmask.extract(model)
-    assert set(ticket.masks) == {"conv2.weight", "fc.weight"}
-    for name in ("conv2", "fc"):
-        module = getattr(model, name)
-        expected = torch.where(module.weight < 0, -1, 1).to(torch.int8) * (module.weight_mask != 0)
-        assert torch.equal(ticket.masks[name + ".weight"], expected)
-    assert ticket.metadata["method"] == {"global": "CustomFromMask"}.get(stock, "L1Unstructured")
-
-
 def test_global_pruning_of_float64_weights_matches_stock_prune_exactly():
     model = nn.Sequential(nn.Linear(4, 1), nn.Linear(3, 1)).double()
     with torch.no_grad():  # equal, underflowing or overflowing in float32
@@ -320,16 +301,6 @@ def test_locking_reads_the_live_weights_not_the_last_forward():
     model(torch.randn(1, 3, 4, 4))
     kept = model.conv2.weight_mask
     assert torch.equal(torch.signbit(model.conv2.weight)[kept], torch.signbit(model.conv2.weight_orig)[kept])
-
-
-def test_extract_refuses_stock_pruned_tensors_a_ticket_cannot_hold():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    signmask.prune(model, 0.5)
-    tprune.l1_unstructured(model[0], "bias", amount=1)
-    with pytest.raises(ValueError, match=r"\['0.bias'\] is pruned \(by torch.nn.utils.prune\).*prune.remove"):
-        signmask.extract(model, biases=True)
-    tprune.remove(model[0], "bias")
-    assert set(signmask.extract(model, biases=True).masks) == {"0.weight", "1.weight"}
 
 
 # ------------------------------------------------------------ weights that are no Parameter

@@ -11,7 +11,7 @@ from torch.nn.utils import prune as tprune
 import signmask
 from signmask import _interpolate, _reparam
 from signmask._compat import import_timm
-from _util import AttnNet, assert_same, bits_equal, since_timm, snapshot, tiny
+from _util import TINY_NORMS, AttnNet, assert_same, bits_equal, since_timm, snapshot, tiny, train_tiny, trained_ticket
 
 timm = import_timm()
 
@@ -94,24 +94,12 @@ def test_biases_and_dense_classifier_signs():
     assert torch.equal(masked_only.fc.weight, fc0) and torch.equal(masked_only.fc.bias, fcb0)
 
 
-def _train(model, steps=20):
-    torch.manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    with torch.no_grad():
-        model(x)
-
-
 def test_locked_transfer_keeps_signs_through_training():
     ticket = signmask.extract(signmask.prune(tiny(0), 0.5))
     flips = {}
     for mode in ("init", "locked"):
         model = signmask.transfer(ticket, tiny(1), signs=mode)
-        _train(model)
+        train_tiny(model)
         flips[mode] = 0
         for n in NAMES:
             w, s = getattr(model, n).weight, ticket.masks[f"{n}.weight"]
@@ -192,46 +180,6 @@ def test_transfer_flags_must_be_bools(arg):
     assert_same(before, snapshot(model))
 
 
-@pytest.mark.parametrize("arg, value, message", [
-    ("norms", "no", "norms must be a bool, got str 'no'"),
-    ("biases", 1, "biases must be a bool, got int 1"),
-    ("dense", None, "dense must be a bool, got NoneType None"),
-    ("metadata", "abc", "metadata must be a mapping of str to str, got str 'abc'"),
-    ("metadata", 5, "metadata must be a mapping of str to str, got int 5"),
-])
-def test_extract_refuses_bad_options_by_name(arg, value, message):
-    with pytest.raises(TypeError, match=message):
-        signmask.extract(signmask.prune(tiny(0), 0.5), **{arg: value})
-
-
-def test_extract_records_the_sign_bit_of_kept_zeros():
-    net = nn.Linear(3, 2)
-    with torch.no_grad():
-        net.weight[0, 0], net.weight[0, 1] = -0.0, 0.0
-    signmask.prune(net, 0, method="random", seed=0)  # every weight kept, the zeros too
-    signed = signmask.extract(net).masks["weight"]
-    expected = torch.where(torch.signbit(net.weight), -1, 1).to(torch.int8)
-    assert torch.equal(signed, expected) and signed[0, 0] == -1 and signed[0, 1] == 1
-    assert signmask.extract(net).sparsity == 0.0
-
-
-def test_extract_refuses_nan_kept_or_dense_weights_by_name():
-    model = signmask.prune(tiny(0), 0.5, classifier=False)
-    with torch.no_grad():
-        model.conv1.weight_orig[~model.conv1.weight_mask] = float("nan")  # pruned: no sign recorded
-    assert signmask.extract(model).masks.keys() == {"conv1.weight", "conv2.weight"}
-    with torch.no_grad():
-        model.conv2.weight_orig[model.conv2.weight_mask.nonzero()[0].unbind()] = float("inf")
-    with pytest.raises(ValueError, match=r"conv2.weight holds 1 NaN or infinite kept weights"):
-        signmask.extract(model)
-    with torch.no_grad():
-        model.conv2.weight_orig.nan_to_num_(posinf=1.0)
-        model.fc.bias[0] = float("nan")  # torch.sign(nan) as int8 is 0: it zeroed a new bias
-    signmask.extract(model, dense=True)
-    with pytest.raises(ValueError, match=r"fc.bias holds 1 NaN or infinite weights"):
-        signmask.extract(model, dense=True, biases=True)
-
-
 def test_a_dense_sign_onto_a_pruned_tensor_is_refused_untouched():
     ticket = signmask.extract(signmask.prune(tiny(0), 0.5, classifier=False), dense=True)
     assert "fc.weight" in ticket.signs
@@ -297,21 +245,6 @@ def test_all_positive_ticket_equals_stock_prune_exactly(signs):
 # ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
 
 
-def test_a_kept_weight_that_is_exactly_zero_stays_in_the_ticket():
-    lin = nn.Linear(2, 2)
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[0.0, 1.0], [-2.0, 3.0]]))
-    signmask.prune(lin, 0.0)
-    ticket = signmask.extract(lin)
-    assert ticket.sparsity == 0.0
-    assert ticket.masks["weight"].tolist() == [[1, 1], [-1, 1]]
-
-
-def test_extract_metadata_overrides_the_defaults():
-    net = signmask.prune(nn.Linear(4, 4), 0.5)
-    assert signmask.extract(net, metadata={"method": "imp"}).metadata["method"] == "imp"
-
-
 def test_a_ticket_masking_a_bias_is_refused_untouched():
     # transfer installs masks on conv/linear weights only, as extract() records them.
     model = nn.Linear(3, 3)
@@ -345,52 +278,12 @@ def test_transfer_history_records_the_mask_shape_without_the_mask():
     assert repr(record) == "FromSignedMask(shape=(2, 3))"
 
 
-def test_extract_refuses_a_stock_pruned_embedding_weight():
-    # Named "weight" but not a conv/linear one: transfer() could not put it back.
-    model = signmask.prune(nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 2)), 0.5)
-    tprune.l1_unstructured(model[0], "weight", 0.5)
-    with pytest.raises(ValueError, match=r"\['0.weight'\] is pruned \(by torch.nn.utils.prune\)"):
-        signmask.extract(model)
-
-
 # ---------------------------------------------- trained norm parameters (the reference's winit_only)
-
-NORMS = ("bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias")
-
-
-def _trained_ticket(**kwargs):
-    model = signmask.prune(tiny(0), 0.5)
-    _train(model, steps=5)  # moves the norm parameters off their init (1, 0)
-    return model, signmask.extract(model, norms=True, **kwargs)
-
-
-def test_extract_records_copies_of_the_trained_norm_parameters():
-    model, ticket = _trained_ticket()
-    assert sorted(ticket.norms) == sorted(NORMS)
-    sd = model.state_dict()
-    assert all(bits_equal(ticket.norms[k], sd[k]) for k in NORMS)
-    assert not torch.equal(ticket.norms["bn1.weight"], torch.ones(6))
-    with torch.no_grad():
-        model.bn1.weight.add_(1.0)  # a copy: later training does not reach the ticket
-    assert not torch.equal(ticket.norms["bn1.weight"], model.bn1.weight)
-    assert signmask.extract(model).norms == {}
-
-
-def test_extract_under_aws_interpolation_records_the_trained_values():
-    model = signmask.prune(tiny(0), 0.5)
-    _interpolate.attach(model, torch.tensor(0.5))
-    with torch.no_grad():
-        model.bn1.weight_orig.fill_(3.0)  # trained; init buffer stays 1, lerp would give 2
-    model.train()
-    model(torch.randn(2, 3, 6, 6))
-    assert torch.equal(model.bn1.weight, torch.full((6,), 2.0))
-    ticket = signmask.extract(model, norms=True)
-    assert torch.equal(ticket.norms["bn1.weight"], torch.full((6,), 3.0))
 
 
 @pytest.mark.parametrize("signs", ["init", "locked", "keep"])
 def test_transfer_with_norms_copies_them_exactly_and_nothing_else(tmp_path, signs):
-    _, ticket = _trained_ticket(biases=True)
+    _, ticket = trained_ticket(biases=True)
     ticket = signmask.load(signmask.save(ticket, tmp_path / "t.safetensors"))
     plain, fresh = tiny(1), tiny(1)
     stats = {k: v.clone() for k, v in fresh.state_dict().items() if "running" in k or "batches" in k}
@@ -398,12 +291,12 @@ def test_transfer_with_norms_copies_them_exactly_and_nothing_else(tmp_path, sign
     signmask.transfer(ticket, fresh, signs=signs, norms=True)
     got, want = fresh.state_dict(), plain.state_dict()
     for key in got:
-        if key in NORMS:
+        if key in TINY_NORMS:
             assert bits_equal(got[key], ticket.norms[key])
         else:  # weights, masks, biases and running statistics as without norms
             assert bits_equal(got[key], want[key]), key
     assert all(torch.equal(got[k], v) for k, v in stats.items())
-    assert all(torch.equal(want[k], tiny(1).state_dict()[k]) for k in NORMS)  # default: fresh init
+    assert all(torch.equal(want[k], tiny(1).state_dict()[k]) for k in TINY_NORMS)  # default: fresh init
 
 
 def _with_norms(ticket, norms):
@@ -420,7 +313,7 @@ def _with_norms(ticket, norms):
     ],
 )
 def test_bad_norm_transfers_leave_the_model_untouched(norms, message):
-    _, ticket = _trained_ticket()
+    _, ticket = trained_ticket()
     model = tiny(1)
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
@@ -434,13 +327,13 @@ def test_norms_survive_save_load_and_transfer_bit_exactly(tmp_path_factory, seed
     model = signmask.prune(tiny(seed), 0.5)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for k in NORMS:
+        for k in TINY_NORMS:
             model.get_parameter(k).copy_(torch.randn(6, generator=g))
     ticket = signmask.extract(model, norms=True)
     ticket = _with_norms(ticket, {k: v.to(dtype) for k, v in ticket.norms.items()})
     path = signmask.save(ticket, tmp_path_factory.mktemp("t") / "t.safetensors")
     fresh = signmask.transfer(path, tiny(seed + 1).to(dtype), norms=True)
-    assert all(bits_equal(fresh.get_parameter(k).detach(), ticket.norms[k]) for k in NORMS)
+    assert all(bits_equal(fresh.get_parameter(k).detach(), ticket.norms[k]) for k in TINY_NORMS)
 
 
 @pytest.mark.parametrize("name", [
@@ -494,18 +387,6 @@ def test_transfer_onto_a_lazy_layer_is_refused_by_name_untouched():
     assert all(torch.equal(v, model[1].state_dict()[k]) for k, v in head.items())
 
 
-def test_extract_with_a_lazy_layer_to_record_is_refused_by_name():
-    model = signmask.prune(nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2)), 0.5, include="0")
-    with pytest.raises(ValueError, match=r"^1.weight is an uninitialized lazy parameter \(LazyLinear\); run one "
-                                         "forward pass to give it a shape before extracting its signs$"):
-        signmask.extract(model, dense=True)
-    assert list(signmask.extract(model).masks) == ["0.weight"]  # without dense it reads no lazy layer
-    model = signmask.prune(nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d()), 0.5)
-    with pytest.raises(ValueError, match=r"^1.weight is an uninitialized lazy parameter \(LazyBatchNorm1d\); run "
-                                         "one forward pass to give it a shape before extracting its norms$"):
-        signmask.extract(model, norms=True)
-
-
 class _Abs(nn.Module):
     def forward(self, x):
         return x.abs()
@@ -535,26 +416,6 @@ def test_a_ticket_with_biases_transfers_onto_its_own_architecture_when_a_bias_is
     assert masks.keys() == ticket.masks.keys() and all(torch.equal(masks[k], m) for k, m in ticket.masks.items())
     assert torch.equal(fresh[1].bias, bias1.abs() * ticket.signs["1.bias"])
     assert torch.equal(fresh[0].bias, bias0)  # not the ticket's: it records no sign for it
-
-
-@settings(max_examples=40, deadline=None)
-@given(vals=st.lists(st.sampled_from([-0.0, 0.0, -1e-45, 1e-45, -2.5, 2.5, -1e30, 7.0]),
-                     min_size=6, max_size=6),
-       keep=st.lists(st.booleans(), min_size=6, max_size=6),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
-       locked=st.booleans())
-def test_extract_equals_the_int64_sign_formula_on_signed_zeros_and_subnormals(vals, keep, dtype,
-                                                                             locked):
-    # the signs are made in int8 (1 - 2 * signbit); the previous torch.where(..., -1, 1) was int64
-    net = nn.Linear(3, 2, bias=False).to(dtype)
-    with torch.no_grad():
-        net.weight.copy_(torch.tensor(vals).view(2, 3))
-    tprune.custom_from_mask(net, "weight", torch.tensor(keep).view(2, 3))
-    signmask.prune(net, 0, signs="locked" if locked else None)
-    weight = _reparam.find_hook(net, "weight")[1].apply_mask(net)
-    want = torch.where(torch.signbit(weight), -1, 1).to(torch.int8) * (net.weight_mask == 1)
-    got = signmask.extract(net).masks["weight"]
-    assert got.dtype == torch.int8 and torch.equal(got, want)
 
 
 def test_a_ticket_of_another_depth_is_refused_where_the_class_name_is_all_there_is():
