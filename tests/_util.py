@@ -83,6 +83,17 @@ def trained_ticket(**kwargs):
     return model, signmask.extract(model, norms=True, **kwargs)
 
 
+def small_ticket() -> signmask.Ticket:
+    """Two masked tensors: ``a.weight`` (1, 5) and ``b.weight`` (2,)."""
+    return signmask.Ticket({"a.weight": torch.tensor([[1, 0, -1, 1, 0]]), "b.weight": torch.tensor([-1, 1])})
+
+
+def norm_ticket(dtype=torch.float32) -> signmask.Ticket:
+    """:func:`small_ticket`'s masks and two norm tensors of ``dtype`` (a -0.0 among their values)."""
+    norms = {"bn.weight": torch.tensor([0.5, -0.0, 2.0], dtype=dtype), "bn.bias": torch.tensor([1e-3, -7.0, 0.0], dtype=dtype)}
+    return signmask.Ticket(small_ticket().masks, norms=norms)
+
+
 def snapshot(model: nn.Module):
     """Everything a failed call must leave untouched: tensors (and extra state), parameter
     objects, hooks."""

@@ -16,7 +16,7 @@ from torch import nn
 
 import signmask
 from signmask import _io
-from _util import assert_same, bits_equal, snapshot, tiny
+from _util import assert_same, bits_equal, norm_ticket, small_ticket, snapshot, tiny
 # At the top: imported inside a @given test, test_bits' own @given tests fail hypothesis'
 # nested-given health check (when this file runs without test_bits collected first).
 from test_bits import _old_codes_to_signed, _old_signed_to_codes
@@ -188,23 +188,19 @@ def test_save_refuses_non_tickets(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def _small_ticket() -> signmask.Ticket:
-    return signmask.Ticket({"a.weight": torch.tensor([[1, 0, -1, 1, 0]]), "b.weight": torch.tensor([-1, 1])})
-
-
 def test_save_creates_missing_folders_and_names_a_file_in_the_way(tmp_path):
-    path = signmask.save(_small_ticket(), tmp_path / "a" / "b" / "t.safetensors")
-    assert signmask.load(path) == _small_ticket()
+    path = signmask.save(small_ticket(), tmp_path / "a" / "b" / "t.safetensors")
+    assert signmask.load(path) == small_ticket()
     (tmp_path / "f").write_bytes(b"x")
     with pytest.raises(NotADirectoryError, match="'.*f' is not a folder"):
-        signmask.save(_small_ticket(), tmp_path / "f" / "g" / "t.safetensors")
+        signmask.save(small_ticket(), tmp_path / "f" / "g" / "t.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["a", "f"] and (tmp_path / "f").read_bytes() == b"x"
 
 
 def test_save_onto_a_folder_names_the_given_path_and_leaves_it(tmp_path):
     (tmp_path / "adir").mkdir()
     with pytest.raises(IsADirectoryError, match=rf"Is a directory: '{tmp_path / 'adir'}'$"):
-        signmask.save(_small_ticket(), tmp_path / "adir")
+        signmask.save(small_ticket(), tmp_path / "adir")
     assert os.listdir(tmp_path) == ["adir"] and os.listdir(tmp_path / "adir") == []
 
 
@@ -216,7 +212,7 @@ def test_save_errors_name_the_given_path_not_the_temp_file(tmp_path, monkeypatch
 
     monkeypatch.setattr(os, fail, refused)  # creating the temp file, or renaming it
     with pytest.raises(PermissionError, match=rf"^\[Errno 13\] Permission denied: '{tmp_path / 't.safetensors'}'$"):
-        signmask.save(_small_ticket(), tmp_path / "t.safetensors")
+        signmask.save(small_ticket(), tmp_path / "t.safetensors")
     assert os.listdir(tmp_path) == []
 
 
@@ -228,7 +224,7 @@ def test_a_folder_save_cannot_create_is_reported_with_the_given_path(tmp_path, m
     path = tmp_path / "sub" / "t.safetensors"
     message = rf"^\[Errno 13\] cannot create its folder '{tmp_path / 'sub'}': Permission denied: '{path}'$"
     with pytest.raises(PermissionError, match=message):
-        signmask.save(_small_ticket(), path)
+        signmask.save(small_ticket(), path)
     assert os.listdir(tmp_path) == []
 
 
@@ -236,15 +232,15 @@ def test_a_folder_save_cannot_create_is_reported_with_the_given_path(tmp_path, m
 def test_a_path_naming_a_folder_is_refused_before_anything_is_written(tmp_path, end):
     given = str(tmp_path / "newfolder") + end if end else "."
     with pytest.raises(ValueError, match="names a folder, not a file"):
-        signmask.save(_small_ticket(), given)
+        signmask.save(small_ticket(), given)
     assert os.listdir(tmp_path) == []
 
 
 def test_save_through_a_symlink_to_a_missing_folder_creates_it(tmp_path):
     link = tmp_path / "latest.safetensors"
     link.symlink_to(tmp_path / "store" / "runs" / "real.safetensors")
-    assert signmask.save(_small_ticket(), link) == link
-    assert link.is_symlink() and signmask.load(tmp_path / "store" / "runs" / "real.safetensors") == _small_ticket()
+    assert signmask.save(small_ticket(), link) == link
+    assert link.is_symlink() and signmask.load(tmp_path / "store" / "runs" / "real.safetensors") == small_ticket()
     assert os.listdir(tmp_path / "store" / "runs") == ["real.safetensors"]
 
 
@@ -254,13 +250,13 @@ def test_save_into_a_fifo_writes_through_it_and_keeps_it(tmp_path):
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so that open() does not block
     try:
-        assert signmask.save(_small_ticket(), fifo) == fifo
+        assert signmask.save(small_ticket(), fifo) == fifo
         data = os.read(reader, 1 << 16)
     finally:
         os.close(reader)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["pipe.safetensors"]
     (tmp_path / "copy.safetensors").write_bytes(data)
-    assert signmask.load(tmp_path / "copy.safetensors") == _small_ticket()
+    assert signmask.load(tmp_path / "copy.safetensors") == small_ticket()
 
 
 def test_save_through_a_symlink_loop_is_refused_and_keeps_the_link(tmp_path):
@@ -268,7 +264,7 @@ def test_save_through_a_symlink_loop_is_refused_and_keeps_the_link(tmp_path):
     loop = tmp_path / "loop.safetensors"
     loop.symlink_to(loop)
     with pytest.raises(OSError, match=rf"^\[Errno {errno.ELOOP}\] .*: '{loop}'$"):
-        signmask.save(_small_ticket(), loop)
+        signmask.save(small_ticket(), loop)
     assert loop.is_symlink() and os.readlink(loop) == str(loop) and os.listdir(tmp_path) == ["loop.safetensors"]
 
 
@@ -298,7 +294,7 @@ def test_save_onto_a_read_only_file_is_refused_and_leaves_it(tmp_path, monkeypat
         _refuse_writes(monkeypatch, errno.EACCES,
                        lambda p, flags: os.path.exists(p) and not os.stat(p).st_mode & 0o222)
     with pytest.raises(PermissionError, match=rf"^\[Errno 13\] Permission denied: '{path}'$"):
-        signmask.save(_small_ticket(), path)
+        signmask.save(small_ticket(), path)
     assert path.read_bytes() == before and path.stat().st_mode & 0o777 == 0o444
     assert os.listdir(tmp_path) == ["t.safetensors"]
 
@@ -311,14 +307,14 @@ def test_save_onto_a_file_of_a_read_only_file_system_raises_what_open_raises(tmp
     _refuse_writes(monkeypatch, errno.EROFS, lambda p, flags: os.path.dirname(p) == str(tmp_path))
     for target in (path, tmp_path / "new.safetensors"):
         with pytest.raises(OSError, match=rf"^\[Errno {errno.EROFS}\] Read-only file system: '{target}'$") as got:
-            signmask.save(_small_ticket(), target)
+            signmask.save(small_ticket(), target)
         assert type(got.value) is OSError and got.value.errno == errno.EROFS
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["t.safetensors"]
 
 
 @pytest.fixture
 def saved(tmp_path):
-    return signmask.save(_small_ticket(), tmp_path / "t.safetensors")
+    return signmask.save(small_ticket(), tmp_path / "t.safetensors")
 
 
 @pytest.fixture(params=["1", "2", "3"])
@@ -326,7 +322,7 @@ def saved_any(request, tmp_path):
     """The small ticket written in each format version that load() reads."""
     path = tmp_path / "t.safetensors"
     write = {"1": _save_v1, "2": _save_v2, "3": signmask.save}[request.param]
-    return write(_small_ticket(), path)
+    return write(small_ticket(), path)
 
 
 def _reseal(meta: dict) -> None:
@@ -421,7 +417,7 @@ def test_edited_manifest_shape_is_detected(saved, shape):
 @pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**62, 2**62], [True, 2], [2.0, 1]])
 def test_forged_shapes_torch_cannot_make_are_refused_by_name(tmp_path, shape):
     # Checksums recomputed: a zero-sized entry needs no bytes, so only the shape check is left.
-    path = signmask.save(signmask.Ticket({**_small_ticket().masks, "e.weight": torch.zeros(0, 2, dtype=torch.int8)}),
+    path = signmask.save(signmask.Ticket({**small_ticket().masks, "e.weight": torch.zeros(0, 2, dtype=torch.int8)}),
                          tmp_path / "t.safetensors")
     _edit_manifest(path, lambda m: m["e.weight"].update(shape=shape))
     with pytest.raises(ValueError, match=r"t.safetensors: manifest entry of 'e.weight' has a bad shape"):
@@ -429,7 +425,7 @@ def test_forged_shapes_torch_cannot_make_are_refused_by_name(tmp_path, shape):
 
 
 def test_forged_norm_shape_of_bools_is_refused(tmp_path):
-    path = signmask.save(_norm_ticket(), tmp_path / "t.safetensors")
+    path = signmask.save(norm_ticket(), tmp_path / "t.safetensors")
     # The same values (so the same checksum) as a [1, 3] tensor, which compares equal to [True, 3].
     _edit_manifest(path, lambda m: m["bn.weight"].update(shape=[True, 3]),
                    tensors={"bn.weight": torch.tensor([[0.5, -0.0, 2.0]])})
@@ -439,13 +435,13 @@ def test_forged_norm_shape_of_bools_is_refused(tmp_path):
 
 def test_a_file_name_of_255_bytes_saves(tmp_path):
     path = tmp_path / ("t" * 243 + ".safetensors")
-    assert signmask.load(signmask.save(_small_ticket(), path)) == _small_ticket()
+    assert signmask.load(signmask.save(small_ticket(), path)) == small_ticket()
     assert os.listdir(tmp_path) == [path.name]
 
 
 @pytest.mark.parametrize("manifest_sha256", [True, False])
 def test_version_2_files_without_metadata_checksum_still_load(tmp_path, manifest_sha256):
-    ticket = signmask.Ticket(_norm_ticket().masks, {"a.bias": torch.tensor([-1])}, {"architecture": "Net"}, _norm_ticket().norms)
+    ticket = signmask.Ticket(norm_ticket().masks, {"a.bias": torch.tensor([-1])}, {"architecture": "Net"}, norm_ticket().norms)
     path = _save_v2(ticket, tmp_path / "t.safetensors", manifest_sha256=manifest_sha256)
     assert signmask.load(path) == ticket
 
@@ -560,7 +556,7 @@ def test_file_of_dense_signs_only_names_the_file(saved):
 
 
 def test_ticket_edited_after_construction_is_refused_by_save_and_transfer(tmp_path):
-    ticket = _small_ticket()
+    ticket = small_ticket()
     ticket.masks["a.weight"] = torch.tensor([[2, 0, 0, 0, 0]])
     with pytest.raises(ValueError, match=r"mask 'a.weight' holds values outside \{-1, 0, \+1\}: found \[2\]"):
         signmask.save(ticket, tmp_path / "x.safetensors")
@@ -608,7 +604,7 @@ def test_version_2_byte_outside_the_ternary_range(saved, name, byte):
 
 
 def test_version_1_code_3_is_refused(tmp_path):
-    path = _save_v1(_small_ticket(), tmp_path / "t.safetensors")
+    path = _save_v1(small_ticket(), tmp_path / "t.safetensors")
     _, raw = _io.read_raw(path)
     _replace_bytes(path, "b.weight", raw["b.weight"] | 0b11)  # code 3 in the first slot
     with pytest.raises(ValueError, match=r"t.safetensors: tensor 'b.weight' holds values outside \{-1, 0, \+1\}"):
@@ -631,37 +627,11 @@ def test_wrong_byte_count_for_shape(saved_any):
         signmask.load(saved_any)
 
 
-@pytest.mark.parametrize(
-    "masks, signs, meta, message",
-    [
-        ({"a": torch.tensor([2, 0])}, {}, {}, r"mask 'a' holds values outside \{-1, 0, \+1\}: found \[2\]"),
-        ({"a": torch.tensor([-2, 1])}, {}, {}, r"mask 'a' holds values outside \{-1, 0, \+1\}: found \[-2\]"),
-        ({"a": torch.tensor([255, 1], dtype=torch.uint8)}, {}, {}, r"outside \{-1, 0, \+1\}: found \[255\]"),
-        ({"a": torch.tensor([0.5])}, {}, {}, "must be an integer tensor"),
-        ({"a": torch.tensor([1])}, {"a": torch.tensor([1])}, {}, "both as masks and as dense signs"),
-        ({}, {}, {}, "at least one masked tensor"),
-        ({"a": torch.tensor([1])}, {}, {"format": "x"}, "reserved"),
-        ({"a": torch.tensor([1])}, {}, {"metadata_sha256": "x"}, r"keys \['metadata_sha256'\] are reserved"),
-        ({"a": torch.tensor([1])}, {}, {"n": 3}, "must map str to str"),
-        (None, {}, {}, "masks must be a mapping of tensor names to tensors, got NoneType"),
-        ({"a": torch.tensor([1])}, None, {}, "signs must be a mapping"),
-        ({"a": torch.tensor([1])}, {}, None, "metadata must be a mapping of str to str, got NoneType"),
-        ({"a": torch.tensor([1], device="meta")}, {}, {}, "mask 'a' must be a dense tensor with values, got a meta"),
-        ({"a": torch.tensor([[0, 1]]).to_sparse()}, {}, {}, "got layout torch.sparse_coo"),
-        ({1: torch.tensor([1]), "1": torch.tensor([0])}, {}, {}, "masks keys 1 and '1' name the same tensor '1'"),
-        ({"module.a": torch.tensor([1]), "a": torch.tensor([0])}, {}, {}, "keys 'module.a' and 'a' name the same tensor 'a'"),
-    ],
-)
-def test_ticket_validates_on_construction(masks, signs, meta, message):
-    with pytest.raises((TypeError, ValueError), match=message):
-        signmask.Ticket(masks, signs, meta)
-
-
 def test_manifest_rewritten_with_other_whitespace_still_loads(saved):
     meta, raw = _io.read_raw(saved)
     meta["manifest"] = json.dumps(json.loads(meta["manifest"]), indent=1)  # same content
     save_file(raw, str(saved), metadata=meta)
-    assert signmask.load(saved) == _small_ticket()
+    assert signmask.load(saved) == small_ticket()
 
 
 def test_ticket_names_are_canonical_and_float8_norms_round_trip(tmp_path):
@@ -671,20 +641,7 @@ def test_ticket_names_are_canonical_and_float8_norms_round_trip(tmp_path):
     assert signmask.load(signmask.save(ticket, tmp_path / "t.safetensors")) == ticket
 
 
-def test_ticket_accepts_wide_unsigned_masks():
-    for dtype in (torch.uint16, torch.uint32):
-        assert signmask.Ticket({"w": torch.tensor([0, 1, 1], dtype=dtype)}).masks["w"].tolist() == [0, 1, 1]
-    with pytest.raises(ValueError, match=r"found \[2\]"):
-        signmask.Ticket({"w": torch.tensor([0, 2], dtype=torch.uint16)})
-
-
 # ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
-
-
-def test_tickets_with_different_tensor_names_differ():
-    one = signmask.Ticket({"a": torch.tensor([1, 0])})
-    two = signmask.Ticket({"a": torch.tensor([1, 0]), "b": torch.tensor([-1])})
-    assert one != two and two != one
 
 
 @pytest.mark.parametrize(
@@ -717,18 +674,6 @@ def test_deeply_nested_manifest_is_unreadable_not_a_crash(saved):
         signmask.load(saved)
 
 
-def test_tickets_with_different_metadata_differ():
-    one = signmask.Ticket({"a": torch.tensor([1, 0])}, metadata={"rounds": "3"})
-    assert one == signmask.Ticket({"a": torch.tensor([1, 0])}, metadata={"rounds": "3"})
-    assert one != signmask.Ticket({"a": torch.tensor([1, 0])}, metadata={"rounds": "4"})
-
-
-def test_a_ticket_of_empty_masks_has_sparsity_zero():
-    # Documented: 0.0 when the masks hold no weights (not 1.0, nor a ZeroDivisionError).
-    t = signmask.Ticket({"a.weight": torch.zeros(0, 3, dtype=torch.int8)})
-    assert t.sparsity == 0.0 and t.layer_sparsity() == {"a.weight": 0.0} and t.kept == t.numel == 0
-
-
 def test_a_norm_named_metadata_is_refused_before_writing(tmp_path):
     # safetensors reserves the name for any tensor: a norm so named gave a file load() refuses.
     ticket = signmask.Ticket({"a.weight": torch.tensor([1, 0, -1])}, norms={"__metadata__": torch.ones(2)})
@@ -747,66 +692,14 @@ def test_saved_sparsity_is_the_exact_float(tmp_path):
 # ---------------------------------------------------------------- norm tensors (extract(norms=True))
 
 
-def _norm_ticket(dtype=torch.float32) -> signmask.Ticket:
-    norms = {"bn.weight": torch.tensor([0.5, -0.0, 2.0], dtype=dtype), "bn.bias": torch.tensor([1e-3, -7.0, 0.0], dtype=dtype)}
-    return signmask.Ticket(_small_ticket().masks, norms=norms)
-
-
-@pytest.mark.parametrize(
-    "norms, message",
-    [
-        ({"bn.weight": torch.tensor([1, 2])}, "norm tensor 'bn.weight' must be a floating-point tensor, got torch.int64"),
-        ({"bn.weight": torch.tensor([1.0, float("nan")])}, "norm tensor 'bn.weight' holds NaN or infinite values"),
-        ({"bn.weight": torch.tensor([float("-inf")])}, "NaN or infinite"),
-        ({"bn.weight": [1.0]}, "norm tensor 'bn.weight' must be a tensor, got list"),
-        ({"a.weight": torch.tensor([1.0])}, r"tensors \['a.weight'\] appear both as masks and as norms"),
-        ({"bn.weight": torch.ones(2, device="meta")}, "norm tensor 'bn.weight' must be a dense tensor with values"),
-        ({"bn.weight": torch.tensor([1.0, 448.0]).to(torch.float8_e4m3fn).clone().view(torch.uint8).fill_(0x7F)
-          .view(torch.float8_e4m3fn)}, "holds NaN or infinite values"),  # e4m3fn has no isfinite kernel
-        (None, "norms must be a mapping"),
-    ],
-)
-def test_ticket_validates_norms_on_construction(norms, message):
-    with pytest.raises((TypeError, ValueError), match=message):
-        signmask.Ticket(_small_ticket().masks, norms=norms)
-
-
-def test_ticket_holds_a_copy_of_the_norms_it_was_given():
-    bn = torch.nn.BatchNorm1d(3)
-    ticket = signmask.Ticket(_small_ticket().masks, norms={"bn.weight": bn.weight})
-    with torch.no_grad():
-        bn.weight.add_(1.0)  # training goes on after the ticket was made
-    assert torch.equal(ticket.norms["bn.weight"], torch.ones(3)) and not ticket.norms["bn.weight"].requires_grad
-
-
-def test_ticket_norm_named_like_a_dense_sign_is_refused():
-    with pytest.raises(ValueError, match=r"\['b.bias'\] appear both as dense signs and as norms"):
-        signmask.Ticket({"a": torch.tensor([1])}, {"b.bias": torch.tensor([1])}, norms={"b.bias": torch.tensor([0.1])})
-
-
-def test_tickets_differing_in_norm_values_or_dtype_differ():
-    base = _norm_ticket()
-    assert base == _norm_ticket()
-    assert base != _norm_ticket(torch.float64)  # another dtype (and 1e-3 rounds differently)
-    exact = {"bn.weight": torch.tensor([0.5, -0.0, 2.0])}  # the same numbers in every float dtype
-    for dtype in (torch.float64, torch.bfloat16, torch.float16):
-        other = {"bn.weight": exact["bn.weight"].to(dtype)}
-        assert torch.equal(exact["bn.weight"], other["bn.weight"])  # torch.equal promotes
-        assert signmask.Ticket(base.masks, norms=exact) != signmask.Ticket(base.masks, norms=other)
-    assert base != signmask.Ticket(base.masks)
-    edited = dict(base.norms, **{"bn.bias": torch.tensor([1e-3, -7.0, 0.5])})
-    assert base != signmask.Ticket(base.masks, norms=edited)
-    assert "2 norm tensors" in repr(base) and "norm" not in repr(signmask.Ticket(base.masks))
-
-
 @pytest.fixture
 def saved_norms(tmp_path):
-    return signmask.save(_norm_ticket(), tmp_path / "t.safetensors")
+    return signmask.save(norm_ticket(), tmp_path / "t.safetensors")
 
 
 def test_norm_tensors_are_stored_as_they_are(saved_norms):
     meta, raw = _io.read_raw(saved_norms)
-    assert torch.equal(raw["bn.weight"], _norm_ticket().norms["bn.weight"]) and raw["bn.weight"].dtype == torch.float32
+    assert torch.equal(raw["bn.weight"], norm_ticket().norms["bn.weight"]) and raw["bn.weight"].dtype == torch.float32
     entry = json.loads(meta["manifest"])["bn.weight"]
     assert entry["role"] == "norm" and entry["dtype"] == "float32" and entry["shape"] == [3]
 
@@ -829,7 +722,7 @@ def test_flipped_norm_byte_is_detected(saved_norms):
     ],
 )
 def test_norm_payload_of_another_dtype_or_shape_is_refused(saved_norms, replace, message):
-    forged = replace(_norm_ticket().norms["bn.weight"])
+    forged = replace(norm_ticket().norms["bn.weight"])
     digest = hashlib.sha256(_io._bytes(forged)).hexdigest()
     _edit_manifest(saved_norms, lambda m: m["bn.weight"].update(sha256=digest), tensors={"bn.weight": forged})
     with pytest.raises(ValueError, match=message):
