@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import signmask
+from signmask import _projection, _reparam
 
 
 class TinyNet(nn.Module):
@@ -92,6 +93,51 @@ def norm_ticket(dtype=torch.float32) -> signmask.Ticket:
     """:func:`small_ticket`'s masks and two norm tensors of ``dtype`` (a -0.0 among their values)."""
     norms = {"bn.weight": torch.tensor([0.5, -0.0, 2.0], dtype=dtype), "bn.bias": torch.tensor([1e-3, -7.0, 0.0], dtype=dtype)}
     return signmask.Ticket(small_ticket().masks, norms=norms)
+
+
+def conv_net(seed: int = 0) -> nn.Module:
+    """Two convs (the second bias-free) and a Linear head of 10 classes, for 3x6x6 inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
+    )
+
+
+def pruned_conv_net(signs: str | None = None, seed: int = 0) -> nn.Module:
+    return signmask.prune(conv_net(seed), 0.7, signs=signs)
+
+
+def effective_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The effective weights the next forward will use (via the hooks' current backend)."""
+    out = []
+    for module, name in signmask._targets.pruned(model).values():
+        hook = _reparam.find_hook(module, name)[1]
+        with torch.no_grad():
+            out.append(hook.apply_mask(module).clone())
+    return out
+
+
+def orig_grads(model):
+    return [_reparam.original(m, n).grad for m, n in signmask._targets.pruned(model).values()]
+
+
+def conv_net_batches(n: int, seed: int = 1):
+    """``n`` seeded batches of 4 inputs and labels for :func:`conv_net`."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(4, 3, 6, 6, generator=gen), torch.randint(0, 10, (4,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def projection_hooks(opt) -> list:
+    """The projection backend's hooks on optimizer ``opt`` (step pre/post, state loading)."""
+    tables = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_load_state_dict_post_hooks")
+    return [fn for t in tables for fn in getattr(opt, t).values() if isinstance(fn, _projection._OptimizerHook)]
 
 
 def snapshot(model: nn.Module):
