@@ -59,8 +59,8 @@ def steps(dry: bool, xdist: bool) -> list[Step]:
     probe = ("import torch, triton, sys; print(sys.version); print('torch', torch.__version__, "
              "'cuda', torch.version.cuda, 'triton', triton.__version__); "
              "print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')")
-    tests = [PY, "-m", "pytest", "tests/test_triton.py", "tests/test_backends.py", "-q",
-             "-p", "no:cacheprovider", "-o", "addopts="]
+    tests = [PY, "-m", "pytest", "tests/test_triton.py", "tests/test_backends.py", "tests/test_projection.py",
+             "-q", "-p", "no:cacheprovider", "-o", "addopts="]
     if xdist:  # Triton compiles on the host: spread the first compilations over the cores
         tests += ["-n", "8"]
     if dry:
