@@ -84,6 +84,18 @@ def trained_ticket(**kwargs):
     return model, signmask.extract(model, norms=True, **kwargs)
 
 
+def make_search(method="imp", sparsity=0.6, seed=0, **kw):
+    """A TinyNet, its SGD (momentum) and StepLR, and ``signmask.apply`` on them; returns all four."""
+    # Not named `setup`: pytest 8.0 (nose support, removed in 8.1) would run a module-level
+    # `setup` before the module's tests, with the module as `method`.
+    model = tiny(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    kw.setdefault("progress", False)
+    search = signmask.apply(model, method, sparsity, optimizer=opt, scheduler=sched, **kw)
+    return model, opt, sched, search
+
+
 def small_ticket() -> signmask.Ticket:
     """Two masked tensors: ``a.weight`` (1, 5) and ``b.weight`` (2,)."""
     return signmask.Ticket({"a.weight": torch.tensor([[1, 0, -1, 1, 0]]), "b.weight": torch.tensor([-1, 1])})

@@ -1,0 +1,160 @@
+"""``signmask.apply``: its arguments, models it cannot serve (left untouched), the rollback, the classifier defaults."""
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import signmask
+from signmask import _interpolate
+from _util import assert_same, make_search, snapshot, tiny
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, text",
+    [
+        ({"method": "sgd"}, ValueError,
+         "method='sgd' is not a known search method; valid: ['aws', 'imp', 'lrr', 'omp']"),
+        ({"sparsity": 0.0}, ValueError, "sparsity must be a finite number in (0, 1), got 0.0"),
+        ({"sparsity": 1.0}, ValueError, "sparsity must be a finite number in (0, 1), got 1.0"),
+        ({"rate": 1.0}, ValueError, "rate must be a finite number in (0, 1), got 1.0"),
+        ({"rate": 0.1, "rounds": 3}, ValueError, "pass rate= or rounds=, not both"),
+        ({"method": "lrr", "rewind": "init"}, ValueError, "method='lrr' does not rewind weights"),
+        ({"rewind": "2ep"}, ValueError, "counts epochs; pass steps_per_epoch="),
+        ({"rewind": "soon"}, ValueError, "cannot read rewind point 'soon'"),
+        ({"method": "omp", "rate": 0.2}, ValueError, "method='omp' prunes once"),
+        ({"method": "omp", "rounds": 3}, ValueError, "rate=/rounds= do not apply (got rate=None, rounds=3)"),
+        ({"include": 5}, TypeError, "include must be a glob string or a list of them, got 5"),
+        ({"filter_fn": "conv*"}, TypeError, "filter_fn must be callable as filter_fn(module, name), got str 'conv*'"),
+        ({"classifier": "no"}, TypeError, "classifier must be a bool or None, got str 'no'"),
+        ({"seed": 2**64}, ValueError, "seed must be an int below 2**64, got 18446744073709551616"),
+        ({"seed": -1}, ValueError, "seed must be an int >= 0, got -1"),
+        ({"include": "nothing*"}, ValueError, "include pattern 'nothing*' matches no conv/linear module"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
+        ({"scheduler": object()}, TypeError, "scheduler must have state_dict()/load_state_dict()"),
+        ({"steps_per_round": 0}, ValueError, "steps_per_round must be an int >= 1, got 0"),
+        ({"steps_per_round": 1.5}, TypeError, "steps_per_round must be an int, got float 1.5"),
+        ({"rewind": "500it", "steps_per_epoch": "abc"}, TypeError, "steps_per_epoch must be an int, got str 'abc'"),
+        ({"rewind": "500it", "steps_per_epoch": -3}, ValueError, "steps_per_epoch must be an int >= 1, got -3"),
+        ({"sparsity": 1e-6}, ValueError, "sparsity=1e-06 prunes no weight of 516 (rounded)"),
+        ({"optimizer": torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)}, ValueError,
+         "optimizer trains none of the tensors to prune (['conv1.weight', 'conv2.weight', 'fc.weight'] ...)"),
+    ],
+)
+def test_bad_input_leaves_model_untouched(kwargs, error, text):
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    kwargs = {"method": "imp", "sparsity": 0.5, "optimizer": opt, **kwargs}
+    with pytest.raises(error) as info:
+        signmask.apply(model, progress=False, **kwargs)
+    assert text in str(info.value)
+    assert_same(before, snapshot(model))
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_tensors_the_optimizer_does_not_train_are_named_in_a_warning():
+    model = tiny()
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("conv1")], lr=0.1)
+    with pytest.warns(UserWarning, match=r"optimizer does not train \['conv1.weight'\] \(1 of the 3 tensors") as got:
+        signmask.apply(model, "imp", 0.5, optimizer=opt, classifier=True, progress=False)
+    assert [w.filename for w in got] == [__file__]  # points at the caller of apply()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = tiny()
+        signmask.apply(model, "imp", 0.5, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+
+class _StatisticsOfOneName(nn.Module):
+    """Two BatchNorms without affine parameters named alike once ``module.`` is stripped: only
+    their running statistics collide, which a rewind used to restore for one of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False))
+        self.add_module("1", nn.BatchNorm1d(4, affine=False))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(getattr(self, "1")(self.module(x)))
+
+
+@pytest.mark.parametrize(
+    "make, method, text",
+    [
+        (_mlp, "aws", "Sequential has none with affine parameters; .* use method='lrr'"),
+        (lambda: signmask.prune(tiny(), 0.5), "imp", "already pruned; apply"),
+        (_StatisticsOfOneName, "imp", r"in model, module.1.running_mean and 1.running_mean are different tensors"),
+    ],
+)
+def test_models_apply_cannot_serve_are_left_untouched(make, method, text):
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=text):
+        signmask.apply(model, method, optimizer=opt)
+    assert_same(before, snapshot(model))
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_failure_after_masks_rolls_back(monkeypatch):
+    def refuse(model, alpha):
+        raise ValueError("norm layer refused")
+
+    monkeypatch.setattr(_interpolate, "attach", refuse)
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="norm layer refused"):
+        signmask.apply(model, "aws", optimizer=opt)
+    assert_same(before, snapshot(model))
+    assert not opt._optimizer_step_pre_hooks
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_apply_honours_classifier_false():
+    model, _, _, _ = make_search("imp", classifier=False)
+    assert hasattr(model.conv1, "weight_mask") and not hasattr(model.fc, "weight_mask")
+
+
+@pytest.mark.parametrize("method", ["lrr", "aws"])
+def test_lrr_and_aws_leave_the_classifier_dense_by_default(method):
+    # R01 (aws classifier=True), R02 (lrr classifier=True)
+    model, opt, _, search = make_search(method)
+    assert hasattr(model.conv2, "weight_mask") and not hasattr(model.fc, "weight_mask")
+    assert search.config.classifier is False
+
+
+@pytest.mark.parametrize("method", [["imp"], None, 3])
+def test_a_method_that_is_no_name_is_a_type_error_listing_the_valid_ones(method):
+    # R04: an unhashable key failed inside the dict lookup; None and 3 were "unknown" names.
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=re.escape(f"method must be a str, one of ['aws', 'imp', 'lrr', 'omp'], got {type(method).__name__} {method!r}")):
+        signmask.apply(model, method, 0.5, optimizer=opt)
+    assert_same(before, snapshot(model))
+
+
+def test_a_failure_after_masks_unlinks_the_parents_reading_pruned_weights(monkeypatch):
+    # MultiheadAttention reads out_proj.weight itself: the rollback must take its refresh
+    # hooks off again, along with the masks.
+    def refuse(model, alpha):
+        raise ValueError("norm layer refused")
+
+    monkeypatch.setattr(_interpolate, "attach", refuse)
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="norm layer refused"):
+        signmask.apply(model, "aws", optimizer=opt)
+    assert_same(before, snapshot(model))
