@@ -72,7 +72,23 @@ class _OptimizerHook:
     """A hook this backend puts on an optimizer, serving the pruned tensors ``targets``."""
 
     def __init__(self, targets: Targets) -> None:
-        self.targets = list(targets.values())
+        # The modules weakly: these hooks live on the optimizer, which may outlive the model (a
+        # trainer keeping it, a model dropped and rebuilt); strongly, every module dropped would
+        # live on with its masks, signs and stamps as long as the optimizer, and be projected at
+        # every step. A module gone is left alone, as MaskGrad does.
+        self._refs = [(weakref.ref(module), name) for module, name in targets.values()]
+
+    @property
+    def targets(self) -> list[tuple]:
+        """The ``(module, name)`` pairs served whose module is still alive."""
+        return [(module, name) for ref, name in self._refs if (module := ref()) is not None]
+
+    def keep(self, leaving: set) -> bool:
+        """Stop serving the pairs ``leaving`` (``(id(module), name)``) and the modules gone;
+        whether any pair is left."""
+        self._refs = [(ref, name) for ref, name in self._refs
+                      if (module := ref()) is not None and (id(module), name) not in leaving]
+        return bool(self._refs)
 
 
 class ProjectStale(_OptimizerHook):
@@ -138,16 +154,14 @@ def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None
     """Stop the hooks of this backend on ``optimizer`` (:class:`ProjectStale`,
     :class:`ProjectStep`, :class:`StateLoaded`) serving ``targets``; the other tensors they serve
     (the rest of a model whose submodule changes backend) keep them. Hooks left serving nothing
-    are removed."""
+    (their modules gone too) are removed."""
     leaving = {(id(m), n) for m, n in targets.values()}
     tables = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_load_state_dict_post_hooks")
     for table in tables:
         hooks = getattr(optimizer, table, {})
         for key, fn in list(hooks.items()):
-            if isinstance(fn, _OptimizerHook):
-                fn.targets = [(m, n) for m, n in fn.targets if (id(m), n) not in leaving]
-                if not fn.targets:
-                    del hooks[key]
+            if isinstance(fn, _OptimizerHook) and not fn.keep(leaving):
+                del hooks[key]
 
 
 def forget(module, name: str) -> None:

@@ -580,6 +580,28 @@ def test_a_gradient_reaching_a_weight_whose_module_is_gone_is_left_alone():
     assert torch.equal(orig.grad, scale) and not hasattr(orig.grad, "_signmask_masked")
 
 
+def test_a_model_dropped_while_its_optimizer_lives_on_is_freed():
+    # The step and state-loading hooks sit on the optimizer, which may outlive the model: holding
+    # their modules strongly kept every pruned module (masks, signs) alive with it, projected at
+    # every step. They hold them weakly, skip those gone and go at the next unhooking.
+    model = pruned_conv_net("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    _train(model, opt, conv_net_batches(1))
+    refs = [weakref.ref(m) for m in model.modules()] + [weakref.ref(b) for b in model.buffers()]
+    del model
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.step()  # its hooks serve nothing now, and do nothing
+    assert all(fn.targets == [] for fn in projection_hooks(opt))
+    other = pruned_conv_net(None)  # the same optimizer's next set_backend sweeps them away
+    opt.add_param_group({"params": list(other.parameters())})
+    _backends.set_backend(other, "projection", optimizer=opt)
+    assert {len(fn.targets) for fn in projection_hooks(opt)} == {3}
+
+
 @pytest.mark.parametrize("signs", [None, "locked"])
 def test_remove_after_projection_leaves_plain_parameters(signs):
     (ref, ref_opt), (proj, proj_opt) = _torch_and_projection(signs)
