@@ -22,9 +22,9 @@ than needed, never stale.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
+import weakref
 
 from torch import nn
 
@@ -72,10 +72,23 @@ def _sources(cls: type) -> list[str]:
     return sources
 
 
-@functools.lru_cache(maxsize=None)
+# _reads per class, held weakly: classes are also made at run time, one per instance for
+# torch.fx's GraphModule (symbolic_trace, feature extractors) or inside a function, and a cache
+# holding them strongly (an lru_cache) kept each one pruned, with its methods and their
+# globals, for the life of the process.
+_READS: "weakref.WeakKeyDictionary[type, frozenset[str]]" = weakref.WeakKeyDictionary()
+
+
 def _reads(cls: type) -> frozenset[str]:
     """``"<child path>.<tensor>"`` attributes that ``cls.forward`` (or a method it calls) reads
-    through ``self``."""
+    through ``self`` (cached per class)."""
+    reads = _READS.get(cls)
+    if reads is None:
+        reads = _READS[cls] = _find_reads(cls)
+    return reads
+
+
+def _find_reads(cls: type) -> frozenset[str]:
     if getattr(cls, "forward", None) in _FAST_PATH_ONLY:
         return frozenset()
     reads = set()

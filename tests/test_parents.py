@@ -1,6 +1,8 @@
 """Pruned weights read directly by their parent module (MultiheadAttention, timm BEiT)."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -77,6 +79,33 @@ def test_reads_are_found_in_the_forward_source():
     assert _parents._reads(nn.TransformerEncoderLayer) == frozenset()  # fast path only
     assert "qkv.weight" in _parents._reads(timm.models.beit.Attention)
     assert _parents._reads(nn.Linear) == frozenset()  # self.weight is its own tensor, not a child's
+
+
+def test_classes_made_at_run_time_are_freed_after_pruning():
+    # The reads are cached per class, weakly: torch.fx gives each traced module a class of its
+    # own, and a class made in a function keeps what its methods close over (here a tensor).
+    # An lru_cache kept every class ever pruned alive, and all it referenced.
+    def make(scale):
+        class Scaled(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 4)
+
+            def forward(self, x):
+                return nn.functional.linear(x, self.fc.weight) * scale
+
+        return Scaled()
+
+    scale = torch.ones(4)
+    refs = [weakref.ref(scale)]
+    for model in (make(scale), torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))):
+        signmask.prune(model, 0.5)
+        model(torch.ones(2, 4)).sum().backward()
+        refs += [weakref.ref(model), weakref.ref(type(model))]
+    assert "fc.weight" in _parents._reads(type(make(scale)))
+    del model, scale
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
 
 
 class GrandparentReader(nn.Module):
