@@ -229,7 +229,7 @@ def table(rows: list[dict]) -> str:
 def plot(results: dict) -> bytes:
     """PNG: test accuracy per search round, the five final accuracies, the error barriers."""
     # taller than the analysis plots: the bar chart's tick labels take two lines
-    fig, (ax_rounds, ax_bars, ax_lmc) = _plots._figure(3, height=4.2)
+    fig, (ax_rounds, ax_bars, ax_lmc) = _plots.figure(3, height=4.2)
     for method, hist in results["searches"].items():
         pct = [(100 * h["sparsity"], 100 * h["acc"]) for h in hist]
         ax_rounds.plot(*zip(*pct), "o-", label=method.upper())
@@ -249,7 +249,7 @@ def plot(results: dict) -> bytes:
         ax_lmc.plot(curve["alpha"], [100 * e for e in curve["error"]], "o-", label=label)
     ax_lmc.set(xlabel="0 = solution, 1 = new init + its signed mask", ylabel="test error (%)", title="error barrier")
     ax_lmc.legend()
-    return _plots._render(fig, "png")
+    return _plots.render(fig, "png")
 
 
 def run(s: Settings, out: str | os.PathLike) -> dict:

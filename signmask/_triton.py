@@ -30,12 +30,12 @@ from ._triton_kernels import (
     _masked_weight_bwd_flat,
     _masked_weight_fwd,
     _masked_weight_fwd_flat,
-    _manual_bf16,
+    manual_bf16,
 )
 
 _BLOCK = 1024
 _MAX_RANK = 5
-_I32_MAX = 2**31 - 1
+I32_MAX = 2**31 - 1
 
 
 def check_device(t: torch.Tensor, what: str) -> None:
@@ -91,7 +91,7 @@ def _plan(shape: torch.Size, tensors: list[torch.Tensor]) -> tuple[int, list[int
     return 2, _pad(list(shape), 1), strides + [_pad(logical, 0)]
 
 
-def _prepare(orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None) -> tuple:
+def prepare(orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None) -> tuple:
     if orig.dtype not in KERNEL_DTYPES:
         raise TypeError(f"orig must be a float tensor (fp32, bf16, fp16, fp64), got {orig.dtype}")
     if mask.dtype != torch.bool:
@@ -116,7 +116,7 @@ def _prepare(orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None) 
     return mask.view(torch.uint8), sign
 
 
-def _span(t: torch.Tensor) -> int:
+def span(t: torch.Tensor) -> int:
     """Largest element offset of ``t`` (decides 32- or 64-bit index arithmetic)."""
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
@@ -145,9 +145,9 @@ def _launch(kernels, tensors: list[torch.Tensor], sign, out: torch.Tensor, cdt) 
     else:
         out_flat = out
     mode, sizes, strides = _plan(out_flat.shape, tensors + [out_flat])
-    span = n if mode == 0 else max(_span(t) for t in tensors)
-    meta = dict(HAS_SIGN=sign is not None, I64=max(n, span) > _I32_MAX - _BLOCK, CDT=cdt,
-                MANUAL_BF16=_manual_bf16(out.dtype), BLOCK=_BLOCK)
+    reach = n if mode == 0 else max(span(t) for t in tensors)
+    meta = dict(HAS_SIGN=sign is not None, I64=max(n, reach) > I32_MAX - _BLOCK, CDT=cdt,
+                MANUAL_BF16=manual_bf16(out.dtype), BLOCK=_BLOCK)
     grid = ((n + _BLOCK - 1) // _BLOCK,)  # not triton.cdiv: a host call costs ~7 us
     sign_arg = sign if sign is not None else tensors[-1]
     with on_device(out):
@@ -172,7 +172,7 @@ def masked_weight_forward(
     orig: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """The effective weight in ``out_dtype`` (no autograd); strides follow ``orig``."""
-    mask_u8, sign = _prepare(orig, mask, sign)
+    mask_u8, sign = prepare(orig, mask, sign)
     out = _empty_like(orig, out_dtype)
     kernels = (_masked_weight_fwd_flat, _masked_weight_fwd)
     return _launch(kernels, [orig, mask_u8], sign, out, _compute_dtype(orig.dtype))
@@ -190,7 +190,7 @@ def masked_weight_backward(
     Without ``sign`` the values of ``orig`` are not read: ``orig`` may be ``out`` itself (the
     buffer to write, laid out like ``orig``).
     """
-    mask_u8, sign = _prepare(orig, mask, sign)
+    mask_u8, sign = prepare(orig, mask, sign)
     out = _empty_like(orig, orig.dtype) if out is None else out
     cdt = _compute_dtype(orig.dtype)
     kernels = (_masked_weight_bwd_flat, _masked_weight_bwd)

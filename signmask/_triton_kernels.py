@@ -3,8 +3,8 @@
 One pass each way: the forward reads ``weight_orig``, the bool mask and the packed sign bits and
 writes the effective weight; the backward masks (and sign-corrects) the incoming gradient. The
 flat kernels walk tensors that share one contiguous layout; the strided ones recover each
-element's multi-index (any strides, up to 5 dims). The helpers (:func:`_to`,
-:func:`_is_negative`, :func:`_effective_grad`) are shared with the fused Linear in
+element's multi-index (any strides, up to 5 dims). The helpers (:func:`cast`,
+:func:`is_negative`, :func:`effective_grad`) are shared with the fused Linear in
 ``_triton_linear``; ``_triton`` plans and launches these kernels.
 """
 
@@ -31,7 +31,7 @@ def _dot5(i0, i1, i2, i3, i4, s0, s1, s2, s3, s4):
 
 
 @triton.jit
-def _to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
+def cast(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
     # The interpreter's fp32 -> bf16 cast truncates; round to nearest even by hand there.
     if MANUAL_BF16:
         bits = x.to(tl.uint32, bitcast=True)
@@ -42,7 +42,7 @@ def _to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
 
 
 @triton.jit
-def _is_negative(S, li, inb):
+def is_negative(S, li, inb):
     byte = tl.load(S + (li >> 3), mask=inb, other=0).to(tl.int32)
     return ((byte >> (li & 7).to(tl.int32)) & 1) != 0
 
@@ -55,7 +55,7 @@ def _locked(o, keep, S, li, inb, CDT: tl.constexpr):
         negative = o.to(tl.int64, bitcast=True) < 0
     else:
         negative = o.to(tl.int32, bitcast=True) < 0
-    flip = (_is_negative(S, li, inb) != negative) & (keep != 0)
+    flip = (is_negative(S, li, inb) != negative) & (keep != 0)
     return tl.where(flip, -1.0, keep).to(CDT)
 
 
@@ -71,7 +71,7 @@ def _effective(w, keep, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
 
 
 @triton.jit
-def _effective_grad(g, keep, O, o_off, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
+def effective_grad(g, keep, O, o_off, S, li, inb, HAS_SIGN: tl.constexpr, CDT: tl.constexpr):
     """The gradient of ``orig`` from the effective weight's gradient ``g``: ``g * keep``, or
     under locked signs ``g * f``, the forward's factors (``orig`` read at ``O + o_off``)."""
     if HAS_SIGN:
@@ -86,7 +86,7 @@ def _fwd_body(O, MK, S, Y, o_off, m_off, y_off, li, inb,
     w = tl.load(O + o_off, mask=inb, other=0).to(CDT)
     keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
     w = _effective(w, keep, S, li, inb, HAS_SIGN, CDT)
-    tl.store(Y + y_off, _to(w, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
+    tl.store(Y + y_off, cast(w, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
 
 
 @triton.jit
@@ -94,8 +94,8 @@ def _bwd_body(G, O, MK, S, Y, g_off, o_off, m_off, y_off, li, inb,
               HAS_SIGN: tl.constexpr, CDT: tl.constexpr, MANUAL_BF16: tl.constexpr):
     g = tl.load(G + g_off, mask=inb, other=0).to(CDT)
     keep = tl.load(MK + m_off, mask=inb, other=0).to(CDT)
-    g = _effective_grad(g, keep, O, o_off, S, li, inb, HAS_SIGN, CDT)
-    tl.store(Y + y_off, _to(g, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
+    g = effective_grad(g, keep, O, o_off, S, li, inb, HAS_SIGN, CDT)
+    tl.store(Y + y_off, cast(g, Y.dtype.element_ty, MANUAL_BF16), mask=inb)
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def _masked_weight_bwd(
 INTERPRETED = type(_masked_weight_fwd).__name__ == "InterpretedFunction"
 
 
-def _manual_bf16(dtype: torch.dtype) -> bool:
+def manual_bf16(dtype: torch.dtype) -> bool:
     """Whether kernels writing ``dtype`` must round fp32 -> bf16 by hand (the interpreter's
-    cast truncates): the ``MANUAL_BF16`` argument of :func:`_to`."""
+    cast truncates): the ``MANUAL_BF16`` argument of :func:`cast`."""
     return INTERPRETED and dtype == torch.bfloat16

@@ -22,14 +22,14 @@ import triton
 import triton.language as tl
 
 from . import _triton
-from ._triton_kernels import _effective_grad, _is_negative, _manual_bf16, _to
+from ._triton_kernels import cast, effective_grad, is_negative, manual_bf16
 
 
 @triton.jit
 def _factor(keep, S, li, inb):
     """The locked sign times the mask, in ``keep``'s dtype: -1 where kept and negative, else
     ``keep`` itself (+0.0 where pruned, as an integer factor converts)."""
-    return tl.where(_is_negative(S, li, inb) & (keep != 0), -1.0, keep).to(keep.dtype)
+    return tl.where(is_negative(S, li, inb) & (keep != 0), -1.0, keep).to(keep.dtype)
 
 
 _INTERP_CONFIG = [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP": 4})]
@@ -119,7 +119,7 @@ def _masked_mm(
                                                    w_ok)
         else:
             w = w.to(tl.float32) * keep
-        w = _to(w, A.dtype.element_ty, MANUAL_BF16)
+        w = cast(w, A.dtype.element_ty, MANUAL_BF16)
         if UPCAST:  # the interpreter multiplies bf16 bit patterns as integers
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
         else:
@@ -127,7 +127,7 @@ def _masked_mm(
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
     c_ok = (rm[:, None] < M) & (rn[None, :] < N)
-    out = _to(acc, C.dtype.element_ty, MANUAL_BF16)
+    out = cast(acc, C.dtype.element_ty, MANUAL_BF16)
     tl.store(C + rm64[:, None] * sc_m + rn[None, :] * sc_n, out, mask=c_ok)
 
 
@@ -156,9 +156,9 @@ def _masked_grad_mm(
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     ok = (rm[:, None] < M) & (rn[None, :] < N)
     keep = tl.load(MK + rm[:, None] * sm_m + rn[None, :] * sm_n, mask=ok, other=0)
-    g = _effective_grad(acc, keep.to(tl.float32), O, rm[:, None] * so_m + rn[None, :] * so_n, S,
+    g = effective_grad(acc, keep.to(tl.float32), O, rm[:, None] * so_m + rn[None, :] * so_n, S,
                         rm[:, None] * ss_m + rn[None, :] * ss_n, ok, HAS_SIGN, tl.float32)
-    tl.store(C + rm[:, None] * sc_m + rn[None, :] * sc_n, _to(g, C.dtype.element_ty, MANUAL_BF16),
+    tl.store(C + rm[:, None] * sc_m + rn[None, :] * sc_n, cast(g, C.dtype.element_ty, MANUAL_BF16),
              mask=ok)
 
 
@@ -184,9 +184,9 @@ def _wide(tensors, sign_stride: int) -> bool:
     """Whether an element offset of the GEMM's tiles (or a sign bit's index, whose row stride is
     ``sign_stride``) may pass int32: then the kernels compute offsets in int64."""
     steps = [abs(st) for t in tensors for st in t.stride()] + [sign_stride]
-    reach = max(_triton._span(t) for t in tensors) + _TILE_MAX * max(steps)
+    reach = max(_triton.span(t) for t in tensors) + _TILE_MAX * max(steps)
     numel = max(t.numel() for t in tensors)
-    return max(reach, numel + _TILE_MAX * sign_stride) > _triton._I32_MAX
+    return max(reach, numel + _TILE_MAX * sign_stride) > _triton.I32_MAX
 
 
 def _bucket(tokens: int) -> int:
@@ -218,7 +218,7 @@ def _mm(a, orig, mask_u8, sign, bias, *, transposed: bool) -> torch.Tensor:
             orig.stride(wk), orig.stride(wn), mask_u8.stride(mk), mask_u8.stride(mn), sk, sn,
             c.stride(0), c.stride(1), _bucket(M),
             HAS_SIGN=sign is not None, HAS_BIAS=bias is not None, UPCAST=_upcast(a.dtype),
-            MANUAL_BF16=_manual_bf16(a.dtype), PRECISION=_precision(a.dtype),
+            MANUAL_BF16=manual_bf16(a.dtype), PRECISION=_precision(a.dtype),
             I64=_wide((a, orig, mask_u8, c), k_in),
         )
     return c
@@ -234,7 +234,7 @@ def _grad_weight(gy, x, orig, mask_u8, sign) -> torch.Tensor:
             orig.stride(0), orig.stride(1), mask_u8.stride(0), mask_u8.stride(1), k_in, 1,
             c.stride(0), c.stride(1), _bucket(gy.shape[0]),
             HAS_SIGN=sign is not None, UPCAST=_upcast(gy.dtype),
-            MANUAL_BF16=_manual_bf16(c.dtype), PRECISION=_precision(gy.dtype),
+            MANUAL_BF16=manual_bf16(c.dtype), PRECISION=_precision(gy.dtype),
             I64=_wide((gy, x, orig, mask_u8, c), k_in),
         )
     return c
@@ -242,7 +242,7 @@ def _grad_weight(gy, x, orig, mask_u8, sign) -> torch.Tensor:
 
 class MaskedLinear(torch.autograd.Function):
     """Autograd of the fused masked linear; inputs checked and already in the compute dtype,
-    ``mask_u8`` and ``sign`` as :func:`_triton._prepare` returns them, ``bias`` contiguous."""
+    ``mask_u8`` and ``sign`` as :func:`_triton.prepare` returns them, ``bias`` contiguous."""
 
     @staticmethod
     def forward(ctx, x, orig, mask_u8, sign, bias):
@@ -277,7 +277,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _check_linear(x, orig, mask, sign, bias, autocast: bool) -> None:
-    """What :func:`masked_linear` checks beyond ``_triton._prepare`` (mask and sign dtypes,
+    """What :func:`masked_linear` checks beyond ``_triton.prepare`` (mask and sign dtypes,
     sizes and devices)."""
     if x.dim() == 0:
         raise ValueError("masked_linear: x must be [..., in_features], got a 0-d tensor")
@@ -311,7 +311,7 @@ def _check_linear(x, orig, mask, sign, bias, autocast: bool) -> None:
                     f"masked_linear: {name} must have x's dtype {_dtype_name(x.dtype)} outside "
                     f"autocast (as in F.linear), got {_dtype_name(t.dtype)}"
                 )
-    for name, t in (("orig", orig), ("bias", bias)):  # mask and sign: _prepare, against orig
+    for name, t in (("orig", orig), ("bias", bias)):  # mask and sign: _triton.prepare, against orig
         if t is not None and t.device != x.device:
             raise RuntimeError(
                 f"masked_linear: {name} must be on x's device {x.device}, got {t.device}"
@@ -356,7 +356,7 @@ def masked_linear(
         from torch.nn import functional as F
 
         return F.linear(x, _triton.masked_weight(orig, mask, sign, x.dtype), bias)
-    mask_u8, flat_sign = _triton._prepare(orig, mask, sign)
+    mask_u8, flat_sign = _triton.prepare(orig, mask, sign)
     if autocast:
         dtype = torch.get_autocast_dtype(device)
         x = x.to(dtype)

@@ -659,7 +659,7 @@ def test_kernels_launch_on_the_device_of_their_tensors(monkeypatch):
             w = _triton.masked_weight_forward(orig, mask, s, torch.float32)
             _triton.masked_weight_backward(torch.ones_like(w), orig, mask, s)
         x, gy = torch.randn(8, 4, device="cuda:1"), torch.randn(8, 6, device="cuda:1")
-        mask_u8, _ = _triton._prepare(orig, mask, None)
+        mask_u8, _ = _triton.prepare(orig, mask, None)
         _triton_linear._mm(x, orig, mask_u8, None, None, transposed=True)
         _triton_linear._mm(gy, orig, mask_u8, None, None, transposed=False)
         _triton_linear._grad_weight(gy, x, orig, mask_u8, None)

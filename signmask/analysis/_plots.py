@@ -40,7 +40,7 @@ def _check_mapping(value: Any, arg: str) -> None:
             raise TypeError(f"{arg} labels must be str, got {type(label).__name__} {label!r}")
 
 
-def _figure(ncols: int, entries: int = 0, *, height: float = 4.0):
+def figure(ncols: int, entries: int = 0, *, height: float = 4.0):
     """A figure of ``ncols`` axes, taller by a line per legend entry (legends go below)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -68,7 +68,7 @@ def _style(i: int) -> dict:
     return {"color": f"C{i % 10}", "marker": marker, "linestyle": linestyle}
 
 
-def _render(fig, fmt: str) -> bytes:
+def render(fig, fmt: str) -> bytes:
     """The figure as a file of format ``fmt``, in memory: nothing is written if drawing fails."""
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=100)
@@ -76,7 +76,7 @@ def _render(fig, fmt: str) -> bytes:
 
 
 def _write(fig, path: Path, fmt: str) -> Path:
-    data = _render(fig, fmt)
+    data = render(fig, fmt)
     make_folder(path)  # as signmask.save does
     return write_atomic(path, data)
 
@@ -111,7 +111,7 @@ def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike)
         if not isinstance(b, Barrier):
             raise TypeError(f"barriers[{label!r}] must be a Barrier, got {type(b).__name__}")
     path, fmt = _check_path(path)
-    fig, (ax_err, ax_loss) = _figure(2, len(barriers))
+    fig, (ax_err, ax_loss) = figure(2, len(barriers))
     for i, (label, b) in enumerate(barriers.items()):
         ax_err.plot(b.alphas, [100 * e for e in b.errors], **_style(i),
                     label=f"{label} (barrier {100 * b.barrier:.2f}%)")
@@ -166,7 +166,7 @@ def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
     _check_mapping(curves, "curves")
     checked = {label: _check_curve(label, points) for label, points in curves.items()}
     path, fmt = _check_path(path)
-    fig, (ax,) = _figure(1, len(checked))
+    fig, (ax,) = figure(1, len(checked))
     for i, (label, points) in enumerate(checked.items()):
         ax.plot([100 * s for s, _ in points], [100 * a for _, a in points], **_style(i), label=label)
     ax.set(xlabel="sparsity (%)", ylabel="accuracy (%)", title="accuracy vs sparsity")
@@ -221,7 +221,7 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
         series["cos_final"] = telemetry.series("cos_final", layer)
     path, fmt = _check_path(path)
     steps = telemetry.steps
-    fig, (ax_sign, ax_dist, ax_cos) = _figure(3)
+    fig, (ax_sign, ax_dist, ax_cos) = figure(3)
     ax_sign.plot(steps, [100 * v for v in series["sign_changed"]], "o-")
     ax_sign.set(xlabel="step", ylabel="weights with changed sign (%)", title="sign changes since init")
     for ax, metric, what in ((ax_dist, "dist", "L2 distance"), (ax_cos, "cos", "cosine similarity")):
