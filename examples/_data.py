@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,16 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as indented JSON to a temp file renamed over ``path``: an interrupted run
     leaves the old file whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2) + "\n"  # before any file exists: unserializable objects raise here
+    # A name of its own (not a fixed ".tmp"): two runs writing to one folder cannot clash. Made
+    # with os.open's 0o666, so the umask sets its mode as for any other file (mkstemp's is 0o600).
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return path

@@ -319,3 +319,17 @@ def test_timm_ema_follows_the_search_and_the_schedule_restarts(tmp_path, monkeyp
     assert not [k for k in ema.module.state_dict() if k.endswith("_init")]
     assert list(ema.module.state_dict()) == list(model.state_dict())
     assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_write_json_replaces_whole_and_leaves_no_temp_file_behind(tmp_path):
+    write_json = load_example("_data").write_json
+    target = tmp_path / "results.json"
+    write_json(target, {"a": 1})
+    write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    with pytest.raises(OSError):  # the rename fails (a non-empty folder is in the way)
+        write_json(tmp_path / "busy", {"b": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "results.json"]
+    assert json.loads(target.read_text()) == {"a": 2}
