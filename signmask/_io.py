@@ -158,7 +158,22 @@ def save(ticket: Ticket, path: str | os.PathLike) -> Path:
     )
     meta["metadata_sha256"] = _metadata_sha256(meta, manifest)
     make_folder(path)
-    return write_atomic(path, st_save(tensors, metadata=meta))
+    return write_atomic(path, _sorted_metadata(st_save(tensors, metadata=meta)))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """A safetensors file's bytes with its metadata in sorted key order.
+
+    safetensors writes the metadata from a Rust HashMap, in an order that changes with every
+    call: the same ticket would give files that hash differently. Only the header changes; the
+    tensor offsets count from its end, and it stays padded to 8 bytes with spaces, as written.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

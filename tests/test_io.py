@@ -122,6 +122,20 @@ def test_metadata_of_an_extracted_ticket(tmp_path):
     assert manifest["conv2.weight"]["kept"] == int(model.conv2.weight_mask.sum())
 
 
+def test_the_same_ticket_gives_the_same_file_bytes(tmp_path):
+    # safetensors writes its metadata from a Rust HashMap, in a new order on every call: files
+    # of one ticket must still hash alike (provenance, deduplicating stores).
+    ticket = signmask.extract(signmask.prune(tiny(), 0.5), norms=True, metadata={"rounds": "3", "note": "é\n"})
+    files = {signmask.save(ticket, tmp_path / f"{i}.safetensors").read_bytes() for i in range(8)}
+    assert len(files) == 1
+    data = files.pop()
+    n = int.from_bytes(data[:8], "little")
+    assert n % 8 == 0  # the header stays padded, as safetensors pads it
+    meta = json.loads(data[8 : 8 + n])["__metadata__"]
+    assert list(meta) == sorted(meta)
+    assert signmask.load(tmp_path / "0.safetensors") == ticket
+
+
 def test_save_refuses_non_tickets(tmp_path):
     with pytest.raises(TypeError, match="save\\(\\) takes a signmask.Ticket as ticket, got dict"):
         signmask.save({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
