@@ -123,6 +123,15 @@ def test_equal_width_finds_the_closest_dense_width():
     assert analysis.equal_width(lambda w: nn.Linear(10, w), 44, [3, 5, 4]) == 4
 
 
+def test_equal_width_leaves_the_global_rng_as_it_found_it():
+    # The candidates are built and thrown away: their inits must not shift the caller's next
+    # draws (the init of the model then built at the chosen width, the data order).
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    analysis.equal_width(lambda w: nn.Linear(10, w), 44, range(1, 9), device="cpu")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_equal_width_validates():
     with pytest.raises(ValueError, match="at least one"):
         analysis.equal_width(lambda w: nn.Linear(2, w), 10, [])

@@ -152,6 +152,7 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
 
     Builds ``make_model(w)`` for each width (one at a time, under ``torch.device(device)``: on
     ``"meta"`` nothing is allocated or initialized) and counts it with :func:`count_params`.
+    torch's global RNG is left as it was: the candidates' inits do not shift the caller's draws.
     Of equally close widths the first in ``widths`` wins. Use ``count_params(ticket_model)`` as
     the target for the "small dense network of equal parameter count" baseline.
 
@@ -189,7 +190,7 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
         raise ValueError("widths must hold at least one width")
     best, best_gap = None, None
     for width in candidates:
-        with torch.device(device):
+        with _rng_kept(device), torch.device(device):
             model = make_model(width)
         check_model(model, f"make_model({width})")
         gap = abs(count_params(model) - target_params)
@@ -197,6 +198,14 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
             best, best_gap = width, gap
         del model
     return best
+
+
+def _rng_kept(device: torch.device):
+    """A context that restores torch's global generators that building on ``device`` can draw
+    from: the CPU's always, and the accelerator's of ``device``."""
+    if device.type in ("cpu", "meta"):
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 @dataclasses.dataclass(frozen=True)
