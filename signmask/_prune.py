@@ -101,7 +101,9 @@ def prune(
         include: globs of module names to consider (default: all conv/linear).
         exclude: globs of module names to skip.
         filter_fn: ``filter_fn(module, name) -> bool``; False skips the module.
-        seed: seed of ``method="random"``.
+        seed: seed of ``method="random"``, whose draws come from a generator of its own. Without
+            one, the seed is drawn from torch's global generator (one draw, as stock prune's
+            ``random_unstructured`` draws from it too), so ``torch.manual_seed`` fixes it.
 
     Returns:
         ``model``, pruned in prune's layout (``weight_orig``, bool ``weight_mask``).

@@ -84,6 +84,25 @@ def test_random_pruning_is_seeded_exact_and_differs_between_layers():
     assert not torch.equal(twins[0].weight_mask, twins[1].weight_mask)
 
 
+def test_random_pruning_with_a_seed_leaves_the_global_rng_alone_and_without_draws_from_it():
+    # A hidden draw would shift the user's data order with every call.
+    model = tiny()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    signmask.prune(model, 0.3, method="random", seed=3)
+    signmask.prune(model, 0.3, method="random", scope="layer", seed=4)
+    assert torch.equal(torch.get_rng_state(), before)
+    # Without a seed, torch.manual_seed fixes the mask.
+    masks = []
+    for _ in range(2):
+        model = tiny()
+        torch.manual_seed(5)
+        signmask.prune(model, 0.5, method="random")
+        masks.append(model.conv2.weight_mask.clone())
+        assert not torch.equal(torch.get_rng_state(), before)  # the seed was drawn from it
+    assert torch.equal(*masks)
+
+
 DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

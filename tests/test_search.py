@@ -357,6 +357,25 @@ def test_resume_from_any_step_is_bit_identical(method, at):
     assert resumed_history == history
 
 
+@pytest.mark.parametrize("method, kw", [("imp", {"rewind": "2it"}), ("lrr", {}), ("aws", {}), ("omp", {"rewind": "init"})])
+def test_a_search_draws_nothing_from_the_global_rngs(tmp_path, method, kw):
+    # AWS's coefficients come from the search's own generator: the user's data order, dropout
+    # and augmentation draw the same numbers with or without a search around the loop.
+    import random
+
+    import numpy as np
+
+    fresh = tiny(1)
+    model, opt, sched, search = make_search(method, **kw)
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    for _ in search:
+        train(model, opt, search, sched)
+    signmask.transfer(signmask.load(search.save(tmp_path / "t.safetensors")), fresh, norms=True)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1] and np.array_equal(np.random.get_state()[1], before[2])
+
+
 def test_resume_refuses_another_model_or_config():
     _, _, _, search = make_search("aws")
     state = search.state_dict()
