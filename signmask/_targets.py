@@ -176,8 +176,9 @@ def find_heads(model: nn.Module) -> tuple[set[int], str | None]:
     that head where it is a guess: the last conv of a model without ``nn.Linear``.
 
     Uses timm's ``get_classifier()`` (one module or a tuple, as in distilled DeiT), then
-    ``pretrained_cfg["classifier"]``, then the last ``nn.Linear`` registered in the model, then
-    (SqueezeNet's 1x1-conv head) its last conv.
+    ``pretrained_cfg["classifier"]`` (a model with none of the modules it names, or a timm
+    ``features_only`` backbone, whose config has no such entry, has no head), then the last
+    ``nn.Linear`` registered in the model, then (SqueezeNet's 1x1-conv head) its last conv.
     """
     heads: list[nn.Module] = []
     guess = None
@@ -190,12 +191,19 @@ def find_heads(model: nn.Module) -> tuple[set[int], str | None]:
             found = None
         heads = list(found) if isinstance(found, (tuple, list)) else [found] if found else []
     if not heads:
-        names = (getattr(root, "pretrained_cfg", None) or {}).get("classifier")
-        for n in [names] if isinstance(names, str) else list(names or ()):
+        cfg = getattr(root, "pretrained_cfg", None) or {}
+        names = cfg.get("classifier")
+        names = [names] if isinstance(names, str) else list(names or ())
+        for n in names:
             try:
                 heads.append(root.get_submodule(n))
             except AttributeError:
                 pass
+        if (names or ("architecture" in cfg and "classifier" not in cfg)) and not heads:
+            # timm says the model has no head: it names one the model no longer has
+            # (num_classes=0 where get_classifier() raises), or, for a features_only backbone
+            # (FeatureListNet...), drops the entry. The fallbacks would take a body layer.
+            return set(), None
     if not heads:
         linears = [m for m in root.modules() if isinstance(m, nn.Linear)]
         heads = linears[-1:]

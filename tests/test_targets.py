@@ -209,3 +209,18 @@ def test_multihead_attention_in_scope_warns_that_its_qkv_projection_stays_dense(
                        exclude="1*")
         wrapped = nn.DataParallel(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2)))
         signmask.prune(wrapped, 0.5, exclude="1*")  # patterns match canonical names
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("test_resnet", dict(features_only=True)),  # FeatureListNet: timm drops the head's cfg entry
+    ("test_vit", dict(features_only=True)),  # FeatureGetterNet: its last nn.Linear is an MLP's
+    ("efficientvit_m0", dict(num_classes=0)),  # get_classifier() raises; the cfg's head is gone
+])
+def test_a_timm_model_without_its_head_has_every_layer_pruned_with_classifier_false(name, kwargs):
+    from signmask._compat import import_timm
+
+    torch.manual_seed(0)
+    model = import_timm().create_model(name, pretrained=False, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no body layer guessed as the head
+        assert list(_targets.select(model, classifier=False)) == list(_targets.select(model))
