@@ -186,7 +186,7 @@ class Search:
             RuntimeError: no round is running, or the search is done or closed.
             ValueError: the rewind point lies beyond the training done in round 0 (nothing changes;
                 train on and call again); the optimizer's parameter groups changed since
-                :func:`signmask.apply`.
+                :func:`signmask.apply`, or a searched tensor's module was replaced or removed.
 
         Example:
             >>> import torch, signmask
@@ -209,6 +209,7 @@ class Search:
                 f"rewind point {self.config.rewind!r} is step {self.config.rewind_step}, but round 0 "
                 f"trained only {self.step} optimizer steps; train longer or rewind earlier"
             )
+        self._check_targets()
         self._capture_schedule()
         if self.round < self.config.prune_steps:
             self._check_restartable()
@@ -290,6 +291,21 @@ class Search:
                 f"the optimizer's parameter groups changed during the search (sizes {then} when "
                 f"it started, {now} now); each round restarts the optimizer as it was: add the "
                 "groups before signmask.apply"
+            )
+
+    def _check_targets(self) -> None:
+        """Raise before pruning if a searched tensor's module left the model (replaced by
+        ``reset_classifier()`` or module surgery): the search would go on pruning the old module,
+        and the ticket would miss the new one, silently."""
+        present = {id(m) for m in self.model.modules()}
+        gone = [key for key, (module, _) in self._targets.items() if id(module) not in present]
+        if gone:
+            raise ValueError(
+                f"the module{'s' if len(gone) > 1 else ''} holding {gone[:3]}"
+                f"{' ...' if len(gone) > 3 else ''} {'were' if len(gone) > 1 else 'was'} replaced or "
+                "removed during the search (reset_classifier() and module surgery do); the search "
+                "prunes the modules it started with: change the model before signmask.apply or "
+                "after the search"
             )
 
     def _masks(self, what: str) -> dict[str, torch.Tensor]:

@@ -521,6 +521,32 @@ def test_a_parameter_group_added_mid_search_is_refused_before_pruning():
     assert (search.round, search.in_round) == (round_, True)
 
 
+@pytest.mark.parametrize("method", ["lrr", "aws"])
+@pytest.mark.parametrize("last", [False, True])
+def test_a_searched_module_replaced_mid_search_is_refused_before_pruning(method, last):
+    # reset_classifier() replaces the head: the search went on pruning the old one, and the
+    # ticket missed the new one's mask, silently (IMP's rewind snapshot caught it by key only).
+    model, opt, sched, search = make_search(method, rounds=1, classifier=True)
+    if last:
+        search.start_round()
+        train(model, opt, search, sched)
+        search.finish_round()
+    search.start_round()
+    train(model, opt, search, sched)
+    old, model.fc = model.fc, nn.Linear(6, 5)
+    opt.param_groups[0]["params"][-2:] = list(model.fc.parameters())  # the user trains the new head
+    before, round_ = snapshot(model), search.round
+    with pytest.raises(ValueError, match=r"^the module holding \['fc.weight'\] was replaced or removed during"):
+        search.finish_round()
+    assert_same(before, snapshot(model))
+    assert (search.round, search.in_round) == (round_, True)
+    model.fc = old  # put back, the search goes on
+    opt.param_groups[0]["params"][-2:] = list(old.parameters())
+    for _ in search:
+        train(model, opt, search, sched)
+    assert search.ticket.sparsity == pytest.approx(0.6, abs=0.01) and "fc.weight" in search.ticket.masks
+
+
 @pytest.mark.parametrize("signs", [None, "locked"])
 def test_a_rewind_reprojects_the_projection_backend_without_a_forward(signs):
     # A compiled forward skips the projection's version check: the rewind must re-project.
