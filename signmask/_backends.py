@@ -189,6 +189,7 @@ class AutoBackend(Backend):
 
 def _signmask_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     targets = _targets.require_pruned(model, "no backend to set", fix=_targets.SHARD_AFTER)
+    _targets.check_unshadowed(targets)
     for key, (module, name) in targets.items():
         if not isinstance(_reparam.find_hook(module, name)[1], _reparam.SignMaskHook):
             raise ValueError(
@@ -248,8 +249,8 @@ def set_backend(
         ValueError: unknown backend, nothing pruned, a stock prune hook, a mask or sign buffer
             of another dtype, shape or device than signmask makes, ``"projection"``
             without an optimizer, with one it cannot serve exactly or that does not train every
-            pruned tensor, or with a frozen tensor; a weight on the meta device or sharded (a
-            DTensor).
+            pruned tensor, or with a frozen tensor; a pruned weight assigned a new Parameter
+            since; a weight on the meta device or sharded (a DTensor).
         ImportError: ``"triton"`` without triton installed.
         RuntimeError: ``"triton"`` with CPU tensors (unless ``TRITON_INTERPRET=1``).
         The model is left untouched in every case.

@@ -121,8 +121,9 @@ def extract(
         ValueError: nothing in ``model`` is pruned, or something other than a conv/linear weight
             is (a bias or an embedding, by stock prune); a kept (or recorded dense) weight is
             NaN or infinite; a layer to record is lazy and has no shape yet; a pruned weight is
-            on the meta device or sharded (a DTensor). ``metadata`` that is not ``str -> str``
-            or uses a reserved key raises as :class:`Ticket` does.
+            on the meta device or sharded (a DTensor), or was assigned a new Parameter since.
+            ``metadata`` that is not ``str -> str`` or uses a reserved key raises as
+            :class:`Ticket` does.
 
     Example:
         >>> import torch, signmask
@@ -136,6 +137,7 @@ def extract(
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__} {metadata!r}")
     found = _targets.require_pruned(model, "prune it before extract()")
+    _targets.check_unshadowed(found)
     odd = [k for k, (m, n) in found.items() if n != "weight" or not isinstance(m, _targets.PRUNABLE_TYPES)]
     if odd:
         raise ValueError(

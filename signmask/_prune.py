@@ -114,8 +114,9 @@ def prune(
             of an 8-bit float dtype, or a complex one with ``signs="locked"``.
         ValueError: ``amount`` outside [0, 1] (a float) or above the weights left (an int),
             unknown method/scope/signs, ``seed`` for a method without one or outside
-            [0, 2**64), nothing to prune, tied weights, a conflicting earlier pruning, or a
-            weight on the meta device or sharded (a DTensor).
+            [0, 2**64), nothing to prune, tied weights, a conflicting earlier pruning, a
+            pruned weight assigned a new Parameter since, or a weight on the meta device or
+            sharded (a DTensor).
         The model is left untouched in every case.
 
     Example:

@@ -271,7 +271,8 @@ def select(
         TypeError: ``model`` is not an ``nn.Module``, ``include``/``exclude`` is not a glob or
             a list of them, ``filter_fn`` is not callable, ``classifier`` is not a bool.
         ValueError: an ``include``/``exclude`` pattern matches no conv/linear module, a chosen
-            weight is an uninitialized lazy parameter, or nothing is left to prune.
+            weight is an uninitialized lazy parameter or a pruned one assigned a new Parameter
+            since, or nothing is left to prune.
     """
     check_model(model, "model")
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
@@ -303,6 +304,7 @@ def select(
             f"classifier={classifier}, include={inc}, exclude={exc}, filter_fn={filter_fn}"
         )
     check_local(chosen)
+    check_unshadowed(chosen)
     return chosen
 
 
@@ -393,6 +395,22 @@ def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = SHARD_AFTE
             f"{sharded[:3]}{' ...' if len(sharded) > 3 else ''} {'is a' if len(sharded) == 1 else 'are'} "
             f"DTensor (sharded by fully_shard or tensor parallelism); signmask works on local "
             f"tensors: {fix}"
+        )
+
+
+def check_unshadowed(targets: dict[str, tuple[nn.Module, str]]) -> None:
+    """Refuse pruned tensors whose module was assigned a new Parameter of that name since
+    (``fuse_conv_bn_eval``, module surgery): the forward refuses them, a ticket of them would
+    record the hidden ``<name>_orig``, and recomputing the weight (a new mask, a backend) fails
+    half-way with torch's own ``TypeError``."""
+    shadowed = [k for k, (m, n) in targets.items()
+                if n in m._parameters and _reparam.find_hook(m, n)[1] is not None]
+    if shadowed:
+        raise ValueError(
+            f"{shadowed[:3]}{' ...' if len(shadowed) > 3 else ''} {'was' if len(shadowed) == 1 else 'were'} "
+            "assigned a new Parameter after pruning (torch.nn.utils.fusion.fuse_conv_bn_eval and "
+            f"module surgery do), which hides the pruned {targets[shadowed[0]][1]}_orig; make the "
+            "pruning permanent first: signmask.remove(model) keeps the new Parameter"
         )
 
 
