@@ -92,7 +92,8 @@ def apply(
             pruned; an optimizer that trains none of the pruned tensors; ``"aws"`` (the
             default) on a model without norm layers with affine parameters (use ``"lrr"``);
             a weight on the meta device or sharded (a DTensor); norm layers already interpolated
-            by another search.
+            by another search; with a rewind to init (IMP, OMP), an uninitialized lazy layer
+            anywhere in the model.
         TypeError also for a method that is no str. The model is left untouched in every case.
 
     Example:
@@ -129,6 +130,8 @@ def apply(
     )
     _check_trained(targets, optimizer)
     _check_fresh(model, targets, recipe)
+    if rewind_step == 0:
+        _check_materialized(model, recipe.name)
     total = sum(_reparam.original(m, n).numel() for m, n in targets.values())
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
     steps = len(kept)  # steps that would prune nothing are dropped
@@ -191,6 +194,18 @@ def _check_trained(targets, optimizer) -> None:
             stacklevel=3,  # the caller of apply()
         )
     _targets.warn_vanishing_eps(targets, optimizer, stacklevel=3)
+
+
+def _check_materialized(model: nn.Module, method: str) -> None:
+    """Refuse a lazy parameter or buffer anywhere in ``model`` (pruned or not) when the search
+    snapshots every weight at once to rewind to: a lazy one has no values yet, and torch's own
+    error names none."""
+    for fqn, module in model.named_modules():
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            _targets.check_initialized(
+                f"{fqn}.{name}" if fqn else name, module, tensor,
+                f"apply(method={method!r}), which snapshots every weight to rewind to",
+            )
 
 
 def _check_fresh(model: nn.Module, targets, recipe: _recipes.Recipe) -> None:

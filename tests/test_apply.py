@@ -103,6 +103,22 @@ def test_models_apply_cannot_serve_are_left_untouched(make, method, text):
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
+@pytest.mark.parametrize("method", ["imp", "omp"])
+def test_a_lazy_layer_outside_the_targets_is_named_when_the_search_snapshots_the_init(method):
+    # IMP/OMP copy every weight at once to rewind to: torch's own error named no tensor.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LazyLinear(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^2.weight is an uninitialized lazy parameter \(LazyLinear\); run one "
+                                         rf"forward pass .* before apply\(method='{method}'\), which snapshots"):
+        signmask.apply(model, method, 0.5, optimizer=opt, include="0", progress=False)
+    assert not signmask._targets.pruned(model) and not opt._optimizer_step_pre_hooks
+    signmask.apply(model, "lrr", 0.5, optimizer=opt, include="0", progress=False).close()  # no snapshot
+    model = signmask.remove(model)
+    model(torch.randn(1, 4))
+    assert signmask.apply(model, method, 0.5, optimizer=opt, include="0", progress=False).round == 0
+
+
 def test_failure_after_masks_rolls_back(monkeypatch):
     def refuse(model, alpha):
         raise ValueError("norm layer refused")
