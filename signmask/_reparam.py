@@ -343,6 +343,14 @@ def install(
     ``negative`` (bool, same shape) sign-locks the tensor: True entries are forced negative.
     Callers validate everything first; this function does not fail halfway on valid input.
     """
+    # Normal tensors even under torch.inference_mode (a decorated loader or evaluation function
+    # may prune, transfer or load): an inference-tensor mask or sign buffer could never be written
+    # in place outside it again (the next pruning round, load_state_dict, the projection stamps).
+    with torch.inference_mode(False):
+        _install(module, name, keep, method, negative)
+
+
+def _install(module, name, keep, method, negative) -> None:
     # History records must not pin per-weight tensors (deepcopy/pickle would copy them).
     method = method.spent() if hasattr(method, "spent") else method
     key, hook = find_hook(module, name)

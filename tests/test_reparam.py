@@ -296,6 +296,41 @@ def test_to_low_precision_keeps_bool_masks(dtype, signs):
 
 
 # ----------------------------------------------------------------------------------------------
+# torch.inference_mode
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+@pytest.mark.parametrize("how", ["prune", "transfer", "load_state_dict"])
+def test_masks_installed_under_inference_mode_stay_writable_outside_it(how, signs):
+    # A loader or evaluation function decorated with @torch.inference_mode() may prune, transfer
+    # or load: inference-tensor masks would refuse every later in-place write (the next pruning
+    # round, load_state_dict, the projection backend's stamps) outside it.
+    source = signmask.prune(small_net(1), 0.5, signs=signs)
+    ticket, state = signmask.extract(source), source.state_dict()
+    twins = []
+    for inference in (False, True):
+        model = small_net(0)
+        with torch.inference_mode(inference):
+            if how == "prune":
+                signmask.prune(model, 0.5, signs=signs)
+            elif how == "transfer":
+                signmask.transfer(ticket, model, signs=signs or "init")
+            else:
+                signmask.load_state_dict(model, state)
+        twins.append(model)
+    for model in twins:
+        assert not any(b.is_inference() for b in model.buffers())
+        train_steps(model, 2, lr=2.0)
+        signmask.prune(model, 0.3)  # writes the masks in place
+        model.load_state_dict(model.state_dict())
+        signmask.set_backend(model, "projection", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    plain, inferred = twins
+    x = inputs()
+    assert torch.equal(eval_out(inferred, x), eval_out(plain, x))
+    assert torch.equal(eval_out(inferred, x), eval_out(dense_copy(inferred), x))
+
+
+# ----------------------------------------------------------------------------------------------
 # torch.jit.trace, torch.export
 
 
