@@ -82,9 +82,10 @@ def apply(
         A :class:`Search`.
 
     Raises:
-        TypeError: ``model`` not a module, ``optimizer`` not a ``torch.optim.Optimizer``, a
-            scheduler without ``state_dict``, or an option of the wrong type (``sparsity``,
-            ``rate``, ``rewind``, ``seed``, ``classifier``, ``include``, ``filter_fn``...).
+        TypeError: ``model`` not a module (or a TorchScript one), ``optimizer`` not a
+            ``torch.optim.Optimizer``, a scheduler without ``state_dict``, or an option of the wrong
+            type (``sparsity``, ``rate``, ``rewind``, ``seed``, ``classifier``, ``include``,
+            ``filter_fn``...).
         ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds (or
             either for OMP); more rounds than weights; a sparsity that prunes nothing; a rewind
             point for LRR/AWS or an unreadable one (an ``"ep"`` point without

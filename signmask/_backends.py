@@ -243,9 +243,9 @@ def set_backend(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``backend`` not a str, ``optimizer`` not
-            a ``torch.optim.Optimizer``; ``"triton"`` with a tensor of a dtype its kernels do
-            not compute (not fp32/bf16/fp16/fp64).
+        TypeError: ``model`` is not an ``nn.Module`` (or is a TorchScript one), ``backend`` not a
+            str, ``optimizer`` not a ``torch.optim.Optimizer``; ``"triton"`` with a tensor of a
+            dtype its kernels do not compute (not fp32/bf16/fp16/fp64).
         ValueError: unknown backend, nothing pruned, a stock prune hook, a mask or sign buffer
             of another dtype, shape or device than signmask makes, ``"projection"``
             without an optimizer, with one it cannot serve exactly or that does not train every
@@ -262,7 +262,7 @@ def set_backend(
         >>> net(torch.ones(1, 4)).shape
         torch.Size([1, 4])
     """
-    _checks.check_model(model, "model")
+    _checks.check_eager_model(model, "model")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     impl = get_backend(backend)

@@ -22,6 +22,19 @@ def check_model(model: Any, arg: str) -> nn.Module:
     return model
 
 
+def check_eager_model(model: Any, arg: str) -> nn.Module:
+    """:func:`check_model`, refusing a TorchScript module too (``torch.jit.trace``, ``script``,
+    ``load``): its submodules are no longer ``nn.Conv2d`` / ``nn.Linear`` and its ``_parameters``
+    no dict, so pruning it crashed deep inside and a traced pruned model read as unpruned."""
+    check_model(model, arg)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{arg} is a TorchScript module ({type(model).__name__}), which signmask cannot change "
+            "or read: call it on the eager model (before torch.jit.trace or torch.jit.script)"
+        )
+    return model
+
+
 def check_bool(value: Any, arg: str, *, optional: bool = False) -> bool | None:
     """Return ``value`` as a bool if it is one (numpy's, or a one-element bool tensor), or None
     if ``optional`` allows it; raise ``TypeError`` naming ``arg`` otherwise (a string such as

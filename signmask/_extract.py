@@ -116,8 +116,8 @@ def extract(
         ``versions``, then ``metadata``).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, a flag is not a bool, ``metadata`` is not
-            a mapping.
+        TypeError: ``model`` is not an ``nn.Module`` (or is a TorchScript one), a flag is not a
+            bool, ``metadata`` is not a mapping.
         ValueError: nothing in ``model`` is pruned, or something other than a conv/linear weight
             is (a bias or an embedding, by stock prune); a kept (or recorded dense) weight is
             NaN or infinite; a layer to record is lazy and has no shape yet; a pruned weight is
@@ -131,7 +131,7 @@ def extract(
         >>> signmask.extract(net).sparsity
         0.75
     """
-    _checks.check_model(model, "model")
+    _checks.check_eager_model(model, "model")
     for flag, arg in ((biases, "biases"), (dense, "dense"), (norms, "norms")):
         _checks.check_bool(flag, arg)
     if metadata is not None and not isinstance(metadata, Mapping):

@@ -109,9 +109,9 @@ def prune(
         ``model``, pruned in prune's layout (``weight_orig``, bool ``weight_mask``).
 
     Raises:
-        TypeError: ``model`` not a module, ``amount`` not a number, or an option of the wrong
-            type (``classifier``, ``include``/``exclude``, ``filter_fn``, ``seed``); a weight
-            of an 8-bit float dtype, or a complex one with ``signs="locked"``.
+        TypeError: ``model`` not a module (or a TorchScript one), ``amount`` not a number, or an
+            option of the wrong type (``classifier``, ``include``/``exclude``, ``filter_fn``,
+            ``seed``); a weight of an 8-bit float dtype, or a complex one with ``signs="locked"``.
         ValueError: ``amount`` outside [0, 1] (a float) or above the weights left (an int),
             unknown method/scope/signs, ``seed`` for a method without one or outside
             [0, 2**64), nothing to prune, tied weights, a conflicting earlier pruning, a
@@ -192,7 +192,7 @@ def remove(model: nn.Module) -> nn.Module:
         ``model``, with no pruned tensor left.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module.
         ValueError: nothing in ``model`` is pruned, or a pruned weight is on the meta device
             or sharded (a DTensor; gather it first). Nothing is changed then.
 
@@ -203,7 +203,7 @@ def remove(model: nn.Module) -> nn.Module:
         >>> int((net.weight == 0).sum()), hasattr(net, "weight_mask")
         (4, False)
     """
-    _checks.check_model(model, "model")
+    _checks.check_eager_model(model, "model")
     for module, name in _targets.require_pruned(model, "nothing to remove").values():
         _prune.remove(module, name)
     _parents.link(model)

@@ -184,8 +184,9 @@ def load_state_dict(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``state_dict`` not a mapping of str keys,
-            or a masked weight of ``model`` is an 8-bit float (or complex and sign-locked).
+        TypeError: ``model`` is not an ``nn.Module`` (or is a TorchScript one), ``state_dict`` not a
+            mapping of str keys, or a masked weight of ``model`` is an 8-bit float (or complex and
+            sign-locked).
         ValueError: a masked tensor names no module of ``model`` or has another shape, or the
             state dict loads into a lazy layer that has no shape yet (run a forward pass first),
             a masked tensor of ``model`` is sharded (a DTensor), or a mask is not binary.
@@ -204,7 +205,7 @@ def load_state_dict(
         >>> bool(torch.equal(fresh.weight_mask, sd["weight_mask"]))
         True
     """
-    _checks.check_model(model, "model")
+    _checks.check_eager_model(model, "model")
     _checks.check_bool(strict, "strict")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")

@@ -14,7 +14,7 @@ from torch.nn.utils import prune as _prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from . import _reparam
-from ._checks import check_bool, check_model
+from ._checks import check_bool, check_eager_model
 
 # Wrappers whose prefixes are not part of a tensor's identity: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -268,13 +268,14 @@ def select(
     ``weight_norm``, ``spectral_norm``) are skipped with a warning.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``include``/``exclude`` is not a glob or
-            a list of them, ``filter_fn`` is not callable, ``classifier`` is not a bool.
+        TypeError: ``model`` is not an ``nn.Module`` (or is a TorchScript one),
+            ``include``/``exclude`` is not a glob or a list of them, ``filter_fn`` is not callable,
+            ``classifier`` is not a bool.
         ValueError: an ``include``/``exclude`` pattern matches no conv/linear module, a chosen
             weight is an uninitialized lazy parameter or a pruned one assigned a new Parameter
             since, or nothing is left to prune.
     """
-    check_model(model, "model")
+    check_eager_model(model, "model")
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     _check_filter_fn(filter_fn)
     check_bool(classifier, "classifier")

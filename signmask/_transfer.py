@@ -148,9 +148,9 @@ def transfer(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` (whatever ``check_architecture`` says),
-            ``ticket`` is neither a Ticket nor a path, a flag is not a bool, or a masked weight
-            is an 8-bit float (or complex, with ``signs="locked"``).
+        TypeError: ``model`` is not an ``nn.Module`` or is a TorchScript one (whatever
+            ``check_architecture`` says), ``ticket`` is neither a Ticket nor a path, a flag is not a
+            bool, or a masked weight is an 8-bit float (or complex, with ``signs="locked"``).
         ValueError: unknown ``signs``, another architecture, ticket tensors missing from the model,
             a shape mismatch, an already-pruned tensor, a lazy layer with no shape yet, ``norms``
             with a ticket that has none, a ticket norm tensor that is not a norm layer's in
@@ -169,7 +169,7 @@ def transfer(
         True
     """
     _checks.check_key(signs, _MODES, "signs", "sign mode")
-    _checks.check_model(model, "model")  # before reading a ticket file
+    _checks.check_eager_model(model, "model")  # before reading a ticket file
     for flag, arg in ((biases, "biases"), (dense, "dense"), (norms, "norms"),
                       (check_architecture, "check_architecture")):
         _checks.check_bool(flag, arg)

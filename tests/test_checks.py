@@ -101,3 +101,42 @@ def test_check_bool_refuses_a_tensor_of_other_than_one_bool_by_type(value):
     text = f"biases must be a bool, got torch.Tensor {value!r}"
     with pytest.raises(TypeError, match=f"^{re.escape(text)}$"):
         _checks.check_bool(value, "biases")
+
+
+def _torchscript(how: str) -> torch.jit.ScriptModule:
+    import signmask
+
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    if how == "trace of a pruned model":
+        return torch.jit.trace(signmask.prune(net, 0.5), torch.randn(2, 6))
+    return torch.jit.trace(net, torch.randn(2, 6)) if how == "trace" else torch.jit.script(net)
+
+
+@pytest.mark.parametrize("how", ["trace", "script", "trace of a pruned model"])
+@pytest.mark.parametrize("call", ["prune", "apply", "transfer", "load_state_dict", "set_backend", "extract", "remove"])
+def test_a_torchscript_model_is_refused_by_name_and_left_untouched(call, how):
+    # A shipped TorchScript model (torch.jit.load) is no eager model: its submodules are no
+    # nn.Linear and its _parameters no dict. prune, apply, transfer and load_state_dict crashed
+    # in AttributeError 'OrderedDictWrapper' object has no attribute 'get'; extract and remove
+    # of a traced pruned model said it held nothing pruned.
+    import signmask
+
+    model = _torchscript(how)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    donor = signmask.prune(net, 0.5)
+    run = {
+        "prune": lambda: signmask.prune(model, 0.5),
+        "apply": lambda: signmask.apply(model, "lrr", optimizer=torch.optim.SGD(model.parameters(), lr=0.1)),
+        "transfer": lambda: signmask.transfer(signmask.extract(donor), model),
+        "load_state_dict": lambda: signmask.load_state_dict(model, donor.state_dict()),
+        "set_backend": lambda: signmask.set_backend(model, "torch"),
+        "extract": lambda: signmask.extract(model),
+        "remove": lambda: signmask.remove(model),
+    }[call]
+    text = (f"model is a TorchScript module ({type(model).__name__}), which signmask cannot change or "
+            "read: call it on the eager model (before torch.jit.trace or torch.jit.script)")
+    with pytest.raises(TypeError, match=f"^{re.escape(text)}$"):
+        run()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
