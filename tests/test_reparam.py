@@ -88,7 +88,7 @@ def effective(module: nn.Module) -> torch.Tensor:
 
 def dense_copy(model: nn.Module, seed: int = 99) -> nn.Module:
     """An unpruned model whose conv/linear weights are the pruned model's effective weights."""
-    oracle = small_net(seed, *arch(model))
+    oracle = small_net(seed, *arch(model)).to(next(model.parameters()).dtype)
     state = {}
     for k, v in model.state_dict().items():
         if k.endswith(("_mask", "_sign")):
@@ -295,6 +295,45 @@ def test_to_low_precision_keeps_bool_masks(dtype, signs):
         assert torch.equal(m.weight, o.weight)
 
 
+@pytest.mark.parametrize("convert", ["double", "channels_last"])
+@pytest.mark.parametrize("backend", ["torch", "projection"])
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_double_and_channels_last_keep_masks_locks_and_masked_gradients(convert, backend, signs):
+    model = small_net(0)
+    signmask.prune(model, 0.6, signs=signs)
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    if backend == "projection":
+        signmask.set_backend(model, "projection", optimizer=opt)
+    x = inputs()
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), torch.randn(4, 5)).backward()
+    opt.step()
+    masks = [m.weight_mask.clone() for m in layers(model)]
+    if convert == "double":
+        model.double()
+        x = x.double()
+    else:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def oracle_out():  # in the model's memory format: the same conv kernels, bitwise outputs
+        oracle = dense_copy(model)
+        return eval_out(oracle.to(memory_format=torch.channels_last) if convert == "channels_last" else oracle, x)
+
+    assert torch.equal(eval_out(model, x), oracle_out())
+    for m, keep in zip(layers(model), masks):
+        assert m.weight_mask.dtype == torch.bool and torch.equal(m.weight_mask, keep)
+        assert signs is None or m.weight_sign.dtype == torch.uint8
+    model.train()
+    opt.zero_grad()
+    model(x).square().sum().backward()
+    for m in layers(model):
+        assert m.weight_orig.grad.dtype == m.weight_orig.dtype
+        assert not m.weight_orig.grad[~m.weight_mask].any()
+    opt.step()
+    assert torch.equal(eval_out(model, x), oracle_out())
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.inference_mode
 
@@ -361,6 +400,38 @@ def test_jit_trace_and_export_follow_masks_weights_and_signs(signs):
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads)) and len(grads[0]) == 6
     copy.deepcopy(model)  # the eager forward above left a detached weight, as always
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "projection"])
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_export_of_a_trained_model_and_of_its_removal_equals_the_dense_oracle(signs, backend, strict):
+    # What is shipped: torch.export of the pruned model (hooks live) and, after remove(), of the
+    # plain model, through torch.export.save / load; bitwise the dense network holding the
+    # effective weights (sign-locked ones whose stored signs disagree with their locks too).
+    model = small_net(0)
+    signmask.prune(model, 0.6, signs=signs)
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    if backend == "projection":
+        signmask.set_backend(model, "projection", optimizer=opt)
+    x = inputs()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    if signs == "locked" and backend == "torch":  # projection reflects weights across 0 instead
+        with torch.no_grad():
+            layers(model)[0].weight_orig.neg_()  # stored signs now disagree with every lock
+    model.eval()
+    oracle = dense_copy(model).eval()
+    expected = eval_out(oracle, x)
+    for net in (model, signmask.remove(copy.deepcopy(model))):
+        buf = io.BytesIO()
+        torch.export.save(torch.export.export(net, (x,), strict=strict), buf)
+        buf.seek(0)
+        shipped = torch.export.load(buf).module()
+        assert torch.equal(shipped(x), expected)
+        assert torch.equal(eval_out(net, x), expected)
 
 
 # ----------------------------------------------------------------------------------------------
