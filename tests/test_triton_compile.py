@@ -42,23 +42,19 @@ def test_every_launch_compiles(kernels):
     assert errors == []
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
-
-
-# Stack (spill) bytes per thread a first autotune config may use. triton 3.6 (the floor, and the
-# GPU image's) allocates registers differently from CI's 3.7.1: its first tiles of the sign-locked
-# fp32 `_masked_grad_mm` (tf32, 128x128x64) and `_masked_mm` (ieee, 64x64x16) spill 112 B and 8 B,
-# where 3.7.1 spills nothing. The autotuner times every config, so a spilling one is at worst not
-# picked (benchmarks/NOTES.md); tensor-core tiles that do not fit spill kilobytes, far over this.
-SPILL_ALLOWED = {(3, 6): 128}
+# Stack (spill) bytes per thread a first autotune config may use, on any triton version. Register
+# allocation changes between releases: the first tile of the sign-locked fp32 `_masked_grad_mm`
+# (tf32, 128x128x64) spills 112 B on triton 3.6 (the floor, and the GPU image's), nothing on
+# 3.7.1 (CI's), 16 B on 3.8.0 and 24 B on 3.9.0; 3.6's fp32 locked `_masked_mm` (ieee, 64x64x16)
+# 8 B. The autotuner times every config, so a spilling one is at worst not picked
+# (benchmarks/NOTES.md); tensor-core tiles that do not fit spill kilobytes, far over this.
+SPILL_ALLOWED = 128
 
 
 def test_no_kernel_spills_or_overflows_shared_memory(report, kernels):
     assert report["shared_limit"] == 232448  # bytes one block may use on sm_90 (227 KB)
-    allowed = SPILL_ALLOWED.get(_version(report["triton"]), 0)
     spills = [(r["kernel"], r["constexprs"], r["stack_bytes"]) for r in kernels
-              if r.get("stack_bytes", 0) > allowed]
+              if r.get("stack_bytes", 0) > SPILL_ALLOWED]
     assert spills == []
     over = [(r["kernel"], r["config"], r["shared_bytes"]) for r in kernels
             if r.get("shared_bytes", 0) > report["shared_limit"]]
