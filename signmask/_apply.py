@@ -139,10 +139,13 @@ def apply(
     config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
     _prune.prune_targets(model, targets, _methods.L1Magnitude(0.0))  # all-ones masks
     try:
-        return Search(
-            model, optimizer, scheduler, config, targets=targets, kept=kept,
-            progress=progress, steps_per_round=steps_per_round,
-        )
+        # Normal tensors even under torch.inference_mode: the alpha, the norms' inits and the
+        # snapshots the search makes are written in place by the training outside it.
+        with torch.inference_mode(False):
+            return Search(
+                model, optimizer, scheduler, config, targets=targets, kept=kept,
+                progress=progress, steps_per_round=steps_per_round,
+            )
     except BaseException:
         for module, name in targets.values():  # e.g. a norm layer attach() refuses
             _reparam.uninstall(module, name)

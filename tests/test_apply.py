@@ -174,3 +174,27 @@ def test_a_failure_after_masks_unlinks_the_parents_reading_pruned_weights(monkey
     with pytest.raises(ValueError, match="norm layer refused"):
         signmask.apply(model, "aws", optimizer=opt)
     assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("method", ["aws", "lrr", "imp"])
+def test_a_search_set_up_under_inference_mode_runs_as_one_set_up_outside_it(method):
+    # A setup function decorated with @torch.inference_mode() made AWS's alpha and norm inits
+    # inference tensors, which the first round's alpha.fill_ refused outside it.
+    def run(inference: bool) -> dict:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with torch.inference_mode(inference):
+            search = signmask.apply(net, method, 0.5, optimizer=opt, rounds=2, progress=False)
+        data = torch.Generator().manual_seed(1)
+        for _ in search:
+            for _ in range(2):
+                opt.zero_grad()
+                net(torch.randn(8, 8, generator=data)).pow(2).mean().backward()
+                opt.step()
+        return {k: v.clone() for k, v in net.state_dict().items()}
+
+    outside, inside = run(False), run(True)
+    assert outside.keys() == inside.keys()
+    for k in outside:
+        assert torch.equal(outside[k], inside[k]), k
