@@ -183,7 +183,9 @@ def remove(model: nn.Module) -> nn.Module:
     """Make all pruning of ``model`` permanent, like ``prune.remove`` on every pruned tensor.
 
     Each ``weight`` becomes a plain Parameter (the same object as ``weight_orig``) holding the
-    effective values: zeros where pruned, locked signs applied.
+    effective values: zeros where pruned, locked signs applied. A ``weight`` assigned a new
+    Parameter since pruning (``fuse_conv_bn_eval``, module surgery) keeps that Parameter, and the
+    hidden ``weight_orig`` and mask are dropped.
 
     Args:
         model: a model pruned by signmask or by ``torch.nn.utils.prune``.

@@ -619,3 +619,15 @@ def test_strided_bool_default_masks_rank_in_row_major_order_and_stay_unchanged()
     got = _methods.L1Magnitude(0.5).compute_masks([w], [mask])[0]
     want = _stable_sort_masks([w.contiguous()], [mask.contiguous()], 0.5)[0]
     assert torch.equal(got, want) and torch.equal(mask, before)
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_remove_keeps_a_parameter_assigned_over_a_pruned_weight(signs):
+    # What the error of prune/extract/the forward tells the user to do (fuse_conv_bn_eval).
+    net = signmask.prune(nn.Linear(4, 3), 0.5, signs=signs)
+    new = nn.Parameter(torch.randn(3, 4))
+    net.weight = new
+    signmask.remove(net)
+    assert net.weight is new and dict(net.named_parameters()).keys() == {"weight", "bias"}
+    assert not hasattr(net, "weight_mask") and not hasattr(net, "weight_sign")
+    assert not torch.nn.utils.prune.is_pruned(net)
