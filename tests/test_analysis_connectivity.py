@@ -1097,3 +1097,29 @@ def test_reestimate_bn_16_bit_leaves_entangled_layers_in_their_dtype(case):
     assert all(t.dtype == torch.bfloat16 for t in (*net.parameters(), *net.buffers())
                if t.is_floating_point())
     assert b1.weight.dtype == torch.bfloat16
+
+
+def test_evaluate_refuses_a_single_logit_that_names_no_top1_class():
+    # argmax over one column is class 0 for every sample: the error would be the fraction of 1s
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1)
+    x, y = torch.randn(10, 4), torch.tensor([0, 1] * 5)
+    bce = lambda z, t: F.binary_cross_entropy_with_logits(z.squeeze(1), t.float())  # noqa: E731
+    with pytest.raises(ValueError, match=r"logits of shape \(10, 1\) hold one class"):
+        analysis.evaluate(net, [(x, y)], loss_fn=bce)
+    assert net.training
+    two = nn.Sequential(net, Lambda(lambda z: torch.cat([torch.zeros_like(z), z], 1)))
+    ev = analysis.evaluate(two, [(x, y)])  # the advised form: CE of (0, z) is z's BCE
+    with torch.no_grad():
+        z = net(x).squeeze(1)
+    assert math.isclose(ev.loss, float(bce(z[:, None], y)), rel_tol=1e-6)
+    assert ev.error == float(((z > 0).long() != y).double().mean())
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)

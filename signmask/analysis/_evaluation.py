@@ -301,7 +301,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
             scalar.
         ValueError: ``batches < 1``, an empty loader (or one whose targets are all negative), or
             logits and targets of mismatched shapes (unbatched samples, with 0-d targets,
-            included).
+            included), logits of a single class (a binary classifier's one logit).
 
     Example:
         >>> import torch
@@ -361,6 +361,12 @@ def _logits(logits, targets: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"logits of shape {tuple(logits.shape)} do not match class-index targets "
             f"of shape {tuple(targets.shape)} (expected logits (N, C, ...)){unbatched}"
+        )
+    if logits.shape[1] == 1:  # argmax over one column is always class 0: the error would be wrong
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} hold one class (axis 1), which names no "
+            "top-1 prediction; for a binary classifier's single logit z, return "
+            "torch.cat([torch.zeros_like(z), z], 1) (its cross-entropy is z's BCE)"
         )
     return logits
 
