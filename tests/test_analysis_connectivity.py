@@ -1123,3 +1123,21 @@ class Lambda(nn.Module):
 
     def forward(self, x):
         return self.fn(x)
+
+
+@pytest.mark.parametrize("ignored", [255, 3])
+def test_evaluate_refuses_targets_past_the_last_class(ignored):
+    # a loss_fn ignoring 255 (VOC's unlabeled pixels) left them counted as wrong and as weight
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    y[:4] = ignored
+    loss_fn = lambda z, t: F.cross_entropy(z, t, ignore_index=ignored)  # noqa: E731
+    with pytest.raises(ValueError, match=f"targets hold class {ignored}, but logits of shape "
+                                         r"\(10, 3\) have 3 classes"):
+        analysis.evaluate(net, [(x, y)], loss_fn=loss_fn)
+    y[:4] = -100
+    ev = analysis.evaluate(net, [(x, y)])  # the documented form
+    with torch.no_grad():
+        logits = net(x[4:])
+    assert ev.error == float((logits.argmax(1) != y[4:]).double().mean())

@@ -301,7 +301,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
             scalar.
         ValueError: ``batches < 1``, an empty loader (or one whose targets are all negative), or
             logits and targets of mismatched shapes (unbatched samples, with 0-d targets,
-            included), logits of a single class (a binary classifier's one logit).
+            included), logits of a single class (a binary classifier's one logit), a target
+            past the last class (ignored targets must be negative).
 
     Example:
         >>> import torch
@@ -367,6 +368,14 @@ def _logits(logits, targets: torch.Tensor) -> torch.Tensor:
             f"logits of shape {tuple(logits.shape)} hold one class (axis 1), which names no "
             "top-1 prediction; for a binary classifier's single logit z, return "
             "torch.cat([torch.zeros_like(z), z], 1) (its cross-entropy is z's BCE)"
+        )
+    classes = logits.shape[1]
+    # a target past the last class (a loss_fn's ignore_index=255) would count as wrong
+    if targets.numel() and int(targets.max()) >= classes:
+        raise ValueError(
+            f"targets hold class {int(targets.max())}, but logits of shape "
+            f"{tuple(logits.shape)} have {classes} classes (axis 1); mark ignored targets with a "
+            "negative value (cross_entropy's ignore_index, -100)"
         )
     return logits
 
