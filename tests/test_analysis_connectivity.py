@@ -1141,3 +1141,16 @@ def test_evaluate_refuses_targets_past_the_last_class(ignored):
     with torch.no_grad():
         logits = net(x[4:])
     assert ev.error == float((logits.argmax(1) != y[4:]).double().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_evaluate_computes_the_loss_of_16_bit_logits_in_float32(dtype):
+    # cross_entropy of bf16 logits rounds its batch mean to 8 bits (2.453 for 2.4506)
+    torch.manual_seed(0)
+    net = nn.Linear(64, 10).to(dtype)
+    x, y = torch.randn(1000, 64).to(dtype), torch.randint(0, 10, (1000,))
+    ev = analysis.evaluate(net, [(x[:600], y[:600]), (x[600:], y[600:])])
+    with torch.no_grad():
+        logits = net(x)
+    assert math.isclose(ev.loss, float(F.cross_entropy(logits.double(), y)), rel_tol=1e-6)
+    assert ev.error == float((logits.argmax(1) != y).double().mean())
