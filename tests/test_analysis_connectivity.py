@@ -1154,3 +1154,15 @@ def test_evaluate_computes_the_loss_of_16_bit_logits_in_float32(dtype):
         logits = net(x)
     assert math.isclose(ev.loss, float(F.cross_entropy(logits.double(), y)), rel_tol=1e-6)
     assert ev.error == float((logits.argmax(1) != y).double().mean())
+
+
+@pytest.mark.parametrize("batch, found", [
+    (((torch.zeros(2, 4), torch.zeros(2, 4)), torch.tensor([0, 1])), r"got tuple \(tuple, Tensor\)"),
+    ((torch.zeros(2, 4), [0, 1]), r"got tuple \(Tensor, list\)"),
+    ((torch.zeros(2, 4),), r"got tuple \(Tensor\)"),
+    ({"image": torch.zeros(2, 4), "label": torch.tensor([0, 1])}, r"got dict with keys \['image', 'label'\]"),
+])
+def test_evaluate_names_what_a_batch_it_cannot_use_holds(batch, found):
+    # "got tuple" alone does not say which element is wrong, nor which keys a dict batch has
+    with pytest.raises(TypeError, match="loader must yield a tensor or .*" + found):
+        analysis.evaluate(nn.Linear(4, 3), [batch])

@@ -120,5 +120,17 @@ def split_batch(batch: Any, *, need_target: bool,
             return batch[0], None
     raise TypeError(
         f"{arg} must yield a tensor or (inputs, targets, ...) tuples of tensors, got "
-        f"{type(batch).__name__}"
+        f"{_describe(batch)}"
     )
+
+
+def _describe(batch: Any) -> str:
+    """A batch's type and what it holds: a bare "tuple" does not say which element is wrong
+    (nested inputs, a list of labels, a missing target)."""
+    kind = type(batch).__name__
+    if isinstance(batch, (tuple, list)):
+        items = ", ".join(type(b).__name__ for b in batch[:4]) + (", ..." if len(batch) > 4 else "")
+        return f"{kind} ({items})"
+    if isinstance(batch, collections.abc.Mapping):  # a dict batch: name its keys to map from
+        return f"{kind} with keys {list(batch)[:5]}"
+    return kind
