@@ -1166,3 +1166,33 @@ def test_evaluate_names_what_a_batch_it_cannot_use_holds(batch, found):
     # "got tuple" alone does not say which element is wrong, nor which keys a dict batch has
     with pytest.raises(TypeError, match="loader must yield a tensor or .*" + found):
         analysis.evaluate(nn.Linear(4, 3), [batch])
+
+
+class EvalOnlyBranch(nn.Module):
+    """``bn_eval`` runs in eval mode only (train-mode forwards skip it), ``unused`` never."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.bn_eval = nn.BatchNorm1d(4)
+        self.unused = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        x = self.bn(x)
+        return x if self.training else self.bn_eval(x)
+
+
+def test_reestimate_bn_keeps_the_statistics_of_layers_the_pass_never_calls():
+    # reset and never updated, they held mean 0 and variance 1: eval outputs silently changed
+    model = EvalOnlyBranch().eval()
+    with torch.no_grad():
+        for m in (model.bn_eval, model.unused):
+            m.running_mean.fill_(3.0)
+            m.running_var.fill_(5.0)
+            m.num_batches_tracked.fill_(9)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("bn.")}
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    analysis.reestimate_bn(model, [x])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    torch.testing.assert_close(model.bn.running_mean, x.mean(0))  # the called layer re-estimated
+    assert not model.training

@@ -133,6 +133,16 @@ def _reset(layer: nn.Module) -> None:
             buffer.fill_(value)
 
 
+def _keep_uncalled(saved: list, calls: dict) -> None:
+    """Put back the statistics of the layers the pass never called (a branch the model runs in
+    eval mode only, an unused head): reset, they would hold mean 0 and variance 1."""
+    with torch.no_grad():
+        for m, _, buffers in saved:
+            if calls[m].calls == 0:
+                for k, b in buffers.items():
+                    m._buffers[k].copy_(b)
+
+
 def _limit(loader: Iterable, batches: int | None) -> Iterable:
     return loader if batches is None else itertools.islice(loader, batches)
 
@@ -163,7 +173,8 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     batches). The momenta and every module's train/eval flag are restored.
     A model without such layers is returned at once, without reading ``loader``. Norm layers under
     AWS's interpolation use their trained parameters (``a = 0``) during the pass, so the
-    statistics are those of the network as evaluated.
+    statistics are those of the network as evaluated. A layer the pass never calls (a branch run
+    in eval mode only, an unused head) keeps its statistics instead of mean 0 and variance 1.
 
     Args:
         model: any model.
@@ -217,9 +228,11 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
                 if dtype is not None:
                     upcast[m] = dtype
         model.train()
+        calls = {}
         for m in layers:
             m.training = True  # a model may keep its norms frozen in its own train()
-            counters.append(m.register_forward_pre_hook(_CumulativeMomentum()))
+            calls[m] = _CumulativeMomentum()
+            counters.append(m.register_forward_pre_hook(calls[m]))
         seen = 0
         with torch.no_grad():
             for batch in _limit(loader, batches):
@@ -229,6 +242,7 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
         if seen == 0:
             raise ValueError(f"{arg} yielded no batch; cannot re-estimate BatchNorm statistics")
         _downcast(upcast)
+        _keep_uncalled(saved, calls)
     except BaseException:
         _downcast(upcast)
         with torch.no_grad():
