@@ -73,6 +73,13 @@ def take_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> di
 def put_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None, snapshot: dict) -> None:
     """Restart: clear the optimizer's state (momentum, Adam moments) and restore hyperparameters
     and the LR schedule from ``snapshot``."""
-    optimizer.load_state_dict({"state": {}, "param_groups": copy.deepcopy(snapshot["param_groups"])})
+    groups = copy.deepcopy(snapshot["param_groups"])
+    for group, now in zip(groups, optimizer.param_groups):
+        # Keys added since the snapshot stay: a scheduler made after apply (SWALR's swa_lr,
+        # initial_lr) reads them at its next step, and load_state_dict would drop them.
+        for key, value in now.items():
+            if key not in group:
+                group[key] = copy.deepcopy(value)
+    optimizer.load_state_dict({"state": {}, "param_groups": groups})
     if scheduler is not None and snapshot["scheduler"] is not None:
         scheduler.load_state_dict(copy.deepcopy(snapshot["scheduler"]))

@@ -75,3 +75,26 @@ def test_imp_rewinds_a_model_with_extra_state_and_leaves_that_state_alone():
         assert live.keys() == seen.keys()
         assert all(torch.equal(live[k], seen[k]) for k in live)  # rewound exactly
         assert model[0].calls == 4  # its extra state went on counting: not rewound
+
+
+def test_a_restart_keeps_the_keys_a_scheduler_made_after_apply_added_to_the_groups():
+    # SWALR made after apply (beside the AveragedModel, as EMA copies are) adds swa_lr to the
+    # groups; each round's restart loaded the groups of apply's time and its next step raised a
+    # bare KeyError: 'swa_lr'.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    search = signmask.apply(net, "lrr", 0.5, optimizer=opt, rounds=2, progress=False)
+    swa = torch.optim.swa_utils.AveragedModel(net)
+    swalr = torch.optim.swa_utils.SWALR(opt, swa_lr=0.01, anneal_epochs=3)
+    lrs = []
+    for _ in search:
+        lrs.append(opt.param_groups[0]["lr"])
+        for _ in range(2):
+            opt.zero_grad()
+            net(torch.randn(5, 4)).sum().backward()
+            opt.step()
+            swa.update_parameters(net)
+            swalr.step()
+    assert search.done and opt.param_groups[0]["swa_lr"] == 0.01
+    assert lrs[1:] == [0.1, 0.1]  # each restart still returns to apply's learning rate
