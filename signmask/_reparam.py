@@ -130,6 +130,8 @@ class SignMaskHook(_prune.PruningContainer):
         name, buffers = self._tensor_name, module._buffers
         orig, mask = module._parameters.get(name + "_orig"), buffers[name + "_mask"]
         if orig is None:  # parametrized since (weight_norm on weight_orig): computed, as stock reads it
+            if name + "_orig" not in getattr(module, "parametrizations", {}):
+                raise RuntimeError(_hooked_orig(module, name))
             orig = getattr(module, name + "_orig")
         sign = buffers.get(name + "_sign")
         if self.backend == "torch":
@@ -276,7 +278,23 @@ def original(module: nn.Module, name: str) -> nn.Parameter:
             f"Parameter: undo it first (torch.nn.utils.parametrize.remove_parametrizations"
             f"(module, {name + '_orig'!r}))"
         )
+    if name + "_orig" in module.__dict__:  # weight_norm's or spectral_norm's hook sets it
+        raise ValueError(_hooked_orig(module, name))
     raise KeyError(name)
+
+
+def _hooked_orig(module: nn.Module, name: str) -> str:
+    # torch.nn.utils.weight_norm / spectral_norm (hook-based) on <name>_orig: their pre-hook
+    # computes it after the pruning hook has read it, so each forward would use the previous
+    # forward's tensor (and the second backward fail); stock prune reads it just as late.
+    orig = name + "_orig"
+    return (
+        f"{type(module).__name__}.{orig} is no Parameter but a tensor that a forward pre-hook "
+        f"computes (torch.nn.utils.weight_norm or spectral_norm on it), after the pruning hook "
+        f"has read it: the pruned {name} would lag a forward behind. Undo it "
+        f"(torch.nn.utils.remove_weight_norm(module, {orig!r}) or remove_spectral_norm) and use "
+        f"torch.nn.utils.parametrizations.weight_norm / spectral_norm(module, {orig!r}) instead"
+    )
 
 
 def check_dtype(key: str, weight: torch.Tensor, *, locked: bool) -> None:

@@ -924,6 +924,29 @@ def test_a_parametrization_added_on_weight_orig_after_pruning_works_as_with_stoc
     assert torch.equal(ours(x), b)
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_a_hook_based_norm_on_weight_orig_is_refused_by_name(norm):
+    # torch.nn.utils.weight_norm / spectral_norm (the old, hook-based ones) replace weight_orig
+    # by a tensor their pre-hook computes after the pruning hook: every forward silently used
+    # the previous forward's weight and the second backward failed inside autograd; the verbs
+    # raised a bare KeyError: 'weight'.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    signmask.prune(model, 0.5)
+    getattr(nn.utils, norm)(model[0], "weight_orig")
+    mask = model[0].weight_mask.clone()
+    match = r"Linear.weight_orig is no Parameter but a tensor that a forward pre-hook computes.*parametrizations"
+    with pytest.raises(RuntimeError, match=match):
+        model(torch.randn(3, 4))
+    for verb in (signmask.extract, signmask.remove, lambda m: signmask.set_backend(m, "torch")):
+        with pytest.raises(ValueError, match=match):
+            verb(model)
+    assert torch.equal(model[0].weight_mask, mask)
+    getattr(nn.utils, "remove_" + norm)(model[0], "weight_orig")  # undone: it trains again
+    model(torch.randn(3, 4)).sum().backward()
+    assert model[0].weight_orig.grad.any() and not model[0].weight_orig.grad[~mask].any()
+
+
 @pytest.mark.parametrize("kind", ["layer", "norm", "parent"])
 def test_a_forward_that_raises_leaves_the_model_deepcopyable(kind):
     # The pre-hook has set a non-leaf weight when the forward fails (inputs of another dtype);
