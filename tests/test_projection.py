@@ -854,3 +854,28 @@ def test_projection_trains_locked_weights_at_zero_like_the_torch_path(opt):
     for a, b in zip(effective_weights(ref), effective_weights(proj)):
         assert torch.equal(a, b)
     assert effective_weights(ref)[0][kept_zeros].ne(0).all()  # the kept zeros trained
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_an_averaged_model_of_sign_locked_weights_averages_the_effective_weights(ema):
+    # README: under projection a locked weight_orig holds the effective weights, so averaging it
+    # (swa_utils.AveragedModel) averages the weights themselves, bitwise as swa_utils' own
+    # functions on a dense network holding them (on the torch path weight_orig can sit across zero).
+    swa = torch.optim.swa_utils
+    model = pruned_conv_net("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    fn = swa.get_ema_multi_avg_fn(0.8) if ema else None
+    avg, dense = swa.AveragedModel(model, multi_avg_fn=fn), None
+    for x, y in conv_net_batches(6):
+        _train(model, opt, [(x, y)])
+        avg.update_parameters(model)
+        now = effective_weights(model)
+        if dense is None:
+            dense = [w.clone() for w in now]
+        elif ema:
+            fn(dense, now, None)
+        else:
+            for d, w in zip(dense, now):
+                d.copy_(swa.get_swa_avg_fn()(d, w, avg.n_averaged - 1))
+    assert all(torch.equal(a, b) for a, b in zip(effective_weights(avg.module), dense))

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import signmask
 from signmask import _interpolate, _recipes
 
-from _util import assert_same, make_search, since_timm, snapshot, tiny
+from _util import assert_same, effective_weights, make_search, since_timm, snapshot, tiny
 
 STEPS = 4
 
@@ -864,3 +864,91 @@ def test_the_ticket_records_the_search_seed_and_empty_rate_and_rewind_for_lrr():
         train(model, opt, search)
     meta = search.ticket.metadata
     assert (meta["seed"], meta["rate"], meta["rewind"], meta["rounds"]) == ("7", "", "", "1")
+
+
+def _imp_with_averaging(backend, ema):
+    """An IMP search (rewind to step 2, masks shrinking each round) with an AveragedModel made
+    after apply, updated after every step; the averages the test computes from the effective
+    weights (a dense network's), by swa_utils' own averaging functions."""
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    search = signmask.apply(model, "imp", 0.6, optimizer=opt, rewind="2it", progress=False)
+    if backend == "projection":
+        signmask.set_backend(model, backend, optimizer=opt)
+    swa = torch.optim.swa_utils
+    fn = swa.get_ema_multi_avg_fn(0.8) if ema else None
+    avg = swa.AveragedModel(model, multi_avg_fn=fn)  # SWA: its default, tensor by tensor on CPU
+    gen = torch.Generator().manual_seed(3)
+    dense = None
+    for _ in search:
+        for _ in range(4):
+            x, y = torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            avg.update_parameters(model)
+            now = effective_weights(model)
+            if dense is None:
+                dense = [w.clone() for w in now]
+            elif ema:  # swa_utils' own functions, on the dense network's weights
+                fn(dense, now, None)
+            else:
+                for d, w in zip(dense, now):
+                    d.copy_(swa.get_swa_avg_fn()(d, w, avg.n_averaged - 1))
+    swa.update_bn([torch.randn(8, 3, 6, 6, generator=gen)], avg)
+    return search, avg, dense
+
+
+@pytest.mark.parametrize("ema", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "projection"])
+def test_an_averaged_model_follows_the_search_masks_and_averages_the_masked_weights(backend, ema):
+    # swa_utils.AveragedModel (use_buffers=False, its default) copies the masks from the model at
+    # each update: through every round's pruning and rewind its network is the average of the
+    # weights under the search's current mask, and its ticket has the search's masks.
+    search, avg, dense = _imp_with_averaging(backend, ema)
+    masks = [m.weight_mask for m in avg.module.modules() if hasattr(m, "weight_mask")]
+    for got, want, mask in zip(effective_weights(avg.module), dense, masks):
+        assert torch.equal(got, want * mask)
+    ticket = signmask.extract(avg)  # AveragedModel's "module." prefix is stripped, as DDP's
+    assert ticket.masks.keys() == search.ticket.masks.keys()
+    for key, signed in ticket.masks.items():
+        assert torch.equal(signed != 0, search.ticket.masks[key] != 0)
+
+
+def _imp_with_a_grad_scaler(backend, skip):
+    """An IMP search rewinding to step 2 under a CPU GradScaler; in round 0's second iteration
+    an inf gradient makes the scaler skip the step (``skip``), or the loop takes none."""
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    search = signmask.apply(model, "imp", 0.6, optimizer=opt, rewind="2it", progress=False)
+    if backend == "projection":
+        signmask.set_backend(model, backend, optimizer=opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1000)
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(5)]
+    steps = []
+    for r in search:
+        for i, (x, y) in enumerate(data[search.start_step:] if r else data):
+            opt.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            if (r, i) == (0, 1):
+                if not skip:
+                    continue
+                model.fc.bias.grad = torch.full_like(model.fc.bias.grad, float("inf"))
+            scaler.step(opt)
+            scaler.update(16.0)  # the scale the run without the skip keeps
+        steps.append((search.step, search.start_step))
+    return search.ticket, effective_weights(model), steps
+
+
+@pytest.mark.parametrize("backend", ["torch", "projection"])
+def test_a_step_the_grad_scaler_skips_is_no_step_of_the_search(backend):
+    # README: steps are counted through the optimizer's hooks, so a step GradScaler skips for inf
+    # gradients is not counted and the rewind to step k takes the k-th update. The oracle: the
+    # same loop taking no step there (the forward ran in both: the same BatchNorm statistics).
+    ticket, weights, steps = _imp_with_a_grad_scaler(backend, skip=True)
+    want_ticket, want_weights, want_steps = _imp_with_a_grad_scaler(backend, skip=False)
+    assert steps == want_steps and steps[0] == (4, 0)
+    assert ticket.masks.keys() == want_ticket.masks.keys()
+    assert all(torch.equal(ticket.masks[k], want_ticket.masks[k]) for k in ticket.masks)
+    assert all(torch.equal(a, b) for a, b in zip(weights, want_weights))
