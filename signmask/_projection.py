@@ -147,7 +147,7 @@ class StateLoaded(_OptimizerHook):
                 continue
             hook.__dict__.pop("_state_masks", None)
             # Kept, not popped: the same state loaded again needs the same reflection.
-            ops.flip_state(optimizer, module._parameters[name + "_orig"], hook.__dict__.get("_reflected"))
+            ops.flip_state(optimizer, ops.tensors(module, name)[0], hook.__dict__.get("_reflected"))
 
 
 def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None:

@@ -85,7 +85,15 @@ def mask_stamp(mask, sign) -> tuple:
 
 def tensors(module, name):
     buffers = module._buffers
-    return module._parameters[name + "_orig"], buffers[name + "_mask"], buffers.get(name + "_sign")
+    orig = module._parameters.get(name + "_orig")
+    if orig is None:  # parametrized since set_backend (weight_norm on weight_orig)
+        raise RuntimeError(
+            f"{type(module).__name__}.{name}_orig is no longer a Parameter (a parametrization "
+            f"such as weight_norm was put on it after set_backend(..., 'projection')), but the "
+            f"projection backend masks it in place around each optimizer step; undo it, "
+            f"set_backend(model, 'torch'), then parametrize {name}_orig again"
+        )
+    return orig, buffers[name + "_mask"], buffers.get(name + "_sign")
 
 
 def project(module, name, optimizer=None, *, odd_only: bool = False, grad: bool = False, hook=None):

@@ -879,3 +879,31 @@ def test_an_averaged_model_of_sign_locked_weights_averages_the_effective_weights
             for d, w in zip(dense, now):
                 d.copy_(swa.get_swa_avg_fn()(d, w, avg.n_averaged - 1))
     assert all(torch.equal(a, b) for a, b in zip(effective_weights(avg.module), dense))
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_a_parametrization_put_on_weight_orig_after_projection_is_refused_at_the_step(signs):
+    # weight_norm on weight_orig moves it into the parametrization; the step hooks read
+    # module._parameters["weight_orig"] and raised a bare KeyError: 'weight_orig'.
+    from torch.nn.utils import parametrize, parametrizations
+
+    model = pruned_conv_net(signs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    parametrizations.weight_norm(model[0], "weight_orig")
+    (x, y), = conv_net_batches(1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"ParametrizedConv2d.weight_orig is no longer a Parameter .*set_backend\(model, 'torch'\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no step taken
+    parametrize.remove_parametrizations(model[0], "weight_orig")  # the way out it names
+    _backends.set_backend(model, "torch")
+    parametrizations.weight_norm(model[0], "weight_orig")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for x, y in conv_net_batches(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model(x)
+    assert not model[0].weight[~model[0].weight_mask].any()
