@@ -63,6 +63,8 @@ def has_tensor(module: nn.Module, name: str) -> bool:
     The old ``nn.utils.spectral_norm`` keeps its raw weight as ``<name>_orig`` too, and computes
     ``<name>`` from it in its own hook: that one is not a tensor signmask can take over.
     """
+    if isinstance(module, torch.jit.ScriptModule):  # a scripted submodule: no conv/linear, no dict
+        return False
     params = module._parameters
     if params.get(name) is not None:
         return True

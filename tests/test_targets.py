@@ -246,3 +246,27 @@ def test_a_pruned_weight_assigned_a_new_parameter_is_refused_untouched(verb, sig
         call()
     assert_same(before, snapshot(model))
     signmask.prune(model, 0.5, exclude="0")  # out of scope: not in the way
+
+
+def test_a_torchscript_submodule_is_left_out_like_any_other_module():
+    # An eager model may hold a scripted part (its _parameters no dict): prune, extract, transfer
+    # and apply crashed on it in AttributeError 'OrderedDictWrapper' object has no attribute 'get'.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), torch.jit.script(nn.ReLU()), nn.Linear(8, 2)
+            self.scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2)))
+
+        def forward(self, x):
+            return self.scripted(self.fc2(self.act(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = signmask.prune(Net(), 0.5)
+    assert list(_targets.pruned(model)) == ["fc1.weight", "fc2.weight"]
+    ticket = signmask.extract(model)
+    assert sorted(ticket.masks) == ["fc1.weight", "fc2.weight"]
+    fresh = signmask.transfer(ticket, Net())
+    assert all(torch.equal(getattr(fresh, n).weight_mask, getattr(model, n).weight_mask) for n in ("fc1", "fc2"))
+    net = Net()
+    signmask.apply(net, "imp", optimizer=torch.optim.SGD(net.parameters(), lr=0.1), progress=False)
+    assert list(_targets.pruned(net)) == ["fc1.weight", "fc2.weight"]
