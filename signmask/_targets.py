@@ -178,8 +178,9 @@ def find_heads(model: nn.Module) -> tuple[set[int], str | None]:
     that head where it is a guess: the last conv of a model without ``nn.Linear``.
 
     Uses timm's ``get_classifier()`` (one module or a tuple, as in distilled DeiT), then
-    ``pretrained_cfg["classifier"]`` (a model with none of the modules it names, or a timm
-    ``features_only`` backbone, whose config has no such entry, has no head), then the last
+    ``pretrained_cfg["classifier"]`` (or the nearest parent of a module it names that is gone; a
+    model with none of them, or a timm ``features_only`` backbone, whose config has no such
+    entry, has no head), then the last
     ``nn.Linear`` registered in the model, then (SqueezeNet's 1x1-conv head) its last conv.
     """
     heads: list[nn.Module] = []
@@ -196,15 +197,11 @@ def find_heads(model: nn.Module) -> tuple[set[int], str | None]:
         cfg = getattr(root, "pretrained_cfg", None) or {}
         names = cfg.get("classifier")
         names = [names] if isinstance(names, str) else list(names or ())
-        for n in names:
-            try:
-                heads.append(root.get_submodule(n))
-            except AttributeError:
-                pass
+        heads = [h for n in names if (h := _named_head(root, n)) is not None]
         if (names or ("architecture" in cfg and "classifier" not in cfg)) and not heads:
-            # timm says the model has no head: it names one the model no longer has
-            # (num_classes=0 where get_classifier() raises), or, for a features_only backbone
-            # (FeatureListNet...), drops the entry. The fallbacks would take a body layer.
+            # timm says the model has no head: it names one the model no longer has, or, for a
+            # features_only backbone (FeatureListNet...), drops the entry. The fallbacks would
+            # take a body layer.
             return set(), None
     if not heads:
         linears = [m for m in root.modules() if isinstance(m, nn.Linear)]
@@ -218,6 +215,19 @@ def find_heads(model: nn.Module) -> tuple[set[int], str | None]:
         if isinstance(head, nn.Module):
             ids.update(id(m) for m in head.modules() if isinstance(m, PRUNABLE_TYPES))
     return ids, guess
+
+
+def _named_head(root: nn.Module, name: str) -> nn.Module | None:
+    """The module timm's config names as the head, or its nearest parent below ``root`` where it
+    is gone: ``head.linear`` is ``head`` where that was replaced by one's own ``nn.Linear``, or by
+    ``nn.Identity`` (``num_classes=0``, where ``get_classifier()`` raises): no head then."""
+    parts = name.split(".")
+    while parts:
+        try:
+            return root.get_submodule(".".join(parts))
+        except AttributeError:
+            parts.pop()
+    return None
 
 
 def check_initialized(key: str, module: nn.Module, tensor, doing: str) -> None:

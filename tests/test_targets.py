@@ -270,3 +270,21 @@ def test_a_torchscript_submodule_is_left_out_like_any_other_module():
     net = Net()
     signmask.apply(net, "imp", optimizer=torch.optim.SGD(net.parameters(), lr=0.1), progress=False)
     assert list(_targets.pruned(net)) == ["fc1.weight", "fc2.weight"]
+
+
+@pytest.mark.parametrize("name, size, dense", [
+    ("test_convnext", 64, ["head.2.weight", "head.4.weight"]),  # config: head.fc
+    ("efficientvit_m0", 224, ["head.2.weight", "head.4.weight"]),  # config: head.linear
+])
+def test_a_timm_head_replaced_by_ones_own_stays_the_head(name, size, dense):
+    # The module timm's config names is gone once a fine-tuning head of one's own replaces
+    # `head` (get_classifier() then raises): that head, not nothing, is the classifier.
+    from signmask._compat import import_timm
+
+    torch.manual_seed(0)
+    model = import_timm().create_model(name, pretrained=False, num_classes=10)
+    pool = nn.AdaptiveAvgPool2d(1) if name == "test_convnext" else nn.Identity()  # efficientvit pools first
+    model.head = nn.Sequential(pool, nn.Flatten(), nn.Linear(model.num_features, 16), nn.ReLU(), nn.Linear(16, 5))
+    assert model(torch.randn(1, 3, size, size)).shape == (1, 5)
+    everything = list(_targets.select(model))
+    assert [k for k in everything if k not in _targets.select(model, classifier=False)] == dense
