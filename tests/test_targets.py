@@ -9,7 +9,7 @@ from torch import nn
 
 import signmask
 from signmask import _targets
-from _util import Wrapper, assert_same, snapshot, tiny
+from _util import Wrapper, assert_same, since_timm, snapshot, tiny
 
 
 def _meta_net() -> nn.Module:
@@ -212,7 +212,8 @@ def test_multihead_attention_in_scope_warns_that_its_qkv_projection_stays_dense(
 
 
 @pytest.mark.parametrize("name, kwargs", [
-    ("test_resnet", dict(features_only=True)),  # FeatureListNet: timm drops the head's cfg entry
+    pytest.param("test_resnet", dict(features_only=True),  # FeatureListNet: timm drops the head's cfg entry
+                 marks=since_timm("1.0.10", "test_resnet")),
     ("test_vit", dict(features_only=True)),  # FeatureGetterNet: its last nn.Linear is an MLP's
     ("efficientvit_m0", dict(num_classes=0)),  # get_classifier() raises; the cfg's head is gone
 ])
@@ -273,7 +274,8 @@ def test_a_torchscript_submodule_is_left_out_like_any_other_module():
 
 
 @pytest.mark.parametrize("name, size, dense", [
-    ("test_convnext", 64, ["head.2.weight", "head.4.weight"]),  # config: head.fc
+    pytest.param("test_convnext", 64, ["head.2.weight", "head.4.weight"],  # config: head.fc
+                 marks=since_timm("1.0.10", "test_convnext")),
     ("efficientvit_m0", 224, ["head.2.weight", "head.4.weight"]),  # config: head.linear
 ])
 def test_a_timm_head_replaced_by_ones_own_stays_the_head(name, size, dense):
