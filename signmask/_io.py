@@ -185,7 +185,8 @@ def read_raw(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.T
     if not path.exists():
         raise FileNotFoundError(f"ticket file {str(path)!r} does not exist")
     if not path.is_file():
-        raise ValueError(f"{path}: not a file")
+        found = "a folder" if path.is_dir() else "a device, pipe or socket"
+        raise ValueError(f"{path}: not a file (a ticket file expected, found {found})")
     data = path.read_bytes()
     if len(data) < 8:
         raise ValueError(f"{path}: not a safetensors file ({len(data)} bytes, truncated or empty)")
@@ -212,7 +213,10 @@ def _check_shape(path: Path, name: str, shape) -> list[int]:
     for d in shape if ok else ():
         span *= max(d, 1)
     if not ok or span >= 2**62:
-        raise ValueError(f"{path}: manifest entry of {name!r} has a bad shape {shape!r}")
+        raise ValueError(
+            f"{path}: manifest entry of {name!r} has a bad shape {shape!r} (expected a list of "
+            "ints >= 0, the product of the non-zero ones below 2**62)"
+        )
     return shape
 
 
@@ -236,7 +240,11 @@ def _decode(path: Path, name: str, raw: torch.Tensor, info: dict, version: str) 
     signed = _bits.codes_to_signed(codes[:numel]).view(shape)
     counts = _counts(signed)
     if counts["kept"] != info.get("kept") or counts["negative"] != info.get("negative"):
-        raise ValueError(f"{path}: tensor {name!r} does not match its kept/negative counts")
+        raise ValueError(
+            f"{path}: tensor {name!r} does not match its kept/negative counts (the manifest "
+            f"says kept={info.get('kept')!r}, negative={info.get('negative')!r}; the tensor holds "
+            f"kept={counts['kept']}, negative={counts['negative']})"
+        )
     return signed
 
 
@@ -323,7 +331,10 @@ def load(path: str | os.PathLike) -> Ticket:
     for name, info in manifest.items():
         role = info.get("role") if isinstance(info, dict) else None
         if role not in groups:
-            raise ValueError(f"{path}: manifest entry of {name!r} has unknown role {role!r}")
+            raise ValueError(
+                f"{path}: manifest entry of {name!r} has unknown role {role!r} "
+                f"(expected one of {sorted(groups)})"
+            )
         if role == "norm":
             groups[role][name] = _decode_norm(path, name, raw[name], info)
         else:

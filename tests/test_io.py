@@ -369,7 +369,7 @@ def test_header_that_is_not_an_object_or_too_deep(tmp_path):
 
 
 def test_directory_is_not_a_ticket(tmp_path):
-    with pytest.raises(ValueError, match=f"{tmp_path.name}: not a file"):
+    with pytest.raises(ValueError, match=f"{tmp_path.name}: not a file \\(a ticket file expected, found a folder\\)"):
         signmask.load(tmp_path)
 
 
@@ -471,10 +471,14 @@ def test_ticket_names_are_canonical_and_float8_norms_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        ({"negative": 2}, "'a.weight' does not match its kept/negative counts"),  # kept still right
+        # kept still right
+        ({"negative": 2}, r"'a.weight' does not match its kept/negative counts \(the manifest says kept=3, "
+                          r"negative=2; the tensor holds kept=3, negative=1\)"),
         ({"kept": 2}, "'a.weight' does not match its kept/negative counts"),
-        ({"shape": [-1, -5]}, r"manifest entry of 'a.weight' has a bad shape \[-1, -5\]"),  # 5 elements
-        ({"role": "bias"}, "manifest entry of 'a.weight' has unknown role 'bias'"),
+        ({"shape": [-1, -5]}, r"manifest entry of 'a.weight' has a bad shape \[-1, -5\] \(expected a list of "
+                              r"ints >= 0"),  # 5 elements
+        ({"role": "bias"}, r"manifest entry of 'a.weight' has unknown role 'bias' \(expected one of "
+                           r"\['mask', 'norm', 'sign'\]\)"),
     ],
 )
 def test_forged_manifest_entries_are_refused(saved, edit, message):
