@@ -253,7 +253,8 @@ def test_conflicting_sign_mode_is_refused():
 def test_non_binary_stock_mask_is_refused():
     model = tiny()
     tprune.custom_from_mask(model.conv1, "weight", torch.full_like(model.conv1.weight, 0.5))
-    with pytest.raises(ValueError, match="conv1.weight: its existing prune mask is not binary"):
+    with pytest.raises(ValueError, match=r"conv1.weight: its existing prune mask is not binary "
+                                         r"\(0/1 expected, found values \[0.5\]\)"):
         signmask.prune(model, 0.3)
 
 
