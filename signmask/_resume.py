@@ -79,7 +79,8 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
             raise bad(key, "a bool")
     for key, mask in state["masks"].items():
         if not _reparam.is_binary(mask):  # check_entries refused non-tensors
-            raise ValueError(f"cannot resume: state['masks'][{key!r}] is not a 0/1 mask")
+            raise ValueError(f"cannot resume: state['masks'][{key!r}] is not a 0/1 mask: it holds "
+                             f"{_reparam.odd_values(mask)}")
     generator, mine = state.get("generator"), generator_state
     if not isinstance(generator, torch.Tensor) or generator.dtype != mine.dtype or generator.shape != mine.shape:
         raise bad("generator", f"a torch.Generator state ({mine.dtype}, {tuple(mine.shape)})")
@@ -107,7 +108,7 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
         raise bad("ticket", "the finished search's ticket (a dict)")
     try:
         return Ticket(**state["ticket"])
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # its tensors' own errors, named as state['ticket']'s
         raise ValueError(f"cannot resume: state['ticket'] is not a ticket: {e}") from None
 
 

@@ -41,6 +41,22 @@ def test_each_entry_is_checked_by_kind(key, value, message):
         _resume.check_state(state, search._generator.get_state(), True)
 
 
+def test_a_mask_that_is_not_binary_is_refused_with_its_values():
+    search, state = _state()
+    state["masks"] = {k: v.float() * 2 for k, v in state["masks"].items()}
+    with pytest.raises(ValueError, match=r"state\['masks'\]\['conv1.weight'\] is not a 0/1 mask: it holds \[2.0\]"):
+        _resume.check_state(state, search._generator.get_state(), True)
+
+
+def test_a_finished_state_whose_ticket_holds_bad_values_names_the_ticket():
+    # The Ticket's own ValueError (a mask value of 2) is named as state['ticket']'s, as its TypeErrors are.
+    search, state = _state()
+    state.update(done=True, ticket={"masks": {"conv1.weight": torch.tensor([2, 0])}})
+    with pytest.raises(ValueError, match=r"cannot resume: state\['ticket'\] is not a ticket: mask "
+                                         r"'conv1.weight' holds values outside \{-1, 0, \+1\}: found \[2\]"):
+        _resume.check_state(state, search._generator.get_state(), True)
+
+
 def test_alpha_is_not_checked_where_nothing_is_interpolated():
     search, state = _state("lrr")
     state["alpha"] = None
