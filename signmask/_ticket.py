@@ -111,7 +111,7 @@ class Ticket:
             if both:
                 raise ValueError(f"tensors {both} appear both as {a} and as {b}")
         if not masks:
-            raise ValueError("a ticket needs at least one masked tensor")
+            raise ValueError("a ticket needs at least one masked tensor, got an empty masks mapping")
         meta = dict(self.metadata)
         for k, v in meta.items():
             if not isinstance(k, str) or not isinstance(v, str):

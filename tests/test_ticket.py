@@ -15,7 +15,7 @@ from _util import norm_ticket, small_ticket
         ({"a": torch.tensor([255, 1], dtype=torch.uint8)}, {}, {}, r"outside \{-1, 0, \+1\}: found \[255\]"),
         ({"a": torch.tensor([0.5])}, {}, {}, "must be an integer tensor"),
         ({"a": torch.tensor([1])}, {"a": torch.tensor([1])}, {}, "both as masks and as dense signs"),
-        ({}, {}, {}, "at least one masked tensor"),
+        ({}, {}, {}, "at least one masked tensor, got an empty masks mapping"),
         ({"a": torch.tensor([1])}, {}, {"format": "x"}, "reserved"),
         ({"a": torch.tensor([1])}, {}, {"metadata_sha256": "x"}, r"keys \['metadata_sha256'\] are reserved"),
         ({"a": torch.tensor([1])}, {}, {"n": 3}, "must map str to str"),
