@@ -82,7 +82,10 @@ def match_tensors(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, t
                         "(a fresh init), so that its mask is not mixed with another"
                     )
                 if name != "weight" or not isinstance(module, _targets.PRUNABLE_TYPES):
-                    raise ValueError(f"ticket masks {key!r}, which is not a conv/linear weight")
+                    raise ValueError(
+                        f"ticket masks {key!r}, which is not a conv/linear weight (the model's is "
+                        f"the {name} of a {type(module).__name__})"
+                    )
                 _reparam.check_names_free(key, module, name)
             if role == "sign" and _reparam.find_hook(module, name)[1] is not None:
                 raise ValueError(
