@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import sys
 import warnings
 from typing import Callable, Iterable, Sequence
@@ -322,11 +323,27 @@ def select(
 
 
 def _check_filter_fn(filter_fn) -> None:
-    if filter_fn is not None and not callable(filter_fn):
+    if filter_fn is None:
+        return
+    if not callable(filter_fn):
         raise TypeError(
             f"filter_fn must be callable as filter_fn(module, name), got "
             f"{type(filter_fn).__name__} {filter_fn!r}"
         )
+    # One taking other arguments (filter_fn(module)) would fail inside the selection, in a
+    # Python error that names neither filter_fn nor its signature. Not follow_wrapped: a
+    # decorator's (*args) wrapper takes the two arguments whatever it wraps.
+    try:
+        signature = inspect.signature(filter_fn, follow_wrapped=False)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the call tells
+        return
+    try:
+        signature.bind(None, "")
+    except TypeError:
+        name = getattr(filter_fn, "__qualname__", type(filter_fn).__name__)
+        raise TypeError(
+            f"filter_fn must be callable as filter_fn(module, name), got {name}{signature}"
+        ) from None
 
 
 def _check_patterns(inc: list[str] | None, exc: list[str] | None, layers: Iterable[str],

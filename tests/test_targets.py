@@ -290,3 +290,33 @@ def test_a_timm_head_replaced_by_ones_own_stays_the_head(name, size, dense):
     assert model(torch.randn(1, 3, size, size)).shape == (1, 5)
     everything = list(_targets.select(model))
     assert [k for k in everything if k not in _targets.select(model, classifier=False)] == dense
+def test_a_filter_fn_taking_other_arguments_is_named_with_its_signature_untouched():
+    model = tiny()
+    before = snapshot(model)
+
+    def by_module(module):
+        return True
+
+    with pytest.raises(TypeError, match=r"filter_fn must be callable as filter_fn\(module, name\), got "
+                                        r".*by_module\(module\)"):
+        signmask.prune(model, 0.5, filter_fn=by_module)
+    assert_same(before, snapshot(model))
+
+
+def test_a_filter_fn_read_through_its_wrapper_or_a_partial_is_accepted():
+    import functools
+
+    def by_kind(kind, module, name):
+        return isinstance(module, kind)
+
+    def logged(fn):
+        @functools.wraps(fn)
+        def wrapper(*args):
+            return fn(*args)
+        return wrapper
+
+    # The check reads the signature of what is called: a partial's, a decorator's (*args) wrapper's.
+    for filter_fn in (functools.partial(by_kind, nn.Linear), logged(lambda module: True)):
+        _targets._check_filter_fn(filter_fn)
+    kept = signmask.prune(tiny(), 0.5, filter_fn=functools.partial(by_kind, nn.Conv2d))
+    assert not any(isinstance(m, nn.Linear) and hasattr(m, "weight_mask") for m in kept.modules())
