@@ -759,6 +759,21 @@ def test_evaluate_names_a_model_or_loss_of_the_wrong_kind(model, loss_fn, messag
         analysis.evaluate(model(), [(torch.randn(2, 4), torch.tensor([0, 1]))], loss_fn=loss_fn)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.bool])
+def test_targets_the_default_loss_refuses_are_named_by_their_loader(dtype):
+    # cross_entropy's own RuntimeError ("expected target dtype to be Long or Byte") named no loader.
+    data = [(torch.randn(2, 4), torch.tensor([0, 1]).to(dtype))]
+    with pytest.raises(TypeError, match=rf"loader must yield class-index targets of dtype int64 \(or uint8\) "
+                                        rf"for the default loss_fn, F.cross_entropy; got {dtype}"):
+        analysis.evaluate(nn.Linear(4, 3), data)
+    with pytest.raises(TypeError, match="eval_loader must yield class-index targets"):
+        analysis.barrier(nn.Linear(4, 3), nn.Linear(4, 3), data, points=2)
+    # another loss_fn may take them; uint8 targets pass cross_entropy
+    mse = lambda logits, y: F.mse_loss(logits[:, 0], y.float())  # noqa: E731
+    assert analysis.evaluate(nn.Linear(4, 3), data, loss_fn=mse).loss >= 0.0
+    assert analysis.evaluate(nn.Linear(4, 3), [(torch.randn(2, 4), torch.tensor([0, 1], dtype=torch.uint8))]).loss > 0
+
+
 def test_interpolate_endpoints_are_exact_beside_infinite_weights_and_barrier_refuses_them_first():
     a, b = nn.Linear(3, 2), nn.Linear(3, 2)
     with torch.no_grad():

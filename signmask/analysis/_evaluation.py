@@ -313,7 +313,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
 
     Raises:
         TypeError: bad arguments or batches, a model returning no tensor, a loss that is not a
-            scalar.
+            scalar, targets of a dtype the default ``cross_entropy`` refuses (not int64 or uint8).
         ValueError: ``batches < 1``, an empty loader (or one whose targets are all negative), or
             logits and targets of mismatched shapes (unbatched samples, with 0-d targets,
             included), logits of a single class (a binary classifier's one logit), a target
@@ -349,6 +349,7 @@ def evaluate_named(model: nn.Module, loader: Iterable, loss_fn: LossFn, batches:
         with torch.no_grad():
             for batch in _limit(loader, batches):
                 inputs, targets = split_batch(batch, need_target=True, arg=arg)
+                _check_target_dtype(targets, loss_fn, arg)
                 logits = _logits(model(inputs.to(device)), targets)
                 targets, seen = targets.to(logits.device), seen + 1
                 counted = targets >= 0
@@ -364,6 +365,16 @@ def evaluate_named(model: nn.Module, loader: Iterable, loss_fn: LossFn, batches:
         what = "only negative (ignored) targets" if seen else "no batch"
         raise ValueError(f"{arg} yielded {what}; nothing to evaluate")
     return Evaluation(total_loss / count, wrong / count)
+
+
+def _check_target_dtype(targets: torch.Tensor, loss_fn: LossFn, arg: str) -> None:
+    # cross_entropy's own error ("expected target dtype to be Long or Byte") names no loader;
+    # another loss_fn may take other targets.
+    if loss_fn is F.cross_entropy and targets.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(
+            f"{arg} must yield class-index targets of dtype int64 (or uint8) for the default "
+            f"loss_fn, F.cross_entropy; got {targets.dtype} (convert them with targets.long())"
+        )
 
 
 def _logits(logits, targets: torch.Tensor) -> torch.Tensor:
