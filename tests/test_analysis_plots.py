@@ -100,8 +100,10 @@ def test_bad_inputs_raise(tmp_path):
         analysis.plot_interpolation({1: BARRIER}, png)
     with pytest.raises(ValueError, match=r"\(sparsity, accuracy\) in \[0, 1\]"):
         analysis.plot_sparsity_accuracy({"a": [(0.5, 90.0)]}, png)
-    with pytest.raises(ValueError, match="non-empty sequence"):
+    with pytest.raises(ValueError, match=r"non-empty sequence of \(sparsity, accuracy\), got list \[\]"):
         analysis.plot_sparsity_accuracy({"a": []}, png)
+    with pytest.raises(ValueError, match=r"curves\['a'\] must be a non-empty sequence .*, got str '0.5, 0.9'"):
+        analysis.plot_sparsity_accuracy({"a": "0.5, 0.9"}, png)
     with pytest.raises(ValueError, match="telemetry has no records"):
         analysis.plot_telemetry(analysis.Telemetry(tiny(0)), png)
     with pytest.raises(TypeError, match="Telemetry"):

@@ -125,7 +125,8 @@ def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike)
 
 def _check_curve(label: str, points: Any) -> list[tuple[float, float]]:
     if isinstance(points, (str, bytes)) or not isinstance(points, Sequence) or not points:
-        raise ValueError(f"curves[{label!r}] must be a non-empty sequence of (sparsity, accuracy)")
+        raise ValueError(f"curves[{label!r}] must be a non-empty sequence of (sparsity, accuracy), "
+                         f"got {type(points).__name__} {points!r:.60}")
     out = []
     for point in points:
         if not isinstance(point, Sequence) or len(point) != 2 or not all(
