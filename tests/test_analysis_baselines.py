@@ -143,6 +143,8 @@ def test_equal_width_validates():
         analysis.equal_width(lambda w: "model", 10, [2])
     with pytest.raises(TypeError, match="widths entry"):
         analysis.equal_width(lambda w: nn.Linear(2, w), 10, [1.5])
+    with pytest.raises(ValueError, match="widths must hold at least one width, got an empty generator"):
+        analysis.equal_width(lambda w: nn.Linear(2, w), 10, (w for w in ()))
 
 
 @pytest.mark.parametrize("ticket, dense, reinit, prize", [

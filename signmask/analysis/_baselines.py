@@ -187,7 +187,7 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
     except (RuntimeError, TypeError):
         raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from None
     if not candidates:
-        raise ValueError("widths must hold at least one width")
+        raise ValueError(f"widths must hold at least one width, got an empty {type(widths).__name__}")
     best, best_gap = None, None
     for width in candidates:
         with _rng_kept(device), torch.device(device):
