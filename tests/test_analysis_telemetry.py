@@ -619,7 +619,7 @@ def test_telemetry_tracks_names_in_the_order_given():
 
 def test_telemetry_refuses_an_empty_list_of_names():
     # tracking nothing would record NaN totals without a word
-    with pytest.raises(ValueError, match="names must name at least one tensor"):
+    with pytest.raises(ValueError, match="names must name at least one tensor, got an empty list"):
         analysis.Telemetry(tiny(0), names=[])
 
 
