@@ -349,8 +349,8 @@ def evaluate_named(model: nn.Module, loader: Iterable, loss_fn: LossFn, batches:
         with torch.no_grad():
             for batch in _limit(loader, batches):
                 inputs, targets = split_batch(batch, need_target=True, arg=arg)
-                _check_target_dtype(targets, loss_fn, arg)
                 logits = _logits(model(inputs.to(device)), targets)
+                _check_target_dtype(targets, loss_fn, arg)  # after the shapes: soft labels fail there
                 targets, seen = targets.to(logits.device), seen + 1
                 counted = targets >= 0
                 n = int(counted.sum())
