@@ -341,6 +341,8 @@ def test_perturb_validates_and_leaves_the_model_alone():
         analysis.perturb(model, "init", init={})
     with pytest.raises(ValueError, match=r"init 'conv1\.weight' is \(2,\)"):
         analysis.perturb(model, "init", init={k: torch.zeros(2) for k in KEYS})
+    with pytest.raises(TypeError, match=r"init 'conv1\.weight' must be a tensor of shape \(6, 3, 3, 3\), got ndarray"):
+        analysis.perturb(model, "init", init={k: torch.zeros(2).numpy() for k in KEYS})
     with pytest.raises(ValueError, match="not conv/linear weights"):
         analysis.perturb(model, "init", init=init, names=["bn1.weight"])
     assert_same(before, snapshot(model))

@@ -231,9 +231,11 @@ def _init_values(init: nn.Module | Mapping[str, torch.Tensor] | None, kind: str,
 
 
 def _check_init(key: str, ref: object, param: torch.Tensor) -> torch.Tensor:
-    if not isinstance(ref, torch.Tensor) or tuple(ref.shape) != tuple(param.shape):
-        found = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
-        raise ValueError(f"init {key!r} is {found}, the model's tensor has shape {tuple(param.shape)}")
+    if not isinstance(ref, torch.Tensor):  # a wrong kind: TypeError, as for init itself
+        raise TypeError(f"init {key!r} must be a tensor of shape {tuple(param.shape)}, got "
+                        f"{type(ref).__name__}")
+    if tuple(ref.shape) != tuple(param.shape):
+        raise ValueError(f"init {key!r} is {tuple(ref.shape)}, the model's tensor has shape {tuple(param.shape)}")
     return ref.detach().to(param.device, param.dtype)
 
 
@@ -299,7 +301,8 @@ def perturb(
 
     Raises:
         TypeError / ValueError: unknown kind (valid ones listed), a missing required argument,
-            mismatched init shapes, or a sign-locked tensor. ``model`` is then untouched.
+            init values that are no tensors or of mismatched shapes, or a sign-locked tensor.
+            ``model`` is then untouched.
 
     Example:
         >>> import torch
