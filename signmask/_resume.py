@@ -84,6 +84,11 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
     generator, mine = state.get("generator"), generator_state
     if not isinstance(generator, torch.Tensor) or generator.dtype != mine.dtype or generator.shape != mine.shape:
         raise bad("generator", f"a torch.Generator state ({mine.dtype}, {tuple(mine.shape)})")
+    try:  # on a scratch generator: restore() sets it after the masks and counters are written
+        torch.Generator().set_state(generator)
+    except RuntimeError as e:  # torch's "Invalid mt19937 state" names no entry
+        raise ValueError(f"cannot resume: state['generator'] is not a valid torch.Generator state "
+                         f"({e}; an edited or corrupted checkpoint?)") from None
     alpha = state.get("alpha")
     if interpolating and not (isinstance(alpha, float) and 0.0 <= alpha <= 1.0):
         raise bad("alpha", "a float in [0, 1]")

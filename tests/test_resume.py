@@ -57,6 +57,20 @@ def test_a_finished_state_whose_ticket_holds_bad_values_names_the_ticket():
         _resume.check_state(state, search._generator.get_state(), True)
 
 
+def test_a_corrupted_generator_state_is_refused_before_anything_changes():
+    # Of the right dtype and size, its bytes no mt19937 state: torch's RuntimeError came after
+    # the masks and counters were loaded, leaving the search half-resumed.
+    search, state = _state()
+    before = {k: v.clone() for k, v in search.model.state_dict().items()}
+    state["generator"] = torch.full_like(state["generator"], 255)
+    state["masks"] = {k: torch.zeros_like(v) for k, v in state["masks"].items()}
+    state["step"] = 7
+    with pytest.raises(ValueError, match=r"cannot resume: state\['generator'\] is not a valid torch.Generator state"):
+        search.load_state_dict(state)
+    after = search.model.state_dict()
+    assert search.step == 0 and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
 def test_alpha_is_not_checked_where_nothing_is_interpolated():
     search, state = _state("lrr")
     state["alpha"] = None
