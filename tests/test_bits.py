@@ -118,6 +118,24 @@ def test_compiled_sign_lookups_build_their_table_without_the_cache(monkeypatch):
     assert torch.equal(bits(packed), negative.to(torch.int8))
 
 
+def test_sign_lookups_under_fake_tensors_leave_the_cached_table_real():
+    # A first lookup under FakeTensorMode (shape propagation, make_fx) built the table there and
+    # cached a FakeTensor: every later sign-locked forward of any model got data-less bits.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    negative = torch.tensor([True, False, True, True, False, False, True, False, True]).view(3, 3)
+    packed = _bits.pack_signs(negative)
+    _bits._table.cache_clear()
+    try:
+        with FakeTensorMode() as mode:
+            fake = _bits.sign_bits(mode.from_tensor(packed), negative.shape)
+        assert isinstance(fake, FakeTensor)
+        bits = _bits.sign_bits(packed, negative.shape)
+        assert not isinstance(bits, FakeTensor) and torch.equal(bits, negative.to(torch.int8))
+    finally:
+        _bits._table.cache_clear()
+
+
 def _old_signed_to_codes(signed):  # the previous implementation, through int64
     return torch.where(signed < 0, _bits.CODE_NEG, signed.to(torch.int64)).to(torch.uint8)
 
