@@ -90,7 +90,8 @@ def apply(
             either for OMP); more rounds than weights; a sparsity that prunes nothing; a rewind
             point for LRR/AWS or an unreadable one (an ``"ep"`` point without
             ``steps_per_epoch``); a seed outside [0, 2**64); nothing to prune; a model already
-            pruned; an optimizer that trains none of the pruned tensors; ``"aws"`` (the
+            pruned; an optimizer that trains none of the pruned tensors, or that an open search
+            (not done or closed) already drives; ``"aws"`` (the
             default) on a model without norm layers with affine parameters (use ``"lrr"``);
             a weight on the meta device or sharded (a DTensor); norm layers already interpolated
             by another search; with a rewind to init (IMP, OMP), an uninitialized lazy layer
@@ -115,6 +116,7 @@ def apply(
     rewind, rewind_step = _rewind_point(recipe, rewind, steps_per_epoch)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _check_undriven(optimizer)
     seed = _checks.check_seed(seed)
     _checks.check_bool(progress, "progress")
     if scheduler is not None and not all(hasattr(scheduler, a) for a in ("state_dict", "load_state_dict")):
@@ -198,6 +200,22 @@ def _check_trained(targets, optimizer) -> None:
             stacklevel=3,  # the caller of apply()
         )
     _targets.warn_vanishing_eps(targets, optimizer, stacklevel=3)
+
+
+def _check_undriven(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer that an open search (not done, not closed) already drives: each search
+    counts every step as its own and, after each of its rounds, restarts the whole optimizer
+    (state and learning rates), so two would silently restart each other's mid-round."""
+    for hook in optimizer._optimizer_step_pre_hooks.values():
+        other = getattr(hook, "__self__", None)
+        if isinstance(other, Search):
+            raise ValueError(
+                f"optimizer already drives an open search ({other.config.method!r}, round "
+                f"{other.round} of {len(other)}, on {type(other.model).__name__}): each search "
+                "restarts the optimizer's state and learning rates after its rounds, so two would "
+                "restart each other's; finish or close() that search first, search both parts in "
+                "one apply (include=), or give this search an optimizer of its own"
+            )
 
 
 def _check_materialized(model: nn.Module, method: str) -> None:

@@ -198,3 +198,26 @@ def test_a_search_set_up_under_inference_mode_runs_as_one_set_up_outside_it(meth
     assert outside.keys() == inside.keys()
     for k in outside:
         assert torch.equal(outside[k], inside[k]), k
+
+
+@pytest.mark.parametrize("end", ["close", "finish"])
+def test_an_optimizer_an_open_search_drives_is_refused_until_that_search_ends(end):
+    # Two searches on one optimizer (two models of a sweep, two parts of one model) each counted
+    # the other's steps and, after each of its rounds, restarted the other's momentum and
+    # learning rates mid-round, silently (IMP failed only after round 0, on its rewind snapshot).
+    first, second = tiny(0), tiny(1)
+    opt = torch.optim.SGD([*first.parameters(), *second.parameters()], lr=0.05, momentum=0.9)
+    search = signmask.apply(first, "lrr", 0.5, optimizer=opt, rounds=1, progress=False)
+    before, hooks = snapshot(second), dict(opt._optimizer_step_pre_hooks)
+    with pytest.raises(ValueError, match=re.escape("optimizer already drives an open search ('lrr', round 0 of 2, on TinyNet)")):
+        signmask.apply(second, "imp", 0.5, optimizer=opt, progress=False)
+    assert_same(before, snapshot(second))
+    assert opt._optimizer_step_pre_hooks == hooks
+    if end == "close":
+        search.close()
+    else:
+        for _ in search:
+            opt.zero_grad()
+            first(torch.randn(4, 3, 6, 6)).square().mean().backward()
+            opt.step()
+    assert len(signmask.apply(second, "imp", 0.5, optimizer=opt, rounds=1, progress=False)) == 2
