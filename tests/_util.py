@@ -1,6 +1,8 @@
 """Small seeded models and helpers shared by the tests."""
 
 import copy
+import sys
+import threading
 
 import pytest
 import torch
@@ -214,3 +216,32 @@ def since_timm(version: str, what: str) -> pytest.MarkDecorator:
     has everything, so nothing is skipped there, and a name missing from it still fails.
     """
     return pytest.mark.skipif(not timm_at_least(version), reason=f"{what} is in timm >= {version}")
+
+
+def in_threads(jobs) -> list:
+    """Run ``jobs`` (callables) in one thread each, started together and switching as often as
+    the interpreter allows, so that their pruned forwards, backwards and steps interleave."""
+    barrier, results, errors = threading.Barrier(len(jobs)), [None] * len(jobs), []
+
+    def run(i):
+        torch.set_num_threads(1)  # OpenMP's setting is per thread: the same sums as the main one
+        barrier.wait()
+        try:
+            results[i] = jobs[i]()
+        except BaseException as e:  # raised in the test's thread below, not just printed
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    if errors:
+        raise errors[0]
+    return results
+

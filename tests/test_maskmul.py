@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import signmask
 from signmask import _bits, _maskmul
-from _util import bits_equal
+from _util import bits_equal, in_threads
 
 
 def _chunks(monkeypatch, size: int) -> None:
@@ -320,3 +320,35 @@ def test_products_keep_the_dtype_of_t_as_the_plain_op_does(dtype):
     expected = t * mask
     for got in (_maskmul.mul(t, mask), _maskmul.multiply(t, mask), _maskmul.mul_(t.clone(), mask)):
         assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "projection"])
+def test_models_trained_in_threads_at_once_match_the_same_runs_one_after_the_other(backend):
+    # A sweep with one model per thread: each thread's forwards, gradient masks and projections
+    # go through the process's kept buffers (chunks of 7 here), and each model must still train
+    # bitwise as it does alone.
+    def setup(seed, signs):
+        torch.manual_seed(seed)  # in the main thread: the inits draw from the global generator
+        model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
+        signmask.prune(model, 0.6, signs=signs)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        signmask.set_backend(model, backend, optimizer=opt)
+        gen = torch.Generator().manual_seed(seed)
+        batches = [(torch.randn(8, 12, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(30)]
+
+        def train():
+            for i, (x, y) in enumerate(batches):
+                opt.zero_grad()
+                (model(x) - y).square().mean().backward()
+                opt.step()
+                if i == 15:
+                    signmask.prune(model, 0.3)  # a new mask mid-run, re-projected under projection
+            return {k: v.clone() for k, v in model.state_dict().items()}
+
+        return train
+
+    configs = [(0, None), (1, "locked"), (2, None), (3, "locked")]
+    alone = [setup(*c)() for c in configs]
+    together = in_threads([setup(*c) for c in configs])
+    for one, other in zip(alone, together):
+        assert one.keys() == other.keys() and all(bits_equal(one[k], other[k]) for k in one)

@@ -21,9 +21,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import signmask
-from signmask import _interpolate, _recipes
+from signmask import _interpolate, _maskmul, _recipes
 
-from _util import assert_same, effective_weights, make_search, since_timm, snapshot, tiny
+from _util import assert_same, effective_weights, in_threads, make_search, since_timm, snapshot, tiny
 
 STEPS = 4
 
@@ -952,3 +952,38 @@ def test_a_step_the_grad_scaler_skips_is_no_step_of_the_search(backend):
     assert ticket.masks.keys() == want_ticket.masks.keys()
     assert all(torch.equal(ticket.masks[k], want_ticket.masks[k]) for k in ticket.masks)
     assert all(torch.equal(a, b) for a, b in zip(weights, want_weights))
+
+
+def test_searches_run_in_threads_at_once_match_the_same_searches_one_after_the_other(monkeypatch):
+    # A sweep with one search per thread (a thread pool over seeds): each search's step hooks,
+    # AWS generator and interpolation, rewinds and restarts must be its own, and the masked
+    # products share only the process's kept buffers (here every tensor goes through them).
+    monkeypatch.setattr(_maskmul, "SMALL", 7)
+    monkeypatch.setattr(_maskmul, "CHUNK", 7)
+    def setup(method, seed, backend):
+        model = tiny(seed)  # in the main thread: the init draws from the global generator
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+        gen = torch.Generator().manual_seed(seed)
+        batches = [(torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(STEPS)]
+
+        def search():
+            rewind = {"rewind": "1it"} if method == "imp" else {}
+            found = signmask.apply(model, method, 0.6, optimizer=opt, scheduler=sched, seed=seed, progress=False, **rewind)
+            signmask.set_backend(model, backend, optimizer=opt)
+            for _ in found:
+                for x, y in batches:
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+                    sched.step()
+            return found.ticket, {k: v.clone() for k, v in model.state_dict().items()}
+
+        return search
+
+    configs = [("aws", 0, "torch"), ("imp", 1, "projection"), ("aws", 2, "projection"), ("lrr", 3, "torch")]
+    alone = [setup(*c)() for c in configs]
+    together = in_threads([setup(*c) for c in configs])
+    for (ticket, state), (ticket2, state2) in zip(alone, together):
+        for mine, theirs in ((ticket.masks, ticket2.masks), (ticket.signs, ticket2.signs), (ticket.norms, ticket2.norms), (state, state2)):
+            assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
