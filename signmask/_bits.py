@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from . import _maskmul
+
 # Codes of a signed mask in a ticket file. Code 3 never occurs in a valid file: unpacking yields it
 # for bytes that no valid file holds, so one check catches every invalid value.
 CODE_PRUNED, CODE_POS, CODE_NEG, CODE_INVALID = 0, 1, 2, 3
@@ -111,7 +113,9 @@ def sign_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         # shifts, not the table's reinterpreted bytes: jit.trace cannot record view(dtype)
         return unpack(packed, numel, 1).view(shape).to(torch.int8)
     dev = packed.device
-    table = _make_table(dev) if torch.compiler.is_compiling() or _faking() else _table(dev)
+    # Built afresh while compiling or under fake tensors: a table made under FakeTensorMode has
+    # no data, and cached it would give every later sign-locked forward in the process wrong signs.
+    table = _make_table(dev) if torch.compiler.is_compiling() or _maskmul.faking() else _table(dev)
     values = torch.take(table, packed.reshape(-1).long()).view(torch.int8)
     return values[:numel].view(shape)
 
@@ -120,13 +124,6 @@ def _make_table(device: torch.device) -> torch.Tensor:
     """256 int64 entries, each holding a byte's 8 bits as 8 int8 values in little-endian order."""
     table = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
     return table.to(torch.int8).view(torch.int64).view(-1)
-
-
-def _faking() -> bool:
-    # Under FakeTensorMode (shape propagation, make_fx, memory estimators) a table built here is
-    # a FakeTensor without data: cached, it would give every later sign-locked forward in the
-    # process data-less sign bits, i.e. wrong weights for every model.
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 @functools.lru_cache(maxsize=None)

@@ -66,7 +66,7 @@ def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
         or t.stride() != factor.stride()
         or torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()  # vmap, grad, jacrev: plain ops batch
-        or _faking()
+        or faking()
     ):
         return None
     flat_t, flat_f = _flat(t), _flat(factor)
@@ -75,9 +75,10 @@ def _chunked(t: torch.Tensor, factor: torch.Tensor) -> tuple | None:
     return flat_t, flat_f
 
 
-def _faking() -> bool:
-    # FakeTensorMode (torch.export, shape propagation) runs ops on stand-in tensors: a kept
-    # buffer must neither be one of them nor be mixed with them.
+def faking() -> bool:
+    """Whether ops run under FakeTensorMode (torch.export, shape propagation, make_fx, memory
+    estimators): their tensors are stand-ins without data, so nothing made then may be kept
+    for later calls (a buffer, a table), nor a kept one mixed with them."""
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
