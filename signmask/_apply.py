@@ -236,7 +236,12 @@ def _check_fresh(model: nn.Module, targets, recipe: _recipes.Recipe) -> None:
     if already:
         raise ValueError(f"{already[:3]} are already pruned; apply() starts from an unpruned model")
     if recipe.interpolate_norms and _interpolate.interpolated(model):
-        raise ValueError("the model's norm layers are already interpolated (another search is attached)")
+        names = sorted(_interpolate.interpolated(model))
+        raise ValueError(
+            f"the model's norm layers {names[:3]}{' ...' if len(names) > 3 else ''} are already "
+            "interpolated: another AWS search is attached; call its close() first (or let it "
+            "finish), which takes the interpolation off"
+        )
     if recipe.interpolate_norms and not any(_interpolate.is_norm(m) for m in model.modules()):
         raise ValueError(
             f"method='aws' interpolates normalization layers, and {type(model).__name__} has none "

@@ -221,3 +221,19 @@ def test_an_optimizer_an_open_search_drives_is_refused_until_that_search_ends(en
             first(torch.randn(4, 3, 6, 6)).square().mean().backward()
             opt.step()
     assert len(signmask.apply(second, "imp", 0.5, optimizer=opt, rounds=1, progress=False)) == 2
+
+
+def test_a_second_aws_search_on_interpolated_norms_names_them_and_the_way_out():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    first = signmask.apply(net, "aws", 0.5, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                           include="0", progress=False)
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"^the model's norm layers \['1'\] are already interpolated: "
+                                         r"another AWS search is attached; call its close\(\) first"):
+        signmask.apply(net, "aws", 0.5, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                       include="3", progress=False)
+    assert_same(before, snapshot(net))
+    first.close()
+    signmask.apply(net, "aws", 0.5, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                   include="3", progress=False)  # the way out the message names
