@@ -335,8 +335,8 @@ def _check_filter_fn(filter_fn) -> None:
     # decorator's (*args) wrapper takes the two arguments whatever it wraps.
     try:
         signature = inspect.signature(filter_fn, follow_wrapped=False)
-    except (TypeError, ValueError):  # no signature to read (some builtins): the call tells
-        return
+    except Exception:  # noqa: BLE001 -- the call tells: no signature to read (some builtins), or
+        return  # annotations that fail to evaluate (3.14 evaluates them; TYPE_CHECKING-only names)
     try:
         signature.bind(None, "")
     except TypeError:

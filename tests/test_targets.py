@@ -320,3 +320,18 @@ def test_a_filter_fn_read_through_its_wrapper_or_a_partial_is_accepted():
         _targets._check_filter_fn(filter_fn)
     kept = signmask.prune(tiny(), 0.5, filter_fn=functools.partial(by_kind, nn.Conv2d))
     assert not any(isinstance(m, nn.Linear) and hasattr(m, "weight_mask") for m in kept.modules())
+
+
+def test_a_filter_fn_whose_signature_cannot_be_read_is_called_as_it_is():
+    # Python 3.14 evaluates annotations to build a signature: a filter_fn annotated with a name
+    # imported under TYPE_CHECKING only raises NameError there, and was refused with it.
+    class Lazy:
+        @property
+        def __signature__(self):
+            raise NameError("name 'Module' is not defined")
+
+        def __call__(self, module, name):
+            return isinstance(module, nn.Conv2d)
+
+    model = signmask.prune(tiny(), 0.5, filter_fn=Lazy())
+    assert list(_targets.pruned(model)) == [k for k in _targets.select(tiny()) if "conv" in k]
