@@ -240,7 +240,8 @@ def _check_fresh(model: nn.Module, targets, recipe: _recipes.Recipe) -> None:
         raise ValueError(
             f"the model's norm layers {names[:3]}{' ...' if len(names) > 3 else ''} are already "
             "interpolated: another AWS search is attached; call its close() first (or let it "
-            "finish), which takes the interpolation off"
+            "finish), which takes the interpolation off; on a copy of that search's model "
+            "(copy.deepcopy, an EMA), call its close(copy)"
         )
     if recipe.interpolate_norms and not any(_interpolate.is_norm(m) for m in model.modules()):
         raise ValueError(

@@ -1,5 +1,6 @@
 """``signmask.apply``: its arguments, models it cannot serve (left untouched), the rollback, the classifier defaults."""
 
+import copy
 import re
 import warnings
 
@@ -237,3 +238,21 @@ def test_a_second_aws_search_on_interpolated_norms_names_them_and_the_way_out():
     first.close()
     signmask.apply(net, "aws", 0.5, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
                    include="3", progress=False)  # the way out the message names
+
+
+def test_a_second_aws_search_on_a_copy_still_interpolated_names_close_with_the_copy():
+    # A copy made during a search keeps the interpolation after that search ends: the search's
+    # close() alone does not take it off the copy, close(copy) does.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    first = signmask.apply(net, "aws", 0.5, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                           include="0", progress=False)
+    copied = copy.deepcopy(net)
+    first.close()
+    with pytest.raises(ValueError, match=re.escape("on a copy of that search's model (copy.deepcopy, an EMA), "
+                                                   "call its close(copy)")):
+        signmask.apply(copied, "aws", 0.5, optimizer=torch.optim.SGD(copied.parameters(), lr=0.1),
+                       include="3", progress=False)
+    first.close(copied)
+    signmask.apply(copied, "aws", 0.5, optimizer=torch.optim.SGD(copied.parameters(), lr=0.1),
+                   include="3", progress=False)
