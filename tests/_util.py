@@ -244,4 +244,3 @@ def in_threads(jobs) -> list:
     if errors:
         raise errors[0]
     return results
-

@@ -960,6 +960,7 @@ def test_searches_run_in_threads_at_once_match_the_same_searches_one_after_the_o
     # products share only the process's kept buffers (here every tensor goes through them).
     monkeypatch.setattr(_maskmul, "SMALL", 7)
     monkeypatch.setattr(_maskmul, "CHUNK", 7)
+
     def setup(method, seed, backend):
         model = tiny(seed)  # in the main thread: the init draws from the global generator
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

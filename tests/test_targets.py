@@ -290,6 +290,8 @@ def test_a_timm_head_replaced_by_ones_own_stays_the_head(name, size, dense):
     assert model(torch.randn(1, 3, size, size)).shape == (1, 5)
     everything = list(_targets.select(model))
     assert [k for k in everything if k not in _targets.select(model, classifier=False)] == dense
+
+
 def test_a_filter_fn_taking_other_arguments_is_named_with_its_signature_untouched():
     model = tiny()
     before = snapshot(model)
