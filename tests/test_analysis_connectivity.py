@@ -1211,3 +1211,19 @@ def test_reestimate_bn_keeps_the_statistics_of_layers_the_pass_never_calls():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     torch.testing.assert_close(model.bn.running_mean, x.mean(0))  # the called layer re-estimated
     assert not model.training
+
+
+def test_a_scripted_batchnorm_is_refused_by_name_before_anything_changes():
+    # Its buffers are no dict to reset and restore: reestimate_bn and barrier crashed with an
+    # AttributeError ('OrderedDictWrapper' object has no attribute 'get').
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), torch.jit.script(nn.BatchNorm2d(4)), nn.Flatten(), nn.Linear(64, 3))
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    net(x)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    message = r"^\['1'\] is a TorchScript module holding BatchNorm statistics .* re-estimate the eager model"
+    with pytest.raises(TypeError, match=message):
+        analysis.reestimate_bn(net, [(x, y)])
+    with pytest.raises(TypeError, match=message):
+        analysis.barrier(net, copy.deepcopy(net), [(x, y)], train_loader=[(x, y)], points=3)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()) and net.training

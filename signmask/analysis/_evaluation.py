@@ -30,6 +30,16 @@ def bn_modules(model: nn.Module) -> list[nn.Module]:
         >>> len(bn_modules(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))))
         1
     """
+    scripted = [n for n, m in model.named_modules()
+                if isinstance(m, torch.jit.ScriptModule) and "running_var" in dict(m.named_buffers(recurse=False))]
+    if scripted:
+        # Its buffers are no dict the pass can reset and restore, yet a train-mode forward would
+        # still fold the batches into them by momentum: neither skipping nor re-estimating is right.
+        raise TypeError(
+            f"{scripted[:3]} {'is a TorchScript module' if len(scripted) == 1 else 'are TorchScript modules'} "
+            "holding BatchNorm statistics (running_var), which re-estimation cannot reset and "
+            "restore; re-estimate the eager model, then script it"
+        )
     return [
         m for m in model.modules()
         if isinstance(m._buffers.get("running_var"), torch.Tensor) and _numeric_momentum(m)
@@ -186,7 +196,8 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
         ``model``.
 
     Raises:
-        TypeError: bad ``model``, ``batches`` or batch type.
+        TypeError: bad ``model``, ``batches`` or batch type; a TorchScript submodule holding
+            BatchNorm statistics (re-estimate the eager model, then script it).
         ValueError: ``batches < 1`` or the loader yields no batch. On any error (the forward's
             too) the running statistics, momenta and modes are restored.
 
