@@ -60,6 +60,7 @@ def steps(dry: bool, xdist: bool) -> list[Step]:
              "'cuda', torch.version.cuda, 'triton', triton.__version__); "
              "print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')")
     tests = [PY, "-m", "pytest", "tests/test_triton.py", "tests/test_backends.py", "tests/test_projection.py",
+             "tests/test_resume.py",
              "-q", "-p", "no:cacheprovider", "-o", "addopts="]
     if xdist:  # Triton compiles on the host: spread the first compilations over the cores
         tests += ["-n", "8"]

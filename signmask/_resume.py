@@ -85,7 +85,7 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
     if not isinstance(generator, torch.Tensor) or generator.dtype != mine.dtype or generator.shape != mine.shape:
         raise bad("generator", f"a torch.Generator state ({mine.dtype}, {tuple(mine.shape)})")
     try:  # on a scratch generator: restore() sets it after the masks and counters are written
-        torch.Generator().set_state(generator)
+        torch.Generator().set_state(generator.cpu())
     except RuntimeError as e:  # torch's "Invalid mt19937 state" names no entry
         raise ValueError(f"cannot resume: state['generator'] is not a valid torch.Generator state "
                          f"({e}; an edited or corrupted checkpoint?)") from None
@@ -175,7 +175,8 @@ def restore(search, state: dict[str, Any]) -> None:
         setattr(search, key, state[key])
     search._rewind_weights, search._restart = state["rewind_weights"], state["restart"]
     search._restart_pending = state["restart_pending"]
-    search._generator.set_state(state["generator"])
+    # A CPU generator's state, though torch.load(..., map_location="cuda") puts it on the GPU.
+    search._generator.set_state(state["generator"].cpu())
     if search._alpha is not None:
         search._alpha.fill_(state["alpha"])
     search.history = [dict(h) for h in state["history"]]

@@ -198,3 +198,34 @@ def test_a_state_whose_rewind_snapshot_holds_extra_state_still_resumes():
     resumed.load_state_dict(old)
     assert "0._extra_state" in old["rewind_weights"]  # the caller's dict is not edited
     assert resumed._rewind_weights.keys() == state["rewind_weights"].keys()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to load a state onto")
+@pytest.mark.parametrize("method", ["aws", "imp"])
+def test_a_state_loaded_onto_the_gpu_resumes_a_cpu_search(method):
+    # torch.load(..., map_location="cuda") puts the CPU generator's state on the GPU, which
+    # Generator.set_state refused with a bare TypeError (RNG state must be a torch.ByteTensor).
+    def run(steps: int, state=None):
+        torch.manual_seed(0)
+        model = tiny(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        search = signmask.apply(model, method, 0.5, optimizer=opt, rounds=2, progress=False)
+        if state is not None:
+            search.load_state_dict(state)
+        data = torch.Generator().manual_seed(search.step)
+        for _ in search:
+            for _ in range(steps):
+                opt.zero_grad()
+                model(torch.randn(4, 3, 8, 8, generator=data)).sum().backward()
+                opt.step()
+            if state is None and search.round == 1:
+                buffer = io.BytesIO()
+                torch.save(search.state_dict(), buffer)
+                buffer.seek(0)
+                return torch.load(buffer, map_location="cuda", weights_only=False), model
+        return search.ticket, model
+
+    state, _ = run(3)
+    assert state["generator"].is_cuda
+    ticket, model = run(3, state)
+    assert ticket.sparsity == 0.5 and all(m.device.type == "cpu" for m in model.state_dict().values())
