@@ -295,15 +295,20 @@ def test_to_low_precision_keeps_bool_masks(dtype, signs):
         assert torch.equal(m.weight, o.weight)
 
 
+def _pruned_small_net(signs, backend: str):
+    """small_net(0) 60% pruned, and an SGD (lr 2: steps large enough to cross zero) on ``backend``."""
+    model = signmask.prune(small_net(0), 0.6, signs=signs)
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    if backend == "projection":
+        signmask.set_backend(model, "projection", optimizer=opt)
+    return model, opt
+
+
 @pytest.mark.parametrize("convert", ["double", "channels_last"])
 @pytest.mark.parametrize("backend", ["torch", "projection"])
 @pytest.mark.parametrize("signs", [None, "locked"])
 def test_double_and_channels_last_keep_masks_locks_and_masked_gradients(convert, backend, signs):
-    model = small_net(0)
-    signmask.prune(model, 0.6, signs=signs)
-    opt = torch.optim.SGD(model.parameters(), lr=2.0)
-    if backend == "projection":
-        signmask.set_backend(model, "projection", optimizer=opt)
+    model, opt = _pruned_small_net(signs, backend)
     x = inputs()
     opt.zero_grad()
     nn.functional.mse_loss(model(x), torch.randn(4, 5)).backward()
@@ -409,11 +414,7 @@ def test_export_of_a_trained_model_and_of_its_removal_equals_the_dense_oracle(si
     # What is shipped: torch.export of the pruned model (hooks live) and, after remove(), of the
     # plain model, through torch.export.save / load; bitwise the dense network holding the
     # effective weights (sign-locked ones whose stored signs disagree with their locks too).
-    model = small_net(0)
-    signmask.prune(model, 0.6, signs=signs)
-    opt = torch.optim.SGD(model.parameters(), lr=2.0)
-    if backend == "projection":
-        signmask.set_backend(model, "projection", optimizer=opt)
+    model, opt = _pruned_small_net(signs, backend)
     x = inputs()
     for _ in range(2):
         opt.zero_grad()
