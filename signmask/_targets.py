@@ -15,6 +15,9 @@ from torch.nn.utils import prune as _prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 
 from . import _reparam
+
+# _heads imports this module; its attributes are looked up at call time, when both are loaded.
+from . import _heads  # noqa: E402  isort: skip
 from ._checks import check_bool, check_eager_model
 
 # Wrappers whose prefixes are not part of a tensor's identity: DataParallel/DDP and torch.compile.
@@ -174,63 +177,6 @@ def _warn_raw_projections(model: nn.Module, inc, exc) -> None:
         )
 
 
-def find_heads(model: nn.Module) -> tuple[set[int], str | None]:
-    """ids of the conv/linear modules forming the classifier head, and the canonical name of
-    that head where it is a guess: the last conv of a model without ``nn.Linear``.
-
-    Uses timm's ``get_classifier()`` (one module or a tuple, as in distilled DeiT), then
-    ``pretrained_cfg["classifier"]`` (or the nearest parent of a module it names that is gone; a
-    model with none of them, or a timm ``features_only`` backbone, whose config has no such
-    entry, has no head), then the last
-    ``nn.Linear`` registered in the model, then (SqueezeNet's 1x1-conv head) its last conv.
-    """
-    heads: list[nn.Module] = []
-    guess = None
-    root = unwrap(model)
-    getter = getattr(root, "get_classifier", None)
-    if callable(getter):
-        try:
-            found = getter()
-        except Exception:  # noqa: BLE001 -- timm's efficientvit with num_classes=0 raises
-            found = None
-        heads = list(found) if isinstance(found, (tuple, list)) else [found] if found else []
-    if not heads:
-        cfg = getattr(root, "pretrained_cfg", None) or {}
-        names = cfg.get("classifier")
-        names = [names] if isinstance(names, str) else list(names or ())
-        heads = [h for n in names if (h := _named_head(root, n)) is not None]
-        if (names or ("architecture" in cfg and "classifier" not in cfg)) and not heads:
-            # timm says the model has no head: it names one the model no longer has, or, for a
-            # features_only backbone (FeatureListNet...), drops the entry. The fallbacks would
-            # take a body layer.
-            return set(), None
-    if not heads:
-        linears = [m for m in root.modules() if isinstance(m, nn.Linear)]
-        heads = linears[-1:]
-    if not heads:
-        convs = [(n, m) for n, m in root.named_modules() if isinstance(m, PRUNABLE_TYPES)]
-        if convs:
-            guess, heads = canonical(convs[-1][0]), [convs[-1][1]]
-    ids = set()
-    for head in heads:
-        if isinstance(head, nn.Module):
-            ids.update(id(m) for m in head.modules() if isinstance(m, PRUNABLE_TYPES))
-    return ids, guess
-
-
-def _named_head(root: nn.Module, name: str) -> nn.Module | None:
-    """The module timm's config names as the head, or its nearest parent below ``root`` where it
-    is gone: ``head.linear`` is ``head`` where that was replaced by one's own ``nn.Linear``, or by
-    ``nn.Identity`` (``num_classes=0``, where ``get_classifier()`` raises): no head then."""
-    parts = name.split(".")
-    while parts:
-        try:
-            return root.get_submodule(".".join(parts))
-        except AttributeError:
-            parts.pop()
-    return None
-
-
 def check_initialized(key: str, module: nn.Module, tensor, doing: str) -> None:
     """Refuse ``tensor`` (``module``'s ``key``) while it is an uninitialized lazy parameter or
     buffer (an ``nn.LazyLinear`` before its first forward): it has no shape or values yet, and
@@ -292,7 +238,7 @@ def select(
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     _check_filter_fn(filter_fn)
     check_bool(classifier, "classifier")
-    heads, guess = (set(), None) if classifier else find_heads(model)
+    heads, guess = (set(), None) if classifier else _heads.find_heads(model)
     # By module name, which the globs match: "<name>.weight" less its tensor ("" at the root).
     layers = {key.rpartition(".")[0]: (key, module, tensor)
               for key, (module, tensor) in layer_weights(model).items()}
@@ -308,7 +254,7 @@ def select(
     for fqn, (key, module, tensor) in layers.items():
         if id(module) in heads:
             if guess == fqn and in_scope(module, fqn):  # a guessed head the scope would prune
-                _warn_guessed_head(model, fqn)
+                _heads.warn_guessed_head(model, fqn)
         elif in_scope(module, fqn):
             check_initialized(key, module, module._parameters.get(tensor), "pruning")
             chosen[key] = (module, tensor)
@@ -380,18 +326,6 @@ def _warn_computed(computed: dict[str, nn.Module], inc, exc) -> None:
             UserWarning,
             stacklevel=4,
         )
-
-
-def _warn_guessed_head(model: nn.Module, fqn: str) -> None:
-    """Warn that the last conv ``fqn`` is left dense as a head that :func:`find_heads` guessed."""
-    warnings.warn(
-        f"classifier=False: {type(unwrap(model)).__name__} has no timm "
-        f"get_classifier() and no nn.Linear, so its last conv, {fqn!r}, is taken as "
-        "the classifier head and left dense; if that is wrong, pass classifier=True "
-        "with exclude=",
-        UserWarning,
-        stacklevel=4,
-    )
 
 
 SHARD_AFTER = "prune, apply, transfer and set_backend before sharding the model"

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from . import _checks, _interpolate, _io, _methods, _parents, _prune, _reparam, _targets
+from . import _checks, _heads, _interpolate, _io, _methods, _parents, _prune, _reparam, _targets
 from ._extract import architecture, layer_count
 from ._ticket import Ticket
 
@@ -44,7 +44,7 @@ def check_same_architecture(ticket: Ticket, model: nn.Module) -> None:
     layers = ticket.metadata.get("layers", "")  # tickets before 2026-12-07 do not record it
     if not (layers.isascii() and layers.isdigit()):  # "²" is a digit that int() refuses
         return
-    body = layer_count(model) - len(_targets.find_heads(model)[0])
+    body = layer_count(model) - len(_heads.find_heads(model)[0])
     if body > int(layers):
         raise ValueError(
             f"ticket was made for a {want} with {layers} conv/linear layers, the model has "
