@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import _distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume, _snapshot
+from . import (_distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume,
+               _snapshot, _targets)
 from ._progress import OWN_RECORDS, RoundBar
 from ._extract import extract
 from ._ticket import Ticket
@@ -209,7 +210,7 @@ class Search:
                 f"rewind point {self.config.rewind!r} is step {self.config.rewind_step}, but round 0 "
                 f"trained only {self.step} optimizer steps; train longer or rewind earlier"
             )
-        self._check_targets()
+        _targets.check_present(self.model, self._targets)
         self._capture_schedule()
         if self.round < self.config.prune_steps:
             self._check_restartable()
@@ -291,21 +292,6 @@ class Search:
                 f"the optimizer's parameter groups changed during the search (sizes {then} when "
                 f"it started, {now} now); each round restarts the optimizer as it was: add the "
                 "groups before signmask.apply"
-            )
-
-    def _check_targets(self) -> None:
-        """Raise before pruning if a searched tensor's module left the model (replaced by
-        ``reset_classifier()`` or module surgery): the search would go on pruning the old module,
-        and the ticket would miss the new one, silently."""
-        present = {id(m) for m in self.model.modules()}
-        gone = [key for key, (module, _) in self._targets.items() if id(module) not in present]
-        if gone:
-            raise ValueError(
-                f"the module{'s' if len(gone) > 1 else ''} holding {gone[:3]}"
-                f"{' ...' if len(gone) > 3 else ''} {'were' if len(gone) > 1 else 'was'} replaced or "
-                "removed during the search (reset_classifier() and module surgery do); the search "
-                "prunes the modules it started with: change the model before signmask.apply or "
-                "after the search"
             )
 
     def _masks(self, what: str) -> dict[str, torch.Tensor]:

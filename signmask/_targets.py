@@ -378,6 +378,22 @@ def check_unshadowed(targets: dict[str, tuple[nn.Module, str]]) -> None:
         )
 
 
+def check_present(model: nn.Module, targets: dict[str, tuple[nn.Module, str]]) -> None:
+    """Refuse targets whose module left ``model`` since they were chosen (``reset_classifier()``,
+    module surgery): a search would go on pruning the old module, and its ticket would miss the
+    new one, silently."""
+    present = {id(m) for m in model.modules()}
+    gone = [key for key, (module, _) in targets.items() if id(module) not in present]
+    if gone:
+        raise ValueError(
+            f"the module{'s' if len(gone) > 1 else ''} holding {gone[:3]}"
+            f"{' ...' if len(gone) > 3 else ''} {'were' if len(gone) > 1 else 'was'} replaced or "
+            "removed during the search (reset_classifier() and module surgery do); the search "
+            "prunes the modules it started with: change the model before signmask.apply or "
+            "after the search"
+        )
+
+
 def require_pruned(model: nn.Module, missing: str,
                    fix: str = GATHER_FIRST) -> dict[str, tuple[nn.Module, str]]:
     """Return :func:`pruned` ``model``'s tensors, refusing a model with none (``missing`` ends
