@@ -1,5 +1,6 @@
 """Rewind snapshots: which state_dict entries are weights."""
 
+import pytest
 import torch
 
 import signmask
@@ -98,3 +99,61 @@ def test_a_restart_keeps_the_keys_a_scheduler_made_after_apply_added_to_the_grou
             swalr.step()
     assert search.done and opt.param_groups[0]["swa_lr"] == 0.01
     assert lrs[1:] == [0.1, 0.1]  # each restart still returns to apply's learning rate
+
+
+def _lrs_per_round(opt, sched, search, net, steps=3):
+    """Each round's learning rates (every group, before each step and after the last)."""
+    rounds = []
+    for _ in search:
+        lrs = []
+        for _ in range(steps):
+            lrs.append([float(g["lr"]) for g in opt.param_groups])
+            opt.zero_grad()
+            net(torch.ones(2, 4)).sum().backward()
+            opt.step()
+            sched.step()
+        lrs.append([float(g["lr"]) for g in opt.param_groups])
+        rounds.append(lrs)
+    return rounds
+
+
+# torch's check that the optimizer stepped first cannot see through the wrapper's step.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_a_restart_refills_the_group_dicts_a_wrapper_holds_so_its_scheduler_still_drives_the_optimizer():
+    # timm's Lookahead shares its base optimizer's param_groups list; the search drives the base
+    # (Lookahead runs no step hooks) and the scheduler the wrapper. The restart's load_state_dict
+    # gave the base a new list: from round 1 on the scheduler set rates the base never read.
+    from signmask._compat import import_timm
+
+    import_timm()
+    from timm.optim import Lookahead
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    wrapper = Lookahead(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), k=2)
+    sched = torch.optim.lr_scheduler.StepLR(wrapper, 1, 0.5)
+    search = signmask.apply(net, "lrr", 0.5, optimizer=wrapper._base_optimizer, scheduler=sched,
+                            rounds=2, progress=False)
+    base = wrapper._base_optimizer
+    rounds = _lrs_per_round(base, sched, search, net)
+    assert rounds[0] == [[0.1], [0.05], [0.025], [0.0125]]
+    assert rounds[1] == rounds[0] and rounds[2] == rounds[0]  # each round restarts the schedule
+    assert wrapper.param_groups is base.param_groups
+
+
+def test_a_restart_keeps_a_tensor_learning_rate_the_same_tensor():
+    # torch's schedulers fill a tensor LR in place (a compiled or CUDA-graphed step reads it);
+    # the restart put a copy in the group instead.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    groups = [{"params": net[0].parameters(), "lr": torch.tensor(0.1)},
+              {"params": net[2].parameters(), "lr": torch.tensor(0.01)}]
+    opt = torch.optim.Adam(groups, fused=True)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    tensors = [g["lr"] for g in opt.param_groups]
+    search = signmask.apply(net, "lrr", 0.5, optimizer=opt, scheduler=sched, rounds=2, progress=False)
+    rounds = _lrs_per_round(opt, sched, search, net)
+    f32 = [[float(torch.tensor(lr)) for lr in lrs] for lrs in ([0.1, 0.01], [0.05, 0.005])]
+    assert rounds[0][:2] == f32
+    assert rounds[1] == rounds[0] and rounds[2] == rounds[0]
+    assert all(g["lr"] is t for g, t in zip(opt.param_groups, tensors))
