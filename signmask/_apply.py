@@ -83,9 +83,10 @@ def apply(
 
     Raises:
         TypeError: ``model`` not a module (or a TorchScript one), ``optimizer`` not a
-            ``torch.optim.Optimizer``, a scheduler without ``state_dict``, or an option of the wrong
-            type (``sparsity``, ``rate``, ``rewind``, ``seed``, ``classifier``, ``include``,
-            ``filter_fn``...).
+            ``torch.optim.Optimizer`` or one whose ``step()`` runs no step hooks (a wrapper such as
+            timm's ``Lookahead``: pass the optimizer it wraps), a scheduler without
+            ``state_dict``, or an option of the wrong type (``sparsity``, ``rate``, ``rewind``,
+            ``seed``, ``classifier``, ``include``, ``filter_fn``...).
         ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds (or
             either for OMP); more rounds than weights; a sparsity that prunes nothing; a rewind
             point for LRR/AWS or an unreadable one (an ``"ep"`` point without
@@ -116,6 +117,7 @@ def apply(
     rewind, rewind_step = _rewind_point(recipe, rewind, steps_per_epoch)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _check_hooked(optimizer)
     _check_undriven(optimizer)
     seed = _checks.check_seed(seed)
     _checks.check_bool(progress, "progress")
@@ -200,6 +202,20 @@ def _check_trained(targets, optimizer) -> None:
             stacklevel=3,  # the caller of apply()
         )
     _targets.warn_vanishing_eps(targets, optimizer, stacklevel=3)
+
+
+def _check_hooked(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer whose ``step()`` never runs torch's step hooks: the search counts its
+    steps through them, and would see none (every round "took no optimizer step", an IMP rewind
+    point never reached). ``Optimizer.__init__`` wraps the class's ``step`` to run them; a
+    wrapper skipping it (timm's ``Lookahead``) is left unwrapped."""
+    if not getattr(type(optimizer).step, "hooked", False):
+        raise TypeError(
+            f"optimizer {type(optimizer).__name__} runs no step hooks in its step() (a wrapper "
+            "that skips torch.optim.Optimizer.__init__, as timm's Lookahead does), and the search "
+            "counts its steps through them: pass the optimizer it wraps (Lookahead's "
+            "_base_optimizer); the scheduler may go on driving the wrapper"
+        )
 
 
 def _check_undriven(optimizer: torch.optim.Optimizer) -> None:

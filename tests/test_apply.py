@@ -256,3 +256,27 @@ def test_a_second_aws_search_on_a_copy_still_interpolated_names_close_with_the_c
     first.close(copied)
     signmask.apply(copied, "aws", 0.5, optimizer=torch.optim.SGD(copied.parameters(), lr=0.1),
                    include="3", progress=False)
+
+
+def test_an_optimizer_whose_step_runs_no_hooks_is_refused_and_its_base_is_searched():
+    # timm's Lookahead skips Optimizer.__init__, so its step() never ran the search's hooks: every
+    # round "took no optimizer step", an IMP rewind point was never reached, AWS drew no new `a`.
+    from signmask._compat import import_timm
+
+    import_timm()
+    from timm.optim import Lookahead
+
+    model = tiny(0)
+    wrapper = Lookahead(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=re.escape("optimizer Lookahead runs no step hooks in its step()")):
+        signmask.apply(model, "imp", 0.5, optimizer=wrapper, rewind="1it", progress=False)
+    assert_same(before, snapshot(model))
+    search = signmask.apply(model, "imp", 0.5, optimizer=wrapper._base_optimizer, rewind="1it",
+                            rounds=1, progress=False)
+    for _ in search:
+        for _ in range(search.start_step, 2):  # IMP's round 1 trains on from the rewind step
+            wrapper.zero_grad()
+            model(torch.randn(4, 3, 6, 6)).square().mean().backward()
+            wrapper.step()
+    assert [h["steps"] for h in search.history] == [2, 1]
