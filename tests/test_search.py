@@ -988,3 +988,32 @@ def test_searches_run_in_threads_at_once_match_the_same_searches_one_after_the_o
     for (ticket, state), (ticket2, state2) in zip(alone, together):
         for mine, theirs in ((ticket.masks, ticket2.masks), (ticket.signs, ticket2.signs), (ticket.norms, ticket2.norms), (state, state2)):
             assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+
+def test_an_imp_rewind_restores_reduce_on_plateaus_patience_count_at_the_rewind_step():
+    # After step 2 one epoch is bad (the count the rewind must restore); round 0 ends with none,
+    # so a kept count would reduce one step late. Oracle: one run of a fresh optimizer and
+    # scheduler on the same metrics, read from the rewind step on.
+    metrics = [1.0, 0.9, 0.95, 0.96, 0.97]
+
+    def fresh():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "max", factor=0.5, patience=1)
+
+    def lrs(opt, sched, start):
+        seen = []
+        for t in range(start, len(metrics)):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step(metrics[t])
+        return seen
+
+    model = tiny(0)
+    oracle = lrs(*fresh(), 0)
+    opt, sched = fresh()
+    search = signmask.apply(model, "imp", 0.5, optimizer=opt, scheduler=sched, rewind="2it", rounds=1,
+                            progress=False)
+    rounds = [lrs(opt, sched, search.start_step) for _ in search]
+    assert oracle == [0.1, 0.1, 0.1, 0.05, 0.05]
+    assert rounds == [oracle, oracle[2:]]
