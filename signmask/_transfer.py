@@ -73,7 +73,7 @@ def match_tensors(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, t
             if tuple(target.shape) != tuple(signed.shape):
                 raise ValueError(
                     f"ticket tensor {key!r} has shape {tuple(signed.shape)}, the model's has "
-                    f"{tuple(target.shape)}"
+                    f"{tuple(target.shape)}{_skip_hint(role, key, ticket)}"
                 )
             if role == "mask":
                 if _reparam.find_hook(module, name)[1] is not None:
@@ -102,6 +102,15 @@ def match_tensors(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, t
     _prune.check_untied({key: (m, n) for role, key, m, n, _, _ in plan if role == "mask"}, model,
                         remedy="untie them before the transfer")
     return plan
+
+
+def _skip_hint(role: str, key: str, ticket: Ticket) -> str:
+    """How to leave out a dense sign that does not fit: a new head of another number of classes
+    (fine-tuning) is the usual cause, and its signs are optional."""
+    if role != "sign":
+        return ""
+    flag = "biases" if key.endswith(".bias") and key[: -len("bias")] + "weight" in ticket.masks else "dense"
+    return f" (a new head? pass {flag}=False to leave the ticket's dense {key!r} sign out)"
 
 
 def _wanted(key: str, ticket: Ticket, biases: bool, dense: bool) -> bool:

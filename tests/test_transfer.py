@@ -482,3 +482,23 @@ def test_extract_and_transfer_survive_a_get_classifier_that_raises():
     torch.manual_seed(0)
     ticket = signmask.extract(signmask.prune(Net(nn.Linear(4, 4), nn.Linear(4, 2)), 0.5))
     signmask.transfer(ticket, Net(nn.Linear(4, 4), nn.Linear(4, 2)))
+
+
+@pytest.mark.parametrize("signs", ["init", "locked"])
+def test_a_ticket_without_its_head_goes_onto_a_new_head_and_a_dense_head_sign_names_the_remedy(signs):
+    # Fine-tuning: the new init has another number of classes. A ticket whose head was kept dense
+    # (classifier=False) carries its dense sign; the default refuses it by name, saying how to
+    # leave it out, and changes nothing; with dense=False the backbone's ticket transfers exactly.
+    ticket = signmask.extract(signmask.prune(tiny(0), 0.5, classifier=False), biases=True, dense=True)
+    model = tiny(1, classes=3)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'fc.weight' has shape \(5, 6\), the model's has \(3, 6\) "
+                                         r"\(a new head\? pass dense=False"):
+        signmask.transfer(ticket, model, signs=signs)
+    assert_same(before, snapshot(model))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    signmask.transfer(ticket, model, signs=signs, dense=False)
+    for key, s in ticket.masks.items():
+        assert torch.equal(getattr(model, key.split(".")[0]).weight, init[key].abs() * s)
+    assert torch.equal(model.conv2.bias, init["conv2.bias"].abs() * ticket.signs["conv2.bias"])
+    assert torch.equal(model.fc.weight, init["fc.weight"]) and torch.equal(model.fc.bias, init["fc.bias"])
