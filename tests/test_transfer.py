@@ -502,3 +502,50 @@ def test_a_ticket_without_its_head_goes_onto_a_new_head_and_a_dense_head_sign_na
         assert torch.equal(getattr(model, key.split(".")[0]).weight, init[key].abs() * s)
     assert torch.equal(model.conv2.bias, init["conv2.bias"].abs() * ticket.signs["conv2.bias"])
     assert torch.equal(model.fc.weight, init["fc.weight"]) and torch.equal(model.fc.bias, init["fc.bias"])
+
+
+_LAYERS = {
+    "conv1d": lambda b: nn.Conv1d(2, 3, 2, bias=b),
+    "conv2d_grouped": lambda b: nn.Conv2d(4, 8, 3, groups=2, bias=b),
+    "conv3d": lambda b: nn.Conv3d(2, 3, 1, bias=b),
+    "conv_transpose": lambda b: nn.ConvTranspose2d(3, 2, 2, bias=b),
+    "linear": lambda b: nn.Linear(7, 5, bias=b),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(kinds=st.lists(st.sampled_from(sorted(_LAYERS)), min_size=1, max_size=4),
+       bias=st.booleans(), seed=st.integers(0, 2**16), amount=st.floats(0.05, 0.95),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+       signs=st.sampled_from(["init", "locked", "keep"]))
+def test_saved_tickets_of_random_architectures_transfer_exactly_in_every_dtype(tmp_path_factory, kinds, bias,
+                                                                              seed, amount, dtype, signs):
+    # Oracles: the sign bit of the pruned model's effective weights, the new init's own values.
+    def build(s):
+        torch.manual_seed(s)
+        model = nn.ModuleList(_LAYERS[k](bias) for k in kinds).to(dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()  # drawn in the dtype itself: fp64 values that fp32 cannot hold
+        return model
+
+    source = signmask.prune(build(seed), amount, classifier=True)
+    ticket = signmask.extract(source, biases=True)
+    for i, layer in enumerate(source):
+        sign = 1 - 2 * torch.signbit(layer.weight).to(torch.int8)
+        assert torch.equal(ticket.masks[f"{i}.weight"], sign * layer.weight_mask.to(torch.int8))
+    loaded = signmask.load(signmask.save(ticket, tmp_path_factory.mktemp("t") / "t.safetensors"))
+    assert loaded == ticket and loaded.metadata == ticket.metadata
+    fresh = build(seed + 1)
+    init = {k: v.detach().clone() for k, v in fresh.named_parameters()}
+    signmask.transfer(loaded, fresh, signs=signs)
+    for key, s in ticket.masks.items():
+        layer = fresh[int(key.split(".")[0])]
+        assert layer.weight.dtype == dtype and torch.equal(layer.weight_mask, s != 0)
+        want = init[key] * (s != 0) if signs == "keep" else init[key].abs() * s.to(dtype)
+        assert bits_equal(layer.weight, want)
+        if signs != "keep":
+            assert torch.equal(signmask.extract(fresh).masks[key], s)
+    for key, s in ticket.signs.items():
+        want = init[key] if signs == "keep" else init[key].abs() * s.to(dtype)
+        assert bits_equal(getattr(fresh[int(key.split(".")[0])], "bias"), want)
