@@ -195,7 +195,7 @@ def _check_trained(targets, optimizer) -> None:
         )
     if untrained:
         warnings.warn(
-            f"optimizer does not train {untrained[:5]}{' ...' if len(untrained) > 5 else ''} "
+            f"optimizer does not train {_checks.some(untrained, 5)} "
             f"({len(untrained)} of the {len(targets)} tensors to prune): the search ranks them by "
             "magnitudes that never train; exclude them (exclude=) to keep them dense",
             UserWarning,
@@ -254,7 +254,7 @@ def _check_fresh(model: nn.Module, targets, recipe: _recipes.Recipe) -> None:
     if recipe.interpolate_norms and _interpolate.interpolated(model):
         names = sorted(_interpolate.interpolated(model))
         raise ValueError(
-            f"the model's norm layers {names[:3]}{' ...' if len(names) > 3 else ''} are already "
+            f"the model's norm layers {_checks.some(names)} are already "
             "interpolated: another AWS search is attached; call its close() first (or let it "
             "finish), which takes the interpolation off; on a copy of that search's model "
             "(copy.deepcopy, an EMA), call its close(copy)"

@@ -35,6 +35,13 @@ def check_eager_model(model: Any, arg: str) -> nn.Module:
     return model
 
 
+def some(names, limit: int = 3) -> str:
+    """The first ``limit`` of ``names`` as a list, with " ..." when there are more: how an error
+    names a few of many tensors or modules."""
+    names = list(names)
+    return f"{names[:limit]}{' ...' if len(names) > limit else ''}"
+
+
 def check_bool(value: Any, arg: str, *, optional: bool = False) -> bool | None:
     """Return ``value`` as a bool if it is one (numpy's, or a one-element bool tensor), or None
     if ``optional`` allows it; raise ``TypeError`` naming ``arg`` otherwise (a string such as

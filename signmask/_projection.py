@@ -46,7 +46,7 @@ import weakref
 import torch
 
 from . import _projection_ops as ops
-from . import _reparam, _targets
+from . import _checks, _reparam, _targets
 from ._backends import Backend, Targets, register_backend
 
 
@@ -262,7 +262,7 @@ class ProjectionBackend(Backend):
         if outside:
             raise ValueError(
                 f"backend='projection' re-projects after the steps of the optimizer given, but it "
-                f"does not train {outside[:3]}{' ...' if len(outside) > 3 else ''}; set the "
+                f"does not train {_checks.some(outside)}; set the "
                 "backend per submodule, each with the optimizer training it"
             )
         _targets.warn_vanishing_eps(targets, optimizer, stacklevel=3)

@@ -73,21 +73,16 @@ def take_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> di
 def put_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None, snapshot: dict) -> None:
     """Restart: clear the optimizer's state (momentum, Adam moments) and restore hyperparameters
     and the LR schedule from ``snapshot``."""
-    held, live = optimizer.param_groups, list(optimizer.param_groups)
-    groups = copy.deepcopy(snapshot["param_groups"])
-    for group, now in zip(groups, live):
-        # Keys added since the snapshot stay: a scheduler made after apply (SWALR's swa_lr,
-        # initial_lr) reads them at its next step, and load_state_dict would drop them.
-        for key, value in now.items():
-            if key not in group:
-                group[key] = copy.deepcopy(value)
-    optimizer.load_state_dict({"state": {}, "param_groups": groups})
-    # load_state_dict made a new list of new group dicts; others may hold the old ones (a wrapper
-    # such as timm's Lookahead, which the scheduler drives, or the user's own reference), and
-    # they would set learning rates the optimizer no longer reads: refill the old ones.
+    live = optimizer.param_groups
+    optimizer.load_state_dict({"state": {}, "param_groups": copy.deepcopy(snapshot["param_groups"])})
+    # load_state_dict made a new list of new group dicts, holding the snapshot's keys only. Others
+    # may hold the old ones (a wrapper such as timm's Lookahead, which the scheduler drives, or
+    # the user's own reference), and they would set learning rates the optimizer no longer reads:
+    # refill the old ones and put them back. Keys added since the snapshot stay in them (a
+    # scheduler made after apply: SWALR's swa_lr, initial_lr).
     for old, new in zip(live, optimizer.param_groups):
         _refill(old, new)
-    optimizer.param_groups = held
+    optimizer.param_groups = live
     if scheduler is not None and snapshot["scheduler"] is not None:
         scheduler.load_state_dict(copy.deepcopy(snapshot["scheduler"]))
 

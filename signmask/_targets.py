@@ -18,7 +18,7 @@ from . import _reparam
 
 # _heads imports this module; its attributes are looked up at call time, when both are loaded.
 from . import _heads  # noqa: E402  isort: skip
-from ._checks import check_bool, check_eager_model
+from ._checks import check_bool, check_eager_model, some
 
 # Wrappers whose prefixes are not part of a tensor's identity: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -349,14 +349,14 @@ def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = SHARD_AFTE
     meta = [k for k, (m, n) in targets.items() if _reparam.original(m, n).is_meta]
     if meta:
         raise ValueError(
-            f"{meta[:3]}{' ...' if len(meta) > 3 else ''} {'is' if len(meta) == 1 else 'are'} on the "
+            f"{some(meta)} {'is' if len(meta) == 1 else 'are'} on the "
             "meta device (shapes, no values); materialize the model first: "
             "model.to_empty(device=...), then initialize or load its weights"
         )
     sharded = [k for k, (m, n) in targets.items() if is_dtensor(_reparam.original(m, n))]
     if sharded:
         raise ValueError(
-            f"{sharded[:3]}{' ...' if len(sharded) > 3 else ''} {'is a' if len(sharded) == 1 else 'are'} "
+            f"{some(sharded)} {'is a' if len(sharded) == 1 else 'are'} "
             f"DTensor (sharded by fully_shard or tensor parallelism); signmask works on local "
             f"tensors: {fix}"
         )
@@ -371,7 +371,7 @@ def check_unshadowed(targets: dict[str, tuple[nn.Module, str]]) -> None:
                 if n in m._parameters and _reparam.find_hook(m, n)[1] is not None]
     if shadowed:
         raise ValueError(
-            f"{shadowed[:3]}{' ...' if len(shadowed) > 3 else ''} {'was' if len(shadowed) == 1 else 'were'} "
+            f"{some(shadowed)} {'was' if len(shadowed) == 1 else 'were'} "
             "assigned a new Parameter after pruning (torch.nn.utils.fusion.fuse_conv_bn_eval and "
             f"module surgery do), which hides the pruned {targets[shadowed[0]][1]}_orig; make the "
             "pruning permanent first: signmask.remove(model) keeps the new Parameter"
@@ -386,8 +386,8 @@ def check_present(model: nn.Module, targets: dict[str, tuple[nn.Module, str]]) -
     gone = [key for key, (module, _) in targets.items() if id(module) not in present]
     if gone:
         raise ValueError(
-            f"the module{'s' if len(gone) > 1 else ''} holding {gone[:3]}"
-            f"{' ...' if len(gone) > 3 else ''} {'were' if len(gone) > 1 else 'was'} replaced or "
+            f"the module{'s' if len(gone) > 1 else ''} holding {some(gone)} "
+            f"{'were' if len(gone) > 1 else 'was'} replaced or "
             "removed during the search (reset_classifier() and module surgery do); the search "
             "prunes the modules it started with: change the model before signmask.apply or "
             "after the search"

@@ -61,7 +61,7 @@ def match_tensors(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, t
     unknown = sorted(k for group in names.values() for k in group if k not in index)
     if unknown:
         raise ValueError(
-            f"ticket tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all) "
+            f"ticket tensors {_checks.some(unknown, 5)} ({len(unknown)} in all) "
             f"are not in {architecture(model)}; its tensors look like {sorted(index)[:3]}"
         )
     plan = []

@@ -140,3 +140,11 @@ def test_a_torchscript_model_is_refused_by_name_and_left_untouched(call, how):
         run()
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_some_names_a_few_of_many_and_says_when_there_are_more():
+    some = _checks.some
+    assert some(["a", "b", "c"]) == "['a', 'b', 'c']"
+    assert some(["a", "b", "c", "d"]) == "['a', 'b', 'c'] ..."
+    assert some((n for n in "abcdef"), 5) == "['a', 'b', 'c', 'd', 'e'] ..."
+    assert some([]) == "[]"

@@ -282,27 +282,39 @@ def _model(signs):
     return signmask.prune(net, 0.6, signs=signs)
 
 
+def _steps_side_by_side(nets, forward, *, autocast: bool, lr: float):
+    """Train ``nets`` two SGD steps each on the same batches (``forward(net, x)``, under bf16
+    autocast if asked); yield, after each step, every net's ``[output, *gradients]``."""
+    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for m in nets]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = torch.randn(2, 3, 5, 5, generator=gen).to(DEVICE)
+        seen = []
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                out = forward(net, x)
+            out.float().square().mean().backward()
+            seen.append([out, *(p.grad.clone() for p in net.parameters())])
+            opt.step()
+        yield seen
+
+
 @pytest.mark.parametrize("signs", [None, "locked"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_triton_backend_trains_like_torch_backend(signs, autocast):
     ref, model = (_model(signs).to(memory_format=torch.channels_last) for _ in range(2))
     _backends.set_backend(model, "triton")
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(2):
-        x = torch.randn(2, 3, 5, 5, generator=gen).to(DEVICE)
-        outs = []
-        for net, opt in zip((ref, model), opts):
-            opt.zero_grad()
-            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-                out = net(x)
-                if autocast and net is model:  # weight written in bf16: autocast's cast folded in
-                    assert net[0].weight.dtype == torch.bfloat16
-            out.float().square().mean().backward()
-            outs.append(out)
-            opt.step()
+
+    def forward(net, x):
+        out = net(x)
+        if autocast and net is model:  # weight written in bf16: autocast's cast folded in
+            assert net[0].weight.dtype == torch.bfloat16
+        return out
+
+    for seen in _steps_side_by_side((ref, model), forward, autocast=autocast, lr=0.1):
         # Same effective weights in the same dtype reach the same ops: bitwise equal.
-        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(seen[0][0], seen[1][0])
         for a, b in zip(ref.parameters(), model.parameters()):
             assert torch.equal(a, b)
 
@@ -321,22 +333,14 @@ def test_triton_backend_under_activation_checkpointing_trains_as_without_it(auto
     ref, model = _model("locked"), _model("locked")
     _backends.set_backend(model, "triton")
     launches.clear()  # set_backend's own refresh
-    opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (ref, model)]
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(2):
-        x = torch.randn(2, 3, 5, 5, generator=gen).to(DEVICE)
-        seen = []
-        for net, opt in zip((ref, model), opts):
-            opt.zero_grad()
-            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-                if net is ref:
-                    out = net(x)
-                else:
-                    h = checkpoint(net[:2], x.clone().requires_grad_(reentrant), use_reentrant=reentrant)
-                    out = checkpoint(net[2:], h, use_reentrant=reentrant)
-            out.float().square().mean().backward()
-            seen.append([out, *(p.grad.clone() for p in net.parameters())])
-            opt.step()
+
+    def forward(net, x):
+        if net is ref:
+            return net(x)
+        h = checkpoint(net[:2], x.clone().requires_grad_(reentrant), use_reentrant=reentrant)
+        return checkpoint(net[2:], h, use_reentrant=reentrant)
+
+    for seen in _steps_side_by_side((ref, model), forward, autocast=autocast, lr=0.5):
         assert all(bits_equal(a, b) for a, b in zip(*seen))
         assert all(bits_equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
         assert all(m.weight.grad_fn is None for m in (model[0], model[3]))

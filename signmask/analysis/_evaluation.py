@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._interpolate import NormInterpolation
-from .._checks import check_int, check_model
+from .._checks import check_int, check_model, some
 from ._common import check_iterable, device_of, split_batch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,7 +36,7 @@ def bn_modules(model: nn.Module) -> list[nn.Module]:
         # Its buffers are no dict the pass can reset and restore, yet a train-mode forward would
         # still fold the batches into them by momentum: neither skipping nor re-estimating is right.
         raise TypeError(
-            f"{scripted[:3]} {'is a TorchScript module' if len(scripted) == 1 else 'are TorchScript modules'} "
+            f"{some(scripted)} {'is a TorchScript module' if len(scripted) == 1 else 'are TorchScript modules'} "
             "holding BatchNorm statistics (running_var), which re-estimation cannot reset and "
             "restore; re-estimate the eager model, then script it"
         )
