@@ -619,10 +619,11 @@ def test_telemetry_tracks_names_in_the_order_given():
     assert list(rec.records[0].layers) == ["fc.weight", "conv1.weight"]
 
 
-def test_telemetry_refuses_an_empty_list_of_names():
+@pytest.mark.parametrize("empty", [[], (), iter(())], ids=["list", "tuple", "iterator"])
+def test_telemetry_refuses_an_empty_list_of_names(empty):
     # tracking nothing would record NaN totals without a word
-    with pytest.raises(ValueError, match="names must name at least one tensor, got an empty list"):
-        analysis.Telemetry(tiny(0), names=[])
+    with pytest.raises(ValueError, match="names must name at least one tensor, got none$"):
+        analysis.Telemetry(tiny(0), names=empty)
 
 
 def test_noise_on_a_one_element_tensor_adds_nothing():

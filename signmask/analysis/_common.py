@@ -54,7 +54,7 @@ def weights(
     if chosen is None:
         return found
     if not chosen:
-        raise ValueError(f"names must name at least one tensor, got an empty {type(names).__name__}")
+        raise ValueError("names must name at least one tensor, got none")
     unknown = [n for n in chosen if n not in found]
     if unknown:
         raise ValueError(
