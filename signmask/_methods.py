@@ -143,10 +143,11 @@ class RandomPruning(RankedPruning):
         self.seed = check_seed(seed)
 
     def scores(self, t: torch.Tensor, index: int) -> torch.Tensor:
-        # Drawn on the CPU: a CUDA generator gives other numbers, and a seed must name one
-        # mask wherever the model lives.
+        # Drawn on the CPU in float32: a CUDA generator, or float64 under
+        # torch.set_default_dtype, gives other numbers, and a seed must name one mask wherever
+        # the model lives and whatever the process's default dtype.
         gen = torch.Generator().manual_seed(tensor_seed(self.seed, index))
-        return torch.rand(t.shape, generator=gen).to(t.device)
+        return torch.rand(t.shape, generator=gen, dtype=torch.float32).to(t.device)
 
     def __repr__(self) -> str:
         return f"RandomPruning(amount={self.amount}, seed={self.seed})"

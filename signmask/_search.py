@@ -385,8 +385,10 @@ class Search:
 
     def _draw_alpha(self) -> None:
         if self._alpha is not None:
-            # fill_ with a Python number: a CPU-to-CUDA copy_ would wait for the device each step.
-            self._alpha.fill_(torch.rand((), generator=self._generator).item())
+            # fill_ with a Python number (a CPU-to-CUDA copy_ would wait for the device each
+            # step), drawn in float32 whatever the default dtype, so that a seed names one draw.
+            a = torch.rand((), generator=self._generator, dtype=torch.float32).item()
+            self._alpha.fill_(a)
 
     def _open_bar(self) -> None:
         if not self._bar.shown():  # its description reads every mask: not for nothing

@@ -119,6 +119,21 @@ def test_random_scores_are_the_cpu_stream_on_every_device(device):
         assert torch.equal(scores.cpu(), expected)
 
 
+def test_random_scores_do_not_follow_the_default_dtype():
+    # Under torch.set_default_dtype(torch.float64) torch.rand draws other numbers; one seed
+    # must still name one mask.
+    from signmask._methods import RandomPruning
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        scores = RandomPruning(0.5, seed=11).scores(torch.empty(5, 7), index=2)
+    finally:
+        torch.set_default_dtype(before)
+    expected = torch.rand(5, 7, generator=torch.Generator().manual_seed(11 + 7919 * 2))
+    assert torch.equal(scores, expected)
+
+
 @pytest.mark.parametrize("seed, error, message", [
     (1.5, TypeError, "seed must be an int, got float 1.5"),
     ("3", TypeError, "seed must be an int, got str '3'"),

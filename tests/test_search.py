@@ -269,6 +269,26 @@ def test_aws_interpolates_norms_during_search_only():
     assert "bn1.weight" in model.state_dict() and "bn1.weight_init" not in model.state_dict()
 
 
+def test_aws_draws_the_same_alphas_whatever_the_default_dtype():
+    # One seed names one sequence of draws: a search resumed in a process that set float64 as
+    # its default dtype (torch.rand draws other numbers in float64) must go on as it started.
+    g = torch.Generator().manual_seed(0)
+    draws = [float(torch.rand((), generator=g, dtype=torch.float32)) for _ in range(2)]
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, opt, sched, search = make_search("aws", sparsity=0.36)
+        search.start_round()
+        first = float(search._alpha)
+        x, y = batch(0)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert [first, float(search._alpha)] == draws
+        search.close()
+    finally:
+        torch.set_default_dtype(before)
+
+
 def test_a_checkpoint_between_rounds_resumes_at_the_next_rounds_first_step():
     # The explicit API's natural checkpoint is right after finish_round(): round and start_step
     # name the next round then, so round_step must be its 0 steps, not the last round's.
