@@ -1,12 +1,14 @@
 """``signmask.apply``: IMP, LRR, AWS and OMP around a plain training loop.
 
 Oracles: masks recomputed here in float64 from the weights the round ended with, weight copies
-taken by the test's own optimizer hook, torch's own optimizer and scheduler state, and an
-uninterrupted run for every resume.
+taken by the test's own optimizer hook, torch's own optimizer and scheduler state, an
+uninterrupted run for every resume, and a hook-free float64 loop written from the README for
+whole searches.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import re
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 import signmask
 from signmask import _interpolate, _maskmul, _recipes
 
-from _util import assert_same, effective_weights, in_threads, make_search, since_timm, snapshot, tiny
+from _util import TINY_NORMS, assert_same, effective_weights, in_threads, make_search, since_timm, snapshot, tiny
 
 STEPS = 4
 
@@ -1037,3 +1039,114 @@ def test_an_imp_rewind_restores_reduce_on_plateaus_patience_count_at_the_rewind_
     rounds = [lrs(opt, sched, search.start_step) for _ in search]
     assert oracle == [0.1, 0.1, 0.1, 0.05, 0.05]
     assert rounds == [oracle, oracle[2:]]
+
+
+def _double_tiny():
+    """TinyNet in float64, its norms off the constants 1 and 0: AWS pulls them to these values."""
+    model = tiny(0).double()
+    with torch.no_grad():
+        for key in TINY_NORMS:
+            model.get_parameter(key).uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(key)))
+    return model
+
+
+def _plain_search(method, rewind_k, sparsity, aws_seed=0):
+    """The float64 oracle of a whole search, written from the README and the papers alone: a
+    plain TinyNet (no hooks) trained through ``functional_call`` with ``w * mask`` weights and,
+    for AWS, norm parameters ``a * init + (1 - a) * trained`` (one ``a`` drawn at each round's
+    start and after every step); global magnitude pruning of the alive weights to
+    ``round(N * 0.8 ** i)`` (the last to ``round(N * (1 - sparsity))``); IMP/OMP load the whole
+    state_dict of step ``rewind_k``; every round restarts the optimizer and the StepLR schedule
+    (from step ``rewind_k`` where there is one). Returns per round the state_dict the round ended
+    with and the masks after its pruning, and the final model and masks."""
+    model = _double_tiny()
+    heads = method in ("imp", "omp")  # the classifier's default
+    targets = [n for n in ("conv1.weight", "conv2.weight", "fc.weight") if heads or n != "fc.weight"]
+    total = sum(model.get_parameter(t).numel() for t in targets)
+    final = round(total * (1 - sparsity))
+    steps = [] if method == "omp" else [round(total * 0.8**i) for i in range(1, 99) if 0.8**i > 1 - sparsity]
+    kept = sorted(set(steps + [final]), reverse=True)  # a count rounding repeats is dropped
+    masks = {t: torch.ones_like(model.get_parameter(t), dtype=torch.bool) for t in targets}
+    init = {k: model.get_parameter(k).detach().clone() for k in TINY_NORMS}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    restart = (copy.deepcopy(opt.state_dict()["param_groups"]), sched.state_dict())
+    rewind = copy.deepcopy(model.state_dict()) if rewind_k == 0 else None
+    gen, rounds, step = torch.Generator().manual_seed(aws_seed), [], 0
+    for r in range(len(kept) + 1):
+        start = rewind_k if r and rewind_k else 0
+        a = float(torch.rand((), generator=gen))
+        for i in range(start, STEPS):
+            params = dict(model.named_parameters())
+            params.update({t: params[t] * masks[t] for t in targets})
+            if method == "aws":
+                params.update({k: a * init[k] + (1 - a) * params[k] for k in init})
+            x, y = batch(i)
+            opt.zero_grad()
+            nn.functional.cross_entropy(torch.func.functional_call(model, params, (x.double(),)), y).backward()
+            opt.step()
+            sched.step()
+            a, step = float(torch.rand((), generator=gen)), step + 1
+            if step == rewind_k:
+                rewind = copy.deepcopy(model.state_dict())
+                restart = (copy.deepcopy(opt.state_dict()["param_groups"]), sched.state_dict())
+        ended = copy.deepcopy(model.state_dict())
+        if r < len(kept):
+            alive = torch.cat([model.get_parameter(t).detach().abs()[masks[t]] for t in targets])
+            threshold = alive.sort(descending=True).values[kept[r] - 1]
+            masks = {t: masks[t] & (model.get_parameter(t).detach().abs() >= threshold) for t in targets}
+            if rewind is not None:
+                model.load_state_dict(rewind)
+            opt.load_state_dict({"state": {}, "param_groups": copy.deepcopy(restart[0])})
+            sched.load_state_dict(restart[1])
+        rounds.append((ended, dict(masks)))
+    return rounds, model, masks, total
+
+
+@pytest.mark.parametrize("method, rewind, rewind_k, sparsity", [
+    ("lrr", "default", None, 0.6), ("aws", "default", None, 0.6), ("imp", "init", 0, 0.6),
+    ("imp", "3it", 3, 0.6), ("omp", 2, 2, 0.9),
+])
+def test_a_search_trains_and_prunes_as_a_plain_float64_loop_does(method, rewind, rewind_k, sparsity):
+    # Every round of apply() against an independent loop on a hook-free network: the masks after
+    # each pruning exactly, the weights each round ends with up to float64 rounding (the masked
+    # products, AWS's interpolated norms and their gradients, rewinds, optimizer and schedule
+    # restarts), and the ticket: sign(theta_T * M_T), bias and dense head signs, trained norms.
+    rounds, plain, plain_masks, total = _plain_search(method, rewind_k, sparsity)
+    model = _double_tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    search = signmask.apply(model, method, sparsity, optimizer=opt, scheduler=sched, rewind=rewind,
+                            progress=False)
+    assert len(search) == len(rounds)
+    for r in search:
+        assert search.start_step == ((rewind_k or 0) if r else 0)
+        if r:  # the masks of the pruning after the last round, and its exact sparsity
+            want_masks = rounds[r - 1][1]
+            assert all(torch.equal(model.get_buffer(k + "_mask"), m) for k, m in want_masks.items()), r
+            kept = sum(int(m.sum()) for m in want_masks.values())
+            assert search.history[-1]["sparsity"] == search.sparsity == 1 - kept / total
+        for i in range(search.start_step, STEPS):
+            x, y = batch(i)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x.double()), y).backward()
+            opt.step()
+            sched.step()
+        sd, before = model.state_dict(), rounds[r - 1][1] if r else {}
+        for key, value in rounds[r][0].items():
+            got = sd.get(key, sd.get(key + "_orig"))
+            if key + "_mask" in sd:  # the network trained under the masks the round started with
+                got, value = got * sd[key + "_mask"], value * before.get(key, True)
+            assert torch.allclose(got, value, rtol=0, atol=1e-12), f"round {r}: {key}"
+    ticket, final = search.ticket, plain.state_dict()
+    sign = {k: (1 - 2 * torch.signbit(v).to(torch.int8)) for k, v in final.items()}  # README: the sign bit
+    assert ticket.masks.keys() == plain_masks.keys()
+    for key, mask in plain_masks.items():
+        assert torch.equal(ticket.masks[key], sign[key] * mask), key
+    heads = [] if "fc.weight" in plain_masks else ["fc.weight"]
+    assert sorted(ticket.signs) == sorted(["conv2.bias", "fc.bias"] + heads)
+    for key, signs in ticket.signs.items():
+        assert torch.equal(signs, sign[key]), key
+    assert ticket.norms.keys() == set(TINY_NORMS)
+    for key in TINY_NORMS:
+        assert torch.allclose(ticket.norms[key], final[key], rtol=0, atol=1e-12), key
