@@ -732,6 +732,19 @@ def test_evaluate_takes_the_class_axis_1_for_dense_predictions():
     assert ev.error == 0.5
 
 
+def test_evaluate_counts_a_prediction_holding_nan_as_wrong():
+    # argmax takes NaN for the largest logit: a diverged (all-NaN) model scored every class-0
+    # target right (error 0.5 here), and a NaN logit won its row. Inf logits still rank.
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[nan, nan, nan], [nan, 0.0, 1.0], [0.0, nan, 1.0], [inf, 0.0, 1.0],
+                           [0.0, 2.0, 1.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 0, 1, 0, 1, 2])
+    ev = analysis.evaluate(_Fixed(logits), [(torch.zeros(6), targets)])
+    assert ev.error == 4 / 6  # right: the inf logit of row 3 and row 4; row 5 ties to class 0
+    dense = _Fixed(torch.full((2, 3, 2), nan))  # (N, C, L): a NaN at a position counts wrong
+    assert analysis.evaluate(dense, [(torch.zeros(2), torch.zeros(2, 2, dtype=torch.long))]).error == 1.0
+
+
 def test_evaluate_leaves_ignored_targets_out_of_error_and_loss():
     # cross_entropy ignores -100 (unlabeled pixels): they are no error, and each batch's mean
     # loss weighs by the targets it counted. Oracle: one cross_entropy over all batches at once.

@@ -311,7 +311,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
     is ``loss_fn(logits, targets)`` (a batch mean) weighted by the batch's counted targets;
     16-bit logits reach ``loss_fn`` in float32, as under autocast.
     Negative targets (``cross_entropy``'s ``ignore_index``, -100, for unlabeled pixels) name no
-    class: they count in neither the error nor the weights.
+    class: they count in neither the error nor the weights. A prediction holding a NaN logit
+    (a diverged model) names no class either, and counts as wrong.
 
     Args:
         model: a classifier returning logits of shape ``(N, C, ...)``.
@@ -367,7 +368,7 @@ def evaluate_named(model: nn.Module, loader: Iterable, loss_fn: LossFn, batches:
                 n = int(counted.sum())
                 if n:  # a batch of ignored targets only: cross_entropy's mean is 0/0
                     total_loss += _scalar(loss_fn(_loss_dtype(logits), targets)) * n
-                wrong += int(((logits.argmax(dim=1) != targets) & counted).sum())
+                wrong += int((~_right(logits, targets) & counted).sum())
                 count += n
     finally:
         for m, training in modes:
@@ -376,6 +377,13 @@ def evaluate_named(model: nn.Module, loader: Iterable, loss_fn: LossFn, batches:
         what = "only negative (ignored) targets" if seen else "no batch"
         raise ValueError(f"{arg} yielded {what}; nothing to evaluate")
     return Evaluation(total_loss / count, wrong / count)
+
+
+def _right(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Where the top-1 class is the target. argmax takes a NaN for the largest logit, so a
+    diverged model would score every target of class 0 (or of its NaN column) right: a
+    prediction holding NaN names no class, and is wrong."""
+    return (logits.argmax(dim=1) == targets) & ~logits.isnan().any(dim=1)
 
 
 def _check_target_dtype(targets: torch.Tensor, loss_fn: LossFn, arg: str) -> None:
