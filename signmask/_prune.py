@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _checks, _methods, _parents, _reparam, _targets
+from . import _checks, _extract, _methods, _parents, _reparam, _targets
 
 _SCOPES = ("global", "layer")
 _SIGN_MODES = ("free", "locked")
@@ -117,7 +117,8 @@ def prune(
             ``seed``); a weight of an 8-bit float dtype, or a complex one with ``signs="locked"``.
         ValueError: ``amount`` outside [0, 1] (a float) or above the weights left (an int),
             unknown method/scope/signs, ``seed`` for a method without one or outside
-            [0, 2**64), nothing to prune, tied weights, a conflicting earlier pruning, a
+            [0, 2**64), nothing to prune, tied weights, a conflicting earlier pruning, NaN or
+            infinite weights to rank (``"magnitude"``) or to keep with ``signs="locked"``, a
             pruned weight assigned a new Parameter since, or a weight on the meta device or
             sharded (a DTensor).
         The model is left untouched in every case.
@@ -170,6 +171,13 @@ def prune_targets(
             for i, (w, m, k) in enumerate(zip(weights, masks, names))
         ]
     del masks  # the all-ones masks of tensors pruned for the first time: 1 byte per weight
+    if signs == "locked":
+        # Checked before any change. A diverged weight's sign bit means nothing, and its lock
+        # would outlive it; the magnitude ranking refuses one, but amount=0 and method="random"
+        # rank nothing.
+        for key, (module, name), keep in zip(names, targets.values(), new_masks):
+            if not _reparam.is_sign_locked(module, name):
+                _extract.check_finite(key, _reparam.original(module, name).detach(), keep)
     with torch.no_grad():
         for i, (module, name) in enumerate(targets.values()):
             keep, new_masks[i] = new_masks[i], None  # installed (copied): freed at the next one

@@ -580,6 +580,26 @@ def test_locking_a_negative_zero_weight_locks_it_negative():
     assert signmask.extract(lin).masks["weight"].tolist() == [[-1, 1], [-1, 1]]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -float("nan"), float("inf")])
+@pytest.mark.parametrize("how", [{"amount": 0}, {"amount": 0.5, "method": "random", "seed": 0}])
+def test_locking_the_sign_of_a_nan_or_infinite_kept_weight_is_refused_untouched(bad, how):
+    # Neither ranks the weights, so nothing refused the diverged one: the lock kept its NaN's
+    # arbitrary sign bit, and outlived it once the weight was reset. extract() refuses the same.
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    keep = signmask.prune(copy.deepcopy(net), **how)[1].weight_mask  # the draw ignores values
+    with torch.no_grad():
+        net[1].weight[keep.nonzero()[-1].unbind()] = bad
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"1\.weight holds 1 NaN or infinite kept weights"):
+        signmask.prune(net, **how, signs="locked")
+    assert [k for k, _ in before[0].items()] == list(net.state_dict())
+    assert not any(hasattr(m, "weight_mask") for m in net)
+    with torch.no_grad():
+        net[1].weight.nan_to_num_(posinf=1.0)  # reset: locking works again
+    signmask.prune(net, **how, signs="locked")
+    assert torch.equal(net[1].weight_mask, keep)
+
+
 @pytest.mark.parametrize("dtype, signs, message", [
     (torch.complex64, "locked", "1.weight is torch.complex64: a sign lock needs real weights"),
     (torch.float8_e4m3fn, None, "1.weight is torch.float8_e4m3fn: torch multiplies no 8-bit float by a mask"),
