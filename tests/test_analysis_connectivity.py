@@ -916,6 +916,24 @@ def test_barrier_refuses_nan_running_statistics_before_evaluating():
         analysis.barrier(a, b, images(1), train_loader=images(2), points=2)
 
 
+def test_instability_names_the_seed_whose_training_diverged_before_training_the_other():
+    # It named "model_b", an argument of barrier's the caller never passed, after training both.
+    calls = []
+
+    def train(net, seed):
+        calls.append(seed)
+        with torch.no_grad():
+            net[0].weight_orig[0, 0] = math.nan if seed == 7 else 1.0  # a pruned model's own tensor
+
+    model = signmask.prune(nn.Sequential(nn.Linear(4, 3)), 0.5)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    with pytest.raises(ValueError, match=r"train\(model, 7\) left 0\.weight_orig holding NaN or infinite"):
+        analysis.instability(model, train, data, seeds=(7, 8), points=2)
+    assert calls == [7]
+    with pytest.raises(ValueError, match=r"train\(model, 7\) left"):
+        analysis.instability(model, train, data, seeds=(8, 7), points=2)
+
+
 def test_instability_accepts_negative_seeds():
     # seeds are ints in [-2**63, ...): a negative seed is passed to train as given
     torch.manual_seed(0)

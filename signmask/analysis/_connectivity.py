@@ -112,12 +112,20 @@ def _check_loader(loader: Any, arg: str) -> None:
         )
 
 
-def _check_finite(model: nn.Module, arg: str) -> None:
-    """Refuse a diverged model before any evaluation: every point's loss would be NaN."""
+def _nonfinite(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer of ``model`` holding NaN or inf, or None."""
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{arg}'s {name} holds NaN or infinite values (a diverged run?); "
-                             "there is no loss along a path to it")
+            return name
+    return None
+
+
+def _check_finite(model: nn.Module, arg: str) -> None:
+    """Refuse a diverged model before any evaluation: every point's loss would be NaN."""
+    name = _nonfinite(model)
+    if name is not None:
+        raise ValueError(f"{arg}'s {name} holds NaN or infinite values (a diverged run?); "
+                         "there is no loss along a path to it")
 
 
 def _check_path_args(model: nn.Module, eval_loader: Any, train_loader: Any, points: Any,
@@ -269,7 +277,9 @@ def instability(
     Raises:
         TypeError / ValueError: bad ``train`` or ``seeds``, any argument :func:`barrier` would
             refuse (checked before training, so no training is wasted), ``train`` returning
-            anything but None or an ``nn.Module``, or as :func:`barrier` (different masks).
+            anything but None or an ``nn.Module``, a copy left with NaN or infinite values by
+            its training (a diverged run, named by its seed before the other copy trains), or
+            as :func:`barrier` (different masks).
 
     Example:
         >>> import torch
@@ -295,5 +305,11 @@ def instability(
         if out is not None and not isinstance(out, nn.Module):
             raise TypeError(f"train must return None or an nn.Module, got {type(out).__name__}")
         trained.append(net if out is None else out)
+        # At once, naming the seed: barrier would name its own model_a/model_b, after the
+        # other copy's training too.
+        name = _nonfinite(trained[-1])
+        if name is not None:
+            raise ValueError(f"train(model, {seed}) left {name} holding NaN or infinite values (a "
+                             "diverged run?); there is no loss along a path to it")
     return barrier(trained[0], trained[1], eval_loader, train_loader=train_loader, points=points,
                    loss_fn=loss_fn, bn_batches=bn_batches, eval_batches=eval_batches)
