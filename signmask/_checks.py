@@ -128,3 +128,16 @@ def check_key(key: Any, valid: Iterable[str], arg: str, what: str) -> str:
     if key not in names:
         raise ValueError(f"{arg}={key!r} is not a known {what}; valid: {names}")
     return key
+
+
+def check_finite(key: str, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    """Refuse NaN or infinite ``values`` (only where the bool ``where`` is True): their signs
+    mean nothing. For ``extract`` and ``prune(signs="locked")``, whose locks read them."""
+    bad = ~torch.isfinite(values)
+    if where is not None:
+        bad &= where
+    if bool(bad.any()):
+        raise ValueError(
+            f"{key} holds {int(bad.sum())} NaN or infinite {'kept ' if where is not None else ''}"
+            "weights (a diverged run?); their signs mean nothing"
+        )

@@ -55,19 +55,6 @@ def _installed_version(dist: str) -> str:
         return "unknown"
 
 
-def check_finite(key: str, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
-    """Refuse NaN or infinite ``values`` (only where the bool ``where`` is True): their signs
-    mean nothing. For ``extract`` and ``prune(signs="locked")``, whose locks read them."""
-    bad = ~torch.isfinite(values)
-    if where is not None:
-        bad &= where
-    if bool(bad.any()):
-        raise ValueError(
-            f"{key} holds {int(bad.sum())} NaN or infinite {'kept ' if where is not None else ''}"
-            "weights (a diverged run?); their signs mean nothing"
-        )
-
-
 def _kept_signs(key: str, module: nn.Module, name: str) -> torch.Tensor:
     """Signed mask of one pruned tensor: the sign bit of the effective weight where kept.
 
@@ -76,7 +63,7 @@ def _kept_signs(key: str, module: nn.Module, name: str) -> torch.Tensor:
     """
     weight = _reparam.effective(module, name)
     keep = _reparam.current_mask(module, name)
-    check_finite(key, weight, keep)
+    _checks.check_finite(key, weight, keep)
     # 1 - 2 * signbit in int8, in place: torch.where(..., -1, 1) would be int64.
     signed = torch.signbit(weight).to(torch.int8).mul_(-2).add_(1)
     del weight
@@ -84,7 +71,7 @@ def _kept_signs(key: str, module: nn.Module, name: str) -> torch.Tensor:
 
 
 def _dense_signs(key: str, values: torch.Tensor) -> torch.Tensor:
-    check_finite(key, values)
+    _checks.check_finite(key, values)
     return torch.sign(values.detach()).to("cpu", torch.int8)
 
 

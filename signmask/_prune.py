@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _checks, _extract, _methods, _parents, _reparam, _targets
+from . import _checks, _methods, _parents, _reparam, _targets
 
 _SCOPES = ("global", "layer")
 _SIGN_MODES = ("free", "locked")
@@ -177,7 +177,7 @@ def prune_targets(
         # rank nothing.
         for key, (module, name), keep in zip(names, targets.values(), new_masks):
             if not _reparam.is_sign_locked(module, name):
-                _extract.check_finite(key, _reparam.original(module, name).detach(), keep)
+                _checks.check_finite(key, _reparam.original(module, name).detach(), keep)
     with torch.no_grad():
         for i, (module, name) in enumerate(targets.values()):
             keep, new_masks[i] = new_masks[i], None  # installed (copied): freed at the next one
