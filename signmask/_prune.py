@@ -194,9 +194,10 @@ def remove(model: nn.Module) -> nn.Module:
     """Make all pruning of ``model`` permanent, like ``prune.remove`` on every pruned tensor.
 
     Each ``weight`` becomes a plain Parameter (the same object as ``weight_orig``) holding the
-    effective values: zeros where pruned, locked signs applied. A ``weight`` assigned a new
-    Parameter since pruning (``fuse_conv_bn_eval``, module surgery) keeps that Parameter, and the
-    hidden ``weight_orig`` and mask are dropped.
+    effective values ``orig * mask``, as stock prune's: zeros where pruned (NaN where a diverged
+    run left a NaN or inf there, as in the forward), locked signs applied. A ``weight`` assigned
+    a new Parameter since pruning (``fuse_conv_bn_eval``, module surgery) keeps that Parameter,
+    and the hidden ``weight_orig`` and mask are dropped.
 
     Args:
         model: a model pruned by signmask or by ``torch.nn.utils.prune``.
