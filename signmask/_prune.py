@@ -178,16 +178,38 @@ def prune_targets(
         for key, (module, name), keep in zip(names, targets.values(), new_masks):
             if not _reparam.is_sign_locked(module, name):
                 _checks.check_finite(key, _reparam.original(module, name).detach(), keep)
-    with torch.no_grad():
-        for i, (module, name) in enumerate(targets.values()):
-            keep, new_masks[i] = new_masks[i], None  # installed (copied): freed at the next one
-            negative = None
-            if signs == "locked" and not _reparam.is_sign_locked(module, name):
-                # From the live Parameter: module.<name> is only refreshed by a forward.
-                negative = torch.signbit(_reparam.original(module, name))
-            _reparam.install(module, name, keep, ranker, negative=negative)
-    _parents.link(model)
+    # Valid input cannot fail below, but torch can (out of memory at the k-th layer) and so can
+    # Ctrl-C: the layers before would stay pruned. The record and the flips put them back.
+    undo, flips = _reparam.Undo(model), []
+    try:
+        with torch.no_grad():
+            for i, (module, name) in enumerate(targets.values()):
+                keep, new_masks[i] = new_masks[i], None  # installed (copied): freed at the next one
+                negative = None
+                if signs == "locked" and not _reparam.is_sign_locked(module, name):
+                    # From the live Parameter: module.<name> is only refreshed by a forward.
+                    negative = torch.signbit(_reparam.original(module, name))
+                flips.append(_flip(module, name, keep))
+                _reparam.install(module, name, keep, ranker, negative=negative)
+        _parents.link(model)
+    except BaseException:
+        for mask, version, flip in filter(None, flips):
+            if mask._version != version:  # written: turn it back
+                mask.bitwise_xor_(flip)
+        undo.restore()
+        raise
     return model
+
+
+def _flip(module: nn.Module, name: str, keep: torch.Tensor) -> tuple | None:
+    """For a mask that installing ``keep`` overwrites in place (signmask's own, kept in place for
+    optimizers, DDP and compiled graphs holding it): the mask, its version counter and ``keep ^
+    mask``, which XORed into either gives the other. The flips of all layers take no more memory
+    than the new masks did; None for a mask replaced by a new tensor (the record restores it)."""
+    if not isinstance(_reparam.find_hook(module, name)[1], _reparam.SignMaskHook):
+        return None
+    mask = module._buffers[name + "_mask"]
+    return mask, mask._version, keep ^ mask
 
 
 def remove(model: nn.Module) -> nn.Module:

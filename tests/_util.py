@@ -244,3 +244,60 @@ def in_threads(jobs) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+class Fault(RuntimeError):
+    """The error :class:`FailAt` injects."""
+
+
+class FailAt(torch.overrides.TorchFunctionMode):
+    """Raise :class:`Fault` at the ``at``-th torch call inside it, as an out-of-memory error can
+    at any op; ``at=None`` only counts them (``.calls``). Grad-mode switches are not counted:
+    a ``no_grad`` block failing to exit is no fault of the code under test."""
+
+    def __init__(self, at=None):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") != "_set_grad_enabled":
+            self.calls += 1
+            if self.calls == self.at:
+                raise Fault(f"injected at call {self.calls}: {getattr(func, '__name__', func)}")
+        return func(*args, **(kwargs or {}))
+
+
+def layout(model: nn.Module):
+    """:func:`snapshot` plus what it leaves out: buffers and attributes of every module, and
+    the state of its pruning hooks."""
+    return snapshot(model), [
+        (n, list(m._buffers), sorted(m.__dict__),
+         [(type(h).__name__, [type(p).__name__ for p in getattr(h, "_pruning_methods", ())])
+          for h in m._forward_pre_hooks.values()])
+        for n, m in model.named_modules()
+    ]
+
+
+def assert_each_fault_leaves_it_untouched(make, call):
+    """Make a fresh ``(model, *rest) = make()`` for each torch call ``call(model, *rest)`` makes,
+    fail it at that call, and check the model is as it was, and that the call then succeeds as
+    on a model it never failed on."""
+    clean = make()
+    with FailAt() as counter:
+        call(*clean)
+    clean = layout(clean[0])
+    for at in range(1, counter.calls + 1):
+        args = make()
+        before = layout(args[0])
+        try:
+            with FailAt(at):
+                call(*args)
+        except Fault:
+            after = layout(args[0])
+            assert_same(before[0], after[0])
+            assert before[1] == after[1], f"fault at call {at}"
+            call(*args)
+        # else: caught on the way, where torch's own RuntimeError means "take another path"
+        again = layout(args[0])
+        assert_same(clean[0][:1] + again[0][1:], again[0])
+        assert clean[1] == again[1], f"fault at call {at}"

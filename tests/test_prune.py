@@ -17,7 +17,7 @@ from torch.nn.utils import prune as tprune
 
 import signmask
 from signmask import _methods
-from _util import assert_same, kept, snapshot, tiny
+from _util import assert_each_fault_leaves_it_untouched, assert_same, kept, snapshot, tiny
 
 
 def _numel(model, names=("conv1", "conv2", "fc")):
@@ -616,6 +616,26 @@ def test_a_weight_that_cannot_be_masked_is_refused_before_any_change(dtype, sign
     with pytest.raises(TypeError, match=re.escape(message)):
         signmask.transfer(ticket, model, signs=signs or "init")
     assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("scope, signs, before", [
+    ("global", None, None), ("layer", "locked", None), ("global", "locked", "free"), ("layer", None, "locked"),
+])
+def test_a_failure_at_any_torch_call_leaves_the_model_untouched(scope, signs, before):
+    # An out-of-memory error (or Ctrl-C) at the k-th layer left the layers before it pruned,
+    # their masks rewritten, locked or stacked in their history.
+    template = tiny() if before is None else signmask.prune(tiny(), 0.3, signs=before)
+    assert_each_fault_leaves_it_untouched(
+        lambda: (copy.deepcopy(template),), lambda m: signmask.prune(m, 0.5, scope=scope, signs=signs)
+    )
+
+
+def test_a_failure_adopting_stock_pruning_leaves_the_stock_hooks():
+    template = tiny()
+    with torch.no_grad():  # stock prune's weight is no leaf otherwise, and deepcopy refuses it
+        tprune.l1_unstructured(template.conv2, "weight", 0.3)
+        tprune.random_unstructured(template.fc, "weight", 0.3)
+    assert_each_fault_leaves_it_untouched(lambda: (copy.deepcopy(template),), lambda m: signmask.prune(m, 0.2))
 
 
 def _stable_sort_masks(weights, masks, amount):
