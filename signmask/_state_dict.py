@@ -227,9 +227,6 @@ def load_state_dict(
             UserWarning,
             stacklevel=2,
         )
-    for module, tensor, _, _ in plan.values():
-        _reparam.refresh(module, tensor)
-    _parents.link(model)
     return model
 
 
@@ -267,13 +264,13 @@ def _mask_plan(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict
 
 
 def _install_and_load(model: nn.Module, plan: dict, state_dict, strict: bool):
-    """Install the ``plan``'s masks where ``model`` has none yet and load ``state_dict``; on any
-    error, uninstall them and put every value of ``model`` back. Returns torch's missing and
+    """Install the ``plan``'s masks where ``model`` has none yet, load ``state_dict`` and refresh
+    the pruned weights; on any error, uninstall them and put every value of ``model`` back. Returns torch's missing and
     unexpected keys."""
     # torch copies module by module, and a module's own loading code (set_extra_state, a
     # _load_from_state_dict or hook) can still raise midway: the copies put every value back.
     saved = _take_values(model)
-    installed = []
+    undo, installed = _reparam.Undo(model), []  # the aliases refreshed and parents linked too
     try:
         with torch.no_grad():
             for module, tensor, mask, locked in plan.values():
@@ -284,9 +281,13 @@ def _install_and_load(model: nn.Module, plan: dict, state_dict, strict: bool):
                     _reparam.install(module, tensor, keep, _methods.FromSignedMask(keep), negative=negative)
         _check_keys(model.state_dict(), state_dict, strict=strict)
         skipped = model.load_state_dict(state_dict, strict=strict)
+        for module, tensor, _, _ in plan.values():
+            _reparam.refresh(module, tensor)  # allocates: may run out of memory too
+        _parents.link(model)
     except BaseException:
         for module, tensor in reversed(installed):
             _reparam.uninstall(module, tensor)
         _put_values(saved)
+        undo.restore()
         raise
     return skipped

@@ -292,7 +292,9 @@ def assert_each_fault_leaves_it_untouched(make, call):
         try:
             with FailAt(at):
                 call(*args)
-        except Fault:
+        except Exception as e:  # torch's load_state_dict re-raises it as its own RuntimeError
+            if "injected at call" not in str(e):
+                raise
             after = layout(args[0])
             assert_same(before[0], after[0])
             assert before[1] == after[1], f"fault at call {at}"

@@ -1,6 +1,7 @@
 """signmask.load_state_dict: masks, signs and values of a pruned model into a fresh one, exactly;
 wrapper prefixes, shared modules, errors that leave the model untouched."""
 
+import copy
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 import signmask
-from _util import AttnNet, assert_same, snapshot, tiny
+from _util import AttnNet, assert_each_fault_leaves_it_untouched, assert_same, snapshot, tiny
 
 
 def test_load_state_dict_restores_masks_and_signs_into_fresh_model():
@@ -99,6 +100,18 @@ def test_a_module_whose_own_loading_code_raises_leaves_the_model_untouched(prune
         signmask.load_state_dict(target, source.state_dict())
     assert_same(before, snapshot(target))
     assert torch.equal(target[0].weight, target[0].weight_orig * target[0].weight_mask)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_failure_at_any_torch_call_leaves_the_model_untouched(pruned):
+    # An out-of-memory error while refreshing the loaded weights, after torch had loaded them,
+    # left them loaded, and the parents' hooks linked (the MultiheadAttention's).
+    torch.manual_seed(0)
+    source = signmask.prune(AttnNet(), 0.5, signs="locked").state_dict()
+    template = signmask.prune(AttnNet(), 0.3, signs="locked") if pruned else AttnNet()
+    assert_each_fault_leaves_it_untouched(
+        lambda: (copy.deepcopy(template),), lambda m: signmask.load_state_dict(m, source)
+    )
 
 
 @pytest.mark.parametrize("pruned", [False, True])
