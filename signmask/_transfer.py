@@ -168,7 +168,8 @@ def transfer(
             with a ticket that has none, a ticket norm tensor that is not a norm layer's in
             the model, a ticket mask on a tensor that is not a conv/linear weight, a masked
             weight tied to another module's (shared Parameter), or a weight on the meta device
-            or sharded (a DTensor). Nothing is changed then.
+            or sharded (a DTensor). Nothing is changed then, nor where torch fails midway (out
+            of memory): a copy in host memory of the tensors it writes puts them back.
         FileNotFoundError: ``ticket`` is the path of no file (and ``load``'s errors for a
             file that is no valid ticket).
 
@@ -200,15 +201,29 @@ def transfer(
     for role, key, _, _, target, _ in plan:
         if role == "mask":
             _reparam.check_dtype(key, target, locked=signs == "locked")
+    # Valid input cannot fail below, but torch can (out of memory at the k-th tensor), and so can
+    # Ctrl-C: the values written (copies in host memory, as load_state_dict keeps) and the
+    # masks installed before it are put back.
+    undo = _reparam.Undo(model)
     with torch.no_grad():
-        for role, key, module, name, target, signed in plan:
-            if role == "norm":
-                target.copy_(signed)  # the trained values themselves, not a sign
-            elif signs != "keep":
-                target.copy_(target.abs() * signed.to(device=target.device, dtype=target.dtype))
-            if role == "mask":
-                keep = signed.to(target.device) != 0
-                negative = (signed < 0).to(target.device) if signs == "locked" else None
-                _reparam.install(module, name, keep, _methods.FromSignedMask(signed), negative=negative)
-    _parents.link(model)
+        saved = [(target, target.detach().to("cpu", copy=True)) for role, _, _, _, target, _ in plan
+                 if role == "norm" or signs != "keep"]
+    try:
+        with torch.no_grad():
+            for role, key, module, name, target, signed in plan:
+                if role == "norm":
+                    target.copy_(signed)  # the trained values themselves, not a sign
+                elif signs != "keep":
+                    target.copy_(target.abs() * signed.to(device=target.device, dtype=target.dtype))
+                if role == "mask":
+                    keep = signed.to(target.device) != 0
+                    negative = (signed < 0).to(target.device) if signs == "locked" else None
+                    _reparam.install(module, name, keep, _methods.FromSignedMask(signed), negative=negative)
+        _parents.link(model)
+    except BaseException:
+        undo.restore()
+        with torch.no_grad():
+            for target, values in saved:
+                target.copy_(values)
+        raise
     return model

@@ -11,7 +11,8 @@ from torch.nn.utils import prune as tprune
 import signmask
 from signmask import _interpolate, _reparam
 from signmask._compat import import_timm
-from _util import TINY_NORMS, AttnNet, assert_same, bits_equal, since_timm, snapshot, tiny, train_tiny, trained_ticket
+from _util import (TINY_NORMS, AttnNet, assert_each_fault_leaves_it_untouched, assert_same, bits_equal, since_timm,
+                   snapshot, tiny, train_tiny, trained_ticket)
 
 timm = import_timm()
 
@@ -549,3 +550,14 @@ def test_saved_tickets_of_random_architectures_transfer_exactly_in_every_dtype(t
     for key, s in ticket.signs.items():
         want = init[key] if signs == "keep" else init[key].abs() * s.to(dtype)
         assert bits_equal(getattr(fresh[int(key.split(".")[0])], "bias"), want)
+
+
+@pytest.mark.parametrize("signs", ["init", "locked", "keep"])
+def test_a_failure_at_any_torch_call_leaves_the_model_untouched(signs):
+    # An out-of-memory error at the k-th tensor left the tensors before it rewritten to
+    # |theta| * s (norms copied) and masked.
+    ticket = signmask.extract(signmask.prune(tiny(), 0.5), biases=True, dense=True, norms=True)
+    template = tiny(seed=1)
+    assert_each_fault_leaves_it_untouched(
+        lambda: (copy.deepcopy(template),), lambda m: signmask.transfer(ticket, m, signs=signs, norms=True)
+    )
