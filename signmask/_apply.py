@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _checks, _interpolate, _methods, _parents, _prune, _recipes, _reparam, _schedule, _targets
+from . import _checks, _interpolate, _methods, _prune, _recipes, _reparam, _schedule, _targets
 from ._search import Search
 
 
@@ -141,6 +141,7 @@ def apply(
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
     steps = len(kept)  # steps that would prune nothing are dropped
     config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
+    undo = _reparam.Undo(model)
     _prune.prune_targets(model, targets, _methods.L1Magnitude(0.0))  # all-ones masks
     try:
         # Normal tensors even under torch.inference_mode: the alpha, the norms' inits and the
@@ -150,10 +151,8 @@ def apply(
                 model, optimizer, scheduler, config, targets=targets, kept=kept,
                 progress=progress, steps_per_round=steps_per_round,
             )
-    except BaseException:
-        for module, name in targets.values():  # e.g. a norm layer attach() refuses
-            _reparam.uninstall(module, name)
-        _parents.link(model)
+    except BaseException:  # e.g. a norm layer attach() refuses, or out of memory
+        undo.restore()  # the masks, and AWS's norm interpolation if attached
         raise
 
 

@@ -70,10 +70,12 @@ class Search:
             device = _reparam.original(*next(iter(targets.values()))).device
             self._alpha = torch.zeros((), device=device)
             _interpolate.attach(model, self._alpha)
-        self._hooks = [
-            optimizer.register_step_pre_hook(self._before_step),
-            optimizer.register_step_post_hook(self._after_step),
-        ]
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step)]
+        try:
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+        except BaseException:  # out of memory: apply() undoes the rest
+            self._hooks.pop().remove()
+            raise
 
     # ----------------------------------------------------------------------------- rounds
     def __len__(self) -> int:

@@ -280,3 +280,25 @@ def test_an_optimizer_whose_step_runs_no_hooks_is_refused_and_its_base_is_search
             model(torch.randn(4, 3, 6, 6)).square().mean().backward()
             wrapper.step()
     assert [h["steps"] for h in search.history] == [2, 1]
+
+
+@pytest.mark.parametrize("method", ["aws", "imp"])
+@pytest.mark.parametrize("hook", ["register_step_pre_hook", "register_step_post_hook"])
+def test_a_failure_hooking_the_optimizer_leaves_model_and_optimizer_untouched(method, hook, monkeypatch):
+    # Out of memory (or Ctrl-C) as the search hooked the optimizer: its first hook stayed on the
+    # optimizer (refusing any later search), and AWS's norm interpolation on the model.
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+
+    def fail(*args, **kwargs):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(torch.optim.Optimizer, hook, fail)
+    with pytest.raises(MemoryError, match="injected"):
+        signmask.apply(model, method, 0.5, optimizer=opt, progress=False)
+    monkeypatch.undo()
+    assert_same(before, snapshot(model))
+    assert not _interpolate.interpolated(model)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    signmask.apply(model, method, 0.5, optimizer=opt, progress=False)  # not refused as driven
