@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _checks, _interpolate, _methods, _prune, _recipes, _reparam, _schedule, _targets
+from . import _checks, _interpolate, _methods, _prune, _recipes, _reparam, _schedule, _targets, _undo
 from ._search import Search
 
 
@@ -141,7 +141,7 @@ def apply(
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
     steps = len(kept)  # steps that would prune nothing are dropped
     config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
-    undo = _reparam.Undo(model)
+    undo = _undo.Undo(model)
     _prune.prune_targets(model, targets, _methods.L1Magnitude(0.0))  # all-ones masks
     try:
         # Normal tensors even under torch.inference_mode: the alpha, the norms' inits and the

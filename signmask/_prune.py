@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _checks, _methods, _parents, _reparam, _targets
+from . import _checks, _methods, _parents, _reparam, _targets, _undo
 
 _SCOPES = ("global", "layer")
 _SIGN_MODES = ("free", "locked")
@@ -180,7 +180,7 @@ def prune_targets(
                 _checks.check_finite(key, _reparam.original(module, name).detach(), keep)
     # Valid input cannot fail below, but torch can (out of memory at the k-th layer) and so can
     # Ctrl-C: the layers before would stay pruned. The record and the flips put them back.
-    undo, flips = _reparam.Undo(model), []
+    undo, flips = _undo.Undo(model), []
     try:
         with torch.no_grad():
             for i, (module, name) in enumerate(targets.values()):

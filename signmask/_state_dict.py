@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import _checks, _interpolate, _methods, _parents, _reparam, _targets
+from . import _checks, _interpolate, _methods, _parents, _reparam, _targets, _undo
 
 
 def _without_data(value) -> str | None:
@@ -265,12 +265,12 @@ def _mask_plan(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict
 
 def _install_and_load(model: nn.Module, plan: dict, state_dict, strict: bool):
     """Install the ``plan``'s masks where ``model`` has none yet, load ``state_dict`` and refresh
-    the pruned weights; on any error, uninstall them and put every value of ``model`` back. Returns torch's missing and
-    unexpected keys."""
+    the pruned weights; on any error, uninstall them and put every value of ``model`` back.
+    Returns torch's missing and unexpected keys."""
     # torch copies module by module, and a module's own loading code (set_extra_state, a
     # _load_from_state_dict or hook) can still raise midway: the copies put every value back.
     saved = _take_values(model)
-    undo, installed = _reparam.Undo(model), []  # the aliases refreshed and parents linked too
+    undo, installed = _undo.Undo(model), []  # the aliases refreshed and parents linked too
     try:
         with torch.no_grad():
             for module, tensor, mask, locked in plan.values():

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from . import _checks, _heads, _interpolate, _io, _methods, _parents, _prune, _reparam, _targets
+from . import _checks, _heads, _interpolate, _io, _methods, _parents, _prune, _reparam, _targets, _undo
 from ._extract import architecture, layer_count
 from ._ticket import Ticket
 
@@ -204,7 +204,7 @@ def transfer(
     # Valid input cannot fail below, but torch can (out of memory at the k-th tensor), and so can
     # Ctrl-C: the values written (copies in host memory, as load_state_dict keeps) and the
     # masks installed before it are put back.
-    undo = _reparam.Undo(model)
+    undo = _undo.Undo(model)
     with torch.no_grad():
         saved = [(target, target.detach().to("cpu", copy=True)) for role, _, _, _, target, _ in plan
                  if role == "norm" or signs != "keep"]
