@@ -268,8 +268,9 @@ def instability(
     Args:
         model: the starting network (pruned or dense).
         train: ``train(model, seed) -> nn.Module | None``.
-        eval_loader, train_loader, points, loss_fn, bn_batches, eval_batches: as :func:`barrier`.
+        eval_loader: as :func:`barrier`.
         seeds: the two different integer seeds.
+        train_loader, points, loss_fn, bn_batches, eval_batches: as :func:`barrier`.
 
     Returns:
         The :class:`Barrier` between the two trained copies.
