@@ -85,19 +85,19 @@ def apply(
         TypeError: ``model`` not a module (or a TorchScript one), ``optimizer`` not a
             ``torch.optim.Optimizer`` or one whose ``step()`` runs no step hooks (a wrapper such as
             timm's ``Lookahead``: pass the optimizer it wraps), a scheduler without
-            ``state_dict``, or an option of the wrong type (``sparsity``, ``rate``, ``rewind``,
-            ``seed``, ``classifier``, ``include``, ``filter_fn``...).
+            ``state_dict``, or an option of the wrong type (``method``, ``sparsity``, ``rate``,
+            ``rewind``, ``seed``, ``classifier``, ``include``, ``filter_fn``...).
         ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds (or
             either for OMP); more rounds than weights; a sparsity that prunes nothing; a rewind
             point for LRR/AWS or an unreadable one (an ``"ep"`` point without
             ``steps_per_epoch``); a seed outside [0, 2**64); nothing to prune; a model already
             pruned; an optimizer that trains none of the pruned tensors, or that an open search
-            (not done or closed) already drives; ``"aws"`` (the
-            default) on a model without norm layers with affine parameters (use ``"lrr"``);
+            (not done or closed) already drives; ``"aws"`` (the default) on a model without
+            norm layers with affine parameters (use ``"lrr"``);
             a weight on the meta device or sharded (a DTensor); norm layers already interpolated
             by another search; with a rewind to init (IMP, OMP), an uninitialized lazy layer
             anywhere in the model.
-        TypeError also for a method that is no str. The model is left untouched in every case.
+        The model is left untouched in every case.
 
     Example:
         >>> import torch, signmask

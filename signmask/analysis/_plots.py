@@ -94,9 +94,10 @@ def plot_interpolation(barriers: Mapping[str, Barrier], path: str | os.PathLike)
 
     Raises:
         TypeError / ValueError: an empty mapping, a non-str label, a value that is no
-            ``Barrier``, or a bad path. NotADirectoryError: a folder above ``path`` is a file
-            (missing folders are created); IsADirectoryError: ``path`` is a folder.
-            ImportError: matplotlib is not installed.
+            ``Barrier``, or a bad path.
+        NotADirectoryError: a folder above ``path`` is a file (missing folders are created).
+        IsADirectoryError: ``path`` is a folder.
+        ImportError: matplotlib is not installed.
 
     Example:
         >>> import tempfile, os
@@ -152,9 +153,10 @@ def plot_sparsity_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]],
 
     Raises:
         TypeError / ValueError: an empty mapping or curve, a non-str label, a value outside
-            [0, 1], or a bad path. NotADirectoryError: a folder above ``path`` is a file
-            (missing folders are created); IsADirectoryError: ``path`` is a folder.
-            ImportError: matplotlib is not installed.
+            [0, 1], or a bad path.
+        NotADirectoryError: a folder above ``path`` is a file (missing folders are created).
+        IsADirectoryError: ``path`` is a folder.
+        ImportError: matplotlib is not installed.
 
     Example:
         >>> import tempfile, os
@@ -192,9 +194,10 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
 
     Raises:
         TypeError / ValueError: not a ``Telemetry``, no records, an unknown layer, records
-            added after the last ``finish``, or a bad path. NotADirectoryError: a folder above
-            ``path`` is a file (missing folders are created); IsADirectoryError: ``path`` is a
-            folder. ImportError: matplotlib is not installed.
+            added after the last ``finish``, or a bad path.
+        NotADirectoryError: a folder above ``path`` is a file (missing folders are created).
+        IsADirectoryError: ``path`` is a folder.
+        ImportError: matplotlib is not installed.
 
     Example:
         >>> import tempfile, os, torch
