@@ -279,8 +279,7 @@ def _check_checksums(path: Path, meta: dict[str, str], manifest: dict, version: 
 
 
 def load(path: str | os.PathLike) -> Ticket:
-    """Read a ticket written by :func:`save` (format version 3) or by an older signmask
-    (versions 1 and 2).
+    """Read a ticket written by :func:`save` (format version 3) or an older signmask (1 and 2).
 
     Args:
         path: the ``.safetensors`` file (a ``str`` or ``os.PathLike``).

@@ -101,17 +101,22 @@ class Search:
 
     @property
     def start_step(self) -> int:
-        """The training step the current round starts from in the user's counting: the rewind
-        step in IMP/OMP rounds after the first, else 0 (``start_step // steps_per_epoch`` is the
-        epoch a loop restarts at; timm schedulers take it as their epoch)."""
+        """The training step the current round starts from in the user's counting.
+
+        It is the rewind step in IMP/OMP rounds after the first, else 0
+        (``start_step // steps_per_epoch`` is the epoch a loop restarts at; timm schedulers take
+        it as their epoch).
+        """
         return (self.config.rewind_step or 0) if self.round > 0 else 0
 
     @property
     def round_step(self) -> int:
-        """Optimizer steps taken in the current round; 0 between rounds (``round`` then names
-        the next one, which has taken none). A resumed loop picks up at step
-        ``start_step + round_step`` of its own counting (IMP/OMP rounds after the first train
-        from the rewind step on)."""
+        """Optimizer steps taken in the current round; 0 between rounds.
+
+        Between rounds ``round`` names the next one, which has taken none. A resumed loop picks
+        up at step ``start_step + round_step`` of its own counting (IMP/OMP rounds after the
+        first train from the rewind step on).
+        """
         return self.step - self.round_start_step if self.in_round else 0
 
     def start_round(self) -> int:
@@ -333,8 +338,10 @@ class Search:
         self.in_round, self.done = False, True
 
     def close(self, *copies: nn.Module) -> None:
-        """Remove the search's hooks (optimizer hooks, norm interpolation) and end it; the masks
-        stay. The search calls this itself after its last round; call it to abandon a search.
+        """Remove the search's hooks (optimizer hooks, norm interpolation) and end it.
+
+        The masks stay. The search calls this itself after its last round; call it to abandon a
+        search.
 
         Args:
             copies: copies of the model made after :func:`apply` (``ModelEmaV3(model).module``):
@@ -404,11 +411,11 @@ class Search:
 
     # --------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        """Return everything needed to resume: round, step counters, rewind snapshot, restart
-        point, masks, the interpolation RNG and the current ``a``, the history (and the ticket
-        when done).
+        """Return everything needed to resume the search.
 
-        Save it beside the model's, optimizer's and scheduler's own state_dicts.
+        That is the round, step counters, rewind snapshot, restart point, masks, the
+        interpolation RNG and the current ``a``, the history (and the ticket when done). Save it
+        beside the model's, optimizer's and scheduler's own state_dicts.
 
         Returns:
             A dict of plain tensors, numbers, strings, lists and dicts, which ``torch.load``
@@ -436,8 +443,10 @@ class Search:
         return _resume.state_of(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`. Call it right after :func:`signmask.apply` on the fresh
-        model and optimizer, then load the model's, optimizer's and scheduler's own state_dicts.
+        """Resume from :meth:`state_dict`.
+
+        Call it right after :func:`signmask.apply` on the fresh model and optimizer, then load the
+        model's, optimizer's and scheduler's own state_dicts.
 
         Args:
             state: what :meth:`state_dict` returned (after a ``torch.save`` / ``torch.load``

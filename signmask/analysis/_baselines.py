@@ -286,8 +286,11 @@ class Verdict:
 
     @property
     def matches_dense(self) -> bool:
-        """The ticket's accuracy is similar to or above the dense network's at the same learning
-        rate (at most ``similar`` below it)."""
+        """The ticket's accuracy is similar to or above the dense network's at the same rate.
+
+        That is, at most ``similar`` below the accuracy of the dense network trained at the
+        ticket's learning rate.
+        """
         return self.ticket_acc >= self.dense_acc - self.similar - TOLERANCE
 
     @property

@@ -88,8 +88,11 @@ class Barrier:
 
     @property
     def stable(self) -> bool:
-        """True when ``barrier < 0.02`` (stable to SGD noise, Frankle et al. 2020); a barrier
-        within 1e-9 of 0.02 (floating-point rounding of error fractions) is not below it."""
+        """True when ``barrier < 0.02`` (stable to SGD noise, Frankle et al. 2020).
+
+        A barrier within 1e-9 of 0.02 (floating-point rounding of error fractions) is not below
+        it.
+        """
         return self.barrier < STABLE_BARRIER - TOLERANCE
 
 
