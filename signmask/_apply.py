@@ -34,6 +34,13 @@ class SearchConfig:
                     f"this one {field}={mine!r}"
                 )
 
+    def metadata(self) -> dict[str, str]:
+        """The ticket's metadata: how it was found."""
+        rate = "" if self.rate is None else repr(self.rate)
+        rewind = "" if self.rewind is None else str(self.rewind)
+        return {"method": self.method, "rounds": str(self.prune_steps), "rate": rate,
+                "rewind": rewind, "target_sparsity": repr(self.sparsity), "seed": str(self.seed)}
+
 
 def apply(
     model: nn.Module,

@@ -289,17 +289,7 @@ class Search:
     def _check_restartable(self) -> None:
         """Raise before pruning if the rewind or the restart cannot be applied to the model and
         optimizer as they are now (a parameter group added mid-search, a module replaced)."""
-        if self._rewind_weights is not None:
-            live = _snapshot.live_weights(self.model)
-            _snapshot.check_same_keys(live, self._rewind_weights, "the rewind snapshot")
-        then = [len(g["params"]) for g in self._restart["param_groups"]]
-        now = [len(g["params"]) for g in self.optimizer.param_groups]
-        if then != now:
-            raise ValueError(
-                f"the optimizer's parameter groups changed during the search (sizes {then} when "
-                f"it started, {now} now); each round restarts the optimizer as it was: add the "
-                "groups before signmask.apply"
-            )
+        _snapshot.check_restartable(self.model, self.optimizer, self._rewind_weights, self._restart)
 
     def _masks(self, what: str) -> dict[str, torch.Tensor]:
         """The searched tensors' masks; a RuntimeError naming one that lost its mask."""
@@ -324,15 +314,7 @@ class Search:
         _distributed.broadcast_masks(self._targets)
 
     def _finish_search(self) -> None:
-        c = self.config
-        meta = {
-            "method": c.method,
-            "rounds": str(c.prune_steps),
-            "rate": "" if c.rate is None else repr(c.rate),
-            "rewind": "" if c.rewind is None else str(c.rewind),
-            "target_sparsity": repr(c.sparsity),
-            "seed": str(c.seed),
-        }
+        meta = self.config.metadata()
         self._ticket = extract(self.model, biases=True, dense=True, norms=True, metadata=meta)
         self.close()
         self.in_round, self.done = False, True

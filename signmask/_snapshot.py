@@ -62,6 +62,22 @@ def check_same_keys(live: dict[str, torch.Tensor], snapshot: dict[str, torch.Ten
             )
 
 
+def check_restartable(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      weights: dict[str, torch.Tensor] | None, schedule: dict) -> None:
+    """Raise if the rewind ``weights`` (None: no rewind) or the restart ``schedule`` no longer
+    fit ``model`` and ``optimizer`` (a module replaced, a parameter group added)."""
+    if weights is not None:
+        check_same_keys(live_weights(model), weights, "the rewind snapshot")
+    then = [len(g["params"]) for g in schedule["param_groups"]]
+    now = [len(g["params"]) for g in optimizer.param_groups]
+    if then != now:
+        raise ValueError(
+            f"the optimizer's parameter groups changed during the search (sizes {then} when "
+            f"it started, {now} now); each round restarts the optimizer as it was: add the "
+            "groups before signmask.apply"
+        )
+
+
 def take_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> dict:
     """The optimizer's hyperparameters (learning rates...) without its state, and the scheduler's
     state: what restarting the optimizer and the LR schedule returns to."""
