@@ -8,7 +8,8 @@ import re
 
 from ._checks import check_int
 
-_REWIND = re.compile(r"^(?:(\d+)ep)?(?:(\d+)it)?$")
+# Read with fullmatch: a `$` also matches before a final "\n". [0-9], not \d (any script's digits).
+_REWIND = re.compile(r"(?:([0-9]+)ep)?(?:([0-9]+)it)?")
 
 
 def parse_rewind(spec: str | int | None, steps_per_epoch: int | None) -> int | None:
@@ -36,7 +37,7 @@ def parse_rewind(spec: str | int | None, steps_per_epoch: int | None) -> int | N
         raise TypeError(f"rewind must be a str or an int step, got {type(spec).__name__} {spec!r}")
     if spec == "init":
         return 0
-    match = _REWIND.match(spec)
+    match = _REWIND.fullmatch(spec)
     if not spec or match is None:
         raise ValueError(
             f"cannot read rewind point {spec!r}; expected 'init', '<N>it', '<N>ep' or '<N>ep<M>it' "

@@ -83,6 +83,10 @@ def test_parse_rewind(spec, spe, step):
         ("500", None, ValueError, "cannot read rewind point '500'"),
         ("it50ep", 10, ValueError, "cannot read rewind point"),
         ("", None, ValueError, "cannot read rewind point ''"),
+        # `$` matched before a final newline: "2it\n" was read as step 2 and went into the
+        # ticket's metadata as it was, while "2it " was refused
+        ("2it\n", None, ValueError, r"cannot read rewind point '2it\\n'"),
+        ("\u0661\u0662it", None, ValueError, "cannot read rewind point"),  # Arabic-Indic digits
         (-1, None, ValueError, "rewind must be a step >= 0, got -1"),
         (1.5, None, TypeError, "rewind must be a str or an int step, got float 1.5"),
         ("1ep", 0, ValueError, "steps_per_epoch must be an int >= 1, got 0"),
