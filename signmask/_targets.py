@@ -356,8 +356,8 @@ def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = SHARD_AFTE
     sharded = [k for k, (m, n) in targets.items() if is_dtensor(_reparam.original(m, n))]
     if sharded:
         raise ValueError(
-            f"{some(sharded)} {'is a' if len(sharded) == 1 else 'are'} "
-            f"DTensor (sharded by fully_shard or tensor parallelism); signmask works on local "
+            f"{some(sharded)} {'is a DTensor' if len(sharded) == 1 else 'are DTensors'} "
+            f"(sharded by fully_shard or tensor parallelism); signmask works on local "
             f"tensors: {fix}"
         )
 

@@ -226,8 +226,6 @@ def test_keep_ignores_dense_and_bias_signs_of_a_mismatched_head():
 
 @pytest.mark.parametrize("signs", ["init", "locked"])
 def test_all_positive_ticket_equals_stock_prune_exactly(signs):
-    from torch.nn.utils import prune as tprune
-
     source = signmask.prune(tiny(0), 0.6)
     positive = {k: v.abs() for k, v in signmask.extract(source).masks.items()}
     ticket = signmask.Ticket(positive, metadata={"architecture": "TinyNet"})
