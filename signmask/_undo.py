@@ -25,7 +25,10 @@ class Undo:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._records = [(m, self._record(m)) for m in model.modules()]
+        # TorchScript submodules are never pruned, and their tables are C++ wrappers (no copy()
+        # on torch 2.11).
+        self._records = [(m, self._record(m)) for m in model.modules()
+                         if not isinstance(m, torch.jit.ScriptModule)]
 
     @staticmethod
     def _record(module: nn.Module) -> tuple:
