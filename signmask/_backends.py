@@ -250,7 +250,8 @@ def set_backend(
             of another dtype, shape or device than signmask makes, ``"projection"``
             without an optimizer, with one it cannot serve exactly or that does not train every
             pruned tensor, or with a frozen tensor; a pruned weight assigned a new Parameter
-            since; a weight on the meta device or sharded (a DTensor).
+            since; a pruning hook moved onto a module without its mask (``torch.ao.quantization``'s
+            ``fuse_modules`` and ``convert`` do); a weight on the meta device or sharded (a DTensor).
         ImportError: ``"triton"`` without triton installed.
         RuntimeError: ``"triton"`` with CPU tensors (unless ``TRITON_INTERPRET=1``).
         The model is left untouched in every case.

@@ -110,7 +110,9 @@ def extract(
         ValueError: nothing in ``model`` is pruned, or something other than a conv/linear weight
             is (a bias or an embedding, by stock prune); a kept (or recorded dense) weight is
             NaN or infinite; a layer to record is lazy and has no shape yet; a pruned weight is
-            on the meta device or sharded (a DTensor), or was assigned a new Parameter since.
+            on the meta device or sharded (a DTensor), or was assigned a new Parameter since;
+            a pruning hook was moved onto a module without its mask (``torch.ao.quantization``'s
+            ``fuse_modules`` and ``convert`` do).
             ``metadata`` that is not ``str -> str`` or uses a reserved key raises as
             :class:`Ticket` does.
 

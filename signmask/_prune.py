@@ -229,8 +229,10 @@ def remove(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module.
-        ValueError: nothing in ``model`` is pruned, or a pruned weight is on the meta device
-            or sharded (a DTensor; gather it first). Nothing is changed then.
+        ValueError: nothing in ``model`` is pruned, a pruned weight is on the meta device
+            or sharded (a DTensor; gather it first), or a pruning hook was moved onto a module
+            without its mask (``torch.ao.quantization``'s ``fuse_modules`` and ``convert`` do:
+            remove before them). Nothing is changed then.
 
     Example:
         >>> import torch, signmask

@@ -110,6 +110,8 @@ class SignMaskHook(_prune.PruningContainer):
                 f"the pruning of {name}_orig would hide; make the pruning permanent before: "
                 f"signmask.remove(model), or torch.nn.utils.prune.remove(module, {name!r})"
             )
+        if name + "_mask" not in module._buffers:
+            raise RuntimeError(f"{type(module).__name__} holds a pruning hook of {name!r} but {moved_hook(name)}")
         self.unstack()
         stash_outside(module, name)
         module.__dict__[name] = self.apply_mask(module, own_forward=True)
@@ -300,6 +302,17 @@ def _hooked_orig(module: nn.Module, name: str) -> str:
         f"has read it: the pruned {name} would lag a forward behind. Undo it "
         f"(torch.nn.utils.remove_weight_norm(module, {orig!r}) or remove_spectral_norm) and use "
         f"torch.nn.utils.parametrizations.weight_norm / spectral_norm(module, {orig!r}) instead"
+    )
+
+
+def moved_hook(name: str) -> str:
+    """The end of the message for a pruning hook of ``<name>`` on a module that holds no
+    ``<name>_mask``: a tool moved or copied it there from the pruned module."""
+    return (
+        f"no {name}_mask: torch.ao.quantization's fuse_modules (and fuse_modules_qat) moves a "
+        f"pruned module's forward pre-hooks onto the fused module, and convert copies them onto "
+        f"the quantized one; make the pruning permanent first: signmask.remove(model) before "
+        f"fusing or converting (both copy the model unless inplace=True)"
     )
 
 

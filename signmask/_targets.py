@@ -362,6 +362,20 @@ def check_local(targets: dict[str, tuple[nn.Module, str]], fix: str = SHARD_AFTE
         )
 
 
+def check_attached(targets: dict[str, tuple[nn.Module, str]]) -> None:
+    """Refuse pruning hooks on modules that hold no ``<name>_mask``: torch.ao.quantization's
+    ``fuse_modules`` and ``convert`` move or copy a pruned module's hooks onto the module they
+    build, where they have nothing to compute from (every verb failed in a bare ``KeyError``)."""
+    moved = [k for k, (m, n) in targets.items() if n + "_mask" not in m._buffers]
+    if moved:
+        module, name = targets[moved[0]]
+        raise ValueError(
+            f"{some(moved)} {'has' if len(moved) == 1 else 'have'} a pruning hook but "
+            f"{'its module' if len(moved) == 1 else 'the module of the first'} "
+            f"({type(module).__name__}) holds {_reparam.moved_hook(name)}"
+        )
+
+
 def check_unshadowed(targets: dict[str, tuple[nn.Module, str]]) -> None:
     """Refuse pruned tensors whose module was assigned a new Parameter of that name since
     (``fuse_conv_bn_eval``, module surgery): the forward refuses them, a ticket of them would
@@ -401,6 +415,7 @@ def require_pruned(model: nn.Module, missing: str,
     found = pruned(model)
     if not found:
         raise ValueError(f"nothing in {type(model).__name__} is pruned; {missing}")
+    check_attached(found)
     check_local(found, fix)
     return found
 

@@ -973,3 +973,31 @@ def test_a_forward_that_raises_leaves_the_model_deepcopyable(kind):
     assert child.weight.is_leaf and not child.weight.requires_grad
     twin = copy.deepcopy(model)
     assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("fuse", ["linear_relu", "conv_bn_relu", "qat_convert"])
+def test_a_pruning_hook_moved_onto_another_module_raises_naming_the_fix(fuse):
+    # torch.ao.quantization's fuse_modules moves a pruned module's pre-hooks onto the fused
+    # module, and convert copies them onto the quantized one; neither holds weight_mask, and the
+    # forward failed in a bare KeyError('weight_mask').
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    if fuse == "qat_convert":
+        model = nn.Sequential(tq.QuantStub(), nn.Linear(8, 4), tq.DeQuantStub())
+        model.qconfig = tq.get_default_qat_qconfig("x86")
+        model = signmask.prune(tq.prepare_qat(model.train()), 0.5)
+        x = torch.randn(3, 8)
+        model(x)
+        built, owner = tq.convert(model.eval()), "Linear"
+    else:
+        conv = fuse == "conv_bn_relu"
+        layers = (nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)) if conv else (nn.Linear(8, 4),)
+        model = signmask.prune(nn.Sequential(*layers, nn.ReLU()), 0.5)
+        x = torch.randn(2, 3, 6, 6) if conv else torch.randn(3, 8)
+        model(x)
+        names = ["0", "1", "2"] if conv else ["0", "1"]
+        built, owner = tq.fuse_modules(model.eval(), [names]), "ConvReLU2d" if conv else "LinearReLU"
+    with pytest.raises(RuntimeError, match=rf"^{owner} holds a pruning hook of 'weight' but no weight_mask: .*"
+                                           r"fuse_modules.*convert.*signmask.remove\(model\) before"):
+        built(x)

@@ -337,3 +337,28 @@ def test_a_filter_fn_whose_signature_cannot_be_read_is_called_as_it_is():
 
     model = signmask.prune(tiny(), 0.5, filter_fn=Lazy())
     assert list(_targets.pruned(model)) == [k for k in _targets.select(tiny()) if "conv" in k]
+
+
+@pytest.mark.parametrize("verb", ["remove", "extract", "set_backend"])
+def test_a_pruning_hook_moved_onto_another_module_is_refused_untouched(verb):
+    # torch.ao.quantization's fuse_modules moves a pruned Linear's pre-hook onto the LinearReLU
+    # it builds, which holds no mask: remove, extract and set_backend failed in KeyError('weight').
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    model = signmask.prune(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), 0.5)
+    fused = tq.fuse_modules(model.eval(), [["0", "1"]])
+    before = snapshot(fused)
+    call = {
+        "remove": lambda: signmask.remove(fused),
+        "extract": lambda: signmask.extract(fused),
+        "set_backend": lambda: signmask.set_backend(fused, "torch"),
+    }[verb]
+    with pytest.raises(ValueError, match=r"^\['0.weight'\] has a pruning hook but its module \(LinearReLU\) "
+                                         r"holds no weight_mask: .*fuse_modules.*signmask.remove\(model\) before"):
+        call()
+    assert_same(before, snapshot(fused))
+    signmask.remove(model)  # the fix the message names, on the model fuse_modules copied
+    fused = tq.fuse_modules(model, [["0", "1"]])
+    x = torch.randn(3, 8)
+    assert torch.equal(fused(x), model(x))
