@@ -310,8 +310,8 @@ def moved_hook(name: str) -> str:
     ``<name>_mask``: a tool moved or copied it there from the pruned module."""
     return (
         f"no {name}_mask: torch.ao.quantization's fuse_modules (and fuse_modules_qat) moves a "
-        f"pruned module's forward pre-hooks onto the fused module, and convert copies them onto "
-        f"the quantized one; make the pruning permanent first: signmask.remove(model) before "
+        f"pruned module's forward pre-hooks onto the fused module, and convert (quantize_dynamic "
+        f"too) copies them onto the quantized one; make the pruning permanent first: signmask.remove(model) before "
         f"fusing or converting (both copy the model unless inplace=True)"
     )
 

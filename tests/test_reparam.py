@@ -975,7 +975,8 @@ def test_a_forward_that_raises_leaves_the_model_deepcopyable(kind):
     assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))
 
 
-@pytest.mark.parametrize("fuse", ["linear_relu", "conv_bn_relu", "qat_convert"])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*quantize_per.*deprecated")
+@pytest.mark.parametrize("fuse", ["linear_relu", "conv_bn_relu", "qat_convert", "quantize_dynamic"])
 def test_a_pruning_hook_moved_onto_another_module_raises_naming_the_fix(fuse):
     # torch.ao.quantization's fuse_modules moves a pruned module's pre-hooks onto the fused
     # module, and convert copies them onto the quantized one; neither holds weight_mask, and the
@@ -990,6 +991,10 @@ def test_a_pruning_hook_moved_onto_another_module_raises_naming_the_fix(fuse):
         x = torch.randn(3, 8)
         model(x)
         built, owner = tq.convert(model.eval()), "Linear"
+    elif fuse == "quantize_dynamic":
+        model = signmask.prune(nn.Sequential(nn.Linear(8, 4), nn.ReLU()), 0.5)
+        x = torch.randn(3, 8)
+        built, owner = tq.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8), "Linear"
     else:
         conv = fuse == "conv_bn_relu"
         layers = (nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)) if conv else (nn.Linear(8, 4),)
