@@ -1006,3 +1006,53 @@ def test_a_pruning_hook_moved_onto_another_module_raises_naming_the_fix(fuse):
     with pytest.raises(RuntimeError, match=rf"^{owner} holds a pruning hook of 'weight' but no weight_mask: .*"
                                            r"fuse_modules.*convert.*signmask.remove\(model\) before"):
         built(x)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*quantize_per.*deprecated", "ignore:.*reduce_range")
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_a_pruned_qat_model_fake_quantizes_and_converts_the_masked_weights(signs):
+    # torch.ao's QAT modules subclass Conv2d/Linear: pruned after prepare_qat, their weight
+    # observers see the masked weight. Oracle: the same QAT model dense, holding w * mask.
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(tq.QuantStub(), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5), tq.DeQuantStub())
+    model.qconfig = tq.get_default_qat_qconfig("x86")
+    model = tq.prepare_qat(tq.fuse_modules_qat(model.train(), [["1", "2", "3"]]))
+    oracle = copy.deepcopy(model)
+    signmask.prune(model, 0.6, signs=signs)
+    with torch.no_grad():
+        for i in (1, 5):
+            oracle[i].weight.mul_(model[i].weight_mask)
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(model(x), oracle(x))
+    for i in (1, 5):
+        ours, theirs = model[i].weight_fake_quant, oracle[i].weight_fake_quant
+        assert torch.equal(ours.scale, theirs.scale) and torch.equal(ours.zero_point, theirs.zero_point)
+    pruned = {i: ~model[i].weight_mask for i in (1, 5)}
+    quantized = tq.convert(signmask.remove(model).eval())
+    expected = tq.convert(oracle.eval())
+    for i in (1, 5):
+        assert torch.equal(quantized[i].weight().int_repr(), expected[i].weight().int_repr())
+        assert not quantized[i].weight().dequantize()[pruned[i]].any()
+    assert torch.equal(quantized(x), expected(x))
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_a_symbolically_traced_pruned_model_trains_and_extracts_as_the_eager_one(signs):
+    # torch.fx keeps conv/linear layers as modules, so their pruning hooks run in the graph.
+    model = signmask.prune(small_net(), 0.6, signs=signs)
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+    for m in (model, traced):
+        train_steps(m, 3, lr=0.5)  # weights cross zero: locked signs matter
+    x = inputs()
+    assert bits_equal(eval_out(traced, x), eval_out(model, x))
+    ours, theirs = signmask.extract(traced), signmask.extract(model)
+    assert ours.masks.keys() == theirs.masks.keys()
+    assert all(torch.equal(ours.masks[k], theirs.masks[k]) for k in ours.masks)
+    signmask.prune(traced, 0.5), signmask.prune(model, 0.5)
+    signmask.remove(traced), signmask.remove(model)
+    assert bits_equal(eval_out(traced, x), eval_out(model, x))
+    assert not any(isinstance(h, torch_prune.BasePruningMethod) for m in traced.modules()
+                   for h in m._forward_pre_hooks.values())
