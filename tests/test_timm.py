@@ -519,3 +519,26 @@ def test_partly_matching_ticket_is_refused_atomically():
     signmask.transfer(shallow_ticket, fresh_deep, check_architecture=False)
     assert set(_targets.pruned(fresh_deep)) == set(shallow_ticket.masks)
     assert not any(k.startswith("blocks.2.") for k in _targets.pruned(fresh_deep))
+
+
+@pytest.mark.parametrize("family", PARAMS)
+def test_a_removed_model_ships_as_a_plain_timm_checkpoint(family, tmp_path):
+    # The deployment path: remove, then load the state dict (or a safetensors file of the model)
+    # into the plain timm model, which must compute the pruned model's outputs bitwise.
+    import safetensors.torch
+
+    model = signmask.prune(create(family, 0), 0.7, signs="locked")
+    expected = forward_ok(model)
+    masks = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")}
+    signmask.remove(model)
+    plain = create(family, 1)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(forward_ok(plain), expected)
+    state = plain.state_dict()
+    for key, mask in masks.items():
+        assert not state[key[: -len("_mask")]][~mask].any(), key
+    safetensors.torch.save_model(model, str(tmp_path / "model.safetensors"))
+    loaded = create(family, 2)
+    safetensors.torch.load_model(loaded, str(tmp_path / "model.safetensors"))
+    assert torch.equal(forward_ok(loaded), expected)
