@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _checks, _interpolate, _methods, _prune, _recipes, _reparam, _schedule, _targets, _undo
+from . import (_checks, _interpolate, _methods, _optimizer_checks, _prune, _recipes, _reparam, _schedule,
+               _targets, _undo)
 from ._search import Search
 
 
@@ -193,7 +194,7 @@ def _rewind_point(recipe: _recipes.Recipe, rewind, steps_per_epoch) -> tuple:
 
 def _check_trained(targets, optimizer) -> None:
     """Refuse an optimizer training none of ``targets``; warn about those it leaves out."""
-    untrained = _targets.untrained(targets, optimizer)
+    untrained = _optimizer_checks.untrained(targets, optimizer)
     if len(untrained) == len(targets):
         raise ValueError(
             f"optimizer trains none of the tensors to prune ({sorted(targets)[:3]} ...); pass "
@@ -207,7 +208,7 @@ def _check_trained(targets, optimizer) -> None:
             UserWarning,
             stacklevel=3,  # the caller of apply()
         )
-    _targets.warn_vanishing_eps(targets, optimizer, stacklevel=3)
+    _optimizer_checks.warn_vanishing_eps(targets, optimizer, stacklevel=3)
 
 
 def _check_hooked(optimizer: torch.optim.Optimizer) -> None:

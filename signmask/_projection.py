@@ -46,7 +46,7 @@ import weakref
 import torch
 
 from . import _projection_ops as ops
-from . import _checks, _reparam, _targets
+from . import _checks, _optimizer_checks, _reparam
 from ._backends import Backend, Targets, register_backend
 
 
@@ -258,14 +258,14 @@ class ProjectionBackend(Backend):
                     "not require grad (frozen); set_backend before freezing it, or use "
                     "backend='torch'"
                 )
-        outside = _targets.untrained(targets, optimizer)
+        outside = _optimizer_checks.untrained(targets, optimizer)
         if outside:
             raise ValueError(
                 f"backend='projection' re-projects after the steps of the optimizer given, but it "
                 f"does not train {_checks.some(outside)}; set the "
                 "backend per submodule, each with the optimizer training it"
             )
-        _targets.warn_vanishing_eps(targets, optimizer, stacklevel=3)
+        _optimizer_checks.warn_vanishing_eps(targets, optimizer, stacklevel=3)
         if not ops.known(optimizer):
             warnings.warn(
                 f"backend='projection' with {type(optimizer).__name__}: signmask knows it exact "

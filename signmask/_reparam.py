@@ -111,7 +111,8 @@ class SignMaskHook(_prune.PruningContainer):
                 f"signmask.remove(model), or torch.nn.utils.prune.remove(module, {name!r})"
             )
         if name + "_mask" not in module._buffers:
-            raise RuntimeError(f"{type(module).__name__} holds a pruning hook of {name!r} but {moved_hook(name)}")
+            owner = type(module).__name__
+            raise RuntimeError(f"{owner} holds a pruning hook of {name!r} but {moved_hook(name)}")
         self.unstack()
         stash_outside(module, name)
         module.__dict__[name] = self.apply_mask(module, own_forward=True)
@@ -306,14 +307,12 @@ def _hooked_orig(module: nn.Module, name: str) -> str:
 
 
 def moved_hook(name: str) -> str:
-    """The end of the message for a pruning hook of ``<name>`` on a module that holds no
-    ``<name>_mask``: a tool moved or copied it there from the pruned module."""
-    return (
-        f"no {name}_mask: torch.ao.quantization's fuse_modules (and fuse_modules_qat) moves a "
-        f"pruned module's forward pre-hooks onto the fused module, and convert (quantize_dynamic "
-        f"too) copies them onto the quantized one; make the pruning permanent first: signmask.remove(model) before "
-        f"fusing or converting (both copy the model unless inplace=True)"
-    )
+    """Why a pruning hook of ``<name>`` sits on a module without ``<name>_mask``, and the fix."""
+    return (f"no {name}_mask: torch.ao.quantization's fuse_modules (and fuse_modules_qat) moves "
+            "a pruned module's forward pre-hooks onto the fused module, and convert "
+            "(quantize_dynamic too) copies them onto the quantized one; make the pruning "
+            "permanent first: signmask.remove(model) before fusing or converting (both copy the "
+            "model unless inplace=True)")
 
 
 def check_dtype(key: str, weight: torch.Tensor, *, locked: bool) -> None:
