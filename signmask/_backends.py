@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 
-from . import _checks, _reparam, _targets
+from . import _checks, _reparam, _targets, _undo
 
 BACKENDS: dict[str, "Backend"] = {}
 
@@ -254,7 +254,9 @@ def set_backend(
             ``fuse_modules`` and ``convert`` do); a weight on the meta device or sharded (a DTensor).
         ImportError: ``"triton"`` without triton installed.
         RuntimeError: ``"triton"`` with CPU tensors (unless ``TRITON_INTERPRET=1``).
-        The model is left untouched in every case.
+        The model is left untouched in every case, and so are the optimizers' hooks and state
+        where torch fails midway (out of memory) or on Ctrl-C: a copy in host memory of the
+        entries ``"projection"`` zeroes or reflects puts them back.
 
     Example:
         >>> import torch, signmask
@@ -269,15 +271,24 @@ def set_backend(
     impl = get_backend(backend)
     targets = _signmask_targets(model)
     impl.check(targets, optimizer)
-    if backend != "projection":
-        for module, name in targets.values():
-            _projection.forget(module, name)
-        if optimizer is not None:  # as documented; forget() covers the one remembered (weakly)
-            _projection.unhook_optimizer(optimizer, targets)
-    impl.attach(targets, optimizer)
-    for module, name in targets.values():
-        _reparam.find_hook(module, name)[1].backend = backend
-        _reparam.refresh(module, name)
+    # Valid input cannot fail below, but torch can (out of memory at the k-th layer) and so can
+    # Ctrl-C: the layers before would be switched, their hooks on the optimizers and Parameters
+    # changed, and under projection their weights and state masked. The record puts all back.
+    undo = _undo.Undo(model, optimizers=_projection.optimizers(targets, optimizer))
+    try:
+        with undo.saving():
+            if backend != "projection":
+                for module, name in targets.values():
+                    _projection.forget(module, name)
+                if optimizer is not None:  # as documented; forget() covers the one remembered (weakly)
+                    _projection.unhook_optimizer(optimizer, targets)
+            impl.attach(targets, optimizer)
+            for module, name in targets.values():
+                _reparam.find_hook(module, name)[1].backend = backend
+                _reparam.refresh(module, name)
+    except BaseException:
+        undo.restore()
+        raise
     return model
 
 

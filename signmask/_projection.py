@@ -164,6 +164,18 @@ def unhook_optimizer(optimizer: torch.optim.Optimizer, targets: Targets) -> None
                 del hooks[key]
 
 
+def optimizers(targets: Targets, optimizer=None) -> list:
+    """The optimizers whose hooks :func:`signmask.set_backend` may change for ``targets``:
+    ``optimizer`` (if any) and those their hooks were projected for (still alive)."""
+    found = {} if optimizer is None else {id(optimizer): optimizer}
+    for module, name in targets.values():
+        ref = getattr(_reparam.find_hook(module, name)[1], "__dict__", {}).get("_optimizer")
+        remembered = ref() if ref is not None else None
+        if remembered is not None:
+            found.setdefault(id(remembered), remembered)
+    return list(found.values())
+
+
 def forget(module, name: str) -> None:
     """Detach ``module.<name>`` from this backend: drop its gradient hook, and its entries in the
     hooks of the optimizer it was projected for (remembered by :meth:`ProjectionBackend.attach`),

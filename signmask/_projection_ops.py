@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _bits, _maskmul, _reparam
+from . import _bits, _maskmul, _reparam, _undo
 
 # Optimizer class -> state keys that are odd in the gradient (negated under a reflection).
 ZERO_PRESERVING: dict[str, tuple[str, ...]] = {
@@ -50,11 +50,26 @@ def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor |
     odd in the gradient.
     """
     if sign is None:
-        _maskmul.mul_(w, mask)
+        _mul_(w, mask)
         return None
     factor = _reparam.locked_factors(w, mask, sign)
-    _maskmul.mul_(w, factor)
+    _mul_(w, factor)
     return factor
+
+
+def _mul_(t: torch.Tensor, factor: torch.Tensor) -> None:
+    """``t *= factor`` (a bool mask or int8 factors in {-1, 0, +1}), in place. Inside a call that
+    must leave the model untouched if it fails (``_undo.Undo.saving``), the entries it changes
+    are kept first: where a factor is -1, and where it is 0 but ``t`` not already a zero (a real
+    zero times 0 keeps its sign bit; a complex one may not, and is kept)."""
+    if _undo.active():
+        zero = ~factor if factor.dtype == torch.bool else factor == 0
+        if not t.is_complex():
+            zero &= t != 0  # NaN and inf included: their product with 0 is NaN
+        if factor.dtype != torch.bool:
+            zero |= factor < 0
+        _undo.keep(t, zero)
+    _maskmul.mul_(t, factor)
 
 
 def _per_weight(value, param) -> bool:
@@ -68,9 +83,9 @@ def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...], odd_o
         if not _per_weight(value, param):
             continue
         if key in odd and factor is not None:
-            _maskmul.mul_(value, factor)
+            _mul_(value, factor)
         elif not odd_only:
-            _maskmul.mul_(value, mask)
+            _mul_(value, mask)
 
 
 def stamp(orig, mask, sign) -> tuple:
@@ -151,7 +166,7 @@ def mask_grad(hook, grad: torch.Tensor, factor: torch.Tensor) -> None:
     to ``.grad`` (torch.autograd.grad, per-sample or DP pipelines) is a new object, though it
     may reuse a freed one's id and memory. In-place scaling (clipping) keeps zeros zero; values
     written into a masked gradient in place (noise added to ``.grad``) are not masked again."""
-    _maskmul.mul_(grad, factor)
+    _mul_(grad, factor)
     grad._signmask_masked = True
 
 

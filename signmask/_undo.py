@@ -4,14 +4,26 @@ operation leaves the model as it was when it fails."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import inspect
+
 import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
+from . import _bits
 
 # A module's tables that installing, removing or linking a reparametrization edits.
 _TABLES = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_pre_hooks",
            "_forward_hooks", "_forward_hooks_always_called", "_load_state_dict_post_hooks")
+# An optimizer's tables of hooks (the projection backend's, the search's).
+_OPTIMIZER_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_load_state_dict_post_hooks")
+
+# The record that values about to be overwritten in place are kept for (see Undo.saving): per
+# thread, as each thread runs its own calls.
+_ACTIVE: contextvars.ContextVar["Undo | None"] = contextvars.ContextVar("signmask_undo", default=None)
 
 
 class Undo:
@@ -20,15 +32,21 @@ class Undo:
 
     It keeps the module's tables of parameters, buffers and hooks, its tensor attributes (the
     ``weight`` aliases) and the attributes of its pruning hooks (their history, backend): the
-    same objects, never a copy of a tensor's values. Values written in place (a mask's
-    ``copy_``) are the caller's to undo.
+    same objects, never a copy of a tensor's values. Outside the model, it keeps the
+    post-accumulate-grad hooks of its Parameters and the hook tables of ``optimizers`` (with
+    the attributes of the hook objects there, which list the tensors they serve). Values
+    written in place are the caller's to undo, or, written while :meth:`saving`, kept by
+    :func:`keep` just before.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, optimizers=()) -> None:
         # TorchScript submodules are never pruned, and their tables are C++ wrappers (no copy()
         # on torch 2.11).
         self._records = [(m, self._record(m)) for m in model.modules()
                          if not isinstance(m, torch.jit.ScriptModule)]
+        self._grad_hooks = [(p, dict(p._post_accumulate_grad_hooks or {})) for p in model.parameters()]
+        self._optimizers = [(opt, self._record_optimizer(opt)) for opt in optimizers]
+        self._values: list[tuple] = []
 
     @staticmethod
     def _record(module: nn.Module) -> tuple:
@@ -38,8 +56,31 @@ class Undo:
                  if isinstance(h, _prune.BasePruningMethod)]
         return tables, aliases, hooks
 
+    @staticmethod
+    def _record_optimizer(optimizer) -> tuple:
+        tables = {t: getattr(optimizer, t).copy() for t in _OPTIMIZER_TABLES if hasattr(optimizer, t)}
+        hooks = [(fn, dict(fn.__dict__)) for table in tables.values() for fn in table.values()
+                 if not inspect.isroutine(fn) and hasattr(fn, "__dict__")]
+        return tables, hooks
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Within it, :func:`keep` keeps in this record the values the call overwrites in place.
+        On success they pass to the record of a call around this one, if any: a failure there
+        must undo them too."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+        outer = _ACTIVE.get()
+        if outer is not None:
+            outer._values += self._values
+        self._values = []
+
     def restore(self) -> None:
-        """Put every recorded table, alias and hook attribute back, allocating no tensor."""
+        """Put every recorded table, alias and hook attribute back, then the values kept (the
+        only tensors it allocates: one tensor's positions and values at a time)."""
         for module, (tables, aliases, hooks) in self._records:
             for table, saved in tables.items():
                 live = getattr(module, table)  # the same object: hook handles hold it weakly
@@ -52,3 +93,43 @@ class Undo:
             for hook, state in hooks:
                 hook.__dict__.clear()
                 hook.__dict__.update(state)
+        for param, saved in self._grad_hooks:
+            live = param._post_accumulate_grad_hooks
+            if live is not None:  # registered since, or emptied: the same dict, as above
+                live.clear()
+                live.update(saved)
+        for optimizer, (tables, hooks) in self._optimizers:
+            for table, saved in tables.items():
+                live = getattr(optimizer, table)
+                live.clear()
+                live.update(saved)
+            for hook, state in hooks:
+                hook.__dict__.clear()
+                hook.__dict__.update(state)
+        with torch.no_grad():
+            for tensor, packed, values, marks in reversed(self._values):  # the oldest last: it wins
+                where = _bits.sign_bits(packed.to(tensor.device), tensor.shape).view(torch.bool)
+                tensor[where] = values.to(tensor.device)
+                tensor.__dict__.clear()
+                tensor.__dict__.update(marks)
+        self._values = []
+
+
+def active() -> bool:
+    """Whether a :meth:`Undo.saving` record is active (else :func:`keep` keeps nothing, and
+    callers need not compute the positions for it)."""
+    return _ACTIVE.get() is not None
+
+
+def keep(tensor: torch.Tensor, where: torch.Tensor) -> None:
+    """Before ``tensor`` is overwritten in place at the bool positions ``where``: keep those
+    entries in host memory for the active :meth:`Undo.saving` record to write back (nothing
+    outside one). Only the entries written, and where packed 1 bit per weight: a copy of the
+    whole tensor would take all its bytes in host memory, this takes them for the changed
+    entries only, with one tensor's temporaries on its device."""
+    undo = _ACTIVE.get()
+    if undo is None:
+        return
+    with torch.no_grad():
+        undo._values.append((tensor, _bits.pack_signs(where).cpu(), tensor[where].cpu(),
+                             dict(tensor.__dict__)))  # marks such as a gradient's "masked"

@@ -1,6 +1,7 @@
 """Small seeded models and helpers shared by the tests."""
 
 import copy
+import inspect
 import sys
 import threading
 
@@ -278,10 +279,43 @@ def layout(model: nn.Module):
     ]
 
 
-def assert_each_fault_leaves_it_untouched(make, call):
+def outside(model: nn.Module, *optimizers) -> list:
+    """What :func:`layout` leaves out and a failed call must leave too: the model's tensors and
+    gradients bit for bit (signed zeros), with their attributes (a gradient's "masked" mark);
+    its Parameters' post-accumulate-grad hooks; and each optimizer's state and hook tables,
+    with the attributes of the hook objects (the tensors a projection hook serves)."""
+    def attrs(fn):
+        return None if inspect.isroutine(fn) or not hasattr(fn, "__dict__") else dict(vars(fn))
+
+    tables = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_load_state_dict_post_hooks")
+    out = [[(n, t.detach().clone(), dict(vars(t))) for n, t in model.state_dict(keep_vars=True).items()
+            if isinstance(t, torch.Tensor)]]
+    for n, p in model.named_parameters():
+        grad = None if p.grad is None else (p.grad.clone(), dict(vars(p.grad)))
+        out.append((n, grad, list((p._post_accumulate_grad_hooks or {}).items())))
+    for opt in optimizers:
+        state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+                 for group in opt.param_groups for p in group["params"] if p in opt.state]
+        out.append((state, [[(k, fn, attrs(fn)) for k, fn in getattr(opt, t).items()] for t in tables]))
+    return out
+
+
+def same(a, b) -> bool:
+    """``a == b`` for nested lists, tuples and dicts, tensors compared by :func:`bits_equal`."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and bits_equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def assert_each_fault_leaves_it_untouched(make, call, rest=None):
     """Make a fresh ``(model, *rest) = make()`` for each torch call ``call(model, *rest)`` makes,
     fail it at that call, and check the model is as it was, and that the call then succeeds as
-    on a model it never failed on."""
+    on a model it never failed on. ``rest(model, *rest)``: what else must be as it was (see
+    :func:`outside`)."""
     clean = make()
     with FailAt() as counter:
         call(*clean)
@@ -289,6 +323,7 @@ def assert_each_fault_leaves_it_untouched(make, call):
     for at in range(1, counter.calls + 1):
         args = make()
         before = layout(args[0])
+        others = None if rest is None else rest(*args)
         try:
             with FailAt(at):
                 call(*args)
@@ -298,6 +333,7 @@ def assert_each_fault_leaves_it_untouched(make, call):
             after = layout(args[0])
             assert_same(before[0], after[0])
             assert before[1] == after[1], f"fault at call {at}"
+            assert others is None or same(others, rest(*args)), f"fault at call {at}"
             call(*args)
         # else: caught on the way, where torch's own RuntimeError means "take another path"
         again = layout(args[0])

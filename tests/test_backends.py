@@ -12,7 +12,7 @@ from torch import nn
 
 import signmask
 from signmask import _backends, _reparam
-from _util import backends_of, bits_equal, conv_net, conv_net_batches, effective_weights, orig_grads, projection_hooks, pruned_conv_net
+from _util import assert_each_fault_leaves_it_untouched, backends_of, bits_equal, conv_net, conv_net_batches, effective_weights, orig_grads, outside, projection_hooks, pruned_conv_net
 
 
 # ------------------------------------------------------------------ registry and set_backend
@@ -185,3 +185,39 @@ def test_set_backend_refuses_a_sign_buffer_of_another_dtype_by_name():
     model.weight_sign = model.weight_sign.to(torch.int32)
     with pytest.raises(ValueError, match=re.escape("weight_sign must be torch.uint8 of shape (2,) on cpu")):
         _backends.set_backend(model, "torch")
+
+
+def _trained_on(backend, signs):
+    """Two pruned Linears trained one step on ``backend`` by an SGD with momentum and weight
+    decay (momentum at pruned entries on the torch path), a gradient left in place."""
+    torch.manual_seed(0)
+    model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.5, signs=signs)
+    with torch.no_grad():
+        model[0].weight_orig.neg_()  # disagrees with its locks: projection reflects it
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    if backend == "projection":
+        _backends.set_backend(model, "projection", optimizer=opt)
+    for step in (True, False):
+        opt.zero_grad()
+        model(torch.randn(5, 4)).square().mean().backward()
+        if step:
+            opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+@pytest.mark.parametrize("start, backend, new_optimizer", [
+    ("torch", "projection", False), ("projection", "torch", False), ("projection", "projection", True),
+])
+def test_a_failure_at_any_torch_call_leaves_model_and_optimizer_untouched(signs, start, backend, new_optimizer):
+    # An out-of-memory error (or Ctrl-C) at the k-th layer left the layers before it switched,
+    # their hooks on the optimizers and Parameters changed, and under projection their pruned
+    # weights and momentum zeroed (locked ones reflected).
+    def make():
+        model, opt = _trained_on(start, signs)
+        new = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if new_optimizer else opt
+        return model, new, opt
+
+    assert_each_fault_leaves_it_untouched(
+        make, lambda m, new, old: _backends.set_backend(m, backend, optimizer=new), rest=outside
+    )
