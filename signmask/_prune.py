@@ -179,19 +179,22 @@ def prune_targets(
             if not _reparam.is_sign_locked(module, name):
                 _checks.check_finite(key, _reparam.original(module, name).detach(), keep)
     # Valid input cannot fail below, but torch can (out of memory at the k-th layer) and so can
-    # Ctrl-C: the layers before would stay pruned. The record and the flips put them back.
+    # Ctrl-C: the layers before would stay pruned. The record and the flips put them back, and
+    # the record the entries of weights, gradients and optimizer state that the projection
+    # backend zeroes at once for the new masks (see _projection_ops._mul_).
     undo, flips = _undo.Undo(model), []
     try:
-        with torch.no_grad():
-            for i, (module, name) in enumerate(targets.values()):
-                keep, new_masks[i] = new_masks[i], None  # installed (copied): freed at the next one
-                negative = None
-                if signs == "locked" and not _reparam.is_sign_locked(module, name):
-                    # From the live Parameter: module.<name> is only refreshed by a forward.
-                    negative = torch.signbit(_reparam.original(module, name))
-                flips.append(_flip(module, name, keep))
-                _reparam.install(module, name, keep, ranker, negative=negative)
-        _parents.link(model)
+        with undo.saving():
+            with torch.no_grad():
+                for i, (module, name) in enumerate(targets.values()):
+                    keep, new_masks[i] = new_masks[i], None  # installed (copied): freed at the next one
+                    negative = None
+                    if signs == "locked" and not _reparam.is_sign_locked(module, name):
+                        # From the live Parameter: module.<name> is only refreshed by a forward.
+                        negative = torch.signbit(_reparam.original(module, name))
+                    flips.append(_flip(module, name, keep))
+                    _reparam.install(module, name, keep, ranker, negative=negative)
+            _parents.link(model)
     except BaseException:
         for mask, version, flip in filter(None, flips):
             if mask._version != version:  # written: turn it back

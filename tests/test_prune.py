@@ -17,7 +17,7 @@ from torch.nn.utils import prune as tprune
 
 import signmask
 from signmask import _methods
-from _util import assert_each_fault_leaves_it_untouched, assert_same, kept, snapshot, tiny
+from _util import assert_each_fault_leaves_it_untouched, assert_same, kept, outside, snapshot, tiny
 
 
 def _numel(model, names=("conv1", "conv2", "fc")):
@@ -628,6 +628,25 @@ def test_a_failure_at_any_torch_call_leaves_the_model_untouched(scope, signs, be
     assert_each_fault_leaves_it_untouched(
         lambda: (copy.deepcopy(template),), lambda m: signmask.prune(m, 0.5, scope=scope, signs=signs)
     )
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_a_failure_under_the_projection_backend_leaves_weights_gradients_and_state(signs):
+    # The projection backend zeroes the newly pruned entries of weight_orig, its gradient and
+    # its momentum inside prune (the refresh); a failure at the next layer left them zeroed.
+    def make():
+        torch.manual_seed(0)
+        model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.3, signs=signs)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        signmask.set_backend(model, "projection", optimizer=opt)
+        for step in (True, False):
+            opt.zero_grad()
+            model(torch.randn(5, 4)).square().mean().backward()
+            if step:
+                opt.step()
+        return model, opt
+
+    assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.prune(m, 0.5), rest=outside)
 
 
 def test_a_failure_adopting_stock_pruning_leaves_the_stock_hooks():
