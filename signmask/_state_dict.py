@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import _checks, _interpolate, _methods, _parents, _reparam, _targets, _undo
+from . import _checks, _interpolate, _methods, _parents, _projection, _reparam, _targets, _undo
 
 
 def _without_data(value) -> str | None:
@@ -270,24 +270,28 @@ def _install_and_load(model: nn.Module, plan: dict, state_dict, strict: bool):
     # torch copies module by module, and a module's own loading code (set_extra_state, a
     # _load_from_state_dict or hook) can still raise midway: the copies put every value back.
     saved = _take_values(model)
-    undo, installed = _undo.Undo(model), []  # the aliases refreshed and parents linked too
+    # The aliases refreshed and parents linked too; under the projection backend, the gradients
+    # and the optimizer state it masks (and reflects) for the loaded weights.
+    optimizers = _projection.optimizers(_targets.pruned(model))
+    undo, installed = _undo.Undo(model, optimizers=optimizers), []
     try:
-        with torch.no_grad():
-            for module, tensor, mask, locked in plan.values():
-                if _reparam.find_hook(module, tensor)[1] is None:
-                    keep = mask.to(_reparam.original(module, tensor).device) != 0
-                    negative = torch.zeros_like(keep) if locked else None
-                    installed.append((module, tensor))  # before: uninstall undoes a partial one
-                    _reparam.install(module, tensor, keep, _methods.FromSignedMask(keep), negative=negative)
-        _check_keys(model.state_dict(), state_dict, strict=strict)
-        skipped = model.load_state_dict(state_dict, strict=strict)
-        for module, tensor, _, _ in plan.values():
-            _reparam.refresh(module, tensor)  # allocates: may run out of memory too
-        _parents.link(model)
+        with undo.saving():
+            with torch.no_grad():
+                for module, tensor, mask, locked in plan.values():
+                    if _reparam.find_hook(module, tensor)[1] is None:
+                        keep = mask.to(_reparam.original(module, tensor).device) != 0
+                        negative = torch.zeros_like(keep) if locked else None
+                        installed.append((module, tensor))  # before: uninstall undoes a partial one
+                        _reparam.install(module, tensor, keep, _methods.FromSignedMask(keep), negative=negative)
+            _check_keys(model.state_dict(), state_dict, strict=strict)
+            skipped = model.load_state_dict(state_dict, strict=strict)
+            for module, tensor, _, _ in plan.values():
+                _reparam.refresh(module, tensor)  # allocates: may run out of memory too
+            _parents.link(model)
     except BaseException:
         for module, tensor in reversed(installed):
             _reparam.uninstall(module, tensor)
-        _put_values(saved)
         undo.restore()
+        _put_values(saved)  # last: over the loaded values the projection's entries went back to
         raise
     return skipped

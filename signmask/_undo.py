@@ -33,8 +33,9 @@ class Undo:
     It keeps the module's tables of parameters, buffers and hooks, its tensor attributes (the
     ``weight`` aliases) and the attributes of its pruning hooks (their history, backend): the
     same objects, never a copy of a tensor's values. Outside the model, it keeps the
-    post-accumulate-grad hooks of its Parameters and the hook tables of ``optimizers`` (with
-    the attributes of the hook objects there, which list the tensors they serve). Values
+    post-accumulate-grad hooks of its Parameters, and the hook tables and state dicts of
+    ``optimizers`` (with the attributes of the hook objects there, which list the tensors they
+    serve; each parameter's state dict shallowly, its tensors not copied). Values
     written in place are the caller's to undo, or, written while :meth:`saving`, kept by
     :func:`keep` just before.
     """
@@ -61,7 +62,10 @@ class Undo:
         tables = {t: getattr(optimizer, t).copy() for t in _OPTIMIZER_TABLES if hasattr(optimizer, t)}
         hooks = [(fn, dict(fn.__dict__)) for table in tables.values() for fn in table.values()
                  if not inspect.isroutine(fn) and hasattr(fn, "__dict__")]
-        return tables, hooks
+        # Each parameter's state dict, shallowly: entries replaced by new tensors (a reflection
+        # of loaded momentum) are put back; values written in place are kept by keep().
+        states = [(p, s, dict(s)) for p, s in optimizer.state.items()]
+        return tables, hooks, states
 
     @contextlib.contextmanager
     def saving(self):
@@ -98,7 +102,7 @@ class Undo:
             if live is not None:  # registered since, or emptied: the same dict, as above
                 live.clear()
                 live.update(saved)
-        for optimizer, (tables, hooks) in self._optimizers:
+        for optimizer, (tables, hooks, states) in self._optimizers:
             for table, saved in tables.items():
                 live = getattr(optimizer, table)
                 live.clear()
@@ -106,6 +110,13 @@ class Undo:
             for hook, state in hooks:
                 hook.__dict__.clear()
                 hook.__dict__.update(state)
+            had = {id(p) for p, _, _ in states}
+            for p in [p for p in optimizer.state if id(p) not in had]:
+                del optimizer.state[p]
+            for p, state, items in states:
+                optimizer.state[p] = state
+                state.clear()
+                state.update(items)
         with torch.no_grad():
             for tensor, packed, values, marks in reversed(self._values):  # the oldest last: it wins
                 where = _bits.sign_bits(packed.to(tensor.device), tensor.shape).view(torch.bool)

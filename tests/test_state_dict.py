@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 import signmask
-from _util import AttnNet, assert_each_fault_leaves_it_untouched, assert_same, snapshot, tiny
+from _util import AttnNet, assert_each_fault_leaves_it_untouched, assert_same, outside, snapshot, tiny
 
 
 def test_load_state_dict_restores_masks_and_signs_into_fresh_model():
@@ -112,6 +112,29 @@ def test_a_failure_at_any_torch_call_leaves_the_model_untouched(pruned):
     assert_each_fault_leaves_it_untouched(
         lambda: (copy.deepcopy(template),), lambda m: signmask.load_state_dict(m, source)
     )
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_a_failure_under_the_projection_backend_leaves_gradients_and_optimizer_state(signs):
+    # The projection backend masks the gradients and momentum for the loaded weights at once
+    # (and reflects a locked tensor's momentum, replacing its state tensor); a failure at the
+    # next layer left them so, though the model's own values went back.
+    torch.manual_seed(1)
+    source = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.6, signs=signs).state_dict()
+
+    def make():
+        torch.manual_seed(0)
+        model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.3, signs=signs)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        signmask.set_backend(model, "projection", optimizer=opt)
+        for step in (True, False):
+            opt.zero_grad()
+            model(torch.randn(5, 4)).square().mean().backward()
+            if step:
+                opt.step()
+        return model, opt
+
+    assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.load_state_dict(m, source), rest=outside)
 
 
 @pytest.mark.parametrize("pruned", [False, True])
