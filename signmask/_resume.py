@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import _reparam, _snapshot, _targets
+from . import _reparam, _snapshot, _targets, _undo
 from ._ticket import Ticket
 
 STATE_VERSION = 1
@@ -168,17 +168,47 @@ def restore(search, state: dict[str, Any]) -> None:
     scheduler = search.scheduler
     ticket = check_state(state, search._generator.get_state(), search._alpha is not None,
                          None if scheduler is None else scheduler.state_dict())
+    # ... and computed: a new generator, and each mask's flip to the saved one (XORed into
+    # either, it gives the other; 1 byte per weight in all, as the saved masks themselves).
+    generator = torch.Generator()  # the search's own is not written: a failure keeps it
+    # A CPU generator's state, though torch.load(..., map_location="cuda") puts it on the GPU.
+    generator.set_state(state["generator"].cpu())
+    masks = search._masks("load_state_dict()")
     with torch.no_grad():
-        for k, mask in search._masks("load_state_dict()").items():
-            mask.copy_(state["masks"][k] != 0)
+        flips = {k: (state["masks"][k] != 0).to(mask.device).bitwise_xor_(mask) for k, mask in masks.items()}
+        alpha = None if search._alpha is None else search._alpha.clone()
+    # Valid state cannot fail below, but torch can (out of memory) and so can Ctrl-C: the masks
+    # written, the counters and the hooks a finished search takes off are put back.
+    undo, attributes = _undo.Undo(search.model, optimizers=[search.optimizer]), dict(search.__dict__)
+    versions = {k: mask._version for k, mask in masks.items()}
+    try:
+        with undo.saving():
+            _apply(search, state, masks, flips, generator, ticket)
+    except BaseException:
+        with torch.no_grad():
+            for k, mask in masks.items():
+                if mask._version != versions[k]:  # written: turn it back
+                    mask.bitwise_xor_(flips[k])
+            if alpha is not None:
+                search._alpha.copy_(alpha)
+        undo.restore()
+        search.__dict__.clear()
+        search.__dict__.update(attributes)
+        raise
+
+
+def _apply(search, state: dict[str, Any], masks: dict, flips: dict, generator, ticket) -> None:
+    """:func:`restore`'s writes, everything computed and checked before."""
+    with torch.no_grad():
+        for k, mask in masks.items():
+            mask.bitwise_xor_(flips[k])
+        if search._alpha is not None:
+            search._alpha.fill_(state["alpha"])
     for key in ("round", "in_round", "step", "round_start_step"):
         setattr(search, key, state[key])
     search._rewind_weights, search._restart = state["rewind_weights"], state["restart"]
     search._restart_pending = state["restart_pending"]
-    # A CPU generator's state, though torch.load(..., map_location="cuda") puts it on the GPU.
-    search._generator.set_state(state["generator"].cpu())
-    if search._alpha is not None:
-        search._alpha.fill_(state["alpha"])
+    search._generator = generator
     search.history = [dict(h) for h in state["history"]]
     if state["done"]:
         search._ticket = ticket

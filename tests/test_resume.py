@@ -8,7 +8,7 @@ import torch
 
 import signmask
 from signmask import _resume
-from _util import tiny
+from _util import assert_each_fault_leaves_it_untouched, make_search, outside, tiny
 
 
 def _state(method="aws", scheduler=None):
@@ -229,3 +229,38 @@ def test_a_state_loaded_onto_the_gpu_resumes_a_cpu_search(method):
     assert state["generator"].is_cuda
     ticket, model = run(3, state)
     assert ticket.sparsity == 0.5 and all(m.device.type == "cpu" for m in model.state_dict().values())
+
+
+def _searched(method, finished=0, started=False, backend="torch"):
+    """A TinyNet search (one pruning, two rounds) on ``backend``, ``finished`` rounds run one
+    step each (2: done), and the next one ``started`` and stepped once; the model, the search
+    and the optimizer."""
+    model, opt, _, search = make_search(method, 0.5, rounds=1)
+    if backend == "projection":
+        signmask.set_backend(model, "projection", optimizer=opt)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    for finish in [True] * finished + [False] * started:
+        search.start_round()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        if finish:
+            search.finish_round()
+    return model, search, opt
+
+
+@pytest.mark.parametrize("method, finished, backend", [
+    ("aws", 1, "torch"), ("aws", 2, "torch"), ("imp", 1, "projection"), ("lrr", 2, "projection"),
+])
+def test_a_failure_at_any_torch_call_leaves_the_search_and_model_untouched(method, finished, backend):
+    # The masks were written one at a time, then the counters: an out-of-memory error (or
+    # Ctrl-C) midway left some masks and counters loaded, and a finished state's close() half
+    # done.
+    state = _searched(method, finished, started=finished < 2)[1].state_dict()
+
+    def rest(model, search, opt):
+        return [outside(model, opt), search.state_dict(), len(search._hooks)]
+
+    assert_each_fault_leaves_it_untouched(
+        lambda: _searched(method, backend=backend), lambda m, search, opt: search.load_state_dict(state), rest=rest
+    )
