@@ -178,7 +178,8 @@ def restore(search, state: dict[str, Any]) -> None:
         flips = {k: (state["masks"][k] != 0).to(mask.device).bitwise_xor_(mask) for k, mask in masks.items()}
         alpha = None if search._alpha is None else search._alpha.clone()
     # Valid state cannot fail below, but torch can (out of memory) and so can Ctrl-C: the masks
-    # written, the counters and the hooks a finished search takes off are put back.
+    # written, the weights refreshed (under projection: its weights, gradients and state
+    # masked), the counters and the hooks a finished search takes off are put back.
     undo, attributes = _undo.Undo(search.model, optimizers=[search.optimizer]), dict(search.__dict__)
     versions = {k: mask._version for k, mask in masks.items()}
     try:
@@ -202,6 +203,10 @@ def _apply(search, state: dict[str, Any], masks: dict, flips: dict, generator, t
     with torch.no_grad():
         for k, mask in masks.items():
             mask.bitwise_xor_(flips[k])
+        # module.<name> for the new masks at once, as signmask.load_state_dict does: a
+        # compiled forward, or a read before the next forward, must not see the old ones.
+        for module, name in search._targets.values():
+            _reparam.refresh(module, name)
         if search._alpha is not None:
             search._alpha.fill_(state["alpha"])
     for key in ("round", "in_round", "step", "round_start_step"):

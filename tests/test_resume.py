@@ -264,3 +264,15 @@ def test_a_failure_at_any_torch_call_leaves_the_search_and_model_untouched(metho
     assert_each_fault_leaves_it_untouched(
         lambda: _searched(method, backend=backend), lambda m, search, opt: search.load_state_dict(state), rest=rest
     )
+
+
+@pytest.mark.parametrize("backend", ["torch", "projection"])
+def test_the_loaded_masks_give_the_weights_at_once(backend):
+    # module.weight kept the old masks until the next forward (signmask.load_state_dict
+    # recomputes it at once): a read, or a compiled forward, saw the dense weights.
+    state = _searched("lrr", 1, started=True)[1].state_dict()
+    model, search, _ = _searched("lrr", backend=backend)
+    search.load_state_dict(state)
+    for module in (model.conv1, model.conv2):
+        assert not module.weight_mask.all()
+        assert torch.equal(module.weight, module.weight_orig * module.weight_mask)
