@@ -60,15 +60,8 @@ def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor |
 def _mul_(t: torch.Tensor, factor: torch.Tensor) -> None:
     """``t *= factor`` (a bool mask or int8 factors in {-1, 0, +1}), in place. Inside a call that
     must leave the model untouched if it fails (``_undo.Undo.saving``), the entries it changes
-    are kept first: where a factor is -1, and where it is 0 but ``t`` not already a zero (a real
-    zero times 0 keeps its sign bit; a complex one may not, and is kept)."""
-    if _undo.active():
-        zero = ~factor if factor.dtype == torch.bool else factor == 0
-        if not t.is_complex():
-            zero &= t != 0  # NaN and inf included: their product with 0 is NaN
-        if factor.dtype != torch.bool:
-            zero |= factor < 0
-        _undo.keep(t, zero)
+    are kept first."""
+    _undo.keep_product(t, factor)
     _maskmul.mul_(t, factor)
 
 

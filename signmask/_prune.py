@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _checks, _methods, _parents, _reparam, _targets, _undo
+from . import _checks, _methods, _parents, _projection, _reparam, _targets, _undo
 
 _SCOPES = ("global", "layer")
 _SIGN_MODES = ("free", "locked")
@@ -235,7 +235,9 @@ def remove(model: nn.Module) -> nn.Module:
         ValueError: nothing in ``model`` is pruned, a pruned weight is on the meta device
             or sharded (a DTensor; gather it first), or a pruning hook was moved onto a module
             without its mask (``torch.ao.quantization``'s ``fuse_modules`` and ``convert`` do:
-            remove before them). Nothing is changed then.
+            remove before them). Nothing is changed then, nor where torch fails midway (out of
+            memory) or on Ctrl-C: a copy in host memory of the entries the masks drop puts them
+            back (each into its Parameter's new storage).
 
     Example:
         >>> import torch, signmask
@@ -245,7 +247,32 @@ def remove(model: nn.Module) -> nn.Module:
         (4, False)
     """
     _checks.check_eager_model(model, "model")
-    for module, name in _targets.require_pruned(model, "nothing to remove").values():
-        _prune.remove(module, name)
-    _parents.link(model)
+    targets = _targets.require_pruned(model, "nothing to remove")
+    # Valid input cannot fail below, but torch can (out of memory at the k-th tensor) and so can
+    # Ctrl-C: the tensors before would be permanent. The record puts back the tables, hooks and
+    # the entries of each <name>_orig that its mask zeroed (or its signs reflected), kept in
+    # host memory just before: the values the effective weight no longer holds, and only those
+    # (a copy of every weight_orig would hold them all, on the device as they are freed).
+    undo = _undo.Undo(model, optimizers=_projection.optimizers(targets))
+    try:
+        with undo.saving():
+            for module, name in targets.values():
+                _keep_masked(module, name)
+                _prune.remove(module, name)
+            _parents.link(model)
+    except BaseException:
+        undo.restore()  # the entries go back into each Parameter's new storage
+        raise
     return model
+
+
+def _keep_masked(module: nn.Module, name: str) -> None:
+    """For :func:`remove`'s undo: keep the entries of ``<name>_orig`` that making it permanent
+    changes (where its mask, or signs, give the effective weight other values)."""
+    orig = module._parameters.get(name + "_orig")
+    if orig is None:  # parametrized since: remove() refuses it, nothing written
+        return
+    mask, sign = module._buffers[name + "_mask"], module._buffers.get(name + "_sign")
+    with torch.no_grad():
+        factor = mask if sign is None else _reparam.locked_factors(orig, mask, sign)
+    _undo.keep_product(orig, factor)

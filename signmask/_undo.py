@@ -144,3 +144,23 @@ def keep(tensor: torch.Tensor, where: torch.Tensor) -> None:
     with torch.no_grad():
         undo._values.append((tensor, _bits.pack_signs(where).cpu(), tensor[where].cpu(),
                              dict(tensor.__dict__)))  # marks such as a gradient's "masked"
+
+
+def keep_product(tensor: torch.Tensor, factor: torch.Tensor) -> None:
+    """Before ``tensor`` takes the values of ``tensor * factor`` (a mask, bool or float, or int8
+    factors in {-1, 0, +1}), in place or by a new ``.data``: :func:`keep` the entries that
+    change. For a bool or int8 factor, only where it is -1, or 0 over an entry not already a
+    zero (a real zero times 0 keeps its sign bit; a complex one may not, and is kept); for a
+    float mask (stock prune's), wherever it is not 1."""
+    if not active():
+        return
+    with torch.no_grad():
+        if factor.dtype not in (torch.bool, torch.int8):
+            where = factor != 1
+        else:
+            where = ~factor if factor.dtype == torch.bool else factor == 0
+            if not tensor.is_complex():
+                where &= tensor != 0  # NaN and inf included: their product with 0 is NaN
+            if factor.dtype == torch.int8:
+                where |= factor < 0
+        keep(tensor, where)

@@ -649,6 +649,34 @@ def test_a_failure_under_the_projection_backend_leaves_weights_gradients_and_sta
     assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.prune(m, 0.5), rest=outside)
 
 
+@pytest.mark.parametrize("signs, backend", [(None, "torch"), ("locked", "torch"), (None, "projection"), ("locked", "projection")])
+def test_remove_failing_at_any_torch_call_leaves_the_model_untouched(signs, backend):
+    # An out-of-memory error (or Ctrl-C) at the k-th tensor left the tensors before it
+    # permanent: their pruned values of weight_orig gone, their projection hooks removed.
+    def make():
+        torch.manual_seed(0)
+        model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.5, signs=signs)
+        with torch.no_grad():
+            model[0].weight_orig.neg_()  # disagrees with its locks: removing reflects it
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        if backend == "projection":
+            signmask.set_backend(model, "projection", optimizer=opt)
+        opt.zero_grad()
+        model(torch.randn(5, 4)).square().mean().backward()
+        opt.step()
+        return model, opt
+
+    assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.remove(m), rest=outside)
+
+
+def test_remove_failing_at_any_torch_call_leaves_stock_pruning_untouched():
+    template = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():  # stock prune's weight is no leaf otherwise, and deepcopy refuses it
+        tprune.l1_unstructured(template[0], "weight", 0.5)
+        tprune.random_unstructured(template[1], "weight", 0.5)
+    assert_each_fault_leaves_it_untouched(lambda: (copy.deepcopy(template),), signmask.remove, rest=outside)
+
+
 def test_a_failure_adopting_stock_pruning_leaves_the_stock_hooks():
     template = tiny()
     with torch.no_grad():  # stock prune's weight is no leaf otherwise, and deepcopy refuses it
