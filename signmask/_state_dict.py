@@ -291,7 +291,8 @@ def _install_and_load(model: nn.Module, plan: dict, state_dict, strict: bool):
     except BaseException:
         for module, tensor in reversed(installed):
             _reparam.uninstall(module, tensor)
-        undo.restore()
+        undo.restore(refresh=False)
         _put_values(saved)  # last: over the loaded values the projection's entries went back to
+        undo.refresh()  # the effective weights, of the values put back
         raise
     return skipped

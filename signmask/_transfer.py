@@ -221,9 +221,10 @@ def transfer(
                     _reparam.install(module, name, keep, _methods.FromSignedMask(signed), negative=negative)
         _parents.link(model)
     except BaseException:
-        undo.restore()
+        undo.restore(refresh=False)
         with torch.no_grad():
             for target, values in saved:
                 target.copy_(values)
+        undo.refresh()
         raise
     return model

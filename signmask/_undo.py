@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import weakref
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _bits
+from . import _bits, _reparam
 
 # A module's tables that installing, removing or linking a reparametrization edits.
 _TABLES = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_pre_hooks",
@@ -31,8 +32,8 @@ class Undo:
     call that failed midway (an out-of-memory error at the k-th layer, Ctrl-C).
 
     It keeps the module's tables of parameters, buffers and hooks, its tensor attributes (the
-    ``weight`` aliases) and the attributes of its pruning hooks (their history, backend): the
-    same objects, never a copy of a tensor's values. Outside the model, it keeps the
+    ``weight`` aliases, weakly: see :meth:`_record`) and the attributes of its pruning hooks
+    (their history, backend): the same objects, never a copy of a tensor's values. Outside the model, it keeps the
     post-accumulate-grad hooks of its Parameters, and the hook tables and state dicts of
     ``optimizers`` (with the attributes of the hook objects there, which list the tensors they
     serve; each parameter's state dict shallowly, its tensors not copied). Values
@@ -52,7 +53,13 @@ class Undo:
     @staticmethod
     def _record(module: nn.Module) -> tuple:
         tables = {t: getattr(module, t).copy() for t in _TABLES if hasattr(module, t)}
-        aliases = {k: v for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)}
+        # An effective weight computed into memory of its own, weakly: one the call replaces is
+        # then freed at once, as without the record (strongly, a pruning would hold every layer's
+        # old one, 4 bytes per weight, to its end), and one gone by the restore is recomputed.
+        # A view of a Parameter (the projection backend's) costs nothing: strongly.
+        owned = {_address(p) for p in module._parameters.values()} - {None}
+        aliases = {k: v if _address(v) in owned else weakref.ref(v)
+                   for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)}
         hooks = [(h, dict(h.__dict__)) for h in module._forward_pre_hooks.values()
                  if isinstance(h, _prune.BasePruningMethod)]
         return tables, aliases, hooks
@@ -82,9 +89,12 @@ class Undo:
             outer._values += self._values
         self._values = []
 
-    def restore(self) -> None:
+    def restore(self, *, refresh: bool = True) -> None:
         """Put every recorded table, alias and hook attribute back, then the values kept (the
-        only tensors it allocates: one tensor's positions and values at a time)."""
+        only tensors it allocates: one tensor's positions and values at a time), then the
+        effective weights freed since the record (the torch and triton backends': computed
+        without side effects)."""
+        gone = []
         for module, (tables, aliases, hooks) in self._records:
             for table, saved in tables.items():
                 live = getattr(module, table)  # the same object: hook handles hold it weakly
@@ -93,7 +103,12 @@ class Undo:
             for key in [k for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)]:
                 if key not in aliases:
                     del module.__dict__[key]
-            module.__dict__.update(aliases)
+            for key, ref in aliases.items():
+                value = ref() if isinstance(ref, weakref.ref) else ref
+                if value is not None:
+                    module.__dict__[key] = value
+                else:
+                    gone.append((module, key))
             for hook, state in hooks:
                 hook.__dict__.clear()
                 hook.__dict__.update(state)
@@ -124,6 +139,24 @@ class Undo:
                 tensor.__dict__.clear()
                 tensor.__dict__.update(marks)
         self._values = []
+        self._gone = gone
+        if refresh:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the effective weights :meth:`restore` found freed, from the values as they
+        are now: a caller that writes values back itself calls ``restore(refresh=False)``,
+        writes them, then this."""
+        for module, name in self._gone:
+            _reparam.refresh(module, name)
+        self._gone = []
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    """Where ``t``'s memory starts (None for no tensor, or a lazy one, which has none yet)."""
+    if t is None or nn.parameter.is_lazy(t):
+        return None
+    return t.untyped_storage().data_ptr()
 
 
 def active() -> bool:

@@ -734,3 +734,27 @@ def test_remove_keeps_a_parameter_assigned_over_a_pruned_weight(signs):
     assert net.weight is new and dict(net.named_parameters()).keys() == {"weight", "bias"}
     assert not hasattr(net, "weight_mask") and not hasattr(net, "weight_sign")
     assert not torch.nn.utils.prune.is_pruned(net)
+
+
+def test_a_pruning_frees_each_replaced_effective_weight_at_once(monkeypatch):
+    # What a failure midway must put back is recorded without holding the effective weights
+    # the call replaces: held, a pruning would keep every layer's old one (4 bytes per weight,
+    # on the device) until it returns, and could itself run out of memory.
+    import weakref
+
+    from signmask import _reparam
+
+    model = signmask.prune(tiny(0), 0.3)
+    layers = [m for m in model.modules() if hasattr(m, "weight_mask")]
+    old = [weakref.ref(m.weight) for m in layers]
+    alive_at_install = []
+    install = _reparam.install
+
+    def spy(module, name, *args, **kwargs):
+        alive_at_install.append([ref() is not None for ref in old])
+        return install(module, name, *args, **kwargs)
+
+    monkeypatch.setattr(_reparam, "install", spy)
+    signmask.prune(model, 0.3)
+    # Installing layer i, the old weights of layers 0..i-1 are gone, those after still held.
+    assert alive_at_install == [[j >= i for j in range(len(layers))] for i in range(len(layers))]
