@@ -254,9 +254,11 @@ def set_backend(
             ``fuse_modules`` and ``convert`` do); a weight on the meta device or sharded (a DTensor).
         ImportError: ``"triton"`` without triton installed.
         RuntimeError: ``"triton"`` with CPU tensors (unless ``TRITON_INTERPRET=1``).
-        The model is left untouched in every case, and so are the optimizers' hooks and state
-        where torch fails midway (out of memory) or on Ctrl-C: a copy in host memory of the
-        entries ``"projection"`` zeroes or reflects puts them back.
+        The model is left untouched in every case. Where torch fails midway (out of memory) or
+        on Ctrl-C, the model, the optimizers' hooks and the Parameters' gradient hooks are put
+        back, and the network computes and trains as before; only pruned entries of
+        ``weight_orig``, its gradient and its optimizer state that ``"projection"`` zeroed
+        (values nothing reads under the masks) may stay 0.
 
     Example:
         >>> import torch, signmask
@@ -273,10 +275,12 @@ def set_backend(
     impl.check(targets, optimizer)
     # Valid input cannot fail below, but torch can (out of memory at the k-th layer) and so can
     # Ctrl-C: the layers before would be switched, their hooks on the optimizers and Parameters
-    # changed, and under projection their weights and state masked. The record puts all back.
+    # changed, and under projection their weights and state masked. The record puts back all
+    # but the pruned entries zeroed (dead=True: nothing reads them; keeping them would copy
+    # about 4 bytes per pruned weight and state tensor every call).
     undo = _undo.Undo(model, optimizers=_projection.optimizers(targets, optimizer))
     try:
-        with undo.saving():
+        with undo.saving(dead=True):
             if backend != "projection":
                 for module, name in targets.values():
                     _projection.forget(module, name)

@@ -235,9 +235,10 @@ def remove(model: nn.Module) -> nn.Module:
         ValueError: nothing in ``model`` is pruned, a pruned weight is on the meta device
             or sharded (a DTensor; gather it first), or a pruning hook was moved onto a module
             without its mask (``torch.ao.quantization``'s ``fuse_modules`` and ``convert`` do:
-            remove before them). Nothing is changed then, nor where torch fails midway (out of
-            memory) or on Ctrl-C: a copy in host memory of the entries the masks drop puts them
-            back (each into its Parameter's new storage).
+            remove before them). Nothing is changed then. Where torch fails midway (out of
+            memory) or on Ctrl-C, the model is left pruned as it was, computing and training as
+            before; only the pruned entries of the ``weight_orig`` it reached (values nothing
+            reads under the masks) may be 0.
 
     Example:
         >>> import torch, signmask
@@ -249,13 +250,13 @@ def remove(model: nn.Module) -> nn.Module:
     _checks.check_eager_model(model, "model")
     targets = _targets.require_pruned(model, "nothing to remove")
     # Valid input cannot fail below, but torch can (out of memory at the k-th tensor) and so can
-    # Ctrl-C: the tensors before would be permanent. The record puts back the tables, hooks and
-    # the entries of each <name>_orig that its mask zeroed (or its signs reflected), kept in
-    # host memory just before: the values the effective weight no longer holds, and only those
-    # (a copy of every weight_orig would hold them all, on the device as they are freed).
+    # Ctrl-C: the tensors before would be permanent. The record puts back the tables and hooks,
+    # and the locked weights whose signs a tensor's removal reflects (kept in host memory just
+    # before). The pruned entries it zeroes stay 0 (dead=True): nothing reads them under the
+    # masks put back, and keeping them would copy about 4 bytes per pruned weight every call.
     undo = _undo.Undo(model, optimizers=_projection.optimizers(targets))
     try:
-        with undo.saving():
+        with undo.saving(dead=True):
             for module, name in targets.values():
                 _keep_masked(module, name)
                 _prune.remove(module, name)
@@ -268,11 +269,12 @@ def remove(model: nn.Module) -> nn.Module:
 
 def _keep_masked(module: nn.Module, name: str) -> None:
     """For :func:`remove`'s undo: keep the entries of ``<name>_orig`` that making it permanent
-    changes (where its mask, or signs, give the effective weight other values)."""
+    changes and that are read (locked weights its signs reflect; see ``Undo.saving(dead=)``)."""
     orig = module._parameters.get(name + "_orig")
-    if orig is None:  # parametrized since: remove() refuses it, nothing written
+    sign = module._buffers.get(name + "_sign")
+    if orig is None or sign is None:  # parametrized since (remove() refuses it), or free signs
         return
-    mask, sign = module._buffers[name + "_mask"], module._buffers.get(name + "_sign")
+    mask = module._buffers[name + "_mask"]
     with torch.no_grad():
-        factor = mask if sign is None else _reparam.locked_factors(orig, mask, sign)
+        factor = _reparam.locked_factors(orig, mask, sign)
     _undo.keep_product(orig, factor)

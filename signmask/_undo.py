@@ -49,6 +49,7 @@ class Undo:
         self._grad_hooks = [(p, dict(p._post_accumulate_grad_hooks or {})) for p in model.parameters()]
         self._optimizers = [(opt, self._record_optimizer(opt)) for opt in optimizers]
         self._values: list[tuple] = []
+        self._dead = False
 
     @staticmethod
     def _record(module: nn.Module) -> tuple:
@@ -75,10 +76,16 @@ class Undo:
         return tables, hooks, states
 
     @contextlib.contextmanager
-    def saving(self):
+    def saving(self, *, dead: bool = False):
         """Within it, :func:`keep` keeps in this record the values the call overwrites in place.
         On success they pass to the record of a call around this one, if any: a failure there
-        must undo them too."""
+        must undo them too.
+
+        ``dead``: the call zeroes only entries that its masks leave pruned before and after
+        (``set_backend``, ``remove``), values nothing reads: only the sign flips of locked
+        weights are kept, so the success path copies nothing for free masks (keeping every
+        zeroed entry would take about 4 bytes per pruned weight in host memory)."""
+        self._dead = dead
         token = _ACTIVE.set(self)
         try:
             yield self
@@ -185,10 +192,13 @@ def keep_product(tensor: torch.Tensor, factor: torch.Tensor) -> None:
     change. For a bool or int8 factor, only where it is -1, or 0 over an entry not already a
     zero (a real zero times 0 keeps its sign bit; a complex one may not, and is kept); for a
     float mask (stock prune's), wherever it is not 1."""
-    if not active():
+    undo = _ACTIVE.get()
+    if undo is None or (undo._dead and factor.dtype != torch.int8):
         return
     with torch.no_grad():
-        if factor.dtype not in (torch.bool, torch.int8):
+        if undo._dead:  # an int8 factor's zeros fall on dead entries: its -1s only
+            where = factor < 0
+        elif factor.dtype not in (torch.bool, torch.int8):
             where = factor != 1
         else:
             where = ~factor if factor.dtype == torch.bool else factor == 0

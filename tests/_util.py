@@ -155,11 +155,17 @@ def projection_hooks(opt) -> list:
     return [fn for t in tables for fn in getattr(opt, t).values() if isinstance(fn, _projection._OptimizerHook)]
 
 
-def snapshot(model: nn.Module):
+def snapshot(model: nn.Module, alive_only: bool = False):
     """Everything a failed call must leave untouched: tensors (and extra state), parameter
-    objects, hooks."""
+    objects, hooks. ``alive_only``: each ``<name>_orig`` at the entries its mask keeps."""
+    sd = model.state_dict()
+
+    def read(k, v):
+        mask = sd.get(k[: -len("_orig")] + "_mask") if alive_only and k.endswith("_orig") else None
+        return v.detach().clone() if mask is None else torch.where(mask.bool(), v.detach(), 0)
+
     return (
-        {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in model.state_dict().items()},
+        {k: read(k, v) if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in sd.items()},
         [(n, id(p)) for n, p in model.named_parameters()],
         [(n, list(m._forward_pre_hooks.values()), list(m._forward_hooks.values())) for n, m in model.named_modules()],
     )
@@ -268,38 +274,79 @@ class FailAt(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def layout(model: nn.Module):
-    """:func:`snapshot` plus what it leaves out: buffers and attributes of every module (the
-    values of its tensor attributes too: ``module.weight`` must be the restored mask's), and
-    the state of its pruning hooks."""
-    return snapshot(model), [
+def layout(model: nn.Module, alive_only: bool = False):
+    """:func:`snapshot` plus what it leaves out: buffers and attributes of every module, and
+    the state of its pruning hooks; and apart, the values of its tensor attributes (see
+    :func:`same_aliases`)."""
+    return snapshot(model, alive_only), [
         (n, list(m._buffers), sorted(m.__dict__),
-         [(k, v.detach().clone()) for k, v in sorted(m.__dict__.items()) if isinstance(v, torch.Tensor)],
          [(type(h).__name__, [type(p).__name__ for p in getattr(h, "_pruning_methods", ())])
           for h in m._forward_pre_hooks.values()])
         for n, m in model.named_modules()
-    ]
+    ], [(n, k, v.detach().clone(), _masked(m, k)) for n, m in model.named_modules()
+        for k, v in sorted(m.__dict__.items()) if isinstance(v, torch.Tensor)]
 
 
-def outside(model: nn.Module, *optimizers) -> list:
+def _masked(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``<name>_orig`` under its mask and signs, as the torch path computes it (None: no
+    pruned tensor of that name)."""
+    orig, mask = module._parameters.get(name + "_orig"), module._buffers.get(name + "_mask")
+    if orig is None or mask is None or mask.dtype != torch.bool:
+        return None
+    with torch.no_grad():
+        return _reparam.masked_weight(orig, mask, module._buffers.get(name + "_sign")).clone()
+
+
+def same_aliases(before: list, after: list) -> bool:
+    """The tensor attributes (``module.weight``) after a failed call: each as it was, or
+    recomputed from the restored tensors (the value a stale one, computed before an optimizer
+    step, would take at the next forward); never of the failed call's masks."""
+    if [(n, k) for n, k, _, _ in before] != [(n, k) for n, k, _, _ in after]:
+        return False
+    return all(torch.equal(v1, v0) or (m1 is not None and torch.equal(v1, m1))
+               for (_, _, v0, _), (_, _, v1, m1) in zip(before, after))
+
+
+def outside(model: nn.Module, *optimizers, alive_only: bool = False) -> list:
     """What :func:`layout` leaves out and a failed call must leave too: the model's tensors and
     gradients bit for bit (signed zeros), with their attributes (a gradient's "masked" mark);
     its Parameters' post-accumulate-grad hooks; and each optimizer's state and hook tables,
-    with the attributes of the hook objects (the tensors a projection hook serves)."""
+    with the attributes of the hook objects (the tensors a projection hook serves).
+
+    ``alive_only``: a pruned ``<name>_orig``, its gradient and its per-weight optimizer state
+    are read at the entries their mask keeps (``set_backend`` and ``remove`` may zero the
+    others, which nothing reads)."""
     def attrs(fn):
         return None if inspect.isroutine(fn) or not hasattr(fn, "__dict__") else dict(vars(fn))
 
+    masks = {}  # id(<name>_orig) -> its mask
+    for m in model.modules() if alive_only else ():
+        for key, mask in m._buffers.items():
+            orig = m._parameters.get(key[: -len("_mask")] + "_orig") if key.endswith("_mask") else None
+            if orig is not None:
+                masks[id(orig)] = mask.bool()
+
+    def read(t, owner):
+        mask = masks.get(id(owner))
+        value = t.detach().clone()
+        return value if mask is None or value.shape != mask.shape else torch.where(mask, value, 0)
+
     tables = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_load_state_dict_post_hooks")
-    out = [[(n, t.detach().clone(), dict(vars(t))) for n, t in model.state_dict(keep_vars=True).items()
+    out = [[(n, read(t, t), dict(vars(t))) for n, t in model.state_dict(keep_vars=True).items()
             if isinstance(t, torch.Tensor)]]
     for n, p in model.named_parameters():
-        grad = None if p.grad is None else (p.grad.clone(), dict(vars(p.grad)))
+        grad = None if p.grad is None else (read(p.grad, p), dict(vars(p.grad)))
         out.append((n, grad, list((p._post_accumulate_grad_hooks or {}).items())))
     for opt in optimizers:
-        state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+        state = [{k: read(v, p) if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
                  for group in opt.param_groups for p in group["params"] if p in opt.state]
         out.append((state, [[(k, fn, attrs(fn)) for k, fn in getattr(opt, t).items()] for t in tables]))
     return out
+
+
+def outside_alive(model: nn.Module, *optimizers) -> list:
+    """:func:`outside` at the entries the masks keep."""
+    return outside(model, *optimizers, alive_only=True)
 
 
 def same(a, b) -> bool:
@@ -313,18 +360,18 @@ def same(a, b) -> bool:
     return a == b
 
 
-def assert_each_fault_leaves_it_untouched(make, call, rest=None):
+def assert_each_fault_leaves_it_untouched(make, call, rest=None, alive_only=False):
     """Make a fresh ``(model, *rest) = make()`` for each torch call ``call(model, *rest)`` makes,
     fail it at that call, and check the model is as it was, and that the call then succeeds as
     on a model it never failed on. ``rest(model, *rest)``: what else must be as it was (see
-    :func:`outside`)."""
+    :func:`outside`). ``alive_only``: pruned entries of ``<name>_orig`` may be zeroed."""
     clean = make()
     with FailAt() as counter:
         call(*clean)
     clean = layout(clean[0])
     for at in range(1, counter.calls + 1):
         args = make()
-        before = layout(args[0])
+        before = layout(args[0], alive_only)
         others = None if rest is None else rest(*args)
         try:
             with FailAt(at):
@@ -332,12 +379,14 @@ def assert_each_fault_leaves_it_untouched(make, call, rest=None):
         except Exception as e:  # torch's load_state_dict re-raises it as its own RuntimeError
             if "injected at call" not in str(e):
                 raise
-            after = layout(args[0])
+            after = layout(args[0], alive_only)
             assert_same(before[0], after[0])
             assert same(before[1], after[1]), f"fault at call {at}"
+            assert same_aliases(before[2], after[2]), f"fault at call {at}: module.weight"
             assert others is None or same(others, rest(*args)), f"fault at call {at}"
             call(*args)
         # else: caught on the way, where torch's own RuntimeError means "take another path"
         again = layout(args[0])
         assert_same(clean[0][:1] + again[0][1:], again[0])
         assert same(clean[1], again[1]), f"fault at call {at}"
+        assert same_aliases(clean[2], again[2]), f"fault at call {at}: module.weight"

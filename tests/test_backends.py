@@ -12,7 +12,7 @@ from torch import nn
 
 import signmask
 from signmask import _backends, _reparam
-from _util import assert_each_fault_leaves_it_untouched, backends_of, bits_equal, conv_net, conv_net_batches, effective_weights, orig_grads, outside, projection_hooks, pruned_conv_net
+from _util import assert_each_fault_leaves_it_untouched, backends_of, bits_equal, conv_net, conv_net_batches, effective_weights, orig_grads, outside, outside_alive, projection_hooks, pruned_conv_net
 
 
 # ------------------------------------------------------------------ registry and set_backend
@@ -219,5 +219,6 @@ def test_a_failure_at_any_torch_call_leaves_model_and_optimizer_untouched(signs,
         return model, new, opt
 
     assert_each_fault_leaves_it_untouched(
-        make, lambda m, new, old: _backends.set_backend(m, backend, optimizer=new), rest=outside
+        make, lambda m, new, old: _backends.set_backend(m, backend, optimizer=new), rest=outside_alive,
+        alive_only=True,
     )

@@ -17,7 +17,7 @@ from torch.nn.utils import prune as tprune
 
 import signmask
 from signmask import _methods
-from _util import assert_each_fault_leaves_it_untouched, assert_same, kept, outside, snapshot, tiny
+from _util import assert_each_fault_leaves_it_untouched, assert_same, kept, outside, outside_alive, snapshot, tiny
 
 
 def _numel(model, names=("conv1", "conv2", "fc")):
@@ -666,7 +666,8 @@ def test_remove_failing_at_any_torch_call_leaves_the_model_untouched(signs, back
         opt.step()
         return model, opt
 
-    assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.remove(m), rest=outside)
+    assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.remove(m), rest=outside_alive,
+                                          alive_only=True)
 
 
 def test_remove_failing_at_any_torch_call_leaves_stock_pruning_untouched():
@@ -674,7 +675,8 @@ def test_remove_failing_at_any_torch_call_leaves_stock_pruning_untouched():
     with torch.no_grad():  # stock prune's weight is no leaf otherwise, and deepcopy refuses it
         tprune.l1_unstructured(template[0], "weight", 0.5)
         tprune.random_unstructured(template[1], "weight", 0.5)
-    assert_each_fault_leaves_it_untouched(lambda: (copy.deepcopy(template),), signmask.remove, rest=outside)
+    assert_each_fault_leaves_it_untouched(lambda: (copy.deepcopy(template),), signmask.remove, rest=outside_alive,
+                                          alive_only=True)
 
 
 def test_a_failure_adopting_stock_pruning_leaves_the_stock_hooks():
