@@ -151,9 +151,14 @@ def prune_targets(
     *,
     scope: str = "global",
     signs: str | None = None,
+    flips_out: list | None = None,
 ) -> nn.Module:
     """Prune ``targets`` (from ``_targets.select(model)``) with ``ranker``: ``prune``'s core,
-    for callers that already selected (``apply``, the search), so selection warns once."""
+    for callers that already selected (``apply``, the search), so selection warns once.
+
+    ``flips_out``: a list that takes, on success, what :func:`unflip` needs to turn the masks
+    written in place back (the search undoes a pruning whose round fails after it); the
+    tables and values go to the caller's :meth:`_undo.Undo.saving` record."""
     check_untied(targets, model)
     for key, (module, name) in targets.items():
         check_prunable(key, module, name, signs=signs)
@@ -196,12 +201,20 @@ def prune_targets(
                     _reparam.install(module, name, keep, ranker, negative=negative)
             _parents.link(model)
     except BaseException:
+        unflip(flips)
+        undo.restore()
+        raise
+    if flips_out is not None:
+        flips_out += flips
+    return model
+
+
+def unflip(flips: list) -> None:
+    """Turn the masks :func:`prune_targets` wrote in place back (see :func:`_flip`)."""
+    with torch.no_grad():
         for mask, version, flip in filter(None, flips):
             if mask._version != version:  # written: turn it back
                 mask.bitwise_xor_(flip)
-        undo.restore()
-        raise
-    return model
 
 
 def _flip(module: nn.Module, name: str, keep: torch.Tensor) -> tuple | None:

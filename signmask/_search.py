@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import (_distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume,
-               _snapshot, _targets)
+               _snapshot, _targets, _undo)
 from ._progress import OWN_RECORDS, RoundBar
 from ._extract import extract
 from ._ticket import Ticket
@@ -195,6 +195,10 @@ class Search:
             ValueError: the rewind point lies beyond the training done in round 0 (nothing changes;
                 train on and call again); the optimizer's parameter groups changed since
                 :func:`signmask.apply`, or a searched tensor's module was replaced or removed.
+            Where torch fails midway (out of memory) or on Ctrl-C, the search, model, optimizer
+            and scheduler are left as they were, the round still running: call it again.
+            Under the projection backend, a failure masking the rewound weights (the last
+            step of an IMP/OMP round end) leaves them rewound.
 
         Example:
             >>> import torch, signmask
@@ -218,10 +222,6 @@ class Search:
                 f"trained only {self.step} optimizer steps; train longer or rewind earlier"
             )
         _targets.check_present(self.model, self._targets)
-        self._capture_schedule()
-        if self.round < self.config.prune_steps:
-            self._check_restartable()
-        self.history[-1]["steps"] = self.round_step
         if self.round_step == 0 and _distributed.rank0():  # one warning, not one per DDP rank
             warnings.warn(
                 f"round {self.round} took no optimizer step (a rewind point at or past the end of "
@@ -229,17 +229,38 @@ class Search:
                 UserWarning,
                 stacklevel=2,
             )
-        self._close_bar()
+        # Valid state cannot fail below, but torch can (out of memory) and so can Ctrl-C: a round
+        # pruned but not rewound, or rewound but not restarted. Everything is put back (the masks
+        # by their flips, the search's attributes, optimizer, scheduler), but the weights, which
+        # a copy would double: their rewind is the last write, one call (see _snapshot.rewind).
+        undo, flips = _undo.Undo(self.model, optimizers=[self.optimizer]), []
+        saved = _snapshot.RoundRecord(self)
+        try:
+            with undo.saving():
+                self._end_round(flips)
+        except BaseException:
+            _prune.unflip(flips)
+            saved.restore(undo)
+            raise
+        self._close_bar()  # the round's line, once it ended
+
+    def _end_round(self, flips: list) -> None:
+        """:meth:`finish_round`'s changes, everything checked before; the masks' flips go to
+        ``flips``."""
+        self._capture_schedule()
+        if self.round < self.config.prune_steps:
+            self._check_restartable()
+        self.history[-1]["steps"] = self.round_step
         if self.round == self.config.prune_steps:
-            self._finish_search()
+            meta = self.config.metadata()
+            self._ticket = extract(self.model, biases=True, dense=True, norms=True, metadata=meta)
+            self._remove_hooks()
+            self.in_round, self.done = False, True
             return
-        self._prune_to(self.kept_schedule[self.round])
-        if self._rewind_weights is not None:
-            _snapshot.put_weights(self.model, self._rewind_weights)
-            # A compiled forward skips the projection backend's check of orig's version.
-            for module, name in self._targets.values():
-                _reparam.refresh(module, name)
+        self._prune_to(self.kept_schedule[self.round], flips)
         _snapshot.put_schedule(self.optimizer, self.scheduler, self._restart)
+        if self._rewind_weights is not None:
+            _snapshot.rewind(self.model, self._targets, self._rewind_weights)
         self.round, self.in_round = self.round + 1, False
 
     @property
@@ -308,16 +329,11 @@ class Search:
         # count_nonzero, not sum(): that would copy a bool mask to int64 (the masks are binary).
         return sum(int(mask.count_nonzero()) for mask in self._masks("the search").values())
 
-    def _prune_to(self, kept: int) -> None:
+    def _prune_to(self, kept: int, flips: list) -> None:
         # A count, not a fraction: (alive - kept) / alive could round to one weight more or less.
-        _prune.prune_targets(self.model, self._targets, _methods.L1Magnitude(self._kept() - kept))
+        ranker = _methods.L1Magnitude(self._kept() - kept)
+        _prune.prune_targets(self.model, self._targets, ranker, flips_out=flips)
         _distributed.broadcast_masks(self._targets)
-
-    def _finish_search(self) -> None:
-        meta = self.config.metadata()
-        self._ticket = extract(self.model, biases=True, dense=True, norms=True, metadata=meta)
-        self.close()
-        self.in_round, self.done = False, True
 
     def close(self, *copies: nn.Module) -> None:
         """Remove the search's hooks (optimizer hooks, norm interpolation) and end it.
@@ -346,13 +362,16 @@ class Search:
         for copy in copies:
             if not isinstance(copy, nn.Module):
                 raise TypeError(f"close() takes copies of the model (nn.Module), got {type(copy).__name__}")
+        self._remove_hooks(*copies)
+        self._close_bar()
+
+    def _remove_hooks(self, *copies: nn.Module) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
         for model in (self.model, *copies):
             if _interpolate.interpolated(model):
                 _interpolate.detach(model)
-        self._close_bar()
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self.in_round:
@@ -441,3 +460,4 @@ class Search:
             RuntimeError: the search was closed or is done.
         """
         _resume.restore(self, state)
+

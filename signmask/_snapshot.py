@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _targets
+from . import _backends, _reparam, _targets
 
 # Reparametrization buffers are not weights: masks move on, norm inits and signs never change.
 # They sit beside an ``<name>_orig`` Parameter; a user's own ``scale_init`` does not.
@@ -48,6 +48,36 @@ def put_weights(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, t in live.items():
             t.copy_(snapshot[k])
+
+
+def rewind(model: nn.Module, targets: dict[str, tuple[nn.Module, str]],
+           snapshot: dict[str, torch.Tensor]) -> None:
+    """:func:`put_weights`, and each target's ``module.<name>`` recomputed for the values put.
+
+    Inside a search's round end, which a failure must leave as it was: the one write comes
+    last, as a single torch call, which fails before it writes anything; every
+    ``module.<name>`` is computed before it, from the snapshot's values (a recorded alias is
+    put back after a failure). Only under the projection backend, whose ``module.<name>`` is a
+    view of ``<name>_orig`` that it masks in place, are they masked after the write."""
+    live = live_weights(model)
+    check_same_keys(live, snapshot, "the rewind snapshot")
+    source = {id(t): snapshot[k] for k, t in live.items()}
+    projected = []
+    with torch.no_grad():
+        for module, name in targets.values():
+            hook = _reparam.find_hook(module, name)[1]
+            backend = getattr(hook, "backend", "torch")
+            if backend == "projection":
+                projected.append((module, name))
+                continue
+            orig = _reparam.original(module, name)
+            mask, sign = module._buffers[name + "_mask"], module._buffers.get(name + "_sign")
+            weight = _backends.BACKENDS[backend].weight(hook, module, source[id(orig)], mask, sign, False)
+            module.__dict__[name] = weight.detach()
+        torch._foreach_copy_(list(live.values()), [snapshot[k] for k in live])
+    # A compiled forward skips the projection backend's check of orig's version.
+    for module, name in projected:
+        _reparam.refresh(module, name)
 
 
 def check_same_keys(live: dict[str, torch.Tensor], snapshot: dict[str, torch.Tensor], what: str) -> None:
@@ -115,3 +145,42 @@ def _refill(old: dict, new: dict) -> None:
                 now.copy_(value)
         else:
             old[key] = value
+
+
+class RoundRecord:
+    """What :meth:`signmask.Search.finish_round` changes beside the model's tables and values
+    (which its ``_undo.Undo`` record puts back), for :meth:`restore` after a failure: the
+    search's attributes and its round's record, the optimizer's attributes (``load_state_dict``
+    replaces its state and groups) and parameter groups (a tensor learning rate is written in
+    place: a copy of it), and the scheduler's state (a deep copy, as :func:`take_schedule`)."""
+
+    def __init__(self, search) -> None:
+        self.search, self.attributes = search, dict(search.__dict__)
+        self.record = search.history[-1], dict(search.history[-1])
+        opt = self.optimizer = search.optimizer
+        self.opt_attributes = dict(opt.__dict__)
+        with torch.no_grad():
+            self.groups = [(g, dict(g), {k: v.clone() for k, v in g.items() if isinstance(v, torch.Tensor)})
+                           for g in opt.param_groups]
+        scheduler = search.scheduler
+        self.scheduler = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
+
+    def restore(self, undo) -> None:
+        """Put it all back, with ``undo`` after the optimizer's attributes: its state dict, back
+        then, is the one the record fills."""
+        self.optimizer.__dict__.clear()
+        self.optimizer.__dict__.update(self.opt_attributes)
+        with torch.no_grad():
+            for group, items, tensors in self.groups:
+                group.clear()
+                group.update(items)
+                for k, v in tensors.items():
+                    items[k].copy_(v)
+        undo.restore()  # the optimizer's own state dict, back above
+        if self.scheduler is not None:
+            self.search.scheduler.load_state_dict(self.scheduler)
+        self.search.__dict__.clear()
+        self.search.__dict__.update(self.attributes)
+        record, items = self.record
+        record.clear()
+        record.update(items)

@@ -1150,3 +1150,42 @@ def test_a_search_trains_and_prunes_as_a_plain_float64_loop_does(method, rewind,
     assert ticket.norms.keys() == set(TINY_NORMS)
     for key in TINY_NORMS:
         assert torch.allclose(ticket.norms[key], final[key], rtol=0, atol=1e-12), key
+
+
+def _in_round(method, finished, backend="torch", **kw):
+    """A TinyNet search (one pruning) on ``backend`` with ``finished`` rounds run two steps each,
+    and the next one started and stepped twice (with its scheduler); all four."""
+    model, opt, sched, search = make_search(method, 0.5, rounds=1, **kw)
+    if backend == "projection":
+        signmask.set_backend(model, "projection", optimizer=opt)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    for finish in [True] * finished + [False]:
+        search.start_round()
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            sched.step()
+        search.report(loss=1.0)
+        if finish:
+            search.finish_round()
+    return model, search, opt, sched
+
+
+@pytest.mark.parametrize("method, finished, backend, kw", [
+    ("imp", 0, "torch", {}), ("imp", 0, "torch", {"rewind": "1it"}), ("aws", 0, "torch", {}),
+    ("aws", 1, "torch", {}), ("lrr", 0, "projection", {}),
+])
+def test_a_failure_at_any_torch_call_leaves_the_round_unfinished_and_everything_as_it_was(method, finished, backend, kw):
+    # A failure after the pruning (out of memory, Ctrl-C) left the round pruned but not rewound,
+    # or rewound with the optimizer's momentum and the scheduler not restarted, its record
+    # holding its steps: a second call pruned again.
+    from _util import assert_each_fault_leaves_it_untouched, outside
+
+    def rest(model, search, opt, sched):
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        return [outside(model, opt), search.state_dict(), len(search._hooks), groups, sched.state_dict(),
+                opt.state is search.optimizer.state]
+
+    assert_each_fault_leaves_it_untouched(lambda: _in_round(method, finished, backend, **kw),
+                                          lambda model, search, opt, sched: search.finish_round(), rest=rest)
