@@ -144,10 +144,24 @@ class Search:
         self._check_open("start_round")
         if self.in_round:
             raise RuntimeError(f"round {self.round} is already running; call finish_round() first")
-        self.in_round, self.round_start_step = True, self.step
-        self.history.append({"round": self.round, "sparsity": self.sparsity})
-        self._draw_alpha()
-        self._open_bar()
+        record, record_start = {"round": self.round, "sparsity": self.sparsity}, self.round_start_step
+        # Torch can fail below (out of memory) and so can Ctrl-C: a round half started would
+        # refuse the next call. The AWS draw is put back too: a seed names one run.
+        generator = self._generator.get_state()
+        alpha = None if self._alpha is None else self._alpha.item()
+        try:
+            self._draw_alpha()
+            self.in_round, self.round_start_step = True, self.step
+            self.history.append(record)
+            self._open_bar()
+        except BaseException:
+            if self.history and self.history[-1] is record:
+                self.history.pop()
+            self.in_round, self.round_start_step = False, record_start
+            self._generator.set_state(generator)
+            if alpha is not None:
+                self._alpha.fill_(alpha)
+            raise
         return self.round
 
     def report(self, **metrics: float) -> None:

@@ -1189,3 +1189,20 @@ def test_a_failure_at_any_torch_call_leaves_the_round_unfinished_and_everything_
 
     assert_each_fault_leaves_it_untouched(lambda: _in_round(method, finished, backend, **kw),
                                           lambda model, search, opt, sched: search.finish_round(), rest=rest)
+
+
+@pytest.mark.parametrize("method", ["aws", "imp"])
+def test_a_failure_at_any_torch_call_leaves_the_next_round_unstarted(method):
+    # The round was marked running before its record's sparsity was read and AWS's `a` drawn:
+    # a failure there (out of memory, Ctrl-C) left it running, and start_round() refused.
+    from _util import assert_each_fault_leaves_it_untouched, outside
+
+    def between():
+        model, search, opt, sched = _in_round(method, 0)
+        search.finish_round()
+        return model, search, opt, sched
+
+    def rest(model, search, opt, sched):
+        return [outside(model, opt), search.state_dict(), len(search._hooks), sched.state_dict()]
+
+    assert_each_fault_leaves_it_untouched(between, lambda model, search, opt, sched: search.start_round(), rest=rest)
