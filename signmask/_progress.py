@@ -28,6 +28,18 @@ class RoundBar:
 
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False)
 
+    def open_round(self, search) -> None:
+        """Open the bar of ``search``'s current round (its description counts every mask: only
+        when a bar is shown)."""
+        if self.shown():
+            c = search.config
+            desc = f"{c.method} round {search.round}/{c.prune_steps} ({search.sparsity:.1%} sparse)"
+            self.open(desc, search.steps_per_round, search.round_step)
+
+    def close_round(self, search) -> None:
+        """:meth:`close` for ``search``'s current round."""
+        self.close(search.config.method, search.history)
+
     def update(self) -> None:
         if self.bar is not None:
             self.bar.update(1)

@@ -220,4 +220,4 @@ def _apply(search, state: dict[str, Any], masks: dict, flips: dict, generator, t
         search.close()
         search.in_round, search.done = False, True
     elif search.in_round:
-        search._open_bar()
+        search._bar.open_round(search)

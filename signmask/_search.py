@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import (_distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume,
-               _snapshot, _targets, _undo)
+               _snapshot, _targets)
 from ._progress import OWN_RECORDS, RoundBar
 from ._extract import extract
 from ._ticket import Ticket
@@ -144,24 +144,14 @@ class Search:
         self._check_open("start_round")
         if self.in_round:
             raise RuntimeError(f"round {self.round} is already running; call finish_round() first")
-        record, record_start = {"round": self.round, "sparsity": self.sparsity}, self.round_start_step
+        record = {"round": self.round, "sparsity": self.sparsity}
         # Torch can fail below (out of memory) and so can Ctrl-C: a round half started would
         # refuse the next call. The AWS draw is put back too: a seed names one run.
-        generator = self._generator.get_state()
-        alpha = None if self._alpha is None else self._alpha.item()
-        try:
+        with _snapshot.kept_on_failure(self, model=False):
             self._draw_alpha()
             self.in_round, self.round_start_step = True, self.step
             self.history.append(record)
-            self._open_bar()
-        except BaseException:
-            if self.history and self.history[-1] is record:
-                self.history.pop()
-            self.in_round, self.round_start_step = False, record_start
-            self._generator.set_state(generator)
-            if alpha is not None:
-                self._alpha.fill_(alpha)
-            raise
+            self._bar.open_round(self)
         return self.round
 
     def report(self, **metrics: float) -> None:
@@ -247,23 +237,16 @@ class Search:
         # pruned but not rewound, or rewound but not restarted. Everything is put back (the masks
         # by their flips, the search's attributes, optimizer, scheduler), but the weights, which
         # a copy would double: their rewind is the last write, one call (see _snapshot.rewind).
-        undo, flips = _undo.Undo(self.model, optimizers=[self.optimizer]), []
-        saved = _snapshot.RoundRecord(self)
-        try:
-            with undo.saving():
-                self._end_round(flips)
-        except BaseException:
-            _prune.unflip(flips)
-            saved.restore(undo)
-            raise
-        self._close_bar()  # the round's line, once it ended
+        with _snapshot.kept_on_failure(self) as flips:
+            self._end_round(flips)
+        self._bar.close_round(self)  # the round's line, once it ended
 
     def _end_round(self, flips: list) -> None:
         """:meth:`finish_round`'s changes, everything checked before; the masks' flips go to
         ``flips``."""
         self._capture_schedule()
-        if self.round < self.config.prune_steps:
-            self._check_restartable()
+        if self.round < self.config.prune_steps:  # the rewind and restart fit model and optimizer
+            _snapshot.check_restartable(self.model, self.optimizer, self._rewind_weights, self._restart)
         self.history[-1]["steps"] = self.round_step
         if self.round == self.config.prune_steps:
             meta = self.config.metadata()
@@ -321,11 +304,6 @@ class Search:
         if not self._hooks:
             raise RuntimeError(f"{what}(): the search was closed")
 
-    def _check_restartable(self) -> None:
-        """Raise before pruning if the rewind or the restart cannot be applied to the model and
-        optimizer as they are now (a parameter group added mid-search, a module replaced)."""
-        _snapshot.check_restartable(self.model, self.optimizer, self._rewind_weights, self._restart)
-
     def _masks(self, what: str) -> dict[str, torch.Tensor]:
         """The searched tensors' masks; a RuntimeError naming one that lost its mask."""
         masks = {}
@@ -377,7 +355,7 @@ class Search:
             if not isinstance(copy, nn.Module):
                 raise TypeError(f"close() takes copies of the model (nn.Module), got {type(copy).__name__}")
         self._remove_hooks(*copies)
-        self._close_bar()
+        self._bar.close_round(self)
 
     def _remove_hooks(self, *copies: nn.Module) -> None:
         for handle in self._hooks:
@@ -413,16 +391,6 @@ class Search:
             # step), drawn in float32 whatever the default dtype, so that a seed names one draw.
             a = torch.rand((), generator=self._generator, dtype=torch.float32).item()
             self._alpha.fill_(a)
-
-    def _open_bar(self) -> None:
-        if not self._bar.shown():  # its description reads every mask: not for nothing
-            return
-        c = self.config
-        desc = f"{c.method} round {self.round}/{c.prune_steps} ({self.sparsity:.1%} sparse)"
-        self._bar.open(desc, self.steps_per_round, self.round_step)
-
-    def _close_bar(self) -> None:
-        self._bar.close(self.config.method, self.history)
 
     # --------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
@@ -474,4 +442,3 @@ class Search:
             RuntimeError: the search was closed or is done.
         """
         _resume.restore(self, state)
-

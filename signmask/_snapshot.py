@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import _backends, _reparam, _targets
+from . import _backends, _prune, _reparam, _targets, _undo
 
 # Reparametrization buffers are not weights: masks move on, norm inits and signs never change.
 # They sit beside an ``<name>_orig`` Parameter; a user's own ``scale_init`` does not.
@@ -148,15 +149,18 @@ def _refill(old: dict, new: dict) -> None:
 
 
 class RoundRecord:
-    """What :meth:`signmask.Search.finish_round` changes beside the model's tables and values
-    (which its ``_undo.Undo`` record puts back), for :meth:`restore` after a failure: the
-    search's attributes and its round's record, the optimizer's attributes (``load_state_dict``
-    replaces its state and groups) and parameter groups (a tensor learning rate is written in
-    place: a copy of it), and the scheduler's state (a deep copy, as :func:`take_schedule`)."""
+    """What a search's round start or end changes beside the model's tables and values (which
+    an ``_undo.Undo`` record puts back), for :meth:`restore` after a failure: the search's
+    attributes, its history's records, its AWS generator and ``a``, the optimizer's attributes
+    (``load_state_dict`` replaces its state and groups) and parameter groups (a tensor learning
+    rate is written in place: a copy of it), and the scheduler's state (a deep copy, as
+    :func:`take_schedule`)."""
 
     def __init__(self, search) -> None:
         self.search, self.attributes = search, dict(search.__dict__)
-        self.record = search.history[-1], dict(search.history[-1])
+        self.history = [(record, dict(record)) for record in search.history]
+        self.generator = search._generator.get_state()
+        self.alpha = None if search._alpha is None else search._alpha.item()
         opt = self.optimizer = search.optimizer
         self.opt_attributes = dict(opt.__dict__)
         with torch.no_grad():
@@ -165,7 +169,7 @@ class RoundRecord:
         scheduler = search.scheduler
         self.scheduler = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
 
-    def restore(self, undo) -> None:
+    def restore(self, undo: _undo.Undo | None) -> None:
         """Put it all back, with ``undo`` after the optimizer's attributes: its state dict, back
         then, is the one the record fills."""
         self.optimizer.__dict__.clear()
@@ -176,11 +180,33 @@ class RoundRecord:
                 group.update(items)
                 for k, v in tensors.items():
                     items[k].copy_(v)
-        undo.restore()  # the optimizer's own state dict, back above
+        if undo is not None:
+            undo.restore()  # the optimizer's own state dict, back above
         if self.scheduler is not None:
             self.search.scheduler.load_state_dict(self.scheduler)
-        self.search.__dict__.clear()
-        self.search.__dict__.update(self.attributes)
-        record, items = self.record
-        record.clear()
-        record.update(items)
+        search = self.search
+        search.__dict__.clear()
+        search.__dict__.update(self.attributes)
+        search.history[:] = [record for record, _ in self.history]
+        for record, items in self.history:
+            record.clear()
+            record.update(items)
+        search._generator.set_state(self.generator)
+        if self.alpha is not None:
+            search._alpha.fill_(self.alpha)
+
+
+@contextlib.contextmanager
+def kept_on_failure(search, *, model: bool = True):
+    """Put the search (:class:`RoundRecord`) and, with ``model``, the model and optimizer (an
+    ``_undo.Undo`` record; the masks by the flips the block adds to the list it is given) back
+    if the block fails."""
+    record, flips = RoundRecord(search), []
+    undo = _undo.Undo(search.model, optimizers=[search.optimizer]) if model else None
+    try:
+        with undo.saving() if undo is not None else contextlib.nullcontext():
+            yield flips
+    except BaseException:
+        _prune.unflip(flips)
+        record.restore(undo)
+        raise
