@@ -57,9 +57,11 @@ class Undo:
         # An effective weight computed into memory of its own, weakly: one the call replaces is
         # then freed at once, as without the record (strongly, a pruning would hold every layer's
         # old one, 4 bytes per weight, to its end), and one gone by the restore is recomputed.
-        # A view of a Parameter (the projection backend's) costs nothing: strongly.
+        # A view of a Parameter (the projection backend's) costs nothing: strongly. Any other
+        # strongly too, as refresh() recomputes only a pruned tensor's: a norm layer's
+        # interpolated weight (one value per channel), which a finished search's close() drops.
         owned = {_address(p) for p in module._parameters.values()} - {None}
-        aliases = {k: v if _address(v) in owned else weakref.ref(v)
+        aliases = {k: weakref.ref(v) if _address(v) not in owned and _pruned(module, k) else v
                    for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)}
         hooks = [(h, dict(h.__dict__)) for h in module._forward_pre_hooks.values()
                  if isinstance(h, _prune.BasePruningMethod)]
@@ -164,6 +166,12 @@ def _address(t: torch.Tensor | None) -> int | None:
     if t is None or nn.parameter.is_lazy(t):
         return None
     return t.untyped_storage().data_ptr()
+
+
+def _pruned(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is a pruned tensor's effective weight, which
+    :func:`_reparam.refresh` recomputes."""
+    return _reparam.find_hook(module, name)[1] is not None
 
 
 def active() -> bool:
