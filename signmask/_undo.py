@@ -144,7 +144,8 @@ class Undo:
         with torch.no_grad():
             for tensor, packed, values, marks in reversed(self._values):  # the oldest last: it wins
                 where = _bits.sign_bits(packed.to(tensor.device), tensor.shape).view(torch.bool)
-                tensor[where] = values.to(tensor.device)
+                flat, where = _indexable(tensor, where)
+                flat[where] = values.to(tensor.device)
                 tensor.__dict__.clear()
                 tensor.__dict__.update(marks)
         self._values = []
@@ -190,8 +191,19 @@ def keep(tensor: torch.Tensor, where: torch.Tensor) -> None:
     if undo is None:
         return
     with torch.no_grad():
-        undo._values.append((tensor, _bits.pack_signs(where).cpu(), tensor[where].cpu(),
+        flat, index = _indexable(tensor, where)
+        undo._values.append((tensor, _bits.pack_signs(where).cpu(), flat[index].cpu(),
                              dict(tensor.__dict__)))  # marks such as a gradient's "masked"
+
+
+def _indexable(tensor: torch.Tensor, where: torch.Tensor) -> tuple:
+    """``tensor`` and the bool ``where`` (its shape) to index it with, both flat where ``tensor``
+    is contiguous: torch turns a bool index of n dims into n int64 index tensors, 8 bytes per
+    entry each, and a flat one took half the time of a 4-d one on ResNet-50's conv weights.
+    Both orders are row-major, so either way gives the same entries in the same order."""
+    if tensor.is_contiguous():
+        return tensor.view(-1), where.reshape(-1)
+    return tensor, where
 
 
 def keep_product(tensor: torch.Tensor, factor: torch.Tensor) -> None:

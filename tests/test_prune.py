@@ -649,6 +649,27 @@ def test_a_failure_under_the_projection_backend_leaves_weights_gradients_and_sta
     assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.prune(m, 0.5), rest=outside)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_failure_under_the_projection_backend_puts_back_channels_last_weights(dtype):
+    # The entries kept for the undo are read and written back in row-major order, flat where
+    # the tensor is contiguous: a channels_last weight (and its gradient and momentum) is not.
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 2, 1)).to(dtype, memory_format=torch.channels_last)
+        signmask.prune(model, 0.3, signs="locked")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        signmask.set_backend(model, "projection", optimizer=opt)
+        for step in (True, False):
+            opt.zero_grad()
+            model(torch.randn(2, 2, 4, 4, dtype=dtype)).square().mean().backward()
+            if step:
+                opt.step()
+        assert not model[0].weight_orig.is_contiguous() and not model[0].weight_orig.grad.is_contiguous()
+        return model, opt
+
+    assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.prune(m, 0.5), rest=outside)
+
+
 @pytest.mark.parametrize("signs, backend", [(None, "torch"), ("locked", "torch"), (None, "projection"), ("locked", "projection")])
 def test_remove_failing_at_any_torch_call_leaves_the_model_untouched(signs, backend):
     # An out-of-memory error (or Ctrl-C) at the k-th tensor left the tensors before it
