@@ -282,12 +282,16 @@ def remove(model: nn.Module) -> nn.Module:
 
 def _keep_masked(module: nn.Module, name: str) -> None:
     """For :func:`remove`'s undo: keep the entries of ``<name>_orig`` that making it permanent
-    changes and that are read (locked weights its signs reflect; see ``Undo.saving(dead=)``)."""
+    changes and that are read (see ``Undo.saving(dead=)``): locked weights its signs reflect,
+    and kept weights a stock mask scales (``custom_from_mask`` takes any values)."""
     orig = module._parameters.get(name + "_orig")
-    sign = module._buffers.get(name + "_sign")
-    if orig is None or sign is None:  # parametrized since (remove() refuses it), or free signs
+    if orig is None:  # parametrized since (remove() refuses it)
         return
-    mask = module._buffers[name + "_mask"]
+    mask, sign = module._buffers[name + "_mask"], module._buffers.get(name + "_sign")
     with torch.no_grad():
-        factor = _reparam.locked_factors(orig, mask, sign)
-    _undo.keep_product(orig, factor)
+        if sign is not None:
+            _undo.keep_product(orig, _reparam.locked_factors(orig, mask, sign))
+        elif mask.dtype != torch.bool:
+            scaled = (mask != 0) & (mask != 1)
+            if bool(scaled.any()):
+                _undo.keep(orig, scaled)

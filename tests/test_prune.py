@@ -700,6 +700,18 @@ def test_remove_failing_at_any_torch_call_leaves_stock_pruning_untouched():
                                           alive_only=True)
 
 
+def test_remove_failing_at_any_torch_call_leaves_a_scaling_stock_mask_untouched():
+    # Stock prune's custom_from_mask takes any values, and removing writes orig * mask: a
+    # failure at the next tensor left the kept entries of the first scaled (0.5 * orig, computed
+    # 0.25 * orig), though only pruned entries may change.
+    template = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():  # stock prune's weight is no leaf otherwise, and deepcopy refuses it
+        tprune.custom_from_mask(template[0], "weight", torch.tensor([0.5, 1.0, 0.0, -2.0]).repeat(3, 1))
+        tprune.custom_from_mask(template[1], "weight", torch.tensor([[1.0, 0.0, 0.5], [0.25, 1.0, 1.0]]))
+    assert_each_fault_leaves_it_untouched(lambda: (copy.deepcopy(template),), signmask.remove, rest=outside_alive,
+                                          alive_only=True)
+
+
 def test_a_failure_adopting_stock_pruning_leaves_the_stock_hooks():
     template = tiny()
     with torch.no_grad():  # stock prune's weight is no leaf otherwise, and deepcopy refuses it
