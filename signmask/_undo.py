@@ -49,7 +49,7 @@ class Undo:
         self._grad_hooks = [(p, dict(p._post_accumulate_grad_hooks or {})) for p in model.parameters()]
         self._optimizers = [(opt, self._record_optimizer(opt)) for opt in optimizers]
         self._values: list[tuple] = []
-        self._dead = False
+        self._dead, self._outer, self._gone = False, None, []
 
     @staticmethod
     def _record(module: nn.Module) -> tuple:
@@ -87,7 +87,7 @@ class Undo:
         (``set_backend``, ``remove``), values nothing reads: only the sign flips of locked
         weights are kept, so the success path copies nothing for free masks (keeping every
         zeroed entry would take about 4 bytes per pruned weight in host memory)."""
-        self._dead = dead
+        self._dead, self._outer = dead, _ACTIVE.get()
         token = _ACTIVE.set(self)
         try:
             yield self
@@ -103,6 +103,8 @@ class Undo:
         only tensors it allocates: one tensor's positions and values at a time), then the
         effective weights freed since the record (the torch and triton backends': computed
         without side effects)."""
+        if _ACTIVE.get() is self:  # a Ctrl-C between saving()'s set() and its try: no finally ran
+            _ACTIVE.set(self._outer)  # else every later keep() in this thread would keep here
         gone = []
         for module, (tables, aliases, hooks) in self._records:
             for table, saved in tables.items():
