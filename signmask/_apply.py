@@ -149,9 +149,11 @@ def apply(
     kept = _schedule.kept_schedule(total, sparsity, rate, steps)
     steps = len(kept)  # steps that would prune nothing are dropped
     config = SearchConfig(method, sparsity, rate, steps, rewind, rewind_step, classifier, seed)
-    undo = _undo.Undo(model)
-    _prune.prune_targets(model, targets, _methods.L1Magnitude(0.0))  # all-ones masks
+    # The optimizer too: the search hooks it, and a Ctrl-C after that (as inference_mode exits)
+    # must not leave those hooks refusing every step.
+    undo = _undo.Undo(model, optimizers=[optimizer])
     try:
+        _prune.prune_targets(model, targets, _methods.L1Magnitude(0.0))  # all-ones masks
         # Normal tensors even under torch.inference_mode: the alpha, the norms' inits and the
         # snapshots the search makes are written in place by the training outside it.
         with torch.inference_mode(False):
@@ -160,7 +162,7 @@ def apply(
                 progress=progress, steps_per_round=steps_per_round,
             )
     except BaseException:  # e.g. a norm layer attach() refuses, or out of memory
-        undo.restore()  # the masks, and AWS's norm interpolation if attached
+        undo.restore()  # the masks, AWS's norm interpolation if attached, the optimizer's hooks
         raise
 
 

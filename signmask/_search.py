@@ -70,12 +70,10 @@ class Search:
             device = _reparam.original(*next(iter(targets.values()))).device
             self._alpha = torch.zeros((), device=device)
             _interpolate.attach(model, self._alpha)
-        self._hooks = [optimizer.register_step_pre_hook(self._before_step)]
-        try:
-            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
-        except BaseException:  # out of memory: apply() undoes the rest
-            self._hooks.pop().remove()
-            raise
+        self._hooks = [  # a failure: apply() takes them off
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
 
     # ----------------------------------------------------------------------------- rounds
     def __len__(self) -> int:

@@ -302,3 +302,31 @@ def test_a_failure_hooking_the_optimizer_leaves_model_and_optimizer_untouched(me
     assert not _interpolate.interpolated(model)
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     signmask.apply(model, method, 0.5, optimizer=opt, progress=False)  # not refused as driven
+
+
+@pytest.mark.parametrize("method", ["aws", "imp"])
+@pytest.mark.parametrize("after", ["prune_targets", "Search"])
+def test_an_interrupt_between_the_steps_of_apply_leaves_model_and_optimizer_untouched(method, after, monkeypatch):
+    # A Ctrl-C as the all-ones masks were installed, before apply's try, left them on the
+    # model (refusing any later search as pruned); one after the search was built (as
+    # inference_mode(False) exits) left its hooks on the optimizer, whose next step() raised.
+    from signmask import _apply, _prune
+
+    owner = _prune if after == "prune_targets" else _apply
+    real = getattr(owner, after)
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    monkeypatch.setattr(owner, after, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        signmask.apply(model, method, 0.5, optimizer=opt, progress=False)
+    monkeypatch.undo()
+    assert_same(before, snapshot(model))
+    assert not _interpolate.interpolated(model)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    signmask.apply(model, method, 0.5, optimizer=opt, progress=False)  # not refused as pruned or driven
