@@ -286,10 +286,10 @@ def test_an_interrupt_after_closing_leaves_the_norm_layers_weights():
     model, search, _ = _searched("aws", 0)
     before = {n: getattr(model, n).weight.clone() for n in ("bn1", "bn2")}
 
-    def interrupt():
+    def interrupt(search):
         raise KeyboardInterrupt
 
-    search._close_bar = interrupt  # the last thing close() does
+    search._bar.close_round = interrupt  # the last thing close() does
     with pytest.raises(KeyboardInterrupt):
         search.load_state_dict(state)
     for name, weight in before.items():
