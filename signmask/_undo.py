@@ -105,53 +105,19 @@ class Undo:
         without side effects)."""
         if _ACTIVE.get() is self:  # a Ctrl-C between saving()'s set() and its try: no finally ran
             _ACTIVE.set(self._outer)  # else every later keep() in this thread would keep here
-        gone = []
-        for module, (tables, aliases, hooks) in self._records:
-            for table, saved in tables.items():
-                live = getattr(module, table)  # the same object: hook handles hold it weakly
-                live.clear()
-                live.update(saved)
-            for key in [k for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)]:
-                if key not in aliases:
-                    del module.__dict__[key]
-            for key, ref in aliases.items():
-                value = ref() if isinstance(ref, weakref.ref) else ref
-                if value is not None:
-                    module.__dict__[key] = value
-                else:
-                    gone.append((module, key))
-            for hook, state in hooks:
-                hook.__dict__.clear()
-                hook.__dict__.update(state)
+        self._gone = [g for module, record in self._records for g in _restore_module(module, *record)]
         for param, saved in self._grad_hooks:
-            live = param._post_accumulate_grad_hooks
-            if live is not None:  # registered since, or emptied: the same dict, as above
-                live.clear()
-                live.update(saved)
-        for optimizer, (tables, hooks, states) in self._optimizers:
-            for table, saved in tables.items():
-                live = getattr(optimizer, table)
-                live.clear()
-                live.update(saved)
-            for hook, state in hooks:
-                hook.__dict__.clear()
-                hook.__dict__.update(state)
-            had = {id(p) for p, _, _ in states}
-            for p in [p for p in optimizer.state if id(p) not in had]:
-                del optimizer.state[p]
-            for p, state, items in states:
-                optimizer.state[p] = state
-                state.clear()
-                state.update(items)
+            if param._post_accumulate_grad_hooks is not None:  # else none registered since
+                _put_back(param._post_accumulate_grad_hooks, saved)
+        for optimizer, record in self._optimizers:
+            _restore_optimizer(optimizer, *record)
         with torch.no_grad():
             for tensor, packed, values, marks in reversed(self._values):  # the oldest last: it wins
                 where = _bits.sign_bits(packed.to(tensor.device), tensor.shape).view(torch.bool)
                 flat, where = _indexable(tensor, where)
                 flat[where] = values.to(tensor.device)
-                tensor.__dict__.clear()
-                tensor.__dict__.update(marks)
+                _put_back(tensor.__dict__, marks)
         self._values = []
-        self._gone = gone
         if refresh:
             self.refresh()
 
@@ -162,6 +128,47 @@ class Undo:
         for module, name in self._gone:
             _reparam.refresh(module, name)
         self._gone = []
+
+
+def _put_back(live, saved) -> None:
+    """Give the dict or set ``live`` the contents ``saved``, in place: hook handles, optimizers
+    and tensors hold the object itself."""
+    live.clear()
+    live.update(saved)
+
+
+def _restore_module(module: nn.Module, tables: dict, aliases: dict, hooks: list) -> list:
+    """Put ``module``'s record back; the ``(module, name)`` of each alias freed since."""
+    gone = []
+    for table, saved in tables.items():
+        _put_back(getattr(module, table), saved)
+    for key in [k for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)]:
+        if key not in aliases:
+            del module.__dict__[key]
+    for key, ref in aliases.items():
+        value = ref() if isinstance(ref, weakref.ref) else ref
+        if value is not None:
+            module.__dict__[key] = value
+        else:
+            gone.append((module, key))
+    for hook, state in hooks:
+        _put_back(hook.__dict__, state)
+    return gone
+
+
+def _restore_optimizer(optimizer, tables: dict, hooks: list, states: list) -> None:
+    """Put ``optimizer``'s record back: hook tables, hook objects' attributes, per-parameter
+    state dicts (the same dict objects, shallowly)."""
+    for table, saved in tables.items():
+        _put_back(getattr(optimizer, table), saved)
+    for hook, state in hooks:
+        _put_back(hook.__dict__, state)
+    had = {id(p) for p, _, _ in states}
+    for p in [p for p in optimizer.state if id(p) not in had]:
+        del optimizer.state[p]
+    for p, state, items in states:
+        optimizer.state[p] = state
+        _put_back(state, items)
 
 
 def _address(t: torch.Tensor | None) -> int | None:
