@@ -274,6 +274,27 @@ class FailAt(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def two_linears_trained(backend: str = "torch", signs=None, amount: float = 0.5, *, flip: bool = False,
+                        grad_left: bool = True):
+    """Two pruned Linears (seed 0) and the SGD (momentum, weight decay) that trained them one
+    step on ``backend``; ``flip``: the first weight negated, against its locks; ``grad_left``:
+    a second backward's gradient left in place, unstepped."""
+    torch.manual_seed(0)
+    model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), amount, signs=signs)
+    if flip:
+        with torch.no_grad():
+            model[0].weight_orig.neg_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    if backend == "projection":
+        signmask.set_backend(model, "projection", optimizer=opt)
+    for step in (True, False) if grad_left else (True,):
+        opt.zero_grad()
+        model(torch.randn(5, 4)).square().mean().backward()
+        if step:
+            opt.step()
+    return model, opt
+
+
 def layout(model: nn.Module, alive_only: bool = False):
     """:func:`snapshot` plus what it leaves out: buffers and attributes of every module, and
     the state of its pruning hooks; and apart, the values of its tensor attributes (see

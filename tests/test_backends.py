@@ -12,7 +12,7 @@ from torch import nn
 
 import signmask
 from signmask import _backends, _reparam
-from _util import assert_each_fault_leaves_it_untouched, backends_of, bits_equal, conv_net, conv_net_batches, effective_weights, orig_grads, outside, outside_alive, projection_hooks, pruned_conv_net
+from _util import assert_each_fault_leaves_it_untouched, backends_of, bits_equal, conv_net, conv_net_batches, effective_weights, orig_grads, outside, outside_alive, projection_hooks, pruned_conv_net, two_linears_trained
 
 
 # ------------------------------------------------------------------ registry and set_backend
@@ -188,21 +188,9 @@ def test_set_backend_refuses_a_sign_buffer_of_another_dtype_by_name():
 
 
 def _trained_on(backend, signs):
-    """Two pruned Linears trained one step on ``backend`` by an SGD with momentum and weight
-    decay (momentum at pruned entries on the torch path), a gradient left in place."""
-    torch.manual_seed(0)
-    model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.5, signs=signs)
-    with torch.no_grad():
-        model[0].weight_orig.neg_()  # disagrees with its locks: projection reflects it
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    if backend == "projection":
-        _backends.set_backend(model, "projection", optimizer=opt)
-    for step in (True, False):
-        opt.zero_grad()
-        model(torch.randn(5, 4)).square().mean().backward()
-        if step:
-            opt.step()
-    return model, opt
+    """Two pruned Linears trained one step on ``backend`` (momentum at pruned entries on the
+    torch path), the first against its locks (projection reflects it), a gradient left."""
+    return two_linears_trained(backend, signs, flip=True)
 
 
 @pytest.mark.parametrize("signs", [None, "locked"])

@@ -17,7 +17,7 @@ from torch.nn.utils import prune as tprune
 
 import signmask
 from signmask import _methods
-from _util import assert_each_fault_leaves_it_untouched, assert_same, kept, outside, outside_alive, snapshot, tiny
+from _util import assert_each_fault_leaves_it_untouched, assert_same, kept, outside, outside_alive, snapshot, tiny, two_linears_trained
 
 
 def _numel(model, names=("conv1", "conv2", "fc")):
@@ -635,16 +635,7 @@ def test_a_failure_under_the_projection_backend_leaves_weights_gradients_and_sta
     # The projection backend zeroes the newly pruned entries of weight_orig, its gradient and
     # its momentum inside prune (the refresh); a failure at the next layer left them zeroed.
     def make():
-        torch.manual_seed(0)
-        model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.3, signs=signs)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-        signmask.set_backend(model, "projection", optimizer=opt)
-        for step in (True, False):
-            opt.zero_grad()
-            model(torch.randn(5, 4)).square().mean().backward()
-            if step:
-                opt.step()
-        return model, opt
+        return two_linears_trained("projection", signs, 0.3)
 
     assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.prune(m, 0.5), rest=outside)
 
@@ -674,18 +665,8 @@ def test_a_failure_under_the_projection_backend_puts_back_channels_last_weights(
 def test_remove_failing_at_any_torch_call_leaves_the_model_untouched(signs, backend):
     # An out-of-memory error (or Ctrl-C) at the k-th tensor left the tensors before it
     # permanent: their pruned values of weight_orig gone, their projection hooks removed.
-    def make():
-        torch.manual_seed(0)
-        model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.5, signs=signs)
-        with torch.no_grad():
-            model[0].weight_orig.neg_()  # disagrees with its locks: removing reflects it
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-        if backend == "projection":
-            signmask.set_backend(model, "projection", optimizer=opt)
-        opt.zero_grad()
-        model(torch.randn(5, 4)).square().mean().backward()
-        opt.step()
-        return model, opt
+    def make():  # the first weight against its locks: removing reflects it
+        return two_linears_trained(backend, signs, flip=True, grad_left=False)
 
     assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.remove(m), rest=outside_alive,
                                           alive_only=True)

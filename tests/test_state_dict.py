@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 import signmask
-from _util import AttnNet, assert_each_fault_leaves_it_untouched, assert_same, outside, snapshot, tiny
+from _util import AttnNet, assert_each_fault_leaves_it_untouched, assert_same, outside, snapshot, tiny, two_linears_trained
 
 
 def test_load_state_dict_restores_masks_and_signs_into_fresh_model():
@@ -123,16 +123,7 @@ def test_a_failure_under_the_projection_backend_leaves_gradients_and_optimizer_s
     source = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.6, signs=signs).state_dict()
 
     def make():
-        torch.manual_seed(0)
-        model = signmask.prune(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), 0.3, signs=signs)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-        signmask.set_backend(model, "projection", optimizer=opt)
-        for step in (True, False):
-            opt.zero_grad()
-            model(torch.randn(5, 4)).square().mean().backward()
-            if step:
-                opt.step()
-        return model, opt
+        return two_linears_trained("projection", signs, 0.3)
 
     assert_each_fault_leaves_it_untouched(make, lambda m, opt: signmask.load_state_dict(m, source), rest=outside)
 
