@@ -12,7 +12,7 @@ from torch import nn
 
 import signmask
 from signmask import _backends, _reparam
-from _util import assert_each_fault_leaves_it_untouched, backends_of, bits_equal, conv_net, conv_net_batches, effective_weights, orig_grads, outside, outside_alive, projection_hooks, pruned_conv_net, two_linears_trained
+from _util import assert_each_fault_leaves_it_untouched, backends_of, bits_equal, conv_net, conv_net_batches, effective_weights, orig_grads, outside_alive, projection_hooks, pruned_conv_net, two_linears_trained
 
 
 # ------------------------------------------------------------------ registry and set_backend
