@@ -10,7 +10,7 @@ from torch import nn
 import signmask
 from signmask import analysis
 
-from _util import AttnNet, TinyNet, assert_same, snapshot, tiny
+from _util import AttnNet, TinyNet, assert_each_fault_leaves_it_untouched, assert_same, snapshot, tiny
 
 
 def per_layer(ticket_or_model):
@@ -300,3 +300,15 @@ def test_verdict_refuses_a_negative_margin():
     # margin is a required lead, in [0, 1)
     with pytest.raises(ValueError, match="margin"):
         analysis.Verdict(0.93, 0.92, 0.90, margin=-0.01)
+
+
+def _seeded_attn():
+    torch.manual_seed(1)
+    return AttnNet()
+
+
+@pytest.mark.parametrize("make", [lambda: tiny(1), _seeded_attn], ids=["tiny", "attn"])
+def test_random_prune_failing_at_any_torch_call_leaves_the_model_untouched(make):
+    # An out-of-memory error at the k-th tensor left the tensors before it pruned.
+    ticket = signmask.extract(signmask.prune(make(), 0.5))
+    assert_each_fault_leaves_it_untouched(lambda: (make(),), lambda m: analysis.random_prune(ticket, m, seed=0))

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .. import _methods, _parents, _reparam
+from .. import _methods, _parents, _reparam, _undo
 from .. import _transfer as _transfer_mod
 from .._ticket import Ticket
 from .._checks import check_bool, check_int, check_model, check_real, check_seed
@@ -102,10 +102,17 @@ def random_prune(ticket: Ticket | str | os.PathLike, model: nn.Module, *, seed: 
         full = torch.ones_like(target, dtype=torch.bool)
         keep = ranker.compute_masks([target], [full], [key], index_offset=index)[0]
         masks.append((module, name, keep, ranker))
-    with torch.no_grad():
-        for module, name, keep, ranker in masks:
-            _reparam.install(module, name, keep, ranker)
-    _parents.link(model)
+    # Valid input cannot fail below, but torch can (out of memory at the k-th tensor), and so can
+    # Ctrl-C: the masks installed before it are put back, as signmask.prune does.
+    undo = _undo.Undo(model)
+    try:
+        with torch.no_grad():
+            for module, name, keep, ranker in masks:
+                _reparam.install(module, name, keep, ranker)
+        _parents.link(model)
+    except BaseException:
+        undo.restore()
+        raise
     return model
 
 
