@@ -13,7 +13,7 @@ import signmask
 from signmask import analysis
 from signmask._compat import import_timm
 
-from _util import Wrapper, assert_same, since_timm, snapshot, tiny
+from _util import Wrapper, assert_each_fault_leaves_it_untouched, assert_same, since_timm, snapshot, tiny
 
 timm = import_timm()
 KEYS = ("conv1.weight", "conv2.weight", "fc.weight")
@@ -352,6 +352,23 @@ def test_perturb_validates_and_leaves_the_model_alone():
     locked = signmask.prune(tiny(0), 0.5, signs="locked")
     with pytest.raises(ValueError, match="sign-locked"):
         analysis.perturb(locked, "permute_layer", seed=0)
+
+
+@pytest.mark.parametrize("kind", ["init_signs", "permute_filter", "negate_in_place"])
+@pytest.mark.parametrize("pruned", [True, False])
+def test_perturb_failing_at_any_torch_call_leaves_the_model_untouched(kind, pruned):
+    # An out-of-memory error at the k-th tensor left the tensors before it perturbed.
+    # "negate_in_place" writes the copy it is given: the restore must not read that copy.
+    @analysis.register_perturbation("negate_in_place")
+    def _negate(layer):
+        return layer.weight.neg_()
+
+    init = tiny(5)
+    try:
+        assert_each_fault_leaves_it_untouched(
+            lambda: (rewind_point(pruned)[0],), lambda m: analysis.perturb(m, kind, init=init, seed=0))
+    finally:
+        del analysis.PERTURBATIONS["negate_in_place"]
 
 
 def test_perturb_refuses_two_weights_with_one_canonical_name_naming_the_model():

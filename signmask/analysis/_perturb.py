@@ -336,10 +336,30 @@ def perturb(
                 f"{tuple(getattr(values, 'shape', ()))} for {layer.name}, "
                 f"expected {tuple(layer.weight.shape)}"
             )
-    with torch.no_grad():
-        for (module, name), layer, values in zip(targets.values(), layers, new):
-            param = _reparam.original(module, name)
-            # param, not layer.weight: that copy is the kind's to modify in place
-            param.copy_(torch.where(layer.keep, values.to(param.device, param.dtype), param))
-            _reparam.refresh(module, name)
+    _write(list(targets.values()), layers, new)
     return model
+
+
+def _write(targets: list[tuple[nn.Module, str]], layers: list[PerturbationInput],
+           new: list[torch.Tensor]) -> None:
+    """Write each tensor's kept entries of ``new``. Valid input cannot fail here, but torch can
+    (out of memory at the k-th tensor), and so can Ctrl-C: the tensors written before it are
+    put back from copies in host memory (as ``signmask.transfer`` keeps), not from
+    ``layer.weight``, which the kind may have modified."""
+    params = [_reparam.original(module, name) for module, name in targets]
+    with torch.no_grad():
+        saved = [param.detach().to("cpu", copy=True) for param in params]
+    written = 0
+    try:
+        with torch.no_grad():
+            for (module, name), param, layer, values in zip(targets, params, layers, new):
+                written += 1  # before the write: a failure inside copy_ may have written part
+                # param, not layer.weight: that copy is the kind's to modify in place
+                param.copy_(torch.where(layer.keep, values.to(param.device, param.dtype), param))
+                _reparam.refresh(module, name)
+    except BaseException:
+        with torch.no_grad():
+            for (module, name), param, old in list(zip(targets, params, saved))[:written]:
+                param.copy_(old)
+                _reparam.refresh(module, name)
+        raise
