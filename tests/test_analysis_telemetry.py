@@ -466,6 +466,16 @@ def _custom_kind():
     analysis.PERTURBATIONS.pop("custom_kind", None)
 
 
+def test_registering_no_callable_is_refused_and_keeps_the_kind_it_would_replace():
+    builtin = analysis.PERTURBATIONS["noise"]
+    try:
+        with pytest.raises(TypeError, match=r"register_perturbation\('noise'\) must decorate a callable fn\(layer\) -> Tensor, got NoneType"):
+            analysis.register_perturbation("noise", needs_init=True, random=True, needs_sigma=True)(None)
+        assert analysis.PERTURBATIONS["noise"] is builtin
+    finally:  # a failure here must not break the other tests' noise
+        analysis.PERTURBATIONS["noise"] = builtin
+
+
 def test_a_custom_kind_returning_a_broadcastable_wrong_shape_is_refused(_custom_kind):
     # P09
     analysis.register_perturbation(_custom_kind)(lambda layer: torch.zeros(1))

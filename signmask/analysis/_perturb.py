@@ -95,7 +95,8 @@ def register_perturbation(name: str, *, needs_init: bool = False, random: bool =
         unchanged.
 
     Raises:
-        TypeError: ``name`` is not a non-empty str.
+        TypeError: ``name`` is not a non-empty str, or the decorator is applied to no callable
+            (the registry is then unchanged).
 
     Example:
         >>> import torch
@@ -111,6 +112,9 @@ def register_perturbation(name: str, *, needs_init: bool = False, random: bool =
         raise TypeError(f"name must be a non-empty str, got {name!r}")
 
     def deco(fn: Callable[[PerturbationInput], torch.Tensor]) -> Callable:
+        if not callable(fn):  # before registering: it would replace a working kind of that name
+            raise TypeError(f"register_perturbation({name!r}) must decorate a callable "
+                            f"fn(layer) -> Tensor, got {type(fn).__name__}")
         PERTURBATIONS[name] = Perturbation(name, fn, bool(needs_init), bool(random), bool(needs_sigma))
         return fn
 
