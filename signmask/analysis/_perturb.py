@@ -32,7 +32,8 @@ class PerturbationInput:
         name: canonical tensor name.
         weight: the tensor's current values (the rewind point; a copy, free to modify).
         keep: bool, True where the weight is kept (all True for a dense tensor).
-        init: its init values (same shape and device) or None when the kind needs none.
+        init: its init values (same shape and device) or None when the kind needs none; the
+            ``init`` model's own tensor where device and dtype match: read it, never write it.
         generator: a CPU ``torch.Generator`` seeded for this tensor, None for deterministic kinds.
         sigma_n: the ``noise`` scale, if given.
         filter_dim: the output-channel axis (1 for ConvTranspose, else 0).
