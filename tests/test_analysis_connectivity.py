@@ -162,6 +162,27 @@ def test_reestimate_bn_equals_the_average_of_batch_statistics_and_restores_state
     assert model.training and model.bn1.training and not model.bn2.training
 
 
+def test_reestimate_bn_with_dropout_draws_as_in_training_and_leaves_the_callers_rng():
+    # Dropout runs in the pass, drawing from the global generator; its state comes back, so a
+    # barrier or re-estimation inside a training loop does not shift the loop's later draws.
+    def net():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.BatchNorm1d(8))
+
+    batches = [torch.randn(16, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    oracle = net().train()
+    torch.manual_seed(7)
+    with torch.no_grad():  # the statistics dropout's draws give, from the caller's state
+        hidden = [oracle[1](oracle[0](x)) for x in batches]
+    mean = torch.stack([h.mean(0) for h in hidden]).mean(0)
+    model = net()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    analysis.reestimate_bn(model, batches)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.testing.assert_close(model[2].running_mean, mean, atol=1e-6, rtol=1e-5)
+
+
 def test_reestimate_bn_batches_limits_the_pass():
     model, loader = tiny(0), images(0)
     analysis.reestimate_bn(model, loader, batches=2)

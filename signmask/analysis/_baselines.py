@@ -20,7 +20,7 @@ from .. import _methods, _parents, _reparam, _undo
 from .. import _transfer as _transfer_mod
 from .._ticket import Ticket
 from .._checks import check_bool, check_int, check_model, check_real, check_seed
-from ._common import TOLERANCE
+from ._common import TOLERANCE, rng_kept
 
 
 def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,
@@ -197,7 +197,7 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
         raise ValueError(f"widths must hold at least one width, got an empty {type(widths).__name__}")
     best, best_gap = None, None
     for width in candidates:
-        with _rng_kept(device), torch.device(device):
+        with rng_kept(device), torch.device(device):
             model = make_model(width)
         check_model(model, f"make_model({width})")
         gap = abs(count_params(model) - target_params)
@@ -205,14 +205,6 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
             best, best_gap = width, gap
         del model
     return best
-
-
-def _rng_kept(device: torch.device):
-    """A context that restores torch's global generators that building on ``device`` can draw
-    from: the CPU's always, and the accelerator's of ``device``."""
-    if device.type in ("cpu", "meta"):
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 @dataclasses.dataclass(frozen=True)

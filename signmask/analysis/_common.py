@@ -134,3 +134,11 @@ def _describe(batch: Any) -> str:
     if isinstance(batch, collections.abc.Mapping):  # a dict batch: name its keys to map from
         return f"{kind} with keys {list(batch)[:5]}"
     return kind
+
+
+def rng_kept(device: torch.device):
+    """A context that restores torch's global generators that building on ``device`` can draw
+    from: the CPU's always, and the accelerator's of ``device``."""
+    if device.type in ("cpu", "meta"):
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .._interpolate import NormInterpolation
 from .._checks import check_int, check_model, some
-from ._common import check_iterable, device_of, split_batch
+from ._common import check_iterable, device_of, rng_kept, split_batch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -173,8 +173,9 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     Each layer that owns a ``running_var`` buffer and a numeric ``momentum`` (torch BatchNorm,
     SyncBatchNorm, InstanceNorm with ``track_running_stats``, timm's ``BatchNormAct2d`` and
     ``EvoNorm2dB*``; not ``FrozenBatchNorm2d``) is reset, then the whole model runs one no-grad pass
-    over ``loader`` in train mode (dropout active, as in training; the layers themselves in
-    train mode even where the model's ``train()`` keeps them frozen), each layer's ``momentum``
+    over ``loader`` in train mode (dropout active, as in training, drawing from torch's global
+    generators, whose states are restored after; the layers themselves in train mode even
+    where the model's ``train()`` keeps them frozen), each layer's ``momentum``
     set to ``1 / k`` before its ``k``-th call: the cumulative average of torch's
     ``momentum=None`` (with batches of equal size, the mean of the per-batch means and unbiased
     variances), which InstanceNorm and EvoNorm do not offer themselves. BatchNorms holding a
@@ -245,7 +246,9 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
             calls[m] = _CumulativeMomentum()
             counters.append(m.register_forward_pre_hook(calls[m]))
         seen = 0
-        with torch.no_grad():
+        # Dropout draws from the global generators, which are put back after: a re-estimation
+        # (and each barrier point's) must not shift the caller's later random numbers.
+        with torch.no_grad(), rng_kept(device):
             for batch in _limit(loader, batches):
                 inputs, _ = split_batch(batch, need_target=False, arg=arg)
                 model(inputs.to(device))
