@@ -156,9 +156,9 @@ def prune_targets(
     """Prune ``targets`` (from ``_targets.select(model)``) with ``ranker``: ``prune``'s core,
     for callers that already selected (``apply``, the search), so selection warns once.
 
-    ``flips_out``: a list that takes, on success, what :func:`unflip` needs to turn the masks
-    written in place back (the search undoes a pruning whose round fails after it); the
-    tables and values go to the caller's :meth:`_undo.Undo.saving` record."""
+    ``flips_out``: a list that takes, as they are written, what :func:`unflip` needs to turn
+    the masks written in place back (the search undoes a pruning whose round fails after it);
+    the tables and values go to the caller's :meth:`_undo.Undo.saving` record."""
     check_untied(targets, model)
     for key, (module, name) in targets.items():
         check_prunable(key, module, name, signs=signs)
@@ -187,7 +187,9 @@ def prune_targets(
     # Ctrl-C: the layers before would stay pruned. The record and the flips put them back, and
     # the record the entries of weights, gradients and optimizer state that the projection
     # backend zeroes at once for the new masks (see _projection_ops._mul_).
-    undo, flips = _undo.Undo(model), []
+    # The caller's flips_out takes each flip as it is made, not after the try: a Ctrl-C between
+    # the two would leave the masks written and the caller unable to turn them back.
+    undo, flips = _undo.Undo(model), [] if flips_out is None else flips_out
     try:
         with undo.saving():
             with torch.no_grad():
@@ -202,10 +204,9 @@ def prune_targets(
             _parents.link(model)
     except BaseException:
         unflip(flips)
+        flips.clear()  # turned back: the caller's unflip() must not turn them again
         undo.restore()
         raise
-    if flips_out is not None:
-        flips_out += flips
     return model
 
 

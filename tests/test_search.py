@@ -1206,3 +1206,42 @@ def test_a_failure_at_any_torch_call_leaves_the_next_round_unstarted(method):
         return [outside(model, opt), search.state_dict(), len(search._hooks), sched.state_dict()]
 
     assert_each_fault_leaves_it_untouched(between, lambda model, search, opt, sched: search.start_round(), rest=rest)
+
+
+def test_a_ctrl_c_right_after_the_pruning_leaves_the_masks_as_they_were():
+    # The pruning handed its masks' flips to the round end only after its try: a Ctrl-C between
+    # the two left the masks pruned, the round running, and a second call pruned again.
+    import inspect
+    import sys
+
+    from signmask import _prune
+
+    lines, first = inspect.getsourcelines(_prune.prune_targets)
+    after_try = first + max(i for i, line in enumerate(lines) if line.strip() == "raise") + 1
+    code = _prune.prune_targets.__code__
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno >= after_try:
+                raise KeyboardInterrupt
+            return local
+        return local
+
+    model, search, opt, sched = _in_round("imp", 0)
+    masks = {k: b.clone() for k, b in model.named_buffers() if k.endswith("_mask")}
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search.finish_round()
+    finally:
+        sys.settrace(None)
+    assert search.in_round and search.round == 0
+    assert all(torch.equal(b, masks[k]) for k, b in model.named_buffers() if k.endswith("_mask"))
+    search.finish_round()
+    clean = _in_round("imp", 0)
+    clean[1].finish_round()
+    assert search.state_dict()["history"] == clean[1].state_dict()["history"]
+    assert all(torch.equal(b, dict(clean[0].named_buffers())[k]) for k, b in model.named_buffers())
