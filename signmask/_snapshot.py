@@ -73,7 +73,10 @@ def rewind(model: nn.Module, targets: dict[str, tuple[nn.Module, str]],
                 continue
             orig = _reparam.original(module, name)
             mask, sign = module._buffers[name + "_mask"], module._buffers.get(name + "_sign")
-            weight = _backends.BACKENDS[backend].weight(hook, module, source[id(orig)], mask, sign, False)
+            # As the write will cast it: a model moved or cast since the snapshot (model.cuda(),
+            # .to(bf16) after apply) else gets a float32 weight, or a device mismatch every round.
+            values = source[id(orig)].to(orig.device, orig.dtype)
+            weight = _backends.BACKENDS[backend].weight(hook, module, values, mask, sign, False)
             module.__dict__[name] = weight.detach()
         torch._foreach_copy_(list(live.values()), [snapshot[k] for k in live])
     # A compiled forward skips the projection backend's check of orig's version.

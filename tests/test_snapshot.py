@@ -157,3 +157,23 @@ def test_a_restart_keeps_a_tensor_learning_rate_the_same_tensor():
     assert rounds[0][:2] == f32
     assert rounds[1] == rounds[0] and rounds[2] == rounds[0]
     assert all(g["lr"] is t for g, t in zip(opt.param_groups, tensors))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_rewind_of_a_model_cast_after_apply_gives_each_weight_the_dtype_and_values_a_forward_uses(dtype):
+    # The rewound module.<name> was computed from the float32 snapshot: float32, unrounded, beside
+    # a float64 or bfloat16 <name>_orig, until the next forward (and a device mismatch on every
+    # round end for a model moved to the GPU after apply).
+    from _util import make_search
+
+    model, opt, _, search = make_search("imp", 0.5, rounds=1)
+    model.to(dtype)
+    search.start_round()
+    opt.zero_grad()
+    model(torch.randn(4, 3, 6, 6, dtype=dtype)).square().mean().backward()
+    opt.step()
+    search.finish_round()
+    for module, name in signmask._targets.pruned(model).values():
+        rewound = module.__dict__[name]
+        assert rewound.dtype == dtype
+        assert torch.equal(rewound, signmask._reparam.effective(module, name))
