@@ -199,8 +199,9 @@ class Search:
                 :func:`signmask.apply`, or a searched tensor's module was replaced or removed.
             Where torch fails midway (out of memory) or on Ctrl-C, the search, model, optimizer
             and scheduler are left as they were, the round still running: call it again.
-            Under the projection backend, a failure masking the rewound weights (the last
-            step of an IMP/OMP round end) leaves them rewound.
+            Once an IMP/OMP rewind has written the weights (its last step: a Ctrl-C during that
+            write surfaces after it), the round end is complete; under the projection backend
+            the next step or forward masks the rewound weights if the failure came before.
 
         Example:
             >>> import torch, signmask
@@ -235,13 +236,12 @@ class Search:
         # pruned but not rewound, or rewound but not restarted. Everything is put back (the masks
         # by their flips, the search's attributes, optimizer, scheduler), but the weights, which
         # a copy would double: their rewind is the last write, one call (see _snapshot.rewind).
-        with _snapshot.kept_on_failure(self) as flips:
-            self._end_round(flips)
+        with _snapshot.kept_on_failure(self) as writes:
+            self._end_round(writes)
         self._bar.close_round(self)  # the round's line, once it ended
 
-    def _end_round(self, flips: list) -> None:
-        """:meth:`finish_round`'s changes, everything checked before; the masks' flips go to
-        ``flips``."""
+    def _end_round(self, writes: _snapshot.RoundWrites) -> None:
+        """:meth:`finish_round`'s changes, everything checked before, told to ``writes``."""
         self._capture_schedule()
         if self.round < self.config.prune_steps:  # the rewind and restart fit model and optimizer
             _snapshot.check_restartable(self.model, self.optimizer, self._rewind_weights, self._restart)
@@ -252,11 +252,11 @@ class Search:
             self._remove_hooks()
             self.in_round, self.done = False, True
             return
-        self._prune_to(self.kept_schedule[self.round], flips)
+        self._prune_to(self.kept_schedule[self.round], writes.flips)
         _snapshot.put_schedule(self.optimizer, self.scheduler, self._restart)
+        self.round, self.in_round = self.round + 1, False  # before the rewind: the last write
         if self._rewind_weights is not None:
-            _snapshot.rewind(self.model, self._targets, self._rewind_weights)
-        self.round, self.in_round = self.round + 1, False
+            _snapshot.rewind(self.model, self._targets, self._rewind_weights, writes.written)
 
     @property
     def ticket(self) -> Ticket:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -52,14 +53,16 @@ def put_weights(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
 
 
 def rewind(model: nn.Module, targets: dict[str, tuple[nn.Module, str]],
-           snapshot: dict[str, torch.Tensor]) -> None:
+           snapshot: dict[str, torch.Tensor], written: list | None = None) -> None:
     """:func:`put_weights`, and each target's ``module.<name>`` recomputed for the values put.
 
     Inside a search's round end, which a failure must leave as it was: the one write comes
     last, as a single torch call, which fails before it writes anything; every
     ``module.<name>`` is computed before it, from the snapshot's values (a recorded alias is
     put back after a failure). Only under the projection backend, whose ``module.<name>`` is a
-    view of ``<name>_orig`` that it masks in place, are they masked after the write."""
+    view of ``<name>_orig`` that it masks in place, are they masked after the write (the next
+    step or forward would, too). ``written`` takes each weight and its version counter just
+    before the write: a changed counter says the write happened (see :func:`kept_on_failure`)."""
     live = live_weights(model)
     check_same_keys(live, snapshot, "the rewind snapshot")
     source = {id(t): snapshot[k] for k, t in live.items()}
@@ -78,6 +81,8 @@ def rewind(model: nn.Module, targets: dict[str, tuple[nn.Module, str]],
             values = source[id(orig)].to(orig.device, orig.dtype)
             weight = _backends.BACKENDS[backend].weight(hook, module, values, mask, sign, False)
             module.__dict__[name] = weight.detach()
+        if written is not None:
+            written[:] = [(t, t._version) for t in live.values()]
         torch._foreach_copy_(list(live.values()), [snapshot[k] for k in live])
     # A compiled forward skips the projection backend's check of orig's version.
     for module, name in projected:
@@ -199,17 +204,33 @@ class RoundRecord:
             search._alpha.fill_(self.alpha)
 
 
+@dataclasses.dataclass
+class RoundWrites:
+    """What a round end tells :func:`kept_on_failure` as it goes: the masks' flips
+    (:func:`_prune.unflip`), and the weights :func:`rewind` writes with their version counters."""
+
+    flips: list = dataclasses.field(default_factory=list)
+    written: list = dataclasses.field(default_factory=list)
+
+    def rewound(self) -> bool:
+        """Whether the rewind's write ran: the round end's last step, so it is complete."""
+        return any(t._version != version for t, version in self.written)
+
+
 @contextlib.contextmanager
 def kept_on_failure(search, *, model: bool = True):
     """Put the search (:class:`RoundRecord`) and, with ``model``, the model and optimizer (an
-    ``_undo.Undo`` record; the masks by the flips the block adds to the list it is given) back
-    if the block fails."""
-    record, flips = RoundRecord(search), []
+    ``_undo.Undo`` record; the masks by the flips in the :class:`RoundWrites` the block is
+    given) back if the block fails, unless its rewind wrote the weights: a Ctrl-C during that
+    one long call surfaces as it returns, and the round end is then complete, not undone (its
+    weights are not kept, and calling it again would prune the rewound weights)."""
+    record, writes = RoundRecord(search), RoundWrites()
     undo = _undo.Undo(search.model, optimizers=[search.optimizer]) if model else None
     try:
         with undo.saving() if undo is not None else contextlib.nullcontext():
-            yield flips
+            yield writes
     except BaseException:
-        _prune.unflip(flips)
-        record.restore(undo)
+        if not writes.rewound():
+            _prune.unflip(writes.flips)
+            record.restore(undo)
         raise

@@ -1245,3 +1245,32 @@ def test_a_ctrl_c_right_after_the_pruning_leaves_the_masks_as_they_were():
     clean[1].finish_round()
     assert search.state_dict()["history"] == clean[1].state_dict()["history"]
     assert all(torch.equal(b, dict(clean[0].named_buffers())[k]) for k, b in model.named_buffers())
+
+
+def test_a_ctrl_c_during_the_rewinds_write_completes_the_round_end(monkeypatch):
+    # A Ctrl-C during the rewind's one long copy surfaces as it returns: the weights are
+    # rewound then. Rolling the round back would leave them rewound with the round still
+    # running, and calling finish_round again would prune the rewound weights (another ticket,
+    # silently). The round end is complete instead: the search goes on as if uninterrupted.
+    copy = torch._foreach_copy_
+
+    def copy_then_interrupt(*args, **kwargs):
+        copy(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    def run(interrupt):
+        model, opt, sched, search = make_search("imp", rewind="2it")
+        while not search.done:
+            r = search.start_round()
+            train(model, opt, search, sched)
+            if r == 1 and interrupt:
+                monkeypatch.setattr(torch, "_foreach_copy_", copy_then_interrupt)
+                with pytest.raises(KeyboardInterrupt):
+                    search.finish_round()
+                monkeypatch.setattr(torch, "_foreach_copy_", copy)
+                assert (search.round, search.in_round) == (2, False)
+            else:
+                search.finish_round()
+        return search.ticket, search.history
+
+    assert run(True) == run(False)
