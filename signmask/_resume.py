@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import _reparam, _snapshot, _targets, _undo
+from . import _reparam, _snapshot, _targets
 from ._ticket import Ticket
 
 STATE_VERSION = 1
@@ -173,36 +173,22 @@ def restore(search, state: dict[str, Any]) -> None:
     generator = torch.Generator()  # the search's own is not written: a failure keeps it
     # A CPU generator's state, though torch.load(..., map_location="cuda") puts it on the GPU.
     generator.set_state(state["generator"].cpu())
-    masks = search._masks("load_state_dict()")
     with torch.no_grad():
-        flips = {k: (state["masks"][k] != 0).to(mask.device).bitwise_xor_(mask) for k, mask in masks.items()}
-        alpha = None if search._alpha is None else search._alpha.clone()
+        flips = [(mask, mask._version, (state["masks"][k] != 0).to(mask.device).bitwise_xor_(mask))
+                 for k, mask in search._masks("load_state_dict()").items()]
     # Valid state cannot fail below, but torch can (out of memory) and so can Ctrl-C: the masks
-    # written, the weights refreshed (under projection: its weights, gradients and state
-    # masked), the counters and the hooks a finished search takes off are put back.
-    undo, attributes = _undo.Undo(search.model, optimizers=[search.optimizer]), dict(search.__dict__)
-    versions = {k: mask._version for k, mask in masks.items()}
-    try:
-        with undo.saving():
-            _apply(search, state, masks, flips, generator, ticket)
-    except BaseException:
-        with torch.no_grad():
-            for k, mask in masks.items():
-                if mask._version != versions[k]:  # written: turn it back
-                    mask.bitwise_xor_(flips[k])
-            if alpha is not None:
-                search._alpha.copy_(alpha)
-        undo.restore()
-        search.__dict__.clear()
-        search.__dict__.update(attributes)
-        raise
+    # written (by their flips), the weights refreshed (under projection: its weights, gradients
+    # and state masked), the counters and the hooks a finished search takes off are put back.
+    with _snapshot.kept_on_failure(search) as writes:
+        writes.flips += flips
+        _apply(search, state, flips, generator, ticket)
 
 
-def _apply(search, state: dict[str, Any], masks: dict, flips: dict, generator, ticket) -> None:
+def _apply(search, state: dict[str, Any], flips: list, generator, ticket) -> None:
     """:func:`restore`'s writes, everything computed and checked before."""
     with torch.no_grad():
-        for k, mask in masks.items():
-            mask.bitwise_xor_(flips[k])
+        for mask, _, flip in flips:
+            mask.bitwise_xor_(flip)
         # module.<name> for the new masks at once, as signmask.load_state_dict does: a
         # compiled forward, or a read before the next forward, must not see the old ones.
         for module, name in search._targets.values():
