@@ -141,3 +141,12 @@ def check_finite(key: str, values: torch.Tensor, where: torch.Tensor | None = No
             f"{key} holds {int(bad.sum())} NaN or infinite {'kept ' if where is not None else ''}"
             "weights (a diverged run?); their signs mean nothing"
         )
+
+
+def moved_hook(name: str) -> str:
+    """Why a pruning hook of ``<name>`` sits on a module without ``<name>_mask``, and the fix."""
+    return (f"no {name}_mask: torch.ao.quantization's fuse_modules (and fuse_modules_qat) moves "
+            "a pruned module's forward pre-hooks onto the fused module, and convert "
+            "(quantize_dynamic too) copies them onto the quantized one; make the pruning "
+            "permanent first: signmask.remove(model) before fusing or converting (both copy the "
+            "model unless inplace=True)")

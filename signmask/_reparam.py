@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _bits, _maskmul
+from . import _bits, _checks, _maskmul
 
 # _backends imports this module; the attribute is looked up at call time, when both are loaded.
 from . import _backends  # noqa: E402  isort: skip
@@ -110,12 +110,15 @@ class SignMaskHook(_prune.PruningContainer):
                 f"the pruning of {name}_orig would hide; make the pruning permanent before: "
                 f"signmask.remove(model), or torch.nn.utils.prune.remove(module, {name!r})"
             )
-        if name + "_mask" not in module._buffers:
-            owner = type(module).__name__
-            raise RuntimeError(f"{owner} holds a pruning hook of {name!r} but {moved_hook(name)}")
         self.unstack()
         stash_outside(module, name)
-        module.__dict__[name] = self.apply_mask(module, own_forward=True)
+        try:
+            module.__dict__[name] = self.apply_mask(module, own_forward=True)
+        except KeyError:  # not checked before: this runs at every forward
+            if name + "_mask" in module._buffers:
+                raise
+            raise RuntimeError(f"{type(module).__name__} holds a pruning hook of {name!r} but "
+                               f"{_checks.moved_hook(name)}") from None
 
     def unstack(self) -> bool:
         """Clear compute_mask's flag (a forward's weight keeps its graph); whether it was set."""
@@ -124,15 +127,20 @@ class SignMaskHook(_prune.PruningContainer):
             return True
         return False
 
-    def apply_mask(self, module: nn.Module, *, own_forward: bool = False) -> torch.Tensor:
+    def apply_mask(self, module: nn.Module, *, own_forward: bool = False,
+                   values: torch.Tensor | None = None) -> torch.Tensor:
         """The effective tensor. ``own_forward``: for ``module``'s own forward, the consumer
-        whose dtype a backend may write directly (autocast's); else in ``<name>_orig``'s dtype."""
+        whose dtype a backend may write directly (autocast's); else in ``<name>_orig``'s dtype.
+        ``values``: computed from these instead of ``<name>_orig`` (a rewind, before it writes
+        them)."""
         if self.unstack():
             with torch.no_grad():
-                return self.apply_mask(module, own_forward=own_forward)
+                return self.apply_mask(module, own_forward=own_forward, values=values)
         name, buffers = self._tensor_name, module._buffers
         orig, mask = module._parameters.get(name + "_orig"), buffers[name + "_mask"]
-        if orig is None:  # parametrized since (weight_norm on weight_orig): computed, as stock reads it
+        if values is not None:
+            orig = values
+        elif orig is None:  # parametrized since (weight_norm on weight_orig): computed, as stock reads it
             if name + "_orig" not in getattr(module, "parametrizations", {}):
                 raise RuntimeError(_hooked_orig(module, name))
             orig = getattr(module, name + "_orig")
@@ -304,15 +312,6 @@ def _hooked_orig(module: nn.Module, name: str) -> str:
         f"(torch.nn.utils.remove_weight_norm(module, {orig!r}) or remove_spectral_norm) and use "
         f"torch.nn.utils.parametrizations.weight_norm / spectral_norm(module, {orig!r}) instead"
     )
-
-
-def moved_hook(name: str) -> str:
-    """Why a pruning hook of ``<name>`` sits on a module without ``<name>_mask``, and the fix."""
-    return (f"no {name}_mask: torch.ao.quantization's fuse_modules (and fuse_modules_qat) moves "
-            "a pruned module's forward pre-hooks onto the fused module, and convert "
-            "(quantize_dynamic too) copies them onto the quantized one; make the pruning "
-            "permanent first: signmask.remove(model) before fusing or converting (both copy the "
-            "model unless inplace=True)")
 
 
 def check_dtype(key: str, weight: torch.Tensor, *, locked: bool) -> None:

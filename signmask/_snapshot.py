@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _backends, _prune, _reparam, _targets, _undo
+from . import _prune, _reparam, _targets, _undo
 
 # Reparametrization buffers are not weights: masks move on, norm inits and signs never change.
 # They sit beside an ``<name>_orig`` Parameter; a user's own ``scale_init`` does not.
@@ -43,18 +43,11 @@ def take_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: t.detach().clone() for k, t in live_weights(model).items()}
 
 
-def put_weights(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
-    """Copy ``snapshot`` into the model in place (Parameter objects stay; optimizers keep them)."""
-    live = live_weights(model)
-    check_same_keys(live, snapshot, "the rewind snapshot")
-    with torch.no_grad():
-        for k, t in live.items():
-            t.copy_(snapshot[k])
-
-
 def rewind(model: nn.Module, targets: dict[str, tuple[nn.Module, str]],
            snapshot: dict[str, torch.Tensor], written: list | None = None) -> None:
-    """:func:`put_weights`, and each target's ``module.<name>`` recomputed for the values put.
+    """Copy ``snapshot`` into the model in place (Parameter objects stay; optimizers keep them),
+    and each target's ``module.<name>`` for the values put. The caller checked that the keys
+    fit (:func:`check_restartable`, before the round end's first write).
 
     Inside a search's round end, which a failure must leave as it was: the one write comes
     last, as a single torch call, which fails before it writes anything; every
@@ -64,7 +57,6 @@ def rewind(model: nn.Module, targets: dict[str, tuple[nn.Module, str]],
     step or forward would, too). ``written`` takes each weight and its version counter just
     before the write: a changed counter says the write happened (see :func:`kept_on_failure`)."""
     live = live_weights(model)
-    check_same_keys(live, snapshot, "the rewind snapshot")
     source = {id(t): snapshot[k] for k, t in live.items()}
     projected = []
     with torch.no_grad():
@@ -75,12 +67,10 @@ def rewind(model: nn.Module, targets: dict[str, tuple[nn.Module, str]],
                 projected.append((module, name))
                 continue
             orig = _reparam.original(module, name)
-            mask, sign = module._buffers[name + "_mask"], module._buffers.get(name + "_sign")
             # As the write will cast it: a model moved or cast since the snapshot (model.cuda(),
             # .to(bf16) after apply) else gets a float32 weight, or a device mismatch every round.
             values = source[id(orig)].to(orig.device, orig.dtype)
-            weight = _backends.BACKENDS[backend].weight(hook, module, values, mask, sign, False)
-            module.__dict__[name] = weight.detach()
+            module.__dict__[name] = hook.apply_mask(module, values=values).detach()
         if written is not None:
             written[:] = [(t, t._version) for t in live.values()]
         torch._foreach_copy_(list(live.values()), [snapshot[k] for k in live])

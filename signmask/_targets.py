@@ -18,7 +18,7 @@ from . import _reparam
 
 # _heads imports this module; its attributes are looked up at call time, when both are loaded.
 from . import _heads  # noqa: E402  isort: skip
-from ._checks import check_bool, check_eager_model, some
+from ._checks import check_bool, check_eager_model, moved_hook, some
 
 # Wrappers whose prefixes are not part of a tensor's identity: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -372,7 +372,7 @@ def check_attached(targets: dict[str, tuple[nn.Module, str]]) -> None:
         raise ValueError(
             f"{some(moved)} {'has' if len(moved) == 1 else 'have'} a pruning hook but "
             f"{'its module' if len(moved) == 1 else 'the module of the first'} "
-            f"({type(module).__name__}) holds {_reparam.moved_hook(name)}"
+            f"({type(module).__name__}) holds {moved_hook(name)}"
         )
 
 

@@ -33,10 +33,10 @@ class Undo:
 
     It keeps the module's tables of parameters, buffers and hooks, its tensor attributes (the
     ``weight`` aliases, weakly: see :meth:`_record`) and the attributes of its pruning hooks
-    (their history, backend): the same objects, never a copy of a tensor's values. Outside the model, it keeps the
-    post-accumulate-grad hooks of its Parameters, and the hook tables and state dicts of
-    ``optimizers`` (with the attributes of the hook objects there, which list the tensors they
-    serve; each parameter's state dict shallowly, its tensors not copied). Values
+    (their history, backend): the same objects, never a copy of a tensor's values. Outside the
+    model, it keeps the post-accumulate-grad hooks of its Parameters, and the hook tables and
+    state dicts of ``optimizers`` (with the attributes of the hook objects there, which list the
+    tensors they serve; each parameter's state dict shallowly, its tensors not copied). Values
     written in place are the caller's to undo, or, written while :meth:`saving`, kept by
     :func:`keep` just before.
     """
@@ -182,12 +182,6 @@ def _pruned(module: nn.Module, name: str) -> bool:
     """Whether ``module.<name>`` is a pruned tensor's effective weight, which
     :func:`_reparam.refresh` recomputes."""
     return _reparam.find_hook(module, name)[1] is not None
-
-
-def active() -> bool:
-    """Whether a :meth:`Undo.saving` record is active (else :func:`keep` keeps nothing, and
-    callers need not compute the positions for it)."""
-    return _ACTIVE.get() is not None
 
 
 def keep(tensor: torch.Tensor, where: torch.Tensor) -> None:
