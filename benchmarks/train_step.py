@@ -251,15 +251,17 @@ def measure_memory(model, opt, batch, device, amp_dtype) -> dict:
             "peak_mib": _common.mib(resident + mem.peak)}
 
 
-def configured(spec: Spec, optimizer: str, fused: bool) -> Spec:
-    """``spec`` with the command line's optimizer (unless ``"spec"``) and fused flag."""
-    return dataclasses.replace(spec, fused=fused,
+def configured(spec: Spec, optimizer: str, fused: bool, batch_scale: int = 1) -> Spec:
+    """``spec`` with the command line's optimizer (unless ``"spec"``), fused flag and batch scale."""
+    return dataclasses.replace(spec, fused=fused, batch=spec.batch * batch_scale,
                                optimizer=spec.optimizer if optimizer == "spec" else optimizer)
 
 
-def child(model_name: str, variant: str, preset: str, amp: bool, optimizer: str, fused: bool) -> dict:
+def child(model_name: str, variant: str, preset: str, amp: bool, optimizer: str, fused: bool,
+          batch_scale: int) -> dict:
     """Memory of one variant in a fresh process (CPU): see ``_common``."""
-    spec = configured(next(s for s in PRESETS[preset] if s.name == model_name), optimizer, fused)
+    spec = next(s for s in PRESETS[preset] if s.name == model_name)
+    spec = configured(spec, optimizer, fused, batch_scale)
     model, opt = build(spec, variant, "cpu")
     data = batches(spec, "cpu", 1)
     return measure_memory(model, opt, data[0], "cpu", torch.bfloat16 if amp else None)
@@ -300,6 +302,9 @@ def main() -> None:
                         help="override every model's optimizer (default: each model's own)")
     parser.add_argument("--fused", action="store_true",
                         help="every optimizer in its fused implementation (fused=True)")
+    parser.add_argument("--batch-scale", type=int, default=1, metavar="K",
+                        help="multiply every model's batch by K (the per-step mask work stays the "
+                             "same, so its share of the step shrinks)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory processes")
     parser.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
@@ -307,15 +312,18 @@ def main() -> None:
     device = "cuda" if args.preset == "gpu" else "cpu"
     amp = args.preset in ("gpu", "dry")  # dry run follows the GPU recipe: bf16 autocast
     if args.child:
-        print(json.dumps(child(*args.child, args.preset, amp, args.optimizer, args.fused)))
+        print(json.dumps(child(*args.child, args.preset, amp, args.optimizer, args.fused,
+                               args.batch_scale)))
         return
+    if args.batch_scale < 1:
+        parser.error(f"--batch-scale must be a positive integer, got {args.batch_scale}")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--preset gpu needs CUDA")
     args.amp_dtype = torch.bfloat16 if amp else None
     args.steps = args.steps or {"gpu": 30, "cpu": 20, "dry": 2}[args.preset]
     args.warmup = args.warmup if args.warmup is not None else {"gpu": 5, "cpu": 2, "dry": 1}[args.preset]
     env = _common.environment(device)
-    specs = [configured(s, args.optimizer, args.fused)
+    specs = [configured(s, args.optimizer, args.fused, args.batch_scale)
              for s in PRESETS[args.preset] if not args.models or s.name in args.models]
     variants = variants_for(device, args.variants)
     results = {"environment": env, "amount": AMOUNT, "preset": args.preset,
@@ -334,7 +342,8 @@ def main() -> None:
         if args.preset == "cpu" and not args.no_memory:
             for v in res:
                 cmd = [os.path.abspath(__file__), "--preset", args.preset, "--optimizer",
-                       args.optimizer, "--child", spec.name, v] + ["--fused"] * args.fused
+                       args.optimizer, "--batch-scale", str(args.batch_scale),
+                       "--child", spec.name, v] + ["--fused"] * args.fused
                 res[v].update(_common.run_child(cmd))
         dense = res["dense"]["median_ms"] if "dense" in res else float("nan")
         for v in res:
