@@ -93,7 +93,7 @@ def apply(
         TypeError: ``model`` not a module (or a TorchScript one), ``optimizer`` not a
             ``torch.optim.Optimizer`` or one whose ``step()`` runs no step hooks (a wrapper such as
             timm's ``Lookahead``: pass the optimizer it wraps), a scheduler without
-            ``state_dict``, or an option of the wrong type (``method``, ``sparsity``, ``rate``,
+            ``state_dict`` or a scheduler class instead of an instance, or an option of the wrong type (``method``, ``sparsity``, ``rate``,
             ``rewind``, ``seed``, ``classifier``, ``include``, ``filter_fn``...).
         ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds (or
             either for OMP); more rounds than weights; a sparsity that prunes nothing; a rewind
@@ -129,6 +129,11 @@ def apply(
     _check_undriven(optimizer)
     seed = _checks.check_seed(seed)
     _checks.check_bool(progress, "progress")
+    if isinstance(scheduler, type):  # a class has state_dict too, unbound: torch's error names no argument
+        raise TypeError(
+            f"scheduler must be a scheduler object, got the class {scheduler.__name__}: "
+            f"pass {scheduler.__name__}(optimizer, ...)"
+        )
     if scheduler is not None and not all(hasattr(scheduler, a) for a in ("state_dict", "load_state_dict")):
         raise TypeError(
             f"scheduler must have state_dict()/load_state_dict() (a torch or timm scheduler), "
