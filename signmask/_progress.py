@@ -60,3 +60,20 @@ def log_line(method: str, record: dict[str, Any]) -> str:
     extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in OWN_RECORDS)
     line = f"{method} round {record['round']}: sparsity {record['sparsity']:.2%}, {record.get('steps', 0)} steps"
     return f"{line} {extras}".rstrip()
+
+
+def no_step_warning(search) -> str:
+    """The warning for a round of ``search`` in which its optimizer never stepped: the likely
+    causes (the loop steps another optimizer; an IMP/OMP loop resuming at the rewind point ends
+    there), then what the round's end reads if neither holds."""
+    c = search.config
+    text = (
+        f"round {search.round} took no optimizer step: {type(search.optimizer).__name__}, the "
+        "optimizer given to apply(), never stepped. If the loop steps another optimizer, pass that "
+        "one to apply()"
+    )
+    if c.rewind_step and search.round > 0:
+        text += f"; a loop resuming at the rewind point (step {c.rewind_step}) must run past it"
+    if search.round == c.prune_steps:
+        return text + "; otherwise the ticket takes its signs from untrained weights"
+    return text + "; otherwise this round's pruning ranks untrained weights"

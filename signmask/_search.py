@@ -13,7 +13,7 @@ from torch import nn
 
 from . import (_distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume,
                _snapshot, _targets)
-from ._progress import OWN_RECORDS, RoundBar
+from ._progress import OWN_RECORDS, RoundBar, no_step_warning
 from ._extract import extract
 from ._ticket import Ticket
 
@@ -89,7 +89,7 @@ class Search:
             else:
                 self._check_open("iterating")  # closed mid-round: do not run the loop body
             yield self.round
-            self.finish_round()
+            self._finish_round()
 
     @property
     def sparsity(self) -> float:
@@ -216,6 +216,10 @@ class Search:
             >>> search.sparsity, search.done
             (0.5, False)
         """
+        self._finish_round()
+
+    def _finish_round(self) -> None:
+        """:meth:`finish_round`, one call below the user's code whether it iterates or calls it."""
         self._check_open("finish_round")
         if not self.in_round:
             raise RuntimeError(f"round {self.round} has not started; call start_round() first")
@@ -226,12 +230,7 @@ class Search:
             )
         _targets.check_present(self.model, self._targets)
         if self.round_step == 0 and _distributed.rank0():  # one warning, not one per DDP rank
-            warnings.warn(
-                f"round {self.round} took no optimizer step (a rewind point at or past the end of "
-                "the user's loop?); its pruning ranks untrained weights",
-                UserWarning,
-                stacklevel=2,
-            )
+            warnings.warn(no_step_warning(self), UserWarning, stacklevel=3)  # the user's loop
         # Valid state cannot fail below, but torch can (out of memory) and so can Ctrl-C: a round
         # pruned but not rewound, or rewound but not restarted. Everything is put back (the masks
         # by their flips, the search's attributes, optimizer, scheduler), but the weights, which

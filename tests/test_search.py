@@ -628,6 +628,29 @@ def test_report_and_close_refuse_bad_arguments():
     assert "acc" not in search.history[0]
 
 
+def test_a_round_without_steps_warns_at_the_loop_naming_the_optimizer_given_to_apply():
+    """A loop stepping an optimizer apply() never saw is warned about, at the loop's own line, with
+    no rewind point a search without one does not have; the last round's warning names the ticket."""
+    model, opt, sched, search = make_search("lrr", rounds=1)
+    other = torch.optim.SGD(model.parameters(), lr=0.05)  # the loop steps another optimizer
+    with pytest.warns(UserWarning, match="took no optimizer step") as got:
+        for r in search:
+            train(model, other, search)
+    texts = [str(w.message) for w in got]
+    assert [w.filename for w in got] == [__file__] * 2  # the loop, not signmask's source
+    assert all("SGD, the optimizer given to apply()" in t and "pass that one to apply()" in t for t in texts)
+    assert not any("rewind" in t for t in texts)
+    assert "pruning ranks untrained weights" in texts[0] and "ticket" in texts[1]
+    model, opt, sched, search = make_search("imp", rewind="2it", rounds=1)
+    search.start_round()
+    train(model, opt, search, steps=3)
+    search.finish_round()
+    search.start_round()  # a loop resuming at the rewind step (2) that ends there takes no step
+    with pytest.warns(UserWarning, match=r"round 1 .*the rewind point \(step 2\)") as got:
+        search.finish_round()
+    assert [w.filename for w in got] == [__file__]
+
+
 def test_a_skipped_computed_weight_warns_once_at_apply_and_not_each_round():
     model = torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.utils.spectral_norm(torch.nn.Linear(108, 8)), torch.nn.BatchNorm1d(8),
