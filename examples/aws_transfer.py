@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         for _epoch in range(args.epochs):
             loss = train_epoch(model, loader, opt)
         acc = accuracy(model, test_loader)
-        print(f"train loss {loss:.3f}, test accuracy {acc:.2%}")
-        search.report(acc=acc)  # signmask
+        # Reported, not printed: the round's log line shows it (a print would land on the round's bar).
+        search.report(loss=loss, acc=acc)  # signmask
     search.save(out / "ticket.safetensors")  # signmask
     rounds = search.history  # signmask
 

@@ -24,7 +24,7 @@ Run (from the repository root):
     python examples/imp_rewind_plain_loop.py                  # a few minutes on a CPU
     python examples/imp_rewind_plain_loop.py --data cifar10.npz --out runs/imp
 Outputs in ``--out``: ``ticket.safetensors`` (inspect it with ``python -m signmask inspect``)
-and ``results.json`` (per round: sparsity, optimizer steps, test accuracy).
+and ``results.json`` (per round: sparsity, optimizer steps, train loss, test accuracy).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
             loss = train_epoch(model, loader, opt)
             sched.step()
         acc = accuracy(model, test_loader)
-        print(f"epoch {epoch}: train loss {loss:.3f}, test accuracy {acc:.2%}")
-        search.report(acc=acc)  # signmask
+        # Reported, not printed: the round's log line shows it (a print would land on the round's bar).
+        search.report(loss=loss, acc=acc)  # signmask
     search.save(out / "ticket.safetensors")  # signmask
 
     results = {"args": vars(args), "rounds": search.history}  # signmask

@@ -23,7 +23,7 @@ Run (from the repository root):
     python examples/timm_ema_loop.py                      # a few minutes on a CPU (CIFAR-10 if found)
     python examples/timm_ema_loop.py --method lrr --data cifar10.npz
 Outputs in ``--out``: ``ticket.safetensors`` and ``results.json`` (per round: sparsity, steps,
-accuracy of the model and of its EMA). ``--data`` takes a CIFAR-10 ``.npz`` with ``x_train``,
+train loss, accuracy of the model and of its EMA). ``--data`` takes a CIFAR-10 ``.npz`` with ``x_train``,
 ``y_train``, ``x_test``, ``y_test`` (uint8 HWC); ``synthetic`` is a seeded 10-class task, no download.
 """
 
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
             loss, step = train_one_epoch(model, ema, loader, opt, step)
             sched.step(epoch + 1)
         acc, ema_acc = accuracy(model, test_loader), accuracy(ema.module, test_loader)
-        print(f"train loss {loss:.3f}, test accuracy {acc:.2%}, EMA test accuracy {ema_acc:.2%}")
-        search.report(acc=acc, ema_acc=ema_acc)  # signmask
+        # Reported, not printed: the round's log line shows it (a print would land on the round's bar).
+        search.report(loss=loss, acc=acc, ema_acc=ema_acc)  # signmask
     search.save(out / "ticket.safetensors")  # signmask
     search.close(ema.module)  # signmask: the EMA copy drops AWS's norm interpolation too
     rounds = search.history

@@ -72,6 +72,14 @@ def check_ticket(path: Path, numels: dict[str, int], sparsity: float, method: st
 
 
 @since_timm("1.0.10", "test_resnet")
+def only_round_lines(out: str, method: str) -> bool:
+    """Whether the search's log lines are all the loop printed from its first round to its last: a
+    print inside a round lands on that round's progress bar in a terminal."""
+    lines = out.splitlines()
+    logged = [i for i, line in enumerate(lines) if line.startswith(f"{method} round ")]
+    return bool(logged) and all(line.startswith(f"{method} round ") for line in lines[logged[0]:logged[-1] + 1])
+
+
 def test_prune_save_transfer_carries_the_signed_mask(tmp_path, capsys):
     ex = load_example("prune_save_transfer")
     path = tmp_path / "t.safetensors"
@@ -159,6 +167,7 @@ def test_imp_example_runs_as_a_script(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data: synthetic" in proc.stdout
+    assert only_round_lines(proc.stdout, "imp") and "loss=" in proc.stdout
     logged = [line.split(",")[0].split() for line in proc.stdout.splitlines() if line.startswith("imp round")]
     assert [int(words[2].rstrip(":")) for words in logged] == list(range(9))
     sparsities = [float(words[-1].rstrip("%")) / 100 for words in logged]
@@ -166,7 +175,7 @@ def test_imp_example_runs_as_a_script(tmp_path):
     assert signmask.load(tmp_path / "out" / "ticket.safetensors").sparsity == pytest.approx(0.8, abs=1e-3)
 
 
-def test_aws_transfer_interpolates_then_transfers_the_signed_mask(tmp_path, monkeypatch):
+def test_aws_transfer_interpolates_then_transfers_the_signed_mask(tmp_path, monkeypatch, capsys):
     ex = load_example("aws_transfer")
     alphas = []
 
@@ -202,6 +211,8 @@ def test_aws_transfer_interpolates_then_transfers_the_signed_mask(tmp_path, monk
 
     monkeypatch.setattr(signmask, "transfer", spy_transfer)
     results = ex.main(["--quick", "--data", "synthetic", "--out", str(tmp_path)])
+    assert only_round_lines(capsys.readouterr().out, "aws")
+    assert all(h["loss"] > 0 for h in results["rounds"])
 
     assert len(alphas) > 40 and all(0.0 <= a < 1.0 for a in alphas)
     assert len({round(a, 3) for a in alphas}) > len(alphas) // 2  # a new a per batch
@@ -240,7 +251,7 @@ def test_aws_transfer_interpolates_then_transfers_the_signed_mask(tmp_path, monk
             assert torch.equal(after[k], expected), (signs, k)
 
 
-def test_timm_ema_follows_the_search_and_the_schedule_restarts(tmp_path, monkeypatch):
+def test_timm_ema_follows_the_search_and_the_schedule_restarts(tmp_path, monkeypatch, capsys):
     from signmask._compat import import_timm
 
     timm = import_timm()
@@ -282,6 +293,8 @@ def test_timm_ema_follows_the_search_and_the_schedule_restarts(tmp_path, monkeyp
 
     spy_apply(monkeypatch, on_apply)
     results = ex.main(["--quick", "--data", "synthetic", "--out", str(tmp_path)])
+    assert only_round_lines(capsys.readouterr().out, "aws")
+    assert all(h["loss"] > 0 for h in results["rounds"])
     lr = 0.05  # --lr default; warm-up starts at lr / 10
 
     lrs = seen["lrs"]
