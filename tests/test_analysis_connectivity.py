@@ -541,6 +541,32 @@ def test_instability_checks_every_argument_before_training(model_fn, kwargs, err
         assert_same(before, snapshot(model))
 
 
+def test_instability_refuses_a_train_that_cannot_take_model_and_seed():
+    """``train(model)``, a common slip, is named with its signature before anything trains; any
+    callable that binds ``(model, seed)`` (defaults, a callable object) is taken."""
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    calls = []
+
+    def one(model):
+        calls.append(model)
+
+    with pytest.raises(TypeError, match=re.escape("train must be callable as train(model, seed), got one(model)")):
+        analysis.instability(nn.Linear(4, 3), one, data)
+    assert calls == []
+    sgd, seen = sgd_train()
+
+    class Trainer:
+        def __call__(self, model, seed, epochs=1):
+            sgd(model, seed)
+
+    def with_defaults(model, seed, *, steps=2):
+        sgd(model, seed)
+
+    for train in (Trainer(), with_defaults):
+        analysis.instability(nn.Linear(4, 3), train, data, points=2)
+    assert seen == [0, 1, 0, 1]
+
+
 class Watched(list):
     """A list of batches that records every pass over it."""
 

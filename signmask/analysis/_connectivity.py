@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import inspect
 import itertools
 import math
 import numbers
@@ -247,6 +248,20 @@ def barrier(
     return Barrier(tuple(alphas), tuple(losses), tuple(errors))
 
 
+def _check_binds(train: Callable, model: nn.Module) -> None:
+    """Refuse a ``train`` that cannot take ``(model, seed)`` (``train(model)``) before any training,
+    showing its signature: the call would fail with only the function's own name."""
+    try:
+        signature = inspect.signature(train)
+    except (TypeError, ValueError):  # a builtin without a signature: its call will tell
+        return
+    try:
+        signature.bind(model, 0)
+    except TypeError:
+        name = getattr(train, "__name__", type(train).__name__)
+        raise TypeError(f"train must be callable as train(model, seed), got {name}{signature}") from None
+
+
 def instability(
     model: nn.Module,
     train: Callable[[nn.Module, int], nn.Module | None],
@@ -299,6 +314,7 @@ def instability(
     """
     if not callable(train):
         raise TypeError(f"train must be callable as train(model, seed), got {type(train).__name__}")
+    _check_binds(train, model)
     seeds = _check_seeds(seeds)
     points, _ = _check_path_args(model, eval_loader, train_loader, points, loss_fn, bn_batches,
                                  eval_batches)
