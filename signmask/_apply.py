@@ -93,8 +93,9 @@ def apply(
         TypeError: ``model`` not a module (or a TorchScript one), ``optimizer`` not a
             ``torch.optim.Optimizer`` or one whose ``step()`` runs no step hooks (a wrapper such as
             timm's ``Lookahead``: pass the optimizer it wraps), a scheduler without
-            ``state_dict`` or a scheduler class instead of an instance, or an option of the wrong type (``method``, ``sparsity``, ``rate``,
-            ``rewind``, ``seed``, ``classifier``, ``include``, ``filter_fn``...).
+            ``state_dict`` or a scheduler class instead of an instance, or an option of the wrong
+            type (``method``, ``sparsity``, ``rate``, ``rewind``, ``seed``, ``classifier``,
+            ``include``, ``filter_fn``...).
         ValueError: unknown method; sparsity or rate outside (0, 1); both rate and rounds (or
             either for OMP); more rounds than weights; a sparsity that prunes nothing; a rewind
             point for LRR/AWS or an unreadable one (an ``"ep"`` point without
