@@ -98,8 +98,28 @@ def unpack_ternary(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def pack_signs(negative: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor (True = negative) into 1 bit per element."""
-    return pack(negative, 1)
+    """Pack a bool tensor (True = negative) into 1 bit per element.
+
+    On little-endian hosts, 8 bools (bytes 0 or 1) are one int64 whose byte ``k`` holds bit
+    ``k``: three shift-and-or folds gather them into its low byte, about 5x faster on CPU than
+    :func:`pack`'s shifts and per-byte sum (the undo records pack every tensor they keep).
+    """
+    if (negative.dtype != torch.bool or sys.byteorder != "little" or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()):  # neither can record dtype views
+        return pack(negative, 1)
+    flat = negative.reshape(-1).view(torch.uint8)
+    whole = flat.numel() - flat.numel() % 8
+    body = flat[:whole]
+    if body.storage_offset() % 8:  # an int64 view needs 8-byte alignment
+        body = body.clone()
+    x = body.view(torch.int64)
+    x = x | (x >> 7)  # byte k: bits k, k+1
+    x |= x >> 14  # bits k..k+3
+    x |= x >> 28  # bits k..k+7: the low byte holds bytes 0..7's bits
+    packed = x.to(torch.uint8)  # the low byte (a conversion to uint8 wraps)
+    if whole == flat.numel():
+        return packed
+    return torch.cat([packed, pack(flat[whole:], 1)])
 
 
 def sign_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:

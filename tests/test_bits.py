@@ -157,3 +157,16 @@ def test_signed_codes_in_int8_equal_the_int64_mapping(vals, data):
         back = _bits.codes_to_signed(codes)
         assert back.dtype == torch.int8 and torch.equal(back, _old_codes_to_signed(codes))
         assert torch.equal(back, signed)
+
+
+@settings(max_examples=100, deadline=None)
+@given(bits=st.lists(st.booleans(), min_size=0, max_size=90), start=st.integers(0, 9), data=st.data())
+def test_packed_signs_match_the_documented_layout_at_any_length_offset_and_layout(bits, start, data):
+    # The int64 folds read 8 bools at a time: a tail of fewer, a view not starting on an 8-byte
+    # boundary and a non-contiguous tensor must pack as the element-by-element layout says.
+    negative = torch.tensor([False] * start + bits, dtype=torch.bool)[start:]
+    assert _bits.pack_signs(negative).tolist() == _loop_pack([int(b) for b in bits], 1)
+    if len(bits) >= 2 and data.draw(st.booleans()):
+        rows = torch.tensor(bits[: len(bits) // 2 * 2]).view(2, -1).t()  # column-major view
+        expected = _loop_pack([int(b) for b in rows.reshape(-1).tolist()], 1)
+        assert _bits.pack_signs(rows).tolist() == expected
