@@ -81,7 +81,9 @@ class Undo:
     def saving(self, *, dead: bool = False):
         """Within it, :func:`keep` keeps in this record the values the call overwrites in place.
         On success they pass to the record of a call around this one, if any: a failure there
-        must undo them too.
+        must undo them too. They stay in this one as well: a Ctrl-C can surface as the block
+        exits, or after it inside the caller's ``try``, whose :meth:`restore` must still find
+        them (writing a record back twice, here and around, gives what once does).
 
         ``dead``: the call zeroes only entries that its masks leave pruned before and after
         (``set_backend``, ``remove``), values nothing reads: only the sign flips of locked
@@ -96,7 +98,6 @@ class Undo:
         outer = _ACTIVE.get()
         if outer is not None:
             outer._values += self._values
-        self._values = []
 
     def restore(self, *, refresh: bool = True) -> None:
         """Put every recorded table, alias and hook attribute back, then the values kept (the
