@@ -154,6 +154,15 @@ def _table(device: torch.device) -> torch.Tensor:
         return _make_table(device)
 
 
+# The integer dtype of each float size: a view in it reads and writes a float's bits exactly.
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor viewed as integers of its size: its bits, the sign bit the top one."""
+    return t.view(_SAME_SIZE_INT[t.element_size()])
+
+
 def signed_to_codes(signed: torch.Tensor) -> torch.Tensor:
     """Map int8 values {0, +1, -1} to ticket codes {0, 1, 2}."""
     signed = signed.to(torch.int8)  # in int8 throughout: int64 would cost 8 bytes per weight

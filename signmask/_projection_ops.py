@@ -42,21 +42,6 @@ def known(optimizer: torch.optim.Optimizer) -> bool:
     return cls.__module__.startswith("torch.optim") and cls.__name__ in ZERO_PRESERVING
 
 
-def _project_weight(w: torch.Tensor, mask: torch.Tensor, sign) -> torch.Tensor | None:
-    """Mask ``w`` in place (locked: reflect onto the signs); the int8 factor used, or None.
-
-    Locked: the torch path's factor (:func:`signmask._reparam.locked_factors`), so ``w`` takes
-    the values of the effective weight. The same factor reflects (and masks) the state that is
-    odd in the gradient.
-    """
-    if sign is None:
-        _mul_(w, mask)
-        return None
-    factor = _reparam.locked_factors(w, mask, sign)
-    _mul_(w, factor)
-    return factor
-
-
 def _mul_(t: torch.Tensor, factor: torch.Tensor) -> None:
     """``t *= factor`` (a bool mask or int8 factors in {-1, 0, +1}), in place. Inside a call that
     must leave the model untouched if it fails (``_undo.Undo.saving``), the entries it changes
@@ -71,14 +56,18 @@ def _per_weight(value, param) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == param.shape
 
 
-def _project_state(state: dict, param, mask, factor, odd: tuple[str, ...], odd_only: bool) -> None:
+def _state_products(state: dict, param, mask, factor, odd: tuple[str, ...], odd_only: bool) -> list:
+    """The ``(tensor, factor)`` products that project ``param``'s optimizer ``state``: the
+    entries odd in the gradient by a locked tensor's ``factor``, the others by its mask."""
+    out = []
     for key, value in state.items():
         if not _per_weight(value, param):
             continue
         if key in odd and factor is not None:
-            _mul_(value, factor)
+            out.append((value, factor))
         elif not odd_only:
-            _mul_(value, mask)
+            out.append((value, mask))
+    return out
 
 
 def stamp(orig, mask, sign) -> tuple:
@@ -119,14 +108,25 @@ def project(module, name, optimizer=None, *, odd_only: bool = False, grad: bool 
         hook = _reparam.find_hook(module, name)[1]
     orig, mask, sign = tensors(module, name)
     with torch.no_grad():
-        factor = _project_weight(orig, mask, sign)
-        if grad and orig.grad is not None:  # reflected with the weights, masked in any case
-            mask_grad(hook, orig.grad, mask if factor is None else factor)
+        # Locked: the torch path's factor (_reparam.locked_factors), so orig takes the values of
+        # the effective weight; the same factor reflects (and masks) the state odd in the gradient.
+        factor = None if sign is None else _reparam.locked_factors(orig, mask, sign)
+        products = [(orig, mask if factor is None else factor)]
+        masked_grad = grad and orig.grad is not None
+        if masked_grad:  # reflected with the weights, masked in any case
+            products.append((orig.grad, products[0][1]))
         if optimizer is not None:
             odd = ZERO_PRESERVING.get(type(optimizer).__name__, ())
-            _project_state(optimizer.state.get(orig, {}), orig, mask, factor, odd, odd_only)
-            if not odd_only:  # the state now follows these masks
-                hook._state_masks = mask_stamp(mask, sign)
+            products += _state_products(optimizer.state.get(orig, {}), orig, mask, factor, odd, odd_only)
+        # Inside a call that must leave the model untouched if it fails (_undo.Undo.saving), what
+        # changes is kept first: for all at once, as weight, gradient and state share the factor.
+        _undo.keep_products(products)
+        for t, f in products:
+            _maskmul.mul_(t, f)
+        if masked_grad:
+            orig.grad._signmask_masked = True  # see mask_grad
+        if optimizer is not None and not odd_only:  # the state now follows these masks
+            hook._state_masks = mask_stamp(mask, sign)
     hook._projected = stamp(orig, mask, sign)
     return factor
 

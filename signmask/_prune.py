@@ -265,8 +265,8 @@ def remove(model: nn.Module) -> nn.Module:
     targets = _targets.require_pruned(model, "nothing to remove")
     # Valid input cannot fail below, but torch can (out of memory at the k-th tensor) and so can
     # Ctrl-C: the tensors before would be permanent. The record puts back the tables and hooks,
-    # and the locked weights whose signs a tensor's removal reflects (kept in host memory just
-    # before). The pruned entries it zeroes stay 0 (dead=True): nothing reads them under the
+    # and the sign bits of the locked weights a tensor's removal reflects (kept in host memory
+    # just before). The pruned entries it zeroes stay 0 (dead=True): nothing reads them under the
     # masks put back, and keeping them would copy about 4 bytes per pruned weight every call.
     undo = _undo.Undo(model, optimizers=_projection.optimizers(targets))
     try:
@@ -283,15 +283,16 @@ def remove(model: nn.Module) -> nn.Module:
 
 def _keep_masked(module: nn.Module, name: str) -> None:
     """For :func:`remove`'s undo: keep the entries of ``<name>_orig`` that making it permanent
-    changes and that are read (see ``Undo.saving(dead=)``): locked weights its signs reflect,
-    and kept weights a stock mask scales (``custom_from_mask`` takes any values)."""
+    changes and that are read (see ``Undo.saving(dead=)``): the sign bits of locked weights,
+    which its signs reflect (1 bit per weight: their magnitudes stay), and kept weights a stock
+    mask scales (``custom_from_mask`` takes any values)."""
     orig = module._parameters.get(name + "_orig")
     if orig is None:  # parametrized since (remove() refuses it)
         return
     mask, sign = module._buffers[name + "_mask"], module._buffers.get(name + "_sign")
     with torch.no_grad():
-        if sign is not None:
-            _undo.keep_product(orig, _reparam.locked_factors(orig, mask, sign))
+        if sign is not None:  # kept entries negated (magnitudes unchanged), pruned ones dead
+            _undo.keep_signs(orig)
         elif mask.dtype != torch.bool:
             scaled = (mask != 0) & (mask != 1)
             if bool(scaled.any()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import weakref
 
@@ -100,8 +101,8 @@ class Undo:
             outer._values += self._values
 
     def restore(self, *, refresh: bool = True) -> None:
-        """Put every recorded table, alias and hook attribute back, then the values kept (the
-        only tensors it allocates: one tensor's positions and values at a time), then the
+        """Put every recorded table, alias and hook attribute back, then the values and sign
+        bits kept (the only tensors it allocates: one tensor's at a time), then the
         effective weights freed since the record (the torch and triton backends': computed
         without side effects)."""
         if _ACTIVE.get() is self:  # a Ctrl-C between saving()'s set() and its try: no finally ran
@@ -113,11 +114,8 @@ class Undo:
         for optimizer, record in self._optimizers:
             _restore_optimizer(optimizer, *record)
         with torch.no_grad():
-            for tensor, packed, values, marks in reversed(self._values):  # the oldest last: it wins
-                where = _bits.sign_bits(packed.to(tensor.device), tensor.shape).view(torch.bool)
-                flat, where = _indexable(tensor, where)
-                flat[where] = values.to(tensor.device)
-                _put_back(tensor.__dict__, marks)
+            for entry in reversed(self._values):  # the oldest last: it wins
+                _put_entry(*entry)
         self._values = []
         if refresh:
             self.refresh()
@@ -185,19 +183,90 @@ def _pruned(module: nn.Module, name: str) -> bool:
     return _reparam.find_hook(module, name)[1] is not None
 
 
-def keep(tensor: torch.Tensor, where: torch.Tensor) -> None:
-    """Before ``tensor`` is overwritten in place at the bool positions ``where``: keep those
-    entries in host memory for the active :meth:`Undo.saving` record to write back (nothing
-    outside one). Only the entries written, and where packed 1 bit per weight: a copy of the
-    whole tensor would take all its bytes in host memory, this takes them for the changed
-    entries only, with one tensor's temporaries on its device."""
+def _put_entry(tensor, signs, positions, values, marks) -> None:
+    """Write one record of :func:`keep` or :func:`keep_signs` back into ``tensor``: its sign
+    bits, then its values (at the packed ``positions``, or all of them where None)."""
+    if signs is not None:
+        negative = _bits.sign_bits(signs.to(tensor.device), tensor.shape).view(torch.bool)
+        bits = _bits.as_bits(tensor)
+        top = torch.iinfo(bits.dtype).min  # the sign bit alone
+        magnitude = bits & ~top
+        bits.copy_(torch.where(negative, magnitude | top, magnitude))
+    if values is not None and positions is None:
+        tensor.copy_(values)
+    elif values is not None:
+        where = _bits.sign_bits(positions.to(tensor.device), tensor.shape).view(torch.bool)
+        flat, where = _indexable(tensor, where)
+        flat[where] = values.to(tensor.device)
+    _put_back(tensor.__dict__, marks)
+
+
+def keep(tensor: torch.Tensor, where: torch.Tensor | None = None) -> bool:
+    """Before ``tensor`` is overwritten in place at the bool positions ``where`` (None: all of
+    it): keep those entries in host memory for the active :meth:`Undo.saving` record to write
+    back (nothing outside one). Only the entries written, and where packed 1 bit per weight: a
+    copy of the whole tensor would take all its bytes in host memory, this takes them for the
+    changed entries only, with one tensor's temporaries on its device. Returns whether it kept
+    a copy of the whole tensor (see :func:`_keep_values`)."""
+    undo = _ACTIVE.get()
+    if undo is None:
+        return False
+    with torch.no_grad():
+        if where is None:
+            undo._values.append((tensor, None, None, tensor.detach().to("cpu", copy=True), dict(tensor.__dict__)))
+            return True
+        return _keep_values(undo, [tensor], where)
+
+
+def _keep_values(undo: Undo, tensors: list, where: torch.Tensor) -> bool:
+    """Keep the entries of each of ``tensors`` (one shape) at ``where``: one packing of the
+    positions, one search of them for all the contiguous ones. None there: only the tensors'
+    marks. Most of them: a whole copy of each, as the entries and their positions would take
+    over 3/4 of its memory, and a search of dense positions takes several times a copy's time
+    (a transfer of a 90%-sparse ticket: 2x). Returns whether whole copies were kept."""
+    count, numel, size = int(torch.count_nonzero(where)), where.numel(), tensors[0].element_size()
+    if count == 0:
+        for tensor in tensors:
+            undo._values.append((tensor, None, None, None, dict(tensor.__dict__)))
+        return False
+    if count * size + numel / 8 > 0.75 * numel * size:
+        for tensor in tensors:
+            undo._values.append((tensor, None, None, tensor.detach().to("cpu", copy=True),
+                                 dict(tensor.__dict__)))
+        return True
+    packed, index = _bits.pack_signs(where).cpu(), None
+    for tensor in tensors:
+        if tensor.is_contiguous():  # row-major, as the packing
+            if index is None:
+                index = where.reshape(-1).nonzero().squeeze(1)
+            values = tensor.view(-1).index_select(0, index)
+        else:
+            values = tensor[where]  # row-major too
+        undo._values.append((tensor, None, packed, values.cpu(), dict(tensor.__dict__)))
+    return False
+
+
+def keep_signs(tensor: torch.Tensor) -> None:
+    """Before ``tensor``'s entries take new sign bits (negated or not), their magnitudes
+    unchanged except at entries written otherwise and kept by :func:`keep` (or dead, see
+    ``Undo.saving(dead=)``): keep its sign bits, 1 bit per weight, for the active
+    :meth:`Undo.saving` record to set back. Setting them twice gives what setting them once
+    does, so a failure anywhere in or between the writes leaves nothing negated twice (a record
+    of the positions negated would: a failure before the write, or inside a chunked multiply,
+    would negate them back over the unchanged ones)."""
     undo = _ACTIVE.get()
     if undo is None:
         return
     with torch.no_grad():
-        flat, index = _indexable(tensor, where)
-        undo._values.append((tensor, _bits.pack_signs(where).cpu(), flat[index].cpu(),
-                             dict(tensor.__dict__)))  # marks such as a gradient's "masked"
+        _keep_signs(undo, tensor)
+
+
+def _keep_signs(undo: Undo, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():  # complex: two sign bits; integers: no sign bit alone
+        undo._values.append((tensor, None, None, tensor.detach().to("cpu", copy=True), dict(tensor.__dict__)))
+        return
+    undo._values.append((tensor, _bits.pack_signs(torch.signbit(tensor)).cpu(), None, None,
+                         dict(tensor.__dict__)))
 
 
 def _indexable(tensor: torch.Tensor, where: torch.Tensor) -> tuple:
@@ -212,22 +281,52 @@ def _indexable(tensor: torch.Tensor, where: torch.Tensor) -> tuple:
 
 def keep_product(tensor: torch.Tensor, factor: torch.Tensor) -> None:
     """Before ``tensor`` takes the values of ``tensor * factor`` (a mask, bool or float, or int8
-    factors in {-1, 0, +1}), in place or by a new ``.data``: :func:`keep` the entries that
-    change. For a bool or int8 factor, only where it is -1, or 0 over an entry not already a
-    zero (a real zero times 0 keeps its sign bit; a complex one may not, and is kept); for a
-    float mask (stock prune's), wherever it is not 1."""
+    factors in {-1, 0, +1}), in place or by a new ``.data``: keep the entries that change (see
+    :func:`keep_products`)."""
+    keep_products([(tensor, factor)])
+
+
+def keep_products(pairs) -> None:
+    """Before each ``tensor`` of the ``(tensor, factor)`` ``pairs`` takes the values of ``tensor
+    * factor`` (as :func:`keep_product`): keep what changes, all before the first is written.
+
+    A float tensor times int8 factors keeps its sign bits (:func:`keep_signs`: a -1 changes
+    the sign bit alone) and, but for a ``dead`` record, its entries that a 0 turns from nonzero
+    to zero; times a bool mask, those entries only. Pairs with the same factor object (a
+    weight, its gradient and its optimizer state under one mask) share one search of them: the
+    union of their nonzero entries at the factor's zeros, where values that stay 0 are kept
+    too (a search per tensor cost more than these). Other tensors keep, for int8 factors, the
+    entries where it is -1, or 0 over an entry not already a zero (a real zero times 0 keeps
+    its sign bit; a complex one may not, and is kept); for a float mask (stock prune's),
+    wherever it is not 1."""
     undo = _ACTIVE.get()
-    if undo is None or (undo._dead and factor.dtype != torch.int8):
+    if undo is None:
         return
+    shared = {}
     with torch.no_grad():
-        if undo._dead:  # an int8 factor's zeros fall on dead entries: its -1s only
-            where = factor < 0
-        elif factor.dtype not in (torch.bool, torch.int8):
-            where = factor != 1
-        else:
-            where = ~factor if factor.dtype == torch.bool else factor == 0
-            if not tensor.is_complex():
-                where &= tensor != 0  # NaN and inf included: their product with 0 is NaN
-            if factor.dtype == torch.int8:
-                where |= factor < 0
-        keep(tensor, where)
+        for tensor, factor in pairs:
+            signed, real = factor.dtype == torch.int8, tensor.is_floating_point()
+            if undo._dead:
+                if signed and real:
+                    _keep_signs(undo, tensor)
+                elif signed:  # only the -1s of a complex or integer tensor
+                    _keep_values(undo, [tensor], factor < 0)
+                continue
+            if factor.dtype not in (torch.bool, torch.int8):
+                where = factor != 1
+            elif real:
+                shared.setdefault(id(factor), (factor, []))[1].append(tensor)
+                continue
+            else:
+                where = ~factor if factor.dtype == torch.bool else factor == 0
+                if not tensor.is_complex():
+                    where &= tensor != 0
+                if signed:
+                    where |= factor < 0
+            _keep_values(undo, [tensor], where)
+        for factor, tensors in shared.values():
+            where = functools.reduce(torch.logical_or, [t != 0 for t in tensors[1:]], tensors[0] != 0)
+            where &= ~factor if factor.dtype == torch.bool else factor == 0  # NaN != 0: kept
+            if not _keep_values(undo, tensors, where) and factor.dtype == torch.int8:
+                for tensor in tensors:  # a whole copy has them
+                    _keep_signs(undo, tensor)

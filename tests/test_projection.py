@@ -388,7 +388,7 @@ def test_weights_edited_in_place_under_a_free_mask_need_no_state_pass(monkeypatc
     _backends.set_backend(model, "projection", optimizer=opt)
     _train(model, opt, conv_net_batches(1))
     calls = []
-    monkeypatch.setattr(_projection_ops, "_project_state", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(_projection_ops, "_state_products", lambda *a, **k: calls.append(a) or [])
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.999)  # decoupled decay by hand: the next forward re-masks the weights only
