@@ -163,6 +163,18 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_SAME_SIZE_INT[t.element_size()])
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same dtype, shape and bits: unlike ``torch.equal``, -0.0
+    differs from 0.0 and a NaN equals only a NaN of the same bits."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if a.is_floating_point():
+        a, b = as_bits(a), as_bits(b)
+    return torch.equal(a, b)
+
+
 def signed_to_codes(signed: torch.Tensor) -> torch.Tensor:
     """Map int8 values {0, +1, -1} to ticket codes {0, 1, 2}."""
     signed = signed.to(torch.int8)  # in int8 throughout: int64 would cost 8 bytes per weight

@@ -170,3 +170,18 @@ def test_packed_signs_match_the_documented_layout_at_any_length_offset_and_layou
         rows = torch.tensor(bits[: len(bits) // 2 * 2]).view(2, -1).t()  # column-major view
         expected = _loop_pack([int(b) for b in rows.reshape(-1).tolist()], 1)
         assert _bits.pack_signs(rows).tolist() == expected
+
+
+def test_same_bits_tells_signed_zeros_and_nan_payloads_apart():
+    # torch.equal calls -0.0 equal to 0.0 and a NaN unequal to itself: neither tells whether a
+    # tensor is the copy it was.
+    a = torch.tensor([0.0, 1.5, float("nan")])
+    assert _bits.same_bits(a, a.clone()) and not torch.equal(a, a.clone())
+    assert not _bits.same_bits(a, torch.tensor([-0.0, 1.5, float("nan")]))
+    other_nan = _bits.as_bits(a).clone()
+    other_nan[2] += 1  # another NaN payload
+    assert not _bits.same_bits(a, other_nan.view(torch.float32))
+    z = torch.complex(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert _bits.same_bits(z, z.clone())
+    assert not _bits.same_bits(z, torch.complex(torch.tensor([1.0, -0.0]), z.imag))
+    assert not _bits.same_bits(a, a.double()) and not _bits.same_bits(a, a[:2])

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .. import _methods, _reparam
+from .. import _bits, _methods, _reparam
 from .._checks import check_key, check_model, check_real, check_seed
 from ._common import weights
 
@@ -349,11 +349,12 @@ def _write(targets: list[tuple[nn.Module, str]], layers: list[PerturbationInput]
            new: list[torch.Tensor]) -> None:
     """Write each tensor's kept entries of ``new``. Valid input cannot fail here, but torch can
     (out of memory at the k-th tensor), and so can Ctrl-C: the tensors written before it are
-    put back from copies in host memory (as ``signmask.transfer`` keeps), not from
-    ``layer.weight``, which the kind may have modified."""
+    put back from ``layer.weight``, the copy :func:`_inputs` made, where the kind left it as it
+    was bit for bit (no second copy of the model then), else from a copy in host memory."""
     params = [_reparam.original(module, name) for module, name in targets]
     with torch.no_grad():
-        saved = [param.detach().to("cpu", copy=True) for param in params]
+        saved = [layer.weight if _bits.same_bits(layer.weight, param) else param.detach().to("cpu", copy=True)
+                 for param, layer in zip(params, layers)]
     written = 0
     try:
         with torch.no_grad():
