@@ -1,8 +1,12 @@
-"""A search's console output: a tqdm bar over each round's steps, then one log line per round."""
+"""A search's console output (a tqdm bar over each round's steps, then one log line per round)
+and the records it prints."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
+
+import torch
 
 from . import _distributed
 
@@ -58,7 +62,8 @@ class RoundBar:
 def log_line(method: str, record: dict[str, Any]) -> str:
     """``aws round 2: sparsity 36.00%, 500 steps acc=0.91``: one round's record as a line."""
     extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in OWN_RECORDS)
-    line = f"{method} round {record['round']}: sparsity {record['sparsity']:.2%}, {record.get('steps', 0)} steps"
+    steps = record.get("steps", 0)
+    line = f"{method} round {record['round']}: sparsity {record['sparsity']:.2%}, {steps} step{'' if steps == 1 else 's'}"
     return f"{line} {extras}".rstrip()
 
 
@@ -77,3 +82,16 @@ def no_step_warning(search) -> str:
     if search.round == c.prune_steps:
         return text + "; otherwise the ticket takes its signs from untrained weights"
     return text + "; otherwise this round's pruning ranks untrained weights"
+
+
+def metric(name: str, value) -> float:
+    """``value`` of the metric ``name`` for :meth:`Search.report` as a float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        return float(value.detach().item())  # a loss tensor as it comes: its number, not its graph
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        shown = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" \
+            if isinstance(value, torch.Tensor) else f"{type(value).__name__} {value!r}"
+        raise TypeError(f"report(): metric {name!r} must be a real number or a one-element real "
+                        f"tensor, got {shown}")
+    return float(value)

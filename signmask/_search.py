@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ from torch import nn
 
 from . import (_distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume,
                _snapshot, _targets)
-from ._progress import OWN_RECORDS, RoundBar, no_step_warning
+from ._progress import OWN_RECORDS, RoundBar, metric, no_step_warning
 from ._extract import extract
 from ._ticket import Ticket
 
@@ -156,11 +155,12 @@ class Search:
         """Record the user's metrics (``accuracy=0.93``) for the current round's log line.
 
         Args:
-            metrics: name -> real number, kept in ``history[-1]`` as floats.
+            metrics: name -> real number or one-element real tensor (a loss as it comes),
+                kept in ``history[-1]`` as floats.
 
         Raises:
             RuntimeError: no round is running (its line is printed already).
-            TypeError: a metric is not a real number.
+            TypeError: a metric is not a real number or a one-element real tensor.
             ValueError: a metric is named like the search's own records (``round``,
                 ``sparsity``, ``steps``).
 
@@ -184,10 +184,8 @@ class Search:
         own = sorted(set(metrics) & set(OWN_RECORDS))
         if own:
             raise ValueError(f"report(): {own} are the search's own records; name the metrics otherwise")
-        for k, v in metrics.items():
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise TypeError(f"report(): metric {k!r} must be a number, got {type(v).__name__} {v!r}")
-        self.history[-1].update({k: float(v) for k, v in metrics.items()})
+        values = {k: metric(k, v) for k, v in metrics.items()}  # all checked before any is kept
+        self.history[-1].update(values)
 
     def finish_round(self) -> None:
         """End the current round: prune, rewind and restart, or after the last round, make the ticket.

@@ -612,7 +612,7 @@ def test_progress_log_line_per_round_on_rank0_only(capsys, monkeypatch):
 def test_report_and_close_refuse_bad_arguments():
     model, opt, sched, search = make_search("lrr")
     search.start_round()
-    with pytest.raises(TypeError, match="report\\(\\): metric 'acc' must be a number, got str 'high'"):
+    with pytest.raises(TypeError, match="report\\(\\): metric 'acc' must be a real number or a one-element real tensor, got str 'high'"):
         search.report(acc="high")
     assert "acc" not in search.history[-1]
     with pytest.raises(ValueError, match=r"report\(\): \['round', 'steps'\] are the search's own records"):
@@ -716,11 +716,28 @@ def test_report_refuses_bools_and_the_sparsity_record():
     # S02 (bool accepted as a number), S16 ("sparsity" not protected)
     model, opt, _, search = make_search("lrr")
     search.start_round()
-    with pytest.raises(TypeError, match="metric 'ok' must be a number, got bool True"):
+    with pytest.raises(TypeError, match="metric 'ok' must be a real number or a one-element real tensor, got bool True"):
         search.report(ok=True)
     with pytest.raises(ValueError, match=r"\['sparsity'\] are the search's own records"):
         search.report(sparsity=0.5)
     assert search.history[-1] == {"round": 0, "sparsity": 0.0}
+
+
+def test_report_takes_one_element_tensors_as_their_numbers_and_refuses_others_keeping_none():
+    model, opt, _, search = make_search("lrr")
+    search.start_round()
+    w = torch.tensor(3.0, requires_grad=True)
+    loss = w * 0.5  # a loss as it comes out of a step: 0-d, with a graph
+    search.report(loss=loss, acc=torch.tensor([0.25], dtype=torch.float64), n=torch.tensor(7))
+    h = search.history[-1]
+    assert h == {"round": 0, "sparsity": 0.0, "loss": 1.5, "acc": 0.25, "n": 7.0}
+    assert [type(h[k]) for k in ("loss", "acc", "n")] == [float, float, float]
+    for bad, shown in ((torch.ones(2), r"a tensor of shape \(2,\) and dtype torch.float32"),
+                       (torch.tensor(True), "a tensor of shape \\(\\) and dtype torch.bool"),
+                       (torch.tensor(1 + 2j), "a tensor of shape \\(\\) and dtype torch.complex64")):
+        with pytest.raises(TypeError, match=f"metric 'bad' must be a real number or a one-element real tensor, got {shown}"):
+            search.report(ok=0.5, bad=bad)
+    assert "ok" not in search.history[-1]  # nothing kept from a refused call
 
 
 def test_report_stores_plain_floats_so_the_history_is_json():
@@ -1297,3 +1314,11 @@ def test_a_ctrl_c_during_the_rewinds_write_completes_the_round_end(monkeypatch):
         return search.ticket, search.history
 
     assert run(True) == run(False)
+
+
+def test_the_log_line_counts_one_step_in_the_singular():
+    from signmask._progress import log_line
+
+    record = {"round": 1, "sparsity": 0.2, "steps": 1, "acc": 0.5}
+    assert log_line("lrr", record) == "lrr round 1: sparsity 20.00%, 1 step acc=0.5"
+    assert log_line("lrr", {**record, "steps": 2}) == "lrr round 1: sparsity 20.00%, 2 steps acc=0.5"
