@@ -201,21 +201,17 @@ def _put_entry(tensor, signs, positions, values, marks) -> None:
     _put_back(tensor.__dict__, marks)
 
 
-def keep(tensor: torch.Tensor, where: torch.Tensor | None = None) -> bool:
-    """Before ``tensor`` is overwritten in place at the bool positions ``where`` (None: all of
-    it): keep those entries in host memory for the active :meth:`Undo.saving` record to write
-    back (nothing outside one). Only the entries written, and where packed 1 bit per weight: a
-    copy of the whole tensor would take all its bytes in host memory, this takes them for the
-    changed entries only, with one tensor's temporaries on its device. Returns whether it kept
-    a copy of the whole tensor (see :func:`_keep_values`)."""
+def keep(tensor: torch.Tensor, where: torch.Tensor) -> None:
+    """Before ``tensor`` is overwritten in place at the bool positions ``where``: keep those
+    entries in host memory for the active :meth:`Undo.saving` record to write back (nothing
+    outside one). Only the entries written, and where packed 1 bit per weight: a copy of the
+    whole tensor would take all its bytes in host memory, this takes them for the changed
+    entries only, with one tensor's temporaries on its device."""
     undo = _ACTIVE.get()
     if undo is None:
-        return False
+        return
     with torch.no_grad():
-        if where is None:
-            undo._values.append((tensor, None, None, tensor.detach().to("cpu", copy=True), dict(tensor.__dict__)))
-            return True
-        return _keep_values(undo, [tensor], where)
+        _keep_values(undo, [tensor], where)
 
 
 def _keep_values(undo: Undo, tensors: list, where: torch.Tensor) -> bool:
