@@ -71,7 +71,6 @@ def check_ticket(path: Path, numels: dict[str, int], sparsity: float, method: st
     return ticket
 
 
-@since_timm("1.0.10", "test_resnet")
 def only_round_lines(out: str, method: str) -> bool:
     """Whether the search's log lines are all the loop printed from its first round to its last: a
     print inside a round lands on that round's progress bar in a terminal."""
@@ -80,6 +79,7 @@ def only_round_lines(out: str, method: str) -> bool:
     return bool(logged) and all(line.startswith(f"{method} round ") for line in lines[logged[0]:logged[-1] + 1])
 
 
+@since_timm("1.0.10", "test_resnet")
 def test_prune_save_transfer_carries_the_signed_mask(tmp_path, capsys):
     ex = load_example("prune_save_transfer")
     path = tmp_path / "t.safetensors"
