@@ -65,7 +65,7 @@ class MaskGrad:
             return
         hook = _reparam.find_hook(module, self.name)[1]
         if getattr(hook, "backend", None) == "projection" and param.grad is not None:
-            ops.mask_grad(hook, param.grad, module._buffers[self.name + "_mask"])
+            ops.mask_grad(param.grad, module._buffers[self.name + "_mask"])
 
 
 class _OptimizerHook:
@@ -105,7 +105,7 @@ class ProjectStale(_OptimizerHook):
             if getattr(hook, "_projected", None) != ops.stamp(orig, mask, sign):
                 ops.project(module, name, optimizer, grad=True)  # masks the gradient too
             elif orig.grad is not None and not getattr(orig.grad, "_signmask_masked", False):
-                ops.mask_grad(hook, orig.grad, mask)  # assigned, not accumulated by a backward
+                ops.mask_grad(orig.grad, mask)  # assigned, not accumulated by a backward
 
 
 class ProjectStep(_OptimizerHook):

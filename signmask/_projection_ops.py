@@ -42,14 +42,6 @@ def known(optimizer: torch.optim.Optimizer) -> bool:
     return cls.__module__.startswith("torch.optim") and cls.__name__ in ZERO_PRESERVING
 
 
-def _mul_(t: torch.Tensor, factor: torch.Tensor) -> None:
-    """``t *= factor`` (a bool mask or int8 factors in {-1, 0, +1}), in place. Inside a call that
-    must leave the model untouched if it fails (``_undo.Undo.saving``), the entries it changes
-    are kept first."""
-    _undo.keep_product(t, factor)
-    _maskmul.mul_(t, factor)
-
-
 def _per_weight(value, param) -> bool:
     """Whether an optimizer state entry holds one value per weight of ``param`` (not a step
     counter, a factored statistic, or None)."""
@@ -153,13 +145,13 @@ def reflect(module, name, optimizer) -> None:
     hook._projected = stamp(orig, mask, sign)
 
 
-def mask_grad(hook, grad: torch.Tensor, factor: torch.Tensor) -> None:
+def mask_grad(grad: torch.Tensor, factor: torch.Tensor) -> None:
     """Multiply ``grad`` in place by ``factor`` (the mask, or a locked tensor's signed one) and
     mark the tensor as masked. A mark on the tensor, not its id or address: a gradient assigned
     to ``.grad`` (torch.autograd.grad, per-sample or DP pipelines) is a new object, though it
     may reuse a freed one's id and memory. In-place scaling (clipping) keeps zeros zero; values
     written into a masked gradient in place (noise added to ``.grad``) are not masked again."""
-    _mul_(grad, factor)
+    _maskmul.mul_(grad, factor)  # in training hooks, never inside an undo record
     grad._signmask_masked = True
 
 

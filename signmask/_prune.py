@@ -186,7 +186,7 @@ def prune_targets(
     # Valid input cannot fail below, but torch can (out of memory at the k-th layer) and so can
     # Ctrl-C: the layers before would stay pruned. The record and the flips put them back, and
     # the record the entries of weights, gradients and optimizer state that the projection
-    # backend zeroes at once for the new masks (see _projection_ops._mul_).
+    # backend zeroes at once for the new masks (see _projection_ops.project).
     # The caller's flips_out takes each flip as it is made, not after the try: a Ctrl-C between
     # the two would leave the masks written and the caller unable to turn them back.
     undo, flips = _undo.Undo(model), [] if flips_out is None else flips_out

@@ -206,7 +206,8 @@ def keep(tensor: torch.Tensor, where: torch.Tensor) -> None:
     entries in host memory for the active :meth:`Undo.saving` record to write back (nothing
     outside one). Only the entries written, and where packed 1 bit per weight: a copy of the
     whole tensor would take all its bytes in host memory, this takes them for the changed
-    entries only, with one tensor's temporaries on its device."""
+    entries only (a whole copy where most are written: see :func:`_keep_values`), with one
+    tensor's temporaries on its device."""
     undo = _ACTIVE.get()
     if undo is None:
         return
@@ -218,8 +219,8 @@ def _keep_values(undo: Undo, tensors: list, where: torch.Tensor) -> bool:
     """Keep the entries of each of ``tensors`` (one shape) at ``where``: one packing of the
     positions, one search of them for all the contiguous ones. None there: only the tensors'
     marks. Most of them: a whole copy of each, as the entries and their positions would take
-    over 3/4 of its memory, and a search of dense positions takes several times a copy's time
-    (a transfer of a 90%-sparse ticket: 2x). Returns whether whole copies were kept."""
+    over 3/4 of its memory, and a search of dense positions takes several times a copy's time.
+    Returns whether whole copies were kept."""
     count, numel, size = int(torch.count_nonzero(where)), where.numel(), tensors[0].element_size()
     if count == 0:
         for tensor in tensors:
@@ -227,8 +228,7 @@ def _keep_values(undo: Undo, tensors: list, where: torch.Tensor) -> bool:
         return False
     if count * size + numel / 8 > 0.75 * numel * size:
         for tensor in tensors:
-            undo._values.append((tensor, None, None, tensor.detach().to("cpu", copy=True),
-                                 dict(tensor.__dict__)))
+            _keep_whole(undo, tensor)
         return True
     packed, index = _bits.pack_signs(where).cpu(), None
     for tensor in tensors:
@@ -259,10 +259,14 @@ def keep_signs(tensor: torch.Tensor) -> None:
 
 def _keep_signs(undo: Undo, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point():  # complex: two sign bits; integers: no sign bit alone
-        undo._values.append((tensor, None, None, tensor.detach().to("cpu", copy=True), dict(tensor.__dict__)))
+        _keep_whole(undo, tensor)
         return
     undo._values.append((tensor, _bits.pack_signs(torch.signbit(tensor)).cpu(), None, None,
                          dict(tensor.__dict__)))
+
+
+def _keep_whole(undo: Undo, tensor: torch.Tensor) -> None:
+    undo._values.append((tensor, None, None, tensor.detach().to("cpu", copy=True), dict(tensor.__dict__)))
 
 
 def _indexable(tensor: torch.Tensor, where: torch.Tensor) -> tuple:
@@ -275,16 +279,10 @@ def _indexable(tensor: torch.Tensor, where: torch.Tensor) -> tuple:
     return tensor, where
 
 
-def keep_product(tensor: torch.Tensor, factor: torch.Tensor) -> None:
-    """Before ``tensor`` takes the values of ``tensor * factor`` (a mask, bool or float, or int8
-    factors in {-1, 0, +1}), in place or by a new ``.data``: keep the entries that change (see
-    :func:`keep_products`)."""
-    keep_products([(tensor, factor)])
-
-
 def keep_products(pairs) -> None:
     """Before each ``tensor`` of the ``(tensor, factor)`` ``pairs`` takes the values of ``tensor
-    * factor`` (as :func:`keep_product`): keep what changes, all before the first is written.
+    * factor`` (a mask, bool or float, or int8 factors in {-1, 0, +1}), in place or by a new
+    ``.data``: keep what changes, all before the first is written.
 
     A float tensor times int8 factors keeps its sign bits (:func:`keep_signs`: a -1 changes
     the sign bit alone) and, but for a ``dead`` record, its entries that a 0 turns from nonzero

@@ -107,7 +107,7 @@ def test_modules_named_like_norms_but_left_out_are_listed():
 def test_the_projection_check_fails_when_gradients_are_not_masked(monkeypatch):
     model, x = _fitted("test_vit", {})
     monkeypatch.setattr(_projection.MaskGrad, "__call__", lambda self, param: None)
-    monkeypatch.setattr(_projection_ops, "mask_grad", lambda hook, grad, factor: None)
+    monkeypatch.setattr(_projection_ops, "mask_grad", lambda grad, factor: None)
     proj = timm_zoo.check_projection(model, x, no_parent_hooks=False)
     assert {"projection forward", "projection weight"} <= {f["check"] for f in proj["proj_failures"]}
 

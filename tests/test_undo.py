@@ -67,7 +67,7 @@ def test_a_record_passed_to_the_call_around_it_is_put_back_once_or_twice_alike()
     outer, inner = _undo.Undo(nn.Module()), _undo.Undo(nn.Module())
     with outer.saving():
         with inner.saving():
-            _undo.keep_product(t, torch.tensor([1, -1, 0, -1], dtype=torch.int8))
+            _undo.keep_products([(t, torch.tensor([1, -1, 0, -1], dtype=torch.int8))])
             t.mul_(torch.tensor([1, -1, 0, -1], dtype=torch.int8))
         inner.restore()
     outer.restore()
@@ -98,7 +98,7 @@ def test_a_product_by_int8_factors_is_put_back_whatever_part_of_it_ran(dtype, de
         x = t.clone()
         undo = _undo.Undo(nn.Module())
         with undo.saving(dead=dead):
-            _undo.keep_product(x, factor)
+            _undo.keep_products([(x, factor)])
             x[:stop].mul_(factor[:stop])
         undo.restore()
         assert bits_equal(torch.where(alive, x, 0), torch.where(alive, t, 0)), stop
