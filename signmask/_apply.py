@@ -101,7 +101,8 @@ def apply(
             point for LRR/AWS or an unreadable one (an ``"ep"`` point without
             ``steps_per_epoch``); a seed outside [0, 2**64); nothing to prune; a model already
             pruned; an optimizer that trains none of the pruned tensors, or that an open search
-            (not done or closed) already drives; ``"aws"`` (the default) on a model without
+            (not done or closed) already drives; a scheduler built on another optimizer (sharing
+            no parameter with ``optimizer``); ``"aws"`` (the default) on a model without
             norm layers with affine parameters (use ``"lrr"``);
             a weight on the meta device or sharded (a DTensor); norm layers already interpolated
             by another search; with a rewind to init (IMP, OMP), an uninitialized lazy layer
@@ -140,6 +141,8 @@ def apply(
             f"scheduler must have state_dict()/load_state_dict() (a torch or timm scheduler), "
             f"got {type(scheduler).__name__}"
         )
+    if scheduler is not None:
+        _optimizer_checks.check_scheduler(scheduler, optimizer)
     if steps_per_round is not None:
         steps_per_round = _checks.check_int(steps_per_round, "steps_per_round", minimum=1)
     classifier = _checks.check_bool(classifier, "classifier", optional=True)

@@ -332,3 +332,62 @@ def test_an_interrupt_between_the_steps_of_apply_leaves_model_and_optimizer_unto
     assert not _interpolate.interpolated(model)
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     signmask.apply(model, method, 0.5, optimizer=opt, progress=False)  # not refused as pruned or driven
+
+
+def _timm_scheduler(opt):
+    from signmask._compat import import_timm
+
+    import_timm()
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(opt, t_initial=4)
+
+
+def _lookahead_scheduler(opt):
+    from signmask._compat import import_timm
+
+    import_timm()
+    from timm.optim import Lookahead
+
+    return torch.optim.lr_scheduler.StepLR(Lookahead(opt), 1)  # the wrapper shares opt's param_groups
+
+
+_SCHEDULERS = {
+    "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1),
+    "ReduceLROnPlateau": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
+    "SequentialLR": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt, [torch.optim.lr_scheduler.LinearLR(opt), torch.optim.lr_scheduler.StepLR(opt, 1)], [2]),
+    "ChainedScheduler": lambda opt: torch.optim.lr_scheduler.ChainedScheduler(
+        [torch.optim.lr_scheduler.ConstantLR(opt), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)]),
+    "timm": _timm_scheduler,
+    "Lookahead": _lookahead_scheduler,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_SCHEDULERS))
+def test_a_scheduler_built_on_another_optimizer_is_refused_before_the_model_is_touched(kind):
+    # It was accepted: each round restarted a schedule that set no learning rate the search trains with.
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stranger = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = _SCHEDULERS[kind](stranger)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^scheduler \w+ drives another optimizer \((Lookahead|SGD)\) than "
+                                         r"optimizer= \(SGD\), sharing no parameter with it: .* build the "
+                                         "scheduler on the optimizer passed as optimizer=$"):
+        signmask.apply(model, "lrr", 0.5, optimizer=opt, scheduler=sched, progress=False)
+    assert_same(before, snapshot(model))
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize("kind", sorted(_SCHEDULERS))
+@pytest.mark.parametrize("owner", ["optimizer", "same parameters"])
+def test_a_scheduler_on_the_optimizer_or_its_parameters_is_accepted(kind, owner):
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # Another optimizer object over the very parameters (a second optimizer, or a wrapper
+    # holding its own groups) may be how the user's loop is built: not refused.
+    driven = opt if owner == "optimizer" else torch.optim.Adam(model.parameters(), lr=0.1)
+    search = signmask.apply(model, "lrr", 0.5, optimizer=opt, scheduler=_SCHEDULERS[kind](driven), progress=False)
+    assert search.scheduler is not None
+    search.close()
