@@ -614,8 +614,8 @@ class NoLength:
 
 
 @pytest.mark.parametrize("bad, batches, error, message", [
-    ("train_loader", [{"x": torch.zeros(8, 4)}], TypeError, "must yield a tensor or .* got dict"),
-    ("eval_loader", [{"x": torch.zeros(8, 4)}], TypeError, "must yield a tensor or .* got dict"),
+    ("train_loader", [{"x": torch.zeros(8, 4)}], TypeError, "must yield an inputs tensor or .* got dict"),
+    ("eval_loader", [{"x": torch.zeros(8, 4)}], TypeError, r"must yield \(inputs, targets, ...\) .* got dict"),
     ("eval_loader", [torch.zeros(8, 4)], TypeError, r"must yield \(inputs, targets\) pairs"),
     ("train_loader", NoLength([]), ValueError, "yielded no batch"),
 ])
@@ -1257,8 +1257,49 @@ def test_evaluate_computes_the_loss_of_16_bit_logits_in_float32(dtype):
 ])
 def test_evaluate_names_what_a_batch_it_cannot_use_holds(batch, found):
     # "got tuple" alone does not say which element is wrong, nor which keys a dict batch has
-    with pytest.raises(TypeError, match="loader must yield a tensor or .*" + found):
+    with pytest.raises(TypeError, match=r"loader must yield \(inputs, targets, ...\) tuples or lists of tensors, "
+                                        + found):
         analysis.evaluate(nn.Linear(4, 3), [batch])
+
+
+_DICT_REFUSED = (r"; dict batches are not read \(which key holds the inputs is the dataset's convention\): "
+                 r"make the loader yield \(inputs, targets\) tuples, e.g. with a DataLoader collate_fn$")
+
+
+@pytest.mark.parametrize("bad", ["train_loader", "eval_loader"])
+def test_dict_batches_are_refused_naming_the_loader_and_the_forms_it_takes(bad):
+    # The messages offered "a tensor" to eval_loader (which needs targets) and did not say that
+    # dicts are never read; the docstrings said nothing of dicts.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    loaders = {"eval_loader": [(x, y)], "train_loader": [(x, y)], bad: [{"image": x, "label": y}]}
+    forms = {"train_loader": r"an inputs tensor or \(inputs, ...\) tuples or lists of tensors",
+             "eval_loader": r"\(inputs, targets, ...\) tuples or lists of tensors"}[bad]
+    found = r", got dict with keys \['image', 'label'\]"
+    before = snapshot(model)
+    for run in (lambda: analysis.barrier(model, model, loaders["eval_loader"], points=2,
+                                         train_loader=loaders["train_loader"]),
+                lambda: analysis.instability(model, lambda net, seed: None, loaders["eval_loader"], points=2,
+                                             train_loader=loaders["train_loader"])):
+        with pytest.raises(TypeError, match=f"^{bad} must yield {forms}{found}{_DICT_REFUSED}"):
+            run()
+    public = analysis.reestimate_bn if bad == "train_loader" else analysis.evaluate
+    with pytest.raises(TypeError, match=f"^loader must yield {forms}{found}{_DICT_REFUSED}"):
+        public(model, loaders[bad])
+    assert_same(before, snapshot(model))
+    # What the message offers is read: the same batches as lists, (inputs,) for the BatchNorm pass.
+    as_lists = analysis.barrier(model, model, [[x, y]], train_loader=[[x]], points=2)
+    assert as_lists == analysis.barrier(model, model, [(x, y)], train_loader=[x], points=2)
+
+
+@pytest.mark.parametrize("function", ["barrier", "instability", "evaluate", "reestimate_bn"])
+def test_the_docstrings_state_the_batch_forms_and_that_dicts_are_refused(function):
+    doc = " ".join(getattr(analysis, function).__doc__.split())
+    if function == "instability":
+        assert "eval_loader: as :func:`barrier`" in doc and "train_loader, points" in doc
+        return
+    assert "tuples or lists" in doc and "dict" in doc
 
 
 class EvalOnlyBranch(nn.Module):

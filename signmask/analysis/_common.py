@@ -104,10 +104,14 @@ def device_of(model: nn.Module) -> torch.device:
 
 def split_batch(batch: Any, *, need_target: bool,
                 arg: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(inputs, targets)`` of a loader's batch: a tensor, or a tuple/list ``(inputs, targets, ...)``.
+    """``(inputs, targets)`` of a loader's batch: a tuple or list ``(inputs, targets, ...)`` of
+    tensors, or where no target is needed (BatchNorm re-estimation) also a bare inputs tensor or
+    ``(inputs,)``. A dict batch is refused: which key holds the inputs is the dataset's own
+    convention, and a guess could evaluate the wrong tensor.
 
     Raises:
-        TypeError: any other batch; the message names ``arg``, the loader that yielded it.
+        TypeError: any other batch; the message names ``arg``, the loader that yielded it, and the
+            batch forms it takes.
     """
     if isinstance(batch, torch.Tensor):
         if need_target:
@@ -118,10 +122,14 @@ def split_batch(batch: Any, *, need_target: bool,
             return batch[0], batch[1]
         if not need_target:
             return batch[0], None
-    raise TypeError(
-        f"{arg} must yield a tensor or (inputs, targets, ...) tuples of tensors, got "
-        f"{_describe(batch)}"
-    )
+    forms = ("(inputs, targets, ...) tuples or lists of tensors" if need_target
+             else "an inputs tensor or (inputs, ...) tuples or lists of tensors")
+    hint = ""
+    if isinstance(batch, collections.abc.Mapping):
+        hint = ("; dict batches are not read (which key holds the inputs is the dataset's "
+                "convention): make the loader yield (inputs, targets) tuples, e.g. with a "
+                "DataLoader collate_fn")
+    raise TypeError(f"{arg} must yield {forms}, got {_describe(batch)}{hint}")
 
 
 def _describe(batch: Any) -> str:

@@ -200,9 +200,14 @@ def barrier(
     Args:
         model_a: the network at ``alpha = 0``.
         model_b: the network at ``alpha = 1`` (same architecture, mask and sign locks).
-        eval_loader: ``(inputs, targets)`` batches to evaluate on (the test set).
-        train_loader: batches to re-estimate BatchNorm statistics on (training data); required
-            when the model has BatchNorm-like layers, unused otherwise.
+        eval_loader: batches to evaluate on (the test set): ``(inputs, targets, ...)`` tuples or
+            lists of tensors, as :func:`evaluate` reads them.
+        train_loader: batches to re-estimate BatchNorm statistics on (training data): inputs
+            tensors or ``(inputs, ...)`` tuples or lists, as :func:`reestimate_bn` reads them;
+            required when the model has BatchNorm-like layers, unused otherwise. Neither
+            loader may yield dicts (``{"image": x, "label": y}``): which key holds the inputs
+            is the dataset's convention; a ``DataLoader`` ``collate_fn`` returning
+            ``(inputs, targets)`` turns them into pairs.
         points: number of alphas on the even grid, >= 2 (Frankle uses 30, AWS 11).
         loss_fn: batch-mean loss (default cross-entropy).
         bn_batches: re-estimate on the first ``bn_batches`` batches only.
@@ -216,8 +221,9 @@ def barrier(
             ``loss_fn`` that is not callable, ``bn_batches`` or ``eval_batches`` not an int >= 1,
             a loader that is not iterable, is a one-shot iterator (a generator) or has length 0,
             or BatchNorm layers without ``train_loader``; all checked before any evaluation,
-            each error naming its argument. A loader found to yield batches of another kind
-            (dicts) or none is named too (``train_loader`` or ``eval_loader``). A path with a
+            each error naming its argument. A loader found to yield a batch of another form
+            (a dict, a single tensor for ``eval_loader``) or none is named too
+            (``train_loader`` or ``eval_loader``), with the forms it takes. A path with a
             NaN or infinite loss (the target class given a logit of -inf) is refused, as
             :class:`Barrier` refuses it.
 

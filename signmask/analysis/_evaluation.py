@@ -189,15 +189,16 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
 
     Args:
         model: any model.
-        loader: iterable of input tensors or ``(inputs, ...)`` tuples (a ``DataLoader``); inputs
-            are moved to the model's device.
+        loader: iterable of inputs tensors or ``(inputs, ...)`` tuples or lists of tensors (a
+            ``DataLoader``; not dicts); inputs are moved to the model's device.
         batches: use only the first ``batches`` batches (default: all).
 
     Returns:
         ``model``.
 
     Raises:
-        TypeError: bad ``model``, ``batches`` or batch type; a TorchScript submodule holding
+        TypeError: bad ``model``, ``batches`` or batch type (a dict batch too, naming the forms
+            taken); a TorchScript submodule holding
             BatchNorm statistics (re-estimate the eager model, then script it).
         ValueError: ``batches < 1`` or the loader yields no batch. On any error (the forward's
             too) the running statistics, momenta and modes are restored.
@@ -319,7 +320,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
 
     Args:
         model: a classifier returning logits of shape ``(N, C, ...)``.
-        loader: iterable of ``(inputs, targets, ...)`` with class-index targets of shape ``(N, ...)``.
+        loader: iterable of ``(inputs, targets, ...)`` tuples or lists of tensors (not dicts),
+            with class-index targets of shape ``(N, ...)``.
         loss_fn: batch-mean loss (default ``torch.nn.functional.cross_entropy``).
         batches: use only the first ``batches`` batches (default: all).
 
@@ -327,8 +329,9 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn = F.cross_en
         ``Evaluation(loss, error)``.
 
     Raises:
-        TypeError: bad arguments or batches, a model returning no tensor, a loss that is not a
-            scalar, targets of a dtype the default ``cross_entropy`` refuses (not int64 or uint8).
+        TypeError: bad arguments or batches (a single tensor, a dict), a model returning no
+            tensor, a loss that is not a scalar, targets of a dtype the default
+            ``cross_entropy`` refuses (not int64 or uint8).
         ValueError: ``batches < 1``, an empty loader (or one whose targets are all negative), or
             logits and targets of mismatched shapes (unbatched samples, with 0-d targets,
             included), logits of a single class (a binary classifier's one logit), a target
