@@ -5,7 +5,10 @@ missing one fails these tests rather than skipping them.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
@@ -25,10 +28,17 @@ SPARSITY = 0.8
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert _cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--sparsity", str(SPARSITY)]) == 0
-    return out
+def demo_run(tmp_path_factory):
+    """The quick demo's output folder and what it printed (one run for the module)."""
+    out, printed = tmp_path_factory.mktemp("demo"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert _cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--sparsity", str(SPARSITY)]) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_out(demo_run):
+    return demo_run[0]
 
 
 def test_quick_demo_writes_consistent_results(demo_out):
@@ -67,6 +77,35 @@ def test_quick_demo_writes_png_and_markdown(demo_out):
     md = (demo_out / "results.md").read_text()
     assert "| AWS signed mask on new init B |" in md and "80.00%" in md
     assert not list(demo_out.glob(".*.tmp"))  # no temp file left behind
+
+
+def test_quick_demo_says_its_figures_are_a_smoke_test_and_from_how_many_test_images(demo_run):
+    # Its table (6.25% in three rows, below chance) read like a result.
+    out, printed = demo_run
+    results = json.loads((out / "results.json").read_text())
+    n = results["test_images"]
+    assert n == len(_demo.load_data("mnist", limit=results["settings"]["limit"])["yte"])
+    note = (f"**--quick smoke test: these figures are not meaningful.** They come from {n} test images "
+            f"(one image moves an accuracy by {100 / n:.2f} points), after 1 epoch of a width-8 network on "
+            f"{results['train_images']} training images")
+    md = (out / "results.md").read_text()
+    for text in (md, printed):
+        assert "# signmask demo: Find A Winning Sign on mnist (--quick smoke test)" in text
+        assert text.index(note) < text.index("| network | test accuracy | sparsity |")  # the table's caption
+    assert "(--quick: a smoke test, its figures are not meaningful)" in printed.splitlines()[0]
+    assert results["settings"]["quick"] is True
+
+
+def test_a_full_run_s_results_carry_no_smoke_test_note(tmp_path, monkeypatch):
+    monkeypatch.setattr(_demo, "plot", lambda results: b"")
+    curve = {"alpha": [0.0, 1.0], "error": [0.1, 0.1], "barrier": 0.0}
+    rows = [{"label": label, "accuracy": 0.98, "sparsity": 0.8} for _, label in _demo.ROWS]
+    results = {"settings": dataclasses.asdict(_demo.Settings()), "rows": rows, "barrier": {"aws": curve, "lrr": curve},
+               "lrr_solution_accuracy": 0.98, "seconds": 1.0, "train_images": 4000, "test_images": 1000}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        _demo.write_outputs(results, tmp_path)
+    for text in ((tmp_path / "results.md").read_text(), printed.getvalue()):
+        assert "smoke" not in text and "not meaningful" not in text and "| dense (init A) | 98.00% |" in text
 
 
 @pytest.mark.parametrize("argv, message", [
