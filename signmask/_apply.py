@@ -91,7 +91,7 @@ def apply(
 
     Raises:
         TypeError: ``model`` not a module (or a TorchScript one), ``optimizer`` not a
-            ``torch.optim.Optimizer`` or one whose ``step()`` runs no step hooks (a wrapper such as
+            ``torch.optim.Optimizer`` or one that skipped ``Optimizer.__init__`` (a wrapper such as
             timm's ``Lookahead``: pass the optimizer it wraps), a scheduler without
             ``state_dict`` or a scheduler class instead of an instance, or an option of the wrong
             type (``method``, ``sparsity``, ``rate``, ``rewind``, ``seed``, ``classifier``,
@@ -223,16 +223,21 @@ def _check_trained(targets, optimizer) -> None:
 
 
 def _check_hooked(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse an optimizer whose ``step()`` never runs torch's step hooks: the search counts its
-    steps through them, and would see none (every round "took no optimizer step", an IMP rewind
-    point never reached). ``Optimizer.__init__`` wraps the class's ``step`` to run them; a
-    wrapper skipping it (timm's ``Lookahead``) is left unwrapped."""
-    if not getattr(type(optimizer).step, "hooked", False):
+    """Refuse an optimizer that skipped ``Optimizer.__init__`` (timm's ``Lookahead``). That wraps
+    the class's ``step`` to run torch's step hooks, through which the search counts steps, and a
+    wrapper's step may run none (every round "took no optimizer step", an IMP rewind point never
+    reached). torch's ``zero_grad`` wraps it on its first call too, so a hooked ``step`` proves
+    nothing: such a wrapper also shares its base's parameter groups, which the restart's
+    ``load_state_dict`` replaces on the base only, and from round 1 on its scheduler would set
+    rates the base no longer reads. The registry checked is one only ``__init__`` makes."""
+    initialized = isinstance(getattr(optimizer, "_optimizer_load_state_dict_post_hooks", None), dict)
+    if not (initialized and getattr(type(optimizer).step, "hooked", False)):
         raise TypeError(
-            f"optimizer {type(optimizer).__name__} runs no step hooks in its step() (a wrapper "
-            "that skips torch.optim.Optimizer.__init__, as timm's Lookahead does), and the search "
-            "counts its steps through them: pass the optimizer it wraps (Lookahead's "
-            "_base_optimizer); the scheduler may go on driving the wrapper"
+            f"optimizer {type(optimizer).__name__} skips torch.optim.Optimizer.__init__ (a "
+            "wrapper, as timm's Lookahead is): its step() may run no step hooks, through which "
+            "the search counts steps, and restarting it each round would not reach the "
+            "optimizer it wraps; pass that one (Lookahead's _base_optimizer); the scheduler may "
+            "go on driving the wrapper"
         )
 
 

@@ -271,7 +271,7 @@ def test_an_optimizer_whose_step_runs_no_hooks_is_refused_and_its_base_is_search
     model = tiny(0)
     wrapper = Lookahead(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     before = snapshot(model)
-    with pytest.raises(TypeError, match=re.escape("optimizer Lookahead runs no step hooks in its step()")):
+    with pytest.raises(TypeError, match=re.escape("optimizer Lookahead skips torch.optim.Optimizer.__init__")):
         signmask.apply(model, "imp", 0.5, optimizer=wrapper, rewind="1it", progress=False)
     assert_same(before, snapshot(model))
     search = signmask.apply(model, "imp", 0.5, optimizer=wrapper._base_optimizer, rewind="1it",
@@ -282,6 +282,27 @@ def test_an_optimizer_whose_step_runs_no_hooks_is_refused_and_its_base_is_search
             model(torch.randn(4, 3, 6, 6)).square().mean().backward()
             wrapper.step()
     assert [h["steps"] for h in search.history] == [2, 1]
+
+
+def test_a_wrapper_is_refused_after_a_zero_grad_hooked_its_class_step():
+    # torch's zero_grad() patches the hooks into the class's step() on its first call, even for a
+    # wrapper that skipped Optimizer.__init__: after any Lookahead's zero_grad(), apply() took a
+    # Lookahead, and from round 1 on its scheduler set rates its base optimizer no longer read
+    # (the restart gave the base new group dicts, the wrapper kept the old ones).
+    from signmask._compat import import_timm
+
+    import_timm()
+    from timm.optim import Lookahead
+
+    model = tiny(0)
+    wrapper = Lookahead(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    wrapper.zero_grad()
+    assert getattr(Lookahead.step, "hooked", False)  # the class's step() runs hooks now
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=re.escape("optimizer Lookahead skips torch.optim.Optimizer.__init__")):
+        signmask.apply(model, "lrr", 0.5, optimizer=wrapper, progress=False)
+    assert_same(before, snapshot(model))
+    assert not wrapper._optimizer_step_pre_hooks and not wrapper._optimizer_step_post_hooks
 
 
 @pytest.mark.parametrize("method", ["aws", "imp"])
