@@ -4,11 +4,18 @@ and the records it prints."""
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+import warnings
 from typing import Any
 
 import torch
 
 from . import _distributed
+
+# Frames a warning about the user's optimizer.step() looks past: torch's wrappers of the step
+# (its own, and one per LR scheduler made on the optimizer) and signmask's hooks.
+_LIBRARIES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
 
 # The search's own records; every other key of a round's record is a metric the user reported.
 OWN_RECORDS = ("round", "sparsity", "steps")
@@ -82,6 +89,41 @@ def no_step_warning(search) -> str:
     if search.round == c.prune_steps:
         return text + "; otherwise the ticket takes its signs from untrained weights"
     return text + "; otherwise this round's pruning ranks untrained weights"
+
+
+def moved_rates_warning(search) -> str | None:
+    """The warning for learning rates that moved between :func:`signmask.apply` and the first
+    step of ``search``'s optimizer (a scheduler made after apply, a warm-up's first rate): every
+    round restarts the rates apply() saw, so rounds after the first would not begin as round 0
+    did. None where they did not move (or the groups changed, which the round's end refuses)."""
+    then = [g.get("lr") for g in search._restart["param_groups"]]
+    now = [g.get("lr") for g in search.optimizer.param_groups]
+    if len(then) != len(now) or all(_same_rate(a, b) for a, b in zip(then, now)):
+        return None
+    shown = ["[" + ", ".join(f"{float(r):.4g}" if isinstance(r, (numbers.Real, torch.Tensor)) else repr(r)
+                             for r in rates) + "]" for rates in (then, now)]
+    return (
+        f"learning rates moved between apply() and the first optimizer step ({shown[0]} at "
+        f"apply(), {shown[1]} now), as a scheduler made after apply() moves them (a warm-up's "
+        "first rate): every round restarts the optimizer, and the scheduler given to apply(), as "
+        "they were at apply(), so rounds after the first would not begin as round 0 did; make "
+        "the scheduler before apply() and pass it (scheduler=)"
+    )
+
+
+def warn_at_user(text: str) -> None:
+    """Warn at the first frame outside torch and signmask: the user's ``optimizer.step()``,
+    under however many wrappers torch's schedulers put around it."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(text, UserWarning, stacklevel=level)
+
+
+def _same_rate(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):  # a tensor LR (fused, compiled)
+        return torch.equal(torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu())
+    return a == b
 
 
 def metric(name: str, value) -> float:

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import (_distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume,
                _snapshot, _targets)
-from ._progress import OWN_RECORDS, RoundBar, metric, no_step_warning
+from ._progress import OWN_RECORDS, RoundBar, metric, moved_rates_warning, no_step_warning, warn_at_user
 from ._extract import extract
 from ._ticket import Ticket
 
@@ -364,6 +364,10 @@ class Search:
         if not self.in_round:
             state = "done" if self.done else f"between rounds (round {self.round} not started)"
             raise RuntimeError(f"optimizer.step() called while the search is {state}; train inside its rounds")
+        if self.step == 0 and not self._restart_pending and _distributed.rank0():  # restarts go to apply's
+            moved = moved_rates_warning(self)
+            if moved:
+                warn_at_user(moved)
         self._capture_schedule()
 
     def _after_step(self, optimizer, args, kwargs) -> None:

@@ -651,6 +651,36 @@ def test_a_round_without_steps_warns_at_the_loop_naming_the_optimizer_given_to_a
     assert [w.filename for w in got] == [__file__]
 
 
+def test_rates_a_scheduler_made_after_apply_moved_warn_once_at_the_first_step():
+    # A warm-up scheduler made after apply() (not given to it) set round 0's first rate; each
+    # restart returned to the rate apply() saw, so rounds 1 on silently began 10x higher, with no
+    # warm-up. Warned once, at the loop's line; made before apply() and passed, it is not.
+    def run(late):
+        torch.manual_seed(0)
+        net = tiny()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        sched = None if late else torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=2)
+        search = signmask.apply(net, "lrr", 0.5, optimizer=opt, scheduler=sched, rounds=2, progress=False)
+        if late:
+            sched = torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=2)
+        firsts = []
+        for _ in search:
+            firsts.append(opt.param_groups[0]["lr"])
+            train(net, opt, search, sched, steps=2)
+        return firsts
+
+    with pytest.warns(UserWarning, match="learning rates moved between apply") as got:
+        firsts = run(late=True)
+    assert firsts == pytest.approx([0.01, 0.1, 0.1])
+    moved = [w for w in got if "learning rates moved" in str(w.message)]
+    assert len(moved) == 1 and moved[0].filename == __file__
+    assert "([0.1] at apply(), [0.01] now)" in str(moved[0].message)
+    assert "make the scheduler before apply() and pass it (scheduler=)" in str(moved[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run(late=False) == pytest.approx([0.01, 0.01, 0.01])
+
+
 def test_a_skipped_computed_weight_warns_once_at_apply_and_not_each_round():
     model = torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.utils.spectral_norm(torch.nn.Linear(108, 8)), torch.nn.BatchNorm1d(8),
