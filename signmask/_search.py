@@ -333,7 +333,10 @@ class Search:
                 their norm interpolation comes off too. Callable again after the search ended.
 
         Raises:
-            TypeError: a copy is not an ``nn.Module`` (nothing is removed then).
+            TypeError: a copy is not an ``nn.Module``.
+            ValueError: a copy holds none of the search's masks (made before :func:`apply`: an
+                EMA made then pairs its tensors with the pruned model's by position, and
+                averages the wrong ones; make it after apply). Nothing is removed then.
 
         Example:
             >>> import copy, torch, signmask
@@ -346,9 +349,7 @@ class Search:
             >>> type(ema[1].weight).__name__, search.sparsity
             ('Parameter', 0.0)
         """
-        for copy in copies:
-            if not isinstance(copy, nn.Module):
-                raise TypeError(f"close() takes copies of the model (nn.Module), got {type(copy).__name__}")
+        _targets.check_copies(copies, self._targets)
         self._remove_hooks(*copies)
         self._bar.close_round(self)
 

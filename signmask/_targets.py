@@ -408,6 +408,25 @@ def check_present(model: nn.Module, targets: dict[str, tuple[nn.Module, str]]) -
         )
 
 
+def check_copies(copies: tuple, targets: dict[str, tuple[nn.Module, str]]) -> None:
+    """Refuse, before anything is taken off, a copy passed to ``Search.close`` that is no module,
+    or that holds none of the search's masks: made before apply(). timm's ``ModelEmaV3`` pairs
+    its tensors with the model's by position, so such an EMA averaged other tensors than it
+    holds, or (``exclude_buffers=True``, a model without buffers) ``weight_orig`` into a dense
+    copy, silently."""
+    for i, copy in enumerate(copies, start=1):
+        if not isinstance(copy, nn.Module):
+            raise TypeError(f"close() takes copies of the model (nn.Module), got {type(copy).__name__}")
+        if targets and not targets.keys() & pruned(copy).keys():
+            raise ValueError(
+                f"close(): copy {i} ({type(copy).__name__}) holds none of the search's masks: it "
+                f"was made before apply() (or its pruning was made permanent), so it is no copy of "
+                f"the searched model (none of {some(sorted(targets))} is pruned in it); an EMA "
+                "made before apply() pairs its tensors with the pruned model's by position and "
+                "averages the wrong ones: make it after apply() (ModelEmaV3(model) again there)"
+            )
+
+
 def require_pruned(model: nn.Module, missing: str,
                    fix: str = GATHER_FIRST) -> dict[str, tuple[nn.Module, str]]:
     """Return :func:`pruned` ``model``'s tensors, refusing a model with none (``missing`` ends

@@ -454,6 +454,50 @@ def test_timm_optimizer_scheduler_and_ema():
     ema.update(model, step=search.step)
 
 
+@pytest.mark.parametrize("method", ["aws", "lrr"])
+def test_close_refuses_an_ema_made_before_apply_and_takes_one_made_after(method):
+    # timm's ModelEmaV3 pairs its tensors with the model's by position. One made before apply()
+    # (timm's train.py makes it before the scheduler apply() takes) has no masks: its update fails
+    # inside timm, or, with exclude_buffers=True on a model without buffers (LayerNorm only, a
+    # ViT), averages weight_orig into a dense copy, silently. close() is where signmask sees the
+    # copy: it took it as a copy of the search's model and removed the hooks; now it refuses it by
+    # name, removing nothing. The recipe, the EMA made again after apply(), follows the search.
+    from signmask._compat import import_timm
+
+    import_timm()
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2))
+    early = ModelEmaV3(net, decay=0.5, exclude_buffers=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    search = signmask.apply(net, method, 0.5, optimizer=opt, rounds=1, classifier=True, progress=False)
+    late = ModelEmaV3(net, decay=0.5, exclude_buffers=True)  # the recipe: made (again) after apply()
+    made_before = re.escape("close(): copy 2 (Sequential) holds none of the search's masks: it was made before apply()")
+    for r in search:
+        for step in range(2):
+            opt.zero_grad()
+            net(torch.randn(3, 4)).square().mean().backward()
+            opt.step()
+            late.update(net, step=search.step)
+        if r == 0:
+            with pytest.raises(ValueError, match=made_before):
+                search.close(late.module, early.module)
+            assert opt._optimizer_step_pre_hooks and search.in_round  # nothing came off
+            assert _interpolate.interpolated(late.module).keys() == _interpolate.interpolated(net).keys()
+    with pytest.raises(ValueError, match=made_before):
+        search.close(late.module, early.module)
+    search.close(late.module)
+    assert not _interpolate.interpolated(late.module)
+    assert list(late.module.state_dict()) == list(net.state_dict())
+    with torch.no_grad():
+        late.module(torch.randn(3, 4))
+    for i in (0, 3):
+        layer = late.module[i]
+        assert torch.equal(layer.weight_mask, net[i].weight_mask)
+        assert not layer.weight[~layer.weight_mask].any()  # the average of the pruned network
+
+
 @since_timm("1.0.13", "timm.layers.set_reentrant_ckpt")
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_grad_checkpointing_finds_the_same_ticket(reentrant):
