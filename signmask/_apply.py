@@ -137,9 +137,11 @@ def apply(
             f"pass {scheduler.__name__}(optimizer, ...)"
         )
     if scheduler is not None and not all(hasattr(scheduler, a) for a in ("state_dict", "load_state_dict")):
+        pair = isinstance(scheduler, tuple) and len(scheduler) == 2 and hasattr(scheduler[0], "state_dict")
         raise TypeError(
             f"scheduler must have state_dict()/load_state_dict() (a torch or timm scheduler), "
             f"got {type(scheduler).__name__}"
+            + (": timm's create_scheduler_v2 returns (scheduler, num_epochs); pass its first item" if pair else "")
         )
     if scheduler is not None:
         _optimizer_checks.check_scheduler(scheduler, optimizer)

@@ -35,6 +35,8 @@ from _util import assert_same, make_search, snapshot, tiny
         ({"include": "nothing*"}, ValueError, "include pattern 'nothing*' matches no conv/linear module"),
         ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
         ({"scheduler": object()}, TypeError, "scheduler must have state_dict()/load_state_dict()"),
+        ({"scheduler": (torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]), 1), 3)},
+         TypeError, "got tuple: timm's create_scheduler_v2 returns (scheduler, num_epochs); pass its first item"),
         ({"scheduler": torch.optim.lr_scheduler.StepLR}, TypeError,
          "scheduler must be a scheduler object, got the class StepLR: pass StepLR(optimizer, ...)"),
         ({"steps_per_round": 0}, ValueError, "steps_per_round must be an int >= 1, got 0"),
