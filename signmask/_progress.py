@@ -95,7 +95,10 @@ def moved_rates_warning(search) -> str | None:
     """The warning for learning rates that moved between :func:`signmask.apply` and the first
     step of ``search``'s optimizer (a scheduler made after apply, a warm-up's first rate): every
     round restarts the rates apply() saw, so rounds after the first would not begin as round 0
-    did. None where they did not move (or the groups changed, which the round's end refuses)."""
+    did. None where they did not move, where the scheduler given to apply() stepped since (each
+    restart replays that), or where the groups changed (which the round's end refuses)."""
+    if search.scheduler is not None and not _same_state(search.scheduler, search._restart["scheduler"]):
+        return None
     then = [g.get("lr") for g in search._restart["param_groups"]]
     now = [g.get("lr") for g in search.optimizer.param_groups]
     if len(then) != len(now) or all(_same_rate(a, b) for a, b in zip(then, now)):
@@ -118,6 +121,15 @@ def warn_at_user(text: str) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
         level, frame = level + 1, frame.f_back
     warnings.warn(text, UserWarning, stacklevel=level)
+
+
+def _same_state(scheduler, saved: dict | None) -> bool:
+    """Whether ``scheduler``'s state is still ``saved`` (what apply() took); False where the two
+    cannot be compared (tensors in them: then it may have stepped)."""
+    try:
+        return bool(scheduler.state_dict() == saved)
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def _same_rate(a, b) -> bool:

@@ -725,6 +725,26 @@ def test_rates_a_scheduler_made_after_apply_moved_warn_once_at_the_first_step():
         assert run(late=False) == pytest.approx([0.01, 0.01, 0.01])
 
 
+def test_rates_the_given_scheduler_moved_before_the_first_step_do_not_warn():
+    # A scheduler given to apply() and stepped before the round's first optimizer step (a loop
+    # stepping it at the top of each epoch) moved the rates, but every restart replays that: the
+    # rounds begin alike, and a warning would be a false alarm.
+    torch.manual_seed(0)
+    net = tiny()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=2)
+    search = signmask.apply(net, "lrr", 0.5, optimizer=opt, scheduler=sched, rounds=2, progress=False)
+    firsts = []
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for _ in search:
+            sched.step()
+            firsts.append(opt.param_groups[0]["lr"])
+            train(net, opt, search, steps=2)
+    assert firsts == pytest.approx([0.055, 0.055, 0.055])
+    assert not [w for w in got if "learning rates moved" in str(w.message)]
+
+
 def test_a_skipped_computed_weight_warns_once_at_apply_and_not_each_round():
     model = torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.utils.spectral_norm(torch.nn.Linear(108, 8)), torch.nn.BatchNorm1d(8),
