@@ -70,6 +70,18 @@ def _kept_signs(key: str, module: nn.Module, name: str) -> torch.Tensor:
     return signed.mul_(keep).to("cpu")
 
 
+def _check_binary(key: str, mask: torch.Tensor) -> None:
+    """Refuse a stock mask holding values other than 0 and 1 (``custom_from_mask`` takes any):
+    the forward uses every non-zero entry (negated, scaled), where a ticket keeps only the 1s."""
+    if not _reparam.is_binary(mask):
+        raise ValueError(
+            f"{key}: its prune mask is not binary (0/1 expected, found values "
+            f"{_reparam.odd_values(mask)}); a ticket holds binary masks, so its kept weights would "
+            "differ from those the forward uses: make that pruning permanent first "
+            "(torch.nn.utils.prune.remove) or give it a 0/1 mask"
+        )
+
+
 def _dense_signs(key: str, values: torch.Tensor) -> torch.Tensor:
     _checks.check_finite(key, values)
     return torch.sign(values.detach()).to("cpu", torch.int8)
@@ -112,7 +124,8 @@ def extract(
             NaN or infinite; a layer to record is lazy and has no shape yet; a pruned weight is
             on the meta device or sharded (a DTensor), or was assigned a new Parameter since;
             a pruning hook was moved onto a module without its mask (``torch.ao.quantization``'s
-            ``fuse_modules`` and ``convert`` do).
+            ``fuse_modules`` and ``convert`` do); a stock mask holds values other than 0 and
+            1 (``custom_from_mask`` takes any; the forward uses every non-zero one).
             ``metadata`` that is not ``str -> str`` or uses a reserved key raises as
             :class:`Ticket` does.
 
@@ -136,6 +149,8 @@ def extract(
             "ticket holds conv/linear weights only (transfer() takes no others); make that pruning "
             "permanent first: torch.nn.utils.prune.remove(module, name)"
         )
+    for key, (m, n) in found.items():
+        _check_binary(key, m._buffers[n + "_mask"])
     masks = {key: _kept_signs(key, m, n) for key, (m, n) in found.items()}
     signs, layers = {}, dict(found)
     if dense:

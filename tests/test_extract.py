@@ -85,6 +85,20 @@ def test_extract_refuses_stock_pruned_tensors_a_ticket_cannot_hold():
     assert set(signmask.extract(model, biases=True).masks) == {"0.weight", "1.weight"}
 
 
+@pytest.mark.parametrize("values, odd", [((-1.0, 0.0, 1.0), r"\[-1.0\]"), ((0.0, 0.5, 1.0, 2.0), r"\[0.5, 2.0\]")])
+def test_extract_refuses_a_stock_mask_that_is_not_binary_by_name(values, odd):
+    # custom_from_mask takes any values: a signed mask stored in it (-1 negates), or a soft one
+    # (scales). The forward uses every non-zero entry, but a ticket counted only the 1s as kept:
+    # its mask and sparsity silently differed from the weights the model computes with.
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+    mask = torch.tensor(values)[torch.arange(20).remainder(len(values))].view(5, 4)
+    tprune.custom_from_mask(model[0], "weight", mask)
+    assert int((model[0].weight != 0).sum()) > int((mask == 1).sum())  # the forward uses them
+    with pytest.raises(ValueError, match=rf"^0.weight: its prune mask is not binary \(0/1 expected, found "
+                                         rf"values {odd}\); a ticket holds binary masks"):
+        signmask.extract(model)
+
+
 def test_extract_with_a_lazy_layer_to_record_is_refused_by_name():
     model = signmask.prune(nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2)), 0.5, include="0")
     with pytest.raises(ValueError, match=r"^1.weight is an uninitialized lazy parameter \(LazyLinear\); run one "
