@@ -189,9 +189,21 @@ def check_initialized(key: str, module: nn.Module, tensor, doing: str) -> None:
         )
 
 
-def _in_patterns(fqn: str, inc: Sequence[str] | None, exc: Sequence[str] | None) -> bool:
-    """Whether ``fqn`` matches ``include=`` (when given) and not ``exclude=``."""
-    return (inc is None or _matches(fqn, inc)) and not (exc and _matches(fqn, exc))
+def _in_patterns(names: str | Sequence[str], inc: Sequence[str] | None, exc: Sequence[str] | None) -> bool:
+    """Whether a module's name (or one of its ``names``) matches ``include=`` (when given) and
+    none matches ``exclude=``."""
+    names = (names,) if isinstance(names, str) else names
+    return ((inc is None or any(_matches(n, inc) for n in names))
+            and not (exc and any(_matches(n, exc) for n in names)))
+
+
+def _module_names(model: nn.Module) -> dict[int, list[str]]:
+    """id of each module of ``model`` -> its canonical names, the first first (a module
+    registered twice has two), as :func:`layer_weights` names them (a wrapped root's is "")."""
+    names: dict[int, list[str]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(canonical(f"{fqn}.weight").rpartition(".")[0])
+    return names
 
 
 def _matches(fqn: str, patterns: Sequence[str]) -> bool:
@@ -220,7 +232,8 @@ def select(
 ) -> dict[str, tuple[nn.Module, str]]:
     """Return the ``.weight`` tensors to prune: every conv and linear layer, filtered.
 
-    Globs match the canonical module name (``"layer1.0.conv1"``, ``"blocks.*.attn.qkv"``).
+    Globs match the canonical module name (``"layer1.0.conv1"``, ``"blocks.*.attn.qkv"``); a
+    module registered under two names is matched by either (and named by its first).
     Biases, norm parameters, embeddings and other raw Parameters are never selected.
 
     Conv/linear modules whose weight is computed rather than a Parameter (``parametrize``,
@@ -242,13 +255,17 @@ def select(
     # By module name, which the globs match: "<name>.weight" less its tensor ("" at the root).
     layers = {key.rpartition(".")[0]: (key, module, tensor)
               for key, (module, tensor) in layer_weights(model).items()}
+    # A module registered twice is one layer under its first name, but a glob may name it by
+    # either: matching the first only, exclude="*.fc" pruned an fc known first by another name.
+    names = _module_names(model)
+    aliases = {fqn: names[id(module)] for fqn, (_, module, _) in layers.items()}
     computed = _computed(model)
-    _check_patterns(inc, exc, layers, computed)
+    _check_patterns(inc, exc, [n for a in aliases.values() for n in a], computed)
     _warn_computed(computed, inc, exc)
     _warn_raw_projections(model, inc, exc)
 
     def in_scope(module: nn.Module, fqn: str) -> bool:
-        return _in_patterns(fqn, inc, exc) and (filter_fn is None or bool(filter_fn(module, fqn)))
+        return _in_patterns(aliases[fqn], inc, exc) and (filter_fn is None or bool(filter_fn(module, fqn)))
 
     chosen = {}
     for fqn, (key, module, tensor) in layers.items():

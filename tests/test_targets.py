@@ -362,3 +362,31 @@ def test_a_pruning_hook_moved_onto_another_module_is_refused_untouched(verb):
     fused = tq.fuse_modules(model, [["0", "1"]])
     x = torch.randn(3, 8)
     assert torch.equal(fused(x), model(x))
+
+
+class _Aliased(nn.Module):
+    """``shared`` registered a second time as ``decoder.fc``: one module, two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential()
+        self.encoder.add_module("fc", nn.Linear(4, 4))
+        self.shared = nn.Linear(4, 4)
+        self.decoder = nn.Sequential()
+        self.decoder.add_module("fc", self.shared)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.decoder(self.encoder(x)))
+
+
+@pytest.mark.parametrize("kwargs, pruned", [
+    ({"exclude": "*.fc"}, {"head.weight"}),  # excluded encoder.fc only, pruning its alias silently
+    ({"exclude": "decoder.fc"}, {"encoder.fc.weight", "head.weight"}),  # matched "no module"
+    ({"include": "decoder.*"}, {"shared.weight"}),
+])
+def test_globs_match_every_name_of_a_module_registered_twice(kwargs, pruned):
+    # A module reachable under two names is one layer (named by its first name, "shared"), and a
+    # glob matching either name selects it: its second name is as much the user's as the first.
+    model = signmask.prune(_Aliased(), 0.5, **kwargs)
+    assert set(_targets.pruned(model)) == pruned
