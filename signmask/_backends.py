@@ -192,9 +192,17 @@ def _signmask_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     _targets.check_unshadowed(targets)
     for key, (module, name) in targets.items():
         if not isinstance(_reparam.find_hook(module, name)[1], _reparam.SignMaskHook):
+            if name == "weight" and isinstance(module, _targets.PRUNABLE_TYPES):
+                raise ValueError(
+                    f"{key} is pruned by a stock torch.nn.utils.prune hook; adopt it first with "
+                    f"signmask.prune(model, 0.0, include={key.rpartition('.')[0]!r})"
+                )
+            # signmask.prune adopts conv/linear weights only: a bias or a raw Parameter
+            # (MultiheadAttention's in_proj_weight) would stay stock-pruned.
             raise ValueError(
-                f"{key} is pruned by a stock torch.nn.utils.prune hook; adopt it first with "
-                f"signmask.prune(model, 0.0, include={key.rpartition('.')[0]!r})"
+                f"{key} is pruned by a stock torch.nn.utils.prune hook, and signmask computes "
+                "conv/linear weights only: make that pruning permanent first: "
+                f"torch.nn.utils.prune.remove(module, {name!r})"
             )
         _check_layout(key, module, name)
     return targets

@@ -54,6 +54,25 @@ def test_set_backend_refuses_bad_input():
     assert set(backends_of(model).values()) == {"torch"}
 
 
+@pytest.mark.filterwarnings("ignore:1 nn.MultiheadAttention")
+@pytest.mark.parametrize("layer, name", [("attn", "in_proj_weight"), ("fc", "bias")])
+def test_a_stock_pruned_tensor_signmask_cannot_adopt_is_named_with_a_remedy_that_works(layer, name):
+    # The remedy offered was signmask.prune(model, 0.0, include=layer), which adopts conv/linear
+    # weights only: it refused an nn.MultiheadAttention ("matches no conv/linear module") and
+    # left a stock-pruned bias as it was, so set_backend refused again.
+    from _util import AttnNet
+
+    model = signmask.prune(AttnNet(), 0.5)
+    torch.nn.utils.prune.l1_unstructured(getattr(model, layer), name, 0.5)
+    with pytest.raises(ValueError, match=rf"^{layer}.{name} is pruned by a stock torch.nn.utils.prune hook, "
+                                         rf"and signmask computes conv/linear weights only: make that "
+                                         rf"pruning permanent first: torch.nn.utils.prune.remove\(module, "
+                                         rf"'{name}'\)$"):
+        _backends.set_backend(model, "torch")
+    torch.nn.utils.prune.remove(getattr(model, layer), name)  # the remedy given
+    _backends.set_backend(model, "torch")
+
+
 @pytest.mark.parametrize("signs", [None, "locked"])
 def test_auto_on_cpu_is_the_torch_path(signs):
     ref, model = pruned_conv_net(signs), pruned_conv_net(signs)
