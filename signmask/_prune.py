@@ -268,16 +268,20 @@ def remove(model: nn.Module) -> nn.Module:
     # and the sign bits of the locked weights a tensor's removal reflects (kept in host memory
     # just before). The pruned entries it zeroes stay 0 (dead=True): nothing reads them under the
     # masks put back, and keeping them would copy about 4 bytes per pruned weight every call.
-    undo = _undo.Undo(model, optimizers=_projection.optimizers(targets))
-    try:
-        with undo.saving(dead=True):
-            for module, name in targets.values():
-                _keep_masked(module, name)
-                _prune.remove(module, name)
-            _parents.link(model)
-    except BaseException:
-        undo.restore()  # the entries go back into each Parameter's new storage
-        raise
+    # Normal tensors even under torch.inference_mode (an export or evaluation function may
+    # remove): each Parameter takes the values computed here (or the record's, put back), and
+    # inference tensors could never be saved for a backward or updated in place outside it.
+    with torch.inference_mode(False):
+        undo = _undo.Undo(model, optimizers=_projection.optimizers(targets))
+        try:
+            with undo.saving(dead=True):
+                for module, name in targets.values():
+                    _keep_masked(module, name)
+                    _prune.remove(module, name)
+                _parents.link(model)
+        except BaseException:
+            undo.restore()  # the entries go back into each Parameter's new storage
+            raise
     return model
 
 

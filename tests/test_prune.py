@@ -774,3 +774,33 @@ def test_a_pruning_frees_each_replaced_effective_weight_at_once(monkeypatch):
     signmask.prune(model, 0.3)
     # Installing layer i, the old weights of layers 0..i-1 are gone, those after still held.
     assert alive_at_install == [[j >= i for j in range(len(layers))] for i in range(len(layers))]
+
+
+@pytest.mark.parametrize("stock", [False, True])
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_remove_under_inference_mode_leaves_weights_that_train(stock, signs):
+    # Inside a function decorated with @torch.inference_mode() (an export or evaluation step),
+    # remove wrote inference tensors into the Parameters: the next backward through two layers
+    # raised "Inference tensors cannot be saved for backward", and the weights could never
+    # train again. Oracle: the same model made permanent outside inference mode.
+    def pruned():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+        signmask.prune(net, 0.5, signs=signs)
+        if stock:
+            tprune.l1_unstructured(net[2], "weight", 0.3)  # stacked: a stock method in the hook
+            tprune.l1_unstructured(net[0], "bias", 0.4)  # a stock hook of its own
+        return net
+
+    inside, outside_ = pruned(), pruned()
+    with torch.inference_mode():
+        signmask.remove(inside)
+    signmask.remove(outside_)
+    assert not any(p.is_inference() for p in inside.parameters())
+    x = torch.randn(2, 4)
+    for net in (inside, outside_):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        net(x).square().sum().backward()
+        opt.step()
+    for a, b in zip(inside.parameters(), outside_.parameters()):
+        assert torch.equal(a, b)
