@@ -62,6 +62,7 @@ def _kept_signs(key: str, module: nn.Module, name: str) -> torch.Tensor:
     mask, so the ticket's sparsity always equals the model's.
     """
     weight = _reparam.effective(module, name)
+    _check_real(key, weight)
     keep = _reparam.current_mask(module, name)
     _checks.check_finite(key, weight, keep)
     # 1 - 2 * signbit in int8, in place: torch.where(..., -1, 1) would be int64.
@@ -82,7 +83,13 @@ def _check_binary(key: str, mask: torch.Tensor) -> None:
         )
 
 
+def _check_real(key: str, values: torch.Tensor) -> None:
+    if values.is_complex():
+        raise TypeError(f"{key} is {values.dtype}: a ticket records signs, and a complex weight has none")
+
+
 def _dense_signs(key: str, values: torch.Tensor) -> torch.Tensor:
+    _check_real(key, values)
     _checks.check_finite(key, values)
     return torch.sign(values.detach()).to("cpu", torch.int8)
 
@@ -118,7 +125,7 @@ def extract(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (or is a TorchScript one), a flag is not a
-            bool, ``metadata`` is not a mapping.
+            bool, ``metadata`` is not a mapping; a weight (or bias) to record is complex.
         ValueError: nothing in ``model`` is pruned, or something other than a conv/linear weight
             is (a bias or an embedding, by stock prune); a kept (or recorded dense) weight is
             NaN or infinite; a layer to record is lazy and has no shape yet; a pruned weight is

@@ -212,3 +212,18 @@ def test_extract_under_aws_interpolation_records_the_trained_values():
     assert torch.equal(model.bn1.weight, torch.full((6,), 2.0))
     ticket = signmask.extract(model, norms=True)
     assert torch.equal(ticket.norms["bn1.weight"], torch.full((6,), 3.0))
+
+
+@pytest.mark.parametrize("where, kwargs", [("0.weight", {}), ("1.weight", {"dense": True}),
+                                           ("0.bias", {"biases": True})])
+def test_extract_refuses_complex_weights_by_name(where, kwargs):
+    # prune and the forward take complex weights, which have no sign: extract failed in torch's
+    # own "signbit is not implemented for complex tensors", naming no tensor (a dense sign went
+    # through torch.sign, z / |z|, into int8).
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    layer = model[int(where[0])]
+    setattr(layer, where[2:], nn.Parameter(getattr(layer, where[2:]).detach().to(torch.cfloat)))
+    signmask.prune(model, 0.5, include="0")
+    with pytest.raises(TypeError, match=rf"^{where} is torch.complex64: a ticket records signs, and a complex "
+                                        "weight has none"):
+        signmask.extract(model, **kwargs)
