@@ -105,6 +105,13 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
             and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
         raise bad("restart", "the optimizer and scheduler snapshot (param_groups: a list of dicts with "
                   f"'params'{'; scheduler: None or a dict' if dict_scheduler else ''})")
+    # A timm plateau schedule's counts (_snapshot.scheduler_state; absent from older states).
+    plateau = scheduler.get("signmask_plateau", {}) if isinstance(scheduler, dict) else {}
+    if plateau != {} and not (isinstance(plateau, dict) and isinstance(plateau.get("lr_scheduler"), dict)
+                              and isinstance(plateau.get("restore_lr", ()), (list, type(None)))):
+        raise ValueError("cannot resume: state['restart']['scheduler']['signmask_plateau'] should be a dict with "
+                         "'lr_scheduler' (a dict) and 'restore_lr' (None or a list), found "
+                         f"{type(plateau).__name__} {plateau!r:.60}")
     if not (isinstance(state.get("history"), list) and all(isinstance(h, dict) for h in state["history"])):
         raise bad("history", "a list of dicts")
     if not state["done"]:

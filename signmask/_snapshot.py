@@ -111,8 +111,7 @@ def take_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> di
     """The optimizer's hyperparameters (learning rates...) without its state, and the scheduler's
     state: what restarting the optimizer and the LR schedule returns to."""
     groups = copy.deepcopy(optimizer.state_dict()["param_groups"])
-    sched = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
-    return {"param_groups": groups, "scheduler": sched}
+    return {"param_groups": groups, "scheduler": scheduler_state(scheduler)}
 
 
 def put_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None, snapshot: dict) -> None:
@@ -129,7 +128,39 @@ def put_schedule(optimizer: torch.optim.Optimizer, scheduler: Any | None, snapsh
         _refill(old, new)
     optimizer.param_groups = live
     if scheduler is not None and snapshot["scheduler"] is not None:
-        scheduler.load_state_dict(copy.deepcopy(snapshot["scheduler"]))
+        load_scheduler_state(scheduler, snapshot["scheduler"])
+
+
+def _plateau(scheduler: Any) -> bool:
+    """Whether ``scheduler`` wraps a torch ``ReduceLROnPlateau`` whose state its own
+    ``state_dict`` leaves out (timm's ``PlateauLRScheduler`` keeps only ``best`` and
+    ``last_epoch``, not the patience and cooldown counts nor its noise's ``restore_lr``)."""
+    inner = getattr(scheduler, "lr_scheduler", None)
+    return isinstance(inner, torch.optim.lr_scheduler.ReduceLROnPlateau) and hasattr(scheduler, "restore_lr")
+
+
+def scheduler_state(scheduler: Any | None) -> Any:
+    """A deep copy of ``scheduler.state_dict()`` (None without a scheduler), for a timm plateau
+    schedule with the wrapped scheduler's whole state and ``restore_lr`` added: a restart must
+    return to the plateau counts of its snapshot, as a freshly built schedule starts from none."""
+    if scheduler is None:
+        return None
+    state = copy.deepcopy(scheduler.state_dict())
+    if _plateau(scheduler) and isinstance(state, dict):
+        state["signmask_plateau"] = copy.deepcopy(
+            {"lr_scheduler": scheduler.lr_scheduler.state_dict(), "restore_lr": scheduler.restore_lr})
+    return state
+
+
+def load_scheduler_state(scheduler: Any, state: Any) -> None:
+    """Load a deep copy of :func:`scheduler_state`'s ``state`` into ``scheduler``. A snapshot
+    without the plateau entry (a search state saved by an older signmask) loads as before."""
+    state = copy.deepcopy(state)
+    extra = state.pop("signmask_plateau", None) if isinstance(state, dict) and _plateau(scheduler) else None
+    scheduler.load_state_dict(state)
+    if extra is not None:
+        scheduler.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        scheduler.restore_lr = extra["restore_lr"]
 
 
 def _refill(old: dict, new: dict) -> None:
@@ -165,7 +196,7 @@ class RoundRecord:
             self.groups = [(g, dict(g), {k: v.clone() for k, v in g.items() if isinstance(v, torch.Tensor)})
                            for g in opt.param_groups]
         scheduler = search.scheduler
-        self.scheduler = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
+        self.scheduler = scheduler_state(scheduler)
 
     def restore(self, undo: _undo.Undo | None) -> None:
         """Put it all back, with ``undo`` after the optimizer's attributes: its state dict, back
@@ -181,7 +212,7 @@ class RoundRecord:
         if undo is not None:
             undo.restore()  # the optimizer's own state dict, back above
         if self.scheduler is not None:
-            self.search.scheduler.load_state_dict(self.scheduler)
+            load_scheduler_state(self.search.scheduler, self.scheduler)
         search = self.search
         search.__dict__.clear()
         search.__dict__.update(self.attributes)

@@ -23,6 +23,15 @@ def _step_lr(opt):
     return torch.optim.lr_scheduler.StepLR(opt, step_size=1)
 
 
+def _timm_plateau(opt):
+    from signmask._compat import import_timm
+
+    import_timm()
+    from timm.scheduler import PlateauLRScheduler
+
+    return PlateauLRScheduler(opt, patience_t=1)
+
+
 def test_a_state_as_saved_passes_and_a_running_search_has_no_ticket():
     search, state = _state()
     assert _resume.check_state(state, search._generator.get_state(), True) is None
@@ -106,7 +115,15 @@ def test_a_state_missing_entries_is_refused_by_name_and_changes_nothing(edit, me
     ("aws", _step_lr, lambda state: state["restart"].update(scheduler="x"),
      "state['restart'] should be the optimizer and scheduler snapshot (param_groups: a list of dicts "
      "with 'params'; scheduler: None or a dict), found dict {'param_groups': "),
+    # were a KeyError / TypeError when the round ended
+    ("lrr", _timm_plateau, lambda state: state["restart"]["scheduler"].update(signmask_plateau={"restore_lr": None}),
+     "state['restart']['scheduler']['signmask_plateau'] should be a dict with 'lr_scheduler' (a dict) and "
+     "'restore_lr' (None or a list), found dict {'restore_lr': None}"),
+    ("lrr", _timm_plateau, lambda state: state["restart"]["scheduler"].update(signmask_plateau=[1]),
+     "state['restart']['scheduler']['signmask_plateau'] should be a dict with 'lr_scheduler' (a dict) and "
+     "'restore_lr' (None or a list), found list [1]"),
 ])
+@pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated")
 def test_a_rewind_or_restart_snapshot_of_the_wrong_kind_is_refused_before_any_change(method, scheduler, edit,
                                                                                     message):
     search, state = _state(method, scheduler)

@@ -1,5 +1,7 @@
 """Rewind snapshots: which state_dict entries are weights."""
 
+import copy
+
 import pytest
 import torch
 
@@ -177,3 +179,61 @@ def test_a_rewind_of_a_model_cast_after_apply_gives_each_weight_the_dtype_and_va
         rewound = module.__dict__[name]
         assert rewound.dtype == dtype
         assert torch.equal(rewound, signmask._reparam.effective(module, name))
+
+
+def _plateau(kind, opt):
+    """A plateau schedule with a patience and a cooldown (timm's also with warmup and noise)."""
+    if kind == "torch":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "max", factor=0.5, patience=1, cooldown=1)
+    from signmask._compat import import_timm
+
+    import_timm()
+    from timm.scheduler import PlateauLRScheduler
+
+    return PlateauLRScheduler(opt, decay_rate=0.5, patience_t=1, cooldown_t=1, mode="max", warmup_t=1,
+                              warmup_lr_init=0.01, noise_range_t=2, noise_seed=3)
+
+
+def _plateau_run(kind, opt, sched, first_epoch, metrics):
+    """The plateau state at the start, then the learning rates and plateau state after each epoch
+    (one optimizer step, then the scheduler on that epoch's metric)."""
+    inner = getattr(sched, "lr_scheduler", sched)  # timm's wraps torch's
+
+    def state():
+        return (copy.deepcopy(inner.state_dict()), getattr(sched, "restore_lr", None),
+                [g["lr"] for g in opt.param_groups])
+
+    seen = [state()]
+    for epoch in range(first_epoch, len(metrics)):
+        opt.step()
+        if kind == "torch":
+            sched.step(metrics[epoch])
+        else:
+            sched.step(epoch + 1, metrics[epoch])
+        seen.append(state())
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated")
+@pytest.mark.parametrize("method", ["lrr", "imp"])
+@pytest.mark.parametrize("kind", ["torch", "timm"])
+def test_a_restart_resets_a_plateau_schedule_as_a_freshly_built_one(kind, method):
+    # timm's PlateauLRScheduler saves only best and last_epoch in its state_dict: each round went
+    # on with the last round's patience and cooldown counts (an LR cut epochs early) and its
+    # noise's restore_lr (written over the restarted LR at the round's first epoch after warmup).
+    # Oracle: a fresh optimizer and scheduler on the same metrics, read from the restart epoch on.
+    metrics = [1.0, 1.2, 1.1, 1.0, 0.9, 1.3, 1.2, 1.1]
+    model = tiny(0)
+
+    def fresh():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return opt, _plateau(kind, opt)
+
+    oracle = _plateau_run(kind, *fresh(), 0, metrics)
+    assert len({lrs[0] for _, _, lrs in oracle}) >= 3  # the schedule cuts the LR, twice
+    opt, sched = fresh()
+    rewind = {"rewind": "2it"} if method == "imp" else {}
+    search = signmask.apply(model, method, 0.5, optimizer=opt, scheduler=sched, rounds=2, progress=False, **rewind)
+    rounds = [_plateau_run(kind, opt, sched, search.start_step, metrics) for _ in search]
+    assert rounds[0] == oracle
+    assert rounds[1] == rounds[2] == oracle[search.start_step:]
