@@ -207,19 +207,20 @@ _OUTSIDE = "_signmask_outside"  # module.__dict__ key: aliases set aside during 
 
 def stash_outside(module: nn.Module, name: str) -> None:
     """Before a pre-hook sets ``module.<name>`` under a ``torch.func`` transform (``grad``,
-    ``vmap``): set the current alias aside, for :func:`detach_weight` to put back. The weight
-    such a forward computes is a wrapper that dies with the transform."""
-    if torch._C._are_functorch_transforms_active():
+    ``vmap``) or ``torch.export``: set the current alias aside, for :func:`detach_weight` to put
+    back. The weight such a forward computes is a wrapper that dies with the transform (export
+    puts the attributes back itself, but warns of each one it finds assigned)."""
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_exporting():
         module.__dict__.setdefault(_OUTSIDE, {})[name] = module.__dict__.get(name)
 
 
 def detach_weight(module: nn.Module, name: str) -> None:
     """Replace ``module.<name>`` by a detached alias if a grad-enabled forward computed it; under
-    a ``torch.func`` transform, by the alias :func:`stash_outside` set aside."""
+    a ``torch.func`` transform or ``torch.export``, by the alias :func:`stash_outside` set aside."""
     weight = module.__dict__.get(name)
     if weight is None:
         return
-    if torch._C._are_functorch_transforms_active():  # a wrapper, with or without grad
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_exporting():  # with or without grad
         aside = module.__dict__.get(_OUTSIDE, {})
         outside = aside.pop(name, None)
         if not aside:

@@ -435,6 +435,46 @@ def test_export_of_a_trained_model_and_of_its_removal_equals_the_dense_oracle(si
         assert torch.equal(eval_out(net, x), expected)
 
 
+def _exportable(kind):
+    """A model whose hooks set attributes in its forward: pruned (on a backend, sign-locked or
+    not), under AWS's norm interpolation, or a MultiheadAttention whose parent hook sets its
+    ``out_proj.weight``."""
+    if kind == "aws":
+        model = tiny(0)
+        signmask.apply(model, "aws", 0.5, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+        return model, torch.randn(2, 3, 6, 6)
+    if kind == "attention":
+        from _util import AttnNet
+
+        torch.manual_seed(0)
+        return signmask.prune(AttnNet(), 0.5), torch.randn(2, 3, 8)
+    signs, backend = kind.split("-")
+    return _pruned_small_net(None if signs == "free" else signs, backend)[0], inputs()
+
+
+@pytest.mark.parametrize("kind", ["free-torch", "locked-torch", "free-projection", "locked-projection", "aws",
+                                  "attention"])
+@pytest.mark.filterwarnings("ignore:1 nn.MultiheadAttention layer")
+def test_export_warns_of_no_assigned_attribute_and_leaves_the_eager_ones_in_place(kind):
+    # torch.export (non-strict, its default) warned "The tensor attributes self.0.weight, ... were
+    # assigned during export. Such attributes must be registered as buffers": the weights the
+    # hooks set, which export puts back after tracing (stock prune's warn so too).
+    import warnings
+
+    model, x = _exportable(kind)
+    model(x).sum().backward()  # between forwards: detached aliases
+    model.eval()
+    before = {(name, key): value for name, m in model.named_modules() for key, value in m.__dict__.items()
+              if isinstance(value, torch.Tensor)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exported = torch.export.export(model, (x,)).module()
+    after = {(name, key): value for name, m in model.named_modules() for key, value in m.__dict__.items()
+             if isinstance(value, torch.Tensor)}
+    assert before.keys() == after.keys() and all(after[k] is v for k, v in before.items())
+    assert torch.equal(exported(x), model(x))
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile
 
