@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import signmask
 from signmask import _interpolate, _maskmul, _recipes
-
-from _util import TINY_NORMS, assert_same, effective_weights, in_threads, make_search, since_timm, snapshot, tiny
+from _util import (TINY_NORMS, assert_same, effective_weights, in_threads, kept, make_search, since_timm, snapshot,
+                   tiny)
 
 STEPS = 4
 
@@ -1416,3 +1417,87 @@ def test_the_log_line_counts_one_step_in_the_singular():
     record = {"round": 1, "sparsity": 0.2, "steps": 1, "acc": 0.5}
     assert log_line("lrr", record) == "lrr round 1: sparsity 20.00%, 1 step acc=0.5"
     assert log_line("lrr", {**record, "steps": 2}) == "lrr round 1: sparsity 20.00%, 2 steps acc=0.5"
+
+
+class _TwoParts(nn.Module):
+    """A conv backbone (BatchNorm) and an MLP head (LayerNorm), each with two prunable tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                                      nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def _two_parts_run(method, searched):
+    """Two parts trained together by two SGDs, one per part, for 2 prunings to 60% sparsity (IMP
+    rewinding to step 2): by a search per part (``searched``), or by a plain loop with stock
+    prune's float masks, each part pruned by global magnitude among its alive weights to
+    ``round(N * 0.4 ** (i / 2))``, rewound from a state_dict copy, its SGD rebuilt."""
+    torch.manual_seed(0)
+    model = _TwoParts()
+    parts = (model.backbone, model.head)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(4)]
+
+    def sgds():
+        return [torch.optim.SGD(p.parameters(), lr=0.05, momentum=0.9) for p in parts]
+
+    def train(opts, start, stop=4):
+        for x, y in batches[start:stop]:
+            for opt in opts:
+                opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            for opt in opts:
+                opt.step()
+
+    opts = sgds()
+    rewind = {"rewind": "2it"} if method == "imp" else {}
+    if searched:
+        searches = [signmask.apply(p, method, 0.6, optimizer=o, rounds=2, classifier=True, progress=False, **rewind)
+                    for p, o in zip(parts, opts)]
+        while not searches[0].done:  # a zip of the two would stop before the second's last round end
+            for s in searches:
+                s.start_round()
+            train(opts, searches[0].start_step)
+            for s in searches:
+                s.finish_round()
+        return model, searches
+    layers = [[m for m in p.modules() if isinstance(m, (nn.Conv2d, nn.Linear))] for p in parts]
+    for m in sum(layers, []):
+        torch_prune.identity(m, "weight")
+    train(opts, 0, 2)
+    saved = [{k: v for k, v in copy.deepcopy(p.state_dict()).items() if not k.endswith("_mask")} for p in parts]
+    train(opts, 2)
+    for i in (1, 2):
+        for part, mods, state in zip(parts, layers, saved):
+            masks = [m.weight_mask for m in mods]
+            scores = torch.cat([torch.where(m.weight_mask.bool(), m.weight_orig.abs(), -1.0).flatten() for m in mods])
+            keep = torch.zeros_like(scores)
+            keep[scores.argsort(descending=True, stable=True)[:round(scores.numel() * 0.4 ** (i / 2))]] = 1
+            with torch.no_grad():
+                for mask, new in zip(masks, keep.split([m.numel() for m in masks])):
+                    mask.copy_(new.view_as(mask))
+            if method == "imp":
+                part.load_state_dict(state, strict=False)
+        opts = sgds()
+        train(opts, 2 if method == "imp" else 0)
+    return model, None
+
+
+@pytest.mark.parametrize("method", ["lrr", "imp"])
+def test_two_searches_on_disjoint_parts_each_prune_rewind_and_restart_their_own_part(method):
+    # Documented use: a search per part of one model, each with an SGD over its part only, equals
+    # a plain loop pruning, rewinding and restarting each part on its own, bitwise.
+    model, searches = _two_parts_run(method, True)
+    oracle, _ = _two_parts_run(method, False)
+    got, want = model.state_dict(), oracle.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k].to(want[k].dtype), want[k]) for k in got)
+    for search, part in zip(searches, (model.backbone, model.head)):
+        total = sum(m.weight_mask.numel() for m in part.modules() if hasattr(m, "weight_mask"))
+        assert kept(part) == round(total * 0.4) and search.ticket.masks.keys() == {"0.weight", "3.weight"}
