@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import _distributed
+from . import _distributed, _snapshot
 
 # Frames a warning about the user's optimizer.step() looks past: torch's wrappers of the step
 # (its own, and one per LR scheduler made on the optimizer) and signmask's hooks.
@@ -126,8 +126,8 @@ def warn_at_user(text: str) -> None:
 def _same_state(scheduler, saved: dict | None) -> bool:
     """Whether ``scheduler``'s state is still ``saved`` (what apply() took); False where the two
     cannot be compared (tensors in them: then it may have stepped)."""
-    try:
-        return bool(scheduler.state_dict() == saved)
+    try:  # in the snapshot's own form, which holds more than a state_dict (timm's plateau)
+        return bool(_snapshot.scheduler_state(scheduler) == saved)
     except (RuntimeError, TypeError, ValueError):
         return False
 

@@ -746,6 +746,25 @@ def test_rates_the_given_scheduler_moved_before_the_first_step_do_not_warn():
     assert not [w for w in got if "learning rates moved" in str(w.message)]
 
 
+@pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated:FutureWarning")
+def test_rates_moved_beside_a_timm_plateau_scheduler_warn():
+    # The restart snapshot of timm's PlateauLRScheduler holds more than its state_dict (the
+    # plateau counts): compared with its bare state_dict, it looked stepped, and the warning
+    # never came for rates something else moved.
+    from timm.scheduler import PlateauLRScheduler
+
+    torch.manual_seed(0)
+    net = tiny()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = PlateauLRScheduler(opt, decay_rate=0.5, patience_t=0, mode="min")
+    search = signmask.apply(net, "lrr", 0.5, optimizer=opt, scheduler=sched, rounds=1, progress=False)
+    for group in opt.param_groups:
+        group["lr"] = 0.02  # set by hand after apply: not restarted
+    with pytest.warns(UserWarning, match=r"learning rates moved between apply\(\) and the first"):
+        for _ in search:
+            train(net, opt, search, steps=1)
+
+
 def test_a_skipped_computed_weight_warns_once_at_apply_and_not_each_round():
     model = torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.utils.spectral_norm(torch.nn.Linear(108, 8)), torch.nn.BatchNorm1d(8),
