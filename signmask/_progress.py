@@ -14,8 +14,9 @@ import torch
 from . import _distributed, _snapshot
 
 # Frames a warning about the user's optimizer.step() looks past: torch's wrappers of the step
-# (its own, and one per LR scheduler made on the optimizer) and signmask's hooks.
-_LIBRARIES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+# (its own, and one per LR scheduler made on the optimizer) and signmask's hooks; timm's too
+# where it is imported (see _libraries).
+_OWN_LIBRARIES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
 
 # The search's own records; every other key of a round's record is a metric the user reported.
 OWN_RECORDS = ("round", "sparsity", "steps")
@@ -115,12 +116,22 @@ def moved_rates_warning(search) -> str | None:
 
 
 def warn_at_user(text: str) -> None:
-    """Warn at the first frame outside torch and signmask: the user's ``optimizer.step()``,
-    under however many wrappers torch's schedulers put around it."""
+    """Warn at the first frame outside torch, signmask and timm: the user's ``optimizer.step()``,
+    under however many wrappers torch's schedulers and timm's ``Lookahead`` put around it."""
+    libraries = _libraries()
     level, frame = 2, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+    while frame is not None and frame.f_code.co_filename.startswith(libraries):
         level, frame = level + 1, frame.f_back
     warnings.warn(text, UserWarning, stacklevel=level)
+
+
+def _libraries() -> tuple[str, ...]:
+    """The package folders whose frames :func:`warn_at_user` looks past. timm's ``Lookahead``
+    steps the optimizer given to apply() from its own step(); timm is looked up as the warning
+    comes, never imported here (``import signmask`` stays free of it), and it may have been
+    imported after signmask."""
+    timm = getattr(sys.modules.get("timm"), "__file__", None)
+    return _OWN_LIBRARIES + ((os.path.dirname(timm) + os.sep,) if timm else ())
 
 
 def _same_state(scheduler, saved: dict | None) -> bool:

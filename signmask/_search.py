@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -228,7 +227,7 @@ class Search:
             )
         _targets.check_present(self.model, self._targets)
         if self.round_step == 0 and _distributed.rank0():  # one warning, not one per DDP rank
-            warnings.warn(no_step_warning(self), UserWarning, stacklevel=3)  # the user's loop
+            warn_at_user(no_step_warning(self))  # at the loop's finish_round() or `for` line
         # Valid state cannot fail below, but torch can (out of memory) and so can Ctrl-C: a round
         # pruned but not rewound, or rewound but not restarted. Everything is put back (the masks
         # by their flips, the search's attributes, optimizer, scheduler), but the weights, which

@@ -9,6 +9,7 @@ whole searches.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import json
 import re
@@ -744,6 +745,35 @@ def test_rates_the_given_scheduler_moved_before_the_first_step_do_not_warn():
             train(net, opt, search, steps=2)
     assert firsts == pytest.approx([0.055, 0.055, 0.055])
     assert not [w for w in got if "learning rates moved" in str(w.message)]
+
+
+@pytest.mark.parametrize("wrap", ["Lookahead", "lookahead_sgd"])
+def test_rates_moved_warn_at_the_loop_line_under_timm_lookahead(wrap):
+    # timm's Lookahead steps the optimizer given to apply() from its own step(): the warning
+    # pointed into timm's lookahead.py, not at the loop's `lookahead.step()`. The late scheduler
+    # is made on the Lookahead, so torch's scheduler wrapper sits around timm's frame too.
+    from signmask._compat import import_timm
+
+    import_timm()  # after signmask: the frames skipped are those of the modules imported when it warns
+    from timm.optim import Lookahead, create_optimizer_v2
+
+    torch.manual_seed(0)
+    net = tiny()
+    if wrap == "Lookahead":
+        lookahead = Lookahead(torch.optim.SGD(net.parameters(), lr=0.1), k=2)
+    else:
+        lookahead = create_optimizer_v2(net, "lookahead_sgd", lr=0.1, weight_decay=0.0)
+    base = lookahead._base_optimizer
+    search = signmask.apply(net, "lrr", 0.5, optimizer=base, rounds=1, progress=False)
+    sched = torch.optim.lr_scheduler.LinearLR(lookahead, 0.1, total_iters=2)
+    with pytest.warns(UserWarning, match="learning rates moved between apply") as got:
+        for _ in search:
+            train(net, lookahead, search, sched, steps=2)
+    moved = [w for w in got if "learning rates moved" in str(w.message)]
+    assert len(moved) == 1
+    lines, first = inspect.getsourcelines(train)
+    step_line = first + next(i for i, line in enumerate(lines) if "opt.step()" in line)
+    assert (moved[0].filename, moved[0].lineno) == (__file__, step_line)
 
 
 @pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated:FutureWarning")
