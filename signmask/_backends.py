@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 
-from . import _checks, _reparam, _targets, _undo
+from . import _checks, _reparam, _target_checks, _targets, _undo
 
 BACKENDS: dict[str, "Backend"] = {}
 
@@ -188,8 +188,8 @@ class AutoBackend(Backend):
 
 
 def _signmask_targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    targets = _targets.require_pruned(model, "no backend to set", fix=_targets.SHARD_AFTER)
-    _targets.check_unshadowed(targets)
+    targets = _targets.require_pruned(model, "no backend to set", fix=_target_checks.SHARD_AFTER)
+    _target_checks.check_unshadowed(targets)
     for key, (module, name) in targets.items():
         if not isinstance(_reparam.find_hook(module, name)[1], _reparam.SignMaskHook):
             if name == "weight" and isinstance(module, _targets.PRUNABLE_TYPES):

@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import _checks, _interpolate, _reparam, _targets
+from . import _checks, _interpolate, _reparam, _target_checks, _targets
 from ._ticket import Ticket
 from ._version import __version__
 
@@ -148,7 +148,7 @@ def extract(
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__} {metadata!r}")
     found = _targets.require_pruned(model, "prune it before extract()")
-    _targets.check_unshadowed(found)
+    _target_checks.check_unshadowed(found)
     odd = [k for k, (m, n) in found.items() if n != "weight" or not isinstance(m, _targets.PRUNABLE_TYPES)]
     if odd:
         raise ValueError(

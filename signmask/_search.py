@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import (_distributed, _interpolate, _io, _methods, _prune, _recipes, _reparam, _resume,
-               _snapshot, _targets)
+               _snapshot, _target_checks, _targets)
 from ._progress import OWN_RECORDS, RoundBar, metric, moved_rates_warning, no_step_warning, warn_at_user
 from ._extract import extract
 from ._ticket import Ticket
@@ -225,7 +225,7 @@ class Search:
                 f"rewind point {self.config.rewind!r} is step {self.config.rewind_step}, but round 0 "
                 f"trained only {self.step} optimizer steps; train longer or rewind earlier"
             )
-        _targets.check_present(self.model, self._targets)
+        _target_checks.check_present(self.model, self._targets)
         if self.round_step == 0 and _distributed.rank0():  # one warning, not one per DDP rank
             warn_at_user(no_step_warning(self))  # at the loop's finish_round() or `for` line
         # Valid state cannot fail below, but torch can (out of memory) and so can Ctrl-C: a round

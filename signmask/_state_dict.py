@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import _checks, _interpolate, _methods, _parents, _projection, _reparam, _targets, _undo
+from . import _checks, _interpolate, _methods, _parents, _projection, _reparam, _target_checks, _targets, _undo
 
 
 def _without_data(value) -> str | None:
@@ -17,8 +17,8 @@ def _without_data(value) -> str | None:
     the error), else None. torch finds out only while copying, after the keys before it."""
     if not isinstance(value, torch.Tensor):
         return type(value).__name__
-    if _targets.is_dtensor(value):
-        return f"a DTensor (a sharded state dict): {_targets.GATHER_FIRST}"
+    if _target_checks.is_dtensor(value):
+        return f"a DTensor (a sharded state dict): {_target_checks.GATHER_FIRST}"
     if value.is_nested:  # before the layout: a nested tensor may be "strided" too
         return "a nested tensor"
     if value.layout != torch.strided:
@@ -217,7 +217,7 @@ def load_state_dict(
     state_dict = _own_names(model, state_dict)  # from here on, keys are the model's own names
     _check_initialized(model, state_dict)
     plan = _mask_plan(model, state_dict)
-    _targets.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _targets.GATHER_FIRST)
+    _target_checks.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _target_checks.GATHER_FIRST)
     skipped = _install_and_load(model, plan, state_dict, strict)
     if skipped.missing_keys or skipped.unexpected_keys:
         warnings.warn(

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from . import _checks, _heads, _interpolate, _io, _methods, _parents, _prune, _reparam, _targets, _undo
+from . import _checks, _heads, _interpolate, _io, _methods, _parents, _prune, _reparam, _target_checks, _targets, _undo
 from ._extract import architecture, layer_count
 from ._ticket import Ticket
 
@@ -98,7 +98,7 @@ def match_tensors(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, t
                     f"{type(module).__name__}, not of a norm layer"
                 )
             plan.append((role, key, module, name, target, signed))
-    _targets.check_local({key: (m, n) for _, key, m, n, _, _ in plan})
+    _target_checks.check_local({key: (m, n) for _, key, m, n, _, _ in plan})
     _prune.check_untied({key: (m, n) for role, key, m, n, _, _ in plan if role == "mask"}, model,
                         remedy="untie them before the transfer")
     return plan
