@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 
-from . import _checks, _reparam, _target_checks, _targets, _undo
+from . import _checks, _reparam, _target_checks, _targets, _ties, _undo
 
 BACKENDS: dict[str, "Backend"] = {}
 
@@ -257,9 +257,11 @@ def set_backend(
         ValueError: unknown backend, nothing pruned, a stock prune hook, a mask or sign buffer
             of another dtype, shape or device than signmask makes, ``"projection"``
             without an optimizer, with one it cannot serve exactly or that does not train every
-            pruned tensor, or with a frozen tensor; a pruned weight assigned a new Parameter
-            since; a pruning hook moved onto a module without its mask (``torch.ao.quantization``'s
-            ``fuse_modules`` and ``convert`` do); a weight on the meta device or sharded (a DTensor).
+            pruned tensor, with a frozen tensor, or with a pruned weight tied to another
+            tensor of ``model`` (the same Parameter, or one on the same memory); a pruned
+            weight assigned a new Parameter since; a pruning hook moved onto a module without
+            its mask (``torch.ao.quantization``'s ``fuse_modules`` and ``convert`` do); a weight
+            on the meta device or sharded (a DTensor).
         ImportError: ``"triton"`` without triton installed.
         RuntimeError: ``"triton"`` with CPU tensors (unless ``TRITON_INTERPRET=1``).
         The model is left untouched in every case. Where torch fails midway (out of memory) or
@@ -281,6 +283,9 @@ def set_backend(
     impl = get_backend(backend)
     targets = _signmask_targets(model)
     impl.check(targets, optimizer)
+    if backend == "projection":  # it zeroes pruned entries of weight_orig in place
+        _ties.check_untied(targets, model, remedy="untie them before set_backend(model, "
+                           "'projection'), which zeroes the pruned entries in place")
     # Valid input cannot fail below, but torch can (out of memory at the k-th layer) and so can
     # Ctrl-C: the layers before would be switched, their hooks on the optimizers and Parameters
     # changed, and under projection their weights and state masked. The record puts back all

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _checks, _methods, _parents, _projection, _reparam, _targets, _undo
+from . import _checks, _methods, _parents, _projection, _reparam, _targets, _ties, _undo
 
 _SCOPES = ("global", "layer")
 _SIGN_MODES = ("free", "locked")
@@ -34,41 +34,6 @@ def check_prunable(key: str, module: nn.Module, name: str, *, signs: str | None)
             f"{key} is sign-locked; pruning it again with signs='free' conflicts "
             "(pass signs=None to keep the lock, or signmask.remove() first)"
         )
-
-
-def _holders(model: nn.Module) -> dict[int, list[str]]:
-    """id of each Parameter -> the canonical names of the module slots holding it."""
-    holders: dict[int, list[str]] = {}
-    slots = set()
-    for fqn, module in model.named_modules(remove_duplicate=False):
-        for pname, param in module._parameters.items():
-            if param is None or (id(module), pname) in slots:
-                continue  # a module reachable under two names is still one slot
-            slots.add((id(module), pname))
-            pname = pname[: -len("_orig")] if pname.endswith("_orig") else pname
-            holders.setdefault(id(param), []).append(_targets.canonical(f"{fqn}.{pname}" if fqn else pname))
-    return holders
-
-
-def check_untied(targets: Mapping[str, tuple[nn.Module, str]], model: nn.Module, *,
-                 remedy: str | None = None) -> None:
-    """Refuse a target whose Parameter another module (or tensor) of ``model`` also holds.
-
-    A mask on one user of a tied Parameter (a head tied to an embedding) would leave the others
-    reading it dense, and the projection backend or a transfer would zero it for all of them.
-    ``remedy`` ends the message; by default, the ``exclude=`` that leaves the tied targets out.
-    """
-    holders = _holders(model)
-    for key, (module, name) in targets.items():
-        names = holders.get(id(_reparam.original(module, name)), [key])
-        others = [n for n in names if n != key]
-        if others:
-            # Only conv/linear modules can be excluded (a tied embedding is no target anyway).
-            chosen = [n.rpartition(".")[0] for n in names if n in targets]
-            raise ValueError(
-                f"{key} and {others[0]} share one Parameter (tied weights); a mask on one would "
-                f"leave the other reading it dense: {remedy or f'pass exclude={chosen!r} or untie them'}"
-            )
 
 
 def prune(
@@ -159,7 +124,7 @@ def prune_targets(
     ``flips_out``: a list that takes, as they are written, what :func:`unflip` needs to turn
     the masks written in place back (the search undoes a pruning whose round fails after it);
     the tables and values go to the caller's :meth:`_undo.Undo.saving` record."""
-    check_untied(targets, model)
+    _ties.check_untied(targets, model)
     for key, (module, name) in targets.items():
         check_prunable(key, module, name, signs=signs)
     names = list(targets)

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from . import _checks, _heads, _interpolate, _io, _methods, _parents, _prune, _reparam, _target_checks, _targets, _undo
+from . import _checks, _heads, _interpolate, _io, _methods, _parents, _reparam, _target_checks, _targets, _ties, _undo
 from ._extract import architecture, layer_count
 from ._ticket import Ticket
 
@@ -99,8 +99,8 @@ def match_tensors(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, t
                 )
             plan.append((role, key, module, name, target, signed))
     _target_checks.check_local({key: (m, n) for _, key, m, n, _, _ in plan})
-    _prune.check_untied({key: (m, n) for role, key, m, n, _, _ in plan if role == "mask"}, model,
-                        remedy="untie them before the transfer")
+    _ties.check_untied({key: (m, n) for role, key, m, n, _, _ in plan if role == "mask"}, model,
+                       remedy="untie them before the transfer")
     return plan
 
 
@@ -167,9 +167,10 @@ def transfer(
             a shape mismatch, an already-pruned tensor, a lazy layer with no shape yet, ``norms``
             with a ticket that has none, a ticket norm tensor that is not a norm layer's in
             the model, a ticket mask on a tensor that is not a conv/linear weight, a masked
-            weight tied to another module's (shared Parameter), or a weight on the meta device
-            or sharded (a DTensor). Nothing is changed then, nor where torch fails midway (out
-            of memory): a copy in host memory of the tensors it writes puts them back.
+            weight tied to another tensor (a shared Parameter, or one on the same memory), or
+            a weight on the meta device or sharded (a DTensor). Nothing is changed then, nor
+            where torch fails midway (out of memory): a copy in host memory of the tensors it
+            writes puts them back.
         FileNotFoundError: ``ticket`` is the path of no file (and ``load``'s errors for a
             file that is no valid ticket).
 
