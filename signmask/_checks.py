@@ -150,3 +150,31 @@ def moved_hook(name: str) -> str:
             "(quantize_dynamic too) copies them onto the quantized one; make the pruning "
             "permanent first: signmask.remove(model) before fusing or converting (both copy the "
             "model unless inplace=True)")
+
+
+def is_binary(mask: torch.Tensor) -> bool:
+    """Whether every entry of ``mask`` is 0 or 1 (stock prune's ``custom_from_mask`` takes any)."""
+    return mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
+
+
+def odd_values(mask: torch.Tensor) -> list[float]:
+    """Up to five distinct entries of ``mask`` other than 0 and 1, for error messages."""
+    odd = mask[(mask != 0) & (mask != 1)]
+    return sorted(float(v) for v in odd.unique()[:5].tolist())
+
+
+def check_binary(key: str, mask: torch.Tensor, reader: str) -> None:
+    """Refuse ``key``'s prune mask where it holds values other than 0 and 1 (``custom_from_mask``
+    takes any): the forward uses every non-zero entry (negated, scaled), where ``reader`` (who
+    reads the mask, and how: the middle of the message) takes only the 1s as kept.
+
+    Raises:
+        ValueError: naming ``key``, up to five of the odd values, and the remedies.
+    """
+    if not is_binary(mask):
+        raise ValueError(
+            f"{key}: its prune mask is not binary (0/1 expected, found values "
+            f"{odd_values(mask)}); {reader}, so its kept weights would differ from those the "
+            "forward uses: make that pruning permanent first (torch.nn.utils.prune.remove) or "
+            "give it a 0/1 mask"
+        )

@@ -71,18 +71,6 @@ def _kept_signs(key: str, module: nn.Module, name: str) -> torch.Tensor:
     return signed.mul_(keep).to("cpu")
 
 
-def _check_binary(key: str, mask: torch.Tensor) -> None:
-    """Refuse a stock mask holding values other than 0 and 1 (``custom_from_mask`` takes any):
-    the forward uses every non-zero entry (negated, scaled), where a ticket keeps only the 1s."""
-    if not _reparam.is_binary(mask):
-        raise ValueError(
-            f"{key}: its prune mask is not binary (0/1 expected, found values "
-            f"{_reparam.odd_values(mask)}); a ticket holds binary masks, so its kept weights would "
-            "differ from those the forward uses: make that pruning permanent first "
-            "(torch.nn.utils.prune.remove) or give it a 0/1 mask"
-        )
-
-
 def _check_real(key: str, values: torch.Tensor) -> None:
     if values.is_complex():
         raise TypeError(f"{key} is {values.dtype}: a ticket records signs, and a complex weight has none")
@@ -157,7 +145,7 @@ def extract(
             "permanent first: torch.nn.utils.prune.remove(module, name)"
         )
     for key, (m, n) in found.items():
-        _check_binary(key, m._buffers[n + "_mask"])
+        _checks.check_binary(key, m._buffers[n + "_mask"], "a ticket holds binary masks")
     masks = {key: _kept_signs(key, m, n) for key, (m, n) in found.items()}
     signs, layers = {}, dict(found)
     if dense:

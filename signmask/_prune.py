@@ -24,10 +24,10 @@ def check_prunable(key: str, module: nn.Module, name: str, *, signs: str | None)
         return
     if not isinstance(hook, _reparam.SignMaskHook):
         mask = module._buffers[name + "_mask"]
-        if not _reparam.is_binary(mask):
+        if not _checks.is_binary(mask):
             raise ValueError(
                 f"{key}: its existing prune mask is not binary (0/1 expected, found values "
-                f"{_reparam.odd_values(mask)}); cannot add to it"
+                f"{_checks.odd_values(mask)}); cannot add to it"
             )
     if signs == "free" and _reparam.is_sign_locked(module, name):
         raise ValueError(

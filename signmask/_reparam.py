@@ -260,17 +260,6 @@ def is_sign_locked(module: nn.Module, name: str) -> bool:
     return name + "_sign" in module._buffers
 
 
-def is_binary(mask: torch.Tensor) -> bool:
-    """Whether every entry of ``mask`` is 0 or 1 (stock prune's ``custom_from_mask`` takes any)."""
-    return mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
-
-
-def odd_values(mask: torch.Tensor) -> list[float]:
-    """Up to five distinct entries of ``mask`` other than 0 and 1, for error messages."""
-    odd = mask[(mask != 0) & (mask != 1)]
-    return sorted(float(v) for v in odd.unique()[:5].tolist())
-
-
 def current_mask(module: nn.Module, name: str) -> torch.Tensor | None:
     """The bool keep-mask of ``module.<name>``, or None when it is not pruned.
 

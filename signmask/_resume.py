@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import _reparam, _snapshot, _targets
+from . import _checks, _reparam, _snapshot, _targets
 from ._ticket import Ticket
 
 STATE_VERSION = 1
@@ -78,9 +78,9 @@ def check_state(state: dict[str, Any], generator_state: torch.Tensor, interpolat
         if not isinstance(state.get(key), bool):
             raise bad(key, "a bool")
     for key, mask in state["masks"].items():
-        if not _reparam.is_binary(mask):  # check_entries refused non-tensors
+        if not _checks.is_binary(mask):  # check_entries refused non-tensors
             raise ValueError(f"cannot resume: state['masks'][{key!r}] is not a 0/1 mask: it holds "
-                             f"{_reparam.odd_values(mask)}")
+                             f"{_checks.odd_values(mask)}")
     generator, mine = state.get("generator"), generator_state
     if not isinstance(generator, torch.Tensor) or generator.dtype != mine.dtype or generator.shape != mine.shape:
         raise bad("generator", f"a torch.Generator state ({mine.dtype}, {tuple(mine.shape)})")

@@ -252,7 +252,7 @@ def _mask_plan(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict
                 f"state_dict {key!r} has shape {tuple(mask.shape)}; the model's "
                 f"{owner}.{tensor} has {tuple(shape)}"
             )
-        if not _reparam.is_binary(mask):
+        if not _checks.is_binary(mask):
             # prune.custom_from_mask takes any values; as a bool mask they would compute otherwise.
             values = sorted({float(v) for v in mask.unique()[:6].tolist()})
             raise ValueError(f"state_dict {key!r} is not a binary mask: it holds {values}")

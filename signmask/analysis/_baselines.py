@@ -16,11 +16,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .. import _methods, _parents, _reparam, _undo
+from .. import _methods, _parents, _reparam, _targets, _undo
 from .. import _transfer as _transfer_mod
 from .._ticket import Ticket
 from .._checks import check_bool, check_int, check_model, check_real, check_seed
-from ._common import TOLERANCE, rng_kept
+from ._common import TOLERANCE, kept_mask, rng_kept
 
 
 def random_reinit(ticket: Ticket | str | os.PathLike, model: nn.Module, *,
@@ -131,6 +131,8 @@ def count_params(model: nn.Module) -> int:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a stock prune mask holds values other than 0 and 1 (``custom_from_mask``
+            takes any; the forward uses every non-zero one).
 
     Example:
         >>> import torch, signmask
@@ -141,14 +143,15 @@ def count_params(model: nn.Module) -> int:
     """
     check_model(model, "model")
     seen, total = set(), 0
-    for module in model.modules():
+    for fqn, module in model.named_modules():
         for pname, p in module._parameters.items():
             if p is None or id(p) in seen:
                 continue
             seen.add(id(p))
             mask = None
             if pname.endswith("_orig"):
-                mask = _reparam.current_mask(module, pname[: -len("_orig")])
+                name = pname[: -len("_orig")]
+                mask = kept_mask(_targets.canonical(f"{fqn}.{name}" if fqn else name), module, name)
             total += p.numel() if mask is None else int(mask.sum())
     return total
 

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .. import _targets
+from .. import _checks, _reparam, _targets
 
 # Accuracies and errors are fractions of a test set (0.11 - 0.09 is 0.020000000000000004):
 # within this of a threshold a value counts as on it, so the same counts get one verdict.
@@ -62,6 +62,25 @@ def weights(
             f"{sorted(found)[:3]}"
         )
     return {n: found[n] for n in chosen}
+
+
+def check_mask(key: str, module: nn.Module, name: str, owner: str | None = None) -> None:
+    """Refuse ``module.<name>``'s prune mask (``key``, of the argument ``owner`` where several
+    models are read) where it holds values other than 0 and 1, before anything is read or
+    changed: ``custom_from_mask`` takes any, and the forward uses every non-zero entry (negated,
+    scaled), where the analysis reads a 1 as kept and all else as pruned, as ``extract`` does."""
+    mask = module._buffers.get(name + "_mask")
+    if mask is not None:
+        _checks.check_binary(f"{key} of {owner}" if owner else key, mask,
+                             "signmask.analysis reads a mask's 1s as kept and all else as pruned")
+
+
+def kept_mask(key: str, module: nn.Module, name: str, owner: str | None = None) -> torch.Tensor | None:
+    """The bool keep-mask of ``module.<name>`` (``_reparam.current_mask``: the live buffer of a
+    bool mask, not to be written), or None where it is not pruned; refused as by
+    :func:`check_mask` where it is not binary."""
+    check_mask(key, module, name, owner)
+    return _reparam.current_mask(module, name)
 
 
 def same_names(a: Mapping[str, Any], b: Mapping[str, Any], what_a: str, what_b: str) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from .._checks import check_int, check_model
 from ._common import TOLERANCE, check_iterable, clone
 from ._evaluation import LossFn, bn_modules, evaluate_named, reestimate_bn_named
-from ._interpolation import plan_blend, write_blend
+from ._interpolation import check_masks, plan_blend, write_blend
 
 STABLE_BARRIER = 0.02  # Frankle et al. 2020: stable to SGD noise when the error barrier is < 2%
 
@@ -324,6 +324,7 @@ def instability(
     seeds = _check_seeds(seeds)
     points, _ = _check_path_args(model, eval_loader, train_loader, points, loss_fn, bn_batches,
                                  eval_batches)
+    check_masks(model, "model")  # barrier's check of the copies, before they are trained
     trained = []
     for seed in seeds:
         net = clone(model)

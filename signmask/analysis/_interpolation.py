@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import _bits, _reparam, _targets
 from .._checks import check_model, check_real
-from ._common import clone, same_names
+from ._common import check_mask, clone, same_names
 
 
 def _tensors(model: nn.Module, arg: str) -> dict[str, torch.Tensor]:
@@ -31,6 +31,15 @@ def _differences(key: str, a: torch.Tensor, b: torch.Tensor, pruned: dict) -> in
     return int(((bits_a != bits_b) & keep).count_nonzero())
 
 
+def check_masks(model: nn.Module, arg: str) -> dict[str, tuple[nn.Module, str]]:
+    """``_targets.pruned(model)``, its masks refused by :func:`check_mask` where one is not
+    binary (a path between masks read as keeps would pass two different ones as equal)."""
+    pruned = _targets.pruned(model)
+    for key, (module, name) in pruned.items():
+        check_mask(key, module, name, arg)
+    return pruned
+
+
 def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
     """Name -> how to blend it (``"blend"``, ``"keep"``, ``"magnitude"``); raise on mismatch.
 
@@ -39,7 +48,7 @@ def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
     """
     ta, tb = _tensors(model_a, "model_a"), _tensors(model_b, "model_b")
     same_names(ta, tb, "model_a", "model_b")
-    pruned_a, pruned_b = _targets.pruned(model_a), _targets.pruned(model_b)
+    pruned_a, pruned_b = check_masks(model_a, "model_a"), check_masks(model_b, "model_b")
     if pruned_a.keys() != pruned_b.keys():
         diff = sorted(pruned_a.keys() ^ pruned_b.keys())
         raise ValueError(f"model_a and model_b prune different tensors: first difference {diff[0]!r}")
@@ -152,7 +161,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Modu
         ValueError: ``alpha`` outside [0, 1]; two tensors of one model have the same name once
             the ``module.`` / ``_orig_mod.`` wrapper prefixes are stripped (both are named); the
             models' tensors differ in names, shapes or dtypes, or a mask or sign lock differs (the
-            first differing tensor is named).
+            first differing tensor is named); a stock prune mask holds values other than 0 and 1
+            (``custom_from_mask`` takes any; the forward uses every non-zero one).
 
     Example:
         >>> import torch

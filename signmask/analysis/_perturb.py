@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import _bits, _methods, _reparam
 from .._checks import check_key, check_model, check_real, check_seed
-from ._common import weights
+from ._common import kept_mask, weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +257,8 @@ def _inputs(spec: Perturbation, targets: Mapping[str, tuple[nn.Module, str]],
             raise ValueError(f"{key} is sign-locked; perturb() needs tensors with free signs")
         param = _reparam.original(module, name)
         ref = None if inits is None else _check_init(key, inits[key], param)
-        keep = _reparam.current_mask(module, name)
-        # A copy: current_mask may return the live buffer, and a perturbation may write to it.
+        keep = kept_mask(key, module, name)
+        # A copy: kept_mask may return the live buffer, and a perturbation may write to it.
         keep = torch.ones_like(param, dtype=torch.bool) if keep is None else keep.clone()
         gen = torch.Generator().manual_seed(_methods.tensor_seed(seed, index)) if spec.random else None
         filter_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
@@ -306,8 +306,9 @@ def perturb(
 
     Raises:
         TypeError / ValueError: unknown kind (valid ones listed), a missing required argument,
-            init values that are no tensors or of mismatched shapes, or a sign-locked tensor.
-            ``model`` is then untouched.
+            init values that are no tensors or of mismatched shapes, a sign-locked tensor, or
+            a stock prune mask holding values other than 0 and 1 (``custom_from_mask`` takes
+            any). ``model`` is then untouched.
 
     Example:
         >>> import torch

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import _reparam
 from .._checks import check_bool, check_int, check_key, check_model
-from ._common import weights
+from ._common import kept_mask, weights
 
 METRICS = ("sign_changed", "dist_init", "cos_init", "dist_final", "cos_final")
 
@@ -184,7 +184,8 @@ class Telemetry:
         keep_snapshots: keep a CPU copy of the weights of every record, for :meth:`finish`.
 
     Raises:
-        TypeError / ValueError: bad ``model``, ``every < 1``, or unknown ``names``.
+        TypeError / ValueError: bad ``model``, ``every < 1``, or unknown ``names``; a stock
+            prune mask holding values other than 0 and 1 (``custom_from_mask`` takes any).
 
     Example:
         >>> import torch
@@ -211,11 +212,11 @@ class Telemetry:
         self._finished = False
 
     @staticmethod
-    def _read(model: nn.Module, targets: Mapping[str, tuple[nn.Module, str]]
+    def _read(model: nn.Module, targets: Mapping[str, tuple[nn.Module, str]], owner: str | None = None
               ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         out = {}
         for key, (module, name) in targets.items():
-            mask = _reparam.current_mask(module, name)
+            mask = kept_mask(key, module, name, owner)
             out[key] = (_reparam.effective(module, name).to("cpu", copy=True),
                         None if mask is None else mask.to("cpu", copy=True))
         return out
@@ -240,7 +241,8 @@ class Telemetry:
             True when a record was added.
 
         Raises:
-            TypeError / ValueError: ``step`` is not an int, negative, or not increasing.
+            TypeError / ValueError: ``step`` is not an int, negative, or not increasing; a
+                stock prune mask holds values other than 0 and 1 (given since).
 
         Example:
             >>> import torch
@@ -276,7 +278,8 @@ class Telemetry:
 
         Raises:
             TypeError: ``final`` is not an ``nn.Module``.
-            ValueError: ``keep_snapshots=False``, or ``final``'s tensors differ from the tracked ones.
+            ValueError: ``keep_snapshots=False``, ``final``'s tensors differ from the tracked
+                ones, or a stock prune mask of ``final`` holds values other than 0 and 1.
 
         Example:
             >>> import torch
@@ -294,7 +297,7 @@ class Telemetry:
             )
         final = self.model if final is None else check_model(final, "final")
         targets = weights(final, list(self._targets), arg="final")
-        last = self._read(final, targets)
+        last = self._read(final, targets, "final")
         for key, (w, _) in last.items():
             if w.shape != self._init[key].shape:
                 raise ValueError(f"{key!r} has shape {tuple(w.shape)} in final, "
