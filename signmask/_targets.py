@@ -156,20 +156,29 @@ def canonical_tensors(named: Iterable[tuple[str, torch.Tensor]], *,
     return out
 
 
+# nn.MultiheadAttention's raw projection weights: in_proj_weight, or the three separate ones
+# it makes instead when built with kdim/vdim unlike embed_dim.
+_RAW_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
 def _warn_raw_projections(model: nn.Module, inc, exc) -> None:
     """Warn of ``nn.MultiheadAttention`` layers in scope: their q/k/v projection is a raw
-    Parameter (``in_proj_weight``, or ``q/k/v_proj_weight``), which is not pruned; only their
-    ``out_proj`` is (torchvision's ViT, ``nn.Transformer``)."""
+    Parameter (``in_proj_weight``, or ``q/k/v_proj_weight`` with ``kdim``/``vdim``), which is
+    not pruned; only their ``out_proj`` is (torchvision's ViT, ``nn.Transformer``). Each layer
+    is named with the Parameters it really has."""
     raw = sorted(
-        n for n in (canonical(n) for n, m in model.named_modules()
-                    if isinstance(m, nn.MultiheadAttention))
+        (n, [p for p in _RAW_PROJECTIONS if has_tensor(m, p)])
+        for n, m in ((canonical(n), m) for n, m in model.named_modules()
+                     if isinstance(m, nn.MultiheadAttention))
         if _in_patterns(n, inc, exc)
     )
+    raw = [(n, params) for n, params in raw if params]
     if raw:
+        layers = ", ".join(f"{n!r} ({', '.join(params)})" for n, params in raw[:3])
         warnings.warn(
-            f"{len(raw)} nn.MultiheadAttention layer(s) keep their q/k/v projection in a raw "
-            f"Parameter (in_proj_weight), which signmask does not prune; only their out_proj "
-            f"(an nn.Linear) is: {raw[:3]}",
+            f"{len(raw)} nn.MultiheadAttention layer(s) keep their q/k/v projection in raw "
+            f"Parameters, which signmask does not prune; only their out_proj (an nn.Linear) "
+            f"is: {layers}{' ...' if len(raw) > 3 else ''}",
             UserWarning,
             stacklevel=4,
         )

@@ -200,7 +200,7 @@ def test_classifier_false_on_a_model_without_linear_layers_keeps_its_last_conv_d
 def test_multihead_attention_in_scope_warns_that_its_qkv_projection_stays_dense():
     model = nn.Sequential(nn.Linear(4, 4))
     model.add_module("attn", nn.MultiheadAttention(4, 2))
-    with pytest.warns(UserWarning, match=r"1 nn.MultiheadAttention .*in_proj_weight.*\['attn'\]"):
+    with pytest.warns(UserWarning, match=r"1 nn.MultiheadAttention .*'attn' \(in_proj_weight\)$"):
         signmask.prune(model, 0.5)
     assert set(_targets.pruned(model)) == {"0.weight", "attn.out_proj.weight"}
     with warnings.catch_warnings():
@@ -390,3 +390,27 @@ def test_globs_match_every_name_of_a_module_registered_twice(kwargs, pruned):
     # glob matching either name selects it: its second name is as much the user's as the first.
     model = signmask.prune(_Aliased(), 0.5, **kwargs)
     assert set(_targets.pruned(model)) == pruned
+
+
+class _Attentions(nn.Module):
+    """Self-attention (one in_proj_weight) beside cross-attention built with kdim/vdim (three
+    separate q/k/v_proj_weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(8, 2)
+        self.cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)
+        self.fc = nn.Linear(8, 2)
+
+
+def test_the_multihead_attention_warning_names_the_raw_parameters_each_layer_has():
+    model = _Attentions()
+    with pytest.warns(UserWarning, match="2 nn.MultiheadAttention layer") as got:
+        signmask.prune(model, 0.5)
+    message = str(next(w.message for w in got if "MultiheadAttention" in str(w.message)))
+    for name in ("self_attn", "cross"):
+        # The oracle: the module's own unpruned raw projection Parameters, in its order.
+        raw = [n for n, _ in getattr(model, name).named_parameters(recurse=False) if n.endswith("proj_weight")]
+        assert f"{name!r} ({', '.join(raw)})" in message
+    assert message.count("in_proj_weight") == 1  # the cross-attention layer has none
+    assert set(_targets.pruned(model)) == {"self_attn.out_proj.weight", "cross.out_proj.weight", "fc.weight"}
