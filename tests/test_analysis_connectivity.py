@@ -183,6 +183,33 @@ def test_reestimate_bn_with_dropout_draws_as_in_training_and_leaves_the_callers_
     torch.testing.assert_close(model[2].running_mean, mean, atol=1e-6, rtol=1e-5)
 
 
+def test_reestimate_bn_of_a_compiled_model_compiles_nothing_and_spends_no_recompiles():
+    # The pass sets each layer's momentum to 1/k before its k-th call: a compiled model would
+    # recompile at every batch, hit dynamo's recompile limit (8), and leave the limit spent for
+    # every other compiled model with hooks in the process (a pruned one then runs eagerly).
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        model, loader = tiny(0), images(0, batches=12)
+        compiled = torch.compile(model, backend=backend)
+        analysis.reestimate_bn(compiled, loader)
+        assert graphs == []
+        expected = manual_bn_stats(tiny(0), loader)
+        for name, (mean, var) in expected.items():
+            torch.testing.assert_close(getattr(model, name).running_mean.double(), mean, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(getattr(model, name).running_var.double(), var, atol=1e-6, rtol=1e-5)
+        other = torch.compile(signmask.prune(tiny(1), 0.5), backend=backend)
+        other(loader[0][0])  # compiled as usual after the pass: its stance is back
+        assert len(graphs) == 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_reestimate_bn_batches_limits_the_pass():
     model, loader = tiny(0), images(0)
     analysis.reestimate_bn(model, loader, batches=2)

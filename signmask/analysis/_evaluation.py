@@ -181,7 +181,8 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     variances), which InstanceNorm and EvoNorm do not offer themselves. BatchNorms holding a
     16-bit dtype run the pass in float32 (their outputs keep the input's dtype) and round their
     statistics once at the end: torch's 16-bit in-place average stalls (15% off after 200 bf16
-    batches). The momenta and every module's train/eval flag are restored.
+    batches). The momenta and every module's train/eval flag are restored. A compiled model runs
+    the pass eagerly (``force_eager``): the momenta it sets would recompile it at every batch.
     A model without such layers is returned at once, without reading ``loader``. Norm layers under
     AWS's interpolation use their trained parameters (``a = 0``) during the pass, so the
     statistics are those of the network as evaluated. A layer the pass never calls (a branch run
@@ -248,8 +249,10 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
             counters.append(m.register_forward_pre_hook(calls[m]))
         seen = 0
         # Dropout draws from the global generators, which are put back after: a re-estimation
-        # (and each barrier point's) must not shift the caller's later random numbers.
-        with torch.no_grad(), rng_kept(device):
+        # (and each barrier point's) must not shift the caller's later random numbers. Eager
+        # even in a compiled model: the momentum changes at every call, so each batch would
+        # recompile, until dynamo's recompile limit, which other compiled models share.
+        with torch.no_grad(), rng_kept(device), torch.compiler.set_stance("force_eager"):
             for batch in _limit(loader, batches):
                 inputs, _ = split_batch(batch, need_target=False, arg=arg)
                 model(inputs.to(device))
