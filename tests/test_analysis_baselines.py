@@ -123,6 +123,27 @@ def test_equal_width_finds_the_closest_dense_width():
     assert analysis.equal_width(lambda w: nn.Linear(10, w), 44, [3, 5, 4]) == 4
 
 
+def test_lazy_parameters_are_refused_naming_the_tensor_and_the_width():
+    # A lazy layer (nn.LazyLinear, natural where the flattened size depends on the width) has no
+    # size before a forward: torch's own error named neither the tensor nor the width.
+    def lazy(w):
+        return nn.Sequential(nn.Conv2d(3, w, 3), nn.Flatten(), nn.LazyLinear(10))
+
+    with pytest.raises(ValueError, match=r"model's 2\.weight is an uninitialized lazy parameter"):
+        analysis.count_params(lazy(4))
+    with pytest.raises(ValueError, match=r"make_model\(4\)'s 2\.weight is an uninitialized lazy"):
+        analysis.equal_width(lazy, 1000, [4, 8])
+
+    def materialized(w):  # the fix the message gives: a forward inside make_model, meta too
+        model = lazy(w)
+        model(torch.empty(1, 3, 6, 6))
+        return model
+
+    sizes = {w: analysis.count_params(materialized(w)) for w in (4, 8)}
+    assert sizes == {4: 3 * 4 * 9 + 4 + 16 * 4 * 10 + 10, 8: 3 * 8 * 9 + 8 + 16 * 8 * 10 + 10}
+    assert analysis.equal_width(materialized, sizes[8] - 1, [4, 8]) == 8
+
+
 def test_equal_width_leaves_the_global_rng_as_it_found_it():
     # The candidates are built and thrown away: their inits must not shift the caller's next
     # draws (the init of the model then built at the chosen width, the data order).

@@ -132,7 +132,8 @@ def count_params(model: nn.Module) -> int:
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: a stock prune mask holds values other than 0 and 1 (``custom_from_mask``
-            takes any; the forward uses every non-zero one).
+            takes any; the forward uses every non-zero one), or a lazy layer's parameter is still
+            uninitialized (run one forward first).
 
     Example:
         >>> import torch, signmask
@@ -142,11 +143,22 @@ def count_params(model: nn.Module) -> int:
         60
     """
     check_model(model, "model")
+    return _count(model, "model")
+
+
+def _count(model: nn.Module, arg: str) -> int:
+    """:func:`count_params`, its errors naming the model ``arg`` (``make_model(8)``)."""
     seen, total = set(), 0
     for fqn, module in model.named_modules():
         for pname, p in module._parameters.items():
             if p is None or id(p) in seen:
                 continue
+            if isinstance(p, nn.parameter.UninitializedParameter):  # torch's error names neither
+                raise ValueError(
+                    f"{arg}'s {fqn + '.' if fqn else ''}{pname} is an uninitialized lazy "
+                    "parameter, of no size yet: run one forward on a dummy batch first (on the "
+                    "meta device too, inside make_model for equal_width)"
+                )
             seen.add(id(p))
             mask = None
             if pname.endswith("_orig"):
@@ -177,7 +189,8 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
 
     Raises:
         TypeError: ``make_model`` is not callable, returns no ``nn.Module``, or a width is not an int.
-        ValueError: ``target_params < 1`` or no widths.
+        ValueError: ``target_params < 1``, no widths, or a candidate holding a lazy parameter not
+            yet initialized (``nn.LazyLinear``: run a forward inside ``make_model``).
 
     Example:
         >>> import torch
@@ -203,7 +216,7 @@ def equal_width(make_model: Callable[[int], nn.Module], target_params: int,
         with rng_kept(device), torch.device(device):
             model = make_model(width)
         check_model(model, f"make_model({width})")
-        gap = abs(count_params(model) - target_params)
+        gap = abs(_count(model, f"make_model({width})") - target_params)
         if best_gap is None or gap < best_gap:
             best, best_gap = width, gap
         del model
