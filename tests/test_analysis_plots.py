@@ -70,6 +70,17 @@ def test_many_labels_leave_the_curves_visible(tmp_path, monkeypatch, index):
         assert all(not legend.overlaps(other.get_window_extent(renderer)) for other in fig.axes)
 
 
+def test_plot_telemetry_of_one_layer_names_it_in_every_panel(tmp_path, monkeypatch):
+    # The sign panel of one layer's figure looked like the whole model's (only two panels said).
+    figures = []
+    monkeypatch.setattr(_plots, "_write", lambda fig, path, fmt: figures.append(fig) or path)
+    analysis.plot_telemetry(telemetry(), tmp_path / "t.png", layer="fc.weight")
+    analysis.plot_telemetry(telemetry(), tmp_path / "t.png")
+    one, every = ([ax.get_title() for ax in fig.axes] for fig in figures)
+    assert len(one) == 3 and all(title.endswith(" (fc.weight)") for title in one)
+    assert [title + " (fc.weight)" for title in every] == one
+
+
 @pytest.mark.parametrize("index", range(2))
 def test_every_curve_of_many_looks_different(tmp_path, monkeypatch, index):
     # aws_reproduction's sparsity plot has 11 curves; matplotlib's cycle has 10 colours.

@@ -224,14 +224,15 @@ def plot_telemetry(telemetry: Telemetry, path: str | os.PathLike, *, layer: str 
         series["dist_final"] = telemetry.series("dist_final", layer)
         series["cos_final"] = telemetry.series("cos_final", layer)
     path, fmt = _check_path(path)
-    steps = telemetry.steps
+    steps, of = telemetry.steps, f" ({layer})" if layer else ""
     fig, (ax_sign, ax_dist, ax_cos) = figure(3)
     ax_sign.plot(steps, [100 * v for v in series["sign_changed"]], "o-")
-    ax_sign.set(xlabel="step", ylabel="weights with changed sign (%)", title="sign changes since init")
+    ax_sign.set(xlabel="step", ylabel="weights with changed sign (%)",
+                title="sign changes since init" + of)
     for ax, metric, what in ((ax_dist, "dist", "L2 distance"), (ax_cos, "cos", "cosine similarity")):
         for ref in ("init", "final"):
             if f"{metric}_{ref}" in series:
                 ax.plot(steps, series[f"{metric}_{ref}"], "o-", label=f"to {ref}")
-        ax.set(xlabel="step", ylabel=what, title=what + (f" ({layer})" if layer else ""))
+        ax.set(xlabel="step", ylabel=what, title=what + of)
         ax.legend()
     return _write(fig, path, fmt)
