@@ -205,12 +205,19 @@ def drop_detach(module: nn.Module, names) -> None:
 _OUTSIDE = "_signmask_outside"  # module.__dict__ key: aliases set aside during a torch.func transform
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` traces this forward in Python (non-strict, its default). Not
+    under dynamo: torch 2.11's folds ``is_exporting()`` to True inside any ``torch.compile``, and
+    the stash's dict writes would break every compiled graph there."""
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+
+
 def stash_outside(module: nn.Module, name: str) -> None:
     """Before a pre-hook sets ``module.<name>`` under a ``torch.func`` transform (``grad``,
     ``vmap``) or ``torch.export``: set the current alias aside, for :func:`detach_weight` to put
     back. The weight such a forward computes is a wrapper that dies with the transform (export
     puts the attributes back itself, but warns of each one it finds assigned)."""
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_exporting():
+    if torch._C._are_functorch_transforms_active() or _exporting():
         module.__dict__.setdefault(_OUTSIDE, {})[name] = module.__dict__.get(name)
 
 
@@ -220,7 +227,7 @@ def detach_weight(module: nn.Module, name: str) -> None:
     weight = module.__dict__.get(name)
     if weight is None:
         return
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_exporting():  # with or without grad
+    if torch._C._are_functorch_transforms_active() or _exporting():  # with or without grad
         aside = module.__dict__.get(_OUTSIDE, {})
         outside = aside.pop(name, None)
         if not aside:
