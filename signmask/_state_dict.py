@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import _checks, _interpolate, _methods, _parents, _projection, _reparam, _target_checks, _targets, _undo
+from . import _ties
 
 
 def _without_data(value) -> str | None:
@@ -189,7 +190,9 @@ def load_state_dict(
             sign-locked).
         ValueError: a masked tensor names no module of ``model`` or has another shape, or the
             state dict loads into a lazy layer that has no shape yet (run a forward pass first),
-            a masked tensor of ``model`` is sharded (a DTensor), or a mask is not binary.
+            a masked tensor of ``model`` is sharded (a DTensor), or a mask is not binary, or a
+            masked tensor of ``model`` is tied to another (one Parameter in two modules, or two
+            tensors on the same memory), as the mask would leave the other reading it dense.
         RuntimeError: missing or unexpected keys (with ``strict``), other mismatched shapes, or
             values that are not tensors with data that torch can copy (a sparse, quantized,
             nested or meta tensor), as ``nn.Module.load_state_dict`` raises.
@@ -218,6 +221,8 @@ def load_state_dict(
     _check_initialized(model, state_dict)
     plan = _mask_plan(model, state_dict)
     _target_checks.check_local({k: (m, t) for k, (m, t, _, _) in plan.items()}, _target_checks.GATHER_FIRST)
+    _ties.check_untied(_plan_targets(model, plan), model,
+                       remedy="untie them before load_state_dict, which installs the state dict's masks")
     skipped = _install_and_load(model, plan, state_dict, strict)
     if skipped.missing_keys or skipped.unexpected_keys:
         warnings.warn(
@@ -261,6 +266,19 @@ def _mask_plan(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict
         _reparam.check_dtype(base, _reparam.original(module, tensor), locked=locked)
         plan[base] = (module, tensor, mask, locked)
     return plan
+
+
+def _plan_targets(model: nn.Module, plan: dict) -> dict[str, tuple[nn.Module, str]]:
+    """The ``plan``'s tensors, each once, under the name :mod:`._ties` gives its slot (the first
+    of a shared module's names): a module under two names is one tensor, not tied weights."""
+    first: dict[int, str] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        first.setdefault(id(module), fqn)
+    targets = {}
+    for module, tensor, _, _ in plan.values():
+        fqn = first[id(module)]
+        targets.setdefault(_targets.canonical(f"{fqn}.{tensor}" if fqn else tensor), (module, tensor))
+    return targets
 
 
 def _install_and_load(model: nn.Module, plan: dict, state_dict, strict: bool):

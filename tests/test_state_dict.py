@@ -2,6 +2,7 @@
 wrapper prefixes, shared modules, errors that leave the model untouched."""
 
 import copy
+import re
 import warnings
 
 import numpy as np
@@ -407,3 +408,23 @@ def test_a_state_dict_with_non_str_keys_is_a_type_error_naming_the_key():
     with pytest.raises(TypeError, match="state_dict keys must be str names, got int 1"):
         signmask.load_state_dict(model, {**model.state_dict(), 1: torch.zeros(1)})
     assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("include", [None, "0"])  # both ends masked in the state dict, or one
+@pytest.mark.parametrize("tie", ["object", "memory"])
+def test_load_state_dict_refuses_tied_weights_untouched_and_the_advice_works(tie, include):
+    # A mask on one end would leave the other reading it dense, as prune refuses it.
+    torch.manual_seed(0)
+    src = signmask.prune(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), 0.5, include=include)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight if tie == "object" else nn.Parameter(model[0].weight.detach())
+    before = snapshot(model)
+    other = "1.weight share one Parameter" if tie == "object" else "1.weight (a Parameter) are different tensors on the same memory"
+    with pytest.raises(ValueError, match=f"^0.weight and {re.escape(other)}.*untie them before load_state_dict"):
+        signmask.load_state_dict(model, src.state_dict())
+    assert_same(before, snapshot(model))
+    model[1].weight = nn.Parameter(model[1].weight.detach().clone())  # untied
+    signmask.load_state_dict(model, src.state_dict())
+    x = torch.randn(3, 4)
+    assert torch.equal(model(x), src(x))
+    assert set(signmask._targets.pruned(model)) == set(signmask._targets.pruned(src))
