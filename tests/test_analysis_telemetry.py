@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -616,6 +617,21 @@ def test_finish_refuses_a_final_model_of_other_shapes():
     rec.record(0)
     with pytest.raises(ValueError, match=r"'weight' has shape \(3, 5\) in final, \(3, 4\) when tracked"):
         rec.finish(nn.Linear(5, 3))
+
+
+def test_finish_with_another_architecture_says_final_lacks_the_tracked_tensors():
+    # No names= was given: the error is about final's tensors, not about the user's names.
+    rec = analysis.Telemetry(tiny(0))
+    rec.record(0)
+    before = rec.records
+    final = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3), nn.Linear(6, 6), nn.Linear(6, 2))
+    lacks = ("final (Sequential) lacks 3 of the 3 conv/linear weights this Telemetry tracks, "
+             f"{list(KEYS)}; final has ['0.weight', '1.weight', '2.weight'] and 1 more: "
+             "finish() compares with a model of the tracked one's architecture")
+    with pytest.raises(ValueError, match=f"^{re.escape(lacks)}$"):
+        rec.finish(final)
+    assert rec.records == before
+    assert rec.finish(tiny(1))[0].total.dist_final > 0  # the tracked architecture still finishes
 
 
 @pytest.mark.parametrize("field, value", [("cos_init", 1.5), ("cos_init", -1.5), ("cos_final", 1.5), ("dist_final", -0.1)])

@@ -151,6 +151,11 @@ def _both(keep: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor
     return keep if other is None else (other if keep is None else keep & other)
 
 
+def _few(names: list[str]) -> str:
+    """The first three of ``names``, and how many more (for an error)."""
+    return str(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _to_init(sums: _Sums) -> Stats:
     return Stats(sums.fraction(), sums.distance(), sums.cosine())
 
@@ -278,8 +283,9 @@ class Telemetry:
 
         Raises:
             TypeError: ``final`` is not an ``nn.Module``.
-            ValueError: ``keep_snapshots=False``, ``final``'s tensors differ from the tracked
-                ones, or a stock prune mask of ``final`` holds values other than 0 and 1.
+            ValueError: ``keep_snapshots=False``, ``final`` lacks a tracked tensor (another
+                architecture) or its tensors have other shapes, or a stock prune mask of
+                ``final`` holds values other than 0 and 1.
 
         Example:
             >>> import torch
@@ -296,7 +302,15 @@ class Telemetry:
                 "finish() needs the records' weights: create Telemetry with keep_snapshots=True"
             )
         final = self.model if final is None else check_model(final, "final")
-        targets = weights(final, list(self._targets), arg="final")
+        found = weights(final, arg="final")
+        missing = [key for key in self._targets if key not in found]
+        if missing:  # the user's names= (if any) were checked against the tracked model
+            raise ValueError(
+                f"final ({type(final).__name__}) lacks {len(missing)} of the {len(self._targets)} "
+                f"conv/linear weights this Telemetry tracks, {_few(missing)}; final has "
+                f"{_few(sorted(found))}: finish() compares with a model of the tracked one's architecture"
+            )
+        targets = {key: found[key] for key in self._targets}
         last = self._read(final, targets, "final")
         for key, (w, _) in last.items():
             if w.shape != self._init[key].shape:
