@@ -97,11 +97,19 @@ def test_interpolate_refuses_different_masks_and_leaves_models_alone():
 
 def test_interpolate_refuses_other_layouts_and_bad_alpha():
     a = tiny(0)
+    pruned = ("tensor 'conv1.weight' is pruned in model_b and not in model_a (2 more tensors are "
+              "pruned in one model only); interpolation needs both networks under the same masks "
+              "(or, to compare two dense networks, signmask.remove on the pruned one first)")
+    with pytest.raises(ValueError, match=f"^{re.escape(pruned)}$"):
+        analysis.interpolate(a, signmask.prune(tiny(1), 0.5), 0.5)
+    # names that pruning does not explain: the architectures differ, and both lists say how
+    extra = tiny(0)
+    extra.register_buffer("extra", torch.zeros(1))
     differ = ("model_a and model_b differ: only in model_a: ['conv1.weight', 'conv2.weight', "
-              "'fc.weight'], only in model_b: ['conv1.weight_mask', 'conv1.weight_orig', "
+              "'extra', 'fc.weight'], only in model_b: ['conv1.weight_mask', 'conv1.weight_orig', "
               "'conv2.weight_mask', 'conv2.weight_orig', 'fc.weight_mask']")
     with pytest.raises(ValueError, match=f"^{re.escape(differ)}$"):
-        analysis.interpolate(a, signmask.prune(tiny(1), 0.5), 0.5)
+        analysis.interpolate(extra, signmask.prune(tiny(1), 0.5), 0.5)
     with pytest.raises(ValueError, match=r"conv1\.weight.*\(8, 3, 3, 3\)"):
         analysis.interpolate(a, tiny(1, width=8), 0.5)
     with pytest.raises(TypeError, match="alpha"):
@@ -434,6 +442,28 @@ def test_barrier_validates_before_evaluating():
         analysis.barrier(tiny(0), tiny(1), images(1), train_loader=images(2), points=1)
     with pytest.raises(TypeError, match="points"):
         analysis.barrier(tiny(0), tiny(1), images(1), train_loader=images(2), points=2.0)
+
+
+@pytest.mark.parametrize("pruned_first", [True, False])
+def test_barrier_of_a_pruned_and_a_dense_model_names_the_tensor_and_the_pruned_model(pruned_first):
+    dense, pruned = tiny(0), signmask.prune(tiny(0), 0.5, include="fc")
+    a, b = (pruned, dense) if pruned_first else (dense, pruned)
+    names = ("model_a", "model_b") if pruned_first else ("model_b", "model_a")
+    before_a, before_b = snapshot(a), snapshot(b)
+    message = (f"tensor 'fc.weight' is pruned in {names[0]} and not in {names[1]}; interpolation "
+               "needs both networks under the same masks (or, to compare two dense networks, "
+               "signmask.remove on the pruned one first)")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        analysis.barrier(a, b, images(1), train_loader=images(2), points=3)
+    assert_same(before_a, snapshot(a))
+    assert_same(before_b, snapshot(b))
+    # the advice works: the path is the one from the dense network holding the pruned weights
+    removed = signmask.remove(copy.deepcopy(pruned))
+    oracle = tiny(0)
+    with torch.no_grad():
+        oracle.fc.weight.mul_(pruned.fc.weight_mask)
+    result = analysis.barrier(removed, dense, images(1), train_loader=images(2), points=3)
+    assert result == analysis.barrier(oracle, dense, images(1), train_loader=images(2), points=3)
 
 
 def test_barrier_dataclass_validates():

@@ -40,6 +40,33 @@ def check_masks(model: nn.Module, arg: str) -> dict[str, tuple[nn.Module, str]]:
     return pruned
 
 
+def _check_pruned_alike(model_a: nn.Module, model_b: nn.Module, ta: dict, tb: dict) -> None:
+    """Where the two models' tensor names differ only as a tensor pruned in one model and not in
+    the other would make them (``<name>_orig``, ``_mask``, ``_sign`` against ``<name>``), say
+    that, naming the tensor and the pruned model: the list of names would show it only by its
+    suffixes. Other differences are left to :func:`same_names`."""
+    pa, pb = _targets.pruned(model_a), _targets.pruned(model_b)
+    only_a, only_b = pa.keys() - pb.keys(), pb.keys() - pa.keys()
+
+    def plain(names, pruned_here):  # each name of a tensor pruned here only, as unpruned
+        out = set()
+        for key in names:
+            base, _, suffix = key.rpartition("_")
+            out.add(base if suffix in ("orig", "mask", "sign") and base in pruned_here else key)
+        return out
+
+    if not (only_a or only_b) or plain(ta, only_a) != plain(tb, only_b):
+        return
+    diffs = sorted([(k, "model_a", "model_b") for k in only_a] + [(k, "model_b", "model_a") for k in only_b])
+    key, pruned, dense = diffs[0]
+    more = f" ({len(diffs) - 1} more tensors are pruned in one model only)" if len(diffs) > 1 else ""
+    raise ValueError(
+        f"tensor {key!r} is pruned in {pruned} and not in {dense}{more}; interpolation needs both "
+        f"networks under the same masks (or, to compare two dense networks, signmask.remove on "
+        f"the pruned one first)"
+    )
+
+
 def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
     """Name -> how to blend it (``"blend"``, ``"keep"``, ``"magnitude"``); raise on mismatch.
 
@@ -47,6 +74,8 @@ def plan_blend(model_a: nn.Module, model_b: nn.Module) -> dict[str, str]:
     buffers (``num_batches_tracked``) are kept from ``model_a``.
     """
     ta, tb = _tensors(model_a, "model_a"), _tensors(model_b, "model_b")
+    if ta.keys() != tb.keys():
+        _check_pruned_alike(model_a, model_b, ta, tb)
     same_names(ta, tb, "model_a", "model_b")
     pruned_a, pruned_b = check_masks(model_a, "model_a"), check_masks(model_b, "model_b")
     if pruned_a.keys() != pruned_b.keys():
@@ -160,9 +189,10 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Modu
         TypeError: a model is not an ``nn.Module`` or ``alpha`` is not a real number.
         ValueError: ``alpha`` outside [0, 1]; two tensors of one model have the same name once
             the ``module.`` / ``_orig_mod.`` wrapper prefixes are stripped (both are named); the
-            models' tensors differ in names, shapes or dtypes, or a mask or sign lock differs (the
-            first differing tensor is named); a stock prune mask holds values other than 0 and 1
-            (``custom_from_mask`` takes any; the forward uses every non-zero one).
+            models' tensors differ in names, shapes or dtypes, a tensor is pruned in one model
+            only, or a mask or sign lock differs (the first differing tensor is named); a stock
+            prune mask holds values other than 0 and 1 (``custom_from_mask`` takes any; the
+            forward uses every non-zero one).
 
     Example:
         >>> import torch
