@@ -9,8 +9,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import _checks, _interpolate, _methods, _parents, _projection, _reparam, _target_checks, _targets, _undo
-from . import _ties
+from . import (_checks, _interpolate, _methods, _parents, _projection, _reparam, _target_checks, _targets,
+               _ties, _undo)
 
 
 def _without_data(value) -> str | None:
