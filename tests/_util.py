@@ -225,6 +225,23 @@ def since_timm(version: str, what: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not timm_at_least(version), reason=f"{what} is in timm >= {version}")
 
 
+def timm_plateau(opt, **options):
+    """timm's ``PlateauLRScheduler`` on ``opt``, or skip the test where it cannot be built: timm
+    up to at least 1.0.22 passes ``verbose=`` to torch's ``ReduceLROnPlateau``, which torch 2.11
+    no longer takes (the floor venv's timm 1.0.8 with torch 2.11); CI's timm builds it."""
+    from signmask._compat import import_timm
+
+    import_timm()
+    from timm.scheduler import PlateauLRScheduler
+
+    try:
+        return PlateauLRScheduler(opt, **options)
+    except TypeError as e:
+        if "verbose" not in str(e):
+            raise
+        pytest.skip(f"this timm's PlateauLRScheduler cannot be built on torch {torch.__version__}: {e}")
+
+
 def in_threads(jobs) -> list:
     """Run ``jobs`` (callables) in one thread each, started together and switching as often as
     the interpreter allows, so that their pruned forwards, backwards and steps interleave."""

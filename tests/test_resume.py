@@ -8,7 +8,7 @@ import torch
 
 import signmask
 from signmask import _resume
-from _util import assert_each_fault_leaves_it_untouched, make_search, outside, tiny
+from _util import assert_each_fault_leaves_it_untouched, make_search, outside, timm_plateau, tiny
 
 
 def _state(method="aws", scheduler=None):
@@ -24,12 +24,7 @@ def _step_lr(opt):
 
 
 def _timm_plateau(opt):
-    from signmask._compat import import_timm
-
-    import_timm()
-    from timm.scheduler import PlateauLRScheduler
-
-    return PlateauLRScheduler(opt, patience_t=1)
+    return timm_plateau(opt, patience_t=1)
 
 
 def test_a_state_as_saved_passes_and_a_running_search_has_no_ticket():

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import signmask
 from signmask import _interpolate, _maskmul, _recipes
 from _util import (TINY_NORMS, assert_same, effective_weights, in_threads, kept, make_search, since_timm, snapshot,
-                   tiny)
+                   timm_plateau, tiny)
 
 STEPS = 4
 
@@ -781,12 +781,10 @@ def test_rates_moved_beside_a_timm_plateau_scheduler_warn():
     # The restart snapshot of timm's PlateauLRScheduler holds more than its state_dict (the
     # plateau counts): compared with its bare state_dict, it looked stepped, and the warning
     # never came for rates something else moved.
-    from timm.scheduler import PlateauLRScheduler
-
     torch.manual_seed(0)
     net = tiny()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    sched = PlateauLRScheduler(opt, decay_rate=0.5, patience_t=0, mode="min")
+    sched = timm_plateau(opt, decay_rate=0.5, patience_t=0, mode="min")
     search = signmask.apply(net, "lrr", 0.5, optimizer=opt, scheduler=sched, rounds=1, progress=False)
     for group in opt.param_groups:
         group["lr"] = 0.02  # set by hand after apply: not restarted

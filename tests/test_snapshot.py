@@ -7,7 +7,7 @@ import torch
 
 import signmask
 from signmask import _interpolate, _snapshot
-from _util import tiny
+from _util import timm_plateau, tiny
 
 
 class Scaled(torch.nn.Module):
@@ -185,13 +185,8 @@ def _plateau(kind, opt):
     """A plateau schedule with a patience and a cooldown (timm's also with warmup and noise)."""
     if kind == "torch":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "max", factor=0.5, patience=1, cooldown=1)
-    from signmask._compat import import_timm
-
-    import_timm()
-    from timm.scheduler import PlateauLRScheduler
-
-    return PlateauLRScheduler(opt, decay_rate=0.5, patience_t=1, cooldown_t=1, mode="max", warmup_t=1,
-                              warmup_lr_init=0.01, noise_range_t=2, noise_seed=3)
+    return timm_plateau(opt, decay_rate=0.5, patience_t=1, cooldown_t=1, mode="max", warmup_t=1,
+                        warmup_lr_init=0.01, noise_range_t=2, noise_seed=3)
 
 
 def _plateau_run(kind, opt, sched, first_epoch, metrics):
