@@ -191,6 +191,16 @@ def test_reestimate_bn_with_dropout_draws_as_in_training_and_leaves_the_callers_
     torch.testing.assert_close(model[2].running_mean, mean, atol=1e-6, rtol=1e-5)
 
 
+def test_reestimate_bn_of_an_eager_model_leaves_the_process_wide_compile_stance_alone():
+    # force_eager is process-wide: set for an eager model, it would run compiled models trained
+    # in other threads eagerly during the pass, for nothing.
+    model, loader = tiny(0), images(0, batches=2)
+    seen = []
+    model.bn1.register_forward_hook(lambda *_: seen.append(torch._dynamo.eval_frame._stance.stance))
+    analysis.reestimate_bn(model, loader)
+    assert seen == ["default", "default"]
+
+
 def test_reestimate_bn_of_a_compiled_model_compiles_nothing_and_spends_no_recompiles():
     # The pass sets each layer's momentum to 1/k before its k-th call: a compiled model would
     # recompile at every batch, hit dynamo's recompile limit (8), and leave the limit spent for

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import numbers
 from typing import Callable, Iterable, NamedTuple
@@ -215,6 +216,16 @@ def reestimate_bn(model: nn.Module, loader: Iterable, *, batches: int | None = N
     return reestimate_bn_named(model, loader, batches, "loader")
 
 
+def _eager(model: nn.Module):
+    """Run a compiled ``model`` (or one holding a compiled submodule) eagerly: the momentum the
+    pass changes at every call would recompile it at each batch, until dynamo's recompile limit,
+    which every compiled model of the process shares. The stance is process-wide, so an eager
+    model leaves it alone (compiled models trained in other threads stay compiled)."""
+    compiled = any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
+                   or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+
+
 def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
                         arg: str) -> nn.Module:
     """:func:`reestimate_bn`, its errors naming the loader ``arg`` (``barrier``'s train_loader)."""
@@ -249,10 +260,8 @@ def reestimate_bn_named(model: nn.Module, loader: Iterable, batches: int | None,
             counters.append(m.register_forward_pre_hook(calls[m]))
         seen = 0
         # Dropout draws from the global generators, which are put back after: a re-estimation
-        # (and each barrier point's) must not shift the caller's later random numbers. Eager
-        # even in a compiled model: the momentum changes at every call, so each batch would
-        # recompile, until dynamo's recompile limit, which other compiled models share.
-        with torch.no_grad(), rng_kept(device), torch.compiler.set_stance("force_eager"):
+        # (and each barrier point's) must not shift the caller's later random numbers.
+        with torch.no_grad(), rng_kept(device), _eager(model):
             for batch in _limit(loader, batches):
                 inputs, _ = split_batch(batch, need_target=False, arg=arg)
                 model(inputs.to(device))
