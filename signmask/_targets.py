@@ -367,7 +367,8 @@ def check_copies(copies: tuple, targets: dict[str, tuple[nn.Module, str]]) -> No
                 f"was made before apply() (or its pruning was made permanent), so it is no copy of "
                 f"the searched model (none of {some(sorted(targets))} is pruned in it); an EMA "
                 "made before apply() pairs its tensors with the pruned model's by position and "
-                "averages the wrong ones: make it after apply() (ModelEmaV3(model) again there)"
+                "averages the wrong ones: make it after apply() (ModelEmaV3(model) again there; "
+                "under DDP, of the model inside: ModelEmaV3(timm.utils.unwrap_model(model)))"
             )
 
 
