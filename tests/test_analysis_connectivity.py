@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import signmask
 from signmask import analysis
 from signmask._compat import import_timm
-from signmask.analysis._evaluation import bn_modules
+from signmask.analysis._bn_stats import bn_modules
 
 from _util import Wrapper, assert_same, bits_equal, since_timm, snapshot, tiny
 
@@ -511,7 +511,7 @@ def test_barrier_on_timm_models(name):
     b = signmask.transfer(signmask.extract(a), timm.create_model(name, pretrained=False, num_classes=5, **kwargs),
                           signs="init")
     data = images(3, batches=1, n=4, size=32)
-    has_bn = bool(analysis._evaluation.bn_modules(a))
+    has_bn = bool(analysis._bn_stats.bn_modules(a))
     assert has_bn == (name == "test_resnet")
     result = analysis.barrier(a, b, data, train_loader=data if has_bn else None, points=2)
     same = analysis.barrier(a, a, data, train_loader=data if has_bn else None, points=2)
@@ -804,7 +804,7 @@ def test_instability_uses_the_models_train_returns():
     assert got.losses == want.losses
 
 
-# ---------------------------------- analysis._evaluation: behaviour pinned by mutation testing
+# ---------------------------------- analysis._evaluation and _bn_stats: behaviour pinned by mutation testing
 
 
 class _Fixed(nn.Module):

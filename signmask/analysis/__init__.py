@@ -30,7 +30,8 @@ Figures (matplotlib, imported only when plotting): :func:`plot_interpolation`,
 
 from ._baselines import Verdict, count_params, equal_width, random_prune, random_reinit, verdict
 from ._connectivity import Barrier, barrier, instability
-from ._evaluation import Evaluation, evaluate, reestimate_bn
+from ._bn_stats import reestimate_bn
+from ._evaluation import Evaluation, evaluate
 from ._interpolation import interpolate
 from ._correlation import Correlation, weight_correlation
 from ._perturb import PERTURBATIONS, Perturbation, PerturbationInput, perturb, register_perturbation

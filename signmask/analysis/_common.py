@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import copy
+import itertools
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -169,3 +170,8 @@ def rng_kept(device: torch.device):
     if device.type in ("cpu", "meta"):
         return torch.random.fork_rng(devices=[])
     return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
+def limit(loader: Iterable, batches: int | None) -> Iterable:
+    """The first ``batches`` batches of ``loader`` (all of them for None)."""
+    return loader if batches is None else itertools.islice(loader, batches)

@@ -21,7 +21,8 @@ from torch import nn
 
 from .._checks import check_int, check_model
 from ._common import TOLERANCE, check_iterable, clone
-from ._evaluation import LossFn, bn_modules, evaluate_named, reestimate_bn_named
+from ._bn_stats import bn_modules, reestimate_bn_named
+from ._evaluation import LossFn, evaluate_named
 from ._interpolation import check_masks, plan_blend, write_blend
 
 STABLE_BARRIER = 0.02  # Frankle et al. 2020: stable to SGD noise when the error barrier is < 2%
