@@ -626,7 +626,7 @@ def test_finish_with_another_architecture_says_final_lacks_the_tracked_tensors()
     before = rec.records
     final = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3), nn.Linear(6, 6), nn.Linear(6, 2))
     lacks = ("final (Sequential) lacks 3 of the 3 conv/linear weights this Telemetry tracks, "
-             f"{list(KEYS)}; final has ['0.weight', '1.weight', '2.weight'] and 1 more: "
+             f"{list(KEYS)}; final has ['0.weight', '1.weight', '2.weight'] ...: "
              "finish() compares with a model of the tracked one's architecture")
     with pytest.raises(ValueError, match=f"^{re.escape(lacks)}$"):
         rec.finish(final)

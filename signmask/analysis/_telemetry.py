@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import _reparam
-from .._checks import check_bool, check_int, check_key, check_model
+from .._checks import check_bool, check_int, check_key, check_model, some
 from ._common import kept_mask, weights
 
 METRICS = ("sign_changed", "dist_init", "cos_init", "dist_final", "cos_final")
@@ -149,11 +149,6 @@ def _compare(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor 
 def _both(keep: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
     """The entries two masks both keep (None: a dense tensor, which keeps every entry)."""
     return keep if other is None else (other if keep is None else keep & other)
-
-
-def _few(names: list[str]) -> str:
-    """The first three of ``names``, and how many more (for an error)."""
-    return str(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _to_init(sums: _Sums) -> Stats:
@@ -307,8 +302,8 @@ class Telemetry:
         if missing:  # the user's names= (if any) were checked against the tracked model
             raise ValueError(
                 f"final ({type(final).__name__}) lacks {len(missing)} of the {len(self._targets)} "
-                f"conv/linear weights this Telemetry tracks, {_few(missing)}; final has "
-                f"{_few(sorted(found))}: finish() compares with a model of the tracked one's architecture"
+                f"conv/linear weights this Telemetry tracks, {some(missing)}; final has "
+                f"{some(sorted(found))}: finish() compares with a model of the tracked one's architecture"
             )
         targets = {key: found[key] for key in self._targets}
         last = self._read(final, targets, "final")
