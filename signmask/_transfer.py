@@ -162,7 +162,8 @@ def transfer(
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or is a TorchScript one (whatever
             ``check_architecture`` says), ``ticket`` is neither a Ticket nor a path, a flag is not a
-            bool, or a masked weight is an 8-bit float (or complex, with ``signs="locked"``).
+            bool, or a masked weight is an 8-bit float, or a weight to get a sign is complex
+            (``signs="keep"`` writes no sign, and accepts one).
         ValueError: unknown ``signs``, another architecture, ticket tensors missing from the model,
             a shape mismatch, an already-pruned tensor, a lazy layer with no shape yet, ``norms``
             with a ticket that has none, a ticket norm tensor that is not a norm layer's in
@@ -200,6 +201,11 @@ def transfer(
         groups["sign"] = {k: v for k, v in ticket.signs.items() if _wanted(k, ticket, biases, dense)}
     plan = match_tensors(ticket, model, groups)
     for role, key, _, _, target, _ in plan:
+        if role != "norm" and signs != "keep" and target.is_complex():
+            raise TypeError(
+                f"{key} is {target.dtype}: a complex weight has no sign to transfer (|w| * s "
+                "would drop its phase); signs='keep' installs the mask alone"
+            )
         if role == "mask":
             _reparam.check_dtype(key, target, locked=signs == "locked")
     # Valid input cannot fail below, but torch can (out of memory at the k-th tensor), and so can
@@ -215,7 +221,9 @@ def transfer(
                 if role == "norm":
                     target.copy_(signed)  # the trained values themselves, not a sign
                 elif signs != "keep":
-                    target.copy_(target.abs() * signed.to(device=target.device, dtype=target.dtype))
+                    signed = signed.to(device=target.device, dtype=target.dtype)
+                    # where, not a product: an inf or NaN of the init at a pruned entry is 0 too
+                    target.copy_(torch.where(signed != 0, target.abs() * signed, 0))
                 if role == "mask":
                     keep = signed.to(target.device) != 0
                     negative = (signed < 0).to(target.device) if signs == "locked" else None

@@ -564,3 +564,32 @@ def test_a_failure_at_any_torch_call_leaves_the_model_untouched(signs):
         lambda: (copy.deepcopy(template),), lambda m: signmask.transfer(ticket, m, signs=signs, norms=True),
         rest=outside,
     )
+
+
+@pytest.mark.parametrize("signs", ["init", "locked"])
+def test_a_sign_transfer_onto_complex_weights_is_refused_by_name_untouched(signs):
+    ticket = signmask.extract(signmask.prune(nn.Linear(6, 6), 0.5))
+    model = nn.Linear(6, 6).to(torch.complex64)
+    init = model.weight.detach().clone()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"^weight is torch.complex64: .*signs='keep'"):
+        signmask.transfer(ticket, model, signs=signs)
+    assert_same(before, snapshot(model))
+    signmask.transfer(ticket, model, signs="keep")  # no sign written: the mask alone is fine
+    assert torch.equal(model.weight, init * (ticket.masks["weight"] != 0))
+
+
+@pytest.mark.parametrize("signs", ["init", "locked"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_an_inf_or_nan_of_the_init_at_a_pruned_entry_becomes_zero(signs, bad):
+    torch.manual_seed(0)
+    ticket = signmask.extract(signmask.prune(nn.Linear(6, 6), 0.5))
+    pruned = ticket.masks["weight"] == 0
+    model = nn.Linear(6, 6)
+    with torch.no_grad():
+        model.weight[pruned] = bad
+    init = model.weight.detach().clone()
+    signmask.transfer(ticket, model, signs=signs)
+    s = ticket.masks["weight"].float()
+    assert torch.equal(model.weight_orig, torch.where(pruned, 0.0, init.abs() * s))
+    assert torch.isfinite(model(torch.randn(3, 6))).all()
