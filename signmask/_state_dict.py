@@ -259,8 +259,11 @@ def _mask_plan(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict
             )
         if not _checks.is_binary(mask):
             # prune.custom_from_mask takes any values; as a bool mask they would compute otherwise.
-            values = sorted({float(v) for v in mask.unique()[:6].tolist()})
-            raise ValueError(f"state_dict {key!r} is not a binary mask: it holds {values}")
+            raise ValueError(
+                f"state_dict {key!r} is not a binary mask (0/1 expected, found values "
+                f"{_checks.odd_values(mask)}): make that pruning permanent in the source model "
+                "first (torch.nn.utils.prune.remove) or give it a 0/1 mask"
+            )
         _reparam.check_names_free(f"{owner}.{tensor}" if owner else tensor, module, tensor)
         locked = base + "_sign" in state_dict
         _reparam.check_dtype(base, _reparam.original(module, tensor), locked=locked)

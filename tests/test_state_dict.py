@@ -243,10 +243,12 @@ def test_load_state_dict_round_trips_models_named_like_wrappers(source, target):
 
 def test_load_state_dict_refuses_a_mask_that_is_not_binary():
     src = nn.Linear(4, 3)
-    tprune.custom_from_mask(src, "weight", torch.full((3, 4), 0.5))  # stock takes any values
+    odd = torch.tensor([[0, 1, 0.5, -1]] * 3)  # stock takes any values
+    tprune.custom_from_mask(src, "weight", odd)
     model = nn.Linear(4, 3)
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"state_dict 'weight_mask' is not a binary mask: it holds \[0.5\]"):
+    message = r"state_dict 'weight_mask' is not a binary mask \(0/1 expected, found values \[-1.0, 0.5\]\)"
+    with pytest.raises(ValueError, match=message):
         signmask.load_state_dict(model, src.state_dict())
     assert_same(before, snapshot(model))
 
