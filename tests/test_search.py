@@ -1548,3 +1548,57 @@ def test_two_searches_on_disjoint_parts_each_prune_rewind_and_restart_their_own_
     for search, part in zip(searches, (model.backbone, model.head)):
         total = sum(m.weight_mask.numel() for m in part.modules() if hasattr(m, "weight_mask"))
         assert kept(part) == round(total * 0.4) and search.ticket.masks.keys() == {"0.weight", "3.weight"}
+
+
+class _NormsNet(nn.Module):
+    """A conv with BatchNorm2d, then a Linear with LayerNorm and a head: the AWS code's two norm
+    types, at torch's default init (gamma 1, beta 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.lin = nn.Linear(4, 6)
+        self.ln = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        return self.fc(torch.relu(self.ln(self.lin(x))))
+
+
+def test_aws_a_is_the_aws_codes_alpha_in_its_own_formula_at_every_step():
+    # README, "AWS's a": with norms at their default init, a search's training forward is the AWS
+    # code's, gamma = alpha + (1 - alpha) * w and beta = (1 - alpha) * b on every BatchNorm2d and
+    # LayerNorm, alpha being the search's a (drawn at the round's start and after every step, from
+    # torch.Generator().manual_seed(seed)). Oracle: a hook-free float64 copy trained through
+    # functional_call with those formulas, written out, not through lerp.
+    torch.manual_seed(3)
+    model = _NormsNet().double()
+    plain = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    search = signmask.apply(model, "aws", 0.5, optimizer=opt, rounds=1, seed=7, progress=False)
+    gen = torch.Generator().manual_seed(7)
+    for r in search:
+        alpha = float(torch.rand((), generator=gen))
+        for i in range(STEPS):
+            x, y = batch(i)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x.double()), y).backward()
+            opt.step()
+            if r:  # one pruning: round 1 trains under the masks the search installed
+                continue
+            params = dict(plain.named_parameters())
+            for norm in ("bn", "ln"):
+                w, b = params[norm + ".weight"], params[norm + ".bias"]
+                params[norm + ".weight"], params[norm + ".bias"] = alpha + (1 - alpha) * w, (1 - alpha) * b
+            plain_opt.zero_grad()
+            nn.functional.cross_entropy(torch.func.functional_call(plain, params, (x.double(),)), y).backward()
+            plain_opt.step()
+            alpha = float(torch.rand((), generator=gen))
+        if r == 0:  # the dense round, interpolated as the AWS code's warm-up is
+            sd = model.state_dict()
+            for key, value in plain.state_dict().items():
+                got = sd.get(key, sd.get(key + "_orig"))
+                assert torch.allclose(got, value, rtol=0, atol=1e-12), key
