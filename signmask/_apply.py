@@ -82,7 +82,9 @@ def apply(
         steps_per_epoch: optimizer steps per epoch, needed for ``"ep"`` rewind points.
         classifier: prune the classifier head (default: IMP/OMP yes, LRR/AWS no).
         include, exclude, filter_fn: which conv/linear modules to prune, as in :func:`signmask.prune`.
-        seed: seed of AWS's interpolation coefficients (identical on every DDP rank).
+        seed: seed of AWS's interpolation coefficients (identical on every DDP rank). It is
+            independent of ``torch.manual_seed``: give each replicate of a multi-seed study its
+            own, or all of them draw the same coefficients.
         progress: a tqdm bar per round and a log line per round, on rank 0 only.
         steps_per_round: total of the progress bar (optional).
 
