@@ -8,6 +8,9 @@ of the public classes) runs in a fresh, empty namespace instead, so it must impo
 The same public callables' documented contract is checked against their signatures: a one-line
 summary, ``Args:`` naming exactly the parameters in order, ``Raises:`` naming real exceptions,
 and the README's API table giving each function's parameters, defaults and ``*``.
+
+And the README's own code blocks run as shown: its python blocks (with small stand-ins for the
+names its prose leaves to the reader), its ``inspect`` output, and its test command is CI's.
 """
 
 import ast
@@ -19,6 +22,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import signmask
 from signmask import analysis
@@ -250,3 +254,118 @@ def test_readme_api_table_lists_the_public_names():
 def test_readme_api_signature_is_the_code(name):
     readme, code = readme_parameters(README_API[name]), code_parameters(getattr(signmask, name))
     assert readme == code, f"README: {name}({', '.join(readme)}); code: {', '.join(code)}"
+
+
+# The README's code blocks run as shown. A block may use names its prose leaves to the reader
+# (your model, optimizer, loaders, training function): each test defines those, small, and
+# nothing else, so a renamed function or argument in a block fails here.
+
+ROOT = README.parent
+
+
+def readme_blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+
+
+def readme_block(marker: str) -> str:
+    found = [b for b in readme_blocks("python") if marker in b]
+    assert len(found) == 1, f"{len(found)} README python blocks contain {marker!r}"
+    return found[0]
+
+
+APPLY_BLOCK, ANALYSIS_BLOCK, TEN_LINES = "search = signmask.apply(", "from signmask import analysis", "timm = import_timm()"
+
+
+def test_every_readme_python_block_is_run_below():
+    blocks = readme_blocks("python")
+    assert len(blocks) == 3
+    assert all(sum(m in b for m in (APPLY_BLOCK, ANALYSIS_BLOCK, TEN_LINES)) == 1 for b in blocks)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    command = next(b for b in readme_blocks("bash") if '".[test]"' in b).strip()
+    assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
+def tiny_loaders():
+    """Four batches of 8 random TinyNet inputs and labels."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 6, 6), torch.randint(0, 5, (32,))
+    return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+
+
+def same_masks(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_readme_apply_block_runs(tmp_path, monkeypatch):
+    from _util import tiny
+
+    monkeypatch.chdir(tmp_path)
+    loader = tiny_loaders()
+    model = tiny(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def train_one_epoch(model, opt, loader):
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    def evaluate(model):
+        return analysis.evaluate(model, loader).accuracy
+
+    names = dict(signmask=signmask, model=model, opt=opt, loader=loader, epochs=1, new_model=tiny(1),
+                 sched=torch.optim.lr_scheduler.StepLR(opt, 1), train_one_epoch=train_one_epoch,
+                 evaluate=evaluate)
+    exec(readme_block(APPLY_BLOCK), names)
+    ticket = signmask.load(tmp_path / "aws.safetensors")
+    assert ticket.metadata["method"] == "aws" and ticket.sparsity == pytest.approx(0.8, abs=0.01)
+    assert same_masks(signmask.extract(names["new_model"]).masks, ticket.masks)
+
+
+def test_readme_analysis_block_runs(tmp_path, monkeypatch):
+    import copy
+
+    from _util import tiny
+
+    monkeypatch.chdir(tmp_path)
+    loader = tiny_loaders()
+    init_model = tiny(0)
+    solution = signmask.prune(copy.deepcopy(init_model), 0.5, classifier=False)
+    ticket = signmask.extract(solution, dense=True)
+    transferred = signmask.transfer(ticket, tiny(1))
+
+    def train_fn(model, seed):
+        torch.manual_seed(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    names = dict(solution=solution, transferred=transferred, test_loader=loader, train_loader=loader,
+                 model_at_k=copy.deepcopy(init_model), train_fn=train_fn, ticket=ticket, fresh_a=tiny(2),
+                 init_copy=copy.deepcopy(init_model), ticket_acc=0.9, dense_acc=0.9, reinit_acc=0.8,
+                 best_dense_acc=0.9, model_a=solution, model_b=transferred, model=solution, step=0,
+                 init_model=init_model)
+    exec(readme_block(ANALYSIS_BLOCK), names)
+    assert (tmp_path / "lmc.png").stat().st_size > 0
+
+
+def test_readme_ten_lines_run_and_inspect_prints_what_the_readme_shows(tmp_path, monkeypatch):
+    from signmask import _cli
+
+    monkeypatch.chdir(tmp_path)
+    names = {}
+    exec(readme_block(TEN_LINES), names)
+    ticket = signmask.load("ticket.safetensors")
+    assert same_masks(signmask.extract(names["fresh"]).masks, ticket.masks)
+    shown = next(b for b in readme_blocks("text") if "python -m signmask inspect ticket.safetensors" in b)
+    printed = _cli.inspect("ticket.safetensors").splitlines()
+    # Per-layer rows depend on the random init, the versions line on what is installed.
+    expected = [line for line in shown.splitlines()[1:] if line != "..." and "versions:" not in line]
+    head = expected.index("") + 3  # the metadata, a blank line, the table's head and rule
+    printed = [line for line in printed if "versions:" not in line]
+    assert printed[:head] == expected[:head]
+    assert printed[head].split()[:2] == expected[head].split()[:2]  # conv1.weight, its shape
