@@ -367,7 +367,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"epochs per search round (default: {d.round_epochs}; --quick: {q.round_epochs})")
     add("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's, 1 on a busy machine)")
     add("--quick", action="store_true",
-        help="a seconds-long smoke run (256 images, a tiny network, 1 epoch): its figures are not meaningful")
+        help="a seconds-long smoke run (256 training and 64 test images, a tiny network, 1 epoch): "
+             "its figures are not meaningful")
 
 
 def choose_threads(requested: int | None) -> int:

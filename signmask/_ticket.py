@@ -59,7 +59,9 @@ def _named(tensors, field: str, check) -> dict[str, torch.Tensor]:
         raise TypeError(f"{field} must be a mapping of tensor names to tensors, got {type(tensors).__name__}")
     out, given = {}, {}
     for key, value in tensors.items():
-        name = _targets.canonical(str(key))
+        if not isinstance(key, str):  # str(1) would silently name a tensor "1"
+            raise TypeError(f"{field} keys must be tensor names (str), got {key!r} ({type(key).__name__})")
+        name = _targets.canonical(key)
         if name in out:
             raise ValueError(f"{field} keys {given[name]!r} and {key!r} name the same tensor {name!r}")
         out[name], given[name] = check(key, value), key
@@ -84,7 +86,7 @@ class Ticket:
     Raises:
         TypeError / ValueError: a field is not a mapping, a mask or sign tensor is not integer
             or holds values outside {-1, 0, +1}, a norm tensor is not floating point or not
-            finite, two keys name one tensor, a name appears in two dicts, or metadata is not
+            finite, a key is not a str, two keys name one tensor, a name appears in two dicts, or metadata is not
             ``str -> str`` or uses a reserved key.
 
     Example:

@@ -24,7 +24,8 @@ from _util import norm_ticket, small_ticket
         ({"a": torch.tensor([1])}, {}, None, "metadata must be a mapping of str to str, got NoneType"),
         ({"a": torch.tensor([1], device="meta")}, {}, {}, "mask 'a' must be a dense tensor with values, got a meta"),
         ({"a": torch.tensor([[0, 1]]).to_sparse()}, {}, {}, "got layout torch.sparse_coo"),
-        ({1: torch.tensor([1]), "1": torch.tensor([0])}, {}, {}, "masks keys 1 and '1' name the same tensor '1'"),
+        ({1: torch.tensor([1])}, {}, {}, r"masks keys must be tensor names \(str\), got 1 \(int\)"),
+        ({"a": torch.tensor([1])}, {("b",): torch.tensor([1])}, {}, r"signs keys .* got \('b',\) \(tuple\)"),
         ({"module.a": torch.tensor([1]), "a": torch.tensor([0])}, {}, {}, "keys 'module.a' and 'a' name the same tensor 'a'"),
     ],
 )
