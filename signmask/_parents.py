@@ -177,5 +177,5 @@ def link(model: nn.Module) -> None:
         _unlink(parent)
         if paths:
             parent.register_forward_pre_hook(RefreshChildren(paths))
-            parent.register_forward_hook(DetachChildren(paths), always_call=True)  # see add_detach
+            _reparam.register_always_called(parent, DetachChildren(paths))  # see add_detach
 

@@ -191,7 +191,19 @@ def add_detach(module: nn.Module, name: str) -> None:
     """Register :class:`DetachWeight` for ``module.<name>``, run even when the forward raises:
     a forward that fails after the pre-hook (inputs of the wrong dtype) would otherwise leave
     a non-leaf weight behind, and ``copy.deepcopy`` refusing it until the next forward."""
-    module.register_forward_hook(DetachWeight(name), always_call=True)
+    register_always_called(module, DetachWeight(name))
+
+
+def register_always_called(module: nn.Module, hook) -> None:
+    """``module.register_forward_hook(hook, always_call=True)`` under the smallest negative key
+    free there (torch's are never negative): the same in every model built alike. Dynamo guards
+    nn.Module's lookup of each key in ``_forward_hooks_always_called``, and torch's keys count
+    handles process-wide: each new model recompiled the class's forward, eager past the limit."""
+    handle, key = module.register_forward_hook(hook, always_call=True), -1
+    while key in module._forward_hooks:
+        key -= 1
+    module._forward_hooks[key] = module._forward_hooks.pop(handle.id)  # still the last one
+    module._forward_hooks_always_called[key] = module._forward_hooks_always_called.pop(handle.id)
 
 
 def drop_detach(module: nn.Module, names) -> None:

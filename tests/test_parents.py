@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 from torch.nn.utils import prune as tprune
 
 import signmask
@@ -145,6 +146,28 @@ def test_torch_compile_fullgraph_traces_the_parent_refresh():
     forward(compiled).sum().backward()
     torch.testing.assert_close(model.out_proj.weight_orig.grad, eager, rtol=0, atol=1e-6)
     assert (eager * ~model.out_proj.weight_mask == 0).all() and eager.any()
+
+
+def test_compiled_attentions_built_alike_share_one_graph():
+    # The parent's detaching hook runs even when the forward raises, and dynamo guards such a
+    # hook by its key: a process-wide counter would make every new model recompile.
+    def frames(prune_fn):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        for seed in range(3):
+            torch.manual_seed(seed)
+            model = prune_fn(nn.MultiheadAttention(16, 2, batch_first=True))
+            x = torch.randn(2, 5, 16)
+            torch.compile(model, backend=counter)(x, x, x, need_weights=False)[0].sum().backward()
+        torch._dynamo.reset()
+        return counter.frame_count
+
+    def pruned(model):
+        signmask.prune(model, 0.5)
+        assert len(_links(model)) == 2  # the parent reads out_proj.weight: its hooks are in play
+        return model
+
+    assert frames(pruned) == frames(lambda m: m)
 
 
 class TwoAttentions(nn.Module):

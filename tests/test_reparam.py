@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 from torch.nn.utils import prune as torch_prune
 from torch.utils.checkpoint import checkpoint
 
@@ -521,6 +522,35 @@ def test_torch_compile_fullgraph_follows_mask_changes():
     twin = copy.deepcopy(model)
     with torch.no_grad():
         assert torch.equal(twin(x), model(x))
+
+
+def _frames_of_models_built_alike(prune_fn, count: int = 3) -> int:
+    """Graphs dynamo compiles for ``count`` seeds of one architecture, each model compiled
+    anew, its training forward and backward run once."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    for seed in range(count):
+        torch.manual_seed(seed)
+        model = prune_fn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)))
+        torch.compile(model, backend=counter)(inputs()).square().sum().backward()
+    torch._dynamo.reset()
+    return counter.frame_count
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_models_built_alike_share_their_compiled_forward_as_stock_pruned_ones_do(signs):
+    # nn.Module looks each forward hook's key up among its always-called hooks, and dynamo
+    # guards that lookup on the key. Torch's keys count handles process-wide, so every new
+    # pruned model (a seed sweep, a transferred ticket) recompiled the class's forward, and
+    # past dynamo's recompile limit (8) ran it eagerly, with one warning.
+    def stock(model):
+        for m in layers(model):
+            torch_prune.l1_unstructured(m, "weight", 0.5)
+        return model
+
+    dense = _frames_of_models_built_alike(lambda model: model)
+    assert _frames_of_models_built_alike(stock) == dense
+    assert _frames_of_models_built_alike(lambda model: signmask.prune(model, 0.5, signs=signs)) == dense
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 from torch.nn.utils import prune as torch_prune
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -555,6 +556,66 @@ def test_compiled_model_follows_masks_and_alpha(method):
         opt.step()
     assert eager == [True] * len(search)
     assert search.ticket.kept == round(search.ticket.numel * 0.64)
+
+
+def _compiled_rounds(model, opt, sched, rounds, counter):
+    """The user's loop around ``torch.compile(model)``: two training steps and an evaluation per
+    round; the number of graphs compiled so far after each round."""
+    compiled = torch.compile(model, backend=counter)
+    frames = []
+    for r in rounds:
+        for _ in range(2):
+            x, y = batch(len(frames))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(compiled(x), y).backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            compiled(x)
+        model.train()
+        frames.append(counter.frame_count)
+    return frames
+
+
+def _compiled_search(method, backend, counter, seed=0):
+    model, opt, sched, search = make_search(method, sparsity=0.5, seed=seed, rounds=3)
+    if backend == "projection":
+        signmask.set_backend(model, "projection", optimizer=opt)
+    return _compiled_rounds(model, opt, sched, search, counter)
+
+
+@pytest.mark.parametrize("backend", ["torch", "projection"])
+@pytest.mark.parametrize("method", ["imp", "lrr", "aws"])
+def test_a_compiled_search_compiles_in_its_first_round_only(method, backend):
+    # New masks, rewinds, restarts and AWS's a are values, never guarded attributes: no round
+    # after the first recompiles, and no round breaks the graph. Oracle: the dense model in
+    # the same loop (a training graph and an evaluation graph).
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = CompileCounter()
+    frames = _compiled_search(method, backend, counter)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    torch._dynamo.reset()
+    dense = tiny(0)
+    opt = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
+    want = _compiled_rounds(dense, opt, torch.optim.lr_scheduler.StepLR(opt, 2, 0.5), range(4), CompileCounter())
+    torch._dynamo.reset()
+    assert breaks == {}
+    assert len(frames) == 4 and frames == want
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_compiled_searches_on_models_built_alike_share_their_graphs(backend):
+    # A seed sweep: each seed's model recompiled the class's forward (hook keys, see
+    # _reparam.register_always_called), and past dynamo's recompile limit (8) ran it eagerly.
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    first = _compiled_search("aws", backend, counter, seed=0)[-1]
+    for seed in (1, 2):
+        _compiled_search("aws", backend, counter, seed=seed)
+    torch._dynamo.reset()
+    assert counter.frame_count == first
 
 
 def test_close_abandons_the_search():
