@@ -300,15 +300,17 @@ class ProjectionBackend(Backend):
             ops.remember_reflection(hook, ops.project(module, name, optimizer))
             # Weakly: remove() and other backends unhook it without being handed the optimizer.
             hook._optimizer = weakref.ref(optimizer)
-            # Its id, not a weakref: torch.utils.swap_tensors (.to(), load_state_dict under
-            # torch.__future__.set_swap_module_params_on_conversion) refuses weakref'd tensors.
-            hook._param = id(module._parameters[name + "_orig"])
+            # Strongly, as the module holds it: torch.utils.swap_tensors (.to(), load_state_dict
+            # under torch.__future__.set_swap_module_params_on_conversion) refuses weakref'd
+            # tensors, and dynamo guards an id() by the Parameter's own id, so that each new
+            # model recompiled the class's forward (up to dynamo's recompile limit, 8).
+            hook._param = module._parameters[name + "_orig"]
         optimizer.register_step_pre_hook(ProjectStale(targets))
         optimizer.register_step_post_hook(ProjectStep(targets, full=not ops.known(optimizer)))
         optimizer.register_load_state_dict_post_hook(StateLoaded(targets))
 
     def weight(self, hook, module, orig, mask, sign, own_forward):
-        if hook.__dict__.get("_param") != id(orig) or torch._C._are_functorch_transforms_active():
+        if hook.__dict__.get("_param") is not orig or torch._C._are_functorch_transforms_active():
             # Not the Parameter this backend keeps projected: torch.func.functional_call's
             # stand-ins (never to be masked in place), or vmap/grad. The torch path serves them.
             return _reparam.masked_weight(orig, mask, sign)

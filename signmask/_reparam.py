@@ -83,8 +83,8 @@ class SignMaskHook(_prune.PruningContainer):
 
     # Key of the signmask._backends backend computing this tensor; set_backend() changes it.
     backend = "torch"
-    # Per-process wiring, never copied: the projection backend's stamps and weak references to
-    # its optimizer and Parameter, and the stock-stacking flag (see compute_mask).
+    # Per-process wiring, never copied: the projection backend's stamps, its optimizer (weakly)
+    # and the Parameter it keeps projected, and the stock-stacking flag (see compute_mask).
     _TRANSIENT = ("_projected", "_state_masks", "_optimizer", "_param", "_reflected", "_loaded", "_stacked")
 
     def __getstate__(self) -> dict:

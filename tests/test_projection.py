@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 import signmask
 from signmask import _backends, _bits, _projection, _projection_ops, _reparam
@@ -438,6 +439,43 @@ def test_projection_serves_torch_func_like_the_torch_path():
     assert all(torch.equal(given[k], before[k]) for k in given)
     g_ref, g_proj = torch.func.grad(loss)(given, ref), torch.func.grad(loss)(given, proj)
     assert all(torch.equal(g_ref[k], g_proj[k]) for k in g_ref)
+
+
+def test_compiled_projection_serves_functional_call_like_the_torch_path():
+    # Under dynamo too, stand-in tensors are not the Parameter the backend keeps projected.
+    (ref, _), (proj, _) = _torch_and_projection("locked")
+    (x, _), = conv_net_batches(1)
+    given = {k: v.detach().clone().add_(0.5) for k, v in ref.named_parameters()}  # pruned entries nonzero
+    torch._dynamo.reset()
+    call = torch.compile(lambda params: torch.func.functional_call(proj, params, (x,)),
+                         backend="aot_eager", fullgraph=True)
+    assert torch.equal(call(given), torch.func.functional_call(ref, given, (x,)))
+    assert torch.equal(call(dict(proj.named_parameters())), ref(x))  # its own: projected
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("signs", [None, "locked"])
+def test_compiled_projection_models_built_alike_share_their_graphs(signs):
+    # The forward checked its Parameter by id(), which dynamo guards by that Parameter's own
+    # id: each new model (a seed sweep) recompiled the class's forward, and past dynamo's
+    # recompile limit (8) ran it eagerly. Oracle: the torch path, which shares them.
+    def frames(backend):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        for seed in range(3):
+            model = pruned_conv_net(signs, seed=seed)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            _backends.set_backend(model, backend, optimizer=opt)
+            compiled = torch.compile(model, backend=counter)
+            (x, y), = conv_net_batches(1, seed=seed)
+            nn.functional.cross_entropy(compiled(x), y).backward()
+            opt.step()
+            with torch.no_grad():
+                compiled(x)
+        torch._dynamo.reset()
+        return counter.frame_count
+
+    assert frames("projection") == frames("torch")
 
 
 def test_projection_traces_with_the_trace_check():

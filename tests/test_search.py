@@ -605,10 +605,11 @@ def test_a_compiled_search_compiles_in_its_first_round_only(method, backend):
     assert len(frames) == 4 and frames == want
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "projection"])
 def test_compiled_searches_on_models_built_alike_share_their_graphs(backend):
     # A seed sweep: each seed's model recompiled the class's forward (hook keys, see
-    # _reparam.register_always_called), and past dynamo's recompile limit (8) ran it eagerly.
+    # _reparam.register_always_called; projection's id() of its Parameter), and past dynamo's
+    # recompile limit (8) ran it eagerly.
     torch._dynamo.reset()
     counter = CompileCounter()
     first = _compiled_search("aws", backend, counter, seed=0)[-1]
