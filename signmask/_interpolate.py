@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import _targets
-from ._reparam import add_detach, check_free, original, rename, restore, stash_outside
+from ._reparam import add_detach, original, rename, restore, stash_outside
+from ._target_checks import check_free
 from ._targets import FilterFn, canonical, has_tensor
 
 _TENSORS = ("weight", "bias")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _prune
 
-from . import _checks, _methods, _parents, _projection, _reparam, _targets, _ties, _undo
+from . import _checks, _methods, _parents, _projection, _reparam, _target_checks, _targets, _ties, _undo
 
 _SCOPES = ("global", "layer")
 _SIGN_MODES = ("free", "locked")
@@ -17,8 +17,8 @@ _SIGN_MODES = ("free", "locked")
 
 def check_prunable(key: str, module: nn.Module, name: str, *, signs: str | None) -> None:
     """Refuse a tensor whose current pruning state or dtype conflicts with the request."""
-    _reparam.check_names_free(key, module, name)
-    _reparam.check_dtype(key, _reparam.original(module, name), locked=signs == "locked")
+    _target_checks.check_names_free(key, module, name)
+    _target_checks.check_dtype(key, _reparam.original(module, name), locked=signs == "locked")
     _, hook = _reparam.find_hook(module, name)
     if hook is None:
         return

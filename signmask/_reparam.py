@@ -323,57 +323,6 @@ def _hooked_orig(module: nn.Module, name: str) -> str:
     )
 
 
-def check_dtype(key: str, weight: torch.Tensor, *, locked: bool) -> None:
-    """Refuse a weight that cannot be masked (an 8-bit float: torch multiplies none of them by
-    a mask) or, with ``locked``, sign-locked (a complex one has no sign bit), before any change.
-
-    Raises:
-        TypeError: naming ``key`` and its dtype.
-    """
-    if weight.is_floating_point() and weight.element_size() == 1:
-        raise TypeError(
-            f"{key} is {weight.dtype}: torch multiplies no 8-bit float by a mask; prune the "
-            "model in a wider dtype and cast it afterwards"
-        )
-    if locked and weight.is_complex():
-        raise TypeError(f"{key} is {weight.dtype}: a sign lock needs real weights")
-
-
-def check_names_free(key: str, module: nn.Module, name: str) -> None:
-    """Refuse an unpruned ``module.<name>`` whose module already has an attribute that
-    :func:`install` would add (``<name>_orig``, ``_mask``, ``_sign``), its own or its class's (a
-    method, a property): registering it would fail half-way through a model, or a Parameter of
-    that name would silently replace the weight."""
-    if find_hook(module, name)[1] is not None:
-        return  # pruned: those are its own
-    roles = {"_orig": "the original weight", "_mask": "its mask", "_sign": "its locked signs"}
-    roles = {name + suffix: f"pruning gives {role}" for suffix, role in roles.items()}
-    check_free(key, module, roles, "prune this tensor")
-
-
-def check_free(key: str, module: nn.Module, roles: dict[str, str], doing: str) -> None:
-    """Refuse ``module`` (``key`` in the message) when it already has an attribute named in
-    ``roles`` (name -> what a reparametrization gives it), its own or its class's (a method,
-    a property). The class dicts are read, so a property is not run. ``doing`` ends the message.
-    """
-    slots = (module.__dict__, module._parameters, module._buffers, module._modules)
-    for attr, role in roles.items():
-        owner = _defining_class(module, attr)
-        if owner is None and not any(attr in d for d in slots):
-            continue
-        where = "" if owner is None else f" (of its class {owner.__name__})"
-        raise ValueError(
-            f"{key}: {type(module).__name__} already has an attribute {attr!r}{where}, the name "
-            f"{role}; rename that attribute to {doing}"
-        )
-
-
-def _defining_class(module: nn.Module, attr: str) -> type | None:
-    """The class of ``module`` that defines ``attr`` (read from the class dicts: a property is
-    not run), leaving out ``nn.Module`` itself, whose names every module has."""
-    return next((c for c in type(module).__mro__ if c not in nn.Module.__mro__ and attr in vars(c)), None)
-
-
 def install(
     module: nn.Module,
     name: str,

@@ -264,9 +264,9 @@ def _mask_plan(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict
                 f"{_checks.odd_values(mask)}): make that pruning permanent in the source model "
                 "first (torch.nn.utils.prune.remove) or give it a 0/1 mask"
             )
-        _reparam.check_names_free(f"{owner}.{tensor}" if owner else tensor, module, tensor)
+        _target_checks.check_names_free(f"{owner}.{tensor}" if owner else tensor, module, tensor)
         locked = base + "_sign" in state_dict
-        _reparam.check_dtype(base, _reparam.original(module, tensor), locked=locked)
+        _target_checks.check_dtype(base, _reparam.original(module, tensor), locked=locked)
         plan[base] = (module, tensor, mask, locked)
     return plan
 

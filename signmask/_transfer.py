@@ -86,7 +86,7 @@ def match_tensors(ticket: Ticket, model: nn.Module, names: dict[str, dict[str, t
                         f"ticket masks {key!r}, which is not a conv/linear weight (the model's is "
                         f"the {name} of a {type(module).__name__})"
                     )
-                _reparam.check_names_free(key, module, name)
+                _target_checks.check_names_free(key, module, name)
             if role == "sign" and _reparam.find_hook(module, name)[1] is not None:
                 raise ValueError(
                     f"the ticket's dense sign {key!r} is for an unpruned tensor, and the model's "
@@ -207,7 +207,7 @@ def transfer(
                 "would drop its phase); signs='keep' installs the mask alone"
             )
         if role == "mask":
-            _reparam.check_dtype(key, target, locked=signs == "locked")
+            _target_checks.check_dtype(key, target, locked=signs == "locked")
     # Valid input cannot fail below, but torch can (out of memory at the k-th tensor), and so can
     # Ctrl-C: the values written (copies in host memory, as load_state_dict keeps) and the
     # masks installed before it are put back.
