@@ -138,3 +138,20 @@ def test_a_bool_rewind_is_not_read_as_a_step(spec):
     # bool is a numbers.Integral: rewind=True must not mean step 1.
     with pytest.raises(TypeError, match="rewind must be a str or an int step, got bool"):
         _schedule.parse_rewind(spec, None)
+
+
+def test_int_step_zero_is_the_init_rewind():
+    assert _schedule.parse_rewind(0, None) == _schedule.parse_rewind("init", None) == 0
+
+
+def test_a_numpy_int_step_is_read_as_a_plain_int():
+    np = pytest.importorskip("numpy")
+    step = _schedule.parse_rewind(np.int64(5), None)
+    assert step == 5 and type(step) is int  # numpy ints would not load with weights_only=True
+
+
+def test_zero_epochs_still_count_epochs():
+    # The spec names epochs, so it needs steps_per_epoch even when their count is 0.
+    with pytest.raises(ValueError, match="rewind='0ep5it' counts epochs; pass steps_per_epoch="):
+        _schedule.parse_rewind("0ep5it", None)
+    assert _schedule.parse_rewind("0ep5it", 10) == 5
