@@ -185,3 +185,41 @@ def test_same_bits_tells_signed_zeros_and_nan_payloads_apart():
     assert _bits.same_bits(z, z.clone())
     assert not _bits.same_bits(z, torch.complex(torch.tensor([1.0, -0.0]), z.imag))
     assert not _bits.same_bits(a, a.double()) and not _bits.same_bits(a, a[:2])
+
+
+# ---------------------------------- behaviour pinned by mutation testing (each test kills a mutant)
+
+
+def test_same_bits_needs_the_same_dtype_not_just_the_same_bits():
+    # A float and its integer view, or float16 and bfloat16, can hold identical bits.
+    a = torch.tensor([0.5, -2.0, 3.25])
+    assert not _bits.same_bits(a, _bits.as_bits(a)) and not _bits.same_bits(_bits.as_bits(a), a)
+    h = a.half()
+    assert not _bits.same_bits(h, h.view(torch.bfloat16))
+    assert _bits.same_bits(_bits.as_bits(a), _bits.as_bits(a.clone()))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int32, torch.int64])
+def test_pack_signs_of_integer_zeros_and_ones_follows_the_documented_layout(dtype):
+    # The int64 folds read one byte per element, true only of bools.
+    bits = [1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0]
+    assert _bits.pack_signs(torch.tensor(bits, dtype=dtype)).tolist() == _loop_pack(bits, 1)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_pack_signs_traces_and_compiles_to_the_documented_layout():
+    # Neither torch.jit.trace nor dynamo can record the folds' dtype views.
+    first, second = (torch.rand(3, 11, generator=torch.Generator().manual_seed(s)) > 0.5 for s in (0, 1))
+    traced = torch.jit.trace(_bits.pack_signs, (first,))
+    torch._dynamo.reset()
+    compiled = torch.compile(_bits.pack_signs, backend="eager", fullgraph=True)
+    for f in (traced, compiled):
+        for negative in (first, second):
+            assert f(negative).tolist() == _loop_pack([int(b) for b in negative.reshape(-1)], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_codes_to_signed_reads_wider_integer_codes(dtype):
+    codes = torch.tensor([_bits.CODE_PRUNED, _bits.CODE_POS, _bits.CODE_NEG, _bits.CODE_POS], dtype=dtype)
+    signed = _bits.codes_to_signed(codes)
+    assert signed.dtype == torch.int8 and torch.equal(signed, _bits.codes_to_signed(codes.to(torch.uint8)))
