@@ -187,6 +187,31 @@ def test_metadata_names_the_model_class_inside_a_wrapper():
     assert meta["model_class"] == "TinyNet" and meta["architecture"] == "TinyNet"
 
 
+def test_the_architecture_is_timm_s_name_inside_a_wrapper():
+    # timm's pretrained_cfg names the variant (resnet18, not the class ResNet); DDP or
+    # DataParallel holds it on the model they wrap.
+    model = signmask.prune(tiny(), 0.5)
+    model.pretrained_cfg = {"architecture": "tiny_v2"}
+    for wrapped in (model, torch.nn.DataParallel(model)):
+        meta = signmask.extract(wrapped).metadata
+        assert meta["architecture"] == "tiny_v2" and meta["model_class"] == "TinyNet"
+
+
+def test_dense_and_bias_signs_are_the_sign_of_the_trained_values_zeros_included():
+    # sign(theta) in {-1, 0, +1}, as the AWS code transfers dense tensors: an exactly-zero bias or
+    # unpruned weight records 0 (unlike a kept pruned weight, whose sign bit counts).
+    model = signmask.prune(tiny(0), 0.5, classifier=False)
+    with torch.no_grad():
+        model.fc.weight[0, :3] = torch.tensor([0.0, -0.0, -2.0])
+        model.conv2.bias[:2] = torch.tensor([0.0, -0.0])
+    ticket = signmask.extract(model, dense=True, biases=True)
+    assert set(ticket.signs) == {"fc.weight", "fc.bias", "conv2.bias"}
+    for key, values in (("fc.weight", model.fc.weight), ("fc.bias", model.fc.bias), ("conv2.bias", model.conv2.bias)):
+        assert ticket.signs[key].dtype == torch.int8
+        assert torch.equal(ticket.signs[key], torch.sign(values.detach()).to(torch.int8)), key
+    assert ticket.signs["fc.weight"][0, :3].tolist() == [0, 0, -1]
+
+
 # ---------------------------------------------- trained norm parameters (the reference's winit_only)
 
 
