@@ -62,6 +62,58 @@ def test_a_ticket_of_empty_masks_has_sparsity_zero():
     assert t.sparsity == 0.0 and t.layer_sparsity() == {"a.weight": 0.0} and t.kept == t.numel == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
+def test_bool_and_complex_masks_are_refused_by_name(dtype):
+    # A bool mask holds no signs; a complex one has none to hold.
+    with pytest.raises(TypeError, match=rf"mask 'a' must be an integer tensor in \{{-1, 0, \+1\}}, got {dtype}"):
+        signmask.Ticket({"a": torch.tensor([1, 0]).to(dtype)})
+
+
+@pytest.mark.parametrize("field", ["masks", "signs"])
+def test_masks_and_signs_given_as_a_list_are_refused_by_name(field):
+    tensors = [torch.tensor([1, 0])]
+    kwargs = {"masks": tensors} if field == "masks" else {"masks": {"a": torch.tensor([1])}, "signs": tensors}
+    with pytest.raises(TypeError, match=f"{field} must be a mapping of tensor names to tensors, got list"):
+        signmask.Ticket(**kwargs)
+
+
+def test_a_non_str_metadata_key_is_refused():
+    with pytest.raises(TypeError, match=r"ticket metadata must map str to str, got 3: 'x'"):
+        signmask.Ticket({"a": torch.tensor([1])}, metadata={3: "x"})
+
+
+def test_negative_signs_count_as_kept():
+    masks = {"a": torch.tensor([[1, -1, 0], [-1, -1, 0]]), "b": torch.tensor([0, -1])}
+    t = signmask.Ticket(masks)
+    kept = {k: int((m != 0).sum()) for k, m in masks.items()}  # the oracle: non-zero entries
+    assert t.kept == sum(kept.values()) and t.numel == 8
+    assert t.sparsity == 1.0 - sum(kept.values()) / 8
+    assert t.layer_sparsity() == {k: 1.0 - kept[k] / masks[k].numel() for k in masks}
+
+
+def test_tickets_differing_only_in_dense_signs_differ():
+    masks = {"a.weight": torch.tensor([1, 0])}
+    one = signmask.Ticket(masks, {"a.bias": torch.tensor([1, -1])})
+    assert one == signmask.Ticket(masks, {"a.bias": torch.tensor([1, -1])})
+    assert one != signmask.Ticket(masks, {"a.bias": torch.tensor([1, 0])})
+
+
+def test_ticket_holds_a_copy_of_its_metadata():
+    meta = {"method": "imp"}
+    ticket = signmask.Ticket({"a": torch.tensor([1])}, metadata=meta)
+    meta["method"] = "lrr"
+    assert ticket.metadata == {"method": "imp"}
+
+
+def test_ticket_tensors_are_contiguous_whatever_the_layout_given():
+    # A transposed mask or norm is stored row-major: ``.view(-1)`` and raw-byte reads work on it.
+    mask = torch.tensor([[1, 0, -1], [0, -1, 1]], dtype=torch.int8).t()
+    norm = torch.arange(6.0).view(2, 3).t()
+    ticket = signmask.Ticket({"a": mask}, norms={"bn.weight": norm})
+    for got, given in ((ticket.masks["a"], mask), (ticket.norms["bn.weight"], norm)):
+        assert got.is_contiguous() and torch.equal(got, given)
+
+
 # ---------------------------------------------------------------- norm tensors (extract(norms=True))
 
 
