@@ -244,7 +244,7 @@ def test_edited_manifest_shape_is_detected(saved, shape):
         signmask.load(saved)
 
 
-@pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**62, 2**62], [True, 2], [2.0, 1]])
+@pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**62, 2**62], [0, 2**31, 2**31], [True, 2], [2.0, 1]])
 def test_forged_shapes_torch_cannot_make_are_refused_by_name(tmp_path, shape):
     # Checksums recomputed: a zero-sized entry needs no bytes, so only the shape check is left.
     path = signmask.save(signmask.Ticket({**small_ticket().masks, "e.weight": torch.zeros(0, 2, dtype=torch.int8)}),
@@ -493,6 +493,33 @@ def test_payload_of_another_dtype_is_refused(saved):
     _rewrite(saved, tensors={"a.weight": raw["a.weight"].view(torch.int8)})
     with pytest.raises(ValueError, match="'a.weight' should be 1 uint8 bytes .* found torch.int8"):
         signmask.load(saved)
+
+
+def test_payload_of_another_rank_is_refused(saved):
+    # The same bytes as a (1, n) tensor: the payload checksum still matches.
+    _, raw = _io.read_raw(saved)
+    n = raw["a.weight"].numel()
+    _rewrite(saved, tensors={"a.weight": raw["a.weight"].view(1, n)})
+    with pytest.raises(ValueError, match=rf"'a.weight' should be {n} uint8 bytes .* found torch.uint8 of shape \(1, {n}\)"):
+        signmask.load(saved)
+
+
+def test_a_file_shorter_than_its_header_length_names_both_sizes(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[:5])
+    with pytest.raises(ValueError, match=r"t.safetensors: not a safetensors file \(5 bytes, truncated or empty\)"):
+        signmask.load(saved)
+    n = int.from_bytes(data[:8], "little")
+    saved.write_bytes(data[: 8 + n - 1])  # the header's last byte cut off
+    with pytest.raises(ValueError, match=rf"header of {n} bytes but only {n - 1} follow"):
+        signmask.load(saved)
+
+
+def test_a_device_is_refused_as_not_a_file():
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null")
+    with pytest.raises(ValueError, match=r"/dev/null: not a file \(a ticket file expected, found a device, pipe or socket\)"):
+        signmask.load("/dev/null")
 
 
 def test_deeply_nested_manifest_is_unreadable_not_a_crash(saved):
