@@ -228,16 +228,23 @@ def attach(
 def interpolated(model: nn.Module) -> dict[str, nn.Module]:
     """Return canonical module name -> module for every layer carrying the interpolation.
 
+    Raises:
+        ValueError: two interpolated layers have one canonical name (``bn`` beside
+            ``module.bn``, each attached on its own): one entry would hide the other.
+
     Example:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.BatchNorm1d(2))
         >>> interpolated(net)
         {}
     """
-    out = {}
+    out, where = {}, {}
     for fqn, module in model.named_modules():
         if _hook(module)[1] is not None:
-            out.setdefault(canonical(fqn), module)
+            name = canonical(fqn)
+            if name in out:  # another module: named_modules() yields each module once
+                raise _targets.same_name_error(name, where[name], fqn, None)
+            out[name], where[name] = module, fqn
     return out
 
 
@@ -250,6 +257,10 @@ def detach(model: nn.Module) -> list[str]:
 
     Returns:
         The canonical names of the modules restored, in model order.
+
+    Raises:
+        ValueError: two interpolated layers have one canonical name, as :func:`interpolated`
+            raises; the model is left untouched.
 
     Example:
         >>> import torch

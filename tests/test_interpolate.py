@@ -763,3 +763,17 @@ def test_two_norm_layers_of_one_canonical_name_are_refused_not_one_skipped():
         interp.attach(model, torch.tensor(0.5))
     assert_same(before, snapshot(model))
     assert not interp.interpolated(model)
+
+
+def test_two_interpolated_layers_of_one_canonical_name_are_refused_not_one_left_attached():
+    # Each attached on its own, ``bn`` and ``module.bn`` were one entry of interpolated():
+    # detach() restored only the first and left the other interpolated, unseen.
+    model = Wrapper()
+    alpha = torch.tensor(0.5)
+    interp.attach(nn.Sequential(model.bn), alpha)  # a container of the wrapper's own bn only
+    interp.attach(model.module, alpha)
+    for verb in (interp.interpolated, interp.detach):
+        with pytest.raises(ValueError, match=r"^module.bn and bn are different tensors with the same name"):
+            verb(model)
+    assert interp.detach(model.module) == ["bn"] and interp.detach(nn.Sequential(model.bn)) == ["0"]
+    assert not any(interp._hook(m)[1] for m in model.modules())
