@@ -777,3 +777,50 @@ def test_two_interpolated_layers_of_one_canonical_name_are_refused_not_one_left_
             verb(model)
     assert interp.detach(model.module) == ["bn"] and interp.detach(nn.Sequential(model.bn)) == ["0"]
     assert not any(interp._hook(m)[1] for m in model.modules())
+
+
+def test_embeddings_and_bilinears_named_norm_are_not_norms_even_with_vector_weights():
+    # One row (or one output of one input feature) makes their weights per-channel vectors.
+    class NormEmbedding(nn.Embedding):
+        pass
+
+    class NormEmbeddingBag(nn.EmbeddingBag):
+        pass
+
+    class NormBilinear(nn.Bilinear):
+        pass
+
+    for m in (NormEmbedding(1, 4), NormEmbeddingBag(1, 4), NormBilinear(1, 4, 1)):
+        assert interp._per_channel(m.weight) and not interp.is_norm(m), type(m).__name__
+
+
+def test_rms_norm_over_several_dimensions_is_a_norm():
+    # Its weight is a matrix: a torch norm class, not its name, makes it a norm.
+    for m in (nn.RMSNorm([2, 3]), nn.LayerNorm([2, 3])):
+        assert not interp._per_channel(m.weight) and interp.is_norm(m), type(m).__name__
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_a_trained_tensor_parametrized_after_attach_is_interpolated_as_computed():
+    # weight_orig under nn.utils.parametrize is no Parameter of the module any more: the
+    # hook reads the computed value, as stock prune does.
+    from torch.nn.utils import parametrize
+
+    net, x = small_net(), inputs()
+    alpha = torch.tensor(0.25)
+    interp.attach(net, alpha)
+    perturb(net)
+    bn = net[1]
+    parametrize.register_parametrization(bn, "weight_orig", _Double())
+    assert "weight_orig" not in bn._parameters
+    net.train()
+    net(x)
+    trained = 2 * bn.parametrizations.weight_orig.original
+    assert torch.equal(bn.weight, torch.lerp(trained, bn.weight_init, alpha))
+    net.eval()
+    net(x)
+    assert torch.equal(bn.weight, trained)
