@@ -322,6 +322,44 @@ def test_products_keep_the_dtype_of_t_as_the_plain_op_does(dtype):
         assert got.dtype == dtype and torch.equal(got, expected)
 
 
+def test_a_factor_of_another_layout_gets_the_plain_product():
+    # The same shape and elements, but a channels_last t beside a contiguous factor: their flat
+    # views in memory order hold different elements at each position.
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    for factor in (torch.rand(2, 3, 4, 5, generator=g) < 0.5, torch.randint(-1, 2, (2, 3, 4, 5), generator=g, dtype=torch.int8)):
+        expected = t * _plain(factor)
+        assert bits_equal(_maskmul.mul(t, factor), expected)
+        assert bits_equal(_maskmul.mul_(t.clone(memory_format=torch.preserve_format), factor), expected)
+
+
+def test_permuted_dense_layouts_take_the_chunked_path():
+    # A channels_last or transposed tensor is dense: its elements in memory order are one flat view.
+    t, mask = torch.randn(2, 3, 4, 5), torch.rand(2, 3, 4, 5) < 0.5
+    last = (t.contiguous(memory_format=torch.channels_last), mask.contiguous(memory_format=torch.channels_last))
+    for a, m in (last, (t[0, 0].t(), mask[0, 0].t())):
+        assert _maskmul._chunked(a, m.view(torch.uint8)) is not None
+        assert bits_equal(_maskmul.mul(a, m), a * m.to(torch.uint8))
+
+
+def test_the_kept_buffer_grows_for_a_longer_chunk(monkeypatch):
+    monkeypatch.setattr(_maskmul, "CHUNK", 1 << 10)  # the tensors below fit one chunk each
+    g = torch.Generator().manual_seed(0)
+    for n in (10, 100, 1000):
+        t, mask = torch.randn(n, generator=g), torch.rand(n, generator=g) < 0.5
+        assert bits_equal(_maskmul.mul(t, mask), t * mask.to(torch.uint8))
+        assert _maskmul._buffers[torch.float32].numel() == n
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_a_traced_multiply_by_a_bool_mask_follows_each_call_s_mask():
+    # jit.trace cannot record the bool mask's uint8 view.
+    g = torch.Generator().manual_seed(0)
+    (t1, m1), (t2, m2) = ((torch.randn(5, 6, generator=g), torch.rand(5, 6, generator=g) < 0.5) for _ in range(2))
+    traced = torch.jit.trace(_maskmul.multiply, (t1, m1))
+    assert bits_equal(traced(t2, m2), t2 * m2.to(torch.uint8))
+
+
 @pytest.mark.parametrize("backend", ["torch", "projection"])
 def test_models_trained_in_threads_at_once_match_the_same_runs_one_after_the_other(backend):
     # A sweep with one model per thread: each thread's forwards, gradient masks and projections
