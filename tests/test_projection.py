@@ -945,3 +945,24 @@ def test_a_parametrization_put_on_weight_orig_after_projection_is_refused_at_the
         opt.step()
     model(x)
     assert not model[0].weight[~model[0].weight_mask].any()
+
+
+def test_signs_rewritten_in_place_are_followed_by_the_next_forward():
+    # The sign buffer keeps its identity under copy_ (as a checkpoint's buffers load): only its
+    # version tells the projection that the locks moved.
+    model = pruned_conv_net("locked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _backends.set_backend(model, "projection", optimizer=opt)
+    _train(model, opt, conv_net_batches(2))
+    gen = torch.Generator().manual_seed(5)
+    flipped = []
+    for module, name in signmask._targets.pruned(model).values():
+        orig, mask = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+        negative = torch.rand(orig.shape, generator=gen) < 0.5
+        with torch.no_grad():
+            getattr(module, name + "_sign").copy_(_bits.pack_signs(negative))
+        want = torch.where(negative, -orig.detach().abs(), orig.detach().abs()) * mask
+        flipped.append((module, name, want))
+    model(conv_net_batches(1)[0][0])
+    for module, name, want in flipped:
+        assert torch.equal(getattr(module, name), want)
