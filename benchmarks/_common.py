@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: environment record, timers, memory probes, output.
+"""Shared helpers of the benchmark scripts: environment record, timers, memory probes, output,
+torch.compile counts.
 
 Memory on CPU is read from the kernel: ``/proc/self/status`` VmHWM (peak resident set) after
 resetting it by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0). Each measured method
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,3 +226,37 @@ def unique_bytes(tensors) -> int:
 
 def mib(n: float) -> float:
     return round(n / 2**20, 1)
+
+
+def configure_dynamo(limit: int) -> None:
+    """Raise dynamo's recompile limit to at least ``limit`` and make hitting it an error: past the
+    limit dynamo runs the frame eagerly, and a benchmark would time a model uncompiled unnoticed."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
+
+
+def dynamo_counts() -> Counter:
+    """Dynamo's process-wide counts so far: graphs compiled, graph breaks, ops captured."""
+    counters = torch._dynamo.utils.counters
+    return Counter({"graphs": counters["stats"]["unique_graphs"],
+                    "graph_breaks": sum(counters["graph_break"].values()),
+                    "ops_captured": counters["stats"]["calls_captured"]})
+
+
+def graphs_run(model: torch.nn.Module, x: torch.Tensor, amp_dtype) -> int:
+    """How many compiled graphs one forward of ``model`` on ``x`` runs: the AOTAutograd nodes
+    (``CompiledFunctionBackward``) in its output's autograd graph. An eager forward has none, so
+    this shows the steps run compiled, not just that something was compiled once."""
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        todo, seen, found = [model(x).grad_fn], set(), 0
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found += type(node).__name__ == "CompiledFunctionBackward"
+        todo.extend(child for child, _ in node.next_functions)
+    return found

@@ -18,6 +18,14 @@ Usage::
     python benchmarks/train_step.py --preset cpu       # this machine: small sizes, fp32
     python benchmarks/train_step.py --preset dry       # CPU, tiny models, Triton interpreted:
                                                        # exercises every GPU-preset code path
+    python benchmarks/train_step.py --preset cpu --fused --compile   # every model torch.compile'd
+
+``--compile [BACKEND]`` wraps each variant's model in ``torch.compile`` (default mode, inductor
+unless another backend is named) after pruning and the backend's set-up; the optimizer step stays
+eager. Compilation happens in the first round, a warm-up round; the ratios are to the dense model
+compiled the same way. Dynamo's recompile limit is raised (every variant of a model compiles the
+same ``forward`` anew) and made an error, so no variant runs eagerly after hitting it unnoticed;
+each variant's graphs and graph breaks are counted from ``torch._dynamo.utils.counters``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections import Counter
 from typing import Callable
 
 if "--preset" in sys.argv and sys.argv[sys.argv.index("--preset") + 1] == "dry":
@@ -44,6 +53,9 @@ import signmask  # noqa: E402
 from signmask import _backends, _maskmul, _targets  # noqa: E402
 
 AMOUNT = 0.9
+# Per model, every variant compiles the same forward anew (dynamo's default limit is 8 entries
+# per code object, the GPU preset has 8 variants); the caches are reset between models.
+RECOMPILE_LIMIT = 64
 
 
 @dataclasses.dataclass
@@ -119,8 +131,10 @@ def make_optimizer(kind: str, params, fused: bool = False) -> torch.optim.Optimi
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **extra)
 
 
-def build(spec: Spec, variant: str, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The model of ``spec`` (seed 0) pruned as ``variant`` wants, with its optimizer."""
+def build(spec: Spec, variant: str, device: str,
+          compile_backend: str | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model of ``spec`` (seed 0) pruned as ``variant`` wants, with its optimizer; wrapped in
+    ``torch.compile(backend=compile_backend)`` when one is given (compiled at its first call)."""
     torch.manual_seed(0)
     model = spec.build().to(device)
     cfg = VARIANTS[variant]
@@ -137,6 +151,8 @@ def build(spec: Spec, variant: str, device: str) -> tuple[nn.Module, torch.optim
     optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.fused)
     if "backend" in cfg:
         _backends.set_backend(model, cfg["backend"], optimizer=optimizer)
+    if compile_backend:  # the optimizer holds the same Parameters: the wrapper shares them
+        model = torch.compile(model, backend=compile_backend)
     return model, optimizer
 
 
@@ -206,33 +222,54 @@ def variants_for(device: str, wanted: list[str] | None) -> list[str]:
 def time_model(spec: Spec, variants: list[str], device: str, args, errors: dict) -> dict:
     """Interleaved timing of all variants of ``spec`` in this process. A variant that raises
     (building, stepping or measuring) is recorded in ``errors`` and left out from then on: one
-    failing backend must not cost the others' numbers in a single GPU lease."""
+    failing backend must not cost the others' numbers in a single GPU lease. Under
+    ``args.compile`` each variant also gets its dynamo counts (graphs, graph breaks, ops captured,
+    graphs compiled in timed rounds) and its first step's time in seconds (compilation)."""
+    if args.compile:
+        torch._dynamo.reset()  # this model's variants start from empty caches
     built = {}
     for v in variants:
         try:
-            built[v] = build(spec, v, device)
+            built[v] = build(spec, v, device, args.compile)
         except Exception as e:  # noqa: BLE001 - recorded and reported, the run goes on
             errors[v] = f"build: {e!r}"
     data = batches(spec, device)
     samples: dict[str, list[float]] = {v: [] for v in built}
     first_loss = {}
+    compiled: dict[str, Counter] = {v: Counter() for v in built}
     for r in range(args.warmup + args.steps):
         alive = list(built)
         for v in alive[r % len(alive):] + alive[: r % len(alive)] if alive else []:
             model, opt = built[v]
             x, y = data[r % len(data)]
+            before = _common.dynamo_counts() if args.compile else None
             try:
                 with _common.Timer(device) as t:
                     loss = train_step(model, opt, x, y, args.amp_dtype)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a failed compilation lands here too
                 errors[v] = f"step {r}: {e!r}"
                 del built[v], samples[v]
                 continue
+            if before is not None:
+                delta = _common.dynamo_counts() - before
+                compiled[v] += delta
+                if r >= args.warmup:  # a recompilation inside the timed rounds
+                    compiled[v]["graphs_in_timed_rounds"] += delta["graphs"]
             if r == 0:
                 first_loss[v] = float(loss)
+                if args.compile:
+                    compiled[v]["first_step_s"] = round(t.ms / 1e3, 2)
             if r >= args.warmup:
                 samples[v].append(t.ms)
     out = {v: {**_common.summary(samples[v]), "first_loss": first_loss[v]} for v in built}
+    if args.compile:
+        for v in out:
+            out[v]["compile"] = {k: compiled[v][k] for k in (
+                "graphs", "graph_breaks", "ops_captured", "graphs_in_timed_rounds", "first_step_s")}
+            try:  # after the timed rounds: a forward of the same input, no step
+                out[v]["compile"]["graphs_run"] = _common.graphs_run(built[v][0], data[0][0], args.amp_dtype)
+            except Exception as e:  # noqa: BLE001
+                errors[v] = f"graphs_run: {e!r}"
     if device == "cuda" or args.preset == "dry":  # in-process, as on the GPU
         for v in list(out):
             try:
@@ -258,33 +295,47 @@ def configured(spec: Spec, optimizer: str, fused: bool, batch_scale: int = 1) ->
 
 
 def child(model_name: str, variant: str, preset: str, amp: bool, optimizer: str, fused: bool,
-          batch_scale: int) -> dict:
-    """Memory of one variant in a fresh process (CPU): see ``_common``."""
+          batch_scale: int, compile_backend: str | None = None) -> dict:
+    """Memory of one variant in a fresh process (CPU): see ``_common``. A compiled variant
+    compiles in the first of ``measure_memory``'s two steps, before the measured one."""
     spec = next(s for s in PRESETS[preset] if s.name == model_name)
     spec = configured(spec, optimizer, fused, batch_scale)
-    model, opt = build(spec, variant, "cpu")
+    if compile_backend:
+        _common.configure_dynamo(RECOMPILE_LIMIT)
+    model, opt = build(spec, variant, "cpu", compile_backend)
     data = batches(spec, "cpu", 1)
     return measure_memory(model, opt, data[0], "cpu", torch.bfloat16 if amp else None)
 
 
 def markdown(results: dict, env: dict, args) -> str:
+    compiled = f", torch.compile ({args.compile})" if args.compile else ""
     lines = [
-        f"# Training step at {AMOUNT:.0%} sparsity ({args.preset} preset)\n",
+        f"# Training step at {AMOUNT:.0%} sparsity ({args.preset} preset{compiled})\n",
         "Median step time (ms) and ratio to dense; peak memory = resident + step extra (MiB).\n",
         _common.env_markdown(env),
     ]
+    if args.compile:
+        lines.append("Every variant, dense included, compiled (default mode, the optimizer step "
+                     "eager). Graphs and graph breaks: dynamo's counts for the variant over the whole run; "
+                     "graphs run: compiled graphs in the autograd graph of one forward after the "
+                     "timed rounds (0 if it ran eagerly); first s: the first step (compilation).\n")
     for model, res in results["models"].items():
         spec = res["spec"]
         fused = ", fused" if spec.get("fused") else ""
         lines.append(f"\n## {model} (batch {spec['batch']}, input {spec['input_shape']}, "
                      f"{spec['optimizer']}{fused}, {spec['weights']:,} prunable weights)\n")
-        lines.append("| variant | median ms | p10-p90 ms | x dense | peak MiB | resident MiB | step extra MiB |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        extra = " graphs | breaks | graphs run | first s |" if args.compile else ""
+        lines.append("| variant | median ms | p10-p90 ms | x dense | peak MiB | resident MiB | "
+                     "step extra MiB |" + extra)
+        lines.append("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (4 if args.compile else 0))
         for v, r in res["variants"].items():
+            c = r.get("compile")
             lines.append(
                 f"| {v} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | "
                 f"{r['ratio_to_dense']:.3f} | {r.get('peak_mib', '-')} | {r.get('resident_mib', '-')} | "
                 f"{r.get('step_extra_mib', '-')} |"
+                + (f" {c['graphs']} | {c['graph_breaks']} | {c.get('graphs_run', '-')} | "
+                   f"{c['first_step_s']} |" if c else "")
             )
         for what, message in res.get("errors", {}).items():
             lines.append(f"\n**{what} failed:** `{message}`")
@@ -305,6 +356,10 @@ def main() -> None:
     parser.add_argument("--batch-scale", type=int, default=1, metavar="K",
                         help="multiply every model's batch by K (the per-step mask work stays the "
                              "same, so its share of the step shrinks)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile every variant's model (default mode; backend inductor "
+                             "unless named, e.g. aot_eager); ratios are to the dense model compiled "
+                             "alike; the first round (a warm-up round) compiles")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory processes")
     parser.add_argument("--out", default=None, help="results file stem under benchmarks/results/")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
@@ -313,15 +368,19 @@ def main() -> None:
     amp = args.preset in ("gpu", "dry")  # dry run follows the GPU recipe: bf16 autocast
     if args.child:
         print(json.dumps(child(*args.child, args.preset, amp, args.optimizer, args.fused,
-                               args.batch_scale)))
+                               args.batch_scale, args.compile)))
         return
     if args.batch_scale < 1:
         parser.error(f"--batch-scale must be a positive integer, got {args.batch_scale}")
+    if args.compile and args.warmup == 0:
+        parser.error("--compile needs --warmup of at least 1: the first round compiles")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--preset gpu needs CUDA")
     args.amp_dtype = torch.bfloat16 if amp else None
     args.steps = args.steps or {"gpu": 30, "cpu": 20, "dry": 2}[args.preset]
     args.warmup = args.warmup if args.warmup is not None else {"gpu": 5, "cpu": 2, "dry": 1}[args.preset]
+    if args.compile:
+        _common.configure_dynamo(RECOMPILE_LIMIT)
     env = _common.environment(device)
     specs = [configured(s, args.optimizer, args.fused, args.batch_scale)
              for s in PRESETS[args.preset] if not args.models or s.name in args.models]
@@ -330,6 +389,9 @@ def main() -> None:
                "autocast": str(args.amp_dtype), "steps": args.steps, "warmup": args.warmup,
                "auto_backend_resolves_to": _backends.AutoBackend.resolve(torch.zeros(1, device=device)),
                "models": {}}
+    if args.compile:  # only then: files of eager runs keep their keys
+        results["compile"] = {"backend": args.compile, "mode": "default",
+                              "recompile_limit": RECOMPILE_LIMIT}
     for spec in specs:
         print(f"[{spec.name}] timing {variants}", flush=True)
         errors: dict[str, str] = {}
@@ -344,11 +406,16 @@ def main() -> None:
                 cmd = [os.path.abspath(__file__), "--preset", args.preset, "--optimizer",
                        args.optimizer, "--batch-scale", str(args.batch_scale),
                        "--child", spec.name, v] + ["--fused"] * args.fused
+                cmd += ["--compile", args.compile] if args.compile else []
                 res[v].update(_common.run_child(cmd))
         dense = res["dense"]["median_ms"] if "dense" in res else float("nan")
         for v in res:
             res[v]["ratio_to_dense"] = res[v]["median_ms"] / dense
-            print(f"  {v:18s} {res[v]['median_ms']:9.2f} ms  x{res[v]['ratio_to_dense']:.3f}", flush=True)
+            c = res[v].get("compile")
+            graphs = (f"  {c['graphs']} graphs, {c['graph_breaks']} breaks, "
+                      f"{c.get('graphs_run')} run" if c else "")
+            print(f"  {v:18s} {res[v]['median_ms']:9.2f} ms  x{res[v]['ratio_to_dense']:.3f}{graphs}",
+                  flush=True)
         weights = prunable_weights(spec)
         results["models"][spec.name] = {
             "spec": {"batch": spec.batch, "input_shape": list(spec.input_shape),
