@@ -139,7 +139,11 @@ def main() -> None:
                         ("train_step_cpu_sgd", "CPU training step, every model on SGD"),
                         ("train_step_cpu_fused_b1x", "CPU batch sweep, fused optimizers, preset batches"),
                         ("train_step_cpu_fused_b4x", "CPU batch sweep, fused optimizers, 4x the batches"),
-                        ("train_step_cpu_fused_b16x", "CPU batch sweep, fused optimizers, 16x the batches")):
+                        ("train_step_cpu_fused_b16x", "CPU batch sweep, fused optimizers, 16x the batches"),
+                        ("train_step_cpu_compiled", "CPU training step, torch.compile'd (inductor), fused "
+                                                    "optimizers"),
+                        ("train_step_cpu_compiled_eager", "CPU training step, eager, beside the compiled "
+                                                          "run (same session, same threads)")):
         res = _load(stem)
         lines += train_table(res, title) if res else [f"### {title}: not measured yet\n"]
     for stem in ("global_prune_cuda", "global_prune_cpu"):
