@@ -249,7 +249,8 @@ def dynamo_counts() -> Counter:
 def graphs_run(model: torch.nn.Module, x: torch.Tensor, amp_dtype) -> int:
     """How many compiled graphs one forward of ``model`` on ``x`` runs: the AOTAutograd nodes
     (``CompiledFunctionBackward``) in its output's autograd graph. An eager forward has none, so
-    this shows the steps run compiled, not just that something was compiled once."""
+    this shows the steps run compiled, not just that something was compiled once. On torch 2.11
+    a compiled node may hide its inputs, so graphs upstream of it are not counted there."""
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         todo, seen, found = [model(x).grad_fn], set(), 0
     while todo:
@@ -258,5 +259,8 @@ def graphs_run(model: torch.nn.Module, x: torch.Tensor, amp_dtype) -> int:
             continue
         seen.add(node)
         found += type(node).__name__ == "CompiledFunctionBackward"
-        todo.extend(child for child, _ in node.next_functions)
+        try:
+            todo.extend(child for child, _ in node.next_functions)
+        except RuntimeError:  # torch 2.11 refuses it on some CompiledFunctionBackward nodes
+            pass  # counted already; only the graphs upstream of it go unseen
     return found
